@@ -1,0 +1,124 @@
+//! Conversions between protobuf messages and domain values. Parsing client
+//! input here produces `DomainError::InvalidArgument` with the request's field
+//! names, so the status mapping can list them.
+
+use super::pb;
+use crate::domain::{
+    DomainError,
+    account::{Account, AccountKind, Role},
+    credential::CredentialKind,
+    policy::Principal,
+    service::InactiveReason,
+    time::Timestamp,
+    token::{Token, TokenState},
+};
+
+pub(super) fn timestamp(ts: Timestamp) -> prost_types::Timestamp {
+    let (seconds, nanos) = ts.to_seconds_nanos();
+    prost_types::Timestamp { seconds, nanos }
+}
+
+/// Parses an optional client timestamp; out-of-range values are invalid.
+pub(super) fn parse_timestamp(
+    field: &str,
+    ts: Option<prost_types::Timestamp>,
+) -> Result<Option<Timestamp>, DomainError> {
+    ts.map(|ts| {
+        Timestamp::from_seconds_nanos(ts.seconds, ts.nanos).ok_or_else(|| {
+            DomainError::invalid(field, "must be a valid time between years 1 and 9999")
+        })
+    })
+    .transpose()
+}
+
+pub(super) fn account(a: Account) -> pb::Account {
+    pb::Account {
+        account_id: a.id.as_str().to_owned(),
+        username: a.username.as_str().to_owned(),
+        email: a.email.as_str().to_owned(),
+        kind: account_kind(a.kind) as i32,
+        role: role(a.role) as i32,
+        create_time: Some(timestamp(a.create_time)),
+    }
+}
+
+pub(super) fn account_kind(kind: AccountKind) -> pb::AccountKind {
+    match kind {
+        AccountKind::Person => pb::AccountKind::Person,
+        AccountKind::Robot => pb::AccountKind::Robot,
+    }
+}
+
+pub(super) fn role(role: Role) -> pb::AccountRole {
+    match role {
+        Role::User => pb::AccountRole::User,
+        Role::Operator => pb::AccountRole::Operator,
+    }
+}
+
+pub(super) fn parse_account_kind(field: &str, raw: i32) -> Result<AccountKind, DomainError> {
+    match pb::AccountKind::try_from(raw) {
+        Ok(pb::AccountKind::Person) => Ok(AccountKind::Person),
+        Ok(pb::AccountKind::Robot) => Ok(AccountKind::Robot),
+        _ => Err(DomainError::invalid(
+            field,
+            "must be ACCOUNT_KIND_PERSON or ACCOUNT_KIND_ROBOT",
+        )),
+    }
+}
+
+pub(super) fn parse_role(field: &str, raw: i32) -> Result<Role, DomainError> {
+    match pb::AccountRole::try_from(raw) {
+        Ok(pb::AccountRole::Unspecified | pb::AccountRole::User) => Ok(Role::User),
+        Ok(pb::AccountRole::Operator) => Ok(Role::Operator),
+        Err(_) => Err(DomainError::invalid(
+            field,
+            "must be ACCOUNT_ROLE_USER or ACCOUNT_ROLE_OPERATOR",
+        )),
+    }
+}
+
+pub(super) fn token(t: Token, now: Timestamp) -> pb::Token {
+    let state = match t.state(now) {
+        TokenState::Active => pb::TokenState::Active,
+        TokenState::Expired => pb::TokenState::Expired,
+        TokenState::Revoked => pb::TokenState::Revoked,
+    };
+    pb::Token {
+        token_id: t.id.as_str().to_owned(),
+        account_id: t.account_id.as_str().to_owned(),
+        name: t.name.as_str().to_owned(),
+        scopes: t.scopes.names().map(str::to_owned).collect(),
+        create_time: Some(timestamp(t.create_time)),
+        expire_time: t.expire_time.map(timestamp),
+        revoke_time: t.revoke_time.map(timestamp),
+        state: state as i32,
+    }
+}
+
+pub(super) fn principal(p: Principal) -> pb::Principal {
+    pb::Principal {
+        account_id: p.account.id.as_str().to_owned(),
+        username: p.account.username.as_str().to_owned(),
+        account_kind: account_kind(p.account.kind) as i32,
+        account_role: role(p.account.role) as i32,
+        credential_kind: match p.credential {
+            CredentialKind::Session => pb::CredentialKind::Session,
+            CredentialKind::PersonalAccessToken => pb::CredentialKind::PersonalAccessToken,
+        } as i32,
+        token_id: p.credential_id.as_str().to_owned(),
+        scopes: p.scopes.names().map(str::to_owned).collect(),
+        expire_time: p.expire_time.map(timestamp),
+    }
+}
+
+pub(super) fn inactive_reason(reason: InactiveReason) -> pb::InactiveReason {
+    match reason {
+        InactiveReason::Malformed => pb::InactiveReason::Malformed,
+        InactiveReason::Unknown => pb::InactiveReason::Unknown,
+        InactiveReason::Expired => pb::InactiveReason::Expired,
+        InactiveReason::Revoked => pb::InactiveReason::Revoked,
+        InactiveReason::AccountDisabled => pb::InactiveReason::AccountDisabled,
+        InactiveReason::InsufficientScope => pb::InactiveReason::InsufficientScope,
+    }
+}

@@ -1,0 +1,150 @@
+//! Default deny for RPCs. Every method of the `identity.v1` services must be
+//! listed in [`RULES`]; a call to one that is not (a method added to the
+//! proto before its authorization rule was written) is refused with
+//! PERMISSION_DENIED before it reaches a handler. The authorization matrix
+//! test checks that every method in the descriptor set has a rule here and
+//! rows in its table.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{Context, Poll},
+};
+
+use tower::{Layer, Service};
+
+/// Who may reach a method at all; the handler then applies the domain's
+/// policy to the authenticated caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Callable without a credential.
+    Anonymous,
+    /// Needs an authenticated caller.
+    Authenticated,
+}
+
+/// The methods this service exposes, and who may reach each.
+pub const RULES: &[(&str, Access)] = &[
+    (
+        "/identity.v1.AccountsService/CreateAccount",
+        Access::Authenticated,
+    ),
+    (
+        "/identity.v1.AccountsService/GetAccount",
+        Access::Authenticated,
+    ),
+    (
+        "/identity.v1.AccountsService/ListAccounts",
+        Access::Authenticated,
+    ),
+    ("/identity.v1.AccountsService/SignIn", Access::Anonymous),
+    (
+        "/identity.v1.AccountsService/SignOut",
+        Access::Authenticated,
+    ),
+    (
+        "/identity.v1.TokensService/CreateToken",
+        Access::Authenticated,
+    ),
+    ("/identity.v1.TokensService/GetToken", Access::Authenticated),
+    (
+        "/identity.v1.TokensService/ListTokens",
+        Access::Authenticated,
+    ),
+    (
+        "/identity.v1.TokensService/RevokeToken",
+        Access::Authenticated,
+    ),
+    (
+        "/identity.v1.TokensService/VerifyToken",
+        Access::Authenticated,
+    ),
+];
+
+/// The rule for a request path, if it is one of ours.
+pub fn rule(path: &str) -> Option<Access> {
+    RULES
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|&(_, access)| access)
+}
+
+/// Whether a path belongs to this service's own API (as opposed to health or
+/// reflection, which are public).
+fn is_ours(path: &str) -> bool {
+    path.starts_with("/identity.")
+}
+
+/// A tower layer that applies [`RULES`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DefaultDenyLayer;
+
+impl<S> Layer<S> for DefaultDenyLayer {
+    type Service = DefaultDeny<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        DefaultDeny { inner }
+    }
+}
+
+/// The service [`DefaultDenyLayer`] produces.
+#[derive(Debug, Clone)]
+pub struct DefaultDeny<S> {
+    inner: S,
+}
+
+impl<S, B> Service<http::Request<B>> for DefaultDeny<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = GuardFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path();
+        if is_ours(path) && rule(path).is_none() {
+            tracing::warn!(path, "refused a method that has no authorization rule");
+            let status = tonic::Status::permission_denied("this method has no authorization rule");
+            return GuardFuture::Refused {
+                response: Some(status.into_http()),
+            };
+        }
+        GuardFuture::Forwarded {
+            inner: self.inner.call(request),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response of [`DefaultDeny`]: a refusal at once, or the inner
+    /// service's response.
+    #[project = GuardProjection]
+    pub enum GuardFuture<F> {
+        /// Refused before reaching a handler.
+        Refused { response: Option<http::Response<tonic::body::Body>> },
+        /// Passed on to the inner service.
+        Forwarded { #[pin] inner: F },
+    }
+}
+
+impl<F, E> Future for GuardFuture<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            GuardProjection::Refused { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                None => panic!("GuardFuture polled after completion"),
+            },
+            GuardProjection::Forwarded { inner } => inner.poll(cx),
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! The one place where domain errors become gRPC statuses.
+//!
+//! Every status carries a `google.rpc.ErrorInfo` whose reason is a value of
+//! the proto's `ErrorReason` enum; bad input also carries a
+//! `google.rpc.BadRequest` listing each invalid field. Internal errors reach
+//! the client as an opaque message; their cause chain goes to the log.
+
+use std::collections::HashMap;
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
+
+use super::{ERROR_DOMAIN, pb::ErrorReason};
+use crate::domain::DomainError;
+
+/// Converts a domain error into the status sent to the client.
+pub fn to_status(err: DomainError) -> Status {
+    let (code, reason) = classify(&err);
+    let mut details = ErrorDetails::new();
+    let mut metadata = HashMap::new();
+    match &err {
+        DomainError::InvalidArgument(violations) => {
+            for v in violations {
+                details.add_bad_request_violation(v.field.clone(), v.description.clone());
+            }
+        }
+        DomainError::ScopeMissing(scope) => {
+            metadata.insert("required_scope".to_owned(), (*scope).to_owned());
+        }
+        DomainError::Unavailable(cause) => {
+            tracing::warn!(error = %error_chain(cause), "store unavailable");
+        }
+        DomainError::Internal(cause) => {
+            tracing::error!(error = %error_chain(cause.as_ref()), "internal error");
+        }
+        _ => {}
+    }
+    details.set_error_info(reason.as_str_name(), ERROR_DOMAIN, metadata);
+    Status::with_error_details(code, err.to_string(), details)
+}
+
+/// The code and reason for each kind of domain error.
+fn classify(err: &DomainError) -> (Code, ErrorReason) {
+    match err {
+        DomainError::InvalidArgument(_) => (Code::InvalidArgument, ErrorReason::InvalidArgument),
+        DomainError::CredentialMissing => (Code::Unauthenticated, ErrorReason::CredentialMissing),
+        DomainError::CredentialInvalid(_) => {
+            (Code::Unauthenticated, ErrorReason::CredentialInvalid)
+        }
+        DomainError::SignInFailed => (Code::Unauthenticated, ErrorReason::SignInFailed),
+        DomainError::NotAllowed(_) => (Code::PermissionDenied, ErrorReason::NotAllowed),
+        DomainError::ScopeMissing(_) => (Code::PermissionDenied, ErrorReason::ScopeMissing),
+        DomainError::SessionRequired => (Code::PermissionDenied, ErrorReason::SessionRequired),
+        DomainError::Escalation(_) => (Code::PermissionDenied, ErrorReason::Escalation),
+        DomainError::AccountNotFound => (Code::NotFound, ErrorReason::AccountNotFound),
+        DomainError::TokenNotFound => (Code::NotFound, ErrorReason::TokenNotFound),
+        DomainError::UsernameTaken => (Code::AlreadyExists, ErrorReason::UsernameTaken),
+        DomainError::TokenNameTaken => (Code::AlreadyExists, ErrorReason::TokenNameTaken),
+        DomainError::Unavailable(_) => (Code::Unavailable, ErrorReason::StoreUnavailable),
+        DomainError::Internal(_) => (Code::Internal, ErrorReason::Internal),
+    }
+}
+
+/// An error and all its sources, joined for one log field.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

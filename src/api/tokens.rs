@@ -1,0 +1,154 @@
+//! `identity.v1.TokensService`: decodes requests, authenticates the caller,
+//! calls the domain, encodes responses.
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    auth, convert,
+    pb::{self, tokens_service_server::TokensService},
+    status::to_status,
+};
+use crate::domain::{
+    Identity,
+    account::AccountId,
+    error::Violations,
+    page::{PageRequest, tokens_listing},
+    scope::Scopes,
+    service::{TokenRequest, Verdict},
+    time::Timestamp,
+    token::{TokenId, TokenName},
+};
+
+/// The tokens service over the domain's use cases.
+#[derive(Clone)]
+pub struct TokensApi {
+    identity: Identity,
+}
+
+impl TokensApi {
+    /// Serves `identity`'s token use cases.
+    pub fn new(identity: Identity) -> Self {
+        Self { identity }
+    }
+}
+
+#[tonic::async_trait]
+impl TokensService for TokensApi {
+    #[tracing::instrument(name = "CreateToken", skip_all, fields(caller))]
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let caller = auth::caller(&self.identity, request.metadata()).await?;
+        let req = request.into_inner();
+        let mut violations = Violations::new();
+        let account_id = violations.check(AccountId::parse("account_id", &req.account_id));
+        let name = violations.check(TokenName::parse("name", &req.name));
+        let scopes = violations.check(Scopes::parse("scopes", &req.scopes));
+        let expire_time =
+            violations.check(convert::parse_timestamp("expire_time", req.expire_time));
+        let request = violations
+            .complete((|| {
+                Some(TokenRequest {
+                    account_id: account_id?,
+                    name: name?,
+                    scopes: scopes?,
+                    expire_time: expire_time?,
+                })
+            })())
+            .map_err(to_status)?;
+        let issued = self
+            .identity
+            .create_token(&caller, request)
+            .await
+            .map_err(to_status)?;
+        tracing::info!(token_id = issued.token.id.as_str(), "token created");
+        Ok(Response::new(pb::CreateTokenResponse {
+            secret: issued.secret.expose().to_owned(),
+            token: Some(convert::token(issued.token, Timestamp::now())),
+        }))
+    }
+
+    #[tracing::instrument(name = "GetToken", skip_all, fields(caller))]
+    async fn get_token(
+        &self,
+        request: Request<pb::GetTokenRequest>,
+    ) -> Result<Response<pb::GetTokenResponse>, Status> {
+        let caller = auth::caller(&self.identity, request.metadata()).await?;
+        let id = TokenId::parse("token_id", &request.get_ref().token_id).map_err(to_status)?;
+        let token = self
+            .identity
+            .get_token(&caller, &id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetTokenResponse {
+            token: Some(convert::token(token, Timestamp::now())),
+        }))
+    }
+
+    #[tracing::instrument(name = "ListTokens", skip_all, fields(caller))]
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let caller = auth::caller(&self.identity, request.metadata()).await?;
+        let req = request.into_inner();
+        let account = AccountId::parse("account_id", &req.account_id).map_err(to_status)?;
+        let page = PageRequest::parse(&tokens_listing(&account), req.page_size, &req.page_token)
+            .map_err(to_status)?;
+        let (tokens, next_page_token) = self
+            .identity
+            .list_tokens(&caller, &account, page)
+            .await
+            .map_err(to_status)?;
+        let now = Timestamp::now();
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens.into_iter().map(|t| convert::token(t, now)).collect(),
+            next_page_token,
+        }))
+    }
+
+    #[tracing::instrument(name = "RevokeToken", skip_all, fields(caller))]
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let caller = auth::caller(&self.identity, request.metadata()).await?;
+        let id = TokenId::parse("token_id", &request.get_ref().token_id).map_err(to_status)?;
+        let token = self
+            .identity
+            .revoke_token(&caller, &id)
+            .await
+            .map_err(to_status)?;
+        tracing::info!(token_id = token.id.as_str(), "token revoked");
+        Ok(Response::new(pb::RevokeTokenResponse {
+            token: Some(convert::token(token, Timestamp::now())),
+        }))
+    }
+
+    #[tracing::instrument(name = "VerifyToken", skip_all, fields(caller))]
+    async fn verify_token(
+        &self,
+        request: Request<pb::VerifyTokenRequest>,
+    ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
+        let caller = auth::caller(&self.identity, request.metadata()).await?;
+        let req = request.into_inner();
+        let verdict = self
+            .identity
+            .verify(&caller, &req.token, &req.required_scopes)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(match verdict {
+            Verdict::Active(principal) => pb::VerifyTokenResponse {
+                active: true,
+                reason: pb::InactiveReason::Unspecified as i32,
+                principal: Some(convert::principal(*principal)),
+            },
+            Verdict::Inactive(reason) => pb::VerifyTokenResponse {
+                active: false,
+                reason: convert::inactive_reason(reason) as i32,
+                principal: None,
+            },
+        }))
+    }
+}

@@ -1,0 +1,247 @@
+//! Start-up and shutdown: builds the store, the domain and the gRPC server
+//! from a [`Config`], binds the listener (so its address is known before
+//! serving, and tests can use port 0), reports health, and drains on
+//! shutdown.
+
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    api::{
+        FILE_DESCRIPTOR_SET,
+        accounts::AccountsApi,
+        guard::DefaultDenyLayer,
+        pb::{
+            accounts_service_server::AccountsServiceServer,
+            tokens_service_server::TokensServiceServer,
+        },
+        tokens::TokensApi,
+    },
+    config::Config,
+    domain::{DomainError, Identity, password::PasswordHasher},
+    storage::{self, StorageError, Store},
+};
+
+/// Why the service could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr} (IDENTITY_LISTEN_ADDR): {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The database could not be opened or migrated.
+    #[error("database {url} (DATABASE_URL): {source}")]
+    Database {
+        /// The URL, password redacted.
+        url: String,
+        /// Why.
+        source: StorageError,
+    },
+    /// The domain could not be set up.
+    #[error("setting up: {0}")]
+    Domain(#[from] DomainError),
+    /// Reflection could not load the descriptor set.
+    #[error("server reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The server failed while serving.
+    #[error("serving: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A built service, bound to its address, not yet serving.
+pub struct App {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    identity: Identity,
+    store: Arc<dyn Store>,
+    config: Config,
+}
+
+impl App {
+    /// Opens (and, if configured, migrates) the database, sets up the domain
+    /// and binds the listener. Fails if any of these fails.
+    pub async fn build(config: Config) -> Result<Self, AppError> {
+        let store = open_store(&config).await?;
+        store.ping().await.map_err(|source| AppError::Database {
+            url: config.redacted_database_url(),
+            source,
+        })?;
+        let hasher = PasswordHasher::new(config.hash_concurrency)?;
+        let identity = Identity::new(Arc::clone(&store), hasher, config.identity.clone());
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .map_err(|source| AppError::Bind {
+                addr: config.listen_addr,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| AppError::Bind {
+            addr: config.listen_addr,
+            source,
+        })?;
+        Ok(Self {
+            listener,
+            local_addr,
+            identity,
+            store,
+            config,
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The domain's use cases, for commands that run without serving.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Serves until `shutdown` completes, then reports NOT_SERVING, stops
+    /// accepting connections and drains in-flight calls for at most the
+    /// configured drain timeout.
+    pub async fn run_until(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AppError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection_v1 = reflection().build_v1()?;
+        // grpcurl 1.8 speaks only v1alpha.
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+
+        // `build` has just seen the database answer.
+        set_all(&health, ServingStatus::Serving).await;
+        let watcher = tokio::spawn(watch_store(
+            Arc::clone(&self.store),
+            health.clone(),
+            self.config.health_interval,
+        ));
+        let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        let signal = {
+            let health = health.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutdown requested: draining in-flight calls");
+                watcher.abort();
+                set_all(&health, ServingStatus::NotServing).await;
+                let _ = draining_tx.send(());
+            }
+        };
+
+        tracing::info!(
+            addr = %self.local_addr,
+            database = %self.config.redacted_database_url(),
+            "serving"
+        );
+        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+        let server = Server::builder()
+            .layer(DefaultDenyLayer)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(AccountsServiceServer::new(AccountsApi::new(
+                self.identity.clone(),
+            )))
+            .add_service(TokensServiceServer::new(TokensApi::new(self.identity)))
+            .serve_with_incoming_shutdown(incoming, signal);
+
+        let drain_timeout = self.config.drain_timeout;
+        let deadline = async move {
+            if draining_rx.await.is_ok() {
+                tokio::time::sleep(drain_timeout).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            result = server => result?,
+            () = deadline => tracing::warn!(?drain_timeout, "drain timeout passed; closing remaining calls"),
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Server reflection over this service's protos, the health protocol, and
+/// the `google.rpc` error details (so grpcurl can print ErrorInfo and
+/// BadRequest).
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Opens the configured store, migrating it if configured to.
+async fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
+    storage::open(&config.database_url, &config.pool, config.migrate)
+        .await
+        .map_err(|source| AppError::Database {
+            url: config.redacted_database_url(),
+            source,
+        })
+}
+
+/// Opens the store (migrating it if configured to) and the domain, without
+/// binding a listener: for one-shot commands such as `bootstrap-operator`.
+pub async fn open_identity(config: &Config) -> Result<Identity, AppError> {
+    let store = open_store(config).await?;
+    let hasher = PasswordHasher::new(1)?;
+    Ok(Identity::new(store, hasher, config.identity.clone()))
+}
+
+/// Opens the store and runs migrations without serving: `identity migrate`.
+pub async fn migrate(config: &Config) -> Result<(), AppError> {
+    let mut config = config.clone();
+    config.migrate = true;
+    open_store(&config).await.map(drop)
+}
+
+/// Probes the store every `interval` and keeps the health service in step:
+/// SERVING while it answers, NOT_SERVING while it does not.
+async fn watch_store(store: Arc<dyn Store>, health: HealthReporter, interval: Duration) {
+    let mut last = Some(ServingStatus::Serving);
+    loop {
+        tokio::time::sleep(interval).await;
+        let status = match store.ping().await {
+            Ok(()) => ServingStatus::Serving,
+            Err(err) => {
+                if last != Some(ServingStatus::NotServing) {
+                    tracing::warn!(error = %err, "database unreachable: reporting NOT_SERVING");
+                }
+                ServingStatus::NotServing
+            }
+        };
+        if last != Some(status) {
+            set_all(&health, status).await;
+            if status == ServingStatus::Serving {
+                tracing::info!("database reachable again: reporting SERVING");
+            }
+            last = Some(status);
+        }
+    }
+}
+
+/// Sets the overall status and each service's.
+async fn set_all(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(
+            <AccountsServiceServer<AccountsApi> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <TokensServiceServer<TokensApi> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+}

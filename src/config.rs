@@ -1,0 +1,141 @@
+//! The service's configuration: one typed value, built by the command line
+//! (flags and `IDENTITY_*` environment variables, see `main.rs`) or directly
+//! by tests. Each setting is validated where it is parsed, and a bad one
+//! fails start-up with a message that names it.
+
+use std::{net::SocketAddr, time::Duration};
+
+use crate::{domain::IdentitySettings, storage::PoolOptions};
+
+/// Everything the server needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where to listen for gRPC (use port 0 for any free port).
+    pub listen_addr: SocketAddr,
+    /// Which database: `postgres://…`, `postgresql://…` or `sqlite:<path>`.
+    /// May hold a password, so it is never logged whole.
+    pub database_url: String,
+    /// Apply pending migrations at start-up.
+    pub migrate: bool,
+    /// Database connection pool settings.
+    pub pool: PoolOptions,
+    /// Most argon2 hashes computed at once; further sign-ins queue.
+    pub hash_concurrency: usize,
+    /// Domain rules: session lifetime, password policy.
+    pub identity: IdentitySettings,
+    /// How long shutdown waits for in-flight calls before giving up.
+    pub drain_timeout: Duration,
+    /// How often the database is probed for the health service.
+    pub health_interval: Duration,
+}
+
+impl Config {
+    /// The listen address of a fresh `cargo run`.
+    pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:50051";
+    /// The database of a fresh `cargo run`: a SQLite file in the working
+    /// directory.
+    pub const DEFAULT_DATABASE_URL: &str = "sqlite:identity.db";
+
+    /// The defaults, with `database_url` in place of the default database.
+    pub fn with_database(database_url: impl Into<String>) -> Self {
+        Self {
+            listen_addr: Self::DEFAULT_LISTEN_ADDR
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 50051))),
+            database_url: database_url.into(),
+            migrate: true,
+            pool: PoolOptions::default(),
+            hash_concurrency: default_hash_concurrency(),
+            identity: IdentitySettings::default(),
+            drain_timeout: Duration::from_secs(30),
+            health_interval: Duration::from_secs(2),
+        }
+    }
+
+    /// The database URL with any password replaced, for logs.
+    pub fn redacted_database_url(&self) -> String {
+        redact_url(&self.database_url)
+    }
+}
+
+/// One argon2 hash per core: hashing is CPU-bound, so more would only queue
+/// in the OS instead of here.
+pub fn default_hash_concurrency() -> usize {
+    std::thread::available_parallelism().map_or(2, usize::from)
+}
+
+/// Checks that a database URL names a supported backend.
+pub fn parse_database_url(raw: &str) -> Result<String, String> {
+    let supported = ["postgres://", "postgresql://", "sqlite:"];
+    if supported.iter().any(|prefix| raw.starts_with(prefix)) {
+        Ok(raw.to_owned())
+    } else {
+        Err("expected a URL starting with postgres://, postgresql:// or sqlite:".to_owned())
+    }
+}
+
+/// Parses a duration such as `500ms`, `30s`, `15m`, `12h` or `7d`.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a number followed by ms, s, m, h or d, got {raw:?}"))?;
+    let millis = match unit {
+        "ms" => Some(value),
+        "s" => value.checked_mul(1_000),
+        "m" => value.checked_mul(60_000),
+        "h" => value.checked_mul(3_600_000),
+        "d" => value.checked_mul(86_400_000),
+        _ => return Err(format!("expected a unit of ms, s, m, h or d, got {raw:?}")),
+    };
+    millis
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("duration {raw:?} is too large"))
+}
+
+/// Replaces the password in `scheme://user:password@host/...` with `***`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43_200)));
+        for bad in ["", "12", "h", "1.5h", "-1s", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn database_urls_are_checked_and_redacted() {
+        assert!(parse_database_url("sqlite:x.db").is_ok());
+        assert!(parse_database_url("mysql://x").is_err());
+        assert_eq!(
+            redact_url("postgres://app:hunter2@db:5432/identity"),
+            "postgres://app:***@db:5432/identity"
+        );
+        assert_eq!(
+            redact_url("postgres://app@db/identity"),
+            "postgres://app@db/identity"
+        );
+        assert_eq!(redact_url("sqlite:identity.db"), "sqlite:identity.db");
+    }
+}

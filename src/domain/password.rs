@@ -1,0 +1,256 @@
+//! Passwords: the policy a new password must meet, and argon2id hashing that
+//! runs off the async runtime on a bounded number of blocking threads.
+
+use std::{fmt, sync::Arc};
+
+use argon2::{
+    Algorithm, Argon2, Params, Version,
+    password_hash::{
+        self, PasswordHasher as _, PasswordVerifier as _, SaltString, rand_core::OsRng,
+    },
+};
+use tokio::sync::Semaphore;
+use tracing::Instrument as _;
+
+use super::DomainError;
+
+/// A password as a client sent it. Its `Debug` never shows it.
+#[derive(Clone)]
+pub struct Password(String);
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Password([redacted])")
+    }
+}
+
+/// What a new password must satisfy: a length range in Unicode code points,
+/// and no composition rules (NIST SP 800-63B).
+#[derive(Debug, Clone, Copy)]
+pub struct PasswordPolicy {
+    /// Fewest characters accepted.
+    pub min_chars: usize,
+    /// Most characters accepted.
+    pub max_chars: usize,
+}
+
+impl Default for PasswordPolicy {
+    fn default() -> Self {
+        Self {
+            min_chars: 15,
+            max_chars: 256,
+        }
+    }
+}
+
+impl Password {
+    /// A new password, checked against `policy`.
+    pub fn new_checked(
+        field: &str,
+        raw: String,
+        policy: &PasswordPolicy,
+    ) -> Result<Self, DomainError> {
+        let chars = raw.chars().count();
+        if chars < policy.min_chars {
+            return Err(DomainError::invalid(
+                field,
+                format!("must be at least {} characters", policy.min_chars),
+            ));
+        }
+        if chars > policy.max_chars {
+            return Err(DomainError::invalid(
+                field,
+                format!("must be at most {} characters", policy.max_chars),
+            ));
+        }
+        Ok(Self(raw))
+    }
+
+    /// A password offered at sign-in: only bounded in size, since the policy
+    /// may have changed since it was set.
+    pub fn offered(field: &str, raw: String, policy: &PasswordPolicy) -> Result<Self, DomainError> {
+        if raw.is_empty() {
+            return Err(DomainError::invalid(field, "is required"));
+        }
+        if raw.chars().count() > policy.max_chars {
+            return Err(DomainError::invalid(
+                field,
+                format!("must be at most {} characters", policy.max_chars),
+            ));
+        }
+        Ok(Self(raw))
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+/// An argon2id hash in PHC string format. Not a secret in the strict sense,
+/// but an offline-attack target, so its `Debug` hides it too.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PasswordHash(String);
+
+impl fmt::Debug for PasswordHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PasswordHash([redacted])")
+    }
+}
+
+impl PasswordHash {
+    /// Wraps a hash read back from the store.
+    pub fn from_stored(raw: String) -> Self {
+        Self(raw)
+    }
+
+    /// The PHC string, for the store.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Hashes and verifies passwords with argon2id (OWASP parameters: 19 MiB,
+/// two passes, one lane) on at most `max_concurrent` blocking threads, so a
+/// flood of sign-ins queues here instead of starving the async runtime.
+#[derive(Clone)]
+pub struct PasswordHasher {
+    inner: Arc<HasherInner>,
+}
+
+struct HasherInner {
+    argon2: Argon2<'static>,
+    permits: Semaphore,
+    /// A hash of a random password, verified against when the username is
+    /// unknown so that such a sign-in costs the same as a real one.
+    dummy: PasswordHash,
+}
+
+impl fmt::Debug for PasswordHasher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PasswordHasher")
+            .field("available_permits", &self.inner.permits.available_permits())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PasswordHasher {
+    /// OWASP's recommended argon2id memory cost, in KiB.
+    pub const MEMORY_KIB: u32 = 19_456;
+    /// OWASP's recommended number of passes.
+    pub const ITERATIONS: u32 = 2;
+
+    /// A hasher that runs at most `max_concurrent` hashes at once. Computes
+    /// the dummy hash synchronously (a few tens of milliseconds).
+    pub fn new(max_concurrent: usize) -> Result<Self, DomainError> {
+        let params = Params::new(Self::MEMORY_KIB, Self::ITERATIONS, 1, None).map_err(internal)?;
+        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+        let mut random = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
+        let dummy = hash_with(&argon2, &random).map_err(internal)?;
+        Ok(Self {
+            inner: Arc::new(HasherInner {
+                argon2,
+                permits: Semaphore::new(max_concurrent.max(1)),
+                dummy,
+            }),
+        })
+    }
+
+    /// Hashes a new password.
+    pub async fn hash(&self, password: Password) -> Result<PasswordHash, DomainError> {
+        let inner = Arc::clone(&self.inner);
+        self.run(move || hash_with(&inner.argon2, password.as_bytes()).map_err(internal))
+            .await?
+    }
+
+    /// Checks `password` against `hash`. With no hash (unknown user, robot),
+    /// checks against the dummy hash and answers `false`, taking the same time.
+    pub async fn verify(
+        &self,
+        password: Password,
+        hash: Option<PasswordHash>,
+    ) -> Result<bool, DomainError> {
+        let inner = Arc::clone(&self.inner);
+        self.run(move || {
+            let real = hash.is_some();
+            let target = hash.unwrap_or_else(|| inner.dummy.clone());
+            let parsed = password_hash::PasswordHash::new(target.as_str()).map_err(internal)?;
+            let matches = inner
+                .argon2
+                .verify_password(password.as_bytes(), &parsed)
+                .is_ok();
+            Ok(real && matches)
+        })
+        .await?
+    }
+
+    /// Runs `work` on a blocking thread once a permit is free, inside the
+    /// caller's tracing span.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, DomainError> {
+        let _permit = self.inner.permits.acquire().await.map_err(internal)?;
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(work))
+            .instrument(tracing::Span::current())
+            .await
+            .map_err(internal)
+    }
+}
+
+fn hash_with(argon2: &Argon2<'_>, password: &[u8]) -> Result<PasswordHash, password_hash::Error> {
+    let salt = SaltString::generate(&mut OsRng);
+    let hash = argon2.hash_password(password, &salt)?;
+    Ok(PasswordHash(hash.to_string()))
+}
+
+fn internal(err: impl std::error::Error + Send + Sync + 'static) -> DomainError {
+    DomainError::Internal(Box::new(err))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn length_counts_code_points_not_bytes() {
+        let policy = PasswordPolicy::default();
+        // 15 two-byte characters: 30 bytes but 15 characters.
+        assert!(Password::new_checked("password", "é".repeat(15), &policy).is_ok());
+        assert!(Password::new_checked("password", "é".repeat(14), &policy).is_err());
+        assert!(Password::new_checked("password", "x".repeat(257), &policy).is_err());
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let pw = Password::new_checked(
+            "password",
+            "correct horse battery".into(),
+            &PasswordPolicy::default(),
+        )
+        .expect("valid");
+        assert!(!format!("{pw:?}").contains("horse"));
+    }
+
+    #[tokio::test]
+    async fn hashes_verify_and_unknown_users_never_match() {
+        let hasher = PasswordHasher::new(2).expect("hasher");
+        let policy = PasswordPolicy::default();
+        let pw = || {
+            Password::offered("password", "correct horse battery".into(), &policy).expect("valid")
+        };
+        let hash = hasher.hash(pw()).await.expect("hash");
+        assert!(hash.as_str().starts_with("$argon2id$v=19$m=19456,t=2,p=1$"));
+        assert!(
+            hasher
+                .verify(pw(), Some(hash.clone()))
+                .await
+                .expect("verify")
+        );
+        let wrong =
+            Password::offered("password", "wrong horse battery".into(), &policy).expect("valid");
+        assert!(!hasher.verify(wrong, Some(hash)).await.expect("verify"));
+        assert!(!hasher.verify(pw(), None).await.expect("verify"));
+    }
+}

@@ -1,0 +1,145 @@
+//! Who may do what. Every rule of the service is in [`authorize`]: one match
+//! over [`Action`], so a new action cannot compile without a rule, and the
+//! rules can be read in one place.
+//!
+//! The rules: operators may act on every account; everyone else on their own
+//! account only. A personal access token is further limited to its scopes and
+//! can never sign in or out. A session carries its account's full access.
+
+use super::{
+    DomainError,
+    account::{Account, AccountId, Role},
+    credential::CredentialKind,
+    scope::{self, Scopes},
+    time::Timestamp,
+    token::TokenId,
+};
+
+/// An authenticated caller: an account and the credential it presented.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The account the credential speaks for. Its password hash is cleared.
+    pub account: Account,
+    /// Session or personal access token.
+    pub credential: CredentialKind,
+    /// The session's or token's id.
+    pub credential_id: TokenId,
+    /// What the credential is limited to (full for sessions).
+    pub scopes: Scopes,
+    /// When the credential expires, if ever.
+    pub expire_time: Option<Timestamp>,
+}
+
+impl Principal {
+    /// Whether the caller is an operator.
+    pub fn is_operator(&self) -> bool {
+        self.account.role == Role::Operator
+    }
+
+    /// Whether the caller may act on `account`'s resources.
+    pub fn owns_or_operates(&self, account: &AccountId) -> bool {
+        self.is_operator() || &self.account.id == account
+    }
+}
+
+/// Something a caller wants to do.
+#[derive(Debug, Clone, Copy)]
+pub enum Action<'a> {
+    /// Create an account.
+    CreateAccount,
+    /// Read one account.
+    ReadAccount(&'a AccountId),
+    /// List all accounts.
+    ListAccounts,
+    /// End the calling session.
+    SignOut,
+    /// Issue a token for an account.
+    CreateToken(&'a AccountId),
+    /// Read an account's tokens.
+    ReadTokens(&'a AccountId),
+    /// Revoke one of an account's tokens.
+    RevokeToken(&'a AccountId),
+    /// Introspect a credential.
+    VerifyToken,
+}
+
+/// Decides whether `caller` may perform `action`: `Ok(())` or the refusal.
+pub fn authorize(caller: &Principal, action: Action<'_>) -> Result<(), DomainError> {
+    match action {
+        Action::CreateAccount => {
+            require_scope(caller, scope::ACCOUNTS_WRITE)?;
+            require_operator(caller)
+        }
+        Action::ReadAccount(target) => {
+            require_scope(caller, scope::ACCOUNTS_READ)?;
+            require_owner(caller, target)
+        }
+        Action::ListAccounts => {
+            require_scope(caller, scope::ACCOUNTS_READ)?;
+            require_operator(caller)
+        }
+        Action::SignOut => match caller.credential {
+            CredentialKind::Session => Ok(()),
+            CredentialKind::PersonalAccessToken => Err(DomainError::SessionRequired),
+        },
+        Action::CreateToken(target) | Action::RevokeToken(target) => {
+            require_scope(caller, scope::TOKENS_WRITE)?;
+            require_owner(caller, target)
+        }
+        Action::ReadTokens(target) => {
+            require_scope(caller, scope::TOKENS_READ)?;
+            require_owner(caller, target)
+        }
+        Action::VerifyToken => require_scope(caller, scope::TOKENS_VERIFY),
+    }
+}
+
+/// Whether `caller` may grant a new token `scopes` and `expire_time`: a
+/// scoped token cannot widen its scopes, and no token can outlive the
+/// credential that created it.
+pub fn check_grant(
+    caller: &Principal,
+    scopes: &Scopes,
+    expire_time: Option<Timestamp>,
+) -> Result<(), DomainError> {
+    if !scopes.is_subset_of(&caller.scopes) {
+        return Err(DomainError::Escalation(
+            "the new token's scopes must be a subset of the calling token's scopes",
+        ));
+    }
+    if caller.credential == CredentialKind::PersonalAccessToken
+        && let Some(limit) = caller.expire_time
+        && expire_time.is_none_or(|e| e > limit)
+    {
+        return Err(DomainError::Escalation(
+            "the new token cannot expire later than the calling token",
+        ));
+    }
+    Ok(())
+}
+
+fn require_scope(caller: &Principal, scope: &'static str) -> Result<(), DomainError> {
+    if caller.scopes.allows(scope) {
+        Ok(())
+    } else {
+        Err(DomainError::ScopeMissing(scope))
+    }
+}
+
+fn require_operator(caller: &Principal) -> Result<(), DomainError> {
+    if caller.is_operator() {
+        Ok(())
+    } else {
+        Err(DomainError::NotAllowed("only operators may do this"))
+    }
+}
+
+fn require_owner(caller: &Principal, target: &AccountId) -> Result<(), DomainError> {
+    if caller.owns_or_operates(target) {
+        Ok(())
+    } else {
+        Err(DomainError::NotAllowed(
+            "only the account itself or an operator may do this",
+        ))
+    }
+}

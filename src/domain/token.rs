@@ -1,0 +1,183 @@
+//! Personal access tokens and sessions as stored: metadata and a digest,
+//! never the secret.
+
+use super::{
+    DomainError,
+    account::{AccountId, parse_uuid},
+    credential::Digest,
+    scope::Scopes,
+    time::Timestamp,
+};
+
+/// A token's or a session's identifier: a UUID (version 7).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TokenId(String);
+
+impl TokenId {
+    /// A fresh, time-ordered id.
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().to_string())
+    }
+
+    /// Parses a client-supplied id, reporting problems against `field`.
+    pub fn parse(field: &str, raw: &str) -> Result<Self, DomainError> {
+        parse_uuid(field, raw).map(Self)
+    }
+
+    /// Wraps an id read back from the store.
+    pub fn from_stored(raw: String) -> Self {
+        Self(raw)
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A token's name: which integration holds it. 1 to 100 characters, no
+/// control characters, no leading or trailing white space.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TokenName(String);
+
+impl TokenName {
+    /// The longest name accepted, in characters.
+    pub const MAX_CHARS: usize = 100;
+
+    /// Parses a client-supplied name.
+    pub fn parse(field: &str, raw: &str) -> Result<Self, DomainError> {
+        if raw.is_empty() {
+            return Err(DomainError::invalid(field, "is required"));
+        }
+        if raw.chars().count() > Self::MAX_CHARS {
+            return Err(DomainError::invalid(
+                field,
+                format!("must be at most {} characters", Self::MAX_CHARS),
+            ));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(DomainError::invalid(
+                field,
+                "must not contain control characters",
+            ));
+        }
+        if raw.trim() != raw {
+            return Err(DomainError::invalid(
+                field,
+                "must not start or end with white space",
+            ));
+        }
+        Ok(Self(raw.to_owned()))
+    }
+
+    /// Wraps a name read back from the store.
+    pub fn from_stored(raw: String) -> Self {
+        Self(raw)
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A token's state at a given instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenState {
+    /// Usable.
+    Active,
+    /// Past its expiry.
+    Expired,
+    /// Revoked.
+    Revoked,
+}
+
+/// A personal access token's metadata.
+#[derive(Debug, Clone)]
+pub struct Token {
+    /// Its identifier.
+    pub id: TokenId,
+    /// The account it acts for.
+    pub account_id: AccountId,
+    /// Which integration holds it.
+    pub name: TokenName,
+    /// What it is limited to; empty for full access.
+    pub scopes: Scopes,
+    /// When it was created.
+    pub create_time: Timestamp,
+    /// When it stops working, if ever.
+    pub expire_time: Option<Timestamp>,
+    /// When it was revoked, if it was.
+    pub revoke_time: Option<Timestamp>,
+}
+
+impl Token {
+    /// The token's state at `now`. Revocation wins over expiry.
+    pub fn state(&self, now: Timestamp) -> TokenState {
+        state_at(now, self.expire_time, self.revoke_time)
+    }
+}
+
+/// A token to be stored: its metadata and the digest of its secret.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    /// The metadata.
+    pub token: Token,
+    /// SHA-256 of the secret.
+    pub digest: Digest,
+}
+
+/// A sign-in session's metadata.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// Its identifier.
+    pub id: TokenId,
+    /// The account that signed in.
+    pub account_id: AccountId,
+    /// When it started.
+    pub create_time: Timestamp,
+    /// When it ends by itself.
+    pub expire_time: Timestamp,
+    /// When it was signed out, if it was.
+    pub revoke_time: Option<Timestamp>,
+}
+
+impl Session {
+    /// The session's state at `now`.
+    pub fn state(&self, now: Timestamp) -> TokenState {
+        state_at(now, Some(self.expire_time), self.revoke_time)
+    }
+}
+
+fn state_at(now: Timestamp, expire: Option<Timestamp>, revoke: Option<Timestamp>) -> TokenState {
+    if revoke.is_some() {
+        TokenState::Revoked
+    } else if expire.is_some_and(|e| e <= now) {
+        TokenState::Expired
+    } else {
+        TokenState::Active
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_names_are_printable_and_trimmed() {
+        assert!(TokenName::parse("name", "ci-deploy").is_ok());
+        assert!(TokenName::parse("name", "Déploiement nocturne").is_ok());
+        for bad in ["", " lead", "trail ", "tab\there", &"n".repeat(101)] {
+            assert!(TokenName::parse("name", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn revocation_wins_over_expiry() {
+        let t = Timestamp::from_micros;
+        assert_eq!(state_at(t(10), Some(t(5)), Some(t(1))), TokenState::Revoked);
+        assert_eq!(state_at(t(10), Some(t(10)), None), TokenState::Expired);
+        assert_eq!(state_at(t(10), Some(t(11)), None), TokenState::Active);
+        assert_eq!(state_at(t(10), None, None), TokenState::Active);
+    }
+}

@@ -1,0 +1,196 @@
+//! The `identity` command: `serve` (the default), `migrate`, and
+//! `bootstrap-operator`. Reads the configuration from flags and environment
+//! variables, sets up logging, and hands over to [`identity::app`].
+
+#![forbid(unsafe_code)]
+
+use std::{net::SocketAddr, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use identity::{
+    app::{self, App},
+    config::{self, Config},
+    domain::{Identity, IdentitySettings, account::Username, password::PasswordPolicy},
+    storage::PoolOptions,
+};
+use tracing_subscriber::EnvFilter;
+
+/// A gRPC identity service: personal accounts, sessions and personal access
+/// tokens.
+#[derive(Debug, Parser)]
+#[command(name = "identity", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve gRPC (the default when no command is given).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Create an operator robot account if it does not exist, and print one
+    /// new personal access token for it on stdout.
+    BootstrapOperator {
+        /// The operator account's username.
+        #[arg(long)]
+        username: String,
+    },
+}
+
+/// Settings shared by every command; each flag mirrors an environment
+/// variable.
+#[derive(Debug, Args)]
+struct Settings {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "IDENTITY_LISTEN_ADDR", default_value = Config::DEFAULT_LISTEN_ADDR, global = true)]
+    listen_addr: SocketAddr,
+    /// Database URL: postgres://user:password@host/db or sqlite:path.
+    #[arg(long, env = "DATABASE_URL", default_value = Config::DEFAULT_DATABASE_URL,
+          value_parser = config::parse_database_url, global = true, hide_env_values = true)]
+    database_url: String,
+    /// Apply pending migrations at start-up.
+    #[arg(long, env = "IDENTITY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    migrate: bool,
+    /// Most database connections per replica.
+    #[arg(long, env = "IDENTITY_DB_MAX_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
+    db_max_connections: u32,
+    /// How long a query waits for a free connection (e.g. 5s).
+    #[arg(long, env = "IDENTITY_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = config::parse_duration, global = true)]
+    db_acquire_timeout: Duration,
+    /// Most argon2 password hashes computed at once (default: one per core).
+    #[arg(long, env = "IDENTITY_HASH_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..), global = true)]
+    hash_concurrency: Option<u16>,
+    /// How long a session lasts after sign-in (e.g. 12h).
+    #[arg(long, env = "IDENTITY_SESSION_TTL", default_value = "12h", value_parser = config::parse_duration, global = true)]
+    session_ttl: Duration,
+    /// Fewest characters a new password may have.
+    #[arg(long, env = "IDENTITY_PASSWORD_MIN_CHARS", default_value_t = 15,
+          value_parser = clap::value_parser!(u16).range(8..=256), global = true)]
+    password_min_chars: u16,
+    /// How long shutdown waits for in-flight calls (e.g. 30s).
+    #[arg(long, env = "IDENTITY_DRAIN_TIMEOUT", default_value = "30s", value_parser = config::parse_duration, global = true)]
+    drain_timeout: Duration,
+    /// Log filter, in tracing's EnvFilter syntax (e.g. info, identity=debug).
+    #[arg(long, env = "IDENTITY_LOG", default_value = "info", global = true)]
+    log: String,
+}
+
+impl Settings {
+    fn into_config(self) -> Config {
+        let mut config = Config::with_database(self.database_url);
+        config.listen_addr = self.listen_addr;
+        config.migrate = self.migrate;
+        config.pool = PoolOptions {
+            max_connections: self.db_max_connections,
+            acquire_timeout: self.db_acquire_timeout,
+        };
+        if let Some(n) = self.hash_concurrency {
+            config.hash_concurrency = usize::from(n);
+        }
+        config.identity = IdentitySettings {
+            session_ttl: self.session_ttl,
+            password_policy: PasswordPolicy {
+                min_chars: usize::from(self.password_min_chars),
+                ..PasswordPolicy::default()
+            },
+        };
+        config.drain_timeout = self.drain_timeout;
+        config
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match EnvFilter::try_new(&cli.settings.log) {
+        Ok(filter) => filter,
+        Err(err) => {
+            eprintln!("error: invalid IDENTITY_LOG / --log filter: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Logs go to stderr: stdout is reserved for command output such as the
+    // token printed by bootstrap-operator.
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = cli.settings.into_config();
+    let result = runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => {
+                let app = App::build(config).await?;
+                app.run_until(shutdown_signal()).await
+            }
+            Command::Migrate => {
+                app::migrate(&config).await?;
+                tracing::info!("migrations applied");
+                Ok(())
+            }
+            Command::BootstrapOperator { username } => bootstrap(config, &username).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            tracing::error!(error = %err, "exiting");
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `bootstrap-operator`: prints exactly one line on stdout, the token.
+async fn bootstrap(config: Config, username: &str) -> Result<(), app::AppError> {
+    let username = Username::parse("--username", username)?;
+    let identity: Identity = app::open_identity(&config).await?;
+    let issued = identity.bootstrap_operator(username).await?;
+    tracing::info!(
+        account_id = issued.token.account_id.as_str(),
+        token_id = issued.token.id.as_str(),
+        "issued an operator token"
+    );
+    println!("{}", issued.secret.expose());
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,92 @@
+//! Turning result rows into domain values, once for both backends. Column
+//! names are the ones [`super::sql`] selects.
+
+use sqlx::Row;
+
+use super::StorageError;
+use crate::domain::{
+    account::{Account, AccountId, AccountKind, Email, Role, Username},
+    password::PasswordHash,
+    scope::Scopes,
+    time::Timestamp,
+    token::{Session, Token, TokenId, TokenName},
+};
+
+/// Typed column access with errors already translated; implemented for both
+/// backends' row types.
+pub(super) trait SqlRow: Row {
+    fn text(&self, column: &str) -> Result<String, StorageError>;
+    fn opt_text(&self, column: &str) -> Result<Option<String>, StorageError>;
+    fn int(&self, column: &str) -> Result<i64, StorageError>;
+    fn opt_int(&self, column: &str) -> Result<Option<i64>, StorageError>;
+}
+
+macro_rules! impl_sql_row {
+    ($row:ty) => {
+        impl SqlRow for $row {
+            fn text(&self, column: &str) -> Result<String, StorageError> {
+                self.try_get(column).map_err(corrupt)
+            }
+            fn opt_text(&self, column: &str) -> Result<Option<String>, StorageError> {
+                self.try_get(column).map_err(corrupt)
+            }
+            fn int(&self, column: &str) -> Result<i64, StorageError> {
+                self.try_get(column).map_err(corrupt)
+            }
+            fn opt_int(&self, column: &str) -> Result<Option<i64>, StorageError> {
+                self.try_get(column).map_err(corrupt)
+            }
+        }
+    };
+}
+
+impl_sql_row!(sqlx::postgres::PgRow);
+impl_sql_row!(sqlx::sqlite::SqliteRow);
+
+fn corrupt(err: sqlx::Error) -> StorageError {
+    StorageError::Corrupt(err.to_string())
+}
+
+/// An account from the `account_cols!()` columns.
+pub(super) fn account<R: SqlRow>(row: &R) -> Result<Account, StorageError> {
+    let kind = row.text("kind")?;
+    let role = row.text("role")?;
+    Ok(Account {
+        id: AccountId::from_stored(row.text("account_id")?),
+        username: Username::from_stored(row.text("username")?),
+        email: Email::from_stored(row.text("email")?),
+        kind: AccountKind::from_stored(&kind)
+            .ok_or_else(|| StorageError::Corrupt(format!("unknown account kind {kind:?}")))?,
+        role: Role::from_stored(&role)
+            .ok_or_else(|| StorageError::Corrupt(format!("unknown account role {role:?}")))?,
+        password_hash: row
+            .opt_text("password_hash")?
+            .map(PasswordHash::from_stored),
+        create_time: Timestamp::from_micros(row.int("account_create_time")?),
+        disable_time: row.opt_int("disable_time")?.map(Timestamp::from_micros),
+    })
+}
+
+/// A token from the `token_cols!()` columns.
+pub(super) fn token<R: SqlRow>(row: &R) -> Result<Token, StorageError> {
+    Ok(Token {
+        id: TokenId::from_stored(row.text("token_id")?),
+        account_id: AccountId::from_stored(row.text("token_account_id")?),
+        name: TokenName::from_stored(row.text("name")?),
+        scopes: Scopes::from_stored(&row.text("scopes")?),
+        create_time: Timestamp::from_micros(row.int("create_time")?),
+        expire_time: row.opt_int("expire_time")?.map(Timestamp::from_micros),
+        revoke_time: row.opt_int("revoke_time")?.map(Timestamp::from_micros),
+    })
+}
+
+/// A session from the `session_cols!()` columns.
+pub(super) fn session<R: SqlRow>(row: &R) -> Result<Session, StorageError> {
+    Ok(Session {
+        id: TokenId::from_stored(row.text("session_id")?),
+        account_id: AccountId::from_stored(row.text("session_account_id")?),
+        create_time: Timestamp::from_micros(row.int("create_time")?),
+        expire_time: Timestamp::from_micros(row.int("expire_time")?),
+        revoke_time: row.opt_int("revoke_time")?.map(Timestamp::from_micros),
+    })
+}

@@ -1,0 +1,105 @@
+//! The embedded default store: SQLite in a local file, so that `cargo run`
+//! works with nothing else installed.
+//!
+//! The database runs in WAL mode with a busy timeout, so readers never block
+//! and writers queue briefly instead of failing. It serves one process: run
+//! several replicas on PostgreSQL instead.
+
+use std::{str::FromStr as _, time::Duration};
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use super::{Conflict, PoolOptions, StorageError, WithAccount, rows, sql};
+use crate::domain::{
+    account::{Account, AccountId},
+    credential::Digest,
+    time::Timestamp,
+    token::{NewToken, Session, Token, TokenId},
+};
+
+const MIGRATIONS: &[(i64, &str, &str)] = &[(
+    1,
+    "initial",
+    include_str!("../../migrations/sqlite/0001_initial.sql"),
+)];
+
+/// A [`super::Store`] on SQLite.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file `url` names, such as
+    /// `sqlite:identity.db`.
+    pub async fn connect(url: &str, options: &PoolOptions) -> Result<Self, StorageError> {
+        let connect = SqliteConnectOptions::from_str(url)
+            .map_err(|e| StorageError::Other(Box::new(e)))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(options.max_connections)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_lazy_with(connect);
+        Ok(Self { pool })
+    }
+
+    /// Applies the embedded migrations that the database lacks.
+    pub async fn migrate(&self) -> Result<(), StorageError> {
+        super::migrator(MIGRATIONS)
+            .run(&self.pool)
+            .await
+            .map_err(|e| match e {
+                sqlx::migrate::MigrateError::Execute(inner) => Self::classify(inner),
+                other => StorageError::Other(Box::new(other)),
+            })
+    }
+
+    /// Translates a sqlx error. SQLite does not report constraint names, so
+    /// unique violations are recognised by the columns its message names.
+    fn classify(err: sqlx::Error) -> StorageError {
+        match &err {
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                // 2067: SQLITE_CONSTRAINT_UNIQUE; 1555: SQLITE_CONSTRAINT_PRIMARYKEY.
+                if code == "2067" || code == "1555" {
+                    let message = db.message();
+                    let conflict = if message.contains("accounts.username_key") {
+                        Some(Conflict::Username)
+                    } else if message.contains("tokens.live_name") {
+                        Some(Conflict::TokenName)
+                    } else if message.contains(".digest") {
+                        Some(Conflict::Digest)
+                    } else if code == "1555" {
+                        Some(Conflict::Id)
+                    } else {
+                        None
+                    };
+                    if let Some(conflict) = conflict {
+                        return StorageError::Conflict(conflict);
+                    }
+                }
+                // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended
+                // codes: another writer held the database past the timeout.
+                let primary = code.parse::<i32>().map(|c| c & 0xff).unwrap_or(0);
+                if primary == 5 || primary == 6 {
+                    StorageError::Unavailable(Box::new(err))
+                } else {
+                    StorageError::Other(Box::new(err))
+                }
+            }
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StorageError::Unavailable(Box::new(err)),
+            _ => StorageError::Other(Box::new(err)),
+        }
+    }
+}
+
+sql::impl_store!(SqliteStore);
