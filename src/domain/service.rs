@@ -182,7 +182,9 @@ impl Identity {
         let required = Scopes::parse("required_scopes", required_scopes)?;
         let verdict = self.inspect(credential).await?;
         Ok(match verdict {
-            Verdict::Active(principal) if !required.is_subset_of(&principal.scopes) => {
+            // An empty requirement asks for nothing; each named scope must be
+            // allowed (full access allows every scope).
+            Verdict::Active(principal) if !required.names().all(|s| principal.scopes.allows(s)) => {
                 Verdict::Inactive(InactiveReason::InsufficientScope)
             }
             other => other,

@@ -1,0 +1,14 @@
+//! The integration tests: one binary (so it links once) that drives the real
+//! server over TCP against real databases. Every behavioural test runs on
+//! both SQLite and PostgreSQL; the PostgreSQL ones use `DATABASE_URL` when it
+//! is set and otherwise start a throwaway cluster, and fail, never skip, when
+//! PostgreSQL is missing.
+
+mod support;
+
+mod accounts;
+mod authz;
+mod binary;
+mod storage;
+mod tokens;
+mod verify;

@@ -1,0 +1,303 @@
+//! The test harness: starts the real server on `127.0.0.1:0` against a real,
+//! freshly migrated database (a SQLite file in a temporary directory, or a
+//! new database on PostgreSQL), and hands back typed clients.
+
+#![allow(dead_code)]
+
+pub mod postgres;
+
+use std::{net::SocketAddr, time::Duration};
+
+use identity::{
+    app::App,
+    config::Config,
+    domain::account::Username,
+    storage::{self, PoolOptions, Store},
+};
+use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Channel};
+
+pub use identity::api::pb;
+use pb::{
+    accounts_service_client::AccountsServiceClient, tokens_service_client::TokensServiceClient,
+};
+
+/// Which store a test runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A SQLite file in a temporary directory.
+    Sqlite,
+    /// A fresh database on the test PostgreSQL server.
+    Postgres,
+}
+
+/// A fresh, migrated, empty database of `backend`: its URL and whatever
+/// keeps it alive.
+pub struct TestDatabase {
+    /// Its URL.
+    pub url: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDatabase {
+    /// Creates one.
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().expect("temporary directory");
+                let url = format!("sqlite:{}", dir.path().join("identity.db").display());
+                Self {
+                    url,
+                    _dir: Some(dir),
+                }
+            }
+            Backend::Postgres => Self {
+                url: postgres::fresh_database_url().await,
+                _dir: None,
+            },
+        }
+    }
+
+    /// Opens the store directly (migrating it), bypassing the server.
+    pub async fn store(&self) -> std::sync::Arc<dyn Store> {
+        storage::open(&self.url, &PoolOptions::default(), true)
+            .await
+            .expect("open the test store")
+    }
+}
+
+/// A running server and what a test needs to talk to it.
+pub struct TestApp {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// A channel to it.
+    pub channel: Channel,
+    /// A full-access token of an operator robot, `ops`.
+    pub operator_token: String,
+    /// The database it runs on.
+    pub db: TestDatabase,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<Result<(), identity::app::AppError>>>,
+}
+
+impl TestApp {
+    /// Starts a server on a fresh database of `backend`.
+    pub async fn spawn(backend: Backend) -> Self {
+        Self::spawn_with(backend, |_| {}).await
+    }
+
+    /// Starts a server on a fresh database of `backend`, after `adjust` has
+    /// changed the test configuration.
+    pub async fn spawn_with(backend: Backend, adjust: impl FnOnce(&mut Config)) -> Self {
+        let db = TestDatabase::new(backend).await;
+        let mut config = Config::with_database(db.url.clone());
+        config.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.hash_concurrency = 2;
+        config.drain_timeout = Duration::from_secs(5);
+        adjust(&mut config);
+        let app = App::build(config).await.expect("build the app");
+        let addr = app.local_addr();
+        let issued = app
+            .identity()
+            .bootstrap_operator(Username::parse("username", "ops").expect("valid username"))
+            .await
+            .expect("bootstrap an operator");
+        let operator_token = issued.secret.expose().to_owned();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(app.run_until(async move {
+            let _ = rx.await;
+        }));
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .expect("valid uri")
+            .connect()
+            .await
+            .expect("connect to the test server");
+        Self {
+            addr,
+            channel,
+            operator_token,
+            db,
+            shutdown: Some(tx),
+            server: Some(server),
+        }
+    }
+
+    /// Asks the server to shut down and waits until it has.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server
+                .await
+                .expect("server task")
+                .expect("server ran cleanly");
+        }
+    }
+
+    /// An accounts client.
+    pub fn accounts(&self) -> AccountsServiceClient<Channel> {
+        AccountsServiceClient::new(self.channel.clone())
+    }
+
+    /// A tokens client.
+    pub fn tokens(&self) -> TokensServiceClient<Channel> {
+        TokensServiceClient::new(self.channel.clone())
+    }
+
+    /// Creates a person account (as the operator) and signs it in: the
+    /// account and a session token.
+    pub async fn person(&self, username: &str) -> (pb::Account, String) {
+        let account = self
+            .accounts()
+            .create_account(bearer(
+                pb::CreateAccountRequest {
+                    username: username.into(),
+                    password: PASSWORD.into(),
+                    email: format!("{username}@example.com"),
+                    kind: pb::AccountKind::Person as i32,
+                    role: 0,
+                },
+                &self.operator_token,
+            ))
+            .await
+            .expect("create a person")
+            .into_inner()
+            .account
+            .expect("account");
+        let session = self
+            .accounts()
+            .sign_in(pb::SignInRequest {
+                username: username.into(),
+                password: PASSWORD.into(),
+            })
+            .await
+            .expect("sign in")
+            .into_inner()
+            .session_token;
+        (account, session)
+    }
+
+    /// Creates a robot account (as the operator).
+    pub async fn robot(&self, username: &str) -> pb::Account {
+        self.accounts()
+            .create_account(bearer(
+                pb::CreateAccountRequest {
+                    username: username.into(),
+                    kind: pb::AccountKind::Robot as i32,
+                    ..Default::default()
+                },
+                &self.operator_token,
+            ))
+            .await
+            .expect("create a robot")
+            .into_inner()
+            .account
+            .expect("account")
+    }
+
+    /// Issues a token for `account_id` with `scopes`, as `creator`: its
+    /// metadata and secret.
+    pub async fn token(
+        &self,
+        creator: &str,
+        account_id: &str,
+        name: &str,
+        scopes: &[&str],
+    ) -> (pb::Token, String) {
+        let created = self
+            .tokens()
+            .create_token(bearer(
+                pb::CreateTokenRequest {
+                    account_id: account_id.into(),
+                    name: name.into(),
+                    scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                    expire_time: None,
+                },
+                creator,
+            ))
+            .await
+            .expect("create a token")
+            .into_inner();
+        (created.token.expect("token"), created.secret)
+    }
+
+    /// Verifies `token` as the operator, requiring `scopes`.
+    pub async fn verify(&self, token: &str, scopes: &[&str]) -> pb::VerifyTokenResponse {
+        self.tokens()
+            .verify_token(bearer(
+                pb::VerifyTokenRequest {
+                    token: token.into(),
+                    required_scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                },
+                &self.operator_token,
+            ))
+            .await
+            .expect("verify")
+            .into_inner()
+    }
+}
+
+/// A password that meets the default policy.
+pub const PASSWORD: &str = "correct horse battery staple";
+
+/// Wraps `message` in a request carrying `authorization: Bearer <token>`.
+pub fn bearer<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        MetadataValue::try_from(format!("Bearer {token}")).expect("ascii token"),
+    );
+    request
+}
+
+/// The `ErrorInfo` reason of a status.
+pub fn reason(status: &Status) -> String {
+    use tonic_types::StatusExt as _;
+    status
+        .get_error_details()
+        .error_info()
+        .map(|info| info.reason.clone())
+        .unwrap_or_default()
+}
+
+/// Asserts that `result` failed with `code` and ErrorInfo `reason`.
+#[track_caller]
+pub fn assert_status<T: std::fmt::Debug>(
+    result: Result<T, Status>,
+    code: Code,
+    expected_reason: &str,
+) -> Status {
+    let status = result.expect_err("the call should have failed");
+    assert_eq!(status.code(), code, "unexpected status: {status:?}");
+    assert_eq!(
+        reason(&status),
+        expected_reason,
+        "unexpected reason: {status:?}"
+    );
+    status
+}
+
+/// Defines one test per backend: `name::sqlite` and `name::postgres`, each
+/// running `body` with a fresh server.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($(#[$meta:meta])* async fn $name:ident($app:ident: TestApp) $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn run($app: $crate::support::TestApp) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                run($crate::support::TestApp::spawn($crate::support::Backend::Sqlite).await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                run($crate::support::TestApp::spawn($crate::support::Backend::Postgres).await).await;
+            }
+        }
+    };
+}

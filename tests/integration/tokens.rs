@@ -1,0 +1,337 @@
+//! TokensService (except VerifyToken) through the real server.
+
+use std::time::{Duration, SystemTime};
+
+use tonic::Code;
+
+use crate::on_both_backends;
+use crate::support::{assert_status, bearer, pb};
+
+fn in_the_future(after: Duration) -> prost_types::Timestamp {
+    let t = SystemTime::now() + after;
+    let since = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .expect("after the epoch");
+    prost_types::Timestamp {
+        seconds: i64::try_from(since.as_secs()).expect("fits"),
+        nanos: 0,
+    }
+}
+
+on_both_backends! {
+    async fn a_token_shows_its_secret_once_and_its_metadata_always(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let created = app
+            .tokens()
+            .create_token(bearer(
+                pb::CreateTokenRequest {
+                    account_id: alice.account_id.clone(),
+                    name: "ci-deploy".into(),
+                    scopes: vec!["tokens:read".into(), "project:publish".into()],
+                    expire_time: Some(in_the_future(Duration::from_secs(3600))),
+                },
+                &session,
+            ))
+            .await
+            .expect("create")
+            .into_inner();
+        assert!(created.secret.starts_with("idpat_"));
+        assert_eq!(created.secret.len(), 44);
+        let token = created.token.expect("token");
+        assert_eq!(token.account_id, alice.account_id);
+        assert_eq!(token.name, "ci-deploy");
+        assert_eq!(token.scopes, ["project:publish", "tokens:read"]);
+        assert_eq!(token.state, pb::TokenState::Active as i32);
+        assert!(token.expire_time.is_some() && token.revoke_time.is_none());
+
+        let fetched = app
+            .tokens()
+            .get_token(bearer(pb::GetTokenRequest { token_id: token.token_id.clone() }, &session))
+            .await
+            .expect("get")
+            .into_inner()
+            .token
+            .expect("token");
+        assert_eq!(fetched, token);
+        let listed = app
+            .tokens()
+            .list_tokens(bearer(
+                pb::ListTokensRequest { account_id: alice.account_id.clone(), ..Default::default() },
+                &session,
+            ))
+            .await
+            .expect("list")
+            .into_inner();
+        assert_eq!(listed.tokens, [token]);
+        // The secret appears in no later response.
+        assert!(!format!("{fetched:?}{listed:?}").contains(&created.secret[6..]));
+    }
+}
+
+on_both_backends! {
+    async fn token_names_are_unique_among_live_tokens_only(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let (first, _) = app.token(&session, &alice.account_id, "laptop", &[]).await;
+        let duplicate = app
+            .tokens()
+            .create_token(bearer(
+                pb::CreateTokenRequest { account_id: alice.account_id.clone(), name: "laptop".into(), ..Default::default() },
+                &session,
+            ))
+            .await;
+        assert_status(duplicate, Code::AlreadyExists, "ERROR_REASON_TOKEN_NAME_TAKEN");
+
+        app.tokens()
+            .revoke_token(bearer(pb::RevokeTokenRequest { token_id: first.token_id.clone() }, &session))
+            .await
+            .expect("revoke");
+        let (second, _) = app.token(&session, &alice.account_id, "laptop", &[]).await;
+        assert_ne!(second.token_id, first.token_id);
+
+        // Another account may use the same name.
+        let (bob, bob_session) = app.person("bob").await;
+        app.token(&bob_session, &bob.account_id, "laptop", &[]).await;
+    }
+}
+
+on_both_backends! {
+    async fn an_expired_token_gives_up_its_name(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let soon = in_the_future(Duration::from_secs(2));
+        app.tokens()
+            .create_token(bearer(
+                pb::CreateTokenRequest {
+                    account_id: alice.account_id.clone(),
+                    name: "short-lived".into(),
+                    expire_time: Some(soon),
+                    ..Default::default()
+                },
+                &session,
+            ))
+            .await
+            .expect("create");
+        // Wait for the expiry itself, not for readiness.
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        let (renewed, _) = app.token(&session, &alice.account_id, "short-lived", &[]).await;
+        let listed = app
+            .tokens()
+            .list_tokens(bearer(pb::ListTokensRequest { account_id: alice.account_id.clone(), ..Default::default() }, &session))
+            .await
+            .expect("list")
+            .into_inner()
+            .tokens;
+        let states: Vec<_> = listed.iter().map(|t| t.state).collect();
+        assert_eq!(states, [pb::TokenState::Expired as i32, pb::TokenState::Active as i32]);
+        assert_eq!(listed[1].token_id, renewed.token_id);
+    }
+}
+
+on_both_backends! {
+    async fn revoking_is_immediate_and_idempotent(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let (token, secret) = app.token(&session, &alice.account_id, "script", &[]).await;
+        assert!(app.verify(&secret, &[]).await.active);
+
+        let revoked = app
+            .tokens()
+            .revoke_token(bearer(pb::RevokeTokenRequest { token_id: token.token_id.clone() }, &session))
+            .await
+            .expect("revoke")
+            .into_inner()
+            .token
+            .expect("token");
+        assert_eq!(revoked.state, pb::TokenState::Revoked as i32);
+        let verdict = app.verify(&secret, &[]).await;
+        assert!(!verdict.active);
+        assert_eq!(verdict.reason, pb::InactiveReason::Revoked as i32);
+        assert_status(
+            app.tokens().get_token(bearer(pb::GetTokenRequest { token_id: token.token_id.clone() }, &secret)).await,
+            Code::Unauthenticated,
+            "ERROR_REASON_CREDENTIAL_INVALID",
+        );
+
+        let again = app
+            .tokens()
+            .revoke_token(bearer(pb::RevokeTokenRequest { token_id: token.token_id.clone() }, &app.operator_token))
+            .await
+            .expect("revoking twice succeeds")
+            .into_inner()
+            .token
+            .expect("token");
+        assert_eq!(again.revoke_time, revoked.revoke_time, "the first revocation time is kept");
+
+        assert_status(
+            app.tokens()
+                .revoke_token(bearer(pb::RevokeTokenRequest { token_id: uuid::Uuid::now_v7().to_string() }, &session))
+                .await,
+            Code::NotFound,
+            "ERROR_REASON_TOKEN_NOT_FOUND",
+        );
+    }
+}
+
+on_both_backends! {
+    async fn list_tokens_pages_through_every_token_once(app: TestApp) {
+        let robot = app.robot("builder").await;
+        for i in 0..5 {
+            app.token(&app.operator_token, &robot.account_id, &format!("t{i}"), &[]).await;
+        }
+        let mut names = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = app
+                .tokens()
+                .list_tokens(bearer(
+                    pb::ListTokensRequest { account_id: robot.account_id.clone(), page_size: 2, page_token: page_token.clone() },
+                    &app.operator_token,
+                ))
+                .await
+                .expect("list")
+                .into_inner();
+            names.extend(page.tokens.into_iter().map(|t| t.name));
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            page_token = page.next_page_token;
+        }
+        assert_eq!(names, ["t0", "t1", "t2", "t3", "t4"]);
+
+        // A page token of one account's listing is refused for another's.
+        let first = app
+            .tokens()
+            .list_tokens(bearer(
+                pb::ListTokensRequest { account_id: robot.account_id.clone(), page_size: 1, page_token: String::new() },
+                &app.operator_token,
+            ))
+            .await
+            .expect("list")
+            .into_inner();
+        let other = app.robot("other").await;
+        assert_status(
+            app.tokens()
+                .list_tokens(bearer(
+                    pb::ListTokensRequest { account_id: other.account_id, page_size: 1, page_token: first.next_page_token },
+                    &app.operator_token,
+                ))
+                .await,
+            Code::InvalidArgument,
+            "ERROR_REASON_INVALID_ARGUMENT",
+        );
+        assert_status(
+            app.tokens()
+                .list_tokens(bearer(
+                    pb::ListTokensRequest { account_id: uuid::Uuid::now_v7().to_string(), ..Default::default() },
+                    &app.operator_token,
+                ))
+                .await,
+            Code::NotFound,
+            "ERROR_REASON_ACCOUNT_NOT_FOUND",
+        );
+    }
+}
+
+on_both_backends! {
+    async fn a_scoped_token_cannot_grant_more_than_it_has(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let (_, writer) = app
+            .token(&session, &alice.account_id, "writer", &["tokens:write", "project:read"])
+            .await;
+        let create = |scopes: Vec<&str>, expire: Option<prost_types::Timestamp>| {
+            let mut client = app.tokens();
+            let request = bearer(
+                pb::CreateTokenRequest {
+                    account_id: alice.account_id.clone(),
+                    name: format!("child-{}", uuid::Uuid::now_v7()),
+                    scopes: scopes.into_iter().map(str::to_owned).collect(),
+                    expire_time: expire,
+                },
+                &writer,
+            );
+            async move { client.create_token(request).await }
+        };
+        create(vec!["project:read"], None).await.expect("a subset is allowed");
+        assert_status(create(vec![], None).await, Code::PermissionDenied, "ERROR_REASON_ESCALATION");
+        assert_status(create(vec!["project:write"], None).await, Code::PermissionDenied, "ERROR_REASON_ESCALATION");
+
+        let (_, expiring) = {
+            let created = app
+                .tokens()
+                .create_token(bearer(
+                    pb::CreateTokenRequest {
+                        account_id: alice.account_id.clone(),
+                        name: "expiring".into(),
+                        scopes: vec![],
+                        expire_time: Some(in_the_future(Duration::from_secs(600))),
+                    },
+                    &session,
+                ))
+                .await
+                .expect("create")
+                .into_inner();
+            (created.token, created.secret)
+        };
+        let child = |expire: Option<prost_types::Timestamp>| {
+            let mut client = app.tokens();
+            let request = bearer(
+                pb::CreateTokenRequest {
+                    account_id: alice.account_id.clone(),
+                    name: format!("child-{}", uuid::Uuid::now_v7()),
+                    scopes: vec![],
+                    expire_time: expire,
+                },
+                &expiring,
+            );
+            async move { client.create_token(request).await }
+        };
+        child(Some(in_the_future(Duration::from_secs(60)))).await.expect("an earlier expiry is allowed");
+        assert_status(child(None).await, Code::PermissionDenied, "ERROR_REASON_ESCALATION");
+        assert_status(
+            child(Some(in_the_future(Duration::from_secs(6000)))).await,
+            Code::PermissionDenied,
+            "ERROR_REASON_ESCALATION",
+        );
+    }
+}
+
+on_both_backends! {
+    async fn bad_token_requests_are_invalid_arguments(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let cases = [
+            pb::CreateTokenRequest { account_id: "nope".into(), name: "x".into(), ..Default::default() },
+            pb::CreateTokenRequest { account_id: alice.account_id.clone(), name: String::new(), ..Default::default() },
+            pb::CreateTokenRequest { account_id: alice.account_id.clone(), name: "x".into(), scopes: vec!["Bad Scope".into()], ..Default::default() },
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "x".into(),
+                expire_time: Some(prost_types::Timestamp { seconds: 1, nanos: 0 }),
+                ..Default::default()
+            },
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "x".into(),
+                expire_time: Some(prost_types::Timestamp { seconds: i64::MAX, nanos: 0 }),
+                ..Default::default()
+            },
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "x".into(),
+                expire_time: Some(prost_types::Timestamp { seconds: 4_000_000_000, nanos: -5 }),
+                ..Default::default()
+            },
+        ];
+        for case in cases {
+            assert_status(
+                app.tokens().create_token(bearer(case, &session)).await,
+                Code::InvalidArgument,
+                "ERROR_REASON_INVALID_ARGUMENT",
+            );
+        }
+        let listed = app
+            .tokens()
+            .list_tokens(bearer(pb::ListTokensRequest { account_id: alice.account_id.clone(), ..Default::default() }, &session))
+            .await
+            .expect("list")
+            .into_inner();
+        assert!(listed.tokens.is_empty(), "no refused request stored a token");
+    }
+}

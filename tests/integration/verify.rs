@@ -1,0 +1,150 @@
+//! VerifyToken: every reason, the principal, and who may ask.
+
+use std::time::{Duration, SystemTime};
+
+use tonic::Code;
+
+use crate::on_both_backends;
+use crate::support::{TestApp, assert_status, bearer, pb};
+
+on_both_backends! {
+    async fn an_active_token_reports_its_principal(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let (token, secret) = app.token(&session, &alice.account_id, "ci", &["project:publish"]).await;
+        let verdict = app.verify(&secret, &["project:publish"]).await;
+        assert!(verdict.active);
+        assert_eq!(verdict.reason, pb::InactiveReason::Unspecified as i32);
+        let principal = verdict.principal.expect("principal");
+        assert_eq!(principal.account_id, alice.account_id);
+        assert_eq!(principal.username, "alice");
+        assert_eq!(principal.account_kind, pb::AccountKind::Person as i32);
+        assert_eq!(principal.account_role, pb::AccountRole::User as i32);
+        assert_eq!(principal.credential_kind, pb::CredentialKind::PersonalAccessToken as i32);
+        assert_eq!(principal.token_id, token.token_id);
+        assert_eq!(principal.scopes, ["project:publish"]);
+        assert_eq!(principal.expire_time, None);
+
+        let session_verdict = app.verify(&session, &["anything:at-all"]).await;
+        assert!(session_verdict.active, "a session has full access");
+        let principal = session_verdict.principal.expect("principal");
+        assert_eq!(principal.credential_kind, pb::CredentialKind::Session as i32);
+        assert!(principal.scopes.is_empty());
+        assert!(principal.expire_time.is_some());
+    }
+}
+
+on_both_backends! {
+    async fn every_inactive_reason_is_reported(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let reason = |r: pb::InactiveReason| r as i32;
+
+        for malformed in ["", "garbage", "idpat_", &format!("{session}x"), &session.replace("idses_", "idpat_")] {
+            let verdict = app.verify(malformed, &[]).await;
+            assert!(!verdict.active && verdict.principal.is_none());
+            assert_eq!(verdict.reason, reason(pb::InactiveReason::Malformed), "{malformed:?}");
+        }
+
+        // Well-formed (valid checksum) but never issued.
+        let unknown = identity::domain::credential::Secret::generate(
+            identity::domain::credential::CredentialKind::PersonalAccessToken,
+        );
+        assert_eq!(app.verify(unknown.expose(), &[]).await.reason, reason(pb::InactiveReason::Unknown));
+
+        let (_, scoped) = app.token(&session, &alice.account_id, "scoped", &["tokens:read"]).await;
+        let verdict = app.verify(&scoped, &["tokens:read", "project:publish"]).await;
+        assert!(!verdict.active);
+        assert_eq!(verdict.reason, reason(pb::InactiveReason::InsufficientScope));
+
+        let (revoked_token, revoked) = app.token(&session, &alice.account_id, "revoked", &[]).await;
+        app.tokens()
+            .revoke_token(bearer(pb::RevokeTokenRequest { token_id: revoked_token.token_id }, &session))
+            .await
+            .expect("revoke");
+        assert_eq!(app.verify(&revoked, &[]).await.reason, reason(pb::InactiveReason::Revoked));
+
+        let soon = SystemTime::now() + Duration::from_secs(1);
+        let soon = soon.duration_since(SystemTime::UNIX_EPOCH).expect("after the epoch");
+        let expiring = app
+            .tokens()
+            .create_token(bearer(
+                pb::CreateTokenRequest {
+                    account_id: alice.account_id.clone(),
+                    name: "expiring".into(),
+                    scopes: vec![],
+                    expire_time: Some(prost_types::Timestamp {
+                        seconds: i64::try_from(soon.as_secs()).expect("fits"),
+                        nanos: i32::try_from(soon.subsec_nanos()).expect("fits"),
+                    }),
+                },
+                &session,
+            ))
+            .await
+            .expect("create")
+            .into_inner()
+            .secret;
+        // Wait for the expiry itself, not for readiness.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        assert_eq!(app.verify(&expiring, &[]).await.reason, reason(pb::InactiveReason::Expired));
+
+        // No RPC disables an account yet: mark it in the database directly.
+        let (_, live) = app.token(&session, &alice.account_id, "live", &[]).await;
+        disable(&app, &alice.account_id).await;
+        assert_eq!(app.verify(&live, &[]).await.reason, reason(pb::InactiveReason::AccountDisabled));
+        assert_eq!(app.verify(&session, &[]).await.reason, reason(pb::InactiveReason::AccountDisabled));
+    }
+}
+
+/// Sets `disable_time` on an account, as an operator would with SQL.
+async fn disable(app: &TestApp, account_id: &str) {
+    use sqlx::Connection as _;
+    let sql = "UPDATE accounts SET disable_time = 1 WHERE account_id = $1";
+    if app.db.url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(&app.db.url)
+            .await
+            .expect("connect");
+        sqlx::query(sql)
+            .bind(account_id)
+            .execute(&mut conn)
+            .await
+            .expect("update");
+    } else {
+        let mut conn = sqlx::PgConnection::connect(&app.db.url)
+            .await
+            .expect("connect");
+        sqlx::query(sql)
+            .bind(account_id)
+            .execute(&mut conn)
+            .await
+            .expect("update");
+    }
+}
+
+on_both_backends! {
+    async fn verifying_needs_the_verify_scope(app: TestApp) {
+        let robot = app.robot("gateway").await;
+        let (_, verifier) = app.token(&app.operator_token, &robot.account_id, "verifier", &["tokens:verify"]).await;
+        let (_, reader) = app.token(&app.operator_token, &robot.account_id, "reader", &["tokens:read"]).await;
+        let request = |caller: &str| bearer(pb::VerifyTokenRequest { token: reader.clone(), required_scopes: vec![] }, caller);
+
+        let verdict = app.tokens().verify_token(request(&verifier)).await.expect("allowed").into_inner();
+        assert!(verdict.active);
+        let status = assert_status(app.tokens().verify_token(request(&reader)).await, Code::PermissionDenied, "ERROR_REASON_SCOPE_MISSING");
+        use tonic_types::StatusExt as _;
+        assert_eq!(
+            status.get_error_details().error_info().expect("info").metadata.get("required_scope").map(String::as_str),
+            Some("tokens:verify")
+        );
+        assert_status(
+            app.tokens().verify_token(pb::VerifyTokenRequest { token: reader.clone(), required_scopes: vec![] }).await,
+            Code::Unauthenticated,
+            "ERROR_REASON_CREDENTIAL_MISSING",
+        );
+        assert_status(
+            app.tokens()
+                .verify_token(bearer(pb::VerifyTokenRequest { token: reader.clone(), required_scopes: vec!["NOT VALID".into()] }, &verifier))
+                .await,
+            Code::InvalidArgument,
+            "ERROR_REASON_INVALID_ARGUMENT",
+        );
+    }
+}
