@@ -12,3 +12,4 @@ mod binary;
 mod storage;
 mod tokens;
 mod verify;
+mod walkthrough;
