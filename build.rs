@@ -7,6 +7,7 @@ use std::{env, fs, path::PathBuf};
 
 const PROTOS: &[&str] = &[
     "proto/identity/v1/accounts.proto",
+    "proto/identity/v1/audit.proto",
     "proto/identity/v1/tokens.proto",
 ];
 
@@ -19,6 +20,9 @@ const SECRET_BEARING: &[&str] = &[
     ".identity.v1.SignInResponse",
     ".identity.v1.CreateTokenResponse",
     ".identity.v1.VerifyTokenRequest",
+    ".identity.v1.ChangePasswordRequest",
+    ".identity.v1.RotateTokenResponse",
+    ".identity.v1.RevokeLeakedTokenRequest",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

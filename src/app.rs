@@ -13,10 +13,11 @@ use crate::{
     api::{
         FILE_DESCRIPTOR_SET,
         accounts::AccountsApi,
+        audit::AuditApi,
         guard::DefaultDenyLayer,
         pb::{
             accounts_service_server::AccountsServiceServer,
-            tokens_service_server::TokensServiceServer,
+            audit_service_server::AuditServiceServer, tokens_service_server::TokensServiceServer,
         },
         tokens::TokensApi,
     },
@@ -149,7 +150,13 @@ impl App {
             .add_service(AccountsServiceServer::new(AccountsApi::new(
                 self.identity.clone(),
             )))
-            .add_service(TokensServiceServer::new(TokensApi::new(self.identity)))
+            .add_service(AuditServiceServer::new(AuditApi::new(
+                self.identity.clone(),
+            )))
+            .add_service(TokensServiceServer::new(TokensApi::new(
+                self.identity,
+                self.config.leak_reports_per_minute,
+            )))
             .serve_with_incoming_shutdown(incoming, signal);
 
         let drain_timeout = self.config.drain_timeout;
@@ -241,6 +248,12 @@ async fn set_all(health: &HealthReporter, status: ServingStatus) {
     health
         .set_service_status(
             <TokensServiceServer<TokensApi> as tonic::server::NamedService>::NAME,
+            status,
+        )
+        .await;
+    health
+        .set_service_status(
+            <AuditServiceServer<AuditApi> as tonic::server::NamedService>::NAME,
             status,
         )
         .await;

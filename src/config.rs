@@ -27,6 +27,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How often the database is probed for the health service.
     pub health_interval: Duration,
+    /// Leak reports (`RevokeLeakedToken`) allowed per client address per
+    /// minute.
+    pub leak_reports_per_minute: u32,
 }
 
 impl Config {
@@ -49,6 +52,7 @@ impl Config {
             identity: IdentitySettings::default(),
             drain_timeout: Duration::from_secs(30),
             health_interval: Duration::from_secs(2),
+            leak_reports_per_minute: 30,
         }
     }
 

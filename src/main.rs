@@ -49,8 +49,10 @@ struct Settings {
     #[arg(long, env = "IDENTITY_LISTEN_ADDR", default_value = Config::DEFAULT_LISTEN_ADDR, global = true)]
     listen_addr: SocketAddr,
     /// Database URL: postgres://user:password@host/db or sqlite:path.
+    // Checked in `validate`, not by clap, whose errors would echo the value
+    // (and its password).
     #[arg(long, env = "DATABASE_URL", default_value = Config::DEFAULT_DATABASE_URL,
-          value_parser = config::parse_database_url, global = true, hide_env_values = true)]
+          global = true, hide_env_values = true)]
     database_url: String,
     /// Apply pending migrations at start-up.
     #[arg(long, env = "IDENTITY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set, global = true)]
@@ -72,6 +74,23 @@ struct Settings {
     #[arg(long, env = "IDENTITY_PASSWORD_MIN_CHARS", default_value_t = 15,
           value_parser = clap::value_parser!(u16).range(8..=256), global = true)]
     password_min_chars: u16,
+    /// Lifetime of a new token whose request names no expiry (e.g. 90d).
+    #[arg(long, env = "IDENTITY_TOKEN_DEFAULT_TTL", default_value = "90d", value_parser = config::parse_duration, global = true)]
+    token_default_ttl: Duration,
+    /// Longest lifetime a new token may have (e.g. 365d).
+    #[arg(long, env = "IDENTITY_TOKEN_MAX_TTL", default_value = "365d", value_parser = config::parse_duration, global = true)]
+    token_max_ttl: Duration,
+    /// Allow robot accounts tokens that never expire (CreateToken never_expires).
+    #[arg(long, env = "IDENTITY_ALLOW_NON_EXPIRING_ROBOT_TOKENS", default_value_t = false,
+          action = clap::ArgAction::Set, global = true)]
+    allow_non_expiring_robot_tokens: bool,
+    /// How long a rotated token keeps working after RotateToken (e.g. 5m).
+    #[arg(long, env = "IDENTITY_ROTATION_GRACE", default_value = "0s", value_parser = config::parse_duration, global = true)]
+    rotation_grace: Duration,
+    /// Leak reports (RevokeLeakedToken) allowed per client address per minute.
+    #[arg(long, env = "IDENTITY_LEAK_REPORTS_PER_MINUTE", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..=100_000), global = true)]
+    leak_reports_per_minute: u32,
     /// How long shutdown waits for in-flight calls (e.g. 30s).
     #[arg(long, env = "IDENTITY_DRAIN_TIMEOUT", default_value = "30s", value_parser = config::parse_duration, global = true)]
     drain_timeout: Duration,
@@ -98,9 +117,32 @@ impl Settings {
                 min_chars: usize::from(self.password_min_chars),
                 ..PasswordPolicy::default()
             },
+            token_default_ttl: self.token_default_ttl,
+            token_max_ttl: self.token_max_ttl,
+            allow_non_expiring_robot_tokens: self.allow_non_expiring_robot_tokens,
+            rotation_grace: self.rotation_grace,
         };
         config.drain_timeout = self.drain_timeout;
+        config.leak_reports_per_minute = self.leak_reports_per_minute;
         config
+    }
+
+    /// Cross-setting checks that flags alone cannot express.
+    fn validate(&self) -> Result<(), String> {
+        config::parse_database_url(&self.database_url)
+            .map_err(|why| format!("DATABASE_URL (--database-url): {why}"))?;
+        if self.token_default_ttl > self.token_max_ttl {
+            return Err(
+                "IDENTITY_TOKEN_DEFAULT_TTL (--token-default-ttl) must not exceed IDENTITY_TOKEN_MAX_TTL (--token-max-ttl)".into(),
+            );
+        }
+        if self.token_default_ttl.is_zero() {
+            return Err("IDENTITY_TOKEN_DEFAULT_TTL (--token-default-ttl) must be positive".into());
+        }
+        if self.session_ttl.is_zero() {
+            return Err("IDENTITY_SESSION_TTL (--session-ttl) must be positive".into());
+        }
+        Ok(())
     }
 }
 
@@ -128,6 +170,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(message) = cli.settings.validate() {
+        eprintln!("error: {message}");
+        return ExitCode::FAILURE;
+    }
     let config = cli.settings.into_config();
     let result = runtime.block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {

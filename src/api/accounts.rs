@@ -40,14 +40,13 @@ impl AccountsService for AccountsApi {
         &self,
         request: Request<pb::CreateAccountRequest>,
     ) -> Result<Response<pb::CreateAccountResponse>, Status> {
-        let caller = auth::caller(&self.identity, request.metadata()).await?;
+        let (caller, origin) = auth::caller(&self.identity, &request).await?;
         // The rule does not depend on the request: refuse before parsing.
         policy::authorize(&caller, Action::CreateAccount).map_err(to_status)?;
-        let req = request.into_inner();
-        let new = parse_new_account(req, &self.identity).map_err(to_status)?;
+        let new = parse_new_account(request.into_inner(), &self.identity).map_err(to_status)?;
         let account = self
             .identity
-            .create_account(&caller, new)
+            .create_account(&caller, &origin, new)
             .await
             .map_err(to_status)?;
         tracing::info!(account_id = account.id.as_str(), "account created");
@@ -61,7 +60,7 @@ impl AccountsService for AccountsApi {
         &self,
         request: Request<pb::GetAccountRequest>,
     ) -> Result<Response<pb::GetAccountResponse>, Status> {
-        let caller = auth::caller(&self.identity, request.metadata()).await?;
+        let (caller, _) = auth::caller(&self.identity, &request).await?;
         let lookup = match request.into_inner().lookup {
             Some(Lookup::AccountId(id)) => {
                 AccountId::parse("account_id", &id).map(AccountLookup::Id)
@@ -87,7 +86,7 @@ impl AccountsService for AccountsApi {
         &self,
         request: Request<pb::ListAccountsRequest>,
     ) -> Result<Response<pb::ListAccountsResponse>, Status> {
-        let caller = auth::caller(&self.identity, request.metadata()).await?;
+        let (caller, _) = auth::caller(&self.identity, &request).await?;
         policy::authorize(&caller, Action::ListAccounts).map_err(to_status)?;
         let req = request.into_inner();
         let page = PageRequest::parse(ACCOUNTS_LISTING, req.page_size, &req.page_token)
@@ -115,6 +114,7 @@ impl AccountsService for AccountsApi {
         {
             return Err(to_status(DomainError::SessionRequired));
         }
+        let origin = auth::origin(&request);
         let req = request.into_inner();
         let policy = &self.identity.settings().password_policy;
         let mut violations = Violations::new();
@@ -127,7 +127,7 @@ impl AccountsService for AccountsApi {
         let password = violations.complete(password).map_err(to_status)?;
         let signed_in = self
             .identity
-            .sign_in(&req.username, password)
+            .sign_in(&origin, &req.username, password)
             .await
             .map_err(to_status)?;
         tracing::info!(
@@ -148,9 +148,117 @@ impl AccountsService for AccountsApi {
         &self,
         request: Request<pb::SignOutRequest>,
     ) -> Result<Response<pb::SignOutResponse>, Status> {
-        let caller = auth::caller(&self.identity, request.metadata()).await?;
-        self.identity.sign_out(&caller).await.map_err(to_status)?;
+        let (caller, origin) = auth::caller(&self.identity, &request).await?;
+        self.identity
+            .sign_out(&caller, &origin)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(pb::SignOutResponse {}))
+    }
+
+    #[tracing::instrument(name = "ChangePassword", skip_all, fields(caller))]
+    async fn change_password(
+        &self,
+        request: Request<pb::ChangePasswordRequest>,
+    ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
+        let (caller, origin) = auth::caller(&self.identity, &request).await?;
+        policy::authorize(&caller, Action::ChangePassword).map_err(to_status)?;
+        let req = request.into_inner();
+        let policy = &self.identity.settings().password_policy;
+        let mut violations = Violations::new();
+        let current = violations.check(Password::offered(
+            "current_password",
+            req.current_password,
+            policy,
+        ));
+        let new = violations.check(Password::new_checked(
+            "new_password",
+            req.new_password,
+            policy,
+            caller.account.username.as_str(),
+        ));
+        let (current, new) = violations.complete(current.zip(new)).map_err(to_status)?;
+        let ended_sessions = self
+            .identity
+            .change_password(&caller, &origin, current, new)
+            .await
+            .map_err(to_status)?;
+        tracing::info!(ended_sessions, "password changed");
+        Ok(Response::new(pb::ChangePasswordResponse {
+            ended_sessions: i64::try_from(ended_sessions).unwrap_or(i64::MAX),
+        }))
+    }
+
+    #[tracing::instrument(name = "SignOutEverywhere", skip_all, fields(caller))]
+    async fn sign_out_everywhere(
+        &self,
+        request: Request<pb::SignOutEverywhereRequest>,
+    ) -> Result<Response<pb::SignOutEverywhereResponse>, Status> {
+        let (caller, origin) = auth::caller(&self.identity, &request).await?;
+        let id =
+            AccountId::parse("account_id", &request.get_ref().account_id).map_err(to_status)?;
+        let ended_sessions = self
+            .identity
+            .sign_out_everywhere(&caller, &origin, &id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SignOutEverywhereResponse {
+            ended_sessions: i64::try_from(ended_sessions).unwrap_or(i64::MAX),
+        }))
+    }
+
+    #[tracing::instrument(name = "DisableAccount", skip_all, fields(caller))]
+    async fn disable_account(
+        &self,
+        request: Request<pb::DisableAccountRequest>,
+    ) -> Result<Response<pb::DisableAccountResponse>, Status> {
+        let (caller, origin) = auth::caller(&self.identity, &request).await?;
+        let id =
+            AccountId::parse("account_id", &request.get_ref().account_id).map_err(to_status)?;
+        let account = self
+            .identity
+            .set_account_disabled(&caller, &origin, &id, true)
+            .await
+            .map_err(to_status)?;
+        tracing::info!(account_id = account.id.as_str(), "account disabled");
+        Ok(Response::new(pb::DisableAccountResponse {
+            account: Some(convert::account(account)),
+        }))
+    }
+
+    #[tracing::instrument(name = "EnableAccount", skip_all, fields(caller))]
+    async fn enable_account(
+        &self,
+        request: Request<pb::EnableAccountRequest>,
+    ) -> Result<Response<pb::EnableAccountResponse>, Status> {
+        let (caller, origin) = auth::caller(&self.identity, &request).await?;
+        let id =
+            AccountId::parse("account_id", &request.get_ref().account_id).map_err(to_status)?;
+        let account = self
+            .identity
+            .set_account_disabled(&caller, &origin, &id, false)
+            .await
+            .map_err(to_status)?;
+        tracing::info!(account_id = account.id.as_str(), "account enabled");
+        Ok(Response::new(pb::EnableAccountResponse {
+            account: Some(convert::account(account)),
+        }))
+    }
+
+    #[tracing::instrument(name = "DeleteAccount", skip_all, fields(caller))]
+    async fn delete_account(
+        &self,
+        request: Request<pb::DeleteAccountRequest>,
+    ) -> Result<Response<pb::DeleteAccountResponse>, Status> {
+        let (caller, origin) = auth::caller(&self.identity, &request).await?;
+        let id =
+            AccountId::parse("account_id", &request.get_ref().account_id).map_err(to_status)?;
+        self.identity
+            .delete_account(&caller, &origin, &id)
+            .await
+            .map_err(to_status)?;
+        tracing::info!(account_id = id.as_str(), "account deleted");
+        Ok(Response::new(pb::DeleteAccountResponse {}))
     }
 }
 
@@ -178,6 +286,7 @@ fn parse_new_account(
             "password",
             req.password,
             &identity.settings().password_policy,
+            &req.username,
         )),
     };
     violations.complete((|| {

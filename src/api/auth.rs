@@ -7,6 +7,8 @@
 
 use tonic::metadata::MetadataMap;
 
+use crate::domain::{Identity, audit::Origin, policy::Principal};
+
 /// What the `authorization` metadata holds.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Presented<'a> {
@@ -52,15 +54,27 @@ impl<'a> Presented<'a> {
     }
 }
 
-/// Authenticates the caller of a request from its metadata.
-pub async fn caller(
-    identity: &crate::domain::Identity,
-    metadata: &MetadataMap,
-) -> Result<crate::domain::policy::Principal, tonic::Status> {
+/// Where a request came from: its peer address, for the audit log.
+pub fn origin<T>(request: &tonic::Request<T>) -> Origin {
+    Origin::new(
+        request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+/// Authenticates the caller of a request from its metadata: the principal,
+/// and where the request came from.
+pub async fn caller<T>(
+    identity: &Identity,
+    request: &tonic::Request<T>,
+) -> Result<(Principal, Origin), tonic::Status> {
+    let origin = origin(request);
     let principal = identity
-        .authenticate(presented(metadata).credential())
+        .authenticate(presented(request.metadata()).credential(), &origin)
         .await
         .map_err(super::status::to_status)?;
     tracing::Span::current().record("caller", principal.account.id.as_str());
-    Ok(principal)
+    Ok((principal, origin))
 }

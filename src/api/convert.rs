@@ -6,7 +6,9 @@ use super::pb;
 use crate::domain::{
     DomainError,
     account::{Account, AccountKind, Role},
+    audit::{AuditEvent, EventType, Outcome},
     credential::CredentialKind,
+    error::Violations,
     policy::Principal,
     service::InactiveReason,
     time::Timestamp,
@@ -39,6 +41,8 @@ pub(super) fn account(a: Account) -> pb::Account {
         kind: account_kind(a.kind) as i32,
         role: role(a.role) as i32,
         create_time: Some(timestamp(a.create_time)),
+        disabled: a.disable_time.is_some(),
+        disable_time: a.disable_time.map(timestamp),
     }
 }
 
@@ -83,6 +87,7 @@ pub(super) fn token(t: Token, now: Timestamp) -> pb::Token {
         TokenState::Active => pb::TokenState::Active,
         TokenState::Expired => pb::TokenState::Expired,
         TokenState::Revoked => pb::TokenState::Revoked,
+        TokenState::Exhausted => pb::TokenState::Exhausted,
     };
     pb::Token {
         token_id: t.id.as_str().to_owned(),
@@ -93,7 +98,106 @@ pub(super) fn token(t: Token, now: Timestamp) -> pb::Token {
         expire_time: t.expire_time.map(timestamp),
         revoke_time: t.revoke_time.map(timestamp),
         state: state as i32,
+        max_uses: t.max_uses,
+        uses_remaining: t.uses_remaining,
+        last_used_time: t.last_used_time.map(timestamp),
+        last_used_address: t.last_used_address,
+        family_id: t.family_id.as_str().to_owned(),
+        replaced_by_token_id: t
+            .replaced_by
+            .map(|id| id.as_str().to_owned())
+            .unwrap_or_default(),
     }
+}
+
+/// Parses the `states` filter of `ListTokensRequest`.
+pub(super) fn parse_token_states(field: &str, raw: &[i32]) -> Result<Vec<TokenState>, DomainError> {
+    let mut violations = Violations::new();
+    let states = raw
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &value)| {
+            let state = match pb::TokenState::try_from(value) {
+                Ok(pb::TokenState::Active) => Ok(TokenState::Active),
+                Ok(pb::TokenState::Expired) => Ok(TokenState::Expired),
+                Ok(pb::TokenState::Revoked) => Ok(TokenState::Revoked),
+                Ok(pb::TokenState::Exhausted) => Ok(TokenState::Exhausted),
+                _ => Err(DomainError::invalid(
+                    format!("{field}[{i}]"),
+                    "is not a token state",
+                )),
+            };
+            violations.check(state)
+        })
+        .collect();
+    violations.complete(Some(states))
+}
+
+pub(super) fn audit_event(e: AuditEvent) -> pb::AuditEvent {
+    pb::AuditEvent {
+        event_id: e.id,
+        time: Some(timestamp(e.time)),
+        r#type: event_type(e.kind) as i32,
+        outcome: match e.outcome {
+            Outcome::Success => pb::AuditOutcome::Success,
+            Outcome::Failure => pb::AuditOutcome::Failure,
+        } as i32,
+        actor_account_id: e
+            .actor_account
+            .map(|id| id.as_str().to_owned())
+            .unwrap_or_default(),
+        actor_credential_id: e
+            .actor_credential
+            .map(|id| id.as_str().to_owned())
+            .unwrap_or_default(),
+        subject_account_id: e
+            .subject_account
+            .map(|id| id.as_str().to_owned())
+            .unwrap_or_default(),
+        subject_credential_id: e
+            .subject_credential
+            .map(|id| id.as_str().to_owned())
+            .unwrap_or_default(),
+        subject_username: e.subject_username,
+        source_address: e.source_address,
+    }
+}
+
+fn event_type(kind: EventType) -> pb::AuditEventType {
+    use pb::AuditEventType as P;
+    match kind {
+        EventType::AccountCreated => P::AccountCreated,
+        EventType::AccountDisabled => P::AccountDisabled,
+        EventType::AccountEnabled => P::AccountEnabled,
+        EventType::AccountDeleted => P::AccountDeleted,
+        EventType::SignIn => P::SignIn,
+        EventType::SignedOut => P::SignedOut,
+        EventType::SignedOutEverywhere => P::SignedOutEverywhere,
+        EventType::PasswordChanged => P::PasswordChanged,
+        EventType::TokenCreated => P::TokenCreated,
+        EventType::TokenRotated => P::TokenRotated,
+        EventType::TokenRevoked => P::TokenRevoked,
+        EventType::TokenLeaked => P::TokenLeaked,
+        EventType::TokenReuseDetected => P::TokenReuseDetected,
+    }
+}
+
+/// Parses the `types` filter of `ListAuditEventsRequest`.
+pub(super) fn parse_event_types(field: &str, raw: &[i32]) -> Result<Vec<EventType>, DomainError> {
+    let mut violations = Violations::new();
+    let types = raw
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &value)| {
+            let found = EventType::ALL
+                .into_iter()
+                .find(|&t| event_type(t) as i32 == value);
+            violations.check(found.ok_or_else(|| {
+                DomainError::invalid(format!("{field}[{i}]"), "is not an event type")
+            }))
+        })
+        .collect();
+    violations.complete(Some(types))
 }
 
 pub(super) fn principal(p: Principal) -> pb::Principal {
@@ -109,6 +213,7 @@ pub(super) fn principal(p: Principal) -> pb::Principal {
         token_id: p.credential_id.as_str().to_owned(),
         scopes: p.scopes.names().map(str::to_owned).collect(),
         expire_time: p.expire_time.map(timestamp),
+        uses_remaining: p.uses_remaining,
     }
 }
 
@@ -120,5 +225,6 @@ pub(super) fn inactive_reason(reason: InactiveReason) -> pb::InactiveReason {
         InactiveReason::Revoked => pb::InactiveReason::Revoked,
         InactiveReason::AccountDisabled => pb::InactiveReason::AccountDisabled,
         InactiveReason::InsufficientScope => pb::InactiveReason::InsufficientScope,
+        InactiveReason::Exhausted => pb::InactiveReason::Exhausted,
     }
 }

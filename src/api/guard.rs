@@ -13,6 +13,8 @@ use std::{
 
 use tower::{Layer, Service};
 
+use Access::{Anonymous, Authenticated};
+
 /// Who may reach a method at all; the handler then applies the domain's
 /// policy to the authenticated caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,40 +27,27 @@ pub enum Access {
 
 /// The methods this service exposes, and who may reach each.
 pub const RULES: &[(&str, Access)] = &[
+    ("/identity.v1.AccountsService/CreateAccount", Authenticated),
+    ("/identity.v1.AccountsService/GetAccount", Authenticated),
+    ("/identity.v1.AccountsService/ListAccounts", Authenticated),
+    ("/identity.v1.AccountsService/SignIn", Anonymous),
+    ("/identity.v1.AccountsService/SignOut", Authenticated),
+    ("/identity.v1.AccountsService/ChangePassword", Authenticated),
     (
-        "/identity.v1.AccountsService/CreateAccount",
-        Access::Authenticated,
+        "/identity.v1.AccountsService/SignOutEverywhere",
+        Authenticated,
     ),
-    (
-        "/identity.v1.AccountsService/GetAccount",
-        Access::Authenticated,
-    ),
-    (
-        "/identity.v1.AccountsService/ListAccounts",
-        Access::Authenticated,
-    ),
-    ("/identity.v1.AccountsService/SignIn", Access::Anonymous),
-    (
-        "/identity.v1.AccountsService/SignOut",
-        Access::Authenticated,
-    ),
-    (
-        "/identity.v1.TokensService/CreateToken",
-        Access::Authenticated,
-    ),
-    ("/identity.v1.TokensService/GetToken", Access::Authenticated),
-    (
-        "/identity.v1.TokensService/ListTokens",
-        Access::Authenticated,
-    ),
-    (
-        "/identity.v1.TokensService/RevokeToken",
-        Access::Authenticated,
-    ),
-    (
-        "/identity.v1.TokensService/VerifyToken",
-        Access::Authenticated,
-    ),
+    ("/identity.v1.AccountsService/DisableAccount", Authenticated),
+    ("/identity.v1.AccountsService/EnableAccount", Authenticated),
+    ("/identity.v1.AccountsService/DeleteAccount", Authenticated),
+    ("/identity.v1.AuditService/ListAuditEvents", Authenticated),
+    ("/identity.v1.TokensService/CreateToken", Authenticated),
+    ("/identity.v1.TokensService/GetToken", Authenticated),
+    ("/identity.v1.TokensService/ListTokens", Authenticated),
+    ("/identity.v1.TokensService/RevokeToken", Authenticated),
+    ("/identity.v1.TokensService/VerifyToken", Authenticated),
+    ("/identity.v1.TokensService/RotateToken", Authenticated),
+    ("/identity.v1.TokensService/RevokeLeakedToken", Anonymous),
 ];
 
 /// The rule for a request path, if it is one of ours.
@@ -109,7 +98,9 @@ where
         let path = request.uri().path();
         if is_ours(path) && rule(path).is_none() {
             tracing::warn!(path, "refused a method that has no authorization rule");
-            let status = tonic::Status::permission_denied("this method has no authorization rule");
+            let status = super::status::to_status(crate::domain::DomainError::NotAllowed(
+                "this method has no authorization rule",
+            ));
             return GuardFuture::Refused {
                 response: Some(status.into_http()),
             };
@@ -145,6 +136,75 @@ where
                 None => panic!("GuardFuture polled after completion"),
             },
             GuardProjection::Forwarded { inner } => inner.poll(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use tower::{ServiceExt as _, service_fn};
+
+    use super::*;
+
+    /// Marks a response that came from the inner service.
+    const REACHED: &str = "x-reached-inner";
+
+    /// Sends a request for `path` through the guard, in front of a service
+    /// that answers every call with an empty response marked [`REACHED`].
+    async fn send(path: &str) -> http::Response<tonic::body::Body> {
+        let inner = service_fn(|_: http::Request<()>| async {
+            let mut response = http::Response::new(tonic::body::Body::default());
+            response
+                .headers_mut()
+                .insert(REACHED, http::HeaderValue::from_static("yes"));
+            Ok::<_, Infallible>(response)
+        });
+        let request = http::Request::post(path).body(()).expect("a valid request");
+        DefaultDenyLayer
+            .layer(inner)
+            .oneshot(request)
+            .await
+            .expect("infallible")
+    }
+
+    #[tokio::test]
+    async fn unlisted_identity_methods_are_refused_before_the_handler() {
+        for path in [
+            "/identity.v1.X/Y",
+            "/identity.v1.AccountsService/DeleteEverything",
+            "/identity.v2.AccountsService/GetAccount",
+        ] {
+            let response = send(path).await;
+            assert_eq!(
+                response.headers().get("grpc-status").map(|v| v.as_bytes()),
+                Some(&b"7"[..]),
+                "{path} must be PERMISSION_DENIED"
+            );
+            assert!(
+                response.headers().get(REACHED).is_none(),
+                "{path} reached the handler"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn listed_methods_and_other_services_pass_through() {
+        let listed = RULES.iter().map(|&(path, _)| path);
+        for path in listed.chain([
+            "/grpc.health.v1.Health/Check",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        ]) {
+            let response = send(path).await;
+            assert!(
+                response.headers().get(REACHED).is_some(),
+                "{path} did not reach the inner service"
+            );
+            assert!(
+                response.headers().get("grpc-status").is_none(),
+                "{path} was answered by the guard"
+            );
         }
     }
 }

@@ -4,9 +4,11 @@
 //! prost; it holds no business rule of its own.
 
 pub mod accounts;
+pub mod audit;
 pub mod auth;
 mod convert;
 pub mod guard;
+pub mod ratelimit;
 mod redact;
 pub mod status;
 pub mod tokens;

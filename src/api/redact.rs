@@ -58,6 +58,36 @@ impl fmt::Debug for pb::VerifyTokenRequest {
     }
 }
 
+impl fmt::Debug for pb::ChangePasswordRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChangePasswordRequest")
+            .field("current_password", &REDACTED)
+            .field("new_password", &REDACTED)
+            .finish()
+    }
+}
+
+impl fmt::Debug for pb::RotateTokenResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RotateTokenResponse")
+            .field("token", &self.token)
+            .field("secret", &REDACTED)
+            .field("previous", &self.previous)
+            .finish()
+    }
+}
+
+impl fmt::Debug for pb::RevokeLeakedTokenRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RevokeLeakedTokenRequest")
+            .field(
+                "secrets",
+                &format_args!("[{} redacted]", self.secrets.len()),
+            )
+            .finish()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

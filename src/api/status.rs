@@ -24,6 +24,12 @@ pub fn to_status(err: DomainError) -> Status {
                 details.add_bad_request_violation(v.field.clone(), v.description.clone());
             }
         }
+        DomainError::TokenLifetime(v) => {
+            details.add_bad_request_violation(v.field.clone(), v.description.clone());
+        }
+        DomainError::RateLimited(retry_after) => {
+            details.set_retry_info(Some(*retry_after));
+        }
         DomainError::ScopeMissing(scope) => {
             metadata.insert("required_scope".to_owned(), (*scope).to_owned());
         }
@@ -56,6 +62,14 @@ fn classify(err: &DomainError) -> (Code, ErrorReason) {
         DomainError::TokenNotFound => (Code::NotFound, ErrorReason::TokenNotFound),
         DomainError::UsernameTaken => (Code::AlreadyExists, ErrorReason::UsernameTaken),
         DomainError::TokenNameTaken => (Code::AlreadyExists, ErrorReason::TokenNameTaken),
+        DomainError::RateLimited(_) => (Code::ResourceExhausted, ErrorReason::RateLimited),
+        DomainError::CredentialReused => (Code::Unauthenticated, ErrorReason::CredentialReused),
+        DomainError::TokenAlreadyRotated => {
+            (Code::FailedPrecondition, ErrorReason::TokenAlreadyRotated)
+        }
+        DomainError::TokenInactive(_) => (Code::FailedPrecondition, ErrorReason::TokenInactive),
+        DomainError::SelfLockout => (Code::FailedPrecondition, ErrorReason::SelfLockout),
+        DomainError::TokenLifetime(_) => (Code::InvalidArgument, ErrorReason::TokenLifetime),
         DomainError::Unavailable(_) => (Code::Unavailable, ErrorReason::StoreUnavailable),
         DomainError::Internal(_) => (Code::Internal, ErrorReason::Internal),
     }

@@ -1,34 +1,45 @@
 //! `identity.v1.TokensService`: decodes requests, authenticates the caller,
 //! calls the domain, encodes responses.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 use super::{
     auth, convert,
     pb::{self, tokens_service_server::TokensService},
+    ratelimit::RateLimiter,
     status::to_status,
 };
-use crate::domain::{
-    Identity,
-    account::AccountId,
-    error::Violations,
-    page::{PageRequest, tokens_listing},
-    scope::Scopes,
-    service::{TokenRequest, Verdict},
-    time::Timestamp,
-    token::{TokenId, TokenName},
+use crate::{
+    domain::{
+        DomainError, Identity,
+        account::AccountId,
+        error::Violations,
+        page::{PageRequest, tokens_listing},
+        scope::Scopes,
+        service::{TokenRequest, Verdict},
+        time::Timestamp,
+        token::{TokenId, TokenName},
+    },
+    storage::TokenFilter,
 };
 
 /// The tokens service over the domain's use cases.
 #[derive(Clone)]
 pub struct TokensApi {
     identity: Identity,
+    leak_reports: Arc<RateLimiter>,
 }
 
 impl TokensApi {
-    /// Serves `identity`'s token use cases.
-    pub fn new(identity: Identity) -> Self {
-        Self { identity }
+    /// Serves `identity`'s token use cases, allowing each client address
+    /// `leak_reports_per_minute` leak reports a minute.
+    pub fn new(identity: Identity, leak_reports_per_minute: u32) -> Self {
+        Self {
+            identity,
+            leak_reports: Arc::new(RateLimiter::new(leak_reports_per_minute)),
+        }
     }
 }
 
@@ -39,7 +50,7 @@ impl TokensService for TokensApi {
         &self,
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let caller = auth::caller(&self.identity, request.metadata()).await?;
+        let (caller, origin) = auth::caller(&self.identity, &request).await?;
         let req = request.into_inner();
         let mut violations = Violations::new();
         let account_id = violations.check(AccountId::parse("account_id", &req.account_id));
@@ -54,12 +65,14 @@ impl TokensService for TokensApi {
                     name: name?,
                     scopes: scopes?,
                     expire_time: expire_time?,
+                    never_expires: req.never_expires,
+                    max_uses: req.max_uses,
                 })
             })())
             .map_err(to_status)?;
         let issued = self
             .identity
-            .create_token(&caller, request)
+            .create_token(&caller, &origin, request)
             .await
             .map_err(to_status)?;
         tracing::info!(token_id = issued.token.id.as_str(), "token created");
@@ -74,7 +87,7 @@ impl TokensService for TokensApi {
         &self,
         request: Request<pb::GetTokenRequest>,
     ) -> Result<Response<pb::GetTokenResponse>, Status> {
-        let caller = auth::caller(&self.identity, request.metadata()).await?;
+        let (caller, _) = auth::caller(&self.identity, &request).await?;
         let id = TokenId::parse("token_id", &request.get_ref().token_id).map_err(to_status)?;
         let token = self
             .identity
@@ -91,17 +104,36 @@ impl TokensService for TokensApi {
         &self,
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        let caller = auth::caller(&self.identity, request.metadata()).await?;
+        let (caller, _) = auth::caller(&self.identity, &request).await?;
         let req = request.into_inner();
-        let account = AccountId::parse("account_id", &req.account_id).map_err(to_status)?;
+        let now = Timestamp::now();
+        let mut violations = Violations::new();
+        let account = violations.check(AccountId::parse("account_id", &req.account_id));
+        let states = violations.check(convert::parse_token_states("states", &req.states));
+        let expire_before =
+            violations.check(convert::parse_timestamp("expire_before", req.expire_before));
+        let last_used_before = violations.check(convert::parse_timestamp(
+            "last_used_before",
+            req.last_used_before,
+        ));
+        let (account, filter) = violations
+            .complete((|| {
+                let filter = TokenFilter {
+                    now,
+                    states: states?,
+                    expire_before: expire_before?,
+                    last_used_before: last_used_before?,
+                };
+                Some((account?, filter))
+            })())
+            .map_err(to_status)?;
         let page = PageRequest::parse(&tokens_listing(&account), req.page_size, &req.page_token)
             .map_err(to_status)?;
         let (tokens, next_page_token) = self
             .identity
-            .list_tokens(&caller, &account, page)
+            .list_tokens(&caller, &account, filter, page)
             .await
             .map_err(to_status)?;
-        let now = Timestamp::now();
         Ok(Response::new(pb::ListTokensResponse {
             tokens: tokens.into_iter().map(|t| convert::token(t, now)).collect(),
             next_page_token,
@@ -113,11 +145,11 @@ impl TokensService for TokensApi {
         &self,
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        let caller = auth::caller(&self.identity, request.metadata()).await?;
+        let (caller, origin) = auth::caller(&self.identity, &request).await?;
         let id = TokenId::parse("token_id", &request.get_ref().token_id).map_err(to_status)?;
         let token = self
             .identity
-            .revoke_token(&caller, &id)
+            .revoke_token(&caller, &origin, &id)
             .await
             .map_err(to_status)?;
         tracing::info!(token_id = token.id.as_str(), "token revoked");
@@ -131,11 +163,16 @@ impl TokensService for TokensApi {
         &self,
         request: Request<pb::VerifyTokenRequest>,
     ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
-        let caller = auth::caller(&self.identity, request.metadata()).await?;
+        let (caller, _) = auth::caller(&self.identity, &request).await?;
         let req = request.into_inner();
         let verdict = self
             .identity
-            .verify(&caller, &req.token, &req.required_scopes)
+            .verify(
+                &caller,
+                &req.token,
+                &req.required_scopes,
+                &req.client_address,
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(match verdict {
@@ -150,5 +187,51 @@ impl TokensService for TokensApi {
                 principal: None,
             },
         }))
+    }
+
+    #[tracing::instrument(name = "RotateToken", skip_all, fields(caller))]
+    async fn rotate_token(
+        &self,
+        request: Request<pb::RotateTokenRequest>,
+    ) -> Result<Response<pb::RotateTokenResponse>, Status> {
+        let origin = auth::origin(&request);
+        // The domain authenticates the call itself: presenting an
+        // already-rotated token here must trigger reuse detection, not a
+        // plain authentication failure.
+        let presented = auth::presented(request.metadata()).credential();
+        let id = TokenId::parse("token_id", &request.get_ref().token_id).map_err(to_status)?;
+        let rotated = self
+            .identity
+            .rotate_token(presented, &origin, &id)
+            .await
+            .map_err(to_status)?;
+        tracing::info!(
+            token_id = rotated.issued.token.id.as_str(),
+            previous = rotated.previous.id.as_str(),
+            "token rotated"
+        );
+        let now = Timestamp::now();
+        Ok(Response::new(pb::RotateTokenResponse {
+            secret: rotated.issued.secret.expose().to_owned(),
+            token: Some(convert::token(rotated.issued.token, now)),
+            previous: Some(convert::token(rotated.previous, now)),
+        }))
+    }
+
+    #[tracing::instrument(name = "RevokeLeakedToken", skip_all)]
+    async fn revoke_leaked_token(
+        &self,
+        request: Request<pb::RevokeLeakedTokenRequest>,
+    ) -> Result<Response<pb::RevokeLeakedTokenResponse>, Status> {
+        let origin = auth::origin(&request);
+        self.leak_reports
+            .check(request.remote_addr().map(|a| a.ip()))
+            .map_err(|wait| to_status(DomainError::RateLimited(wait)))?;
+        let secrets = request.into_inner().secrets;
+        self.identity
+            .revoke_leaked(&origin, &secrets)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RevokeLeakedTokenResponse {}))
     }
 }

@@ -45,6 +45,27 @@ pub enum DomainError {
     /// The account already has a live token with this name.
     #[error("the account already has a live token with this name")]
     TokenNameTaken,
+    /// Too many requests from this source; retry after the given delay.
+    #[error("too many requests; retry in {} s", .0.as_secs().max(1))]
+    RateLimited(std::time::Duration),
+    /// An already-rotated token was presented to rotate again: its family is
+    /// now revoked.
+    #[error(
+        "this token was already rotated; presenting it again revoked every token of its family"
+    )]
+    CredentialReused,
+    /// The token was already rotated.
+    #[error("the token was already rotated; rotate its successor")]
+    TokenAlreadyRotated,
+    /// The token cannot be rotated in its state.
+    #[error("the token cannot be rotated: it is {0}")]
+    TokenInactive(&'static str),
+    /// An operator tried to disable or delete their own account.
+    #[error("operators cannot disable or delete their own account")]
+    SelfLockout,
+    /// The token's lifetime breaks the server's policy.
+    #[error("token lifetime: {}: {}", .0.field, .0.description)]
+    TokenLifetime(FieldViolation),
     /// The database cannot be reached right now.
     #[error("the store is unavailable")]
     Unavailable(#[source] StorageError),

@@ -6,6 +6,7 @@
 //! [`DomainError`], which the wire layer maps to gRPC status codes in one place.
 
 pub mod account;
+pub mod audit;
 pub mod credential;
 pub mod error;
 pub mod page;

@@ -43,12 +43,31 @@ impl Default for PasswordPolicy {
     }
 }
 
+/// The most common passwords (lowercase), refused whatever their length:
+/// attackers try them first.
+const COMMON_PASSWORDS: &str = include_str!("common_passwords.txt");
+
+fn is_common(password: &str) -> bool {
+    static SET: std::sync::OnceLock<std::collections::HashSet<&'static str>> =
+        std::sync::OnceLock::new();
+    SET.get_or_init(|| {
+        COMMON_PASSWORDS
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect()
+    })
+    .contains(password.to_lowercase().as_str())
+}
+
 impl Password {
-    /// A new password, checked against `policy`.
+    /// A new password, checked against `policy`, the list of common
+    /// passwords, and the account's `username` (which it may not equal).
     pub fn new_checked(
         field: &str,
         raw: String,
         policy: &PasswordPolicy,
+        username: &str,
     ) -> Result<Self, DomainError> {
         let chars = raw.chars().count();
         if chars < policy.min_chars {
@@ -62,6 +81,15 @@ impl Password {
                 field,
                 format!("must be at most {} characters", policy.max_chars),
             ));
+        }
+        if is_common(&raw) {
+            return Err(DomainError::invalid(
+                field,
+                "is one of the most common passwords; choose another",
+            ));
+        }
+        if !username.is_empty() && raw.eq_ignore_ascii_case(username) {
+            return Err(DomainError::invalid(field, "must not be the username"));
         }
         Ok(Self(raw))
     }
@@ -217,9 +245,42 @@ mod tests {
     fn length_counts_code_points_not_bytes() {
         let policy = PasswordPolicy::default();
         // 15 two-byte characters: 30 bytes but 15 characters.
-        assert!(Password::new_checked("password", "é".repeat(15), &policy).is_ok());
-        assert!(Password::new_checked("password", "é".repeat(14), &policy).is_err());
-        assert!(Password::new_checked("password", "x".repeat(257), &policy).is_err());
+        assert!(Password::new_checked("password", "é".repeat(15), &policy, "").is_ok());
+        assert!(Password::new_checked("password", "é".repeat(14), &policy, "").is_err());
+        assert!(Password::new_checked("password", "x".repeat(257), &policy, "").is_err());
+    }
+
+    #[test]
+    fn common_passwords_and_the_username_are_refused() {
+        let policy = PasswordPolicy {
+            min_chars: 8,
+            max_chars: 256,
+        };
+        for common in [
+            "password",
+            "Password",
+            "PASSWORD1",
+            "qwertyuiop",
+            "passwordpassword",
+        ] {
+            assert!(
+                Password::new_checked("password", common.into(), &policy, "").is_err(),
+                "{common}"
+            );
+        }
+        assert!(
+            Password::new_checked("password", "Alice.Example".into(), &policy, "alice.example")
+                .is_err()
+        );
+        assert!(
+            Password::new_checked(
+                "password",
+                "a fine long passphrase".into(),
+                &policy,
+                "alice"
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -228,6 +289,7 @@ mod tests {
             "password",
             "correct horse battery".into(),
             &PasswordPolicy::default(),
+            "",
         )
         .expect("valid");
         assert!(!format!("{pw:?}").contains("horse"));

@@ -28,6 +28,10 @@ pub struct Principal {
     pub scopes: Scopes,
     /// When the credential expires, if ever.
     pub expire_time: Option<Timestamp>,
+    /// Uses left for a limited-use token (after this use, once admitted).
+    pub uses_remaining: Option<i64>,
+    /// When the token was last recorded as used, if ever (tokens only).
+    pub last_used_time: Option<Timestamp>,
 }
 
 impl Principal {
@@ -61,6 +65,18 @@ pub enum Action<'a> {
     RevokeToken(&'a AccountId),
     /// Introspect a credential.
     VerifyToken,
+    /// Rotate one of an account's tokens.
+    RotateToken(&'a AccountId),
+    /// Change the caller's own password.
+    ChangePassword,
+    /// End every session of an account.
+    SignOutEverywhere(&'a AccountId),
+    /// Disable or enable an account.
+    SuspendAccount(&'a AccountId),
+    /// Delete an account.
+    DeleteAccount(&'a AccountId),
+    /// Read audit events: of one account, or of all (`None`).
+    ReadAudit(Option<&'a AccountId>),
 }
 
 /// Decides whether `caller` may perform `action`: `Ok(())` or the refusal.
@@ -78,11 +94,8 @@ pub fn authorize(caller: &Principal, action: Action<'_>) -> Result<(), DomainErr
             require_scope(caller, scope::ACCOUNTS_READ)?;
             require_operator(caller)
         }
-        Action::SignOut => match caller.credential {
-            CredentialKind::Session => Ok(()),
-            CredentialKind::PersonalAccessToken => Err(DomainError::SessionRequired),
-        },
-        Action::CreateToken(target) | Action::RevokeToken(target) => {
+        Action::SignOut | Action::ChangePassword => require_session(caller),
+        Action::CreateToken(target) | Action::RevokeToken(target) | Action::RotateToken(target) => {
             require_scope(caller, scope::TOKENS_WRITE)?;
             require_owner(caller, target)
         }
@@ -91,6 +104,28 @@ pub fn authorize(caller: &Principal, action: Action<'_>) -> Result<(), DomainErr
             require_owner(caller, target)
         }
         Action::VerifyToken => require_scope(caller, scope::TOKENS_VERIFY),
+        // Ending one's own sessions or deleting one's own account is signing
+        // out: it takes a session. Doing it to another account is an
+        // operator's administrative act.
+        Action::SignOutEverywhere(target) | Action::DeleteAccount(target) => {
+            if &caller.account.id == target {
+                require_session(caller)
+            } else {
+                require_scope(caller, scope::ACCOUNTS_WRITE)?;
+                require_operator(caller)
+            }
+        }
+        Action::SuspendAccount(_) => {
+            require_scope(caller, scope::ACCOUNTS_WRITE)?;
+            require_operator(caller)
+        }
+        Action::ReadAudit(target) => {
+            require_scope(caller, scope::ACCOUNTS_READ)?;
+            match target {
+                Some(target) => require_owner(caller, target),
+                None => require_operator(caller),
+            }
+        }
     }
 }
 
@@ -123,6 +158,13 @@ fn require_scope(caller: &Principal, scope: &'static str) -> Result<(), DomainEr
         Ok(())
     } else {
         Err(DomainError::ScopeMissing(scope))
+    }
+}
+
+fn require_session(caller: &Principal) -> Result<(), DomainError> {
+    match caller.credential {
+        CredentialKind::Session => Ok(()),
+        CredentialKind::PersonalAccessToken => Err(DomainError::SessionRequired),
     }
 }
 

@@ -90,6 +90,8 @@ pub enum TokenState {
     Expired,
     /// Revoked.
     Revoked,
+    /// Every allowed use has been spent.
+    Exhausted,
 }
 
 /// A personal access token's metadata.
@@ -107,14 +109,31 @@ pub struct Token {
     pub create_time: Timestamp,
     /// When it stops working, if ever.
     pub expire_time: Option<Timestamp>,
-    /// When it was revoked, if it was.
+    /// When it was (or, during a rotation's grace period, will be) revoked.
     pub revoke_time: Option<Timestamp>,
+    /// Its use limit, if it has one.
+    pub max_uses: Option<i64>,
+    /// Uses left, if it has a limit.
+    pub uses_remaining: Option<i64>,
+    /// When it was last used successfully, if ever (recorded at most once a
+    /// minute).
+    pub last_used_time: Option<Timestamp>,
+    /// The client address of that use; empty if unknown.
+    pub last_used_address: String,
+    /// The first token of its rotation family (its own id if never rotated).
+    pub family_id: TokenId,
+    /// The token that replaced it by rotation, if any.
+    pub replaced_by: Option<TokenId>,
 }
 
 impl Token {
-    /// The token's state at `now`. Revocation wins over expiry.
+    /// The token's state at `now`. Revocation wins over expiry, expiry over
+    /// exhaustion.
     pub fn state(&self, now: Timestamp) -> TokenState {
-        state_at(now, self.expire_time, self.revoke_time)
+        match state_at(now, self.expire_time, self.revoke_time) {
+            TokenState::Active if self.uses_remaining == Some(0) => TokenState::Exhausted,
+            other => other,
+        }
     }
 }
 
@@ -149,8 +168,10 @@ impl Session {
     }
 }
 
+/// A revocation time in the future is a scheduled revocation (the grace
+/// period of a rotation): the credential is still active until then.
 fn state_at(now: Timestamp, expire: Option<Timestamp>, revoke: Option<Timestamp>) -> TokenState {
-    if revoke.is_some() {
+    if revoke.is_some_and(|r| r <= now) {
         TokenState::Revoked
     } else if expire.is_some_and(|e| e <= now) {
         TokenState::Expired
@@ -179,5 +200,10 @@ mod tests {
         assert_eq!(state_at(t(10), Some(t(10)), None), TokenState::Expired);
         assert_eq!(state_at(t(10), Some(t(11)), None), TokenState::Active);
         assert_eq!(state_at(t(10), None, None), TokenState::Active);
+        assert_eq!(
+            state_at(t(10), None, Some(t(11))),
+            TokenState::Active,
+            "scheduled revocation"
+        );
     }
 }

@@ -4,7 +4,7 @@
 //! production store) and [`sqlite::SqliteStore`] (the embedded default)
 //! implement it, with the queries written once in [`sql`] and each backend's
 //! differences (connection, migrations, error classification) kept in its own
-//! module. Both pass the same conformance suite (`tests/storage.rs`).
+//! module. Both pass the same conformance suite (`tests/integration/storage.rs`).
 //!
 //! Row types never leave this module: the trait speaks domain types. Database
 //! errors are translated here, where the SQL runs: a unique violation becomes
@@ -16,9 +16,11 @@ use async_trait::async_trait;
 
 use crate::domain::{
     account::{Account, AccountId},
+    audit::{AuditEvent, AuditFilter},
     credential::Digest,
+    password::PasswordHash,
     time::Timestamp,
-    token::{NewToken, Session, Token, TokenId},
+    token::{NewToken, Session, Token, TokenId, TokenState},
 };
 
 pub mod postgres;
@@ -67,10 +69,37 @@ pub enum Conflict {
 /// verification path in a single query.
 pub type WithAccount<T> = (T, Account);
 
+/// Which tokens [`Store::list_tokens`] returns.
+#[derive(Debug, Clone)]
+pub struct TokenFilter {
+    /// The instant states are judged at.
+    pub now: Timestamp,
+    /// Only tokens in these states; empty for all.
+    pub states: Vec<TokenState>,
+    /// Only tokens expiring before this instant.
+    pub expire_before: Option<Timestamp>,
+    /// Only tokens last used (or, never used, created) before this instant.
+    pub last_used_before: Option<Timestamp>,
+}
+
+impl TokenFilter {
+    /// Every token, judged at `now`.
+    pub fn all(now: Timestamp) -> Self {
+        Self {
+            now,
+            states: Vec::new(),
+            expire_before: None,
+            last_used_before: None,
+        }
+    }
+}
+
 /// The persistence port of the domain.
 ///
 /// Implementations must be safe to share between tasks and must keep every
-/// method atomic: a method either takes full effect or none.
+/// method atomic: a method either takes full effect or none. Methods that
+/// take an [`AuditEvent`] write it in the same transaction as the change, and
+/// only when the change happened.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Checks that the database answers.
@@ -78,7 +107,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Inserts a new account. [`Conflict::Username`] if the username key is
     /// taken.
-    async fn create_account(&self, account: &Account) -> Result<(), StorageError>;
+    async fn create_account(
+        &self,
+        account: &Account,
+        event: &AuditEvent,
+    ) -> Result<(), StorageError>;
 
     /// Reads an account by id.
     async fn account_by_id(&self, id: &AccountId) -> Result<Option<Account>, StorageError>;
@@ -96,8 +129,50 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Account>, StorageError>;
 
+    /// Disables an account at `at` (keeping an earlier disable time) or, with
+    /// `None`, enables it. Returns the account afterwards; `None` if there is
+    /// no such account. The event is written only if the state changed.
+    async fn set_account_disabled(
+        &self,
+        id: &AccountId,
+        at: Option<Timestamp>,
+        event: &AuditEvent,
+    ) -> Result<Option<Account>, StorageError>;
+
+    /// Deletes an account with its sessions and tokens. `false` if there was
+    /// no such account.
+    async fn delete_account(
+        &self,
+        id: &AccountId,
+        event: &AuditEvent,
+    ) -> Result<bool, StorageError>;
+
+    /// Replaces an account's password hash and ends every session of it
+    /// except `keep`. Returns how many sessions ended.
+    async fn set_password(
+        &self,
+        id: &AccountId,
+        hash: &PasswordHash,
+        keep: &TokenId,
+        at: Timestamp,
+        event: &AuditEvent,
+    ) -> Result<u64, StorageError>;
+
+    /// Ends every live session of an account. Returns how many ended.
+    async fn revoke_sessions(
+        &self,
+        account: &AccountId,
+        at: Timestamp,
+        event: &AuditEvent,
+    ) -> Result<u64, StorageError>;
+
     /// Inserts a new session with the digest of its token.
-    async fn create_session(&self, session: &Session, digest: &Digest) -> Result<(), StorageError>;
+    async fn create_session(
+        &self,
+        session: &Session,
+        digest: &Digest,
+        event: &AuditEvent,
+    ) -> Result<(), StorageError>;
 
     /// Reads a session and its account by the digest of its token.
     async fn session_by_digest(
@@ -106,12 +181,23 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Option<WithAccount<Session>>, StorageError>;
 
     /// Marks a session signed out at `at`, unless it already is.
-    async fn revoke_session(&self, id: &TokenId, at: Timestamp) -> Result<(), StorageError>;
+    async fn revoke_session(
+        &self,
+        id: &TokenId,
+        at: Timestamp,
+        event: &AuditEvent,
+    ) -> Result<(), StorageError>;
 
-    /// Inserts a new token. Expired tokens of the same account and name give
-    /// their name up first, in the same transaction, so a name is unique only
-    /// among live tokens. [`Conflict::TokenName`] if a live token has it.
-    async fn create_token(&self, token: &NewToken, now: Timestamp) -> Result<(), StorageError>;
+    /// Inserts a new token. Expired and exhausted tokens of the same account
+    /// and name give their name up first, in the same transaction, so a name
+    /// is unique only among live tokens. [`Conflict::TokenName`] if a live
+    /// token has it.
+    async fn create_token(
+        &self,
+        token: &NewToken,
+        now: Timestamp,
+        event: &AuditEvent,
+    ) -> Result<(), StorageError>;
 
     /// Reads a token by id.
     async fn token_by_id(&self, id: &TokenId) -> Result<Option<Token>, StorageError>;
@@ -122,21 +208,86 @@ pub trait Store: Send + Sync + 'static {
         digest: &Digest,
     ) -> Result<Option<WithAccount<Token>>, StorageError>;
 
-    /// Lists an account's tokens in id order, starting after `after`.
+    /// Lists an account's tokens that pass `filter`, in id order, starting
+    /// after `after`.
     async fn list_tokens(
         &self,
         account: &AccountId,
+        filter: &TokenFilter,
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<Token>, StorageError>;
 
-    /// Marks a token revoked at `at` unless it already is, and returns it as
-    /// stored afterwards; `None` if there is no such token.
+    /// Revokes a token at `at` unless it already is (a scheduled revocation
+    /// later than `at` is brought forward), and returns it as stored
+    /// afterwards; `None` if there is no such token.
     async fn revoke_token(
         &self,
         id: &TokenId,
         at: Timestamp,
+        event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError>;
+
+    /// Replaces `old` by `new` (same family): marks `old` replaced, gives its
+    /// name to `new`, schedules its revocation at `revoke_old_at`, and inserts
+    /// `new`. Returns `old` as stored afterwards, or `None` (and changes
+    /// nothing) if `old` does not exist, was already replaced, or is revoked
+    /// at `now`.
+    async fn rotate_token(
+        &self,
+        old: &TokenId,
+        new: &NewToken,
+        revoke_old_at: Timestamp,
+        now: Timestamp,
+        event: &AuditEvent,
+    ) -> Result<Option<Token>, StorageError>;
+
+    /// Revokes every token of a rotation family that is not yet revoked at
+    /// `at`. Returns how many were.
+    async fn revoke_family(
+        &self,
+        family: &TokenId,
+        at: Timestamp,
+        event: &AuditEvent,
+    ) -> Result<u64, StorageError>;
+
+    /// Spends one use of a limited-use token, atomically. Returns the uses
+    /// left afterwards, or `None` if none were left (or the token has no
+    /// limit).
+    async fn consume_use(&self, id: &TokenId) -> Result<Option<i64>, StorageError>;
+
+    /// Records a successful use at `at` from `address`, unless one was
+    /// recorded after `unless_since`.
+    async fn record_use(
+        &self,
+        id: &TokenId,
+        at: Timestamp,
+        address: &str,
+        unless_since: Timestamp,
+    ) -> Result<(), StorageError>;
+
+    /// Revokes the live tokens and sessions with these digests at `at`, and
+    /// writes one copy of `template` (with its subject filled in) for each.
+    /// Returns how many were revoked.
+    async fn revoke_leaked(
+        &self,
+        tokens: &[Digest],
+        sessions: &[Digest],
+        at: Timestamp,
+        template: &AuditEvent,
+    ) -> Result<u64, StorageError>;
+
+    /// Appends an event that records no change (such as a failed sign-in).
+    async fn record_event(&self, event: &AuditEvent) -> Result<(), StorageError>;
+
+    /// Lists events that pass `filter`, newest first, starting before
+    /// `before`.
+    async fn list_events(
+        &self,
+        filter: &AuditFilter,
+        before: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StorageError>;
 }
 
 /// Opens the store a URL names (`postgres://…`, `postgresql://…` or

@@ -7,19 +7,28 @@ use std::str::FromStr as _;
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{Conflict, PoolOptions, StorageError, WithAccount, rows, sql};
+use super::{Conflict, PoolOptions, StorageError, TokenFilter, WithAccount, rows, sql};
 use crate::domain::{
     account::{Account, AccountId},
+    audit::{AuditEvent, AuditFilter},
     credential::Digest,
+    password::PasswordHash,
     time::Timestamp,
     token::{NewToken, Session, Token, TokenId},
 };
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../migrations/postgres/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../migrations/postgres/0001_initial.sql"),
+    ),
+    (
+        2,
+        "lifecycle",
+        include_str!("../../migrations/postgres/0002_lifecycle.sql"),
+    ),
+];
 
 /// A [`super::Store`] on PostgreSQL.
 #[derive(Debug, Clone)]
@@ -98,4 +107,4 @@ impl PgStore {
     }
 }
 
-sql::impl_store!(PgStore);
+sql::impl_store!(PgStore, sqlx::Postgres);

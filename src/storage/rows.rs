@@ -6,10 +6,11 @@ use sqlx::Row;
 use super::StorageError;
 use crate::domain::{
     account::{Account, AccountId, AccountKind, Email, Role, Username},
+    audit::{AuditEvent, EventType, Outcome},
     password::PasswordHash,
     scope::Scopes,
     time::Timestamp,
-    token::{Session, Token, TokenId, TokenName},
+    token::{Session, Token, TokenId, TokenName, TokenState},
 };
 
 /// Typed column access with errors already translated; implemented for both
@@ -77,7 +78,58 @@ pub(super) fn token<R: SqlRow>(row: &R) -> Result<Token, StorageError> {
         create_time: Timestamp::from_micros(row.int("create_time")?),
         expire_time: row.opt_int("expire_time")?.map(Timestamp::from_micros),
         revoke_time: row.opt_int("revoke_time")?.map(Timestamp::from_micros),
+        max_uses: row.opt_int("max_uses")?,
+        uses_remaining: row.opt_int("uses_remaining")?,
+        last_used_time: row.opt_int("last_used_time")?.map(Timestamp::from_micros),
+        last_used_address: row.text("last_used_address")?,
+        family_id: TokenId::from_stored(row.text("family_id")?),
+        replaced_by: row.opt_text("replaced_by")?.map(TokenId::from_stored),
     })
+}
+
+/// An audit event from the columns [`super::sql::LIST_EVENTS`] selects.
+pub(super) fn event<R: SqlRow>(row: &R) -> Result<AuditEvent, StorageError> {
+    let kind = row.text("event_type")?;
+    let outcome = row.text("outcome")?;
+    Ok(AuditEvent {
+        id: row.text("event_id")?,
+        time: Timestamp::from_micros(row.int("event_time")?),
+        kind: EventType::from_stored(&kind)
+            .ok_or_else(|| StorageError::Corrupt(format!("unknown event type {kind:?}")))?,
+        outcome: Outcome::from_stored(&outcome)
+            .ok_or_else(|| StorageError::Corrupt(format!("unknown outcome {outcome:?}")))?,
+        actor_account: row
+            .opt_text("actor_account_id")?
+            .map(AccountId::from_stored),
+        actor_credential: row
+            .opt_text("actor_credential_id")?
+            .map(TokenId::from_stored),
+        subject_account: row
+            .opt_text("subject_account_id")?
+            .map(AccountId::from_stored),
+        subject_credential: row
+            .opt_text("subject_credential_id")?
+            .map(TokenId::from_stored),
+        subject_username: row.text("subject_username")?,
+        source_address: row.text("source_address")?,
+    })
+}
+
+/// The token states as `LIST_TOKENS` matches them: `,a,b,` or empty for all.
+pub(super) fn states_pattern(states: &[TokenState]) -> String {
+    if states.is_empty() {
+        return String::new();
+    }
+    let names: Vec<_> = states
+        .iter()
+        .map(|state| match state {
+            TokenState::Active => "active",
+            TokenState::Expired => "expired",
+            TokenState::Revoked => "revoked",
+            TokenState::Exhausted => "exhausted",
+        })
+        .collect();
+    format!(",{},", names.join(","))
 }
 
 /// A session from the `session_cols!()` columns.

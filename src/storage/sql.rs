@@ -1,7 +1,7 @@
 //! The queries, written once. Both backends accept the same SQL (numbered
-//! `$n` parameters, each first used in order), so [`impl_store!`] expands the
-//! same method bodies for each; a backend supplies only its pool and its
-//! `classify` function for errors.
+//! `$n` parameters, which sqlx binds by number on SQLite too), so
+//! [`impl_store!`] expands the same method bodies for each; a backend
+//! supplies only its pool and its `classify` function for errors.
 
 /// Account columns, aliased where a join would make them ambiguous.
 macro_rules! account_cols {
@@ -15,7 +15,8 @@ macro_rules! account_cols {
 macro_rules! token_cols {
     () => {
         "t.token_id, t.account_id AS token_account_id, t.name, t.scopes, \
-         t.create_time, t.expire_time, t.revoke_time"
+         t.create_time, t.expire_time, t.revoke_time, t.family_id, t.replaced_by, \
+         t.max_uses, t.uses_remaining, t.last_used_time, t.last_used_address"
     };
 }
 
@@ -26,6 +27,33 @@ macro_rules! session_cols {
          s.expire_time, s.revoke_time"
     };
 }
+
+/// A token's state at `$now` (parameter text), as in `Token::state`.
+macro_rules! token_state {
+    ($now:literal) => {
+        concat!(
+            "(CASE WHEN t.revoke_time IS NOT NULL AND t.revoke_time <= ",
+            $now,
+            " THEN 'revoked' WHEN t.expire_time IS NOT NULL AND t.expire_time <= ",
+            $now,
+            " THEN 'expired' WHEN t.uses_remaining = 0 THEN 'exhausted' ELSE 'active' END)"
+        )
+    };
+}
+
+pub(super) const INSERT_EVENT: &str = "INSERT INTO audit_events \
+    (event_id, event_time, event_type, outcome, actor_account_id, actor_credential_id, \
+     subject_account_id, subject_credential_id, subject_username, source_address) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
+/// `$1`: account id or '' for all; `$2`: `,type,type,` or '' for all;
+/// `$3`: list events before this id, or '' for from the newest; `$4`: limit.
+/// (No sentinel id: under a non-C collation, punctuation may sort first.)
+pub(super) const LIST_EVENTS: &str = "SELECT event_id, event_time, event_type, outcome, \
+    actor_account_id, actor_credential_id, subject_account_id, subject_credential_id, \
+    subject_username, source_address FROM audit_events \
+    WHERE ($1 = '' OR actor_account_id = $1 OR subject_account_id = $1) \
+    AND ($2 = '' OR $2 LIKE ('%,' || event_type || ',%')) \
+    AND ($3 = '' OR event_id < $3) ORDER BY event_id DESC LIMIT $4";
 
 pub(super) const INSERT_ACCOUNT: &str = "INSERT INTO accounts \
     (account_id, username, username_key, email, kind, role, password_hash, create_time, disable_time) \
@@ -47,6 +75,15 @@ pub(super) const LIST_ACCOUNTS: &str = concat!(
     account_cols!(),
     " FROM accounts a WHERE a.account_id > $1 ORDER BY a.account_id LIMIT $2"
 );
+pub(super) const DISABLE_ACCOUNT: &str =
+    "UPDATE accounts SET disable_time = $2 WHERE account_id = $1 AND disable_time IS NULL";
+pub(super) const ENABLE_ACCOUNT: &str =
+    "UPDATE accounts SET disable_time = NULL WHERE account_id = $1 AND disable_time IS NOT NULL";
+pub(super) const DELETE_ACCOUNT_SESSIONS: &str = "DELETE FROM sessions WHERE account_id = $1";
+pub(super) const DELETE_ACCOUNT_TOKENS: &str = "DELETE FROM tokens WHERE account_id = $1";
+pub(super) const DELETE_ACCOUNT: &str = "DELETE FROM accounts WHERE account_id = $1";
+pub(super) const SET_PASSWORD: &str =
+    "UPDATE accounts SET password_hash = $2 WHERE account_id = $1";
 
 pub(super) const INSERT_SESSION: &str = "INSERT INTO sessions \
     (session_id, account_id, digest, create_time, expire_time, revoke_time) \
@@ -60,12 +97,20 @@ pub(super) const SESSION_BY_DIGEST: &str = concat!(
 );
 pub(super) const REVOKE_SESSION: &str =
     "UPDATE sessions SET revoke_time = $2 WHERE session_id = $1 AND revoke_time IS NULL";
+/// Ends an account's live sessions except `$2` ('' to keep none).
+pub(super) const REVOKE_ACCOUNT_SESSIONS: &str = "UPDATE sessions SET revoke_time = $3 \
+    WHERE account_id = $1 AND session_id <> $2 AND revoke_time IS NULL AND expire_time > $3";
+pub(super) const LEAK_SESSION: &str = "UPDATE sessions SET revoke_time = $2 \
+    WHERE digest = $1 AND revoke_time IS NULL AND expire_time > $2 \
+    RETURNING session_id AS credential_id, account_id";
 
-pub(super) const RELEASE_EXPIRED_NAME: &str = "UPDATE tokens SET live_name = NULL \
-    WHERE account_id = $1 AND live_name = $2 AND expire_time IS NOT NULL AND expire_time <= $3";
+pub(super) const RELEASE_DEAD_NAME: &str = "UPDATE tokens SET live_name = NULL \
+    WHERE account_id = $1 AND live_name = $2 \
+    AND ((expire_time IS NOT NULL AND expire_time <= $3) OR uses_remaining = 0)";
 pub(super) const INSERT_TOKEN: &str = "INSERT INTO tokens \
-    (token_id, account_id, name, live_name, digest, scopes, create_time, expire_time, revoke_time) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
+    (token_id, account_id, name, live_name, digest, scopes, create_time, expire_time, revoke_time, \
+     family_id, replaced_by, max_uses, uses_remaining, last_used_time, last_used_address) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
 pub(super) const TOKEN_BY_ID: &str = concat!(
     "SELECT ",
     token_cols!(),
@@ -78,18 +123,97 @@ pub(super) const TOKEN_BY_DIGEST: &str = concat!(
     account_cols!(),
     " FROM tokens t JOIN accounts a ON a.account_id = t.account_id WHERE t.digest = $1"
 );
+/// `$4`: `,state,state,` or '' for all; `$5`: now; `$6`: expire-before or
+/// NULL; `$7`: last-used-before or NULL.
 pub(super) const LIST_TOKENS: &str = concat!(
     "SELECT ",
     token_cols!(),
-    " FROM tokens t WHERE t.account_id = $1 AND t.token_id > $2 ORDER BY t.token_id LIMIT $3"
+    " FROM tokens t WHERE t.account_id = $1 AND t.token_id > $2",
+    " AND ($4 = '' OR $4 LIKE ('%,' || ",
+    token_state!("$5"),
+    " || ',%'))",
+    " AND ($6 IS NULL OR (t.expire_time IS NOT NULL AND t.expire_time < $6))",
+    " AND ($7 IS NULL OR COALESCE(t.last_used_time, t.create_time) < $7)",
+    " ORDER BY t.token_id LIMIT $3"
 );
+/// Revokes now, or brings a later scheduled revocation forward.
 pub(super) const REVOKE_TOKEN: &str = "UPDATE tokens SET revoke_time = $2, live_name = NULL \
-    WHERE token_id = $1 AND revoke_time IS NULL";
+    WHERE token_id = $1 AND (revoke_time IS NULL OR revoke_time > $2)";
+pub(super) const REVOKE_FAMILY: &str = "UPDATE tokens SET revoke_time = $2, live_name = NULL \
+    WHERE family_id = $1 AND (revoke_time IS NULL OR revoke_time > $2)";
+/// `$2`: successor; `$3`: when the old token stops; `$4`: now.
+pub(super) const MARK_ROTATED: &str = "UPDATE tokens SET replaced_by = $2, live_name = NULL, \
+    revoke_time = CASE WHEN revoke_time IS NULL OR revoke_time > $3 THEN $3 ELSE revoke_time END \
+    WHERE token_id = $1 AND replaced_by IS NULL AND (revoke_time IS NULL OR revoke_time > $4)";
+pub(super) const CONSUME_USE: &str = "UPDATE tokens SET uses_remaining = uses_remaining - 1 \
+    WHERE token_id = $1 AND uses_remaining > 0 RETURNING uses_remaining";
+pub(super) const RECORD_USE: &str = "UPDATE tokens SET last_used_time = $2, last_used_address = $3 \
+    WHERE token_id = $1 AND (last_used_time IS NULL OR last_used_time <= $4)";
+pub(super) const LEAK_TOKEN: &str = "UPDATE tokens SET revoke_time = $2, live_name = NULL \
+    WHERE digest = $1 AND (revoke_time IS NULL OR revoke_time > $2) \
+    AND (expire_time IS NULL OR expire_time > $2) \
+    RETURNING token_id AS credential_id, account_id";
+pub(super) const USERNAME_OF: &str = "SELECT username FROM accounts WHERE account_id = $1";
 
 /// Implements [`super::Store`] for a backend type with a `pool` field and a
-/// `fn classify(sqlx::Error) -> StorageError`.
+/// `fn classify(sqlx::Error) -> StorageError`, over sqlx database `$db`.
 macro_rules! impl_store {
-    ($store:ty) => {
+    ($store:ty, $db:ty) => {
+        impl $store {
+            /// Appends `event` within the caller's transaction.
+            async fn insert_event(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                event: &AuditEvent,
+            ) -> Result<(), StorageError> {
+                sqlx::query(sql::INSERT_EVENT)
+                    .bind(event.id.as_str())
+                    .bind(event.time.as_micros())
+                    .bind(event.kind.as_str())
+                    .bind(event.outcome.as_str())
+                    .bind(event.actor_account.as_ref().map(AccountId::as_str))
+                    .bind(event.actor_credential.as_ref().map(TokenId::as_str))
+                    .bind(event.subject_account.as_ref().map(AccountId::as_str))
+                    .bind(event.subject_credential.as_ref().map(TokenId::as_str))
+                    .bind(event.subject_username.as_str())
+                    .bind(event.source_address.as_str())
+                    .execute(&mut *conn)
+                    .await
+                    .map(drop)
+                    .map_err(Self::classify)
+            }
+
+            /// Revokes the live credential a leaked digest names, if any,
+            /// and records it.
+            async fn leak_one(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                query: &'static str,
+                digest: &Digest,
+                at: Timestamp,
+                template: &AuditEvent,
+            ) -> Result<u64, StorageError> {
+                let hit = sqlx::query(query)
+                    .bind(&digest.as_bytes()[..])
+                    .bind(at.as_micros())
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(Self::classify)?;
+                let Some(hit) = hit else { return Ok(0) };
+                let credential = TokenId::from_stored(rows::SqlRow::text(&hit, "credential_id")?);
+                let account = AccountId::from_stored(rows::SqlRow::text(&hit, "account_id")?);
+                let username: Option<String> = sqlx::query_scalar(sql::USERNAME_OF)
+                    .bind(account.as_str())
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(Self::classify)?;
+                let event = template
+                    .another()
+                    .account(&account, username.as_deref().unwrap_or_default())
+                    .credential(&credential);
+                Self::insert_event(conn, &event).await?;
+                Ok(1)
+            }
+        }
+
         #[async_trait::async_trait]
         impl $crate::storage::Store for $store {
             async fn ping(&self) -> Result<(), StorageError> {
@@ -100,7 +224,12 @@ macro_rules! impl_store {
                     .map_err(Self::classify)
             }
 
-            async fn create_account(&self, account: &Account) -> Result<(), StorageError> {
+            async fn create_account(
+                &self,
+                account: &Account,
+                event: &AuditEvent,
+            ) -> Result<(), StorageError> {
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
                 sqlx::query(sql::INSERT_ACCOUNT)
                     .bind(account.id.as_str())
                     .bind(account.username.as_str())
@@ -111,10 +240,11 @@ macro_rules! impl_store {
                     .bind(account.password_hash.as_ref().map(|h| h.as_str()))
                     .bind(account.create_time.as_micros())
                     .bind(account.disable_time.map(Timestamp::as_micros))
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await
-                    .map(drop)
-                    .map_err(Self::classify)
+                    .map_err(Self::classify)?;
+                Self::insert_event(&mut tx, event).await?;
+                tx.commit().await.map_err(Self::classify)
             }
 
             async fn account_by_id(&self, id: &AccountId) -> Result<Option<Account>, StorageError> {
@@ -152,11 +282,118 @@ macro_rules! impl_store {
                 found.iter().map(rows::account).collect()
             }
 
+            async fn set_account_disabled(
+                &self,
+                id: &AccountId,
+                at: Option<Timestamp>,
+                event: &AuditEvent,
+            ) -> Result<Option<Account>, StorageError> {
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                let changed = match at {
+                    Some(at) => sqlx::query(sql::DISABLE_ACCOUNT)
+                        .bind(id.as_str())
+                        .bind(at.as_micros()),
+                    None => sqlx::query(sql::ENABLE_ACCOUNT).bind(id.as_str()),
+                }
+                .execute(&mut *tx)
+                .await
+                .map_err(Self::classify)?
+                .rows_affected();
+                if changed > 0 {
+                    Self::insert_event(&mut tx, event).await?;
+                }
+                let row = sqlx::query(sql::ACCOUNT_BY_ID)
+                    .bind(id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?;
+                let account = row.as_ref().map(rows::account).transpose()?;
+                tx.commit().await.map_err(Self::classify)?;
+                Ok(account)
+            }
+
+            async fn delete_account(
+                &self,
+                id: &AccountId,
+                event: &AuditEvent,
+            ) -> Result<bool, StorageError> {
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                for query in [sql::DELETE_ACCOUNT_SESSIONS, sql::DELETE_ACCOUNT_TOKENS] {
+                    sqlx::query(query)
+                        .bind(id.as_str())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(Self::classify)?;
+                }
+                let deleted = sqlx::query(sql::DELETE_ACCOUNT)
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?
+                    .rows_affected();
+                if deleted == 0 {
+                    return Ok(false);
+                }
+                Self::insert_event(&mut tx, event).await?;
+                tx.commit().await.map_err(Self::classify)?;
+                Ok(true)
+            }
+
+            async fn set_password(
+                &self,
+                id: &AccountId,
+                hash: &PasswordHash,
+                keep: &TokenId,
+                at: Timestamp,
+                event: &AuditEvent,
+            ) -> Result<u64, StorageError> {
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                sqlx::query(sql::SET_PASSWORD)
+                    .bind(id.as_str())
+                    .bind(hash.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?;
+                let ended = sqlx::query(sql::REVOKE_ACCOUNT_SESSIONS)
+                    .bind(id.as_str())
+                    .bind(keep.as_str())
+                    .bind(at.as_micros())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?
+                    .rows_affected();
+                Self::insert_event(&mut tx, event).await?;
+                tx.commit().await.map_err(Self::classify)?;
+                Ok(ended)
+            }
+
+            async fn revoke_sessions(
+                &self,
+                account: &AccountId,
+                at: Timestamp,
+                event: &AuditEvent,
+            ) -> Result<u64, StorageError> {
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                let ended = sqlx::query(sql::REVOKE_ACCOUNT_SESSIONS)
+                    .bind(account.as_str())
+                    .bind("")
+                    .bind(at.as_micros())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?
+                    .rows_affected();
+                Self::insert_event(&mut tx, event).await?;
+                tx.commit().await.map_err(Self::classify)?;
+                Ok(ended)
+            }
+
             async fn create_session(
                 &self,
                 session: &Session,
                 digest: &Digest,
+                event: &AuditEvent,
             ) -> Result<(), StorageError> {
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
                 sqlx::query(sql::INSERT_SESSION)
                     .bind(session.id.as_str())
                     .bind(session.account_id.as_str())
@@ -164,10 +401,11 @@ macro_rules! impl_store {
                     .bind(session.create_time.as_micros())
                     .bind(session.expire_time.as_micros())
                     .bind(session.revoke_time.map(Timestamp::as_micros))
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await
-                    .map(drop)
-                    .map_err(Self::classify)
+                    .map_err(Self::classify)?;
+                Self::insert_event(&mut tx, event).await?;
+                tx.commit().await.map_err(Self::classify)
             }
 
             async fn session_by_digest(
@@ -188,43 +426,39 @@ macro_rules! impl_store {
                 &self,
                 id: &TokenId,
                 at: Timestamp,
+                event: &AuditEvent,
             ) -> Result<(), StorageError> {
-                sqlx::query(sql::REVOKE_SESSION)
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                let changed = sqlx::query(sql::REVOKE_SESSION)
                     .bind(id.as_str())
                     .bind(at.as_micros())
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
                     .await
-                    .map(drop)
-                    .map_err(Self::classify)
+                    .map_err(Self::classify)?
+                    .rows_affected();
+                if changed > 0 {
+                    Self::insert_event(&mut tx, event).await?;
+                }
+                tx.commit().await.map_err(Self::classify)
             }
 
             async fn create_token(
                 &self,
                 new: &NewToken,
                 now: Timestamp,
+                event: &AuditEvent,
             ) -> Result<(), StorageError> {
                 let token = &new.token;
                 let mut tx = self.pool.begin().await.map_err(Self::classify)?;
-                sqlx::query(sql::RELEASE_EXPIRED_NAME)
+                sqlx::query(sql::RELEASE_DEAD_NAME)
                     .bind(token.account_id.as_str())
                     .bind(token.name.as_str())
                     .bind(now.as_micros())
                     .execute(&mut *tx)
                     .await
                     .map_err(Self::classify)?;
-                sqlx::query(sql::INSERT_TOKEN)
-                    .bind(token.id.as_str())
-                    .bind(token.account_id.as_str())
-                    .bind(token.name.as_str())
-                    .bind(token.revoke_time.is_none().then(|| token.name.as_str()))
-                    .bind(&new.digest.as_bytes()[..])
-                    .bind(token.scopes.to_stored())
-                    .bind(token.create_time.as_micros())
-                    .bind(token.expire_time.map(Timestamp::as_micros))
-                    .bind(token.revoke_time.map(Timestamp::as_micros))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(Self::classify)?;
+                Self::insert_token(&mut tx, new).await?;
+                Self::insert_event(&mut tx, event).await?;
                 tx.commit().await.map_err(Self::classify)
             }
 
@@ -254,6 +488,7 @@ macro_rules! impl_store {
             async fn list_tokens(
                 &self,
                 account: &AccountId,
+                filter: &TokenFilter,
                 after: Option<&str>,
                 limit: u32,
             ) -> Result<Vec<Token>, StorageError> {
@@ -261,6 +496,10 @@ macro_rules! impl_store {
                     .bind(account.as_str())
                     .bind(after.unwrap_or(""))
                     .bind(i64::from(limit))
+                    .bind(rows::states_pattern(&filter.states))
+                    .bind(filter.now.as_micros())
+                    .bind(filter.expire_before.map(Timestamp::as_micros))
+                    .bind(filter.last_used_before.map(Timestamp::as_micros))
                     .fetch_all(&self.pool)
                     .await
                     .map_err(Self::classify)?;
@@ -271,14 +510,178 @@ macro_rules! impl_store {
                 &self,
                 id: &TokenId,
                 at: Timestamp,
+                event: &AuditEvent,
             ) -> Result<Option<Token>, StorageError> {
-                sqlx::query(sql::REVOKE_TOKEN)
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                let changed = sqlx::query(sql::REVOKE_TOKEN)
                     .bind(id.as_str())
                     .bind(at.as_micros())
-                    .execute(&self.pool)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?
+                    .rows_affected();
+                if changed > 0 {
+                    Self::insert_event(&mut tx, event).await?;
+                }
+                let row = sqlx::query(sql::TOKEN_BY_ID)
+                    .bind(id.as_str())
+                    .fetch_optional(&mut *tx)
                     .await
                     .map_err(Self::classify)?;
-                self.token_by_id(id).await
+                let token = row.as_ref().map(rows::token).transpose()?;
+                tx.commit().await.map_err(Self::classify)?;
+                Ok(token)
+            }
+
+            async fn rotate_token(
+                &self,
+                old: &TokenId,
+                new: &NewToken,
+                revoke_old_at: Timestamp,
+                now: Timestamp,
+                event: &AuditEvent,
+            ) -> Result<Option<Token>, StorageError> {
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                let marked = sqlx::query(sql::MARK_ROTATED)
+                    .bind(old.as_str())
+                    .bind(new.token.id.as_str())
+                    .bind(revoke_old_at.as_micros())
+                    .bind(now.as_micros())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?
+                    .rows_affected();
+                if marked == 0 {
+                    return Ok(None);
+                }
+                Self::insert_token(&mut tx, new).await?;
+                Self::insert_event(&mut tx, event).await?;
+                let row = sqlx::query(sql::TOKEN_BY_ID)
+                    .bind(old.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?;
+                let previous = row.as_ref().map(rows::token).transpose()?;
+                tx.commit().await.map_err(Self::classify)?;
+                Ok(previous)
+            }
+
+            async fn revoke_family(
+                &self,
+                family: &TokenId,
+                at: Timestamp,
+                event: &AuditEvent,
+            ) -> Result<u64, StorageError> {
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                let revoked = sqlx::query(sql::REVOKE_FAMILY)
+                    .bind(family.as_str())
+                    .bind(at.as_micros())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?
+                    .rows_affected();
+                Self::insert_event(&mut tx, event).await?;
+                tx.commit().await.map_err(Self::classify)?;
+                Ok(revoked)
+            }
+
+            async fn consume_use(&self, id: &TokenId) -> Result<Option<i64>, StorageError> {
+                sqlx::query_scalar(sql::CONSUME_USE)
+                    .bind(id.as_str())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(Self::classify)
+            }
+
+            async fn record_use(
+                &self,
+                id: &TokenId,
+                at: Timestamp,
+                address: &str,
+                unless_since: Timestamp,
+            ) -> Result<(), StorageError> {
+                sqlx::query(sql::RECORD_USE)
+                    .bind(id.as_str())
+                    .bind(at.as_micros())
+                    .bind(address)
+                    .bind(unless_since.as_micros())
+                    .execute(&self.pool)
+                    .await
+                    .map(drop)
+                    .map_err(Self::classify)
+            }
+
+            async fn revoke_leaked(
+                &self,
+                tokens: &[Digest],
+                sessions: &[Digest],
+                at: Timestamp,
+                template: &AuditEvent,
+            ) -> Result<u64, StorageError> {
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                let mut revoked = 0;
+                for digest in tokens {
+                    revoked +=
+                        Self::leak_one(&mut tx, sql::LEAK_TOKEN, digest, at, template).await?;
+                }
+                for digest in sessions {
+                    revoked +=
+                        Self::leak_one(&mut tx, sql::LEAK_SESSION, digest, at, template).await?;
+                }
+                tx.commit().await.map_err(Self::classify)?;
+                Ok(revoked)
+            }
+
+            async fn record_event(&self, event: &AuditEvent) -> Result<(), StorageError> {
+                let mut conn = self.pool.acquire().await.map_err(Self::classify)?;
+                Self::insert_event(&mut conn, event).await
+            }
+
+            async fn list_events(
+                &self,
+                filter: &AuditFilter,
+                before: Option<&str>,
+                limit: u32,
+            ) -> Result<Vec<AuditEvent>, StorageError> {
+                let found = sqlx::query(sql::LIST_EVENTS)
+                    .bind(filter.account.as_ref().map_or("", AccountId::as_str))
+                    .bind(filter.types_pattern())
+                    .bind(before.unwrap_or(""))
+                    .bind(i64::from(limit))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(Self::classify)?;
+                found.iter().map(rows::event).collect()
+            }
+        }
+
+        impl $store {
+            /// Inserts a token row within the caller's transaction.
+            async fn insert_token(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                new: &NewToken,
+            ) -> Result<(), StorageError> {
+                let token = &new.token;
+                sqlx::query(sql::INSERT_TOKEN)
+                    .bind(token.id.as_str())
+                    .bind(token.account_id.as_str())
+                    .bind(token.name.as_str())
+                    .bind(token.revoke_time.is_none().then(|| token.name.as_str()))
+                    .bind(&new.digest.as_bytes()[..])
+                    .bind(token.scopes.to_stored())
+                    .bind(token.create_time.as_micros())
+                    .bind(token.expire_time.map(Timestamp::as_micros))
+                    .bind(token.revoke_time.map(Timestamp::as_micros))
+                    .bind(token.family_id.as_str())
+                    .bind(token.replaced_by.as_ref().map(TokenId::as_str))
+                    .bind(token.max_uses)
+                    .bind(token.uses_remaining)
+                    .bind(token.last_used_time.map(Timestamp::as_micros))
+                    .bind(token.last_used_address.as_str())
+                    .execute(&mut *conn)
+                    .await
+                    .map(drop)
+                    .map_err(Self::classify)
             }
         }
     };

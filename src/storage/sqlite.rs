@@ -11,19 +11,28 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::{Conflict, PoolOptions, StorageError, WithAccount, rows, sql};
+use super::{Conflict, PoolOptions, StorageError, TokenFilter, WithAccount, rows, sql};
 use crate::domain::{
     account::{Account, AccountId},
+    audit::{AuditEvent, AuditFilter},
     credential::Digest,
+    password::PasswordHash,
     time::Timestamp,
     token::{NewToken, Session, Token, TokenId},
 };
 
-const MIGRATIONS: &[(i64, &str, &str)] = &[(
-    1,
-    "initial",
-    include_str!("../../migrations/sqlite/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (
+        1,
+        "initial",
+        include_str!("../../migrations/sqlite/0001_initial.sql"),
+    ),
+    (
+        2,
+        "lifecycle",
+        include_str!("../../migrations/sqlite/0002_lifecycle.sql"),
+    ),
+];
 
 /// A [`super::Store`] on SQLite.
 #[derive(Debug, Clone)]
@@ -102,4 +111,4 @@ impl SqliteStore {
     }
 }
 
-sql::impl_store!(SqliteStore);
+sql::impl_store!(SqliteStore, sqlx::Sqlite);

@@ -6,9 +6,11 @@
 
 mod support;
 
+mod account_lifecycle;
 mod accounts;
 mod authz;
 mod binary;
+mod lifecycle;
 mod storage;
 mod tokens;
 mod verify;

@@ -1,1 +1,977 @@
-//! (being written)
+//! The storage conformance suite: one set of tests, run against both SQLite
+//! and PostgreSQL through the [`Store`] trait alone (no server, no domain
+//! service). Each test gets a fresh, migrated database and is instantiated
+//! once per backend as `conformance::<name>::sqlite` and
+//! `conformance::<name>::postgres`.
+//!
+//! What a backend must do to pass: keep every field exactly (times to the
+//! microsecond, before the epoch too), report each uniqueness rule as its
+//! [`Conflict`] (also when many tasks race for the same key), page in id
+//! order, keep the first revocation time, give a token name up once its
+//! token is revoked or expired, and refuse rows that point at no account
+//! with an error that is not a conflict.
+
+use std::{future::Future, sync::Arc};
+
+use identity::{
+    domain::{
+        account::{Account, AccountId, AccountKind, Email, Role, Username},
+        audit::{AuditEvent, EventType, Origin},
+        credential::{CredentialKind, Digest, Secret},
+        password::PasswordHash,
+        scope::Scopes,
+        time::Timestamp,
+        token::{NewToken, Session, Token, TokenId, TokenName, TokenState},
+    },
+    storage::{Conflict, StorageError, Store, TokenFilter},
+};
+
+use crate::support::{Backend, TestDatabase};
+
+/// Runs `test` against a fresh, migrated store of `backend`, keeping the
+/// database alive until it is done.
+async fn with_store<F, Fut>(backend: Backend, test: F)
+where
+    F: FnOnce(Arc<dyn Store>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let db = TestDatabase::new(backend).await;
+    let store = db.store().await;
+    test(store).await;
+    drop(db);
+}
+
+/// Defines each test once and instantiates it for both backends:
+/// `name::sqlite` and `name::postgres`, each running `body` with a fresh
+/// store bound to the given identifier.
+macro_rules! conformance {
+    ($(
+        $(#[$meta:meta])*
+        async fn $name:ident($store:ident) $body:block
+    )*) => {$(
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn run($store: Arc<dyn Store>) $body
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sqlite() {
+                with_store(Backend::Sqlite, run).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn postgres() {
+                with_store(Backend::Postgres, run).await;
+            }
+        }
+    )*};
+}
+
+// ---------------------------------------------------------------------------
+// Builders and assertions.
+
+/// An instant in microseconds since the epoch.
+fn t(micros: i64) -> Timestamp {
+    Timestamp::from_micros(micros)
+}
+
+/// A plausible argon2id PHC string; the store keeps it as opaque text.
+const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHRzb21lc2FsdA$\
+                    Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4";
+
+/// A person (user role, with a password hash and an email) created at
+/// `create_micros`.
+fn person(username: &str, create_micros: i64) -> Account {
+    Account {
+        id: AccountId::generate(),
+        username: Username::parse("username", username).expect("valid username"),
+        email: Email::parse("email", &format!("{username}@example.com")).expect("valid email"),
+        kind: AccountKind::Person,
+        role: Role::User,
+        password_hash: Some(PasswordHash::from_stored(HASH.to_owned())),
+        create_time: t(create_micros),
+        disable_time: None,
+    }
+}
+
+/// A robot (no password, no email) created at `create_micros`.
+fn robot(username: &str, create_micros: i64) -> Account {
+    Account {
+        id: AccountId::generate(),
+        username: Username::parse("username", username).expect("valid username"),
+        email: Email::default(),
+        kind: AccountKind::Robot,
+        role: Role::User,
+        password_hash: None,
+        create_time: t(create_micros),
+        disable_time: None,
+    }
+}
+
+/// An audit event to write alongside a change (its content is checked by
+/// the audit tests).
+fn ev() -> AuditEvent {
+    AuditEvent::new(EventType::AccountCreated, &Origin::new("127.0.0.1:1"), None)
+}
+
+/// A fresh digest of the given kind.
+fn digest(kind: CredentialKind) -> Digest {
+    Secret::generate(kind).digest()
+}
+
+/// A live token for `account` named `name`, full access unless `scopes`.
+fn token(
+    account: &AccountId,
+    name: &str,
+    scopes: &[&str],
+    create_micros: i64,
+    expire_micros: Option<i64>,
+) -> NewToken {
+    let id = TokenId::generate();
+    NewToken {
+        token: Token {
+            family_id: id.clone(),
+            id,
+            account_id: account.clone(),
+            name: TokenName::parse("name", name).expect("valid token name"),
+            scopes: Scopes::parse("scopes", scopes).expect("valid scopes"),
+            create_time: t(create_micros),
+            expire_time: expire_micros.map(t),
+            revoke_time: None,
+            max_uses: None,
+            uses_remaining: None,
+            last_used_time: None,
+            last_used_address: String::new(),
+            replaced_by: None,
+        },
+        digest: digest(CredentialKind::PersonalAccessToken),
+    }
+}
+
+/// A live session for `account`.
+fn session(account: &AccountId, create_micros: i64, expire_micros: i64) -> Session {
+    Session {
+        id: TokenId::generate(),
+        account_id: account.clone(),
+        create_time: t(create_micros),
+        expire_time: t(expire_micros),
+        revoke_time: None,
+    }
+}
+
+/// Asserts that two accounts agree on every field.
+#[track_caller]
+fn assert_account_eq(got: &Account, want: &Account) {
+    assert_eq!(got.id, want.id, "account id");
+    assert_eq!(got.username, want.username, "username");
+    assert_eq!(got.email, want.email, "email");
+    assert_eq!(got.kind, want.kind, "kind");
+    assert_eq!(got.role, want.role, "role");
+    assert_eq!(
+        got.password_hash.as_ref().map(PasswordHash::as_str),
+        want.password_hash.as_ref().map(PasswordHash::as_str),
+        "password hash"
+    );
+    assert_eq!(got.create_time, want.create_time, "account create_time");
+    assert_eq!(got.disable_time, want.disable_time, "disable_time");
+}
+
+/// Asserts that two tokens agree on every field.
+#[track_caller]
+fn assert_token_eq(got: &Token, want: &Token) {
+    assert_eq!(got.id, want.id, "token id");
+    assert_eq!(got.account_id, want.account_id, "token account id");
+    assert_eq!(got.name, want.name, "token name");
+    assert_eq!(got.scopes, want.scopes, "scopes");
+    assert_eq!(got.create_time, want.create_time, "token create_time");
+    assert_eq!(got.expire_time, want.expire_time, "token expire_time");
+    assert_eq!(got.revoke_time, want.revoke_time, "token revoke_time");
+}
+
+/// Asserts that two sessions agree on every field.
+#[track_caller]
+fn assert_session_eq(got: &Session, want: &Session) {
+    assert_eq!(got.id, want.id, "session id");
+    assert_eq!(got.account_id, want.account_id, "session account id");
+    assert_eq!(got.create_time, want.create_time, "session create_time");
+    assert_eq!(got.expire_time, want.expire_time, "session expire_time");
+    assert_eq!(got.revoke_time, want.revoke_time, "session revoke_time");
+}
+
+/// The conflict `result` failed with; panics on success or any other error.
+#[track_caller]
+fn conflict_of<T: std::fmt::Debug>(result: Result<T, StorageError>) -> Conflict {
+    match result {
+        Err(StorageError::Conflict(conflict)) => conflict,
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+}
+
+/// The ids of `items`, in order.
+fn ids<'a, T: 'a>(items: impl IntoIterator<Item = &'a T>, id: fn(&T) -> &str) -> Vec<String> {
+    items.into_iter().map(|x| id(x).to_owned()).collect()
+}
+
+/// A short name for a storage error's variant, for reports.
+fn variant(err: &StorageError) -> &'static str {
+    match err {
+        StorageError::Conflict(_) => "Conflict",
+        StorageError::Unavailable(_) => "Unavailable",
+        StorageError::Corrupt(_) => "Corrupt",
+        StorageError::Other(_) => "Other",
+    }
+}
+
+/// How many tasks race in the concurrency tests.
+const RACERS: usize = 32;
+
+/// Runs `RACERS` copies of `op` at once (released together by a barrier)
+/// and returns their results in task order.
+async fn race<F, Fut>(store: &Arc<dyn Store>, op: F) -> Vec<Result<(), StorageError>>
+where
+    F: Fn(Arc<dyn Store>, usize) -> Fut,
+    Fut: Future<Output = Result<(), StorageError>> + Send + 'static,
+{
+    let barrier = Arc::new(tokio::sync::Barrier::new(RACERS));
+    let tasks: Vec<_> = (0..RACERS)
+        .map(|i| {
+            let barrier = Arc::clone(&barrier);
+            let call = op(Arc::clone(store), i);
+            tokio::spawn(async move {
+                barrier.wait().await;
+                call.await
+            })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(RACERS);
+    for task in tasks {
+        results.push(task.await.expect("racing task panicked"));
+    }
+    results
+}
+
+/// Asserts that exactly one racer won and every other one lost with
+/// `expected`; returns the winner's index. Any other outcome (in particular
+/// `Unavailable` from lock contention) is reported in full.
+#[track_caller]
+fn assert_one_winner(results: &[Result<(), StorageError>], expected: Conflict) -> usize {
+    let winners: Vec<usize> = (0..results.len()).filter(|&i| results[i].is_ok()).collect();
+    let unexpected: Vec<String> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match r {
+            Ok(()) => None,
+            Err(StorageError::Conflict(c)) if *c == expected => None,
+            Err(e) => Some(format!("task {i}: {} {e:?}", variant(e))),
+        })
+        .collect();
+    assert!(
+        unexpected.is_empty() && winners.len() == 1,
+        "expected exactly one Ok and {} x Conflict::{expected:?}; got {} Ok and {} unexpected \
+         errors:\n{}",
+        results.len() - 1,
+        winners.len(),
+        unexpected.len(),
+        unexpected.join("\n"),
+    );
+    winners[0]
+}
+
+// ---------------------------------------------------------------------------
+// The suite.
+
+mod conformance {
+    use super::*;
+
+    conformance! {
+        async fn ping_answers(store) {
+            store.ping().await.expect("ping");
+        }
+
+        async fn accounts_read_back_with_every_field_equal(store) {
+            // A person before the epoch, with an odd microsecond count.
+            let mut alice = person("AlIcE", -1_234_567_890_123_457);
+            alice.role = Role::Operator;
+            // A robot (no hash, no email), already disabled, to check the
+            // optional columns in their other state.
+            let mut bot = robot("ci-bot.2", 1_700_000_000_123_457);
+            bot.disable_time = Some(t(1_700_000_001_000_001));
+            for account in [&alice, &bot] {
+                store.create_account(account, &ev()).await.expect("create account");
+            }
+
+            for want in [&alice, &bot] {
+                let by_id = store
+                    .account_by_id(&want.id)
+                    .await
+                    .expect("read by id")
+                    .expect("found by id");
+                assert_account_eq(&by_id, want);
+                let by_key = store
+                    .account_by_username(&want.username.key())
+                    .await
+                    .expect("read by username key")
+                    .expect("found by username key");
+                assert_account_eq(&by_key, want);
+            }
+            let by_id = store.account_by_id(&alice.id).await.expect("read").expect("found");
+            assert_eq!(by_id.disable_time, None);
+            assert_eq!(by_id.username.as_str(), "AlIcE", "the username keeps its case");
+
+            // Lookups go by the key: the case-preserved username is not one.
+            assert!(store.account_by_username("AlIcE").await.expect("read").is_none());
+            assert!(store.account_by_username("nobody").await.expect("read").is_none());
+            assert!(
+                store
+                    .account_by_id(&AccountId::generate())
+                    .await
+                    .expect("read")
+                    .is_none()
+            );
+        }
+
+        async fn times_keep_every_microsecond_across_the_whole_range(store) {
+            let instants = [
+                Timestamp::MIN.as_micros(),
+                Timestamp::MIN.as_micros() + 1,
+                -1_000_001,
+                -1,
+                0,
+                1,
+                999_999,
+                1_700_000_000_123_457,
+                Timestamp::MAX.as_micros() - 1,
+                Timestamp::MAX.as_micros(),
+                i64::MIN,
+                i64::MAX,
+            ];
+            for (i, &micros) in instants.iter().enumerate() {
+                let mut account = robot(&format!("robot-{i}"), micros);
+                account.disable_time = Some(t(micros));
+                store.create_account(&account, &ev()).await.expect("create account");
+                let got = store
+                    .account_by_id(&account.id)
+                    .await
+                    .expect("read")
+                    .expect("found");
+                assert_account_eq(&got, &account);
+
+                let mut new = token(&account.id, "t", &[], micros, Some(micros));
+                new.token.revoke_time = Some(t(micros));
+                store.create_token(&new, t(micros), &ev()).await.expect("create token");
+                let got = store.token_by_id(&new.token.id).await.expect("read").expect("found");
+                assert_token_eq(&got, &new.token);
+
+                let s = session(&account.id, micros, micros);
+                store
+                    .create_session(&s, &digest(CredentialKind::Session), &ev())
+                    .await
+                    .expect("create session");
+            }
+        }
+
+        async fn username_conflicts_are_reported_as_such(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create alice");
+
+            // Same key, different case, different id.
+            let shouting = person("ALICE", 2);
+            assert_eq!(conflict_of(store.create_account(&shouting, &ev()).await), Conflict::Username);
+            // A robot with the same key, too.
+            let bot = robot("Alice", 3);
+            assert_eq!(conflict_of(store.create_account(&bot, &ev()).await), Conflict::Username);
+
+            // The original is untouched and the losers were not stored.
+            let kept = store.account_by_username("alice").await.expect("read").expect("found");
+            assert_account_eq(&kept, &alice);
+            assert!(store.account_by_id(&shouting.id).await.expect("read").is_none());
+            assert!(store.account_by_id(&bot.id).await.expect("read").is_none());
+        }
+
+        async fn duplicate_ids_are_id_conflicts(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create alice");
+            let mut twin = person("bob", 2);
+            twin.id = alice.id.clone();
+            assert_eq!(conflict_of(store.create_account(&twin, &ev()).await), Conflict::Id);
+
+            let first = token(&alice.id, "one", &[], 10, None);
+            store.create_token(&first, t(10), &ev()).await.expect("create token");
+            let mut same_id = token(&alice.id, "two", &[], 11, None);
+            same_id.token.id = first.token.id.clone();
+            assert_eq!(conflict_of(store.create_token(&same_id, t(11), &ev()).await), Conflict::Id);
+
+            let s = session(&alice.id, 20, 30);
+            store
+                .create_session(&s, &digest(CredentialKind::Session), &ev())
+                .await
+                .expect("create session");
+            let again = store
+                .create_session(&s, &digest(CredentialKind::Session), &ev())
+                .await;
+            assert_eq!(conflict_of(again), Conflict::Id);
+        }
+
+        async fn concurrent_creates_of_one_username_have_exactly_one_winner(store) {
+            // Every racer has its own id and its own spelling of one key.
+            let accounts: Vec<Account> = (0..RACERS)
+                .map(|i| {
+                    let spelling: String = "racer"
+                        .chars()
+                        .enumerate()
+                        .map(|(j, c)| if (i >> j) & 1 == 1 { c.to_ascii_uppercase() } else { c })
+                        .collect();
+                    person(&spelling, i64::try_from(i).expect("small"))
+                })
+                .collect();
+            let shared = Arc::new(accounts);
+            let results = race(&store, |store, i| {
+                let shared = Arc::clone(&shared);
+                async move { store.create_account(&shared[i], &ev()).await }
+            })
+            .await;
+            let winner = assert_one_winner(&results, Conflict::Username);
+            let stored = store.account_by_username("racer").await.expect("read").expect("found");
+            assert_account_eq(&stored, &shared[winner]);
+            assert_eq!(store.list_accounts(None, 1000).await.expect("list").len(), 1);
+        }
+
+        async fn concurrent_creates_of_distinct_accounts_all_succeed(store) {
+            // Pure write contention, no conflict: every racer must get in.
+            let accounts: Arc<Vec<Account>> =
+                Arc::new((0..RACERS).map(|i| person(&format!("user-{i}"), 0)).collect());
+            let shared = Arc::clone(&accounts);
+            let results = race(&store, move |store, i| {
+                let shared = Arc::clone(&shared);
+                async move { store.create_account(&shared[i], &ev()).await }
+            })
+            .await;
+            let failures: Vec<String> = results
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| {
+                    r.as_ref().err().map(|e| format!("task {i}: {} {e:?}", variant(e)))
+                })
+                .collect();
+            assert!(
+                failures.is_empty(),
+                "writes failed under contention:\n{}",
+                failures.join("\n")
+            );
+            assert_eq!(store.list_accounts(None, 1000).await.expect("list").len(), RACERS);
+        }
+
+        async fn accounts_list_in_id_order_and_page_after_a_cursor(store) {
+            let mut accounts: Vec<Account> =
+                (0..7).map(|i| person(&format!("member-{i}"), i)).collect();
+            // Insert in an order unrelated to the ids, so that only the
+            // ORDER BY can produce id order.
+            accounts.reverse();
+            accounts.swap(1, 4);
+            for account in &accounts {
+                store.create_account(account, &ev()).await.expect("create account");
+            }
+            let mut expected: Vec<String> = ids(&accounts, |a: &Account| a.id.as_str());
+            expected.sort();
+
+            let all = store.list_accounts(None, 100).await.expect("list all");
+            assert_eq!(ids(&all, |a: &Account| a.id.as_str()), expected);
+            for got in &all {
+                let want = accounts.iter().find(|a| a.id == got.id).expect("known id");
+                assert_account_eq(got, want);
+            }
+
+            // Pages of 3: 3 + 3 + 1, then nothing.
+            let mut seen = Vec::new();
+            let mut after: Option<String> = None;
+            let mut sizes = Vec::new();
+            loop {
+                let page = store
+                    .list_accounts(after.as_deref(), 3)
+                    .await
+                    .expect("list a page");
+                sizes.push(page.len());
+                let Some(last) = page.last() else { break };
+                after = Some(last.id.as_str().to_owned());
+                seen.extend(ids(&page, |a: &Account| a.id.as_str()));
+            }
+            assert_eq!(sizes, [3, 3, 1, 0]);
+            assert_eq!(seen, expected);
+
+            // The cursor is exclusive, a limit of 0 returns nothing, and a
+            // cursor past the last id returns nothing.
+            let after_first = store
+                .list_accounts(Some(&expected[0]), 100)
+                .await
+                .expect("list");
+            assert_eq!(ids(&after_first, |a: &Account| a.id.as_str()), expected[1..]);
+            assert!(store.list_accounts(None, 0).await.expect("list").is_empty());
+            assert!(
+                store
+                    .list_accounts(Some(&expected[6]), 100)
+                    .await
+                    .expect("list")
+                    .is_empty()
+            );
+        }
+
+        async fn sessions_are_found_by_digest_with_their_account(store) {
+            let alice = person("alice", -5);
+            let bob = person("bob", 6);
+            for account in [&alice, &bob] {
+                store.create_account(account, &ev()).await.expect("create account");
+            }
+            let alice_session = session(&alice.id, 1_700_000_000_000_001, 1_700_086_400_000_001);
+            let alice_digest = digest(CredentialKind::Session);
+            let bob_session = session(&bob.id, 7, 8);
+            let bob_digest = digest(CredentialKind::Session);
+            store
+                .create_session(&alice_session, &alice_digest, &ev())
+                .await
+                .expect("create alice's session");
+            store
+                .create_session(&bob_session, &bob_digest, &ev())
+                .await
+                .expect("create bob's session");
+
+            let (got, owner) = store
+                .session_by_digest(&alice_digest)
+                .await
+                .expect("read")
+                .expect("found");
+            assert_session_eq(&got, &alice_session);
+            assert_account_eq(&owner, &alice);
+            let (got, owner) = store
+                .session_by_digest(&bob_digest)
+                .await
+                .expect("read")
+                .expect("found");
+            assert_session_eq(&got, &bob_session);
+            assert_account_eq(&owner, &bob);
+
+            assert!(
+                store
+                    .session_by_digest(&digest(CredentialKind::Session))
+                    .await
+                    .expect("read")
+                    .is_none()
+            );
+        }
+
+        async fn revoking_a_session_keeps_the_first_time(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let s = session(&alice.id, 100, 1_000);
+            let other = session(&alice.id, 100, 1_000);
+            let d = digest(CredentialKind::Session);
+            let other_digest = digest(CredentialKind::Session);
+            store.create_session(&s, &d, &ev()).await.expect("create session");
+            store
+                .create_session(&other, &other_digest, &ev())
+                .await
+                .expect("create other session");
+
+            store.revoke_session(&s.id, t(200), &ev()).await.expect("revoke");
+            let (got, _) = store.session_by_digest(&d).await.expect("read").expect("found");
+            assert_eq!(got.revoke_time, Some(t(200)));
+            assert_eq!(got.state(t(201)), TokenState::Revoked);
+
+            // A second sign-out changes nothing.
+            store.revoke_session(&s.id, t(300), &ev()).await.expect("revoke again");
+            let (got, _) = store.session_by_digest(&d).await.expect("read").expect("found");
+            assert_eq!(got.revoke_time, Some(t(200)));
+
+            // The other session is untouched; an unknown id is not an error.
+            let (got, _) = store
+                .session_by_digest(&other_digest)
+                .await
+                .expect("read")
+                .expect("found");
+            assert_session_eq(&got, &other);
+            store
+                .revoke_session(&TokenId::generate(), t(400), &ev())
+                .await
+                .expect("revoking an unknown session is a no-op");
+        }
+
+        async fn duplicate_session_digests_are_digest_conflicts(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let d = digest(CredentialKind::Session);
+            store
+                .create_session(&session(&alice.id, 1, 2), &d, &ev())
+                .await
+                .expect("create session");
+            let second = session(&alice.id, 3, 4);
+            assert_eq!(
+                conflict_of(store.create_session(&second, &d, &ev()).await),
+                Conflict::Digest
+            );
+            let (kept, _) = store.session_by_digest(&d).await.expect("read").expect("found");
+            assert_ne!(kept.id, second.id);
+        }
+
+        async fn tokens_read_back_by_id_and_digest_with_every_field_equal(store) {
+            let alice = person("alice", -42);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            // Scopes are given out of order and duplicated: the set is
+            // sorted and deduplicated, and must come back as such.
+            let scoped = token(
+                &alice.id,
+                "Déploiement nocturne",
+                &["tokens:read", "project:publish", "tokens:read", "accounts:read"],
+                -1_000_001,
+                Some(1_700_000_000_999_999),
+            );
+            let full = token(&alice.id, "full", &[], 5, None);
+            for new in [&scoped, &full] {
+                store.create_token(new, t(0), &ev()).await.expect("create token");
+            }
+            assert_eq!(
+                scoped.token.scopes.names().collect::<Vec<_>>(),
+                ["accounts:read", "project:publish", "tokens:read"]
+            );
+
+            for new in [&scoped, &full] {
+                let by_id = store
+                    .token_by_id(&new.token.id)
+                    .await
+                    .expect("read by id")
+                    .expect("found by id");
+                assert_token_eq(&by_id, &new.token);
+                let (by_digest, owner) = store
+                    .token_by_digest(&new.digest)
+                    .await
+                    .expect("read by digest")
+                    .expect("found by digest");
+                assert_token_eq(&by_digest, &new.token);
+                assert_account_eq(&owner, &alice);
+            }
+            let full_back = store.token_by_id(&full.token.id).await.expect("read").expect("found");
+            assert!(full_back.scopes.is_full());
+
+            assert!(store.token_by_id(&TokenId::generate()).await.expect("read").is_none());
+            assert!(
+                store
+                    .token_by_digest(&digest(CredentialKind::PersonalAccessToken))
+                    .await
+                    .expect("read")
+                    .is_none()
+            );
+        }
+
+        async fn tokens_list_per_account_in_id_order_and_page(store) {
+            let alice = person("alice", 1);
+            let bob = robot("bob", 2);
+            let empty = robot("empty", 3);
+            for account in [&alice, &bob, &empty] {
+                store.create_account(account, &ev()).await.expect("create account");
+            }
+            // Interleave the two accounts' tokens so that their ids mix.
+            let mut alices = Vec::new();
+            let mut bobs = Vec::new();
+            for i in 0..5 {
+                let a = token(&alice.id, &format!("a{i}"), &["tokens:read"], i, None);
+                store.create_token(&a, t(i), &ev()).await.expect("create alice's token");
+                alices.push(a.token);
+                if i < 3 {
+                    let b = token(&bob.id, &format!("b{i}"), &[], i, Some(i + 10));
+                    store.create_token(&b, t(i), &ev()).await.expect("create bob's token");
+                    bobs.push(b.token);
+                }
+            }
+            let mut alice_ids = ids(&alices, |x: &Token| x.id.as_str());
+            alice_ids.sort();
+            let mut bob_ids = ids(&bobs, |x: &Token| x.id.as_str());
+            bob_ids.sort();
+
+            let all = store.list_tokens(&alice.id, &TokenFilter::all(Timestamp::from_micros(0)), None, 100).await.expect("list");
+            assert_eq!(ids(&all, |x: &Token| x.id.as_str()), alice_ids);
+            for got in &all {
+                let want = alices.iter().find(|x| x.id == got.id).expect("alice's token");
+                assert_token_eq(got, want);
+            }
+            let all = store.list_tokens(&bob.id, &TokenFilter::all(Timestamp::from_micros(0)), None, 100).await.expect("list");
+            assert_eq!(ids(&all, |x: &Token| x.id.as_str()), bob_ids);
+
+            // Pages of 2 over alice's tokens: 2 + 2 + 1, then nothing.
+            let mut seen = Vec::new();
+            let mut after: Option<String> = None;
+            let mut sizes = Vec::new();
+            loop {
+                let page = store
+                    .list_tokens(&alice.id, &TokenFilter::all(Timestamp::from_micros(0)), after.as_deref(), 2)
+                    .await
+                    .expect("list a page");
+                sizes.push(page.len());
+                assert!(page.iter().all(|x| x.account_id == alice.id), "another account's token");
+                let Some(last) = page.last() else { break };
+                after = Some(last.id.as_str().to_owned());
+                seen.extend(ids(&page, |x: &Token| x.id.as_str()));
+            }
+            assert_eq!(sizes, [2, 2, 1, 0]);
+            assert_eq!(seen, alice_ids);
+
+            // A cursor taken from another account's token still lists only
+            // alice's tokens after it.
+            let after_bob = store
+                .list_tokens(&alice.id, &TokenFilter::all(Timestamp::from_micros(0)), Some(&bob_ids[0]), 100)
+                .await
+                .expect("list");
+            let want: Vec<String> =
+                alice_ids.iter().filter(|id| **id > bob_ids[0]).cloned().collect();
+            assert_eq!(ids(&after_bob, |x: &Token| x.id.as_str()), want);
+
+            assert!(store.list_tokens(&empty.id, &TokenFilter::all(Timestamp::from_micros(0)), None, 100).await.expect("list").is_empty());
+            assert!(
+                store
+                    .list_tokens(&AccountId::generate(), &TokenFilter::all(Timestamp::from_micros(0)), None, 100)
+                    .await
+                    .expect("list")
+                    .is_empty()
+            );
+            assert!(store.list_tokens(&alice.id, &TokenFilter::all(Timestamp::from_micros(0)), None, 0).await.expect("list").is_empty());
+        }
+
+        async fn token_names_are_unique_among_an_accounts_live_tokens(store) {
+            let alice = person("alice", 1);
+            let bob = person("bob", 2);
+            for account in [&alice, &bob] {
+                store.create_account(account, &ev()).await.expect("create account");
+            }
+            let first = token(&alice.id, "deploy", &[], 10, None);
+            store.create_token(&first, t(10), &ev()).await.expect("create first");
+
+            let second = token(&alice.id, "deploy", &[], 11, None);
+            assert_eq!(
+                conflict_of(store.create_token(&second, t(11), &ev()).await),
+                Conflict::TokenName
+            );
+            assert!(store.token_by_id(&second.token.id).await.expect("read").is_none());
+
+            // Names are compared exactly: another case is another name.
+            let other_case = token(&alice.id, "Deploy", &[], 12, None);
+            store.create_token(&other_case, t(12), &ev()).await.expect("another case");
+
+            // The same name on another account is fine.
+            let bobs = token(&bob.id, "deploy", &[], 13, None);
+            store.create_token(&bobs, t(13), &ev()).await.expect("same name, other account");
+
+            // Once the first is revoked the name is free again, and several
+            // revoked tokens may share it.
+            store.revoke_token(&first.token.id, t(20), &ev()).await.expect("revoke").expect("found");
+            let third = token(&alice.id, "deploy", &[], 21, None);
+            store.create_token(&third, t(21), &ev()).await.expect("name reused after revoke");
+            store.revoke_token(&third.token.id, t(22), &ev()).await.expect("revoke").expect("found");
+            let fourth = token(&alice.id, "deploy", &[], 23, None);
+            store.create_token(&fourth, t(23), &ev()).await.expect("name reused again");
+            let again = token(&alice.id, "deploy", &[], 24, None);
+            assert_eq!(
+                conflict_of(store.create_token(&again, t(24), &ev()).await),
+                Conflict::TokenName
+            );
+
+            // The revoked tokens keep their name.
+            for old in [&first, &third] {
+                let got = store.token_by_id(&old.token.id).await.expect("read").expect("found");
+                assert_eq!(got.name.as_str(), "deploy");
+                assert!(got.revoke_time.is_some());
+            }
+
+            // A token stored already revoked does not hold its name.
+            let mut born_revoked = token(&bob.id, "deploy", &[], 30, None);
+            born_revoked.token.revoke_time = Some(t(30));
+            store
+                .create_token(&born_revoked, t(30), &ev())
+                .await
+                .expect("an already revoked token takes no name");
+        }
+
+        async fn an_expired_token_gives_its_name_up_but_keeps_it(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let old = token(&alice.id, "nightly", &["project:publish"], 1_000, Some(2_000));
+            store.create_token(&old, t(1_000), &ev()).await.expect("create old");
+
+            // One microsecond before expiry it is still live.
+            let early = token(&alice.id, "nightly", &[], 1_999, None);
+            assert_eq!(
+                conflict_of(store.create_token(&early, t(1_999), &ev()).await),
+                Conflict::TokenName
+            );
+
+            // At its expire_time it is expired (as Token::state says), so
+            // the name is free.
+            assert_eq!(old.token.state(t(2_000)), TokenState::Expired);
+            let new = token(&alice.id, "nightly", &[], 2_000, None);
+            store.create_token(&new, t(2_000), &ev()).await.expect("name reused after expiry");
+
+            // The old token keeps its name, expiry and (absent) revocation.
+            let got = store.token_by_id(&old.token.id).await.expect("read").expect("found");
+            assert_token_eq(&got, &old.token);
+            let (got, _) = store
+                .token_by_digest(&old.digest)
+                .await
+                .expect("read")
+                .expect("found");
+            assert_token_eq(&got, &old.token);
+            let listed = store.list_tokens(&alice.id, &TokenFilter::all(Timestamp::from_micros(0)), None, 100).await.expect("list");
+            assert_eq!(listed.len(), 2);
+            assert!(listed.iter().all(|x| x.name.as_str() == "nightly"));
+
+            // The new token never expires, so it keeps the name for good.
+            let later = token(&alice.id, "nightly", &[], 3_000, None);
+            assert_eq!(
+                conflict_of(store.create_token(&later, Timestamp::MAX, &ev()).await),
+                Conflict::TokenName
+            );
+
+            // The expired token can still be revoked; that frees nothing new.
+            let revoked = store
+                .revoke_token(&old.token.id, t(5_000), &ev())
+                .await
+                .expect("revoke")
+                .expect("found");
+            assert_eq!(revoked.revoke_time, Some(t(5_000)));
+            assert_eq!(revoked.expire_time, Some(t(2_000)));
+            assert_eq!(
+                conflict_of(store.create_token(&later, t(5_001), &ev()).await),
+                Conflict::TokenName
+            );
+        }
+
+        async fn revoking_a_token_is_idempotent(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let new = token(&alice.id, "ci", &["tokens:verify"], 10, Some(1_000));
+            store.create_token(&new, t(10), &ev()).await.expect("create token");
+
+            let first = store
+                .revoke_token(&new.token.id, t(100), &ev())
+                .await
+                .expect("revoke")
+                .expect("found");
+            let mut want = new.token.clone();
+            want.revoke_time = Some(t(100));
+            assert_token_eq(&first, &want);
+
+            let second = store
+                .revoke_token(&new.token.id, t(200), &ev())
+                .await
+                .expect("revoke again")
+                .expect("found");
+            assert_token_eq(&second, &want);
+            let stored = store.token_by_id(&new.token.id).await.expect("read").expect("found");
+            assert_token_eq(&stored, &want);
+
+            assert!(
+                store
+                    .revoke_token(&TokenId::generate(), t(300), &ev())
+                    .await
+                    .expect("revoking an unknown token is not an error")
+                    .is_none()
+            );
+        }
+
+        async fn credentials_of_a_missing_account_are_refused_without_a_conflict(store) {
+            let ghost = AccountId::generate();
+            let new = token(&ghost, "orphan", &[], 1, None);
+            let err = store
+                .create_token(&new, t(1), &ev())
+                .await
+                .expect_err("a token needs its account");
+            eprintln!("create_token for a missing account: {} {err:?}", variant(&err));
+            assert!(
+                !matches!(err, StorageError::Conflict(_)),
+                "a foreign key violation is not a conflict: {err:?}"
+            );
+            assert!(store.token_by_id(&new.token.id).await.expect("read").is_none());
+
+            let s = session(&ghost, 1, 2);
+            let d = digest(CredentialKind::Session);
+            let err = store
+                .create_session(&s, &d, &ev())
+                .await
+                .expect_err("a session needs its account");
+            eprintln!("create_session for a missing account: {} {err:?}", variant(&err));
+            assert!(
+                !matches!(err, StorageError::Conflict(_)),
+                "a foreign key violation is not a conflict: {err:?}"
+            );
+            assert!(store.session_by_digest(&d).await.expect("read").is_none());
+
+            // The store still works afterwards.
+            store.ping().await.expect("ping");
+        }
+
+        async fn a_robot_with_a_password_is_refused_without_a_conflict(store) {
+            let mut bot = robot("bot", 1);
+            bot.password_hash = Some(PasswordHash::from_stored(HASH.to_owned()));
+            let err = store
+                .create_account(&bot, &ev())
+                .await
+                .expect_err("robots have no password");
+            eprintln!("create_account of a robot with a password: {} {err:?}", variant(&err));
+            assert!(
+                !matches!(err, StorageError::Conflict(_)),
+                "a check violation is not a conflict: {err:?}"
+            );
+            assert!(store.account_by_id(&bot.id).await.expect("read").is_none());
+        }
+
+        async fn duplicate_token_digests_are_digest_conflicts(store) {
+            let alice = person("alice", 1);
+            let bob = person("bob", 2);
+            for account in [&alice, &bob] {
+                store.create_account(account, &ev()).await.expect("create account");
+            }
+            let first = token(&alice.id, "one", &[], 1, None);
+            store.create_token(&first, t(1), &ev()).await.expect("create first");
+            // Another account, another name, the same digest.
+            let mut second = token(&bob.id, "two", &[], 2, None);
+            second.digest = first.digest;
+            assert_eq!(
+                conflict_of(store.create_token(&second, t(2), &ev()).await),
+                Conflict::Digest
+            );
+            let (kept, owner) = store
+                .token_by_digest(&first.digest)
+                .await
+                .expect("read")
+                .expect("found");
+            assert_token_eq(&kept, &first.token);
+            assert_account_eq(&owner, &alice);
+            assert!(store.token_by_id(&second.token.id).await.expect("read").is_none());
+        }
+
+        async fn concurrent_creates_of_one_token_name_have_exactly_one_winner(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            // An expired predecessor, so every racer's transaction also
+            // tries to release the name first.
+            let old = token(&alice.id, "shared", &[], 1, Some(2));
+            store.create_token(&old, t(1), &ev()).await.expect("create old");
+
+            let tokens: Arc<Vec<NewToken>> = Arc::new(
+                (0..RACERS)
+                    .map(|i| {
+                        let create = 10 + i64::try_from(i).expect("small");
+                        token(&alice.id, "shared", &[], create, None)
+                    })
+                    .collect(),
+            );
+            let shared = Arc::clone(&tokens);
+            let results = race(&store, move |store, i| {
+                let shared = Arc::clone(&shared);
+                async move { store.create_token(&shared[i], t(10), &ev()).await }
+            })
+            .await;
+            let winner = assert_one_winner(&results, Conflict::TokenName);
+            let listed = store.list_tokens(&alice.id, &TokenFilter::all(Timestamp::from_micros(0)), None, 1000).await.expect("list");
+            assert_eq!(listed.len(), 2, "the old token and the winner");
+            assert!(listed.iter().any(|x| x.id == tokens[winner].token.id));
+        }
+    }
+}

@@ -28,8 +28,7 @@ on_both_backends! {
                     account_id: alice.account_id.clone(),
                     name: "ci-deploy".into(),
                     scopes: vec!["tokens:read".into(), "project:publish".into()],
-                    expire_time: Some(in_the_future(Duration::from_secs(3600))),
-                },
+                    expire_time: Some(in_the_future(Duration::from_secs(3600))), ..Default::default() },
                 &session,
             ))
             .await
@@ -182,7 +181,7 @@ on_both_backends! {
             let page = app
                 .tokens()
                 .list_tokens(bearer(
-                    pb::ListTokensRequest { account_id: robot.account_id.clone(), page_size: 2, page_token: page_token.clone() },
+                    pb::ListTokensRequest { account_id: robot.account_id.clone(), page_size: 2, page_token: page_token.clone(), ..Default::default() },
                     &app.operator_token,
                 ))
                 .await
@@ -200,7 +199,7 @@ on_both_backends! {
         let first = app
             .tokens()
             .list_tokens(bearer(
-                pb::ListTokensRequest { account_id: robot.account_id.clone(), page_size: 1, page_token: String::new() },
+                pb::ListTokensRequest { account_id: robot.account_id.clone(), page_size: 1, page_token: String::new(), ..Default::default() },
                 &app.operator_token,
             ))
             .await
@@ -210,7 +209,7 @@ on_both_backends! {
         assert_status(
             app.tokens()
                 .list_tokens(bearer(
-                    pb::ListTokensRequest { account_id: other.account_id, page_size: 1, page_token: first.next_page_token },
+                    pb::ListTokensRequest { account_id: other.account_id, page_size: 1, page_token: first.next_page_token, ..Default::default() },
                     &app.operator_token,
                 ))
                 .await,
@@ -243,8 +242,7 @@ on_both_backends! {
                     account_id: alice.account_id.clone(),
                     name: format!("child-{}", uuid::Uuid::now_v7()),
                     scopes: scopes.into_iter().map(str::to_owned).collect(),
-                    expire_time: expire,
-                },
+                    expire_time: expire, ..Default::default() },
                 &writer,
             );
             async move { client.create_token(request).await }
@@ -261,8 +259,7 @@ on_both_backends! {
                         account_id: alice.account_id.clone(),
                         name: "expiring".into(),
                         scopes: vec![],
-                        expire_time: Some(in_the_future(Duration::from_secs(600))),
-                    },
+                        expire_time: Some(in_the_future(Duration::from_secs(600))), ..Default::default() },
                     &session,
                 ))
                 .await
@@ -278,18 +275,40 @@ on_both_backends! {
                     name: format!("child-{}", uuid::Uuid::now_v7()),
                     scopes: vec![],
                     expire_time: expire,
+                    ..Default::default()
                 },
                 &expiring,
             );
             async move { client.create_token(request).await }
         };
         child(Some(in_the_future(Duration::from_secs(60)))).await.expect("an earlier expiry is allowed");
-        assert_status(child(None).await, Code::PermissionDenied, "ERROR_REASON_ESCALATION");
+        let defaulted = child(None).await.expect("the default lifetime is capped").into_inner().token.expect("token");
+        let parent_expiry = app
+            .verify(&expiring, &[])
+            .await
+            .principal
+            .expect("principal")
+            .expire_time
+            .expect("expiry");
+        assert_eq!(defaulted.expire_time, Some(parent_expiry), "capped at the parent's expiry");
         assert_status(
             child(Some(in_the_future(Duration::from_secs(6000)))).await,
             Code::PermissionDenied,
             "ERROR_REASON_ESCALATION",
         );
+        let never = app
+            .tokens()
+            .create_token(bearer(
+                pb::CreateTokenRequest {
+                    account_id: alice.account_id.clone(),
+                    name: "never".into(),
+                    never_expires: true,
+                    ..Default::default()
+                },
+                &expiring,
+            ))
+            .await;
+        assert_status(never, Code::InvalidArgument, "ERROR_REASON_TOKEN_LIFETIME");
     }
 }
 

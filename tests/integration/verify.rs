@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use tonic::Code;
 
 use crate::on_both_backends;
-use crate::support::{TestApp, assert_status, bearer, pb};
+use crate::support::{assert_status, bearer, pb};
 
 on_both_backends! {
     async fn an_active_token_reports_its_principal(app: TestApp) {
@@ -22,7 +22,9 @@ on_both_backends! {
         assert_eq!(principal.credential_kind, pb::CredentialKind::PersonalAccessToken as i32);
         assert_eq!(principal.token_id, token.token_id);
         assert_eq!(principal.scopes, ["project:publish"]);
-        assert_eq!(principal.expire_time, None);
+        assert_eq!(principal.expire_time, token.expire_time, "the default lifetime applies");
+        assert!(principal.expire_time.is_some());
+        assert_eq!(principal.uses_remaining, None);
 
         let session_verdict = app.verify(&session, &["anything:at-all"]).await;
         assert!(session_verdict.active, "a session has full access");
@@ -74,8 +76,7 @@ on_both_backends! {
                     expire_time: Some(prost_types::Timestamp {
                         seconds: i64::try_from(soon.as_secs()).expect("fits"),
                         nanos: i32::try_from(soon.subsec_nanos()).expect("fits"),
-                    }),
-                },
+                    }), ..Default::default() },
                 &session,
             ))
             .await
@@ -86,36 +87,13 @@ on_both_backends! {
         tokio::time::sleep(Duration::from_millis(1100)).await;
         assert_eq!(app.verify(&expiring, &[]).await.reason, reason(pb::InactiveReason::Expired));
 
-        // No RPC disables an account yet: mark it in the database directly.
         let (_, live) = app.token(&session, &alice.account_id, "live", &[]).await;
-        disable(&app, &alice.account_id).await;
+        app.accounts()
+            .disable_account(bearer(pb::DisableAccountRequest { account_id: alice.account_id.clone() }, &app.operator_token))
+            .await
+            .expect("disable");
         assert_eq!(app.verify(&live, &[]).await.reason, reason(pb::InactiveReason::AccountDisabled));
         assert_eq!(app.verify(&session, &[]).await.reason, reason(pb::InactiveReason::AccountDisabled));
-    }
-}
-
-/// Sets `disable_time` on an account, as an operator would with SQL.
-async fn disable(app: &TestApp, account_id: &str) {
-    use sqlx::Connection as _;
-    let sql = "UPDATE accounts SET disable_time = 1 WHERE account_id = $1";
-    if app.db.url.starts_with("sqlite:") {
-        let mut conn = sqlx::SqliteConnection::connect(&app.db.url)
-            .await
-            .expect("connect");
-        sqlx::query(sql)
-            .bind(account_id)
-            .execute(&mut conn)
-            .await
-            .expect("update");
-    } else {
-        let mut conn = sqlx::PgConnection::connect(&app.db.url)
-            .await
-            .expect("connect");
-        sqlx::query(sql)
-            .bind(account_id)
-            .execute(&mut conn)
-            .await
-            .expect("update");
     }
 }
 
@@ -124,7 +102,7 @@ on_both_backends! {
         let robot = app.robot("gateway").await;
         let (_, verifier) = app.token(&app.operator_token, &robot.account_id, "verifier", &["tokens:verify"]).await;
         let (_, reader) = app.token(&app.operator_token, &robot.account_id, "reader", &["tokens:read"]).await;
-        let request = |caller: &str| bearer(pb::VerifyTokenRequest { token: reader.clone(), required_scopes: vec![] }, caller);
+        let request = |caller: &str| bearer(pb::VerifyTokenRequest { token: reader.clone(), required_scopes: vec![], ..Default::default() }, caller);
 
         let verdict = app.tokens().verify_token(request(&verifier)).await.expect("allowed").into_inner();
         assert!(verdict.active);
@@ -135,13 +113,13 @@ on_both_backends! {
             Some("tokens:verify")
         );
         assert_status(
-            app.tokens().verify_token(pb::VerifyTokenRequest { token: reader.clone(), required_scopes: vec![] }).await,
+            app.tokens().verify_token(pb::VerifyTokenRequest { token: reader.clone(), required_scopes: vec![], ..Default::default() }).await,
             Code::Unauthenticated,
             "ERROR_REASON_CREDENTIAL_MISSING",
         );
         assert_status(
             app.tokens()
-                .verify_token(bearer(pb::VerifyTokenRequest { token: reader.clone(), required_scopes: vec!["NOT VALID".into()] }, &verifier))
+                .verify_token(bearer(pb::VerifyTokenRequest { token: reader.clone(), required_scopes: vec!["NOT VALID".into()], ..Default::default() }, &verifier))
                 .await,
             Code::InvalidArgument,
             "ERROR_REASON_INVALID_ARGUMENT",

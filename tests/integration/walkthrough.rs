@@ -14,7 +14,9 @@ fn walkthrough_script() -> String {
         .find("## Walk-through with grpcurl")
         .expect("README has a walk-through section");
     let section = &readme[start..];
-    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |end| end + 3)];
+    let section = &section[..section[3..]
+        .find("\n## ")
+        .map_or(section.len(), |end| end + 3)];
     let mut script = String::from("set -euo pipefail\n");
     let mut rest = section;
     while let Some(open) = rest.find("```sh\n") {
@@ -23,7 +25,10 @@ fn walkthrough_script() -> String {
         script.push_str(&body[..close]);
         rest = &body[close + 3..];
     }
-    assert!(script.lines().count() > 20, "the walk-through lost its commands");
+    assert!(
+        script.lines().count() > 20,
+        "the walk-through lost its commands"
+    );
     script
 }
 
@@ -33,7 +38,10 @@ fn require(tool: &str) {
         .args(["-c", &format!("command -v {tool}")])
         .output()
         .is_ok_and(|o| o.status.success());
-    assert!(found, "`{tool}` is not on PATH: run the suite with `bash .ci/test`, which installs it");
+    assert!(
+        found,
+        "`{tool}` is not on PATH: run the suite with `bash .ci/test`, which installs it"
+    );
 }
 
 on_both_backends! {
@@ -64,6 +72,10 @@ on_both_backends! {
         assert!(stdout.contains("\"credentialKind\": \"CREDENTIAL_KIND_PERSONAL_ACCESS_TOKEN\""), "{stdout}");
         assert!(stdout.contains("\"state\": \"TOKEN_STATE_REVOKED\""), "{stdout}");
         assert_eq!(stdout.matches("INACTIVE_REASON_REVOKED").count(), 2, "{stdout}");
+        assert!(stdout.contains("\"previous\": \"TOKEN_STATE_REVOKED\""), "{stdout}");
+        for event in ["AUDIT_EVENT_TYPE_TOKEN_ROTATED", "AUDIT_EVENT_TYPE_TOKEN_LEAKED", "AUDIT_EVENT_TYPE_ACCOUNT_CREATED"] {
+            assert!(stdout.contains(event), "{event} missing from\n{stdout}");
+        }
         assert!(stderr.contains("ERROR_REASON_INVALID_ARGUMENT"), "{stderr}");
         assert!(stderr.contains("\"field\":\"username\""), "{stderr}");
     }

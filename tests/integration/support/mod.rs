@@ -211,7 +211,7 @@ impl TestApp {
                     account_id: account_id.into(),
                     name: name.into(),
                     scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-                    expire_time: None,
+                    ..Default::default()
                 },
                 creator,
             ))
@@ -228,6 +228,7 @@ impl TestApp {
                 pb::VerifyTokenRequest {
                     token: token.into(),
                     required_scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                    ..Default::default()
                 },
                 &self.operator_token,
             ))
@@ -237,8 +238,33 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// The audit events of `account_id` of the given types, newest first, as
+    /// the operator lists them.
+    pub async fn audit(
+        &self,
+        account_id: &str,
+        types: &[pb::AuditEventType],
+    ) -> Vec<pb::AuditEvent> {
+        pb::audit_service_client::AuditServiceClient::new(self.channel.clone())
+            .list_audit_events(bearer(
+                pb::ListAuditEventsRequest {
+                    account_id: account_id.into(),
+                    types: types.iter().map(|t| *t as i32).collect(),
+                    page_size: 1000,
+                    page_token: String::new(),
+                },
+                &self.operator_token,
+            ))
+            .await
+            .expect("list audit events")
+            .into_inner()
+            .events
+    }
+}
+
 /// A password that meets the default policy.
-pub const PASSWORD: &str = "correct horse battery staple";
+pub const PASSWORD: &str = "tulip orbit canyon 47";
 
 /// Wraps `message` in a request carrying `authorization: Bearer <token>`.
 pub fn bearer<T>(message: T, token: &str) -> Request<T> {

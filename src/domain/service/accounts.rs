@@ -1,0 +1,315 @@
+//! Accounts, passwords and sessions.
+
+use super::{Identity, without_hash};
+use crate::domain::{
+    DomainError,
+    account::{Account, AccountId, AccountKind, Email, Role, Username},
+    audit::{AuditEvent, EventType, Origin},
+    credential::{CredentialKind, Secret},
+    page::{ACCOUNTS_LISTING, PageRequest},
+    password::Password,
+    policy::{self, Action, Principal},
+    time::Timestamp,
+    token::{Session, TokenId},
+};
+
+/// How to find an account.
+#[derive(Debug, Clone)]
+pub enum AccountLookup {
+    /// By id.
+    Id(AccountId),
+    /// By username, case-insensitively.
+    Username(Username),
+}
+
+/// A validated request to create an account.
+#[derive(Debug)]
+pub struct NewAccount {
+    /// The username.
+    pub username: Username,
+    /// The password: `Some` for persons, `None` for robots.
+    pub password: Option<Password>,
+    /// The contact address.
+    pub email: Email,
+    /// Person or robot.
+    pub kind: AccountKind,
+    /// User or operator.
+    pub role: Role,
+}
+
+/// A started session: its token (shown once) and metadata.
+#[derive(Debug)]
+pub struct SignedIn {
+    /// The session token.
+    pub secret: Secret,
+    /// The session.
+    pub session: Session,
+    /// The account.
+    pub account: Account,
+}
+
+impl Identity {
+    /// `CreateAccount`.
+    pub async fn create_account(
+        &self,
+        caller: &Principal,
+        origin: &Origin,
+        new: NewAccount,
+    ) -> Result<Account, DomainError> {
+        policy::authorize(caller, Action::CreateAccount)?;
+        self.insert_account(new, origin, Some(caller)).await
+    }
+
+    pub(super) async fn insert_account(
+        &self,
+        new: NewAccount,
+        origin: &Origin,
+        actor: Option<&Principal>,
+    ) -> Result<Account, DomainError> {
+        let password_hash = match new.password {
+            Some(password) => Some(self.hasher.hash(password).await?),
+            None => None,
+        };
+        let account = Account {
+            id: AccountId::generate(),
+            username: new.username,
+            email: new.email,
+            kind: new.kind,
+            role: new.role,
+            password_hash,
+            create_time: Timestamp::now(),
+            disable_time: None,
+        };
+        let event = AuditEvent::new(EventType::AccountCreated, origin, actor)
+            .account(&account.id, account.username.as_str());
+        self.store.create_account(&account, &event).await?;
+        Ok(without_hash(account))
+    }
+
+    /// `GetAccount`.
+    pub async fn get_account(
+        &self,
+        caller: &Principal,
+        lookup: AccountLookup,
+    ) -> Result<Account, DomainError> {
+        let account = match &lookup {
+            AccountLookup::Id(id) => {
+                policy::authorize(caller, Action::ReadAccount(id))?;
+                self.store.account_by_id(id).await?
+            }
+            AccountLookup::Username(name) => {
+                let found = self.store.account_by_username(&name.key()).await?;
+                // A name that matches no account belongs to nobody: a fresh
+                // id stands in for it, so a non-operator is refused alike
+                // whether or not another account has that name.
+                let placeholder = AccountId::generate();
+                let target = found.as_ref().map_or(&placeholder, |a| &a.id);
+                policy::authorize(caller, Action::ReadAccount(target))?;
+                found
+            }
+        };
+        account
+            .map(without_hash)
+            .ok_or(DomainError::AccountNotFound)
+    }
+
+    /// `ListAccounts`.
+    pub async fn list_accounts(
+        &self,
+        caller: &Principal,
+        page: PageRequest,
+    ) -> Result<(Vec<Account>, String), DomainError> {
+        policy::authorize(caller, Action::ListAccounts)?;
+        let found = self
+            .store
+            .list_accounts(page.after.as_deref(), page.fetch_limit())
+            .await?;
+        let found = found.into_iter().map(without_hash).collect();
+        Ok(page.finish(ACCOUNTS_LISTING, found, |a| a.id.as_str()))
+    }
+
+    /// `SignIn`. Unknown usernames, robots, disabled accounts and wrong
+    /// passwords fail alike, and all pay for one argon2 verification. Every
+    /// attempt is audited.
+    pub async fn sign_in(
+        &self,
+        origin: &Origin,
+        username: &str,
+        password: Password,
+    ) -> Result<SignedIn, DomainError> {
+        let account = self
+            .store
+            .account_by_username(&username.to_ascii_lowercase())
+            .await?;
+        let hash = account.as_ref().and_then(|a| a.password_hash.clone());
+        let matches = self.hasher.verify(password, hash).await?;
+        let event = AuditEvent::new(EventType::SignIn, origin, None);
+        let account = match account {
+            Some(account)
+                if matches && account.kind == AccountKind::Person && !account.is_disabled() =>
+            {
+                account
+            }
+            other => {
+                let event = match &other {
+                    Some(account) => event.account(&account.id, account.username.as_str()),
+                    None => event,
+                };
+                self.store.record_event(&event.failed()).await?;
+                return Err(DomainError::SignInFailed);
+            }
+        };
+        let secret = Secret::generate(CredentialKind::Session);
+        let now = Timestamp::now();
+        let session = Session {
+            id: TokenId::generate(),
+            account_id: account.id.clone(),
+            create_time: now,
+            expire_time: now.saturating_add(self.settings.session_ttl),
+            revoke_time: None,
+        };
+        let event = event
+            .account(&account.id, account.username.as_str())
+            .credential(&session.id);
+        self.store
+            .create_session(&session, &secret.digest(), &event)
+            .await?;
+        Ok(SignedIn {
+            secret,
+            session,
+            account: without_hash(account),
+        })
+    }
+
+    /// `SignOut`: ends the caller's own session.
+    pub async fn sign_out(&self, caller: &Principal, origin: &Origin) -> Result<(), DomainError> {
+        policy::authorize(caller, Action::SignOut)?;
+        let event = AuditEvent::new(EventType::SignedOut, origin, Some(caller))
+            .account(&caller.account.id, caller.account.username.as_str())
+            .credential(&caller.credential_id);
+        self.store
+            .revoke_session(&caller.credential_id, Timestamp::now(), &event)
+            .await?;
+        Ok(())
+    }
+
+    /// `ChangePassword`: needs the current password; ends every other
+    /// session. Returns how many ended. A wrong current password is audited
+    /// and fails like a failed sign-in.
+    pub async fn change_password(
+        &self,
+        caller: &Principal,
+        origin: &Origin,
+        current: Password,
+        new: Password,
+    ) -> Result<u64, DomainError> {
+        policy::authorize(caller, Action::ChangePassword)?;
+        let account = self
+            .store
+            .account_by_id(&caller.account.id)
+            .await?
+            .ok_or(DomainError::AccountNotFound)?;
+        let event = AuditEvent::new(EventType::PasswordChanged, origin, Some(caller))
+            .account(&account.id, account.username.as_str());
+        if !self
+            .hasher
+            .verify(current, account.password_hash.clone())
+            .await?
+        {
+            self.store.record_event(&event.failed()).await?;
+            return Err(DomainError::SignInFailed);
+        }
+        let hash = self.hasher.hash(new).await?;
+        let ended = self
+            .store
+            .set_password(
+                &account.id,
+                &hash,
+                &caller.credential_id,
+                Timestamp::now(),
+                &event,
+            )
+            .await?;
+        Ok(ended)
+    }
+
+    /// `SignOutEverywhere`: ends every session of an account. Returns how
+    /// many ended.
+    pub async fn sign_out_everywhere(
+        &self,
+        caller: &Principal,
+        origin: &Origin,
+        id: &AccountId,
+    ) -> Result<u64, DomainError> {
+        policy::authorize(caller, Action::SignOutEverywhere(id))?;
+        let account = self
+            .store
+            .account_by_id(id)
+            .await?
+            .ok_or(DomainError::AccountNotFound)?;
+        let event = AuditEvent::new(EventType::SignedOutEverywhere, origin, Some(caller))
+            .account(&account.id, account.username.as_str());
+        Ok(self
+            .store
+            .revoke_sessions(id, Timestamp::now(), &event)
+            .await?)
+    }
+
+    /// `DisableAccount` (`disable`) and `EnableAccount`.
+    pub async fn set_account_disabled(
+        &self,
+        caller: &Principal,
+        origin: &Origin,
+        id: &AccountId,
+        disable: bool,
+    ) -> Result<Account, DomainError> {
+        policy::authorize(caller, Action::SuspendAccount(id))?;
+        if disable && &caller.account.id == id {
+            return Err(DomainError::SelfLockout);
+        }
+        let account = self
+            .store
+            .account_by_id(id)
+            .await?
+            .ok_or(DomainError::AccountNotFound)?;
+        let kind = if disable {
+            EventType::AccountDisabled
+        } else {
+            EventType::AccountEnabled
+        };
+        let event = AuditEvent::new(kind, origin, Some(caller))
+            .account(&account.id, account.username.as_str());
+        let at = disable.then(Timestamp::now);
+        self.store
+            .set_account_disabled(id, at, &event)
+            .await?
+            .map(without_hash)
+            .ok_or(DomainError::AccountNotFound)
+    }
+
+    /// `DeleteAccount`: the account, its sessions and its tokens go at once;
+    /// its audit events stay.
+    pub async fn delete_account(
+        &self,
+        caller: &Principal,
+        origin: &Origin,
+        id: &AccountId,
+    ) -> Result<(), DomainError> {
+        policy::authorize(caller, Action::DeleteAccount(id))?;
+        if caller.is_operator() && &caller.account.id == id {
+            return Err(DomainError::SelfLockout);
+        }
+        let account = self
+            .store
+            .account_by_id(id)
+            .await?
+            .ok_or(DomainError::AccountNotFound)?;
+        let event = AuditEvent::new(EventType::AccountDeleted, origin, Some(caller))
+            .account(&account.id, account.username.as_str());
+        if self.store.delete_account(id, &event).await? {
+            Ok(())
+        } else {
+            Err(DomainError::AccountNotFound)
+        }
+    }
+}

@@ -1,0 +1,387 @@
+//! The use cases: one method per thing a caller can ask of the service. Each
+//! takes the authenticated caller (a [`Principal`]), where the request came
+//! from (an [`Origin`], for the audit log) and validated inputs, checks the
+//! policy, and talks to the store.
+//!
+//! - this module: the shared types, and credential checking (authentication
+//!   and `VerifyToken`), the hot path;
+//! - [`accounts`]: accounts, passwords and sessions;
+//! - [`tokens`]: personal access tokens;
+//! - [`audit`]: reading the audit log.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use super::{
+    DomainError,
+    account::{Account, AccountKind, Email, Role, Username},
+    audit::Origin,
+    credential::{self, CredentialKind, ParsedCredential},
+    password::{PasswordHasher, PasswordPolicy},
+    policy::{self, Action, Principal},
+    scope::Scopes,
+    time::Timestamp,
+    token::{Session, Token, TokenId, TokenName, TokenState},
+};
+use crate::storage::Store;
+
+mod accounts;
+mod audit;
+mod tokens;
+
+pub use accounts::{AccountLookup, NewAccount, SignedIn};
+pub use audit::audit_listing;
+pub use tokens::{IssuedToken, MAX_LEAKED_SECRETS, Rotated, TokenRequest};
+
+/// Tunable rules of the domain.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    /// How long a session lasts after sign-in.
+    pub session_ttl: Duration,
+    /// What a new password must satisfy.
+    pub password_policy: PasswordPolicy,
+    /// Lifetime of a new token whose request gives no expiry.
+    pub token_default_ttl: Duration,
+    /// Longest lifetime a new token may have.
+    pub token_max_ttl: Duration,
+    /// Whether robot accounts may have tokens that never expire.
+    pub allow_non_expiring_robot_tokens: bool,
+    /// How long a rotated token keeps working after its rotation.
+    pub rotation_grace: Duration,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        const DAY: u64 = 24 * 60 * 60;
+        Self {
+            session_ttl: Duration::from_secs(12 * 60 * 60),
+            password_policy: PasswordPolicy::default(),
+            token_default_ttl: Duration::from_secs(90 * DAY),
+            token_max_ttl: Duration::from_secs(365 * DAY),
+            allow_non_expiring_robot_tokens: false,
+            rotation_grace: Duration::ZERO,
+        }
+    }
+}
+
+/// The identity service's use cases over a store.
+#[derive(Clone)]
+pub struct Identity {
+    store: Arc<dyn Store>,
+    hasher: PasswordHasher,
+    settings: Arc<IdentitySettings>,
+    uses: Arc<UseRecorder>,
+}
+
+/// Why a credential is not active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InactiveReason {
+    /// Not a credential this service issues.
+    Malformed,
+    /// Well-formed but unknown.
+    Unknown,
+    /// Past its expiry.
+    Expired,
+    /// Revoked or signed out.
+    Revoked,
+    /// Its account is disabled.
+    AccountDisabled,
+    /// Lacks a required scope.
+    InsufficientScope,
+    /// A limited-use token with no uses left.
+    Exhausted,
+}
+
+impl InactiveReason {
+    /// A short phrase for error messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed credential",
+            Self::Unknown => "unknown credential",
+            Self::Expired => "expired credential",
+            Self::Revoked => "revoked credential",
+            Self::AccountDisabled => "the credential's account is disabled",
+            Self::InsufficientScope => "the credential lacks a required scope",
+            Self::Exhausted => "the credential has no uses left",
+        }
+    }
+}
+
+/// The verdict on a credential.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// Valid: who it speaks for.
+    Active(Box<Principal>),
+    /// Not valid, and why.
+    Inactive(InactiveReason),
+}
+
+/// How often a token's last use is written: at most once per interval.
+const LAST_USE_INTERVAL: Duration = Duration::from_secs(60);
+
+impl Identity {
+    /// The use cases over `store`, hashing passwords with `hasher`.
+    pub fn new(store: Arc<dyn Store>, hasher: PasswordHasher, settings: IdentitySettings) -> Self {
+        Self {
+            store,
+            hasher,
+            settings: Arc::new(settings),
+            uses: Arc::new(UseRecorder::default()),
+        }
+    }
+
+    /// The domain's settings.
+    pub fn settings(&self) -> &IdentitySettings {
+        &self.settings
+    }
+
+    /// Checks that the store answers.
+    pub async fn ready(&self) -> Result<(), DomainError> {
+        Ok(self.store.ping().await?)
+    }
+
+    /// Authenticates a caller from the credential it sent, if any. Anything
+    /// but an active credential is an error. A successful authentication is a
+    /// use of the credential: it spends one use of a limited-use token and
+    /// may record the token's last use (from `origin`).
+    pub async fn authenticate(
+        &self,
+        credential: Option<&str>,
+        origin: &Origin,
+    ) -> Result<Principal, DomainError> {
+        let raw = credential.ok_or(DomainError::CredentialMissing)?;
+        let verdict = match self.inspect(raw).await? {
+            Verdict::Active(principal) => self.admit(principal, &origin.address).await?,
+            inactive => inactive,
+        };
+        match verdict {
+            Verdict::Active(principal) => Ok(*principal),
+            Verdict::Inactive(reason) => Err(DomainError::CredentialInvalid(reason.describe())),
+        }
+    }
+
+    /// `VerifyToken`: the verdict on `credential` for a caller allowed to ask,
+    /// requiring the `required_scopes` (checked once the caller is allowed).
+    /// An active verdict is a use of the credential, from `client_address`.
+    pub async fn verify<S: AsRef<str>>(
+        &self,
+        caller: &Principal,
+        credential: &str,
+        required_scopes: &[S],
+        client_address: &str,
+    ) -> Result<Verdict, DomainError> {
+        policy::authorize(caller, Action::VerifyToken)?;
+        let required = Scopes::parse("required_scopes", required_scopes)?;
+        let client_address = super::audit::parse_client_address("client_address", client_address)?;
+        match self.inspect(credential).await? {
+            // An empty requirement asks for nothing; each named scope must be
+            // allowed (full access allows every scope).
+            Verdict::Active(principal) if !required.names().all(|s| principal.scopes.allows(s)) => {
+                Ok(Verdict::Inactive(InactiveReason::InsufficientScope))
+            }
+            Verdict::Active(principal) => self.admit(principal, &client_address).await,
+            inactive => Ok(inactive),
+        }
+    }
+
+    /// Looks a credential up and judges it: the core of both authentication
+    /// and `VerifyToken`. A malformed credential costs no I/O. Changes
+    /// nothing: see [`Self::admit`].
+    async fn inspect(&self, raw: &str) -> Result<Verdict, DomainError> {
+        let Ok(ParsedCredential { kind, digest }) = credential::parse(raw) else {
+            return Ok(Verdict::Inactive(InactiveReason::Malformed));
+        };
+        let now = Timestamp::now();
+        let found = match kind {
+            CredentialKind::PersonalAccessToken => self
+                .store
+                .token_by_digest(&digest)
+                .await?
+                .map(|(token, account)| (token.state(now), token_principal(token, account))),
+            CredentialKind::Session => {
+                self.store
+                    .session_by_digest(&digest)
+                    .await?
+                    .map(|(session, account)| {
+                        (session.state(now), session_principal(session, account))
+                    })
+            }
+        };
+        let Some((state, principal)) = found else {
+            return Ok(Verdict::Inactive(InactiveReason::Unknown));
+        };
+        Ok(match state {
+            TokenState::Revoked => Verdict::Inactive(InactiveReason::Revoked),
+            TokenState::Expired => Verdict::Inactive(InactiveReason::Expired),
+            TokenState::Exhausted => Verdict::Inactive(InactiveReason::Exhausted),
+            TokenState::Active if principal.account.is_disabled() => {
+                Verdict::Inactive(InactiveReason::AccountDisabled)
+            }
+            TokenState::Active => Verdict::Active(Box::new(principal)),
+        })
+    }
+
+    /// Turns an active inspection into a use: spends one use of a
+    /// limited-use token (atomically, so N concurrent uses of a token with K
+    /// left succeed exactly K times) and records the token's last use in the
+    /// background, at most once a minute.
+    async fn admit(
+        &self,
+        mut principal: Box<Principal>,
+        address: &str,
+    ) -> Result<Verdict, DomainError> {
+        if principal.credential != CredentialKind::PersonalAccessToken {
+            return Ok(Verdict::Active(principal));
+        }
+        if principal.uses_remaining.is_some() {
+            match self.store.consume_use(&principal.credential_id).await? {
+                Some(left) => principal.uses_remaining = Some(left),
+                None => return Ok(Verdict::Inactive(InactiveReason::Exhausted)),
+            }
+        }
+        let now = Timestamp::now();
+        if self
+            .uses
+            .due(&principal.credential_id, principal.last_used_time, now)
+        {
+            let store = Arc::clone(&self.store);
+            let id = principal.credential_id.clone();
+            let address = address.to_owned();
+            let since =
+                Timestamp::from_micros(now.as_micros() - LAST_USE_INTERVAL.as_micros() as i64);
+            tokio::spawn(async move {
+                if let Err(err) = store.record_use(&id, now, &address, since).await {
+                    tracing::debug!(error = %err, "could not record a token's last use");
+                }
+            });
+        }
+        Ok(Verdict::Active(principal))
+    }
+
+    /// `identity bootstrap-operator`: makes sure an operator robot named
+    /// `username` exists and issues it a new full-access token that never
+    /// expires (the break-glass credential of whoever runs the server; revoke
+    /// it once personal operator tokens exist). Refuses to turn an existing
+    /// non-operator into one.
+    pub async fn bootstrap_operator(&self, username: Username) -> Result<IssuedToken, DomainError> {
+        let origin = Origin::new("bootstrap-operator");
+        let account = match self.store.account_by_username(&username.key()).await? {
+            Some(existing) if existing.role == Role::Operator => existing,
+            Some(_) => {
+                return Err(DomainError::NotAllowed(
+                    "an account with this username exists and is not an operator",
+                ));
+            }
+            None => {
+                let new = NewAccount {
+                    username: username.clone(),
+                    password: None,
+                    email: Email::default(),
+                    kind: AccountKind::Robot,
+                    role: Role::Operator,
+                };
+                match self.insert_account(new, &origin, None).await {
+                    Ok(account) => account,
+                    // Another bootstrap won the race; use its account.
+                    Err(DomainError::UsernameTaken) => self
+                        .store
+                        .account_by_username(&username.key())
+                        .await?
+                        .filter(|a| a.role == Role::Operator)
+                        .ok_or(DomainError::UsernameTaken)?,
+                    Err(other) => return Err(other),
+                }
+            }
+        };
+        let request = TokenRequest {
+            name: TokenName::parse(
+                "name",
+                &format!("bootstrap-{}", TokenId::generate().as_str()),
+            )?,
+            account_id: account.id.clone(),
+            scopes: Scopes::full(),
+            expire_time: None,
+            never_expires: true,
+            max_uses: None,
+        };
+        self.issue_token(&account, request, None, Timestamp::now(), &origin, None)
+            .await
+    }
+}
+
+fn token_principal(token: Token, account: Account) -> Principal {
+    Principal {
+        account: without_hash(account),
+        credential: CredentialKind::PersonalAccessToken,
+        credential_id: token.id,
+        scopes: token.scopes,
+        expire_time: token.expire_time,
+        uses_remaining: token.uses_remaining,
+        last_used_time: token.last_used_time,
+    }
+}
+
+fn session_principal(session: Session, account: Account) -> Principal {
+    Principal {
+        account: without_hash(account),
+        credential: CredentialKind::Session,
+        credential_id: session.id,
+        scopes: Scopes::full(),
+        expire_time: Some(session.expire_time),
+        uses_remaining: None,
+        last_used_time: None,
+    }
+}
+
+fn without_hash(mut account: Account) -> Account {
+    account.password_hash = None;
+    account
+}
+
+/// Remembers when each token's last use was last written, so that a busy
+/// token costs one background write a minute, not one per verification.
+#[derive(Debug, Default)]
+struct UseRecorder {
+    written: std::sync::Mutex<HashMap<TokenId, Timestamp>>,
+}
+
+impl UseRecorder {
+    /// Entries kept before old ones are dropped.
+    const CAPACITY: usize = 100_000;
+
+    /// Whether a use at `now` should be written, given the last one the
+    /// store knew of; if so, notes it as written.
+    fn due(&self, id: &TokenId, stored: Option<Timestamp>, now: Timestamp) -> bool {
+        let interval = LAST_USE_INTERVAL.as_micros() as i64;
+        let fresh = |t: Timestamp| now.as_micros() - t.as_micros() < interval;
+        if stored.is_some_and(fresh) {
+            return false;
+        }
+        let mut written = self
+            .written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if written.get(id).copied().is_some_and(fresh) {
+            return false;
+        }
+        if written.len() >= Self::CAPACITY {
+            written.retain(|_, t| fresh(*t));
+        }
+        written.insert(id.clone(), now);
+        true
+    }
+}
+
+/// Returns `token` if `caller` may perform `action` (built for the token's
+/// account); hides other accounts' tokens as not found, but reports a missing
+/// scope.
+fn visible(
+    caller: &Principal,
+    token: Token,
+    action: fn(&crate::domain::account::AccountId) -> Action<'_>,
+) -> Result<Token, DomainError> {
+    match policy::authorize(caller, action(&token.account_id)) {
+        Ok(()) => Ok(token),
+        Err(DomainError::NotAllowed(_)) => Err(DomainError::TokenNotFound),
+        Err(other) => Err(other),
+    }
+}

@@ -1,0 +1,393 @@
+//! Personal access tokens: issuing, reading, revoking, rotating, and leak
+//! reports.
+
+use std::time::Duration;
+
+use super::{Identity, visible};
+use crate::{
+    domain::{
+        DomainError, FieldViolation,
+        account::{Account, AccountId, AccountKind},
+        audit::{AuditEvent, EventType, Origin},
+        credential::{self, CredentialKind, Secret},
+        page::{PageRequest, tokens_listing},
+        policy::{self, Action, Principal},
+        scope::Scopes,
+        time::Timestamp,
+        token::{NewToken, Token, TokenId, TokenName, TokenState},
+    },
+    storage::TokenFilter,
+};
+
+/// A validated request to issue a token.
+#[derive(Debug)]
+pub struct TokenRequest {
+    /// The account the token acts for.
+    pub account_id: AccountId,
+    /// Which integration holds it.
+    pub name: TokenName,
+    /// Its scopes; empty for full access.
+    pub scopes: Scopes,
+    /// When it stops working; `None` for the server's default lifetime.
+    pub expire_time: Option<Timestamp>,
+    /// Ask for a token that never expires (robots, where allowed).
+    pub never_expires: bool,
+    /// Its use limit, if any.
+    pub max_uses: Option<i64>,
+}
+
+/// A new token: its secret (shown once) and metadata.
+#[derive(Debug)]
+pub struct IssuedToken {
+    /// The secret.
+    pub secret: Secret,
+    /// The metadata.
+    pub token: Token,
+}
+
+/// The outcome of a rotation.
+#[derive(Debug)]
+pub struct Rotated {
+    /// The successor and its secret.
+    pub issued: IssuedToken,
+    /// The rotated token as it now stands.
+    pub previous: Token,
+}
+
+/// The most secrets one leak report may carry.
+pub const MAX_LEAKED_SECRETS: usize = 1000;
+
+/// The largest use limit accepted.
+pub const MAX_USES: i64 = 1_000_000;
+
+impl Identity {
+    /// `CreateToken`.
+    pub async fn create_token(
+        &self,
+        caller: &Principal,
+        origin: &Origin,
+        request: TokenRequest,
+    ) -> Result<IssuedToken, DomainError> {
+        policy::authorize(caller, Action::CreateToken(&request.account_id))?;
+        if let Some(uses) = request.max_uses
+            && !(1..=MAX_USES).contains(&uses)
+        {
+            return Err(DomainError::invalid(
+                "max_uses",
+                format!("must be between 1 and {MAX_USES}"),
+            ));
+        }
+        let account = self
+            .store
+            .account_by_id(&request.account_id)
+            .await?
+            .ok_or(DomainError::AccountNotFound)?;
+        let now = Timestamp::now();
+        let expire_time = self.lifetime(caller, &account, &request, now)?;
+        policy::check_grant(caller, &request.scopes, expire_time)?;
+        self.issue_token(&account, request, expire_time, now, origin, Some(caller))
+            .await
+    }
+
+    /// The expiry a new token gets, under the server's lifetime policy.
+    fn lifetime(
+        &self,
+        caller: &Principal,
+        account: &Account,
+        request: &TokenRequest,
+        now: Timestamp,
+    ) -> Result<Option<Timestamp>, DomainError> {
+        let settings = &self.settings;
+        match (request.never_expires, request.expire_time) {
+            (true, Some(_)) => Err(DomainError::invalid(
+                "never_expires",
+                "cannot be combined with expire_time",
+            )),
+            (true, None)
+                if account.kind == AccountKind::Robot
+                    && settings.allow_non_expiring_robot_tokens =>
+            {
+                Ok(None)
+            }
+            (true, None) => Err(DomainError::TokenLifetime(FieldViolation::new(
+                "never_expires",
+                "tokens without expiry are allowed only for robot accounts, and only where the server is configured to allow them",
+            ))),
+            (false, Some(expire)) if expire <= now => {
+                Err(DomainError::invalid("expire_time", "must be in the future"))
+            }
+            (false, Some(expire)) if expire > now.saturating_add(settings.token_max_ttl) => {
+                Err(DomainError::TokenLifetime(FieldViolation::new(
+                    "expire_time",
+                    format!(
+                        "must be at most {} from now (the server's maximum token lifetime)",
+                        describe(settings.token_max_ttl)
+                    ),
+                )))
+            }
+            (false, Some(expire)) => Ok(Some(expire)),
+            (false, None) => {
+                let default = now.saturating_add(settings.token_default_ttl);
+                // A token created by a token never outlives it.
+                let cap = match caller.credential {
+                    CredentialKind::PersonalAccessToken => caller.expire_time,
+                    CredentialKind::Session => None,
+                };
+                Ok(Some(cap.map_or(default, |cap| cap.min(default))))
+            }
+        }
+    }
+
+    pub(super) async fn issue_token(
+        &self,
+        account: &Account,
+        request: TokenRequest,
+        expire_time: Option<Timestamp>,
+        now: Timestamp,
+        origin: &Origin,
+        actor: Option<&Principal>,
+    ) -> Result<IssuedToken, DomainError> {
+        let secret = Secret::generate(CredentialKind::PersonalAccessToken);
+        let id = TokenId::generate();
+        let token = Token {
+            family_id: id.clone(),
+            id,
+            account_id: request.account_id,
+            name: request.name,
+            scopes: request.scopes,
+            create_time: now,
+            expire_time,
+            revoke_time: None,
+            max_uses: request.max_uses,
+            uses_remaining: request.max_uses,
+            last_used_time: None,
+            last_used_address: String::new(),
+            replaced_by: None,
+        };
+        let event = AuditEvent::new(EventType::TokenCreated, origin, actor)
+            .account(&account.id, account.username.as_str())
+            .credential(&token.id);
+        let new = NewToken {
+            token,
+            digest: secret.digest(),
+        };
+        self.store.create_token(&new, now, &event).await?;
+        Ok(IssuedToken {
+            secret,
+            token: new.token,
+        })
+    }
+
+    /// `GetToken`. Another account's token is reported as not found.
+    pub async fn get_token(&self, caller: &Principal, id: &TokenId) -> Result<Token, DomainError> {
+        // Scope first, so that a caller without it learns nothing about
+        // which ids exist.
+        policy::authorize(caller, Action::ReadTokens(&caller.account.id))?;
+        let token = self
+            .store
+            .token_by_id(id)
+            .await?
+            .ok_or(DomainError::TokenNotFound)?;
+        visible(caller, token, |account| Action::ReadTokens(account))
+    }
+
+    /// `ListTokens`.
+    pub async fn list_tokens(
+        &self,
+        caller: &Principal,
+        account: &AccountId,
+        filter: TokenFilter,
+        page: PageRequest,
+    ) -> Result<(Vec<Token>, String), DomainError> {
+        policy::authorize(caller, Action::ReadTokens(account))?;
+        if caller.is_operator() && self.store.account_by_id(account).await?.is_none() {
+            return Err(DomainError::AccountNotFound);
+        }
+        let found = self
+            .store
+            .list_tokens(account, &filter, page.after.as_deref(), page.fetch_limit())
+            .await?;
+        Ok(page.finish(&tokens_listing(account), found, |t| t.id.as_str()))
+    }
+
+    /// `RevokeToken`: idempotent. Another account's token is reported as not
+    /// found.
+    pub async fn revoke_token(
+        &self,
+        caller: &Principal,
+        origin: &Origin,
+        id: &TokenId,
+    ) -> Result<Token, DomainError> {
+        let token = self
+            .store
+            .token_by_id(id)
+            .await?
+            .ok_or(DomainError::TokenNotFound)?;
+        let token = visible(caller, token, |account| Action::RevokeToken(account))?;
+        let event = AuditEvent::new(EventType::TokenRevoked, origin, Some(caller))
+            .account(&token.account_id, "")
+            .credential(&token.id);
+        self.store
+            .revoke_token(id, Timestamp::now(), &event)
+            .await?
+            .ok_or(DomainError::TokenNotFound)
+    }
+
+    /// `RotateToken`. `presented` is the call's raw credential: presenting
+    /// an already-rotated token here revokes its whole family.
+    pub async fn rotate_token(
+        &self,
+        presented: Option<&str>,
+        origin: &Origin,
+        id: &TokenId,
+    ) -> Result<Rotated, DomainError> {
+        self.detect_reuse(presented, origin).await?;
+        let caller = self.authenticate(presented, origin).await?;
+        let old = self
+            .store
+            .token_by_id(id)
+            .await?
+            .ok_or(DomainError::TokenNotFound)?;
+        let old = visible(&caller, old, |account| Action::RotateToken(account))?;
+        let now = Timestamp::now();
+        if old.replaced_by.is_some() {
+            return Err(DomainError::TokenAlreadyRotated);
+        }
+        match old.state(now) {
+            TokenState::Active => {}
+            TokenState::Expired => return Err(DomainError::TokenInactive("expired")),
+            TokenState::Revoked => return Err(DomainError::TokenInactive("revoked")),
+            TokenState::Exhausted => return Err(DomainError::TokenInactive("exhausted")),
+        }
+        // The successor lives as long as its predecessor was meant to,
+        // within today's maximum.
+        let expire_time = old.expire_time.map(|expire| {
+            let lifetime = Duration::from_micros(
+                u64::try_from(expire.as_micros() - old.create_time.as_micros()).unwrap_or(0),
+            );
+            now.saturating_add(lifetime.min(self.settings.token_max_ttl))
+        });
+        // A token renewing itself keeps its own scopes and lifetime: that is
+        // what rotation is for. Anyone else may not hand out more than they
+        // hold.
+        if caller.credential_id != old.id {
+            policy::check_grant(&caller, &old.scopes, expire_time)?;
+        }
+
+        let secret = Secret::generate(CredentialKind::PersonalAccessToken);
+        let successor = Token {
+            id: TokenId::generate(),
+            account_id: old.account_id.clone(),
+            name: old.name.clone(),
+            scopes: old.scopes.clone(),
+            create_time: now,
+            expire_time,
+            revoke_time: None,
+            max_uses: old.max_uses,
+            uses_remaining: old.max_uses,
+            last_used_time: None,
+            last_used_address: String::new(),
+            family_id: old.family_id.clone(),
+            replaced_by: None,
+        };
+        let event = AuditEvent::new(EventType::TokenRotated, origin, Some(&caller))
+            .account(&old.account_id, "")
+            .credential(&successor.id);
+        let new = NewToken {
+            token: successor,
+            digest: secret.digest(),
+        };
+        let revoke_old_at = now.saturating_add(self.settings.rotation_grace);
+        let previous = self
+            .store
+            .rotate_token(&old.id, &new, revoke_old_at, now, &event)
+            .await?
+            // Someone rotated or revoked it between our read and our write.
+            .ok_or(DomainError::TokenAlreadyRotated)?;
+        Ok(Rotated {
+            issued: IssuedToken {
+                secret,
+                token: new.token,
+            },
+            previous,
+        })
+    }
+
+    /// If `presented` is a personal access token that was already rotated,
+    /// revokes its family and fails with [`DomainError::CredentialReused`].
+    async fn detect_reuse(
+        &self,
+        presented: Option<&str>,
+        origin: &Origin,
+    ) -> Result<(), DomainError> {
+        let Some(Ok(parsed)) = presented.map(credential::parse) else {
+            return Ok(());
+        };
+        if parsed.kind != CredentialKind::PersonalAccessToken {
+            return Ok(());
+        }
+        let Some((token, account)) = self.store.token_by_digest(&parsed.digest).await? else {
+            return Ok(());
+        };
+        if token.replaced_by.is_none() {
+            return Ok(());
+        }
+        let event = AuditEvent::new(EventType::TokenReuseDetected, origin, None)
+            .account(&account.id, account.username.as_str())
+            .credential(&token.id);
+        let revoked = self
+            .store
+            .revoke_family(&token.family_id, Timestamp::now(), &event)
+            .await?;
+        tracing::warn!(
+            token_id = token.id.as_str(),
+            family_id = token.family_id.as_str(),
+            revoked,
+            "a rotated token was presented again: revoked its family"
+        );
+        Err(DomainError::CredentialReused)
+    }
+
+    /// `RevokeLeakedToken`: revokes whichever of `secrets` are live
+    /// credentials, and says nothing about which were.
+    pub async fn revoke_leaked(
+        &self,
+        origin: &Origin,
+        secrets: &[String],
+    ) -> Result<(), DomainError> {
+        if secrets.is_empty() || secrets.len() > MAX_LEAKED_SECRETS {
+            return Err(DomainError::invalid(
+                "secrets",
+                format!("must hold 1 to {MAX_LEAKED_SECRETS} credentials"),
+            ));
+        }
+        let mut tokens = Vec::new();
+        let mut sessions = Vec::new();
+        for parsed in secrets.iter().filter_map(|s| credential::parse(s).ok()) {
+            let list = match parsed.kind {
+                CredentialKind::PersonalAccessToken => &mut tokens,
+                CredentialKind::Session => &mut sessions,
+            };
+            if !list.contains(&parsed.digest) {
+                list.push(parsed.digest);
+            }
+        }
+        let template = AuditEvent::new(EventType::TokenLeaked, origin, None);
+        let revoked = self
+            .store
+            .revoke_leaked(&tokens, &sessions, Timestamp::now(), &template)
+            .await?;
+        tracing::info!(reported = secrets.len(), revoked, "leak report processed");
+        Ok(())
+    }
+}
+
+/// A duration in the largest whole unit that fits: "365 days", "12 hours".
+fn describe(duration: Duration) -> String {
+    let secs = duration.as_secs();
+    match secs {
+        s if s % 86_400 == 0 => format!("{} days", s / 86_400),
+        s if s % 3_600 == 0 => format!("{} hours", s / 3_600),
+        s => format!("{s} seconds"),
+    }
+}
