@@ -19,6 +19,7 @@ use crate::{
             accounts_service_server::AccountsServiceServer,
             audit_service_server::AuditServiceServer, tokens_service_server::TokensServiceServer,
         },
+        shed::ShedLayer,
         tokens::TokensApi,
     },
     config::Config,
@@ -76,6 +77,7 @@ impl App {
         })?;
         let hasher = PasswordHasher::new(config.hash_concurrency)?;
         let identity = Identity::new(Arc::clone(&store), hasher, config.identity.clone());
+        identity.watch_changes();
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .map_err(|source| AppError::Bind {
@@ -143,6 +145,11 @@ impl App {
         );
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
         let server = Server::builder()
+            .timeout(self.config.request_timeout)
+            .max_concurrent_streams(self.config.max_streams_per_connection)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(ShedLayer::new(self.config.max_concurrent_requests as usize))
             .layer(DefaultDenyLayer)
             .add_service(health_service)
             .add_service(reflection_v1)

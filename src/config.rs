@@ -30,6 +30,12 @@ pub struct Config {
     /// Leak reports (`RevokeLeakedToken`) allowed per client address per
     /// minute.
     pub leak_reports_per_minute: u32,
+    /// Calls served at once; more are shed with RESOURCE_EXHAUSTED.
+    pub max_concurrent_requests: u32,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams_per_connection: u32,
+    /// Longest a call may run.
+    pub request_timeout: Duration,
 }
 
 impl Config {
@@ -53,6 +59,9 @@ impl Config {
             drain_timeout: Duration::from_secs(30),
             health_interval: Duration::from_secs(2),
             leak_reports_per_minute: 30,
+            max_concurrent_requests: 1024,
+            max_streams_per_connection: 128,
+            request_timeout: Duration::from_secs(10),
         }
     }
 

@@ -91,6 +91,33 @@ struct Settings {
     #[arg(long, env = "IDENTITY_LEAK_REPORTS_PER_MINUTE", default_value_t = 30,
           value_parser = clap::value_parser!(u32).range(1..=100_000), global = true)]
     leak_reports_per_minute: u32,
+    /// Verdicts the verification cache holds at most (0 turns it off).
+    #[arg(
+        long,
+        env = "IDENTITY_CACHE_ENTRIES",
+        default_value_t = 100_000,
+        global = true
+    )]
+    cache_entries: usize,
+    /// How long a cached verdict is trusted at most (e.g. 30s).
+    #[arg(long, env = "IDENTITY_CACHE_TTL", default_value = "30s", value_parser = config::parse_duration, global = true)]
+    cache_ttl: Duration,
+    /// Calls served at once across all connections; more are refused with
+    /// RESOURCE_EXHAUSTED rather than queued.
+    #[arg(long, env = "IDENTITY_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    max_concurrent_requests: u32,
+    /// Concurrent streams (calls) one HTTP/2 connection may open.
+    #[arg(long, env = "IDENTITY_MAX_STREAMS_PER_CONNECTION", default_value_t = 128,
+          value_parser = clap::value_parser!(u32).range(1..), global = true)]
+    max_streams_per_connection: u32,
+    /// Longest a call may run before it is cancelled (e.g. 10s); a shorter
+    /// grpc-timeout from the client wins.
+    #[arg(long, env = "IDENTITY_REQUEST_TIMEOUT", default_value = "10s", value_parser = config::parse_duration, global = true)]
+    request_timeout: Duration,
+    /// Async runtime worker threads (default: one per core).
+    #[arg(long, env = "IDENTITY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024), global = true)]
+    worker_threads: Option<u16>,
     /// How long shutdown waits for in-flight calls (e.g. 30s).
     #[arg(long, env = "IDENTITY_DRAIN_TIMEOUT", default_value = "30s", value_parser = config::parse_duration, global = true)]
     drain_timeout: Duration,
@@ -121,7 +148,12 @@ impl Settings {
             token_max_ttl: self.token_max_ttl,
             allow_non_expiring_robot_tokens: self.allow_non_expiring_robot_tokens,
             rotation_grace: self.rotation_grace,
+            cache_entries: self.cache_entries,
+            cache_ttl: self.cache_ttl,
         };
+        config.max_concurrent_requests = self.max_concurrent_requests;
+        config.max_streams_per_connection = self.max_streams_per_connection;
+        config.request_timeout = self.request_timeout;
         config.drain_timeout = self.drain_timeout;
         config.leak_reports_per_minute = self.leak_reports_per_minute;
         config
@@ -138,6 +170,9 @@ impl Settings {
         }
         if self.token_default_ttl.is_zero() {
             return Err("IDENTITY_TOKEN_DEFAULT_TTL (--token-default-ttl) must be positive".into());
+        }
+        if self.request_timeout.is_zero() {
+            return Err("IDENTITY_REQUEST_TIMEOUT (--request-timeout) must be positive".into());
         }
         if self.session_ttl.is_zero() {
             return Err("IDENTITY_SESSION_TTL (--session-ttl) must be positive".into());
@@ -163,7 +198,12 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(threads) = cli.settings.worker_threads {
+        builder.worker_threads(usize::from(threads));
+    }
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");

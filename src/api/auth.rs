@@ -69,7 +69,7 @@ pub fn origin<T>(request: &tonic::Request<T>) -> Origin {
 pub async fn caller<T>(
     identity: &Identity,
     request: &tonic::Request<T>,
-) -> Result<(Principal, Origin), tonic::Status> {
+) -> Result<(std::sync::Arc<Principal>, Origin), tonic::Status> {
     let origin = origin(request);
     let principal = identity
         .authenticate(presented(request.metadata()).credential(), &origin)

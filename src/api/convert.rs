@@ -200,7 +200,7 @@ pub(super) fn parse_event_types(field: &str, raw: &[i32]) -> Result<Vec<EventTyp
     violations.complete(Some(types))
 }
 
-pub(super) fn principal(p: Principal) -> pb::Principal {
+pub(super) fn principal(p: &Principal) -> pb::Principal {
     pb::Principal {
         account_id: p.account.id.as_str().to_owned(),
         username: p.account.username.as_str().to_owned(),

@@ -10,6 +10,7 @@ mod convert;
 pub mod guard;
 pub mod ratelimit;
 mod redact;
+pub mod shed;
 pub mod status;
 pub mod tokens;
 

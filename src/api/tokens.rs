@@ -179,7 +179,7 @@ impl TokensService for TokensApi {
             Verdict::Active(principal) => pb::VerifyTokenResponse {
                 active: true,
                 reason: pb::InactiveReason::Unspecified as i32,
-                principal: Some(convert::principal(*principal)),
+                principal: Some(convert::principal(&principal)),
             },
             Verdict::Inactive(reason) => pb::VerifyTokenResponse {
                 active: false,

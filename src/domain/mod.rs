@@ -7,6 +7,7 @@
 
 pub mod account;
 pub mod audit;
+pub mod cache;
 pub mod credential;
 pub mod error;
 pub mod page;

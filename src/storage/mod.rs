@@ -17,6 +17,7 @@ use async_trait::async_trait;
 use crate::domain::{
     account::{Account, AccountId},
     audit::{AuditEvent, AuditFilter},
+    cache::InvalidationSink,
     credential::Digest,
     password::PasswordHash,
     time::Timestamp,
@@ -104,6 +105,16 @@ impl TokenFilter {
 pub trait Store: Send + Sync + 'static {
     /// Checks that the database answers.
     async fn ping(&self) -> Result<(), StorageError>;
+
+    /// Whether other processes (replicas) may change the data, so that a
+    /// cache of it is safe only while [`Store::watch`] delivers their
+    /// changes.
+    fn shared(&self) -> bool;
+
+    /// Delivers every committed change that can turn an active credential
+    /// inactive (or back) to `sink`, from a background task, and tells it
+    /// whenever the delivery channel goes down or comes up. Call once.
+    fn watch(&self, sink: Arc<dyn InvalidationSink>);
 
     /// Inserts a new account. [`Conflict::Username`] if the username key is
     /// taken.

@@ -11,6 +11,7 @@ use super::{Conflict, PoolOptions, StorageError, TokenFilter, WithAccount, rows,
 use crate::domain::{
     account::{Account, AccountId},
     audit::{AuditEvent, AuditFilter},
+    cache::{Invalidation, InvalidationSink},
     credential::Digest,
     password::PasswordHash,
     time::Timestamp,
@@ -104,6 +105,112 @@ impl PgStore {
             | sqlx::Error::WorkerCrashed => StorageError::Unavailable(Box::new(err)),
             _ => StorageError::Other(Box::new(err)),
         }
+    }
+}
+
+/// The channel replicas announce changes on.
+const CHANNEL: &str = "identity_invalidation";
+/// The payload that only proves the channel works.
+const HEARTBEAT: &str = "heartbeat";
+/// How often each replica sends the heartbeat (every replica hears every
+/// replica's, so the channel is proven more often than this).
+const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+impl PgStore {
+    /// Many replicas share one database.
+    const SHARED: bool = true;
+
+    /// Announces a change to every replica, delivered when (and only if)
+    /// the caller's transaction commits.
+    async fn announce(
+        conn: &mut sqlx::PgConnection,
+        what: &Invalidation,
+    ) -> Result<(), StorageError> {
+        let payload = match what {
+            Invalidation::Credential(id) => format!("credential:{}", id.as_str()),
+            Invalidation::Account(id) => format!("account:{}", id.as_str()),
+        };
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(payload)
+            .execute(conn)
+            .await
+            .map(drop)
+            .map_err(Self::classify)
+    }
+
+    /// Listens for announcements on a dedicated connection and hands them to
+    /// `sink`. Whenever the connection is lost the sink hears the channel is
+    /// down, and up again once a new connection listens.
+    fn watch_changes(&self, sink: std::sync::Arc<dyn InvalidationSink>) {
+        // The heartbeat proves the channel delivers: a listener whose
+        // connection died silently stops hearing it, and its cache is
+        // bypassed after CHANNEL_MAX_SILENCE.
+        let heartbeat_pool = self.pool.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let sent = sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(CHANNEL)
+                    .bind(HEARTBEAT)
+                    .execute(&heartbeat_pool)
+                    .await;
+                if let Err(err) = sent {
+                    tracing::debug!(error = %err, "cannot send the change channel's heartbeat");
+                }
+            }
+        });
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let mut backoff = std::time::Duration::from_millis(100);
+            loop {
+                match listen(&pool).await {
+                    Ok(mut listener) => {
+                        backoff = std::time::Duration::from_millis(100);
+                        sink.channel_up(true);
+                        // Ok(None) or an error: the connection is gone.
+                        while let Ok(Some(notification)) = listener.try_recv().await {
+                            sink.heard();
+                            match notification.payload() {
+                                HEARTBEAT => {}
+                                payload => match parse_payload(payload) {
+                                    Some(what) => sink.invalidate(&what),
+                                    None => {
+                                        tracing::warn!("ignored a malformed change notification")
+                                    }
+                                },
+                            }
+                        }
+                        sink.channel_up(false);
+                    }
+                    Err(err) => {
+                        tracing::debug!(error = %err, "cannot listen for changes yet");
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+            }
+        });
+    }
+}
+
+async fn listen(pool: &PgPool) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
+
+fn parse_payload(payload: &str) -> Option<Invalidation> {
+    let (kind, id) = payload.split_once(':')?;
+    uuid::Uuid::try_parse(id).ok()?;
+    match kind {
+        "credential" => Some(Invalidation::Credential(TokenId::from_stored(
+            id.to_owned(),
+        ))),
+        "account" => Some(Invalidation::Account(AccountId::from_stored(id.to_owned()))),
+        _ => None,
     }
 }
 

@@ -140,7 +140,7 @@ pub(super) const LIST_TOKENS: &str = concat!(
 pub(super) const REVOKE_TOKEN: &str = "UPDATE tokens SET revoke_time = $2, live_name = NULL \
     WHERE token_id = $1 AND (revoke_time IS NULL OR revoke_time > $2)";
 pub(super) const REVOKE_FAMILY: &str = "UPDATE tokens SET revoke_time = $2, live_name = NULL \
-    WHERE family_id = $1 AND (revoke_time IS NULL OR revoke_time > $2)";
+    WHERE family_id = $1 AND (revoke_time IS NULL OR revoke_time > $2) RETURNING token_id";
 /// `$2`: successor; `$3`: when the old token stops; `$4`: now.
 pub(super) const MARK_ROTATED: &str = "UPDATE tokens SET replaced_by = $2, live_name = NULL, \
     revoke_time = CASE WHEN revoke_time IS NULL OR revoke_time > $3 THEN $3 ELSE revoke_time END \
@@ -209,7 +209,8 @@ macro_rules! impl_store {
                     .another()
                     .account(&account, username.as_deref().unwrap_or_default())
                     .credential(&credential);
-                Self::insert_event(conn, &event).await?;
+                Self::insert_event(&mut *conn, &event).await?;
+                Self::announce(conn, &Invalidation::Credential(credential)).await?;
                 Ok(1)
             }
         }
@@ -222,6 +223,14 @@ macro_rules! impl_store {
                     .await
                     .map(drop)
                     .map_err(Self::classify)
+            }
+
+            fn shared(&self) -> bool {
+                Self::SHARED
+            }
+
+            fn watch(&self, sink: std::sync::Arc<dyn InvalidationSink>) {
+                self.watch_changes(sink);
             }
 
             async fn create_account(
@@ -301,6 +310,7 @@ macro_rules! impl_store {
                 .rows_affected();
                 if changed > 0 {
                     Self::insert_event(&mut tx, event).await?;
+                    Self::announce(&mut tx, &Invalidation::Account(id.clone())).await?;
                 }
                 let row = sqlx::query(sql::ACCOUNT_BY_ID)
                     .bind(id.as_str())
@@ -335,6 +345,7 @@ macro_rules! impl_store {
                     return Ok(false);
                 }
                 Self::insert_event(&mut tx, event).await?;
+                Self::announce(&mut tx, &Invalidation::Account(id.clone())).await?;
                 tx.commit().await.map_err(Self::classify)?;
                 Ok(true)
             }
@@ -363,6 +374,7 @@ macro_rules! impl_store {
                     .map_err(Self::classify)?
                     .rows_affected();
                 Self::insert_event(&mut tx, event).await?;
+                Self::announce(&mut tx, &Invalidation::Account(id.clone())).await?;
                 tx.commit().await.map_err(Self::classify)?;
                 Ok(ended)
             }
@@ -383,6 +395,7 @@ macro_rules! impl_store {
                     .map_err(Self::classify)?
                     .rows_affected();
                 Self::insert_event(&mut tx, event).await?;
+                Self::announce(&mut tx, &Invalidation::Account(account.clone())).await?;
                 tx.commit().await.map_err(Self::classify)?;
                 Ok(ended)
             }
@@ -438,6 +451,7 @@ macro_rules! impl_store {
                     .rows_affected();
                 if changed > 0 {
                     Self::insert_event(&mut tx, event).await?;
+                    Self::announce(&mut tx, &Invalidation::Credential(id.clone())).await?;
                 }
                 tx.commit().await.map_err(Self::classify)
             }
@@ -522,6 +536,7 @@ macro_rules! impl_store {
                     .rows_affected();
                 if changed > 0 {
                     Self::insert_event(&mut tx, event).await?;
+                    Self::announce(&mut tx, &Invalidation::Credential(id.clone())).await?;
                 }
                 let row = sqlx::query(sql::TOKEN_BY_ID)
                     .bind(id.as_str())
@@ -556,6 +571,7 @@ macro_rules! impl_store {
                 }
                 Self::insert_token(&mut tx, new).await?;
                 Self::insert_event(&mut tx, event).await?;
+                Self::announce(&mut tx, &Invalidation::Credential(old.clone())).await?;
                 let row = sqlx::query(sql::TOKEN_BY_ID)
                     .bind(old.as_str())
                     .fetch_optional(&mut *tx)
@@ -573,16 +589,19 @@ macro_rules! impl_store {
                 event: &AuditEvent,
             ) -> Result<u64, StorageError> {
                 let mut tx = self.pool.begin().await.map_err(Self::classify)?;
-                let revoked = sqlx::query(sql::REVOKE_FAMILY)
+                let revoked: Vec<String> = sqlx::query_scalar(sql::REVOKE_FAMILY)
                     .bind(family.as_str())
                     .bind(at.as_micros())
-                    .execute(&mut *tx)
+                    .fetch_all(&mut *tx)
                     .await
-                    .map_err(Self::classify)?
-                    .rows_affected();
+                    .map_err(Self::classify)?;
                 Self::insert_event(&mut tx, event).await?;
+                for id in &revoked {
+                    let what = Invalidation::Credential(TokenId::from_stored(id.clone()));
+                    Self::announce(&mut tx, &what).await?;
+                }
                 tx.commit().await.map_err(Self::classify)?;
-                Ok(revoked)
+                Ok(revoked.len() as u64)
             }
 
             async fn consume_use(&self, id: &TokenId) -> Result<Option<i64>, StorageError> {

@@ -15,6 +15,7 @@ use super::{Conflict, PoolOptions, StorageError, TokenFilter, WithAccount, rows,
 use crate::domain::{
     account::{Account, AccountId},
     audit::{AuditEvent, AuditFilter},
+    cache::{Invalidation, InvalidationSink},
     credential::Digest,
     password::PasswordHash,
     time::Timestamp,
@@ -109,6 +110,23 @@ impl SqliteStore {
             _ => StorageError::Other(Box::new(err)),
         }
     }
+}
+
+impl SqliteStore {
+    /// One process owns a SQLite file, so nothing changes behind a cache's
+    /// back.
+    const SHARED: bool = false;
+
+    /// Nothing to announce: no other replica can be listening.
+    async fn announce(
+        _conn: &mut sqlx::SqliteConnection,
+        _what: &Invalidation,
+    ) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    /// Nothing to watch.
+    fn watch_changes(&self, _sink: std::sync::Arc<dyn InvalidationSink>) {}
 }
 
 sql::impl_store!(SqliteStore, sqlx::Sqlite);

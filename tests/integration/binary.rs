@@ -647,6 +647,107 @@ async fn no_secret_reaches_the_logs_on(backend: Backend) {
         .await
         .expect_err("sign-in with a personal access token");
 
+    // Changing the password: the new one, and a wrong current one.
+    let new_password = format!("changed-{}-password", random_hex());
+    let wrong_current = format!("wrong-current-{}-password", random_hex());
+    secrets.plain("new password", &new_password);
+    secrets.plain("wrong current password", &wrong_current);
+    accounts
+        .change_password(bearer(
+            pb::ChangePasswordRequest {
+                current_password: wrong_current.clone(),
+                new_password: format!("unused-{}-password", random_hex()),
+            },
+            &session,
+        ))
+        .await
+        .expect_err("a wrong current password");
+    accounts
+        .change_password(bearer(
+            pb::ChangePasswordRequest {
+                current_password: password.clone(),
+                new_password: new_password.clone(),
+            },
+            &session,
+        ))
+        .await
+        .expect("change the password");
+    let second_session = accounts
+        .sign_in(pb::SignInRequest {
+            username: "alice".into(),
+            password: new_password.clone(),
+        })
+        .await
+        .expect("sign in with the new password")
+        .into_inner()
+        .session_token;
+    secrets.token("second session token", &second_session);
+
+    // Rotation, and reuse of the rotated secret.
+    let creator = tokens.clone();
+    let create = |name: &str| {
+        let mut tokens = creator.clone();
+        let request = bearer(
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: name.to_owned(),
+                scopes: vec![],
+                expire_time: None,
+                ..Default::default()
+            },
+            &session,
+        );
+        async move {
+            let created = tokens
+                .create_token(request)
+                .await
+                .expect("create a token")
+                .into_inner();
+            (created.token.expect("token").token_id, created.secret)
+        }
+    };
+    let (rotating_id, rotating) = create("rotating").await;
+    secrets.token("token before rotation", &rotating);
+    let rotated = tokens
+        .rotate_token(bearer(
+            pb::RotateTokenRequest {
+                token_id: rotating_id.clone(),
+            },
+            &session,
+        ))
+        .await
+        .expect("rotate")
+        .into_inner()
+        .secret;
+    secrets.token("token after rotation", &rotated);
+    tokens
+        .rotate_token(bearer(
+            pb::RotateTokenRequest {
+                token_id: rotating_id,
+            },
+            &rotating,
+        ))
+        .await
+        .expect_err("reuse of a rotated secret");
+
+    // A leak report, which carries secrets in the request.
+    let (_, leaked) = create("leaked").await;
+    secrets.token("leaked token", &leaked);
+    tokens
+        .revoke_leaked_token(pb::RevokeLeakedTokenRequest {
+            secrets: vec![leaked.clone(), unknown.clone(), malformed.clone()],
+        })
+        .await
+        .expect("report leaked secrets");
+    assert_eq!(
+        verify(&leaked).await.reason,
+        pb::InactiveReason::Revoked as i32
+    );
+    accounts
+        .sign_out(bearer(pb::SignOutRequest {}, &second_session))
+        .await
+        .expect("sign out the second session");
+
     accounts
         .sign_out(bearer(pb::SignOutRequest {}, &session))
         .await

@@ -5,6 +5,7 @@ use crate::domain::{
     DomainError,
     account::{Account, AccountId, AccountKind, Email, Role, Username},
     audit::{AuditEvent, EventType, Origin},
+    cache::Invalidation,
     credential::{CredentialKind, Secret},
     page::{ACCOUNTS_LISTING, PageRequest},
     password::Password,
@@ -190,6 +191,7 @@ impl Identity {
         self.store
             .revoke_session(&caller.credential_id, Timestamp::now(), &event)
             .await?;
+        self.changed(Invalidation::Credential(caller.credential_id.clone()));
         Ok(())
     }
 
@@ -230,6 +232,7 @@ impl Identity {
                 &event,
             )
             .await?;
+        self.changed(Invalidation::Account(account.id.clone()));
         Ok(ended)
     }
 
@@ -249,10 +252,12 @@ impl Identity {
             .ok_or(DomainError::AccountNotFound)?;
         let event = AuditEvent::new(EventType::SignedOutEverywhere, origin, Some(caller))
             .account(&account.id, account.username.as_str());
-        Ok(self
+        let ended = self
             .store
             .revoke_sessions(id, Timestamp::now(), &event)
-            .await?)
+            .await?;
+        self.changed(Invalidation::Account(id.clone()));
+        Ok(ended)
     }
 
     /// `DisableAccount` (`disable`) and `EnableAccount`.
@@ -280,9 +285,9 @@ impl Identity {
         let event = AuditEvent::new(kind, origin, Some(caller))
             .account(&account.id, account.username.as_str());
         let at = disable.then(Timestamp::now);
-        self.store
-            .set_account_disabled(id, at, &event)
-            .await?
+        let account = self.store.set_account_disabled(id, at, &event).await?;
+        self.changed(Invalidation::Account(id.clone()));
+        account
             .map(without_hash)
             .ok_or(DomainError::AccountNotFound)
     }
@@ -307,6 +312,7 @@ impl Identity {
         let event = AuditEvent::new(EventType::AccountDeleted, origin, Some(caller))
             .account(&account.id, account.username.as_str());
         if self.store.delete_account(id, &event).await? {
+            self.changed(Invalidation::Account(id.clone()));
             Ok(())
         } else {
             Err(DomainError::AccountNotFound)

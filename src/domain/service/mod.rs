@@ -15,6 +15,7 @@ use super::{
     DomainError,
     account::{Account, AccountKind, Email, Role, Username},
     audit::Origin,
+    cache::{Cached, Invalidation, InvalidationSink, VerificationCache},
     credential::{self, CredentialKind, ParsedCredential},
     password::{PasswordHasher, PasswordPolicy},
     policy::{self, Action, Principal},
@@ -47,6 +48,12 @@ pub struct IdentitySettings {
     pub allow_non_expiring_robot_tokens: bool,
     /// How long a rotated token keeps working after its rotation.
     pub rotation_grace: Duration,
+    /// Verdicts the verification cache holds at most (0 turns it off).
+    pub cache_entries: usize,
+    /// How long a cached verdict is trusted at most, whatever notifications
+    /// say: the bound on staleness should a change notification be lost
+    /// without the channel noticing.
+    pub cache_ttl: Duration,
 }
 
 impl Default for IdentitySettings {
@@ -59,6 +66,8 @@ impl Default for IdentitySettings {
             token_max_ttl: Duration::from_secs(365 * DAY),
             allow_non_expiring_robot_tokens: false,
             rotation_grace: Duration::ZERO,
+            cache_entries: 100_000,
+            cache_ttl: Duration::from_secs(30),
         }
     }
 }
@@ -70,6 +79,7 @@ pub struct Identity {
     hasher: PasswordHasher,
     settings: Arc<IdentitySettings>,
     uses: Arc<UseRecorder>,
+    cache: Arc<VerificationCache>,
 }
 
 /// Why a credential is not active.
@@ -110,23 +120,62 @@ impl InactiveReason {
 #[derive(Debug, Clone)]
 pub enum Verdict {
     /// Valid: who it speaks for.
-    Active(Box<Principal>),
+    Active(Arc<Principal>),
     /// Not valid, and why.
     Inactive(InactiveReason),
 }
+
+/// How long the change channel may stay silent (it carries a heartbeat)
+/// before the cache is bypassed: the staleness bound should the channel die
+/// without its connection noticing.
+pub const CHANNEL_MAX_SILENCE: Duration = Duration::from_secs(1);
 
 /// How often a token's last use is written: at most once per interval.
 const LAST_USE_INTERVAL: Duration = Duration::from_secs(60);
 
 impl Identity {
     /// The use cases over `store`, hashing passwords with `hasher`.
+    ///
+    /// On a store that other replicas share, the verification cache stays
+    /// off until [`Self::watch_changes`] has subscribed to the store's change
+    /// notifications.
     pub fn new(store: Arc<dyn Store>, hasher: PasswordHasher, settings: IdentitySettings) -> Self {
+        let cache = Arc::new(VerificationCache::new(
+            settings.cache_entries,
+            settings.cache_ttl,
+        ));
+        if store.shared() {
+            cache.set_enabled(false);
+        }
         Self {
             store,
             hasher,
             settings: Arc::new(settings),
             uses: Arc::new(UseRecorder::default()),
+            cache,
         }
+    }
+
+    /// Subscribes the verification cache to the store's change
+    /// notifications (for as long as the runtime lives). The cache is used
+    /// only while the subscription is up.
+    pub fn watch_changes(&self) {
+        if self.store.shared() {
+            self.cache.require_heartbeat(CHANNEL_MAX_SILENCE);
+            self.store
+                .watch(Arc::clone(&self.cache) as Arc<dyn InvalidationSink>);
+        }
+    }
+
+    /// The verification cache, for inspection.
+    pub fn cache(&self) -> &VerificationCache {
+        &self.cache
+    }
+
+    /// Evicts what a change made on this replica affects, before the call
+    /// that made it returns (other replicas hear of it from the store).
+    pub(super) fn changed(&self, what: Invalidation) {
+        self.cache.evict(&what);
     }
 
     /// The domain's settings.
@@ -147,14 +196,14 @@ impl Identity {
         &self,
         credential: Option<&str>,
         origin: &Origin,
-    ) -> Result<Principal, DomainError> {
+    ) -> Result<Arc<Principal>, DomainError> {
         let raw = credential.ok_or(DomainError::CredentialMissing)?;
         let verdict = match self.inspect(raw).await? {
             Verdict::Active(principal) => self.admit(principal, &origin.address).await?,
             inactive => inactive,
         };
         match verdict {
-            Verdict::Active(principal) => Ok(*principal),
+            Verdict::Active(principal) => Ok(principal),
             Verdict::Inactive(reason) => Err(DomainError::CredentialInvalid(reason.describe())),
         }
     }
@@ -184,40 +233,71 @@ impl Identity {
     }
 
     /// Looks a credential up and judges it: the core of both authentication
-    /// and `VerifyToken`. A malformed credential costs no I/O. Changes
-    /// nothing: see [`Self::admit`].
+    /// and `VerifyToken`. A malformed credential costs no I/O; a cached one
+    /// usually costs none either. Changes nothing: see [`Self::admit`].
     async fn inspect(&self, raw: &str) -> Result<Verdict, DomainError> {
         let Ok(ParsedCredential { kind, digest }) = credential::parse(raw) else {
             return Ok(Verdict::Inactive(InactiveReason::Malformed));
         };
         let now = Timestamp::now();
+        if let Some(cached) = self.cache.get(&digest, now) {
+            return Ok(judge_cached(cached, now));
+        }
+        let epoch = self.cache.epoch();
         let found = match kind {
-            CredentialKind::PersonalAccessToken => self
-                .store
-                .token_by_digest(&digest)
-                .await?
-                .map(|(token, account)| (token.state(now), token_principal(token, account))),
+            CredentialKind::PersonalAccessToken => {
+                self.store
+                    .token_by_digest(&digest)
+                    .await?
+                    .map(|(token, account)| {
+                        (
+                            token.state(now),
+                            token.revoke_time,
+                            token_principal(token, account),
+                        )
+                    })
+            }
             CredentialKind::Session => {
                 self.store
                     .session_by_digest(&digest)
                     .await?
                     .map(|(session, account)| {
-                        (session.state(now), session_principal(session, account))
+                        (
+                            session.state(now),
+                            session.revoke_time,
+                            session_principal(session, account),
+                        )
                     })
             }
         };
-        let Some((state, principal)) = found else {
-            return Ok(Verdict::Inactive(InactiveReason::Unknown));
-        };
-        Ok(match state {
-            TokenState::Revoked => Verdict::Inactive(InactiveReason::Revoked),
-            TokenState::Expired => Verdict::Inactive(InactiveReason::Expired),
-            TokenState::Exhausted => Verdict::Inactive(InactiveReason::Exhausted),
-            TokenState::Active if principal.account.is_disabled() => {
-                Verdict::Inactive(InactiveReason::AccountDisabled)
+        let (verdict, revoke_time) = match found {
+            None => (Verdict::Inactive(InactiveReason::Unknown), None),
+            Some((state, revoke_time, principal)) => {
+                let verdict = match state {
+                    TokenState::Revoked => Verdict::Inactive(InactiveReason::Revoked),
+                    TokenState::Expired => Verdict::Inactive(InactiveReason::Expired),
+                    TokenState::Exhausted => Verdict::Inactive(InactiveReason::Exhausted),
+                    TokenState::Active if principal.account.is_disabled() => {
+                        Verdict::Inactive(InactiveReason::AccountDisabled)
+                    }
+                    TokenState::Active => Verdict::Active(Arc::new(principal)),
+                };
+                (verdict, revoke_time)
             }
-            TokenState::Active => Verdict::Active(Box::new(principal)),
-        })
+        };
+        let cached = match &verdict {
+            // Each use of a limited-use token must reach the store.
+            Verdict::Active(principal) if principal.uses_remaining.is_some() => None,
+            Verdict::Active(principal) => Some(Cached::Active {
+                principal: Arc::clone(principal),
+                revoke_time,
+            }),
+            Verdict::Inactive(reason) => Some(Cached::Inactive(*reason)),
+        };
+        if let Some(cached) = cached {
+            self.cache.put(&digest, cached, now, epoch);
+        }
+        Ok(verdict)
     }
 
     /// Turns an active inspection into a use: spends one use of a
@@ -226,7 +306,7 @@ impl Identity {
     /// background, at most once a minute.
     async fn admit(
         &self,
-        mut principal: Box<Principal>,
+        mut principal: Arc<Principal>,
         address: &str,
     ) -> Result<Verdict, DomainError> {
         if principal.credential != CredentialKind::PersonalAccessToken {
@@ -234,7 +314,7 @@ impl Identity {
         }
         if principal.uses_remaining.is_some() {
             match self.store.consume_use(&principal.credential_id).await? {
-                Some(left) => principal.uses_remaining = Some(left),
+                Some(left) => Arc::make_mut(&mut principal).uses_remaining = Some(left),
                 None => return Ok(Verdict::Inactive(InactiveReason::Exhausted)),
             }
         }
@@ -305,6 +385,21 @@ impl Identity {
         };
         self.issue_token(&account, request, None, Timestamp::now(), &origin, None)
             .await
+    }
+}
+
+/// The verdict on a cached credential at `now`: expiry and scheduled
+/// revocation are re-checked on every hit.
+fn judge_cached(cached: Cached, now: Timestamp) -> Verdict {
+    match cached {
+        Cached::Inactive(reason) => Verdict::Inactive(reason),
+        Cached::Active { revoke_time, .. } if revoke_time.is_some_and(|r| r <= now) => {
+            Verdict::Inactive(InactiveReason::Revoked)
+        }
+        Cached::Active { principal, .. } if principal.expire_time.is_some_and(|e| e <= now) => {
+            Verdict::Inactive(InactiveReason::Expired)
+        }
+        Cached::Active { principal, .. } => Verdict::Active(principal),
     }
 }
 

@@ -9,6 +9,7 @@ use crate::{
         DomainError, FieldViolation,
         account::{Account, AccountId, AccountKind},
         audit::{AuditEvent, EventType, Origin},
+        cache::Invalidation,
         credential::{self, CredentialKind, Secret},
         page::{PageRequest, tokens_listing},
         policy::{self, Action, Principal},
@@ -227,10 +228,12 @@ impl Identity {
         let event = AuditEvent::new(EventType::TokenRevoked, origin, Some(caller))
             .account(&token.account_id, "")
             .credential(&token.id);
-        self.store
+        let revoked = self
+            .store
             .revoke_token(id, Timestamp::now(), &event)
-            .await?
-            .ok_or(DomainError::TokenNotFound)
+            .await?;
+        self.changed(Invalidation::Credential(id.clone()));
+        revoked.ok_or(DomainError::TokenNotFound)
     }
 
     /// `RotateToken`. `presented` is the call's raw credential: presenting
@@ -304,6 +307,7 @@ impl Identity {
             .await?
             // Someone rotated or revoked it between our read and our write.
             .ok_or(DomainError::TokenAlreadyRotated)?;
+        self.changed(Invalidation::Credential(old.id.clone()));
         Ok(Rotated {
             issued: IssuedToken {
                 secret,
@@ -339,6 +343,7 @@ impl Identity {
             .store
             .revoke_family(&token.family_id, Timestamp::now(), &event)
             .await?;
+        self.changed(Invalidation::Account(account.id.clone()));
         tracing::warn!(
             token_id = token.id.as_str(),
             family_id = token.family_id.as_str(),
@@ -377,6 +382,11 @@ impl Identity {
             .store
             .revoke_leaked(&tokens, &sessions, Timestamp::now(), &template)
             .await?;
+        if revoked > 0 {
+            // The store announces each revoked credential to every replica;
+            // here, where their ids are not at hand, start afresh.
+            self.cache.clear();
+        }
         tracing::info!(reported = secrets.len(), revoked, "leak report processed");
         Ok(())
     }

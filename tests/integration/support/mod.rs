@@ -75,6 +75,8 @@ pub struct TestApp {
     pub operator_token: String,
     /// The database it runs on.
     pub db: TestDatabase,
+    /// The server's use cases, to look inside (its cache).
+    pub identity: identity::domain::Identity,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<Result<(), identity::app::AppError>>>,
 }
@@ -89,6 +91,24 @@ impl TestApp {
     /// changed the test configuration.
     pub async fn spawn_with(backend: Backend, adjust: impl FnOnce(&mut Config)) -> Self {
         let db = TestDatabase::new(backend).await;
+        Self::spawn_on(db, None, adjust).await
+    }
+
+    /// Starts another replica of this server on the same database, sharing
+    /// its operator.
+    pub async fn replica(&self) -> Self {
+        let db = TestDatabase {
+            url: self.db.url.clone(),
+            _dir: None,
+        };
+        Self::spawn_on(db, Some(self.operator_token.clone()), |_| {}).await
+    }
+
+    async fn spawn_on(
+        db: TestDatabase,
+        operator_token: Option<String>,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Self {
         let mut config = Config::with_database(db.url.clone());
         config.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config.hash_concurrency = 2;
@@ -96,12 +116,17 @@ impl TestApp {
         adjust(&mut config);
         let app = App::build(config).await.expect("build the app");
         let addr = app.local_addr();
-        let issued = app
-            .identity()
-            .bootstrap_operator(Username::parse("username", "ops").expect("valid username"))
-            .await
-            .expect("bootstrap an operator");
-        let operator_token = issued.secret.expose().to_owned();
+        let identity = app.identity().clone();
+        let operator_token = match operator_token {
+            Some(token) => token,
+            None => identity
+                .bootstrap_operator(Username::parse("username", "ops").expect("valid username"))
+                .await
+                .expect("bootstrap an operator")
+                .secret
+                .expose()
+                .to_owned(),
+        };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(app.run_until(async move {
             let _ = rx.await;
@@ -116,6 +141,7 @@ impl TestApp {
             channel,
             operator_token,
             db,
+            identity,
             shutdown: Some(tx),
             server: Some(server),
         }
