@@ -354,3 +354,29 @@ on_both_backends! {
         assert!(listed.tokens.is_empty(), "no refused request stored a token");
     }
 }
+
+on_both_backends! {
+    async fn a_caller_without_the_scope_cannot_probe_which_token_ids_exist(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let (existing, _) = app.token(&session, &alice.account_id, "real", &[]).await;
+        let (_, reader) = app.token(&session, &alice.account_id, "reader", &["project:read"]).await;
+        let missing = uuid::Uuid::now_v7().to_string();
+        for id in [existing.token_id.clone(), missing] {
+            assert_status(
+                app.tokens().get_token(bearer(pb::GetTokenRequest { token_id: id.clone() }, &reader)).await,
+                Code::PermissionDenied,
+                "ERROR_REASON_SCOPE_MISSING",
+            );
+            assert_status(
+                app.tokens().revoke_token(bearer(pb::RevokeTokenRequest { token_id: id.clone() }, &reader)).await,
+                Code::PermissionDenied,
+                "ERROR_REASON_SCOPE_MISSING",
+            );
+            assert_status(
+                app.tokens().rotate_token(bearer(pb::RotateTokenRequest { token_id: id.clone() }, &reader)).await,
+                Code::PermissionDenied,
+                "ERROR_REASON_SCOPE_MISSING",
+            );
+        }
+    }
+}

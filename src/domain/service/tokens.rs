@@ -219,6 +219,7 @@ impl Identity {
         origin: &Origin,
         id: &TokenId,
     ) -> Result<Token, DomainError> {
+        policy::authorize(caller, Action::RevokeToken(&caller.account.id))?;
         let token = self
             .store
             .token_by_id(id)
@@ -246,6 +247,7 @@ impl Identity {
     ) -> Result<Rotated, DomainError> {
         self.detect_reuse(presented, origin).await?;
         let caller = self.authenticate(presented, origin).await?;
+        policy::authorize(&caller, Action::RotateToken(&caller.account.id))?;
         let old = self
             .store
             .token_by_id(id)
