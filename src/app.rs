@@ -78,6 +78,7 @@ impl App {
         let hasher = PasswordHasher::new(config.hash_concurrency)?;
         let identity = Identity::new(Arc::clone(&store), hasher, config.identity.clone());
         identity.watch_changes();
+        identity.record_uses_in_background();
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .map_err(|source| AppError::Bind {

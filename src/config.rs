@@ -71,10 +71,10 @@ impl Config {
     }
 }
 
-/// One argon2 hash per core: hashing is CPU-bound, so more would only queue
-/// in the OS instead of here.
+/// One argon2 hash per core but one: hashing is CPU-bound, and a flood of
+/// sign-ins must leave a core for verification, the hot path.
 pub fn default_hash_concurrency() -> usize {
-    std::thread::available_parallelism().map_or(2, usize::from)
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
 /// Checks that a database URL names a supported backend.

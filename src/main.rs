@@ -64,7 +64,7 @@ struct Settings {
     /// How long a query waits for a free connection (e.g. 5s).
     #[arg(long, env = "IDENTITY_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = config::parse_duration, global = true)]
     db_acquire_timeout: Duration,
-    /// Most argon2 password hashes computed at once (default: one per core).
+    /// Threads computing argon2 password hashes (default: cores minus one).
     #[arg(long, env = "IDENTITY_HASH_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..), global = true)]
     hash_concurrency: Option<u16>,
     /// How long a session lasts after sign-in (e.g. 12h).

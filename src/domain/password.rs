@@ -10,7 +10,6 @@ use argon2::{
     },
 };
 use tokio::sync::Semaphore;
-use tracing::Instrument as _;
 
 use super::DomainError;
 
@@ -147,7 +146,11 @@ pub struct PasswordHasher {
 
 struct HasherInner {
     argon2: Argon2<'static>,
+    /// One per hashing thread: a hash waits here (asynchronously, holding
+    /// no thread) until a thread is free.
     permits: Semaphore,
+    /// Hands work to the hashing threads; they stop when it is dropped.
+    jobs: std::sync::mpsc::Sender<Job>,
     /// A hash of a random password, verified against when the username is
     /// unknown so that such a sign-in costs the same as a real one.
     dummy: PasswordHash,
@@ -169,16 +172,43 @@ impl PasswordHasher {
 
     /// A hasher that runs at most `max_concurrent` hashes at once. Computes
     /// the dummy hash synchronously (a few tens of milliseconds).
+    ///
+    /// Hashing runs on `max_concurrent` dedicated threads rather than
+    /// tokio's blocking pool: each hash takes 19 MiB, and a few long-lived
+    /// threads keep reusing their memory where hundreds of short-lived
+    /// blocking threads would each leave an allocator arena behind.
     pub fn new(max_concurrent: usize) -> Result<Self, DomainError> {
         let params = Params::new(Self::MEMORY_KIB, Self::ITERATIONS, 1, None).map_err(internal)?;
         let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
         let mut random = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
         let dummy = hash_with(&argon2, &random).map_err(internal)?;
+        let threads = max_concurrent.max(1);
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for i in 0..threads {
+            let queue = Arc::clone(&queue);
+            std::thread::Builder::new()
+                .name(format!("argon2-{i}"))
+                .spawn(move || {
+                    loop {
+                        let job = queue
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .recv();
+                        match job {
+                            Ok(job) => job(),
+                            Err(_) => break,
+                        }
+                    }
+                })
+                .map_err(internal)?;
+        }
         Ok(Self {
             inner: Arc::new(HasherInner {
                 argon2,
-                permits: Semaphore::new(max_concurrent.max(1)),
+                permits: Semaphore::new(threads),
+                jobs,
                 dummy,
             }),
         })
@@ -212,7 +242,7 @@ impl PasswordHasher {
         .await?
     }
 
-    /// Runs `work` on a blocking thread once a permit is free, inside the
+    /// Runs `work` on a hashing thread once one is free, inside the
     /// caller's tracing span.
     async fn run<T: Send + 'static>(
         &self,
@@ -220,12 +250,20 @@ impl PasswordHasher {
     ) -> Result<T, DomainError> {
         let _permit = self.inner.permits.acquire().await.map_err(internal)?;
         let span = tracing::Span::current();
-        tokio::task::spawn_blocking(move || span.in_scope(work))
-            .instrument(tracing::Span::current())
-            .await
-            .map_err(internal)
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = done.send(span.in_scope(work));
+        });
+        self.inner
+            .jobs
+            .send(job)
+            .map_err(|_| DomainError::Internal("the password hashing threads are gone".into()))?;
+        result.await.map_err(internal)
     }
 }
+
+/// Work for a hashing thread.
+type Job = Box<dyn FnOnce() + Send>;
 
 fn hash_with(argon2: &Argon2<'_>, password: &[u8]) -> Result<PasswordHash, password_hash::Error> {
     let salt = SaltString::generate(&mut OsRng);

@@ -70,6 +70,17 @@ pub enum Conflict {
 /// verification path in a single query.
 pub type WithAccount<T> = (T, Account);
 
+/// One successful use of a token, for [`Store::record_uses`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenUse {
+    /// The token.
+    pub id: TokenId,
+    /// When.
+    pub at: Timestamp,
+    /// From where (the client address); empty if unknown.
+    pub address: String,
+}
+
 /// Which tokens [`Store::list_tokens`] returns.
 #[derive(Debug, Clone)]
 pub struct TokenFilter {
@@ -267,14 +278,12 @@ pub trait Store: Send + Sync + 'static {
     /// limit).
     async fn consume_use(&self, id: &TokenId) -> Result<Option<i64>, StorageError>;
 
-    /// Records a successful use at `at` from `address`, unless one was
-    /// recorded after `unless_since`.
-    async fn record_use(
+    /// Records a batch of successful uses, each unless a use of the same
+    /// token was recorded less than `interval` before it.
+    async fn record_uses(
         &self,
-        id: &TokenId,
-        at: Timestamp,
-        address: &str,
-        unless_since: Timestamp,
+        uses: &[TokenUse],
+        interval: std::time::Duration,
     ) -> Result<(), StorageError>;
 
     /// Revokes the live tokens and sessions with these digests at `at`, and

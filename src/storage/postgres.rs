@@ -196,6 +196,32 @@ impl PgStore {
     }
 }
 
+/// Records a batch of uses in one statement.
+const RECORD_USES: &str = "UPDATE tokens t SET last_used_time = u.at, last_used_address = u.address \
+    FROM UNNEST($1::text[], $2::int8[], $3::text[]) AS u(token_id, at, address) \
+    WHERE t.token_id = u.token_id AND (t.last_used_time IS NULL OR t.last_used_time <= u.at - $4)";
+
+impl PgStore {
+    async fn write_uses(
+        &self,
+        uses: &[super::TokenUse],
+        interval_micros: i64,
+    ) -> Result<(), StorageError> {
+        let ids: Vec<&str> = uses.iter().map(|u| u.id.as_str()).collect();
+        let times: Vec<i64> = uses.iter().map(|u| u.at.as_micros()).collect();
+        let addresses: Vec<&str> = uses.iter().map(|u| u.address.as_str()).collect();
+        sqlx::query(RECORD_USES)
+            .bind(ids)
+            .bind(times)
+            .bind(addresses)
+            .bind(interval_micros)
+            .execute(&self.pool)
+            .await
+            .map(drop)
+            .map_err(Self::classify)
+    }
+}
+
 async fn listen(pool: &PgPool) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
     let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
     listener.listen(CHANNEL).await?;

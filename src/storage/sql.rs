@@ -147,8 +147,9 @@ pub(super) const MARK_ROTATED: &str = "UPDATE tokens SET replaced_by = $2, live_
     WHERE token_id = $1 AND replaced_by IS NULL AND (revoke_time IS NULL OR revoke_time > $4)";
 pub(super) const CONSUME_USE: &str = "UPDATE tokens SET uses_remaining = uses_remaining - 1 \
     WHERE token_id = $1 AND uses_remaining > 0 RETURNING uses_remaining";
+/// `$4`: the minimum interval between two recorded uses, in microseconds.
 pub(super) const RECORD_USE: &str = "UPDATE tokens SET last_used_time = $2, last_used_address = $3 \
-    WHERE token_id = $1 AND (last_used_time IS NULL OR last_used_time <= $4)";
+    WHERE token_id = $1 AND (last_used_time IS NULL OR last_used_time <= $2 - $4)";
 pub(super) const LEAK_TOKEN: &str = "UPDATE tokens SET revoke_time = $2, live_name = NULL \
     WHERE digest = $1 AND (revoke_time IS NULL OR revoke_time > $2) \
     AND (expire_time IS NULL OR expire_time > $2) \
@@ -612,22 +613,19 @@ macro_rules! impl_store {
                     .map_err(Self::classify)
             }
 
-            async fn record_use(
+            async fn record_uses(
                 &self,
-                id: &TokenId,
-                at: Timestamp,
-                address: &str,
-                unless_since: Timestamp,
+                uses: &[$crate::storage::TokenUse],
+                interval: std::time::Duration,
             ) -> Result<(), StorageError> {
-                sqlx::query(sql::RECORD_USE)
-                    .bind(id.as_str())
-                    .bind(at.as_micros())
-                    .bind(address)
-                    .bind(unless_since.as_micros())
-                    .execute(&self.pool)
-                    .await
-                    .map(drop)
-                    .map_err(Self::classify)
+                if uses.is_empty() {
+                    return Ok(());
+                }
+                self.write_uses(
+                    uses,
+                    i64::try_from(interval.as_micros()).unwrap_or(i64::MAX),
+                )
+                .await
             }
 
             async fn revoke_leaked(

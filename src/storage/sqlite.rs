@@ -127,6 +127,27 @@ impl SqliteStore {
 
     /// Nothing to watch.
     fn watch_changes(&self, _sink: std::sync::Arc<dyn InvalidationSink>) {}
+
+    /// Records a batch of uses in one transaction (one statement each: SQLite
+    /// has no arrays to bind).
+    async fn write_uses(
+        &self,
+        uses: &[super::TokenUse],
+        interval_micros: i64,
+    ) -> Result<(), StorageError> {
+        let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+        for token_use in uses {
+            sqlx::query(sql::RECORD_USE)
+                .bind(token_use.id.as_str())
+                .bind(token_use.at.as_micros())
+                .bind(token_use.address.as_str())
+                .bind(interval_micros)
+                .execute(&mut *tx)
+                .await
+                .map_err(Self::classify)?;
+        }
+        tx.commit().await.map_err(Self::classify)
+    }
 }
 
 sql::impl_store!(SqliteStore, sqlx::Sqlite);

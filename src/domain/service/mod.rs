@@ -23,7 +23,7 @@ use super::{
     time::Timestamp,
     token::{Session, Token, TokenId, TokenName, TokenState},
 };
-use crate::storage::Store;
+use crate::storage::{Store, TokenUse};
 
 mod accounts;
 mod audit;
@@ -130,6 +130,9 @@ pub enum Verdict {
 /// without its connection noticing.
 pub const CHANNEL_MAX_SILENCE: Duration = Duration::from_secs(1);
 
+/// How often buffered token uses are written.
+const LAST_USE_FLUSH: Duration = Duration::from_secs(1);
+
 /// How often a token's last use is written: at most once per interval.
 const LAST_USE_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -165,6 +168,24 @@ impl Identity {
             self.store
                 .watch(Arc::clone(&self.cache) as Arc<dyn InvalidationSink>);
         }
+    }
+
+    /// Writes buffered token uses to the store every `LAST_USE_FLUSH`, from a
+    /// background task (for as long as the runtime lives).
+    pub fn record_uses_in_background(&self) {
+        let uses = Arc::clone(&self.uses);
+        let store = Arc::clone(&self.store);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(LAST_USE_FLUSH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let batch = uses.take();
+                if let Err(err) = store.record_uses(&batch, LAST_USE_INTERVAL).await {
+                    tracing::debug!(error = %err, dropped = batch.len(), "could not record token uses");
+                }
+            }
+        });
     }
 
     /// The verification cache, for inspection.
@@ -323,15 +344,10 @@ impl Identity {
             .uses
             .due(&principal.credential_id, principal.last_used_time, now)
         {
-            let store = Arc::clone(&self.store);
-            let id = principal.credential_id.clone();
-            let address = address.to_owned();
-            let since =
-                Timestamp::from_micros(now.as_micros() - LAST_USE_INTERVAL.as_micros() as i64);
-            tokio::spawn(async move {
-                if let Err(err) = store.record_use(&id, now, &address, since).await {
-                    tracing::debug!(error = %err, "could not record a token's last use");
-                }
+            self.uses.push(TokenUse {
+                id: principal.credential_id.clone(),
+                at: now,
+                address: address.to_owned(),
             });
         }
         Ok(Verdict::Active(principal))
@@ -433,10 +449,13 @@ fn without_hash(mut account: Account) -> Account {
 }
 
 /// Remembers when each token's last use was last written, so that a busy
-/// token costs one background write a minute, not one per verification.
+/// token costs one write a minute, not one per verification; and buffers the
+/// uses to write, so that verification never waits for a write and a burst
+/// of first uses costs one statement a second.
 #[derive(Debug, Default)]
 struct UseRecorder {
     written: std::sync::Mutex<HashMap<TokenId, Timestamp>>,
+    pending: std::sync::Mutex<Vec<TokenUse>>,
 }
 
 impl UseRecorder {
@@ -463,6 +482,27 @@ impl UseRecorder {
         }
         written.insert(id.clone(), now);
         true
+    }
+
+    /// Queues a use for the next flush. Bounded: past the capacity, uses are
+    /// dropped (they are a convenience, not a record of security events).
+    fn push(&self, token_use: TokenUse) {
+        let mut pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.len() < Self::CAPACITY {
+            pending.push(token_use);
+        }
+    }
+
+    fn take(&self) -> Vec<TokenUse> {
+        std::mem::take(
+            &mut *self
+                .pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 }
 
