@@ -47,6 +47,10 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
+            // No ping before each query: it would double the round trips of
+            // the hot path. A dead connection fails its query, which is
+            // reported as unavailable, and the pool replaces it.
+            .test_before_acquire(false)
             .connect_lazy_with(connect);
         Ok(Self { pool })
     }
