@@ -55,17 +55,6 @@ impl PgStore {
         Ok(Self { pool })
     }
 
-    /// Applies the embedded migrations that the database lacks.
-    pub async fn migrate(&self) -> Result<(), StorageError> {
-        super::migrator(MIGRATIONS)
-            .run(&self.pool)
-            .await
-            .map_err(|e| match e {
-                sqlx::migrate::MigrateError::Execute(inner) => Self::classify(inner),
-                other => StorageError::Other(Box::new(other)),
-            })
-    }
-
     /// Translates a sqlx error by SQLSTATE and constraint name.
     fn classify(err: sqlx::Error) -> StorageError {
         match &err {

@@ -156,8 +156,11 @@ pub(super) const LEAK_TOKEN: &str = "UPDATE tokens SET revoke_time = $2, live_na
     RETURNING token_id AS credential_id, account_id";
 pub(super) const USERNAME_OF: &str = "SELECT username FROM accounts WHERE account_id = $1";
 
-/// Implements [`super::Store`] for a backend type with a `pool` field and a
-/// `fn classify(sqlx::Error) -> StorageError`, over sqlx database `$db`.
+/// Implements [`super::Store`] for a backend type, over sqlx database `$db`.
+/// The backend module supplies a `pool` field, `MIGRATIONS`, and the
+/// functions where backends differ: `classify` (errors), `announce` and
+/// `watch_changes` (change notifications), `write_uses` (batched last use)
+/// and the `SHARED` constant.
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
         impl $store {
@@ -181,6 +184,29 @@ macro_rules! impl_store {
                     .await
                     .map(drop)
                     .map_err(Self::classify)
+            }
+
+            /// Appends `event` and announces `what` to every replica, within
+            /// the caller's transaction: both take effect when it commits.
+            async fn record(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                event: &AuditEvent,
+                what: &Invalidation,
+            ) -> Result<(), StorageError> {
+                Self::insert_event(&mut *conn, event).await?;
+                Self::announce(conn, what).await
+            }
+
+            /// Applies the embedded migrations that the database lacks.
+            pub async fn migrate(&self) -> Result<(), StorageError> {
+                // The backend module's own `MIGRATIONS`.
+                super::migrator(MIGRATIONS)
+                    .run(&self.pool)
+                    .await
+                    .map_err(|e| match e {
+                        sqlx::migrate::MigrateError::Execute(inner) => Self::classify(inner),
+                        other => StorageError::Other(Box::new(other)),
+                    })
             }
 
             /// Revokes the live credential a leaked digest names, if any,
@@ -210,8 +236,7 @@ macro_rules! impl_store {
                     .another()
                     .account(&account, username.as_deref().unwrap_or_default())
                     .credential(&credential);
-                Self::insert_event(&mut *conn, &event).await?;
-                Self::announce(conn, &Invalidation::Credential(credential)).await?;
+                Self::record(conn, &event, &Invalidation::Credential(credential)).await?;
                 Ok(1)
             }
         }
@@ -310,8 +335,7 @@ macro_rules! impl_store {
                 .map_err(Self::classify)?
                 .rows_affected();
                 if changed > 0 {
-                    Self::insert_event(&mut tx, event).await?;
-                    Self::announce(&mut tx, &Invalidation::Account(id.clone())).await?;
+                    Self::record(&mut tx, event, &Invalidation::Account(id.clone())).await?;
                 }
                 let row = sqlx::query(sql::ACCOUNT_BY_ID)
                     .bind(id.as_str())
@@ -345,8 +369,7 @@ macro_rules! impl_store {
                 if deleted == 0 {
                     return Ok(false);
                 }
-                Self::insert_event(&mut tx, event).await?;
-                Self::announce(&mut tx, &Invalidation::Account(id.clone())).await?;
+                Self::record(&mut tx, event, &Invalidation::Account(id.clone())).await?;
                 tx.commit().await.map_err(Self::classify)?;
                 Ok(true)
             }
@@ -374,8 +397,7 @@ macro_rules! impl_store {
                     .await
                     .map_err(Self::classify)?
                     .rows_affected();
-                Self::insert_event(&mut tx, event).await?;
-                Self::announce(&mut tx, &Invalidation::Account(id.clone())).await?;
+                Self::record(&mut tx, event, &Invalidation::Account(id.clone())).await?;
                 tx.commit().await.map_err(Self::classify)?;
                 Ok(ended)
             }
@@ -395,8 +417,7 @@ macro_rules! impl_store {
                     .await
                     .map_err(Self::classify)?
                     .rows_affected();
-                Self::insert_event(&mut tx, event).await?;
-                Self::announce(&mut tx, &Invalidation::Account(account.clone())).await?;
+                Self::record(&mut tx, event, &Invalidation::Account(account.clone())).await?;
                 tx.commit().await.map_err(Self::classify)?;
                 Ok(ended)
             }
@@ -451,8 +472,7 @@ macro_rules! impl_store {
                     .map_err(Self::classify)?
                     .rows_affected();
                 if changed > 0 {
-                    Self::insert_event(&mut tx, event).await?;
-                    Self::announce(&mut tx, &Invalidation::Credential(id.clone())).await?;
+                    Self::record(&mut tx, event, &Invalidation::Credential(id.clone())).await?;
                 }
                 tx.commit().await.map_err(Self::classify)
             }
@@ -536,8 +556,7 @@ macro_rules! impl_store {
                     .map_err(Self::classify)?
                     .rows_affected();
                 if changed > 0 {
-                    Self::insert_event(&mut tx, event).await?;
-                    Self::announce(&mut tx, &Invalidation::Credential(id.clone())).await?;
+                    Self::record(&mut tx, event, &Invalidation::Credential(id.clone())).await?;
                 }
                 let row = sqlx::query(sql::TOKEN_BY_ID)
                     .bind(id.as_str())
@@ -571,8 +590,7 @@ macro_rules! impl_store {
                     return Ok(None);
                 }
                 Self::insert_token(&mut tx, new).await?;
-                Self::insert_event(&mut tx, event).await?;
-                Self::announce(&mut tx, &Invalidation::Credential(old.clone())).await?;
+                Self::record(&mut tx, event, &Invalidation::Credential(old.clone())).await?;
                 let row = sqlx::query(sql::TOKEN_BY_ID)
                     .bind(old.as_str())
                     .fetch_optional(&mut *tx)

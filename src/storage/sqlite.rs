@@ -63,17 +63,6 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
-    /// Applies the embedded migrations that the database lacks.
-    pub async fn migrate(&self) -> Result<(), StorageError> {
-        super::migrator(MIGRATIONS)
-            .run(&self.pool)
-            .await
-            .map_err(|e| match e {
-                sqlx::migrate::MigrateError::Execute(inner) => Self::classify(inner),
-                other => StorageError::Other(Box::new(other)),
-            })
-    }
-
     /// Translates a sqlx error. SQLite does not report constraint names, so
     /// unique violations are recognised by the columns its message names.
     fn classify(err: sqlx::Error) -> StorageError {
