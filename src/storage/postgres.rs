@@ -29,6 +29,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "lifecycle",
         include_str!("../../migrations/postgres/0002_lifecycle.sql"),
     ),
+    (
+        3,
+        "tokens fillfactor",
+        include_str!("../../migrations/postgres/0003_tokens_fillfactor.sql"),
+    ),
 ];
 
 /// A [`super::Store`] on PostgreSQL.
