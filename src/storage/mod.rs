@@ -48,6 +48,10 @@ pub enum StorageError {
     /// A row could not be understood (a bug or a hand-edited database).
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// The database's schema is not the one this build expects (migrated
+    /// by a newer release, or not yet migrated); the message says which.
+    #[error("{0}")]
+    Schema(String),
     /// Anything else.
     #[error("database error")]
     Other(#[source] BoxError),
@@ -321,12 +325,16 @@ pub async fn open(
         let store = PgStore::connect(url, options).await?;
         if migrate {
             store.migrate().await?;
+        } else {
+            store.check_schema(false).await?;
         }
         Ok(Arc::new(store))
     } else if url.starts_with("sqlite:") {
         let store = SqliteStore::connect(url, options).await?;
         if migrate {
             store.migrate().await?;
+        } else {
+            store.check_schema(false).await?;
         }
         Ok(Arc::new(store))
     } else {
@@ -355,6 +363,32 @@ impl Default for PoolOptions {
     }
 }
 
+/// The versions of a backend's embedded migrations.
+fn schema_versions(files: &[(i64, &str, &str)]) -> Vec<i64> {
+    files.iter().map(|&(version, _, _)| version).collect()
+}
+
+/// Decides whether a database whose applied migrations are `applied` may be
+/// served by a build that carries `known` (see `check_schema`).
+fn compare_schema(applied: &[i64], known: &[i64], will_migrate: bool) -> Result<(), StorageError> {
+    let newest_known = known.iter().copied().max().unwrap_or(0);
+    if let Some(unknown) = applied.iter().copied().find(|v| !known.contains(v)) {
+        return Err(StorageError::Schema(format!(
+            "the database schema is newer than this build: it has migration {unknown}, \
+             this build knows migrations up to {newest_known}; run a release that knows it"
+        )));
+    }
+    if !will_migrate {
+        if let Some(missing) = known.iter().copied().find(|v| !applied.contains(v)) {
+            return Err(StorageError::Schema(format!(
+                "the database schema lacks migration {missing} (of {newest_known}); \
+                 run `identity migrate` first, or start with IDENTITY_MIGRATE=true"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Builds a migrator from SQL files embedded in the binary. Migrations are
 /// append-only: a released file is never edited, only followed by a new one.
 fn migrator(files: &'static [(i64, &'static str, &'static str)]) -> sqlx::migrate::Migrator {
@@ -373,5 +407,27 @@ fn migrator(files: &'static [(i64, &'static str, &'static str)]) -> sqlx::migrat
     sqlx::migrate::Migrator {
         migrations: Cow::Owned(migrations),
         ..sqlx::migrate::Migrator::DEFAULT
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_schema_is_served_only_when_this_build_knows_all_of_it() {
+        let known = [1, 2, 3];
+        assert!(compare_schema(&[1, 2, 3], &known, false).is_ok());
+        assert!(compare_schema(&[1, 2], &known, true).is_ok());
+        assert!(compare_schema(&[], &known, true).is_ok());
+        let behind = compare_schema(&[1, 2], &known, false).unwrap_err();
+        assert!(behind.to_string().contains("identity migrate"), "{behind}");
+        for will_migrate in [false, true] {
+            let newer = compare_schema(&[1, 2, 3, 4], &known, will_migrate).unwrap_err();
+            assert!(
+                newer.to_string().contains("newer than this build"),
+                "{newer}"
+            );
+        }
     }
 }

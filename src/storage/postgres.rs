@@ -107,6 +107,10 @@ impl PgStore {
 }
 
 /// The channel replicas announce changes on.
+/// Whether the migrations table exists (it does once anything was migrated).
+const SCHEMA_TABLE_EXISTS: &str = "SELECT count(*) FROM pg_catalog.pg_tables \
+     WHERE tablename = '_sqlx_migrations' AND schemaname = current_schema()";
+
 const CHANNEL: &str = "identity_invalidation";
 /// The payload that only proves the channel works.
 const HEARTBEAT: &str = "heartbeat";

@@ -41,6 +41,10 @@ macro_rules! token_state {
     };
 }
 
+/// The versions of the migrations applied successfully, oldest first.
+pub(super) const APPLIED_MIGRATIONS: &str =
+    "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version";
+
 pub(super) const INSERT_EVENT: &str = "INSERT INTO audit_events \
     (event_id, event_time, event_type, outcome, actor_account_id, actor_credential_id, \
      subject_account_id, subject_credential_id, subject_username, source_address) \
@@ -199,14 +203,45 @@ macro_rules! impl_store {
 
             /// Applies the embedded migrations that the database lacks.
             pub async fn migrate(&self) -> Result<(), StorageError> {
+                self.check_schema(true).await?;
                 // The backend module's own `MIGRATIONS`.
                 super::migrator(MIGRATIONS)
                     .run(&self.pool)
                     .await
                     .map_err(|e| match e {
                         sqlx::migrate::MigrateError::Execute(inner) => Self::classify(inner),
+                        sqlx::migrate::MigrateError::VersionMismatch(version) => {
+                            StorageError::Schema(format!(
+                                "migration {version} as applied to the database differs from \
+                                 the one this build carries; released migrations must never change"
+                            ))
+                        }
                         other => StorageError::Other(Box::new(other)),
                     })
+            }
+
+            /// Compares the migrations applied to the database with the ones
+            /// this build carries. A database that has a migration this
+            /// build does not know was migrated by a newer release: serving
+            /// it could write rows the newer schema forbids, so it is
+            /// refused. Unless `will_migrate`, a database lacking some of
+            /// this build's migrations is refused too, with a pointer to
+            /// `identity migrate`.
+            pub async fn check_schema(&self, will_migrate: bool) -> Result<(), StorageError> {
+                let exists: i64 = sqlx::query_scalar(SCHEMA_TABLE_EXISTS)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(Self::classify)?;
+                let applied: Vec<i64> = if exists > 0 {
+                    sqlx::query_scalar(sql::APPLIED_MIGRATIONS)
+                        .fetch_all(&self.pool)
+                        .await
+                        .map_err(Self::classify)?
+                } else {
+                    Vec::new()
+                };
+                let known = super::schema_versions(MIGRATIONS);
+                super::compare_schema(&applied, &known, will_migrate)
             }
 
             /// Revokes the live credential a leaked digest names, if any,

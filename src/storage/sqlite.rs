@@ -22,6 +22,10 @@ use crate::domain::{
     token::{NewToken, Session, Token, TokenId},
 };
 
+/// Whether the migrations table exists (it does once anything was migrated).
+const SCHEMA_TABLE_EXISTS: &str =
+    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'";
+
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,

@@ -1200,3 +1200,106 @@ async fn migrate_applies_the_schema_and_exits() {
         printed_token(&bootstrap_operator(&url, "ops", &[("IDENTITY_MIGRATE", "false")]).await);
     assert!(token.starts_with("idpat_"));
 }
+
+/// Runs one statement on the database at `url`, outside the service.
+async fn execute_on(url: &str, statement: &str) {
+    use sqlx::Connection as _;
+    if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("open");
+        sqlx::query(statement)
+            .execute(&mut conn)
+            .await
+            .expect(statement);
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+        sqlx::query(statement)
+            .execute(&mut conn)
+            .await
+            .expect(statement);
+    }
+}
+
+/// `serve` without migrating refuses a database that lacks this build's
+/// migrations, and any command refuses one migrated by a newer release.
+async fn a_schema_this_build_does_not_know_is_refused_on(backend: Backend) {
+    let (_dir, url) = match backend {
+        Backend::Sqlite => {
+            let (dir, _path, url) = sqlite_file();
+            (Some(dir), url)
+        }
+        Backend::Postgres => (None, crate::support::postgres::fresh_database_url().await),
+    };
+    let serve_without_migrating = || {
+        let mut command = identity_command(&url);
+        command.args([
+            "serve",
+            "--listen-addr",
+            "127.0.0.1:0",
+            "--migrate",
+            "false",
+        ]);
+        run(command)
+    };
+    let migrate = || {
+        let mut command = identity_command(&url);
+        command.arg("migrate");
+        run(command)
+    };
+
+    let unmigrated = serve_without_migrating().await;
+    assert!(!unmigrated.status.success(), "{}", unmigrated.stderr);
+    assert!(
+        unmigrated.stderr.contains("run `identity migrate` first"),
+        "{}",
+        unmigrated.stderr
+    );
+    assert!(
+        !unmigrated.stderr.contains("serving"),
+        "{}",
+        unmigrated.stderr
+    );
+
+    let migrated = migrate().await;
+    assert!(migrated.status.success(), "{}", migrated.stderr);
+
+    // A newer release applied migration 9999.
+    execute_on(
+        &url,
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from a newer release', TRUE, x'00', 0)"
+            .replace(
+                "x'00'",
+                if backend == Backend::Sqlite {
+                    "x'00'"
+                } else {
+                    "'\\x00'::bytea"
+                },
+            )
+            .as_str(),
+    )
+    .await;
+    for finished in [serve_without_migrating().await, migrate().await] {
+        assert!(!finished.status.success(), "{}", finished.stderr);
+        assert!(
+            finished
+                .stderr
+                .contains("newer than this build: it has migration 9999"),
+            "{}",
+            finished.stderr
+        );
+    }
+}
+
+mod a_schema_this_build_does_not_know_is_refused {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        a_schema_this_build_does_not_know_is_refused_on(Backend::Sqlite).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        a_schema_this_build_does_not_know_is_refused_on(Backend::Postgres).await;
+    }
+}

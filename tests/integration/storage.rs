@@ -220,6 +220,7 @@ fn variant(err: &StorageError) -> &'static str {
         StorageError::Conflict(_) => "Conflict",
         StorageError::Unavailable(_) => "Unavailable",
         StorageError::Corrupt(_) => "Corrupt",
+        StorageError::Schema(_) => "Schema",
         StorageError::Other(_) => "Other",
     }
 }
