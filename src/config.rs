@@ -1,7 +1,9 @@
 //! The service's configuration: one typed value, built by the command line
-//! (flags and `IDENTITY_*` environment variables, see `main.rs`) or directly
-//! by tests. Each setting is validated where it is parsed, and a bad one
+//! (defaults, an optional TOML file, `IDENTITY_*` environment variables and
+//! flags: see `main.rs` and [`file`]) or directly by tests. Each setting is validated where it is parsed, and a bad one
 //! fails start-up with a message that names it.
+
+pub mod file;
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -36,6 +38,9 @@ pub struct Config {
     pub max_streams_per_connection: u32,
     /// Longest a call may run.
     pub request_timeout: Duration,
+    /// Serve gRPC server reflection (v1 and v1alpha), so that clients such
+    /// as grpcurl need no `.proto` files.
+    pub reflection: bool,
 }
 
 impl Config {
@@ -62,6 +67,7 @@ impl Config {
             max_concurrent_requests: 1024,
             max_streams_per_connection: 128,
             request_timeout: Duration::from_secs(10),
+            reflection: true,
         }
     }
 
@@ -108,7 +114,7 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
 }
 
 /// Replaces the password in `scheme://user:password@host/...` with `***`.
-fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };

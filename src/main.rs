@@ -4,9 +4,9 @@
 
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use identity::{
     app::{self, App},
     config::{self, Config},
@@ -22,6 +22,11 @@ use tracing_subscriber::EnvFilter;
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// A TOML file of settings, keyed by the flags' names with `_` for `-`
+    /// (e.g. `listen_addr = "0.0.0.0:50051"`). Environment variables and
+    /// flags override it.
+    #[arg(long, env = "IDENTITY_CONFIG", value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     settings: Settings,
 }
@@ -39,6 +44,17 @@ enum Command {
         #[arg(long)]
         username: String,
     },
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration (defaults, file, environment, flags) and
+    /// print the effective settings, secrets redacted, as a TOML file that
+    /// `--config` accepts. Exits non-zero, naming the setting, if invalid.
+    Check,
 }
 
 /// Settings shared by every command; each flag mirrors an environment
@@ -115,6 +131,10 @@ struct Settings {
     /// grpc-timeout from the client wins.
     #[arg(long, env = "IDENTITY_REQUEST_TIMEOUT", default_value = "10s", value_parser = config::parse_duration, global = true)]
     request_timeout: Duration,
+    /// Serve gRPC server reflection, so that grpcurl and buf curl need no
+    /// .proto files. Turn off to expose only the API itself.
+    #[arg(long, env = "IDENTITY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    reflection: bool,
     /// Async runtime worker threads (default: one per core).
     #[arg(long, env = "IDENTITY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024), global = true)]
     worker_threads: Option<u16>,
@@ -154,6 +174,7 @@ impl Settings {
         config.max_concurrent_requests = self.max_concurrent_requests;
         config.max_streams_per_connection = self.max_streams_per_connection;
         config.request_timeout = self.request_timeout;
+        config.reflection = self.reflection;
         config.drain_timeout = self.drain_timeout;
         config.leak_reports_per_minute = self.leak_reports_per_minute;
         config
@@ -182,7 +203,22 @@ impl Settings {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let layered = match config::file::parse(Cli::command(), std::env::args_os().collect(), "config")
+    {
+        Ok(layered) => layered,
+        Err(config::file::LayerError::Clap(err)) => err.exit(),
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = match Cli::from_arg_matches(&layered.matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
+    if let Some(Command::Config(ConfigCommand::Check)) = cli.command {
+        return config_check(&cli.settings, &layered);
+    }
     let filter = match EnvFilter::try_new(&cli.settings.log) {
         Ok(filter) => filter,
         Err(err) => {
@@ -227,6 +263,8 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::BootstrapOperator { username } => bootstrap(config, &username).await,
+            // Answered above, before logging and the runtime start.
+            Command::Config(ConfigCommand::Check) => Ok(()),
         }
     });
     match result {
@@ -234,6 +272,26 @@ fn main() -> ExitCode {
         Err(err) => {
             tracing::error!(error = %err, "exiting");
             eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `config check`: validates everything that can be checked without the
+/// network and prints the effective settings.
+fn config_check(settings: &Settings, layered: &config::file::Layered) -> ExitCode {
+    let checks = settings.validate().and_then(|()| {
+        EnvFilter::try_new(&settings.log)
+            .map(drop)
+            .map_err(|err| format!("IDENTITY_LOG (--log): {err}"))
+    });
+    match checks {
+        Ok(()) => {
+            print!("{}", layered.render("config"));
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }
