@@ -116,9 +116,15 @@ impl App {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        let reflection_v1 = reflection().build_v1()?;
-        // grpcurl 1.8 speaks only v1alpha.
-        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let (reflection_v1, reflection_v1alpha) = if self.config.reflection {
+            // grpcurl 1.8 speaks only v1alpha.
+            (
+                Some(reflection().build_v1()?),
+                Some(reflection().build_v1alpha()?),
+            )
+        } else {
+            (None, None)
+        };
 
         // `build` has just seen the database answer.
         set_all(&health, ServingStatus::Serving).await;
@@ -142,6 +148,7 @@ impl App {
         tracing::info!(
             addr = %self.local_addr,
             database = %self.config.redacted_database_url(),
+            reflection = self.config.reflection,
             "serving"
         );
         let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
@@ -153,8 +160,8 @@ impl App {
             .layer(ShedLayer::new(self.config.max_concurrent_requests as usize))
             .layer(DefaultDenyLayer)
             .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+            .add_optional_service(reflection_v1)
+            .add_optional_service(reflection_v1alpha)
             .add_service(AccountsServiceServer::new(AccountsApi::new(
                 self.identity.clone(),
             )))

@@ -80,3 +80,61 @@ on_both_backends! {
         assert!(stderr.contains("\"field\":\"username\""), "{stderr}");
     }
 }
+
+/// Reflection is off: grpcurl cannot list services, but works from the
+/// `.proto` files as the README shows. (Reflection does not touch storage:
+/// one backend suffices.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_reflection_grpcurl_works_from_the_protos() {
+    require("grpcurl");
+    let app = crate::support::TestApp::spawn_with(crate::support::Backend::Sqlite, |config| {
+        config.reflection = false
+    })
+    .await;
+    let grpcurl = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            Command::new("grpcurl")
+                .args(&args)
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .output()
+                .expect("run grpcurl")
+        })
+    };
+    let addr = app.addr.to_string();
+    let listed = grpcurl(vec!["-plaintext".into(), addr.clone(), "list".into()])
+        .await
+        .expect("join");
+    let stderr = String::from_utf8_lossy(&listed.stderr);
+    assert!(
+        !listed.status.success(),
+        "reflection answered: {}",
+        String::from_utf8_lossy(&listed.stdout)
+    );
+    assert!(
+        stderr.contains("does not support the reflection API"),
+        "{stderr}"
+    );
+
+    let verified = grpcurl(vec![
+        "-plaintext".into(),
+        "-import-path".into(),
+        "proto".into(),
+        "-proto".into(),
+        "identity/v1/tokens.proto".into(),
+        "-H".into(),
+        format!("authorization: Bearer {}", app.operator_token),
+        "-d".into(),
+        format!("{{\"token\": \"{}\"}}", app.operator_token),
+        addr,
+        "identity.v1.TokensService/VerifyToken".into(),
+    ])
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&verified.stdout);
+    assert!(
+        verified.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&verified.stderr)
+    );
+    assert!(stdout.contains("\"active\": true"), "{stdout}");
+}
