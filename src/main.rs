@@ -270,8 +270,22 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            tracing::error!(error = %err, "exiting");
-            eprintln!("error: {err}");
+            // With its causes ("the database is unavailable: ... invalid
+            // peer certificate"), which name no secret: sqlx's errors carry
+            // neither the URL nor its password.
+            let mut message = err.to_string();
+            let mut cause = std::error::Error::source(&err);
+            while let Some(inner) = cause {
+                let text = inner.to_string();
+                // Some messages already end with their source's.
+                if !message.ends_with(&text) {
+                    message.push_str(": ");
+                    message.push_str(&text);
+                }
+                cause = inner.source();
+            }
+            tracing::error!(error = %message, "exiting");
+            eprintln!("error: {message}");
             ExitCode::FAILURE
         }
     }

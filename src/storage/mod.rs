@@ -378,9 +378,7 @@ fn compare_schema(applied: &[i64], known: &[i64], will_migrate: bool) -> Result<
              this build knows migrations up to {newest_known}; run a release that knows it"
         )));
     }
-    if !will_migrate
-        && let Some(missing) = known.iter().copied().find(|v| !applied.contains(v))
-    {
+    if !will_migrate && let Some(missing) = known.iter().copied().find(|v| !applied.contains(v)) {
         return Err(StorageError::Schema(format!(
             "the database schema lacks migration {missing} (of {newest_known}); \
              run `identity migrate` first, or start with IDENTITY_MIGRATE=true"
