@@ -29,7 +29,7 @@ use crate::support::{
     Backend, TestDatabase, bearer,
     pb::{
         self, accounts_service_client::AccountsServiceClient,
-        tokens_service_client::TokensServiceClient,
+        audit_service_client::AuditServiceClient, tokens_service_client::TokensServiceClient,
     },
 };
 
@@ -625,18 +625,19 @@ async fn no_secret_reaches_the_logs_on(backend: Backend) {
         );
     }
 
+    // Every refusal's status (message, details, metadata) is searched too.
+    let mut refusals = String::new();
     let failed = accounts
         .sign_in(pb::SignInRequest {
             username: "alice".into(),
             password: wrong_password.clone(),
         })
-        .await;
-    assert_eq!(
-        failed.expect_err("a wrong password").code(),
-        tonic::Code::Unauthenticated
-    );
+        .await
+        .expect_err("a wrong password");
+    assert_eq!(failed.code(), tonic::Code::Unauthenticated);
+    refusals.push_str(&format!("{failed:?}\n"));
     // A personal access token must not open a session.
-    accounts
+    let refused = accounts
         .sign_in(bearer(
             pb::SignInRequest {
                 username: "alice".into(),
@@ -646,13 +647,14 @@ async fn no_secret_reaches_the_logs_on(backend: Backend) {
         ))
         .await
         .expect_err("sign-in with a personal access token");
+    refusals.push_str(&format!("{refused:?}\n"));
 
     // Changing the password: the new one, and a wrong current one.
     let new_password = format!("changed-{}-password", random_hex());
     let wrong_current = format!("wrong-current-{}-password", random_hex());
     secrets.plain("new password", &new_password);
     secrets.plain("wrong current password", &wrong_current);
-    accounts
+    let refused = accounts
         .change_password(bearer(
             pb::ChangePasswordRequest {
                 current_password: wrong_current.clone(),
@@ -662,6 +664,7 @@ async fn no_secret_reaches_the_logs_on(backend: Backend) {
         ))
         .await
         .expect_err("a wrong current password");
+    refusals.push_str(&format!("{refused:?}\n"));
     accounts
         .change_password(bearer(
             pb::ChangePasswordRequest {
@@ -768,6 +771,21 @@ async fn no_secret_reaches_the_logs_on(backend: Backend) {
         pb::InactiveReason::Revoked as i32
     );
 
+    // The audit log of the whole flow, as an operator reads it.
+    let events = AuditServiceClient::new(channel.clone())
+        .list_audit_events(bearer(
+            pb::ListAuditEventsRequest {
+                page_size: 1000,
+                ..Default::default()
+            },
+            &operator,
+        ))
+        .await
+        .expect("list audit events")
+        .into_inner();
+    assert!(events.events.len() >= 10, "{events:?}");
+    let audit = format!("{events:?}");
+
     drop((accounts, tokens, channel));
     let stopped = server.terminate().await;
     assert!(
@@ -800,6 +818,8 @@ async fn no_secret_reaches_the_logs_on(backend: Backend) {
         ("the bootstrap's stderr", &bootstrap.stderr),
         ("the server's stderr", &stopped.stderr),
         ("the server's stdout", &stopped.stdout),
+        ("the audit log", &audit),
+        ("the refusals' statuses", &refusals),
     ]);
 }
 
