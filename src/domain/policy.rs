@@ -129,6 +129,27 @@ pub fn authorize(caller: &Principal, action: Action<'_>) -> Result<(), DomainErr
     }
 }
 
+/// Who asks `VerifyToken`.
+#[derive(Debug, Clone, Copy)]
+pub enum Verifier<'a> {
+    /// A caller authenticated by its credential, which must carry the
+    /// `tokens:verify` scope.
+    Caller(&'a Principal),
+    /// A service the transport has authenticated (a TLS client certificate
+    /// the configuration names as a verifier): it presented no credential,
+    /// so no scope applies. Only the wire layer, which checked the
+    /// certificate, may vouch for one.
+    TrustedService,
+}
+
+/// Decides whether `verifier` may ask `VerifyToken`.
+pub fn authorize_verifier(verifier: Verifier<'_>) -> Result<(), DomainError> {
+    match verifier {
+        Verifier::Caller(caller) => authorize(caller, Action::VerifyToken),
+        Verifier::TrustedService => Ok(()),
+    }
+}
+
 /// Whether `caller` may grant a new token `scopes` and `expire_time`: a
 /// scoped token cannot widen its scopes, and no token can outlive the
 /// credential that created it.
