@@ -310,3 +310,43 @@ pub async fn verifier<T>(
         Ok(VerifyCaller::Service)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_auth_modes_parse_and_print() {
+        for mode in [
+            VerifyAuth::Scope,
+            VerifyAuth::Client,
+            VerifyAuth::ClientAndScope,
+        ] {
+            assert_eq!(mode.to_string().parse::<VerifyAuth>(), Ok(mode));
+        }
+        assert!("Client".parse::<VerifyAuth>().is_err());
+        assert!("".parse::<VerifyAuth>().is_err());
+    }
+
+    #[test]
+    fn verify_clients_match_dns_names_without_case_and_uris_exactly() {
+        let clients = VerifyClients::parse(" Gateway.Internal, spiffe://example.org/sa/gw ,,")
+            .expect("names");
+        let admits = |dns: &[&str], uris: &[&str]| {
+            clients.admits(&ClientNames::new(dns.iter().copied(), uris.iter().copied()))
+        };
+        assert!(admits(&["gateway.internal"], &[]));
+        assert!(admits(&["other.internal", "GATEWAY.internal"], &[]));
+        assert!(admits(&[], &["spiffe://example.org/sa/gw"]));
+        assert!(!admits(&[], &["SPIFFE://example.org/sa/gw"]));
+        assert!(!admits(
+            &["gateway.internal.evil"],
+            &["spiffe://example.org/sa/gw/x"]
+        ));
+        // A URI name never matches a DNS entry, nor the reverse.
+        assert!(!admits(&[], &["gateway.internal"]));
+        assert!(!admits(&[], &[]));
+        assert!(VerifyClients::parse("").expect("empty").is_empty());
+        assert!(VerifyClients::parse("two words").is_err());
+    }
+}
