@@ -1,7 +1,7 @@
 //! Start-up and shutdown: builds the store, the domain and the gRPC server
 //! from a [`Config`], binds the listener (so its address is known before
-//! serving, and tests can use port 0), reports health, and drains on
-//! shutdown.
+//! serving, and tests can use port 0), serves plaintext or TLS ([`tls`]),
+//! reports health, and drains on shutdown.
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 

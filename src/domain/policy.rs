@@ -5,6 +5,8 @@
 //! The rules: operators may act on every account; everyone else on their own
 //! account only. A personal access token is further limited to its scopes and
 //! can never sign in or out. A session carries its account's full access.
+//! `VerifyToken` may also be asked by a service the transport authenticated
+//! ([`Verifier::TrustedService`]), which the wire layer vouches for.
 
 use super::{
     DomainError,
