@@ -1,9 +1,9 @@
 //! Start-up and shutdown: builds the store, the domain and the gRPC server
 //! from a [`Config`], binds the listener (so its address is known before
-//! serving, and tests can use port 0), reports health, and drains on
-//! shutdown.
+//! serving, and tests can use port 0), serves plaintext or TLS ([`tls`]),
+//! reports health, and drains on shutdown.
 
-use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tonic::transport::{Server, server::TcpIncoming};
@@ -26,6 +26,8 @@ use crate::{
     domain::{DomainError, Identity, password::PasswordHasher},
     storage::{self, StorageError, Store},
 };
+
+pub mod tls;
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +57,12 @@ pub enum AppError {
     /// The server failed while serving.
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
+    /// Settings that contradict each other.
+    #[error("{0}")]
+    Config(String),
+    /// The TLS files could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A built service, bound to its address, not yet serving.
@@ -64,12 +72,15 @@ pub struct App {
     identity: Identity,
     store: Arc<dyn Store>,
     config: Config,
+    tls: Option<tls::Tls>,
 }
 
 impl App {
     /// Opens (and, if configured, migrates) the database, sets up the domain
     /// and binds the listener. Fails if any of these fails.
     pub async fn build(config: Config) -> Result<Self, AppError> {
+        config.check_tls().map_err(AppError::Config)?;
+        let tls = tls::Tls::load(&config)?;
         let store = open_store(&config).await?;
         store.ping().await.map_err(|source| AppError::Database {
             url: config.redacted_database_url(),
@@ -95,6 +106,7 @@ impl App {
             identity,
             store,
             config,
+            tls,
         })
     }
 
@@ -151,8 +163,17 @@ impl App {
             reflection = self.config.reflection,
             "serving"
         );
-        let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-        let server = Server::builder()
+        match &self.tls {
+            Some(tls) => tracing::info!(
+                mutual = tls.is_mutual(),
+                verify_auth = %self.config.verifiers.auth,
+                "serving over TLS"
+            ),
+            None => tracing::warn!(
+                "TLS is off (IDENTITY_TLS_CERT and IDENTITY_TLS_KEY are unset): serving plaintext gRPC"
+            ),
+        }
+        let router = Server::builder()
             .timeout(self.config.request_timeout)
             .max_concurrent_streams(self.config.max_streams_per_connection)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -168,11 +189,22 @@ impl App {
             .add_service(AuditServiceServer::new(AuditApi::new(
                 self.identity.clone(),
             )))
-            .add_service(TokensServiceServer::new(TokensApi::new(
-                self.identity,
-                self.config.leak_reports_per_minute,
-            )))
-            .serve_with_incoming_shutdown(incoming, signal);
+            .add_service(TokensServiceServer::new(
+                TokensApi::new(self.identity, self.config.leak_reports_per_minute)
+                    .with_verifiers(self.config.verifiers.clone()),
+            ));
+        // Plaintext keeps tonic's own listener; TLS accepts and handshakes
+        // itself so that the certificate can be reloaded (see `tls`).
+        let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+            match self.tls {
+                None => {
+                    let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
+                    Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
+                }
+                Some(tls) => Box::pin(
+                    router.serve_with_incoming_shutdown(tls.incoming(self.listener), signal),
+                ),
+            };
 
         let drain_timeout = self.config.drain_timeout;
         let deadline = async move {

@@ -5,9 +5,13 @@
 
 pub mod file;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use crate::{domain::IdentitySettings, storage::PoolOptions};
+use crate::{
+    api::auth::{VerifierPolicy, VerifyAuth},
+    domain::IdentitySettings,
+    storage::PoolOptions,
+};
 
 /// Everything the server needs to start.
 #[derive(Debug, Clone)]
@@ -41,6 +45,27 @@ pub struct Config {
     /// Serve gRPC server reflection (v1 and v1alpha), so that clients such
     /// as grpcurl need no `.proto` files.
     pub reflection: bool,
+    /// Serve gRPC over TLS with these files; plaintext when `None`.
+    pub tls: Option<TlsFiles>,
+    /// How often the TLS files are read again to pick up new certificates.
+    pub tls_reload_interval: Duration,
+    /// Longest a client may take to complete its TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Who may call `VerifyToken`.
+    pub verifiers: VerifierPolicy,
+}
+
+/// The PEM files TLS is served from. They are read at start-up and again
+/// every `tls_reload_interval`, so replacing them rotates the certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first (`IDENTITY_TLS_CERT`).
+    pub cert: PathBuf,
+    /// The leaf's private key: PKCS#8, PKCS#1 or SEC1 (`IDENTITY_TLS_KEY`).
+    pub key: PathBuf,
+    /// CA certificates that sign the client certificates callers must
+    /// present (`IDENTITY_TLS_CLIENT_CA`); `None` asks for none.
+    pub client_ca: Option<PathBuf>,
 }
 
 impl Config {
@@ -68,7 +93,42 @@ impl Config {
             max_streams_per_connection: 128,
             request_timeout: Duration::from_secs(10),
             reflection: true,
+            tls: None,
+            tls_reload_interval: Duration::from_secs(10),
+            tls_handshake_timeout: Duration::from_secs(10),
+            verifiers: VerifierPolicy::default(),
         }
+    }
+
+    /// Checks the TLS and `VerifyToken` settings against each other: a
+    /// message naming the settings when they disagree.
+    pub fn check_tls(&self) -> Result<(), String> {
+        if self.tls_reload_interval.is_zero() {
+            return Err(
+                "IDENTITY_TLS_RELOAD_INTERVAL (--tls-reload-interval) must be positive".into(),
+            );
+        }
+        if self.tls_handshake_timeout.is_zero() {
+            return Err(
+                "IDENTITY_TLS_HANDSHAKE_TIMEOUT (--tls-handshake-timeout) must be positive".into(),
+            );
+        }
+        let auth = self.verifiers.auth;
+        let mutual = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if auth.needs_client() && !mutual {
+            return Err(format!(
+                "IDENTITY_VERIFY_AUTH={auth} needs client certificates: set IDENTITY_TLS_CLIENT_CA (with IDENTITY_TLS_CERT and IDENTITY_TLS_KEY)"
+            ));
+        }
+        if auth.needs_client() && self.verifiers.clients.is_empty() {
+            return Err(format!(
+                "IDENTITY_VERIFY_AUTH={auth} needs IDENTITY_VERIFY_CLIENTS: the client certificate names allowed to call VerifyToken"
+            ));
+        }
+        if auth == VerifyAuth::Scope && !self.verifiers.clients.is_empty() {
+            return Err("IDENTITY_VERIFY_CLIENTS is used only with IDENTITY_VERIFY_AUTH=client or client-and-scope".into());
+        }
+        Ok(())
     }
 
     /// The database URL with any password replaced, for logs.

@@ -8,8 +8,9 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use identity::{
+    api::auth::{VerifierPolicy, VerifyAuth, VerifyClients},
     app::{self, App},
-    config::{self, Config},
+    config::{self, Config, TlsFiles},
     domain::{Identity, IdentitySettings, account::Username, password::PasswordPolicy},
     storage::PoolOptions,
 };
@@ -141,6 +142,32 @@ struct Settings {
     /// How long shutdown waits for in-flight calls (e.g. 30s).
     #[arg(long, env = "IDENTITY_DRAIN_TIMEOUT", default_value = "30s", value_parser = config::parse_duration, global = true)]
     drain_timeout: Duration,
+    /// PEM file with the server's certificate chain, leaf first; with
+    /// --tls-key, gRPC is served over TLS (plaintext when both are unset).
+    #[arg(long, env = "IDENTITY_TLS_CERT", global = true)]
+    tls_cert: Option<PathBuf>,
+    /// PEM file with the private key of the --tls-cert certificate.
+    #[arg(long, env = "IDENTITY_TLS_KEY", global = true)]
+    tls_key: Option<PathBuf>,
+    /// PEM file with the CA certificates that sign client certificates;
+    /// when set, every caller must present one (mutual TLS).
+    #[arg(long, env = "IDENTITY_TLS_CLIENT_CA", global = true)]
+    tls_client_ca: Option<PathBuf>,
+    /// How often the TLS files are read again to pick up new ones (e.g. 10s).
+    #[arg(long, env = "IDENTITY_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = config::parse_duration, global = true)]
+    tls_reload_interval: Duration,
+    /// Longest a client may take to complete the TLS handshake (e.g. 10s).
+    #[arg(long, env = "IDENTITY_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration, global = true)]
+    tls_handshake_timeout: Duration,
+    /// Who may call VerifyToken: scope (a credential with tokens:verify),
+    /// client (a client certificate named in --verify-clients, no
+    /// credential) or client-and-scope (both).
+    #[arg(long, env = "IDENTITY_VERIFY_AUTH", default_value = "scope", value_parser = clap::value_parser!(VerifyAuth), global = true)]
+    verify_auth: VerifyAuth,
+    /// Client certificate names (DNS or URI SANs, comma-separated) allowed
+    /// to call VerifyToken when --verify-auth is client or client-and-scope.
+    #[arg(long, env = "IDENTITY_VERIFY_CLIENTS", default_value = "", value_parser = VerifyClients::parse, global = true)]
+    verify_clients: VerifyClients,
     /// Log filter, in tracing's EnvFilter syntax (e.g. info, identity=debug).
     #[arg(long, env = "IDENTITY_LOG", default_value = "info", global = true)]
     log: String,
@@ -177,6 +204,18 @@ impl Settings {
         config.reflection = self.reflection;
         config.drain_timeout = self.drain_timeout;
         config.leak_reports_per_minute = self.leak_reports_per_minute;
+        // `validate` has checked that the certificate and key come together.
+        config.tls = self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles {
+            cert,
+            key,
+            client_ca: self.tls_client_ca,
+        });
+        config.tls_reload_interval = self.tls_reload_interval;
+        config.tls_handshake_timeout = self.tls_handshake_timeout;
+        config.verifiers = VerifierPolicy {
+            auth: self.verify_auth,
+            clients: self.verify_clients,
+        };
         config
     }
 
@@ -197,6 +236,16 @@ impl Settings {
         }
         if self.session_ttl.is_zero() {
             return Err("IDENTITY_SESSION_TTL (--session-ttl) must be positive".into());
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(
+                "IDENTITY_TLS_CERT (--tls-cert) and IDENTITY_TLS_KEY (--tls-key) go together: set both or neither".into(),
+            );
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(
+                "IDENTITY_TLS_CLIENT_CA (--tls-client-ca) needs IDENTITY_TLS_CERT and IDENTITY_TLS_KEY".into(),
+            );
         }
         Ok(())
     }

@@ -13,7 +13,7 @@ use std::{
 
 use tower::{Layer, Service};
 
-use Access::{Anonymous, Authenticated};
+use Access::{Anonymous, Authenticated, Verifier};
 
 /// Who may reach a method at all; the handler then applies the domain's
 /// policy to the authenticated caller.
@@ -23,6 +23,10 @@ pub enum Access {
     Anonymous,
     /// Needs an authenticated caller.
     Authenticated,
+    /// `VerifyToken`'s rule: admitted by `auth::verifier` under
+    /// `IDENTITY_VERIFY_AUTH`, with a credential carrying `tokens:verify`
+    /// (the default), an allowed TLS client certificate, or both.
+    Verifier,
 }
 
 /// The methods this service exposes, and who may reach each.
@@ -45,7 +49,7 @@ pub const RULES: &[(&str, Access)] = &[
     ("/identity.v1.TokensService/GetToken", Authenticated),
     ("/identity.v1.TokensService/ListTokens", Authenticated),
     ("/identity.v1.TokensService/RevokeToken", Authenticated),
-    ("/identity.v1.TokensService/VerifyToken", Authenticated),
+    ("/identity.v1.TokensService/VerifyToken", Verifier),
     ("/identity.v1.TokensService/RotateToken", Authenticated),
     ("/identity.v1.TokensService/RevokeLeakedToken", Anonymous),
 ];

@@ -30,6 +30,7 @@ use crate::{
 pub struct TokensApi {
     identity: Identity,
     leak_reports: Arc<RateLimiter>,
+    verifiers: Arc<auth::VerifierPolicy>,
 }
 
 impl TokensApi {
@@ -39,7 +40,16 @@ impl TokensApi {
         Self {
             identity,
             leak_reports: Arc::new(RateLimiter::new(leak_reports_per_minute)),
+            verifiers: Arc::default(),
         }
+    }
+
+    /// Admits `VerifyToken` callers under `policy` instead of the default
+    /// (a credential with the `tokens:verify` scope).
+    #[must_use]
+    pub fn with_verifiers(mut self, policy: auth::VerifierPolicy) -> Self {
+        self.verifiers = Arc::new(policy);
+        self
     }
 }
 
@@ -160,17 +170,22 @@ impl TokensService for TokensApi {
 
     // The hot path logs nothing at INFO, so its span is DEBUG: at the default
     // level it then costs nothing.
-    #[tracing::instrument(name = "VerifyToken", level = "debug", skip_all, fields(caller))]
+    #[tracing::instrument(
+        name = "VerifyToken",
+        level = "debug",
+        skip_all,
+        fields(caller, client)
+    )]
     async fn verify_token(
         &self,
         request: Request<pb::VerifyTokenRequest>,
     ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
-        let (caller, _) = auth::caller(&self.identity, &request).await?;
+        let caller = auth::verifier(&self.identity, &self.verifiers, &request).await?;
         let req = request.into_inner();
         let verdict = self
             .identity
             .verify(
-                &caller,
+                caller.as_verifier(),
                 &req.token,
                 &req.required_scopes,
                 &req.client_address,
@@ -227,7 +242,7 @@ impl TokensService for TokensApi {
     ) -> Result<Response<pb::RevokeLeakedTokenResponse>, Status> {
         let origin = auth::origin(&request);
         self.leak_reports
-            .check(request.remote_addr().map(|a| a.ip()))
+            .check(auth::remote_addr(&request).map(|a| a.ip()))
             .map_err(|wait| to_status(DomainError::RateLimited(wait)))?;
         let secrets = request.into_inner().secrets;
         self.identity

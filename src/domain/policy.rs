@@ -5,6 +5,8 @@
 //! The rules: operators may act on every account; everyone else on their own
 //! account only. A personal access token is further limited to its scopes and
 //! can never sign in or out. A session carries its account's full access.
+//! `VerifyToken` may also be asked by a service the transport authenticated
+//! ([`Verifier::TrustedService`]), which the wire layer vouches for.
 
 use super::{
     DomainError,
@@ -126,6 +128,27 @@ pub fn authorize(caller: &Principal, action: Action<'_>) -> Result<(), DomainErr
                 None => require_operator(caller),
             }
         }
+    }
+}
+
+/// Who asks `VerifyToken`.
+#[derive(Debug, Clone, Copy)]
+pub enum Verifier<'a> {
+    /// A caller authenticated by its credential, which must carry the
+    /// `tokens:verify` scope.
+    Caller(&'a Principal),
+    /// A service the transport has authenticated (a TLS client certificate
+    /// the configuration names as a verifier): it presented no credential,
+    /// so no scope applies. Only the wire layer, which checked the
+    /// certificate, may vouch for one.
+    TrustedService,
+}
+
+/// Decides whether `verifier` may ask `VerifyToken`.
+pub fn authorize_verifier(verifier: Verifier<'_>) -> Result<(), DomainError> {
+    match verifier {
+        Verifier::Caller(caller) => authorize(caller, Action::VerifyToken),
+        Verifier::TrustedService => Ok(()),
     }
 }
 

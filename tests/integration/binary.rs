@@ -933,6 +933,15 @@ async fn bad_configuration_fails_naming_the_setting() {
         ("IDENTITY_DRAIN_TIMEOUT", "--drain-timeout", "1.5s"),
         ("IDENTITY_MIGRATE", "--migrate", "maybe"),
         ("IDENTITY_LOG", "--log", "identity=loud"),
+        // A certificate without its key.
+        ("IDENTITY_TLS_CERT", "--tls-cert", "/nonexistent/tls.crt"),
+        (
+            "IDENTITY_TLS_RELOAD_INTERVAL",
+            "--tls-reload-interval",
+            "0s",
+        ),
+        ("IDENTITY_VERIFY_AUTH", "--verify-auth", "anyone"),
+        ("IDENTITY_VERIFY_CLIENTS", "--verify-clients", "two words"),
     ];
     let mut failures = Vec::new();
     for (env, flag, value) in cases {

@@ -18,7 +18,7 @@ use super::{
     cache::{Cached, Invalidation, InvalidationSink, VerificationCache},
     credential::{self, CredentialKind, ParsedCredential},
     password::{PasswordHasher, PasswordPolicy},
-    policy::{self, Action, Principal},
+    policy::{self, Action, Principal, Verifier},
     scope::Scopes,
     time::Timestamp,
     token::{Session, Token, TokenId, TokenName, TokenState},
@@ -229,17 +229,18 @@ impl Identity {
         }
     }
 
-    /// `VerifyToken`: the verdict on `credential` for a caller allowed to ask,
-    /// requiring the `required_scopes` (checked once the caller is allowed).
-    /// An active verdict is a use of the credential, from `client_address`.
+    /// `VerifyToken`: the verdict on `credential` for a verifier allowed to
+    /// ask, requiring the `required_scopes` (checked once the verifier is
+    /// allowed). An active verdict is a use of the credential, from
+    /// `client_address`.
     pub async fn verify<S: AsRef<str>>(
         &self,
-        caller: &Principal,
+        verifier: Verifier<'_>,
         credential: &str,
         required_scopes: &[S],
         client_address: &str,
     ) -> Result<Verdict, DomainError> {
-        policy::authorize(caller, Action::VerifyToken)?;
+        policy::authorize_verifier(verifier)?;
         let required = Scopes::parse("required_scopes", required_scopes)?;
         let client_address = super::audit::parse_client_address("client_address", client_address)?;
         match self.inspect(credential).await? {

@@ -14,7 +14,11 @@ use identity::{
     domain::account::Username,
     storage::{self, PoolOptions, Store},
 };
-use tonic::{Code, Request, Status, metadata::MetadataValue, transport::Channel};
+use tonic::{
+    Code, Request, Status,
+    metadata::MetadataValue,
+    transport::{Channel, Endpoint},
+};
 
 pub use identity::api::pb;
 use pb::{
@@ -91,7 +95,19 @@ impl TestApp {
     /// changed the test configuration.
     pub async fn spawn_with(backend: Backend, adjust: impl FnOnce(&mut Config)) -> Self {
         let db = TestDatabase::new(backend).await;
-        Self::spawn_on(db, None, adjust).await
+        Self::spawn_on(db, None, adjust, plaintext).await
+    }
+
+    /// Starts a server on a fresh database of `backend`, after `adjust` has
+    /// changed the test configuration, and connects to it through the
+    /// endpoint `endpoint` makes of its address (to speak TLS, say).
+    pub async fn spawn_with_endpoint(
+        backend: Backend,
+        adjust: impl FnOnce(&mut Config),
+        endpoint: impl FnOnce(SocketAddr) -> Endpoint,
+    ) -> Self {
+        let db = TestDatabase::new(backend).await;
+        Self::spawn_on(db, None, adjust, endpoint).await
     }
 
     /// Starts another replica of this server on the same database, sharing
@@ -101,13 +117,14 @@ impl TestApp {
             url: self.db.url.clone(),
             _dir: None,
         };
-        Self::spawn_on(db, Some(self.operator_token.clone()), |_| {}).await
+        Self::spawn_on(db, Some(self.operator_token.clone()), |_| {}, plaintext).await
     }
 
     async fn spawn_on(
         db: TestDatabase,
         operator_token: Option<String>,
         adjust: impl FnOnce(&mut Config),
+        endpoint: impl FnOnce(SocketAddr) -> Endpoint,
     ) -> Self {
         let mut config = Config::with_database(db.url.clone());
         config.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -131,8 +148,7 @@ impl TestApp {
         let server = tokio::spawn(app.run_until(async move {
             let _ = rx.await;
         }));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("valid uri")
+        let channel = endpoint(addr)
             .connect()
             .await
             .expect("connect to the test server");
@@ -287,6 +303,11 @@ impl TestApp {
             .into_inner()
             .events
     }
+}
+
+/// The plaintext endpoint of a server at `addr`.
+pub fn plaintext(addr: SocketAddr) -> Endpoint {
+    Channel::from_shared(format!("http://{addr}")).expect("valid uri")
 }
 
 /// A password that meets the default policy.
