@@ -13,6 +13,7 @@ mod binary;
 mod lifecycle;
 mod replicas;
 mod storage;
+mod throttle;
 mod tokens;
 mod verify;
 mod walkthrough;
