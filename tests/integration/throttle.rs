@@ -542,6 +542,7 @@ async fn unknown_wrong_and_disabled_sign_ins_look_and_take_the_same(backend: Bac
         "every kind must give the same status, message and reason"
     );
     let medians: Vec<_> = timings.iter().map(|t| median(t)).collect();
+    eprintln!("{backend:?}: median sign-in failure latencies {medians:?}");
     for a in 0..kinds.len() {
         for b in a + 1..kinds.len() {
             assert!(
@@ -574,6 +575,10 @@ async fn unknown_wrong_and_disabled_sign_ins_look_and_take_the_same(backend: Bac
         refused.push(started.elapsed());
         assert_eq!(status.code(), Code::ResourceExhausted);
     }
+    eprintln!(
+        "{backend:?}: median throttled refusal {:?}",
+        median(&refused)
+    );
     assert!(
         distinguishable(&timings[1], &refused, TOLERANCE),
         "the statistic cannot see the cost of a hash: {:?} vs {:?}",
