@@ -104,18 +104,32 @@ async fn create_person(app: &TestApp, username: &str) -> pb::Account {
 async fn failures_beyond_the_free_ones_wait_a_doubling_delay_and_check_no_password(
     backend: Backend,
 ) {
-    let app = TestApp::spawn_with(backend, with(quick())).await;
+    // Delays long enough that a busy machine cannot outlast them by
+    // accident, short enough to sleep through.
+    let app = TestApp::spawn_with(
+        backend,
+        with(ThrottleSettings {
+            base_delay: Duration::from_secs(2),
+            max_delay: Duration::from_secs(8),
+            ..quick()
+        }),
+    )
+    .await;
     let alice = create_person(&app, "alice").await;
     // A real username (in another case: the key is normalised) and an
     // unknown one go through exactly the same steps.
+    let mut answers = Vec::new();
+    let mut first = Duration::ZERO;
     for username in ["Alice", "nobody"] {
+        let mut seen = Vec::new();
         // Three free failures, and a fourth that arms the first delay.
         for _ in 0..4 {
-            assert_status(
+            let status = assert_status(
                 sign_in(&app, username, WRONG).await,
                 Code::Unauthenticated,
                 FAILED,
             );
+            seen.push(status.message().to_owned());
         }
         let hashes = app.identity.password_verifications();
         let status = assert_status(
@@ -125,11 +139,14 @@ async fn failures_beyond_the_free_ones_wait_a_doubling_delay_and_check_no_passwo
         );
         // The delay runs from the claim, before the previous attempt's
         // hash: allow for a slow hash on a busy machine.
-        let first = retry_delay(&status);
+        let delay = retry_delay(&status);
         assert!(
-            first > Duration::from_millis(100) && first <= Duration::from_millis(500),
-            "{username}: the first delay is the base delay, less the time since: {first:?}"
+            delay > Duration::from_millis(500) && delay <= Duration::from_secs(2),
+            "{username}: the first delay is the base delay, less the time since: {delay:?}"
         );
+        if username == "Alice" {
+            first = delay;
+        }
         // Even the right password is refused during the backoff, and no
         // refused attempt computes a hash.
         for _ in 0..5 {
@@ -144,27 +161,29 @@ async fn failures_beyond_the_free_ones_wait_a_doubling_delay_and_check_no_passwo
             hashes,
             "{username}: a throttled attempt checked a password"
         );
-        // After the delay, one more failure doubles it.
-        tokio::time::sleep(first).await;
-        assert_status(
-            sign_in(&app, username, WRONG).await,
-            Code::Unauthenticated,
-            FAILED,
-        );
-        let status = assert_status(
-            sign_in(&app, username, PASSWORD).await,
-            Code::ResourceExhausted,
-            THROTTLED,
-        );
-        let second = retry_delay(&status);
-        assert!(
-            second > Duration::from_millis(500) && second <= Duration::from_millis(1000),
-            "{username}: the second delay doubles: {second:?}"
-        );
-        tokio::time::sleep(second).await;
+        answers.push(seen);
     }
+    assert_eq!(answers[0], answers[1], "an unknown username reads the same");
+    // After the delay, one more failure doubles it.
+    tokio::time::sleep(first).await;
+    assert_status(
+        sign_in(&app, "alice", WRONG).await,
+        Code::Unauthenticated,
+        FAILED,
+    );
+    let status = assert_status(
+        sign_in(&app, "alice", PASSWORD).await,
+        Code::ResourceExhausted,
+        THROTTLED,
+    );
+    let second = retry_delay(&status);
+    assert!(
+        second > Duration::from_secs(2) && second <= Duration::from_secs(4),
+        "the second delay doubles: {second:?}"
+    );
     // Once the delay is over, the right password works and resets the
     // count: the free failures again.
+    tokio::time::sleep(second).await;
     sign_in(&app, "alice", PASSWORD)
         .await
         .expect("the right password after the delay");
@@ -193,6 +212,7 @@ async fn failures_beyond_the_free_ones_wait_a_doubling_delay_and_check_no_passwo
     );
     app.stop().await;
 }
+
 on_both!(failures_beyond_the_free_ones_wait_a_doubling_delay_and_check_no_password);
 
 async fn the_address_limit_spans_usernames(backend: Backend) {
@@ -416,64 +436,79 @@ on_both!(concurrent_attempts_all_count_and_only_the_allowed_ones_pass);
 // ---------------------------------------------------------------------------
 // No user enumeration.
 
-/// Whether two latency samples differ by more than noise: their medians
-/// differ by more than `tolerance` (a fraction) of the smaller one. Medians
-/// shrug off the outliers a busy machine produces; a path that skips or adds
-/// an argon2 verification moves the median by a multiple of itself.
+/// Whether two kinds of attempt take distinguishable time. `a[i]` and `b[i]`
+/// were measured in the same round, moments apart, so the machine's load
+/// (shared, and it drifts) weighs on both alike: the statistic is the median,
+/// over rounds, of the log-ratio `ln(a[i] / b[i])`, and the kinds differ when
+/// it exceeds `ln(1 + tolerance)` either way. Pairing cancels the drift, the
+/// median the outliers; a path that skips or adds an argon2 verification
+/// moves it by a multiple of the tolerance.
 fn distinguishable(a: &[Duration], b: &[Duration], tolerance: f64) -> bool {
-    let (ma, mb) = (median(a).as_secs_f64(), median(b).as_secs_f64());
-    (ma - mb).abs() > tolerance * ma.min(mb)
+    median_log_ratio(a, b).abs() > (1.0 + tolerance).ln()
+}
+
+/// The median over rounds of `ln(a[i] / b[i])`.
+fn median_log_ratio(a: &[Duration], b: &[Duration]) -> f64 {
+    assert_eq!(a.len(), b.len(), "paired samples");
+    assert!(!a.is_empty(), "samples");
+    let mut ratios: Vec<f64> = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x.as_secs_f64().max(1e-9) / y.as_secs_f64().max(1e-9)).ln())
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let mid = ratios.len() / 2;
+    if ratios.len().is_multiple_of(2) {
+        (ratios[mid - 1] + ratios[mid]) / 2.0
+    } else {
+        ratios[mid]
+    }
 }
 
 fn median(samples: &[Duration]) -> Duration {
     let mut sorted = samples.to_vec();
     sorted.sort();
-    let mid = sorted.len() / 2;
-    if sorted.len().is_multiple_of(2) {
-        (sorted[mid - 1] + sorted[mid]) / 2
-    } else {
-        sorted[mid]
-    }
+    sorted[sorted.len() / 2]
 }
 
 /// The `i`-th sign-in attempt of one kind: username and password.
 type Attempt = fn(usize) -> (String, &'static str);
 
-/// How far apart medians may be before the test calls them different.
+/// How far apart (as a fraction) two kinds' typical times may be before the
+/// test calls them different.
 const TOLERANCE: f64 = 0.25;
 
 #[test]
 fn the_statistic_tells_a_real_difference_from_noise() {
-    // Deterministic jitter: each sample is its base plus up to 60% noise,
-    // and one sample in ten is a tenfold outlier.
-    let samples = |base_ms: f64, seed: u64| -> Vec<Duration> {
-        let mut x = seed;
-        (0..60)
-            .map(|i| {
-                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                let noise = (x >> 33) as f64 / f64::from(u32::MAX >> 1) * 0.6;
-                let outlier = if i % 10 == 0 { 10.0 } else { 1.0 };
-                Duration::from_secs_f64(base_ms * (1.0 + noise) * outlier / 1000.0)
-            })
-            .collect()
+    // Rounds under a load that drifts threefold, with up to 60% noise per
+    // sample, and one sample in seven a tenfold outlier.
+    let rounds = |base_a_ms: f64, base_b_ms: f64| -> (Vec<Duration>, Vec<Duration>) {
+        let mut x: u64 = 7;
+        let mut noise = move || {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            (x >> 33) as f64 / f64::from(u32::MAX >> 1) * 0.6
+        };
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for i in 0..45 {
+            let load = 1.0 + 2.0 * (f64::from(i) / 45.0);
+            let spike = |k: i32| if (i + k) % 7 == 0 { 10.0 } else { 1.0 };
+            let sample = |base: f64, n: f64, k| {
+                Duration::from_secs_f64(base * load * (1.0 + n) * spike(k) / 1000.0)
+            };
+            a.push(sample(base_a_ms, noise(), 0));
+            b.push(sample(base_b_ms, noise(), 3));
+        }
+        (a, b)
     };
-    // Same cost, different noise: not distinguishable.
-    assert!(!distinguishable(
-        &samples(20.0, 1),
-        &samples(20.0, 2),
-        TOLERANCE
-    ));
-    // One argon2 verification more or less: distinguishable.
-    assert!(distinguishable(
-        &samples(20.0, 1),
-        &samples(2.0, 2),
-        TOLERANCE
-    ));
-    assert!(distinguishable(
-        &samples(20.0, 1),
-        &samples(40.0, 2),
-        TOLERANCE
-    ));
+    // Same cost: not distinguishable, whatever the load does.
+    let (a, b) = rounds(20.0, 20.0);
+    assert!(!distinguishable(&a, &b, TOLERANCE));
+    // One argon2 verification skipped, or one added: distinguishable.
+    let (a, b) = rounds(20.0, 1.0);
+    assert!(distinguishable(&a, &b, TOLERANCE));
+    let (a, b) = rounds(20.0, 40.0);
+    assert!(distinguishable(&a, &b, TOLERANCE));
 }
 
 async fn unknown_wrong_and_disabled_sign_ins_look_and_take_the_same(backend: Backend) {
@@ -484,6 +519,18 @@ async fn unknown_wrong_and_disabled_sign_ins_look_and_take_the_same(backend: Bac
         with(ThrottleSettings {
             account_free_failures: 100,
             address_free_failures: 1_000_000,
+            ..ThrottleSettings::default()
+        }),
+    )
+    .await;
+    // The positive control, on a server of its own: an attempt the throttle
+    // refuses (no argon2) must look different to the same statistic.
+    let control = TestApp::spawn_with(
+        backend,
+        with(ThrottleSettings {
+            account_free_failures: 0,
+            address_free_failures: 1_000_000,
+            base_delay: Duration::from_secs(600),
             ..ThrottleSettings::default()
         }),
     )
@@ -499,7 +546,8 @@ async fn unknown_wrong_and_disabled_sign_ins_look_and_take_the_same(backend: Bac
         ))
         .await
         .expect("disable");
-    const SAMPLES: usize = 45;
+    let _ = sign_in(&control, "blocked", WRONG).await;
+    const ROUNDS: usize = 45;
     let kinds: [(&str, Attempt); 3] = [
         ("unknown user", |i| (format!("nobody-{i}"), PASSWORD)),
         ("wrong password", |_| ("henry".to_owned(), WRONG)),
@@ -510,12 +558,12 @@ async fn unknown_wrong_and_disabled_sign_ins_look_and_take_the_same(backend: Bac
         }),
     ];
     let mut timings = vec![Vec::new(); kinds.len()];
+    let mut refused = Vec::new();
     let mut answers = Vec::new();
     // Warm up the connection and the database before measuring.
     let _ = sign_in(&app, "warm-up", WRONG).await;
-    for i in 0..SAMPLES {
-        // Interleaved, in a rotating order, so that drift in the machine's
-        // load falls on every kind alike.
+    for i in 0..ROUNDS {
+        // One attempt of each kind per round, in a rotating order.
         for k in 0..kinds.len() {
             let kind = (i + k) % kinds.len();
             let (username, password) = (kinds[kind].1)(i);
@@ -530,6 +578,12 @@ async fn unknown_wrong_and_disabled_sign_ins_look_and_take_the_same(backend: Bac
                 crate::support::reason(&status),
             ));
         }
+        let started = Instant::now();
+        let status = sign_in(&control, "blocked", WRONG)
+            .await
+            .expect_err("throttled");
+        refused.push(started.elapsed());
+        assert_eq!(status.code(), Code::ResourceExhausted);
     }
     answers.dedup();
     assert_eq!(
@@ -542,50 +596,32 @@ async fn unknown_wrong_and_disabled_sign_ins_look_and_take_the_same(backend: Bac
         "every kind must give the same status, message and reason"
     );
     let medians: Vec<_> = timings.iter().map(|t| median(t)).collect();
-    eprintln!("{backend:?}: median sign-in failure latencies {medians:?}");
+    eprintln!(
+        "{backend:?}: median latencies {medians:?}; throttled refusal {:?}",
+        median(&refused)
+    );
     for a in 0..kinds.len() {
         for b in a + 1..kinds.len() {
+            let ratio = median_log_ratio(&timings[a], &timings[b]).exp();
+            eprintln!(
+                "{backend:?}: {} / {}: median paired ratio {ratio:.3}",
+                kinds[a].0, kinds[b].0
+            );
             assert!(
                 !distinguishable(&timings[a], &timings[b], TOLERANCE),
-                "{} and {} sign-ins take distinguishable time: medians {medians:?}",
+                "{} and {} sign-ins take distinguishable time (median paired ratio {ratio:.3}; medians {medians:?})",
                 kinds[a].0,
                 kinds[b].0
             );
         }
     }
-    // A positive control on the real server: an attempt refused by the
-    // throttle (no argon2) must look different to the same statistic.
-    let throttled_app = TestApp::spawn_with(
-        backend,
-        with(ThrottleSettings {
-            account_free_failures: 0,
-            address_free_failures: 1_000_000,
-            base_delay: Duration::from_secs(60),
-            ..ThrottleSettings::default()
-        }),
-    )
-    .await;
-    let _ = sign_in(&throttled_app, "blocked", WRONG).await;
-    let mut refused = Vec::new();
-    for _ in 0..SAMPLES {
-        let started = Instant::now();
-        let status = sign_in(&throttled_app, "blocked", WRONG)
-            .await
-            .expect_err("throttled");
-        refused.push(started.elapsed());
-        assert_eq!(status.code(), Code::ResourceExhausted);
-    }
-    eprintln!(
-        "{backend:?}: median throttled refusal {:?}",
-        median(&refused)
-    );
     assert!(
         distinguishable(&timings[1], &refused, TOLERANCE),
         "the statistic cannot see the cost of a hash: {:?} vs {:?}",
         medians[1],
         median(&refused)
     );
-    throttled_app.stop().await;
+    control.stop().await;
     app.stop().await;
 }
 on_both!(unknown_wrong_and_disabled_sign_ins_look_and_take_the_same);
