@@ -111,7 +111,7 @@ struct Settings {
     #[arg(long, env = "IDENTITY_SIGN_IN_BACKOFF_MAX", default_value = "15m", value_parser = config::parse_duration, global = true)]
     sign_in_backoff_max: Duration,
     /// Consecutive failed sign-ins after which password sign-in for a
-    /// username stops until EnableAccount or a password change (at most 100).
+    /// username stops until an operator's EnableAccount (at most 100).
     #[arg(long, env = "IDENTITY_SIGN_IN_LOCKOUT_FAILURES", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=100), global = true)]
     sign_in_lockout_failures: u32,

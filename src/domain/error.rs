@@ -54,10 +54,10 @@ pub enum DomainError {
     #[error("too many failed sign-ins; retry in {} s", .0.as_secs().max(1))]
     SignInThrottled(std::time::Duration),
     /// Too many consecutive failed sign-ins for the username: password
-    /// sign-in is off until an operator enables the account or its password
-    /// is changed. Said alike whether or not the username exists.
+    /// sign-in is off until an operator enables the account. Said alike
+    /// whether or not the username exists.
     #[error(
-        "too many failed sign-ins: password sign-in is locked until an operator enables the account or its password is changed"
+        "too many failed sign-ins: password sign-in is locked until an operator enables the account"
     )]
     SignInLocked,
     /// An already-rotated token was presented to rotate again: its family is

@@ -8,8 +8,10 @@
 //! holds whole). Each counter allows a few free failures, then makes the
 //! client wait a delay that doubles with every further failure, up to a cap.
 //! After `lockout_failures` (at most 100, NIST SP 800-63B §5.2.2)
-//! consecutive failures, password sign-in for that username stops until an
-//! operator calls `EnableAccount` or the account's password is changed.
+//! consecutive failures, password checks for that username stop until an
+//! operator calls `EnableAccount`. (A successful password change, like a
+//! successful sign-in, resets the count; but while locked, `ChangePassword`
+//! is refused too, or a stolen session would be a way to keep guessing.)
 //!
 //! An attempt is *claimed* (counted) in the store before its password is
 //! hashed, in one atomic statement per counter that refuses instead while
@@ -47,7 +49,7 @@ pub struct ThrottleSettings {
     /// The longest delay.
     pub max_delay: Duration,
     /// Consecutive failures after which password sign-in for a username
-    /// stops until an operator enables the account or its password changes
+    /// stops until an operator enables the account
     /// (1 to [`MAX_LOCKOUT_FAILURES`]).
     pub lockout_failures: u32,
     /// How long an address's failures are remembered once it stops failing
@@ -176,7 +178,7 @@ pub enum Refusal {
     /// Too many recent failures: retry after this long.
     Backoff(Duration),
     /// Too many consecutive failures for this username: password sign-in
-    /// is off until an operator enables the account or its password changes.
+    /// is off until an operator enables the account.
     Locked,
 }
 

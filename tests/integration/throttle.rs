@@ -380,6 +380,74 @@ async fn the_hundredth_failure_locks_password_sign_in_until_an_operator_enables_
 }
 on_both!(the_hundredth_failure_locks_password_sign_in_until_an_operator_enables_the_account);
 
+async fn change_password_counts_and_obeys_the_username_limit(backend: Backend) {
+    let app = TestApp::spawn_with(
+        backend,
+        with(ThrottleSettings {
+            account_free_failures: 100,
+            lockout_failures: 3,
+            ..quick()
+        }),
+    )
+    .await;
+    let gwen = create_person(&app, "gwen").await;
+    let session = sign_in(&app, "gwen", PASSWORD).await.expect("sign in");
+    const NEW: &str = "a brand new passphrase 9";
+    let change = |current: &'static str| {
+        let mut client = app.accounts();
+        let request = bearer(
+            pb::ChangePasswordRequest {
+                current_password: current.into(),
+                new_password: NEW.into(),
+            },
+            &session,
+        );
+        async move { client.change_password(request).await }
+    };
+    // Wrong current passwords are failures of the username, like sign-ins.
+    for _ in 0..2 {
+        assert_status(change(WRONG).await, Code::Unauthenticated, FAILED);
+    }
+    assert_status(
+        sign_in(&app, "gwen", WRONG).await,
+        Code::Unauthenticated,
+        FAILED,
+    );
+    // Three failures in all: locked, for both ways of checking a password,
+    // and neither checks it.
+    let hashes = app.identity.password_verifications();
+    assert_status(
+        sign_in(&app, "gwen", PASSWORD).await,
+        Code::FailedPrecondition,
+        LOCKED,
+    );
+    assert_status(change(PASSWORD).await, Code::FailedPrecondition, LOCKED);
+    assert_eq!(app.identity.password_verifications(), hashes);
+    app.accounts()
+        .enable_account(bearer(
+            pb::EnableAccountRequest {
+                account_id: gwen.account_id,
+            },
+            &app.operator_token,
+        ))
+        .await
+        .expect("enable");
+    change(PASSWORD)
+        .await
+        .expect("the change after EnableAccount");
+    // The change started the count afresh: two failures do not lock.
+    for _ in 0..2 {
+        assert_status(
+            sign_in(&app, "gwen", WRONG).await,
+            Code::Unauthenticated,
+            FAILED,
+        );
+    }
+    sign_in(&app, "gwen", NEW).await.expect("the new password");
+    app.stop().await;
+}
+on_both!(change_password_counts_and_obeys_the_username_limit);
+
 async fn concurrent_attempts_all_count_and_only_the_allowed_ones_pass(backend: Backend) {
     let db = TestDatabase::new(backend).await;
     let store = db.store().await;

@@ -239,7 +239,8 @@ impl Identity {
             self.store.record_event(&event.failed()).await?;
             return Err(DomainError::SignInFailed);
         }
-        // A new password clears the username's failures (and any lock).
+        // A correct current password, like a successful sign-in, clears the
+        // username's failures.
         self.store
             .sign_in_succeeded(&key, &address_claim.subject)
             .await?;
