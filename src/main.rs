@@ -11,7 +11,10 @@ use identity::{
     api::auth::{VerifierPolicy, VerifyAuth, VerifyClients},
     app::{self, App},
     config::{self, Config, TlsFiles},
-    domain::{Identity, IdentitySettings, account::Username, password::PasswordPolicy},
+    domain::{
+        Identity, IdentitySettings, account::Username, password::PasswordPolicy,
+        throttle::ThrottleSettings,
+    },
     storage::PoolOptions,
 };
 use tracing_subscriber::EnvFilter;
@@ -108,6 +111,31 @@ struct Settings {
     #[arg(long, env = "IDENTITY_LEAK_REPORTS_PER_MINUTE", default_value_t = 30,
           value_parser = clap::value_parser!(u32).range(1..=100_000), global = true)]
     leak_reports_per_minute: u32,
+    /// Consecutive failed sign-ins per username that cost no wait; each
+    /// further failure makes the next attempt wait.
+    #[arg(long, env = "IDENTITY_SIGN_IN_FREE_FAILURES", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(0..=100), global = true)]
+    sign_in_free_failures: u32,
+    /// Failed sign-ins per client address that cost no wait; each further
+    /// failure makes the next attempt from it wait.
+    #[arg(long, env = "IDENTITY_SIGN_IN_ADDRESS_FREE_FAILURES", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000), global = true)]
+    sign_in_address_free_failures: u32,
+    /// The first sign-in backoff delay; it doubles with each further failure (e.g. 1s).
+    #[arg(long, env = "IDENTITY_SIGN_IN_BACKOFF_BASE", default_value = "1s", value_parser = config::parse_duration, global = true)]
+    sign_in_backoff_base: Duration,
+    /// The longest sign-in backoff delay (e.g. 15m).
+    #[arg(long, env = "IDENTITY_SIGN_IN_BACKOFF_MAX", default_value = "15m", value_parser = config::parse_duration, global = true)]
+    sign_in_backoff_max: Duration,
+    /// Consecutive failed sign-ins after which password sign-in for a
+    /// username stops until an operator's EnableAccount (at most 100).
+    #[arg(long, env = "IDENTITY_SIGN_IN_LOCKOUT_FAILURES", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100), global = true)]
+    sign_in_lockout_failures: u32,
+    /// How long a client address's failed sign-ins are remembered after its
+    /// last attempt (e.g. 24h).
+    #[arg(long, env = "IDENTITY_SIGN_IN_ADDRESS_MEMORY", default_value = "24h", value_parser = config::parse_duration, global = true)]
+    sign_in_address_memory: Duration,
     /// Verdicts the verification cache holds at most (0 turns it off).
     #[arg(
         long,
@@ -197,6 +225,14 @@ impl Settings {
             rotation_grace: self.rotation_grace,
             cache_entries: self.cache_entries,
             cache_ttl: self.cache_ttl,
+            sign_in_throttle: ThrottleSettings {
+                account_free_failures: self.sign_in_free_failures,
+                address_free_failures: self.sign_in_address_free_failures,
+                base_delay: self.sign_in_backoff_base,
+                max_delay: self.sign_in_backoff_max,
+                lockout_failures: self.sign_in_lockout_failures,
+                address_memory: self.sign_in_address_memory,
+            },
         };
         config.max_concurrent_requests = self.max_concurrent_requests;
         config.max_streams_per_connection = self.max_streams_per_connection;
@@ -233,6 +269,23 @@ impl Settings {
         }
         if self.request_timeout.is_zero() {
             return Err("IDENTITY_REQUEST_TIMEOUT (--request-timeout) must be positive".into());
+        }
+        if self.sign_in_backoff_base.is_zero() {
+            return Err(
+                "IDENTITY_SIGN_IN_BACKOFF_BASE (--sign-in-backoff-base) must be positive".into(),
+            );
+        }
+        if self.sign_in_backoff_max < self.sign_in_backoff_base
+            || self.sign_in_backoff_max > Duration::from_secs(7 * 24 * 60 * 60)
+        {
+            return Err(
+                "IDENTITY_SIGN_IN_BACKOFF_MAX (--sign-in-backoff-max) must be between IDENTITY_SIGN_IN_BACKOFF_BASE and 7d".into(),
+            );
+        }
+        if self.sign_in_address_memory < self.sign_in_backoff_max {
+            return Err(
+                "IDENTITY_SIGN_IN_ADDRESS_MEMORY (--sign-in-address-memory) must not be shorter than IDENTITY_SIGN_IN_BACKOFF_MAX (--sign-in-backoff-max)".into(),
+            );
         }
         if self.session_ttl.is_zero() {
             return Err("IDENTITY_SESSION_TTL (--session-ttl) must be positive".into());

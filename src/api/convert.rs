@@ -179,6 +179,7 @@ fn event_type(kind: EventType) -> pb::AuditEventType {
         EventType::TokenRevoked => P::TokenRevoked,
         EventType::TokenLeaked => P::TokenLeaked,
         EventType::TokenReuseDetected => P::TokenReuseDetected,
+        EventType::SignInThrottled => P::SignInThrottled,
     }
 }
 

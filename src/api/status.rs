@@ -27,7 +27,7 @@ pub fn to_status(err: DomainError) -> Status {
         DomainError::TokenLifetime(v) => {
             details.add_bad_request_violation(v.field.clone(), v.description.clone());
         }
-        DomainError::RateLimited(retry_after) => {
+        DomainError::RateLimited(retry_after) | DomainError::SignInThrottled(retry_after) => {
             details.set_retry_info(Some(*retry_after));
         }
         DomainError::ScopeMissing(scope) => {
@@ -63,6 +63,8 @@ fn classify(err: &DomainError) -> (Code, ErrorReason) {
         DomainError::UsernameTaken => (Code::AlreadyExists, ErrorReason::UsernameTaken),
         DomainError::TokenNameTaken => (Code::AlreadyExists, ErrorReason::TokenNameTaken),
         DomainError::RateLimited(_) => (Code::ResourceExhausted, ErrorReason::RateLimited),
+        DomainError::SignInThrottled(_) => (Code::ResourceExhausted, ErrorReason::SignInThrottled),
+        DomainError::SignInLocked => (Code::FailedPrecondition, ErrorReason::SignInLocked),
         DomainError::CredentialReused => (Code::Unauthenticated, ErrorReason::CredentialReused),
         DomainError::TokenAlreadyRotated => {
             (Code::FailedPrecondition, ErrorReason::TokenAlreadyRotated)

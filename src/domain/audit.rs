@@ -34,11 +34,14 @@ pub enum EventType {
     TokenLeaked,
     /// A rotated token was presented again and its family revoked.
     TokenReuseDetected,
+    /// Sign-ins for a username or from an address began to be refused
+    /// without a password check (backoff or lock); recorded once per block.
+    SignInThrottled,
 }
 
 impl EventType {
     /// Every type, in the order of the proto enum.
-    pub const ALL: [EventType; 13] = [
+    pub const ALL: [EventType; 14] = [
         Self::AccountCreated,
         Self::AccountDisabled,
         Self::AccountEnabled,
@@ -52,6 +55,7 @@ impl EventType {
         Self::TokenRevoked,
         Self::TokenLeaked,
         Self::TokenReuseDetected,
+        Self::SignInThrottled,
     ];
 
     /// The stored spelling.
@@ -70,6 +74,7 @@ impl EventType {
             Self::TokenRevoked => "token.revoked",
             Self::TokenLeaked => "token.leaked",
             Self::TokenReuseDetected => "token.reuse_detected",
+            Self::SignInThrottled => "session.sign_in_throttled",
         }
     }
 

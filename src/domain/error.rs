@@ -48,6 +48,18 @@ pub enum DomainError {
     /// Too many requests from this source; retry after the given delay.
     #[error("too many requests; retry in {} s", .0.as_secs().max(1))]
     RateLimited(std::time::Duration),
+    /// Too many failed sign-ins for the username or from the client
+    /// address; retry after the given delay. Said alike whether or not the
+    /// username exists.
+    #[error("too many failed sign-ins; retry in {} s", .0.as_secs().max(1))]
+    SignInThrottled(std::time::Duration),
+    /// Too many consecutive failed sign-ins for the username: password
+    /// sign-in is off until an operator enables the account. Said alike
+    /// whether or not the username exists.
+    #[error(
+        "too many failed sign-ins: password sign-in is locked until an operator enables the account"
+    )]
+    SignInLocked,
     /// An already-rotated token was presented to rotate again: its family is
     /// now revoked.
     #[error(

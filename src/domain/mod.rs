@@ -15,6 +15,7 @@ pub mod password;
 pub mod policy;
 pub mod scope;
 pub mod service;
+pub mod throttle;
 pub mod time;
 pub mod token;
 

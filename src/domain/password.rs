@@ -154,6 +154,8 @@ struct HasherInner {
     /// A hash of a random password, verified against when the username is
     /// unknown so that such a sign-in costs the same as a real one.
     dummy: PasswordHash,
+    /// Verifications started, real or dummy: what sign-in throttling saves.
+    verifications: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for PasswordHasher {
@@ -210,6 +212,7 @@ impl PasswordHasher {
                 permits: Semaphore::new(threads),
                 jobs,
                 dummy,
+                verifications: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -228,6 +231,9 @@ impl PasswordHasher {
         password: Password,
         hash: Option<PasswordHash>,
     ) -> Result<bool, DomainError> {
+        self.inner
+            .verifications
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let inner = Arc::clone(&self.inner);
         self.run(move || {
             let real = hash.is_some();
@@ -240,6 +246,14 @@ impl PasswordHasher {
             Ok(real && matches)
         })
         .await?
+    }
+
+    /// How many verifications (real or dummy) have been started since the
+    /// hasher was made.
+    pub fn verifications(&self) -> u64 {
+        self.inner
+            .verifications
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs `work` on a hashing thread once one is free, inside the

@@ -20,6 +20,7 @@ use crate::domain::{
     cache::InvalidationSink,
     credential::Digest,
     password::PasswordHash,
+    throttle::{ThrottleClaim, ThrottleCounter},
     time::Timestamp,
     token::{NewToken, Session, Token, TokenId, TokenState},
 };
@@ -300,6 +301,30 @@ pub trait Store: Send + Sync + 'static {
         at: Timestamp,
         template: &AuditEvent,
     ) -> Result<u64, StorageError>;
+
+    /// Claims one sign-in attempt against every counter of `claims`, at
+    /// `now`, atomically: if no counter is in backoff or locked, each counts
+    /// the attempt (as [`ThrottleClaim`] describes) and `None` is returned.
+    /// Otherwise none counts it, and the counters are returned as stored,
+    /// each refusing one marked as the first refusal of its block if it is.
+    /// Concurrent claims are serialised per counter, so every one counts.
+    async fn claim_sign_in(
+        &self,
+        claims: &[ThrottleClaim],
+        now: Timestamp,
+    ) -> Result<Option<Vec<ThrottleCounter>>, StorageError>;
+
+    /// Takes a successful attempt back: clears the username key's counter,
+    /// and removes the attempt from the address key's counter (whose block,
+    /// if any, stands).
+    async fn sign_in_succeeded(
+        &self,
+        username_key: &str,
+        address_key: &str,
+    ) -> Result<(), StorageError>;
+
+    /// Clears the username key's counter (and with it any lock).
+    async fn reset_sign_in_failures(&self, username_key: &str) -> Result<(), StorageError>;
 
     /// Appends an event that records no change (such as a failed sign-in).
     async fn record_event(&self, event: &AuditEvent) -> Result<(), StorageError>;

@@ -14,6 +14,7 @@ use crate::domain::{
     cache::{Invalidation, InvalidationSink},
     credential::Digest,
     password::PasswordHash,
+    throttle::{ThrottleClaim, ThrottleCounter},
     time::Timestamp,
     token::{NewToken, Session, Token, TokenId},
 };
@@ -33,6 +34,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "tokens fillfactor",
         include_str!("../../migrations/postgres/0003_tokens_fillfactor.sql"),
+    ),
+    (
+        4,
+        "sign-in throttle",
+        include_str!("../../migrations/postgres/0004_sign_in_throttle.sql"),
     ),
 ];
 

@@ -158,6 +158,60 @@ pub(super) const LEAK_TOKEN: &str = "UPDATE tokens SET revoke_time = $2, live_na
     WHERE digest = $1 AND (revoke_time IS NULL OR revoke_time > $2) \
     AND (expire_time IS NULL OR expire_time > $2) \
     RETURNING token_id AS credential_id, account_id";
+/// A sign-in counter's count after one more attempt: one if its previous
+/// attempt is older than `$8` (forgotten).
+macro_rules! throttle_next {
+    () => {
+        "(CASE WHEN sign_in_throttle.last_attempt < $8 THEN 1 \
+         ELSE sign_in_throttle.failures + 1 END)"
+    };
+}
+
+/// The delay (microseconds) that count arms, as `throttle::Backoff`
+/// computes it: none below `$4` (the first delayed count), then `$5 <<
+/// (count - $4)`, or the cap `$6` from the shift `$7` on (so the shift never
+/// overflows).
+macro_rules! throttle_delay {
+    () => {
+        concat!(
+            "(CASE WHEN ",
+            throttle_next!(),
+            " < $4 THEN 0 WHEN ",
+            throttle_next!(),
+            " - $4 >= $7 THEN $6 ELSE $5 << CAST(",
+            throttle_next!(),
+            " - $4 AS INTEGER) END)"
+        )
+    };
+}
+
+/// Counts one attempt against a counter unless it is in backoff (`$3`: now)
+/// or locked (`$10` failures), in one statement, so that concurrent attempts
+/// serialise on the row and each sees the others' counts. `$9`: the delay a
+/// first failure arms. Returns no row when refused.
+pub(super) const CLAIM_SIGN_IN: &str = concat!(
+    "INSERT INTO sign_in_throttle \
+     (scope, subject, failures, last_attempt, blocked_until, reported_until) \
+     VALUES ($1, $2, 1, $3, $3 + $9, 0) \
+     ON CONFLICT (scope, subject) DO UPDATE SET failures = ",
+    throttle_next!(),
+    ", last_attempt = $3, blocked_until = $3 + ",
+    throttle_delay!(),
+    " WHERE sign_in_throttle.blocked_until <= $3 AND sign_in_throttle.failures < $10 \
+     RETURNING failures"
+);
+pub(super) const SIGN_IN_COUNTER: &str = "SELECT failures, blocked_until FROM sign_in_throttle \
+    WHERE scope = $1 AND subject = $2";
+/// Marks a counter's current block as audited; changes nothing (and returns
+/// no row) if it already was.
+pub(super) const REPORT_SIGN_IN_BLOCK: &str = "UPDATE sign_in_throttle \
+    SET reported_until = blocked_until \
+    WHERE scope = $1 AND subject = $2 AND reported_until < blocked_until";
+pub(super) const RESET_SIGN_IN_ACCOUNT: &str =
+    "DELETE FROM sign_in_throttle WHERE scope = 'account' AND subject = $1";
+pub(super) const UNCOUNT_SIGN_IN_ADDRESS: &str = "UPDATE sign_in_throttle \
+    SET failures = failures - 1 WHERE scope = 'address' AND subject = $1 AND failures > 0";
+
 pub(super) const USERNAME_OF: &str = "SELECT username FROM accounts WHERE account_id = $1";
 
 /// Implements [`super::Store`] for a backend type, over sqlx database `$db`.
@@ -702,6 +756,84 @@ macro_rules! impl_store {
                 Ok(revoked)
             }
 
+            async fn claim_sign_in(
+                &self,
+                claims: &[ThrottleClaim],
+                now: Timestamp,
+            ) -> Result<Option<Vec<ThrottleCounter>>, StorageError> {
+                // A counter may stop refusing between the failed claim and
+                // the read (its block ends, or a success resets it): then
+                // claim again, a few times at most.
+                for _ in 0..3 {
+                    if Self::try_claim_sign_in(&self.pool, claims, now).await? {
+                        return Ok(None);
+                    }
+                    let mut counters = Vec::with_capacity(claims.len());
+                    for claim in claims {
+                        let row: Option<(i64, i64)> = sqlx::query_as(sql::SIGN_IN_COUNTER)
+                            .bind(claim.scope.as_str())
+                            .bind(claim.subject.as_str())
+                            .fetch_optional(&self.pool)
+                            .await
+                            .map_err(Self::classify)?;
+                        let Some((failures, blocked_until)) = row else {
+                            continue;
+                        };
+                        let refusing = blocked_until > now.as_micros() || failures >= claim.lockout;
+                        let first_refusal = refusing
+                            && sqlx::query(sql::REPORT_SIGN_IN_BLOCK)
+                                .bind(claim.scope.as_str())
+                                .bind(claim.subject.as_str())
+                                .execute(&self.pool)
+                                .await
+                                .map_err(Self::classify)?
+                                .rows_affected()
+                                > 0;
+                        counters.push(ThrottleCounter {
+                            scope: claim.scope,
+                            failures,
+                            blocked_until: Timestamp::from_micros(blocked_until),
+                            refusing,
+                            first_refusal,
+                        });
+                    }
+                    if counters.iter().any(|c| c.refusing) {
+                        return Ok(Some(counters));
+                    }
+                }
+                Err(StorageError::Unavailable(
+                    "sign-in counters kept changing under contention".into(),
+                ))
+            }
+
+            async fn sign_in_succeeded(
+                &self,
+                username_key: &str,
+                address_key: &str,
+            ) -> Result<(), StorageError> {
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                sqlx::query(sql::RESET_SIGN_IN_ACCOUNT)
+                    .bind(username_key)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?;
+                sqlx::query(sql::UNCOUNT_SIGN_IN_ADDRESS)
+                    .bind(address_key)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?;
+                tx.commit().await.map_err(Self::classify)
+            }
+
+            async fn reset_sign_in_failures(&self, username_key: &str) -> Result<(), StorageError> {
+                sqlx::query(sql::RESET_SIGN_IN_ACCOUNT)
+                    .bind(username_key)
+                    .execute(&self.pool)
+                    .await
+                    .map(drop)
+                    .map_err(Self::classify)
+            }
+
             async fn record_event(&self, event: &AuditEvent) -> Result<(), StorageError> {
                 let mut conn = self.pool.acquire().await.map_err(Self::classify)?;
                 Self::insert_event(&mut conn, event).await
@@ -726,6 +858,42 @@ macro_rules! impl_store {
         }
 
         impl $store {
+            /// Claims the attempt against every counter in one transaction:
+            /// `true` if all counted it, `false` (nothing changed) if one
+            /// refused. Counters are always claimed in the same order
+            /// (username before address), so concurrent claims cannot
+            /// deadlock.
+            async fn try_claim_sign_in(
+                pool: &sqlx::Pool<$db>,
+                claims: &[ThrottleClaim],
+                now: Timestamp,
+            ) -> Result<bool, StorageError> {
+                let mut tx = pool.begin().await.map_err(Self::classify)?;
+                for claim in claims {
+                    let curve = &claim.curve;
+                    let counted: Option<i64> = sqlx::query_scalar(sql::CLAIM_SIGN_IN)
+                        .bind(claim.scope.as_str())
+                        .bind(claim.subject.as_str())
+                        .bind(now.as_micros())
+                        .bind(curve.first_delayed)
+                        .bind(curve.base_micros)
+                        .bind(curve.max_micros)
+                        .bind(curve.max_shift)
+                        .bind(claim.forget_before.as_micros())
+                        .bind(curve.delay_micros(1))
+                        .bind(claim.lockout)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(Self::classify)?;
+                    if counted.is_none() {
+                        // Dropping the transaction rolls the others back.
+                        return Ok(false);
+                    }
+                }
+                tx.commit().await.map_err(Self::classify)?;
+                Ok(true)
+            }
+
             /// Inserts a token row within the caller's transaction.
             async fn insert_token(
                 conn: &mut <$db as sqlx::Database>::Connection,

@@ -18,6 +18,7 @@ use crate::domain::{
     cache::{Invalidation, InvalidationSink},
     credential::Digest,
     password::PasswordHash,
+    throttle::{ThrottleClaim, ThrottleCounter},
     time::Timestamp,
     token::{NewToken, Session, Token, TokenId},
 };
@@ -36,6 +37,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         2,
         "lifecycle",
         include_str!("../../migrations/sqlite/0002_lifecycle.sql"),
+    ),
+    (
+        3,
+        "sign-in throttle",
+        include_str!("../../migrations/sqlite/0003_sign_in_throttle.sql"),
     ),
 ];
 

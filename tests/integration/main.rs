@@ -13,6 +13,7 @@ mod binary;
 mod lifecycle;
 mod replicas;
 mod storage;
+mod throttle;
 mod tls;
 mod tokens;
 mod verify;

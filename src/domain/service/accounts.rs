@@ -10,6 +10,7 @@ use crate::domain::{
     page::{ACCOUNTS_LISTING, PageRequest},
     password::Password,
     policy::{self, Action, Principal},
+    throttle::{Refusal, ThrottleClaim},
     time::Timestamp,
     token::{Session, TokenId},
 };
@@ -84,6 +85,11 @@ impl Identity {
         let event = AuditEvent::new(EventType::AccountCreated, origin, actor)
             .account(&account.id, account.username.as_str());
         self.store.create_account(&account, &event).await?;
+        // Failures counted against the name before it had an account (or
+        // under a deleted account of that name) are not the new account's.
+        self.store
+            .reset_sign_in_failures(&account.username.key())
+            .await?;
         Ok(without_hash(account))
     }
 
@@ -130,18 +136,20 @@ impl Identity {
     }
 
     /// `SignIn`. Unknown usernames, robots, disabled accounts and wrong
-    /// passwords fail alike, and all pay for one argon2 verification. Every
-    /// attempt is audited.
+    /// passwords fail alike: the same error after the same steps (a throttle
+    /// claim, one lookup, one argon2 verification, one audit event), so
+    /// neither the answer nor its timing tells them apart. Every checked
+    /// attempt is audited. An attempt the throttle refuses checks no
+    /// password (see [`crate::domain::throttle`]).
     pub async fn sign_in(
         &self,
         origin: &Origin,
         username: &str,
         password: Password,
     ) -> Result<SignedIn, DomainError> {
-        let account = self
-            .store
-            .account_by_username(&username.to_ascii_lowercase())
-            .await?;
+        let key = username.to_ascii_lowercase();
+        let claims = self.claim_password_check(origin, &key, None).await?;
+        let account = self.store.account_by_username(&key).await?;
         let hash = account.as_ref().and_then(|a| a.password_hash.clone());
         let matches = self.hasher.verify(password, hash).await?;
         let event = AuditEvent::new(EventType::SignIn, origin, None);
@@ -160,6 +168,10 @@ impl Identity {
                 return Err(DomainError::SignInFailed);
             }
         };
+        let [account_claim, address_claim] = &claims;
+        self.store
+            .sign_in_succeeded(&account_claim.subject, &address_claim.subject)
+            .await?;
         let secret = Secret::generate(CredentialKind::Session);
         let now = Timestamp::now();
         let session = Session {
@@ -213,6 +225,12 @@ impl Identity {
             .ok_or(DomainError::AccountNotFound)?;
         let event = AuditEvent::new(EventType::PasswordChanged, origin, Some(caller))
             .account(&account.id, account.username.as_str());
+        // Checking the current password is a password guess like a sign-in:
+        // a stolen session must not be a way around the throttle.
+        let key = account.username.key();
+        let [_, address_claim] = self
+            .claim_password_check(origin, &key, Some(caller))
+            .await?;
         if !self
             .hasher
             .verify(current, account.password_hash.clone())
@@ -221,6 +239,11 @@ impl Identity {
             self.store.record_event(&event.failed()).await?;
             return Err(DomainError::SignInFailed);
         }
+        // A correct current password, like a successful sign-in, clears the
+        // username's failures.
+        self.store
+            .sign_in_succeeded(&key, &address_claim.subject)
+            .await?;
         let hash = self.hasher.hash(new).await?;
         let ended = self
             .store
@@ -287,9 +310,45 @@ impl Identity {
         let at = disable.then(Timestamp::now);
         let account = self.store.set_account_disabled(id, at, &event).await?;
         self.changed(Invalidation::Account(id.clone()));
-        account
-            .map(without_hash)
-            .ok_or(DomainError::AccountNotFound)
+        let account = account.ok_or(DomainError::AccountNotFound)?;
+        if !disable {
+            // Enabling is also how an operator lifts a sign-in lock.
+            self.store
+                .reset_sign_in_failures(&account.username.key())
+                .await?;
+        }
+        Ok(without_hash(account))
+    }
+
+    /// Counts a password check by `username_key` from `origin` against the
+    /// username's and the address's sign-in counters, or refuses it, before
+    /// any hashing, while either is in backoff or locked. The first refusal
+    /// of each block is audited (once, not per attempt, so that refused
+    /// attempts cost the store little). Returns the claims, for
+    /// [`crate::storage::Store::sign_in_succeeded`].
+    async fn claim_password_check(
+        &self,
+        origin: &Origin,
+        username_key: &str,
+        actor: Option<&Principal>,
+    ) -> Result<[ThrottleClaim; 2], DomainError> {
+        let throttle = &self.settings.sign_in_throttle;
+        let now = Timestamp::now();
+        let claims = throttle.claims(username_key, &origin.address, now);
+        let Some(counters) = self.store.claim_sign_in(&claims, now).await? else {
+            return Ok(claims);
+        };
+        if counters.iter().any(|c| c.first_refusal) {
+            let mut event = AuditEvent::new(EventType::SignInThrottled, origin, actor).failed();
+            if let Some(account) = self.store.account_by_username(username_key).await? {
+                event = event.account(&account.id, account.username.as_str());
+            }
+            self.store.record_event(&event).await?;
+        }
+        match throttle.refusal(&counters, now) {
+            Refusal::Backoff(wait) => Err(DomainError::SignInThrottled(wait)),
+            Refusal::Locked => Err(DomainError::SignInLocked),
+        }
     }
 
     /// `DeleteAccount`: the account, its sessions and its tokens go at once;

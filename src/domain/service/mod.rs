@@ -20,6 +20,7 @@ use super::{
     password::{PasswordHasher, PasswordPolicy},
     policy::{self, Action, Principal, Verifier},
     scope::Scopes,
+    throttle::ThrottleSettings,
     time::Timestamp,
     token::{Session, Token, TokenId, TokenName, TokenState},
 };
@@ -54,6 +55,8 @@ pub struct IdentitySettings {
     /// say: the bound on staleness should a change notification be lost
     /// without the channel noticing.
     pub cache_ttl: Duration,
+    /// How failed sign-ins are limited.
+    pub sign_in_throttle: ThrottleSettings,
 }
 
 impl Default for IdentitySettings {
@@ -68,6 +71,7 @@ impl Default for IdentitySettings {
             rotation_grace: Duration::ZERO,
             cache_entries: 100_000,
             cache_ttl: Duration::from_secs(30),
+            sign_in_throttle: ThrottleSettings::default(),
         }
     }
 }
@@ -197,6 +201,12 @@ impl Identity {
     /// that made it returns (other replicas hear of it from the store).
     pub(super) fn changed(&self, what: Invalidation) {
         self.cache.evict(&what);
+    }
+
+    /// How many password verifications this replica has started (each one
+    /// an argon2 hash), for tests and metrics.
+    pub fn password_verifications(&self) -> u64 {
+        self.hasher.verifications()
     }
 
     /// The domain's settings.

@@ -113,11 +113,17 @@ impl TestApp {
     /// Starts another replica of this server on the same database, sharing
     /// its operator.
     pub async fn replica(&self) -> Self {
+        self.replica_with(|_| {}).await
+    }
+
+    /// Starts another replica of this server on the same database, sharing
+    /// its operator, after `adjust` has changed its configuration.
+    pub async fn replica_with(&self, adjust: impl FnOnce(&mut Config)) -> Self {
         let db = TestDatabase {
             url: self.db.url.clone(),
             _dir: None,
         };
-        Self::spawn_on(db, Some(self.operator_token.clone()), |_| {}, plaintext).await
+        Self::spawn_on(db, Some(self.operator_token.clone()), adjust, plaintext).await
     }
 
     async fn spawn_on(

@@ -1,0 +1,316 @@
+//! Sign-in throttling: the policy that limits password guessing.
+//!
+//! Two counters watch every sign-in attempt: one per account, keyed by the
+//! normalised (ASCII-lowercased) username whether or not such an account
+//! exists, so an unknown username is throttled exactly like a real one; and
+//! one per client address (the peer the server sees; forwarded headers are
+//! never trusted; IPv6 clients by their /64, which one subscriber usually
+//! holds whole). Each counter allows a few free failures, then makes the
+//! client wait a delay that doubles with every further failure, up to a cap.
+//! After `lockout_failures` (at most 100, NIST SP 800-63B §5.2.2)
+//! consecutive failures, password checks for that username stop until an
+//! operator calls `EnableAccount`. (A successful password change, like a
+//! successful sign-in, resets the count; but while locked, `ChangePassword`
+//! is refused too, or a stolen session would be a way to keep guessing.)
+//!
+//! An attempt is *claimed* (counted) in the store before its password is
+//! hashed, in one atomic statement per counter that refuses instead while
+//! the counter is in backoff: a refused attempt costs no argon2 hash, and
+//! any number of concurrent attempts get exactly as many hashes as the
+//! policy allows. A correct password then clears the account's counter and
+//! takes its own attempt back from the address's counter. The counters live
+//! in the database, so every replica enforces the same limits.
+//!
+//! This module holds the arithmetic and the keys; the store applies the same
+//! arithmetic in SQL (see `storage/sql.rs`), and tests check both agree.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use super::time::Timestamp;
+
+/// The most consecutive failures any account may have (NIST SP 800-63B).
+pub const MAX_LOCKOUT_FAILURES: u32 = 100;
+
+/// How sign-in failures are limited.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThrottleSettings {
+    /// Consecutive failures per username that arm no delay; each further
+    /// one makes the next attempt wait.
+    pub account_free_failures: u32,
+    /// Failures per client address that arm no delay; each further one
+    /// makes the next attempt from the address wait.
+    pub address_free_failures: u32,
+    /// The delay armed by the first failure beyond the free ones; each
+    /// further failure doubles it.
+    pub base_delay: Duration,
+    /// The longest delay.
+    pub max_delay: Duration,
+    /// Consecutive failures after which password sign-in for a username
+    /// stops until an operator enables the account
+    /// (1 to [`MAX_LOCKOUT_FAILURES`]).
+    pub lockout_failures: u32,
+    /// How long an address's failures are remembered once it stops failing
+    /// (an address is shared by many people, so its count must fade; a
+    /// username's never does, it is reset only by a success).
+    pub address_memory: Duration,
+}
+
+impl Default for ThrottleSettings {
+    fn default() -> Self {
+        Self {
+            account_free_failures: 5,
+            address_free_failures: 20,
+            base_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(15 * 60),
+            lockout_failures: MAX_LOCKOUT_FAILURES,
+            address_memory: Duration::from_secs(24 * 60 * 60),
+        }
+    }
+}
+
+/// Which kind of counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ThrottleScope {
+    /// Per normalised username.
+    Account,
+    /// Per client address.
+    Address,
+}
+
+impl ThrottleScope {
+    /// The stored spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Account => "account",
+            Self::Address => "address",
+        }
+    }
+}
+
+/// One attempt to count against one counter, with the rule the store
+/// applies atomically: refuse while the counter is in backoff or locked,
+/// otherwise add one failure (or start again at one if the previous attempt
+/// is older than `forget_before`) and arm the delay for the new count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThrottleClaim {
+    /// Which counter.
+    pub scope: ThrottleScope,
+    /// Its key: a username key or an address.
+    pub subject: String,
+    /// The backoff curve.
+    pub curve: Backoff,
+    /// Counts at or above this refuse every attempt (`i64::MAX`: never).
+    pub lockout: i64,
+    /// An attempt older than this is forgotten (`i64::MIN`: never).
+    pub forget_before: Timestamp,
+}
+
+/// The backoff curve, in the integer terms SQL computes it in: no delay for
+/// fewer than `first_delayed` failures, then `base << (failures -
+/// first_delayed)` microseconds, capped at `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The first count that arms a delay: one more than the free failures.
+    pub first_delayed: i64,
+    /// The first delay, in microseconds (at least 1).
+    pub base_micros: i64,
+    /// The cap, in microseconds (at least `base_micros`).
+    pub max_micros: i64,
+    /// The smallest shift at which the delay reaches the cap: larger shifts
+    /// are never computed, so they cannot overflow.
+    pub max_shift: i64,
+}
+
+impl Backoff {
+    /// The curve of `free` free failures (failures that arm no delay: the
+    /// attempt after them may follow at once) and `settings`' delays.
+    pub fn new(free: u32, settings: &ThrottleSettings) -> Self {
+        let micros = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        let base_micros = micros(settings.base_delay).max(1);
+        // Keep the cap well below i64::MAX so `base << shift` cannot overflow.
+        let max_micros = micros(settings.max_delay).clamp(base_micros, i64::MAX / 4);
+        let mut max_shift = 0;
+        while (base_micros << max_shift) < max_micros {
+            max_shift += 1;
+        }
+        Self {
+            first_delayed: i64::from(free) + 1,
+            base_micros,
+            max_micros,
+            max_shift,
+        }
+    }
+
+    /// The delay armed by the `failures`-th failure, in microseconds.
+    pub fn delay_micros(&self, failures: i64) -> i64 {
+        if failures < self.first_delayed {
+            0
+        } else if failures - self.first_delayed >= self.max_shift {
+            self.max_micros
+        } else {
+            (self.base_micros << (failures - self.first_delayed)).min(self.max_micros)
+        }
+    }
+}
+
+/// A counter as the store holds it, read back when an attempt was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThrottleCounter {
+    /// Which counter.
+    pub scope: ThrottleScope,
+    /// Failures counted.
+    pub failures: i64,
+    /// No attempt is allowed before this instant.
+    pub blocked_until: Timestamp,
+    /// Whether this counter refuses attempts now.
+    pub refusing: bool,
+    /// Whether this is the first refusal of the current block (so that an
+    /// audit event is written once per block, not once per attempt).
+    pub first_refusal: bool,
+}
+
+/// Why an attempt may not proceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Too many recent failures: retry after this long.
+    Backoff(Duration),
+    /// Too many consecutive failures for this username: password sign-in
+    /// is off until an operator enables the account.
+    Locked,
+}
+
+impl ThrottleSettings {
+    /// The two claims of an attempt on `username_key` from `address`, at
+    /// `now`.
+    pub fn claims(&self, username_key: &str, address: &str, now: Timestamp) -> [ThrottleClaim; 2] {
+        let memory = i64::try_from(self.address_memory.as_micros()).unwrap_or(i64::MAX);
+        [
+            ThrottleClaim {
+                scope: ThrottleScope::Account,
+                subject: username_key.to_owned(),
+                curve: Backoff::new(self.account_free_failures, self),
+                lockout: i64::from(self.lockout_failures.clamp(1, MAX_LOCKOUT_FAILURES)),
+                forget_before: Timestamp::from_micros(i64::MIN),
+            },
+            ThrottleClaim {
+                scope: ThrottleScope::Address,
+                subject: address_key(address),
+                curve: Backoff::new(self.address_free_failures, self),
+                lockout: i64::MAX,
+                forget_before: Timestamp::from_micros(now.as_micros().saturating_sub(memory)),
+            },
+        ]
+    }
+
+    /// Why the attempt was refused, from the counters the store read back.
+    /// A lock wins over a delay; among delays, the longest.
+    pub fn refusal(&self, counters: &[ThrottleCounter], now: Timestamp) -> Refusal {
+        let lockout = i64::from(self.lockout_failures.clamp(1, MAX_LOCKOUT_FAILURES));
+        let refusing = counters.iter().filter(|c| c.refusing);
+        let mut wait = 0;
+        for counter in refusing {
+            if counter.scope == ThrottleScope::Account && counter.failures >= lockout {
+                return Refusal::Locked;
+            }
+            wait = wait.max(counter.blocked_until.as_micros() - now.as_micros());
+        }
+        // A counter that unblocked between the claim and the read still
+        // refused this attempt: ask for the shortest sensible wait.
+        Refusal::Backoff(Duration::from_micros(wait.max(1_000).unsigned_abs()))
+    }
+}
+
+/// The address counter's key for a peer address as the wire layer reports
+/// it (`ip:port`, or empty when unknown): the IP, or its /64 for IPv6
+/// (IPv4-mapped addresses count as IPv4).
+pub fn address_key(address: &str) -> String {
+    let ip = address
+        .parse::<SocketAddr>()
+        .map(|a| a.ip())
+        .or_else(|_| address.parse::<IpAddr>());
+    match ip {
+        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let s = v6.segments();
+                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+            }
+        },
+        Ok(IpAddr::V4(v4)) => v4.to_string(),
+        Err(_) => "unknown".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_delay_doubles_after_the_free_failures_up_to_the_cap() {
+        let settings = ThrottleSettings::default();
+        let curve = Backoff::new(5, &settings);
+        let secs = |n| curve.delay_micros(n) / 1_000_000;
+        assert_eq!((secs(1), secs(5)), (0, 0), "free failures");
+        assert_eq!((secs(6), secs(7), secs(8), secs(15)), (1, 2, 4, 512));
+        assert_eq!(secs(16), 900, "capped at 15 minutes");
+        assert_eq!(secs(100), 900);
+        assert_eq!(curve.delay_micros(i64::MAX), 900_000_000);
+    }
+
+    #[test]
+    fn extreme_settings_neither_overflow_nor_stall() {
+        let settings = ThrottleSettings {
+            base_delay: Duration::ZERO,
+            max_delay: Duration::MAX,
+            ..ThrottleSettings::default()
+        };
+        let curve = Backoff::new(0, &settings);
+        assert_eq!(curve.delay_micros(1), 1);
+        assert_eq!(curve.delay_micros(i64::MAX), i64::MAX / 4);
+        assert!(curve.max_shift < 63);
+    }
+
+    #[test]
+    fn addresses_are_keyed_by_ip_and_ipv6_by_its_64() {
+        assert_eq!(address_key("10.1.2.3:4567"), "10.1.2.3");
+        assert_eq!(
+            address_key("[2001:db8:1:2:3:4:5:6]:443"),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(address_key("[2001:db8:1:2:ffff::1]:1"), "2001:db8:1:2::/64");
+        assert_eq!(address_key("[::ffff:10.1.2.3]:80"), "10.1.2.3");
+        assert_eq!(address_key(""), "unknown");
+    }
+
+    #[test]
+    fn a_lock_wins_and_the_longest_delay_is_reported() {
+        let settings = ThrottleSettings {
+            lockout_failures: 10,
+            ..ThrottleSettings::default()
+        };
+        let now = Timestamp::from_micros(1_000_000_000);
+        let counter = |scope, failures, wait: i64, refusing| ThrottleCounter {
+            scope,
+            failures,
+            blocked_until: Timestamp::from_micros(now.as_micros() + wait),
+            refusing,
+            first_refusal: false,
+        };
+        let account = counter(ThrottleScope::Account, 7, 2_000_000, true);
+        let address = counter(ThrottleScope::Address, 30, 8_000_000, true);
+        assert_eq!(
+            settings.refusal(&[account.clone(), address], now),
+            Refusal::Backoff(Duration::from_secs(8))
+        );
+        let idle = counter(ThrottleScope::Address, 1, 0, false);
+        assert_eq!(
+            settings.refusal(&[account, idle.clone()], now),
+            Refusal::Backoff(Duration::from_secs(2))
+        );
+        let locked = counter(ThrottleScope::Account, 10, -5, true);
+        assert_eq!(settings.refusal(&[locked, idle], now), Refusal::Locked);
+    }
+}
