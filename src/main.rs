@@ -115,6 +115,12 @@ struct Settings {
     /// grpc-timeout from the client wins.
     #[arg(long, env = "IDENTITY_REQUEST_TIMEOUT", default_value = "10s", value_parser = config::parse_duration, global = true)]
     request_timeout: Duration,
+    /// Largest request message accepted, in bytes (at least 65536, so the
+    /// largest legitimate request always fits); larger ones get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IDENTITY_MAX_MESSAGE_BYTES", default_value_t = Config::DEFAULT_MAX_MESSAGE_BYTES as u32,
+          value_parser = clap::value_parser!(u32).range(65_536..=67_108_864), global = true)]
+    max_message_bytes: u32,
     /// Async runtime worker threads (default: one per core).
     #[arg(long, env = "IDENTITY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024), global = true)]
     worker_threads: Option<u16>,
@@ -154,6 +160,7 @@ impl Settings {
         config.max_concurrent_requests = self.max_concurrent_requests;
         config.max_streams_per_connection = self.max_streams_per_connection;
         config.request_timeout = self.request_timeout;
+        config.max_message_bytes = self.max_message_bytes as usize;
         config.drain_timeout = self.drain_timeout;
         config.leak_reports_per_minute = self.leak_reports_per_minute;
         config
