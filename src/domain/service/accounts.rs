@@ -135,13 +135,10 @@ impl Identity {
     pub async fn sign_in(
         &self,
         origin: &Origin,
-        username: &str,
+        username: &Username,
         password: Password,
     ) -> Result<SignedIn, DomainError> {
-        let account = self
-            .store
-            .account_by_username(&username.to_ascii_lowercase())
-            .await?;
+        let account = self.store.account_by_username(&username.key()).await?;
         let hash = account.as_ref().and_then(|a| a.password_hash.clone());
         let matches = self.hasher.verify(password, hash).await?;
         let event = AuditEvent::new(EventType::SignIn, origin, None);
