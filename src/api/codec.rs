@@ -1,6 +1,6 @@
 //! How request bytes become messages, and what a client hears when they
-//! cannot. Two things can go wrong before a handler runs, and both are the
-//! client's doing, so neither may surface as INTERNAL:
+//! cannot. Three things can go wrong before a handler runs, all of them the
+//! client's doing, so none may surface as INTERNAL:
 //!
 //! - **The message is larger than the server accepts**
 //!   (`IDENTITY_MAX_MESSAGE_BYTES`). [`MessageLimitLayer`] reads the length
@@ -9,14 +9,19 @@
 //!   as the gRPC specification asks, before its body is buffered. (tonic's
 //!   own check, configured to the same limit in `app.rs` as a second line,
 //!   would answer OUT_OF_RANGE.)
+//! - **The body is not a sequence of gRPC messages**: a compression flag
+//!   other than 0 or 1, a body that ends inside a message, a unary call with
+//!   no message at all. The same layer answers INVALID_ARGUMENT, where tonic
+//!   would answer INTERNAL. (A message flagged compressed without a
+//!   `grpc-encoding` stays INTERNAL, as the gRPC specification demands.)
 //! - **The bytes are not a valid message of the method's request type**:
 //!   invalid UTF-8 in a `string`, a truncated varint, a wrong wire type.
 //!   [`Codec`], the codec of every generated service (see `build.rs`), is
 //!   prost's with one change: such a request is INVALID_ARGUMENT naming the
 //!   field where decoding failed, where tonic-prost would answer INTERNAL.
 //!
-//! This module never looks inside a message beyond its length prefix, and
-//! never repeats the bytes it was sent.
+//! The layer never looks inside a message beyond its length prefix, and no
+//! status from here repeats the bytes it was sent.
 
 use std::{
     marker::PhantomData,
@@ -125,8 +130,12 @@ fn is_identifier(s: &str) -> bool {
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// A tower layer that refuses any request message longer than `max_bytes`
-/// with RESOURCE_EXHAUSTED, as soon as its length prefix arrives.
+/// A tower layer that follows the gRPC framing of every request body: it
+/// refuses a message longer than `max_bytes` with RESOURCE_EXHAUSTED as soon
+/// as its length prefix arrives, and answers INVALID_ARGUMENT for framing
+/// no client library produces (an unknown compression flag, a body that ends
+/// inside a message, a unary call without a message), where tonic would
+/// answer INTERNAL.
 #[derive(Debug, Clone, Copy)]
 pub struct MessageLimitLayer {
     max_bytes: usize,
@@ -157,6 +166,11 @@ pub struct MessageLimit<S> {
     max_bytes: usize,
 }
 
+/// The path prefix of this service's own RPCs, which are all unary (a test
+/// below checks the descriptor set): each request carries exactly one
+/// message.
+const UNARY_PREFIX: &str = "/identity.v1.";
+
 impl<S> Service<http::Request<Body>> for MessageLimit<S>
 where
     S: Service<http::Request<Body>>,
@@ -171,26 +185,48 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let max_bytes = self.max_bytes;
+        let unary = request.uri().path().starts_with(UNARY_PREFIX);
         self.inner.call(request.map(|body| {
-            Body::new(LimitedBody {
+            Body::new(FramedBody {
                 inner: body,
                 frames: Frames::new(max_bytes),
-                refused: false,
+                unary,
+                failed: false,
             })
         }))
     }
 }
 
-/// A request body that fails with RESOURCE_EXHAUSTED when a message's
-/// length prefix exceeds the limit. tonic turns the body's error into the
-/// call's status.
-struct LimitedBody {
+/// A request body that fails when its framing does: see
+/// [`MessageLimitLayer`]. tonic turns the body's error into the call's
+/// status.
+struct FramedBody {
     inner: Body,
     frames: Frames,
-    refused: bool,
+    /// The call must carry a message.
+    unary: bool,
+    failed: bool,
 }
 
-impl http_body::Body for LimitedBody {
+impl FramedBody {
+    /// Why the body may not end here, if it may not.
+    fn unfinished(&self) -> Option<&'static str> {
+        if self.frames.inside_message() {
+            Some("the request ends inside a message")
+        } else if self.unary && self.frames.messages == 0 {
+            Some("the request holds no message")
+        } else {
+            None
+        }
+    }
+
+    fn fail(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.failed = true;
+        Poll::Ready(Some(Err(status)))
+    }
+}
+
+impl http_body::Body for FramedBody {
     type Data = Bytes;
     type Error = Status;
 
@@ -199,30 +235,55 @@ impl http_body::Body for LimitedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        if this.refused {
+        if this.failed {
             return Poll::Ready(None);
         }
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
-        if let Some(Ok(frame)) = &frame
-            && let Some(data) = frame.data_ref()
-            && let Err(len) = this.frames.scan(data)
-        {
-            this.refused = true;
-            return Poll::Ready(Some(Err(status::message_too_large(
-                len,
-                this.frames.max_bytes,
-            ))));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref()
+                    && let Err(err) = this.frames.scan(data)
+                {
+                    let status = match err {
+                        FramingError::TooLarge(len) => {
+                            status::message_too_large(len, this.frames.max_bytes)
+                        }
+                        FramingError::Flag(flag) => status::undecodable(
+                            None,
+                            format!("invalid compression flag {flag} (valid flags are 0 and 1)"),
+                        ),
+                    };
+                    return this.fail(status);
+                }
+            }
+            None => {
+                if let Some(why) = this.unfinished() {
+                    return this.fail(status::undecodable(None, why.to_owned()));
+                }
+            }
+            Some(Err(_)) => {}
         }
         Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.refused || self.inner.is_end_stream()
+        // An empty body that should not be empty must still be polled, to
+        // report why.
+        self.failed || (self.inner.is_end_stream() && self.unfinished().is_none())
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// What [`Frames::scan`] refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FramingError {
+    /// A message announced as this many bytes, over the limit.
+    TooLarge(u64),
+    /// A compression flag other than 0 or 1.
+    Flag(u8),
 }
 
 /// Follows the gRPC message framing (a 1-byte compression flag, a 4-byte
@@ -236,6 +297,8 @@ struct Frames {
     prefix_len: usize,
     /// Bytes of the current message still to come.
     remaining: u64,
+    /// Messages whose prefix has arrived.
+    messages: u64,
 }
 
 impl Frames {
@@ -245,12 +308,12 @@ impl Frames {
             prefix: [0; 5],
             prefix_len: 0,
             remaining: 0,
+            messages: 0,
         }
     }
 
-    /// Follows `chunk`; `Err(len)` for the first message whose announced
-    /// length exceeds the limit.
-    fn scan(&mut self, mut chunk: &[u8]) -> Result<(), u64> {
+    /// Follows `chunk`, refusing the first message with a bad prefix.
+    fn scan(&mut self, mut chunk: &[u8]) -> Result<(), FramingError> {
         while !chunk.is_empty() {
             if self.remaining > 0 {
                 let skip = usize::try_from(self.remaining)
@@ -266,15 +329,24 @@ impl Frames {
             chunk = &chunk[take..];
             if self.prefix_len == 5 {
                 self.prefix_len = 0;
-                let [_, a, b, c, d] = self.prefix;
+                let [flag, a, b, c, d] = self.prefix;
+                if flag > 1 {
+                    return Err(FramingError::Flag(flag));
+                }
                 let len = u64::from(u32::from_be_bytes([a, b, c, d]));
                 if len > self.max_bytes as u64 {
-                    return Err(len);
+                    return Err(FramingError::TooLarge(len));
                 }
+                self.messages += 1;
                 self.remaining = len;
             }
         }
         Ok(())
+    }
+
+    /// Whether the body so far ends part-way through a message.
+    fn inside_message(&self) -> bool {
+        self.prefix_len > 0 || self.remaining > 0
     }
 }
 
@@ -298,12 +370,53 @@ mod tests {
             for piece in stream.chunks(chunk) {
                 assert_eq!(frames.scan(piece), Ok(()), "chunks of {chunk}");
             }
+            assert_eq!(frames.messages, 4);
+            assert!(!frames.inside_message());
             let mut frames = Frames::new(99);
             let refused = stream.chunks(chunk).find_map(|p| frames.scan(p).err());
-            assert_eq!(refused, Some(100), "chunks of {chunk}");
+            assert_eq!(
+                refused,
+                Some(FramingError::TooLarge(100)),
+                "chunks of {chunk}"
+            );
         }
         let mut frames = Frames::new(usize::MAX);
         assert_eq!(frames.scan(&[0, 0xff, 0xff, 0xff, 0xff]), Ok(()));
+    }
+
+    #[test]
+    fn truncated_messages_and_bad_flags_are_noticed() {
+        let mut frames = Frames::new(100);
+        frames.scan(&framed(10)[..8]).expect("a prefix");
+        assert!(frames.inside_message());
+        let mut frames = Frames::new(100);
+        frames.scan(&[0, 0]).expect("part of a prefix");
+        assert!(frames.inside_message());
+        let mut frames = Frames::new(100);
+        assert_eq!(frames.scan(&[2, 0, 0, 0, 0]), Err(FramingError::Flag(2)));
+    }
+
+    /// [`UNARY_PREFIX`] holds only unary methods, so a request there
+    /// without a message is malformed.
+    #[test]
+    fn every_identity_method_is_unary() {
+        let set = prost_types::FileDescriptorSet::decode(crate::api::FILE_DESCRIPTOR_SET)
+            .expect("the descriptor set decodes");
+        let mut methods = 0;
+        for file in set.file.iter().filter(|f| f.package() == "identity.v1") {
+            for service in &file.service {
+                for method in &service.method {
+                    methods += 1;
+                    assert!(
+                        !method.client_streaming() && !method.server_streaming(),
+                        "{}.{} streams",
+                        service.name(),
+                        method.name()
+                    );
+                }
+            }
+        }
+        assert!(methods > 10, "found {methods} methods");
     }
 
     #[test]

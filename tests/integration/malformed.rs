@@ -399,6 +399,100 @@ on_both_backends! {
 }
 
 // ---------------------------------------------------------------------------
+// Broken gRPC framing, below any client library.
+
+/// A request body of fixed bytes.
+struct FixedBody(Option<prost::bytes::Bytes>);
+
+impl http_body::Body for FixedBody {
+    type Data = prost::bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.take().map(|data| Ok(http_body::Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+/// POSTs `body` as it is (gRPC framing included) to `method`, as the
+/// operator, and returns the call's status (`Code::Ok` on success), from
+/// the headers of a trailers-only answer or from the trailers.
+async fn raw_http(app: &TestApp, method: &str, body: Vec<u8>) -> Status {
+    use http_body::Body as _;
+    use tower::ServiceExt as _;
+    let data = (!body.is_empty()).then(|| prost::bytes::Bytes::from(body));
+    let request = http::Request::post(format!("http://{}{method}", app.addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {}", app.operator_token))
+        .body(tonic::body::Body::new(FixedBody(data)))
+        .expect("a request");
+    let response = app
+        .channel
+        .clone()
+        .oneshot(request)
+        .await
+        .expect("an HTTP/2 response");
+    if let Some(status) = Status::from_header_map(response.headers()) {
+        return status;
+    }
+    let mut body = response.into_body();
+    while let Some(frame) =
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await
+    {
+        if let Ok(trailers) = frame.expect("a frame").into_trailers() {
+            return Status::from_header_map(&trailers).expect("grpc-status");
+        }
+    }
+    panic!("no grpc-status in the response");
+}
+
+/// `message` with a gRPC prefix: compression `flag` and big-endian length.
+fn framed(flag: u8, len: u32, message: &[u8]) -> Vec<u8> {
+    let mut out = vec![flag];
+    out.extend(len.to_be_bytes());
+    out.extend_from_slice(message);
+    out
+}
+
+on_both_backends! {
+    async fn broken_grpc_framing_is_invalid_argument(app: TestApp) {
+        let robot = pb::CreateAccountRequest {
+            username: "framed".into(),
+            kind: pb::AccountKind::Robot as i32,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let len = u32::try_from(robot.len()).expect("small");
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("no message at all", vec![]),
+            ("half a prefix", vec![0, 0, 0]),
+            ("a prefix alone", framed(0, len, &[])),
+            ("a message cut short", framed(0, len, &robot[..robot.len() - 1])),
+            ("compression flag 2", framed(2, len, &robot)),
+            ("compression flag 255", framed(255, len, &robot)),
+        ];
+        for (label, body) in cases {
+            let status = unchanged(&app, label, raw_http(&app, CREATE_ACCOUNT, body)).await;
+            assert_eq!(status.code(), Code::InvalidArgument, "{label}: {status:?}");
+            assert_eq!(reason(&status), "ERROR_REASON_INVALID_ARGUMENT", "{label}");
+        }
+        // Over the limit, by the prefix alone.
+        let status = unchanged(&app, "prefix over the limit", raw_http(&app, CREATE_ACCOUNT, framed(0, u32::MAX, &robot))).await;
+        assert_too_large("prefix over the limit", Err::<(), _>(status), identity::config::Config::DEFAULT_MAX_MESSAGE_BYTES);
+        // The same bytes, framed properly, are served.
+        let status = raw_http(&app, CREATE_ACCOUNT, framed(0, len, &robot)).await;
+        assert_eq!(status.code(), Code::Ok, "{status:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Message size.
 
 /// A CreateAccountRequest for a robot whose encoded length is exactly
