@@ -41,6 +41,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         .skip_debug(SECRET_BEARING.iter().copied())
+        // prost's codec, except that a request that does not decode is
+        // INVALID_ARGUMENT rather than INTERNAL (see src/api/codec.rs).
+        .codec_path("crate::api::codec::Codec")
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
 }

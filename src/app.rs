@@ -14,6 +14,7 @@ use crate::{
         FILE_DESCRIPTOR_SET,
         accounts::AccountsApi,
         audit::AuditApi,
+        codec::{MAX_RESPONSE_BYTES, MessageLimitLayer},
         guard::DefaultDenyLayer,
         pb::{
             accounts_service_server::AccountsServiceServer,
@@ -127,12 +128,29 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
+        // Every service decodes at most the configured request size (the
+        // layer below refuses larger requests first, with the right code)
+        // and encodes at most what clients accept by default.
+        let max_request = self.config.max_message_bytes;
         let (health, health_service) = tonic_health::server::health_reporter();
+        let health_service = health_service
+            .max_decoding_message_size(max_request)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES);
         let (reflection_v1, reflection_v1alpha) = if self.config.reflection {
-            // grpcurl 1.8 speaks only v1alpha.
             (
-                Some(reflection().build_v1()?),
-                Some(reflection().build_v1alpha()?),
+                Some(
+                    reflection()
+                        .build_v1()?
+                        .max_decoding_message_size(max_request)
+                        .max_encoding_message_size(MAX_RESPONSE_BYTES),
+                ),
+                // grpcurl 1.8 speaks only v1alpha.
+                Some(
+                    reflection()
+                        .build_v1alpha()?
+                        .max_decoding_message_size(max_request)
+                        .max_encoding_message_size(MAX_RESPONSE_BYTES),
+                ),
             )
         } else {
             (None, None)
@@ -180,19 +198,28 @@ impl App {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(ShedLayer::new(self.config.max_concurrent_requests as usize))
             .layer(DefaultDenyLayer)
+            .layer(MessageLimitLayer::new(max_request))
             .add_service(health_service)
             .add_optional_service(reflection_v1)
             .add_optional_service(reflection_v1alpha)
-            .add_service(AccountsServiceServer::new(AccountsApi::new(
-                self.identity.clone(),
-            )))
-            .add_service(AuditServiceServer::new(AuditApi::new(
-                self.identity.clone(),
-            )))
-            .add_service(TokensServiceServer::new(
-                TokensApi::new(self.identity, self.config.leak_reports_per_minute)
-                    .with_verifiers(self.config.verifiers.clone()),
-            ));
+            .add_service(
+                AccountsServiceServer::new(AccountsApi::new(self.identity.clone()))
+                    .max_decoding_message_size(max_request)
+                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
+            )
+            .add_service(
+                AuditServiceServer::new(AuditApi::new(self.identity.clone()))
+                    .max_decoding_message_size(max_request)
+                    .max_encoding_message_size(MAX_RESPONSE_BYTES),
+            )
+            .add_service(
+                TokensServiceServer::new(
+                    TokensApi::new(self.identity, self.config.leak_reports_per_minute)
+                        .with_verifiers(self.config.verifiers.clone()),
+                )
+                .max_decoding_message_size(max_request)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+            );
         // Plaintext keeps tonic's own listener; TLS accepts and handshakes
         // itself so that the certificate can be reloaded (see `tls`).
         let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =

@@ -164,6 +164,12 @@ struct Settings {
     /// .proto files. Turn off to expose only the API itself.
     #[arg(long, env = "IDENTITY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set, global = true)]
     reflection: bool,
+    /// Largest request message accepted, in bytes (at least 65536, so the
+    /// largest legitimate request always fits); larger ones get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IDENTITY_MAX_MESSAGE_BYTES", default_value_t = Config::DEFAULT_MAX_MESSAGE_BYTES as u32,
+          value_parser = clap::value_parser!(u32).range(65_536..=67_108_864), global = true)]
+    max_message_bytes: u32,
     /// Async runtime worker threads (default: one per core).
     #[arg(long, env = "IDENTITY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024), global = true)]
     worker_threads: Option<u16>,
@@ -238,6 +244,7 @@ impl Settings {
         config.max_streams_per_connection = self.max_streams_per_connection;
         config.request_timeout = self.request_timeout;
         config.reflection = self.reflection;
+        config.max_message_bytes = self.max_message_bytes as usize;
         config.drain_timeout = self.drain_timeout;
         config.leak_reports_per_minute = self.leak_reports_per_minute;
         // `validate` has checked that the certificate and key come together.

@@ -118,16 +118,16 @@ impl AccountsService for AccountsApi {
         let req = request.into_inner();
         let policy = &self.identity.settings().password_policy;
         let mut violations = Violations::new();
-        if req.username.is_empty() {
-            violations.push("username", "is required");
-        } else if req.username.len() > 256 {
-            violations.push("username", "must be at most 256 bytes");
-        }
+        // A name that breaks the username rules belongs to no account; saying
+        // so reveals nothing about which accounts exist.
+        let username = violations.check(Username::parse("username", &req.username));
         let password = violations.check(Password::offered("password", req.password, policy));
-        let password = violations.complete(password).map_err(to_status)?;
+        let (username, password) = violations
+            .complete(username.zip(password))
+            .map_err(to_status)?;
         let signed_in = self
             .identity
-            .sign_in(&origin, &req.username, password)
+            .sign_in(&origin, &username, password)
             .await
             .map_err(to_status)?;
         tracing::info!(

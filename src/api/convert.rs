@@ -110,8 +110,26 @@ pub(super) fn token(t: Token, now: Timestamp) -> pb::Token {
     }
 }
 
+/// The most entries an enum filter (`ListTokensRequest.states`,
+/// `ListAuditEventsRequest.types`) may hold. Each value needs to be named
+/// once; the bound keeps a request from asking for thousands of field
+/// violations.
+pub(super) const MAX_FILTER_VALUES: usize = 32;
+
+/// Refuses an enum filter with more than [`MAX_FILTER_VALUES`] entries.
+fn check_filter_len(field: &str, raw: &[i32]) -> Result<(), DomainError> {
+    if raw.len() > MAX_FILTER_VALUES {
+        return Err(DomainError::invalid(
+            field,
+            format!("must have at most {MAX_FILTER_VALUES} entries"),
+        ));
+    }
+    Ok(())
+}
+
 /// Parses the `states` filter of `ListTokensRequest`.
 pub(super) fn parse_token_states(field: &str, raw: &[i32]) -> Result<Vec<TokenState>, DomainError> {
+    check_filter_len(field, raw)?;
     let mut violations = Violations::new();
     let states = raw
         .iter()
@@ -183,12 +201,15 @@ fn event_type(kind: EventType) -> pb::AuditEventType {
     }
 }
 
-/// Parses the `types` filter of `ListAuditEventsRequest`.
+/// Parses the `types` filter of `ListAuditEventsRequest`. As the proto
+/// says, `AUDIT_EVENT_TYPE_UNSPECIFIED` entries are ignored.
 pub(super) fn parse_event_types(field: &str, raw: &[i32]) -> Result<Vec<EventType>, DomainError> {
+    check_filter_len(field, raw)?;
     let mut violations = Violations::new();
     let types = raw
         .iter()
         .enumerate()
+        .filter(|&(_, &value)| value != pb::AuditEventType::Unspecified as i32)
         .filter_map(|(i, &value)| {
             let found = EventType::ALL
                 .into_iter()

@@ -6,6 +6,7 @@
 pub mod accounts;
 pub mod audit;
 pub mod auth;
+pub mod codec;
 mod convert;
 pub mod guard;
 pub mod ratelimit;

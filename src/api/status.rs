@@ -1,4 +1,6 @@
-//! The one place where domain errors become gRPC statuses.
+//! The one place where domain errors become gRPC statuses, and where
+//! requests that never became a message (too large, or not decodable; see
+//! `api::codec`) get theirs.
 //!
 //! Every status carries a `google.rpc.ErrorInfo` whose reason is a value of
 //! the proto's `ErrorReason` enum; bad input also carries a
@@ -43,6 +45,44 @@ pub fn to_status(err: DomainError) -> Status {
     }
     details.set_error_info(reason.as_str_name(), ERROR_DOMAIN, metadata);
     Status::with_error_details(code, err.to_string(), details)
+}
+
+/// INVALID_ARGUMENT for request bytes that are not a valid message of the
+/// method's request type, naming `field` (a path such as
+/// `expire_time.seconds`) in a BadRequest when decoding failed inside one.
+/// `description` comes from the decoder and never holds the bytes sent.
+pub fn undecodable(field: Option<&str>, description: String) -> Status {
+    let mut details = ErrorDetails::new();
+    let message = match field {
+        Some(field) => {
+            details.add_bad_request_violation(field, description.clone());
+            format!("invalid argument: the request is not a valid message: {field}: {description}")
+        }
+        None => format!("invalid argument: the request is not a valid message: {description}"),
+    };
+    details.set_error_info(
+        ErrorReason::InvalidArgument.as_str_name(),
+        ERROR_DOMAIN,
+        HashMap::new(),
+    );
+    Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+/// RESOURCE_EXHAUSTED for a request message of `len` bytes, over the
+/// server's limit of `max_bytes`; the ErrorInfo metadata `max_bytes` gives
+/// the limit.
+pub fn message_too_large(len: u64, max_bytes: usize) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(
+        ErrorReason::MessageTooLarge.as_str_name(),
+        ERROR_DOMAIN,
+        HashMap::from([("max_bytes".to_owned(), max_bytes.to_string())]),
+    );
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!("the request message is {len} bytes; this server accepts at most {max_bytes}"),
+        details,
+    )
 }
 
 /// The code and reason for each kind of domain error.

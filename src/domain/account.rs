@@ -49,8 +49,17 @@ pub(crate) fn parse_uuid(field: &str, raw: &str) -> Result<String, DomainError> 
 }
 
 /// A username: 1 to 39 ASCII letters, digits, `.`, `_` or `-`, starting with
-/// a letter or digit. Restricting it to ASCII rules out Unicode confusables
-/// and normalisation tricks; uniqueness is case-insensitive.
+/// a letter or digit; uniqueness is case-insensitive.
+///
+/// The rule that makes two visually identical usernames impossible: only
+/// this ASCII set is accepted, so there is nothing to normalise. Fullwidth
+/// forms, Cyrillic or Greek lookalikes, accented letters in either Unicode
+/// normalisation form (NFC `é` or NFD `e` + U+0301), the Kelvin sign, zero-
+/// width joiners, right-to-left overrides and every other non-ASCII
+/// character are refused rather than folded, and ASCII case is folded for
+/// uniqueness, so `Alice` and `alice` are one account. Distinct ASCII
+/// characters that some fonts draw alike (`l`, `I` and `1`; `O` and `0`;
+/// `rn` and `m`) remain distinct names, as on most platforms.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Username(String);
 
@@ -101,9 +110,37 @@ impl Username {
     }
 }
 
+/// Whether `c` is invisible or changes the direction of the text around it:
+/// zero-width characters and joiners, bidirectional controls (U+202A..U+202E,
+/// U+2066..U+2069), the byte-order mark, tag characters and other
+/// default-ignorable code points (variation selectors are allowed, for
+/// emoji). Free text shown to people (token names, emails) refuses them, so
+/// that two strings that print the same cannot differ by one.
+pub(crate) fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFFB}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
+}
+
 /// An optional contact address. Checked loosely (one `@`, something on both
-/// sides, no spaces or control characters, at most 254 characters): the only
-/// real check of an address is mail that arrives.
+/// sides, no spaces, control or invisible characters, at most 254
+/// characters): the only real check of an address is mail that arrives.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Email(String);
 
@@ -119,10 +156,13 @@ impl Email {
                 "must be at most 254 characters",
             ));
         }
-        if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if raw
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || is_invisible(c))
+        {
             return Err(DomainError::invalid(
                 field,
-                "must not contain spaces or control characters",
+                "must not contain spaces, control or invisible characters",
             ));
         }
         match raw.split_once('@') {
@@ -267,7 +307,16 @@ mod tests {
     fn emails_are_checked_loosely() {
         assert!(Email::parse("email", "").is_ok());
         assert!(Email::parse("email", "a@b").is_ok());
-        for bad in ["nobody", "@b", "a@", "a@b@c", "a b@c", "a@b\n"] {
+        for bad in [
+            "nobody",
+            "@b",
+            "a@",
+            "a@b@c",
+            "a b@c",
+            "a@b\n",
+            "a\u{200b}@b",
+            "a@\u{202e}b",
+        ] {
             assert!(Email::parse("email", bad).is_err(), "{bad:?}");
         }
     }

@@ -11,8 +11,10 @@ impl Timestamp {
     /// The earliest instant accepted from a client: 0001-01-01T00:00:00Z,
     /// protobuf's lower bound for `Timestamp`.
     pub const MIN: Timestamp = Timestamp(-62_135_596_800 * 1_000_000);
-    /// The latest instant accepted from a client: 9999-12-31T23:59:59Z.
-    pub const MAX: Timestamp = Timestamp(253_402_300_799 * 1_000_000);
+    /// The latest instant accepted from a client: the last microsecond of
+    /// 9999-12-31, so that protobuf's upper bound for `Timestamp`
+    /// (9999-12-31T23:59:59.999999999Z) is accepted too, truncated.
+    pub const MAX: Timestamp = Timestamp(253_402_300_799 * 1_000_000 + 999_999);
 
     /// The current time.
     pub fn now() -> Self {
@@ -81,5 +83,21 @@ mod tests {
         assert_eq!(Timestamp::from_seconds_nanos(0, 1_000_000_000), None);
         assert_eq!(Timestamp::from_seconds_nanos(i64::MAX, 0), None);
         assert_eq!(Timestamp::from_seconds_nanos(253_402_300_800, 0), None);
+        assert_eq!(
+            Timestamp::from_seconds_nanos(-62_135_596_801, 999_999_999),
+            None
+        );
+    }
+
+    #[test]
+    fn protobufs_whole_range_is_accepted() {
+        assert_eq!(
+            Timestamp::from_seconds_nanos(-62_135_596_800, 0),
+            Some(Timestamp::MIN)
+        );
+        assert_eq!(
+            Timestamp::from_seconds_nanos(253_402_300_799, 999_999_999),
+            Some(Timestamp::MAX)
+        );
     }
 }

@@ -3,7 +3,7 @@
 
 use super::{
     DomainError,
-    account::{AccountId, parse_uuid},
+    account::{AccountId, is_invisible, parse_uuid},
     credential::Digest,
     scope::Scopes,
     time::Timestamp,
@@ -36,7 +36,8 @@ impl TokenId {
 }
 
 /// A token's name: which integration holds it. 1 to 100 characters, no
-/// control characters, no leading or trailing white space.
+/// control or invisible characters (see [`is_invisible`]), no leading or
+/// trailing white space.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TokenName(String);
 
@@ -55,10 +56,10 @@ impl TokenName {
                 format!("must be at most {} characters", Self::MAX_CHARS),
             ));
         }
-        if raw.chars().any(char::is_control) {
+        if raw.chars().any(|c| c.is_control() || is_invisible(c)) {
             return Err(DomainError::invalid(
                 field,
-                "must not contain control characters",
+                "must not contain control or invisible characters",
             ));
         }
         if raw.trim() != raw {
@@ -188,7 +189,16 @@ mod tests {
     fn token_names_are_printable_and_trimmed() {
         assert!(TokenName::parse("name", "ci-deploy").is_ok());
         assert!(TokenName::parse("name", "Déploiement nocturne").is_ok());
-        for bad in ["", " lead", "trail ", "tab\there", &"n".repeat(101)] {
+        for bad in [
+            "",
+            " lead",
+            "trail ",
+            "tab\there",
+            "ci\u{200d}deploy",
+            "\u{202e}yolped-ic",
+            "ci\u{2066}",
+            &"n".repeat(101),
+        ] {
             assert!(TokenName::parse("name", bad).is_err(), "{bad:?}");
         }
     }

@@ -144,10 +144,10 @@ impl Identity {
     pub async fn sign_in(
         &self,
         origin: &Origin,
-        username: &str,
+        username: &Username,
         password: Password,
     ) -> Result<SignedIn, DomainError> {
-        let key = username.to_ascii_lowercase();
+        let key = username.key();
         let claims = self.claim_password_check(origin, &key, None).await?;
         let account = self.store.account_by_username(&key).await?;
         let hash = account.as_ref().and_then(|a| a.password_hash.clone());

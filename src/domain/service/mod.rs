@@ -17,6 +17,7 @@ use super::{
     audit::Origin,
     cache::{Cached, Invalidation, InvalidationSink, VerificationCache},
     credential::{self, CredentialKind, ParsedCredential},
+    error::Violations,
     password::{PasswordHasher, PasswordPolicy},
     policy::{self, Action, Principal, Verifier},
     scope::Scopes,
@@ -251,8 +252,13 @@ impl Identity {
         client_address: &str,
     ) -> Result<Verdict, DomainError> {
         policy::authorize_verifier(verifier)?;
-        let required = Scopes::parse("required_scopes", required_scopes)?;
-        let client_address = super::audit::parse_client_address("client_address", client_address)?;
+        let mut violations = Violations::new();
+        let required = violations.check(Scopes::parse("required_scopes", required_scopes));
+        let client_address = violations.check(super::audit::parse_client_address(
+            "client_address",
+            client_address,
+        ));
+        let (required, client_address) = violations.complete(required.zip(client_address))?;
         match self.inspect(credential).await? {
             // An empty requirement asks for nothing; each named scope must be
             // allowed (full access allows every scope).
