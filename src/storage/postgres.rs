@@ -40,6 +40,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// One connection of its own for `LISTEN`, outside `pool`: a listener
+    /// holds its connection for good, and taken from `pool` it would leave
+    /// one connection fewer for queries than configured (none at all with
+    /// `IDENTITY_DB_MAX_CONNECTIONS=1`).
+    listen_pool: PgPool,
 }
 
 impl PgStore {
@@ -56,8 +61,14 @@ impl PgStore {
             // the hot path. A dead connection fails its query, which is
             // reported as unavailable, and the pool replaces it.
             .test_before_acquire(false)
+            .connect_lazy_with(connect.clone());
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.acquire_timeout)
+            .max_lifetime(None)
+            .idle_timeout(None)
             .connect_lazy_with(connect);
-        Ok(Self { pool })
+        Ok(Self { pool, listen_pool })
     }
 
     /// Translates a sqlx error by SQLSTATE and constraint name.
@@ -160,7 +171,7 @@ impl PgStore {
                 }
             }
         });
-        let pool = self.pool.clone();
+        let pool = self.listen_pool.clone();
         tokio::spawn(async move {
             let mut backoff = std::time::Duration::from_millis(100);
             loop {
