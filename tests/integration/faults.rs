@@ -731,3 +731,190 @@ mod sigkill_mid_writes_loses_nothing_acknowledged {
         sigkill_loses_nothing_acknowledged_on(&db.url).await;
     }
 }
+
+// ---------------------------------------------------------------------------
+// A stalled database: a held lock, an exhausted pool, a flood of calls
+// ---------------------------------------------------------------------------
+
+/// The resident set size of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kib| kib.trim().parse().ok())
+        .expect("a VmRSS line")
+}
+
+/// A verify of the probe as the operator, with `deadline`: its code (OK
+/// for success) and how long it took.
+async fn timed_verify(target: &Target, deadline: Duration) -> (Code, Duration) {
+    let mut request = bearer(
+        pb::VerifyTokenRequest {
+            token: target.probe.clone(),
+            ..Default::default()
+        },
+        &target.operator,
+    );
+    request.set_timeout(deadline);
+    let started = Instant::now();
+    let answer = TokensServiceClient::new(target.channel.clone())
+        .verify_token(request)
+        .await;
+    let code = match answer {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    };
+    (code, started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_database_ends_calls_in_time_sheds_the_excess_and_recovers() {
+    // The real binary, so its memory can be read from /proc. One database
+    // connection (all the stalled calls queue for it), a one-second request
+    // timeout, four calls at once, no cache: every verification needs the
+    // database.
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+    let db = TestDatabase::new(Backend::Postgres).await;
+    let operator = printed_token(&bootstrap_operator(&db.url, "ops", &[]).await);
+    let server = Server::start(
+        &db.url,
+        &[
+            ("IDENTITY_DB_MAX_CONNECTIONS", "1"),
+            ("IDENTITY_DB_ACQUIRE_TIMEOUT", "500ms"),
+            ("IDENTITY_REQUEST_TIMEOUT", "1s"),
+            ("IDENTITY_MAX_CONCURRENT_REQUESTS", "4"),
+            ("IDENTITY_CACHE_ENTRIES", "0"),
+        ],
+    )
+    .await;
+    let pid = server.process.id();
+    let target = prepare(server.channel().await, &operator, 0).await;
+    assert_eq!(timed_verify(&target, CALL_DEADLINE).await.0, Code::Ok);
+    let rss_before = rss_kib(pid);
+
+    // Another client takes the tokens table: every verification stalls.
+    let mut locker = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
+        .await
+        .expect("connect the locker");
+    sqlx::raw_sql("BEGIN; LOCK TABLE tokens IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut locker)
+        .await
+        .expect("lock the tokens table");
+
+    // A flood: 64 callers whose own deadline (5 s) is longer than the
+    // server's request timeout, for three seconds.
+    let flood_ends = Instant::now() + Duration::from_secs(3);
+    let callers: Vec<_> = (0..64)
+        .map(|_| {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let mut seen: Vec<(Code, Duration)> = Vec::new();
+                while Instant::now() < flood_ends {
+                    let outcome = timed_verify(&target, Duration::from_secs(5)).await;
+                    seen.push(outcome);
+                    if outcome.1 < Duration::from_millis(5) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                seen
+            })
+        })
+        .collect();
+
+    // Meanwhile: a client's own short deadline is honoured, health answers
+    // (and liveness stays SERVING), and memory stays put.
+    let mut peak_rss = rss_before;
+    let mut short: Vec<(Code, Duration)> = Vec::new();
+    while Instant::now() < flood_ends {
+        short.push(timed_verify(&target, Duration::from_millis(300)).await);
+        let health = Instant::now();
+        health_of(&target.channel, "").await;
+        assert_eq!(
+            health_of(&target.channel, crate_liveness()).await,
+            ServingStatus::Serving
+        );
+        assert!(
+            health.elapsed() < Duration::from_secs(1),
+            "health took {:?} during the stall",
+            health.elapsed()
+        );
+        peak_rss = peak_rss.max(rss_kib(pid));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut outcomes: BTreeMap<i32, usize> = BTreeMap::new();
+    let mut slowest = Duration::ZERO;
+    let mut calls = 0;
+    for caller in callers {
+        for (code, took) in caller.await.expect("a caller panicked") {
+            calls += 1;
+            *outcomes.entry(code as i32).or_default() += 1;
+            assert!(
+                [
+                    Code::ResourceExhausted,
+                    Code::Cancelled,
+                    Code::DeadlineExceeded,
+                    Code::Unavailable
+                ]
+                .contains(&code),
+                "a stalled call ended with {code:?} after {took:?}"
+            );
+            slowest = slowest.max(took);
+        }
+    }
+    peak_rss = peak_rss.max(rss_kib(pid));
+    eprintln!(
+        "stall: {calls} flood calls by code {outcomes:?}, slowest {slowest:?}; \
+         short-deadline calls {short:?}; RSS {rss_before} KiB before, peak {peak_rss} KiB"
+    );
+    assert!(
+        slowest < REQUEST_TIMEOUT + HANG_SLACK,
+        "a call outlived the request timeout: {slowest:?}"
+    );
+    assert!(
+        outcomes
+            .get(&(Code::ResourceExhausted as i32))
+            .copied()
+            .unwrap_or(0)
+            > 0,
+        "nothing was shed: {outcomes:?}"
+    );
+    for (code, took) in &short {
+        assert!(
+            [
+                Code::DeadlineExceeded,
+                Code::Cancelled,
+                Code::ResourceExhausted
+            ]
+            .contains(code)
+                && *took < Duration::from_millis(300) + HANG_SLACK,
+            "a call with a 300 ms deadline ended with {code:?} after {took:?}"
+        );
+    }
+    assert!(
+        peak_rss < rss_before + 64 * 1024,
+        "memory grew from {rss_before} KiB to {peak_rss} KiB during the stall"
+    );
+
+    // The lock goes: the service recovers by itself.
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut locker)
+        .await
+        .expect("release the lock");
+    let released = Instant::now();
+    loop {
+        let (code, _) = timed_verify(&target, CALL_DEADLINE).await;
+        if code == Code::Ok {
+            break;
+        }
+        assert!(
+            released.elapsed() < HEALTH_FOLLOWS_WITHIN,
+            "still failing ({code:?}) {:?} after the lock was released",
+            released.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    await_health(&target.channel, ServingStatus::Serving).await;
+    server.terminate().await;
+}
