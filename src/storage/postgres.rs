@@ -199,7 +199,10 @@ impl PgStore {
                     }
                 }
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                // At most a second between attempts: until the channel is
+                // back the cache is bypassed, so every verification costs a
+                // query just when the database is recovering.
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
             }
         });
     }
@@ -233,6 +236,10 @@ impl PgStore {
 
 async fn listen(pool: &PgPool) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
     let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    // Report a lost connection at once (`Ok(None)`), instead of first trying
+    // to reconnect: that attempt waits up to the acquire timeout while the
+    // database is down, and the cache would be trusted all that time.
+    listener.eager_reconnect(false);
     listener.listen(CHANNEL).await?;
     Ok(listener)
 }

@@ -583,6 +583,18 @@ async fn postgres_outage_fails_calls_fast_and_the_service_recovers_by_itself() {
 
         load.record.set_phase("outage");
         on_cluster(&cluster, move |c| c.stop(mode)).await;
+        // The change channel's connection is gone with the database, so
+        // the cache is bypassed at once (a revocation made by another
+        // replica meanwhile could not be heard): well before the 500 ms a
+        // reconnection attempt would wait for a connection.
+        let stopped = Instant::now();
+        while app.identity.cache().is_enabled() {
+            assert!(
+                stopped.elapsed() < Duration::from_millis(250),
+                "the verification cache is still in use after the database went down"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let to_not_serving = await_health(&app.channel, ServingStatus::NotServing).await;
         assert_eq!(
             health_of(&app.channel, crate_liveness()).await,
@@ -616,6 +628,15 @@ async fn postgres_outage_fails_calls_fast_and_the_service_recovers_by_itself() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // The LISTEN task reconnects by itself, and the cache is used again.
+        while !app.identity.cache().is_enabled() {
+            assert!(
+                recovered.elapsed() < HEALTH_FOLLOWS_WITHIN,
+                "the change channel did not come back after the database did"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let channel_back = recovered.elapsed();
         load.record.set_phase("after");
         tokio::time::sleep(Duration::from_millis(700)).await;
         load.record.set_phase("done");
@@ -626,7 +647,8 @@ async fn postgres_outage_fails_calls_fast_and_the_service_recovers_by_itself() {
         let after = load.record.outcomes("after");
         report.push(format!(
             "{mode:?}: before {before:?}; outage {outage:?}; after {after:?}; \
-             NOT_SERVING after {to_not_serving:?}, SERVING {to_serving:?} after the restart"
+             NOT_SERVING after {to_not_serving:?}, SERVING {to_serving:?} after the restart, \
+             change channel back {channel_back:?} after that"
         ));
         for (phase, outcomes) in [("before", &before), ("outage", &outage), ("after", &after)] {
             assert!(
