@@ -769,12 +769,15 @@ fn rss_kib(pid: u32) -> u64 {
         .expect("a VmRSS line")
 }
 
-/// A verify of the probe as the operator, with `deadline`: its code (OK
-/// for success) and how long it took.
-async fn timed_verify(target: &Target, deadline: Duration) -> (Code, Duration) {
+/// A token creation as the operator, with `deadline`: its code (OK for
+/// success) and how long it took. Creation writes, so it stalls on both
+/// stores while another client holds the write lock.
+async fn timed_create(target: &Target, deadline: Duration) -> (Code, Duration) {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let mut request = bearer(
-        pb::VerifyTokenRequest {
-            token: target.probe.clone(),
+        pb::CreateTokenRequest {
+            account_id: target.robot_id.clone(),
+            name: format!("stalled-{}", NEXT.fetch_add(1, Ordering::Relaxed)),
             ..Default::default()
         },
         &target.operator,
@@ -782,7 +785,7 @@ async fn timed_verify(target: &Target, deadline: Duration) -> (Code, Duration) {
     request.set_timeout(deadline);
     let started = Instant::now();
     let answer = TokensServiceClient::new(target.channel.clone())
-        .verify_token(request)
+        .create_token(request)
         .await;
     let code = match answer {
         Ok(_) => Code::Ok,
@@ -791,17 +794,60 @@ async fn timed_verify(target: &Target, deadline: Duration) -> (Code, Duration) {
     (code, started.elapsed())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_database_ends_calls_in_time_sheds_the_excess_and_recovers() {
-    // The real binary, so its memory can be read from /proc. One database
-    // connection (all the stalled calls queue for it), a one-second request
-    // timeout, four calls at once, no cache: every verification needs the
-    // database.
+/// A transaction of another client that holds the write lock on the
+/// tokens: `LOCK TABLE … IN ACCESS EXCLUSIVE MODE` on PostgreSQL (reads
+/// stall too), `BEGIN EXCLUSIVE` on SQLite (readers go on, in WAL mode).
+enum Locker {
+    Postgres(sqlx::PgConnection),
+    Sqlite(sqlx::SqliteConnection),
+}
+
+impl Locker {
+    async fn lock(url: &str) -> Self {
+        use sqlx::Connection as _;
+        if url.starts_with("sqlite:") {
+            let mut conn = sqlx::SqliteConnection::connect(url)
+                .await
+                .expect("connect the locker");
+            sqlx::raw_sql("BEGIN EXCLUSIVE")
+                .execute(&mut conn)
+                .await
+                .expect("take the write lock");
+            Self::Sqlite(conn)
+        } else {
+            let mut conn = sqlx::PgConnection::connect(url)
+                .await
+                .expect("connect the locker");
+            sqlx::raw_sql("BEGIN; LOCK TABLE tokens IN ACCESS EXCLUSIVE MODE")
+                .execute(&mut conn)
+                .await
+                .expect("lock the tokens table");
+            Self::Postgres(conn)
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Self::Postgres(mut conn) => {
+                sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.map(drop)
+            }
+            Self::Sqlite(mut conn) => sqlx::raw_sql("ROLLBACK").execute(&mut conn).await.map(drop),
+        }
+        .expect("release the lock");
+    }
+}
+
+/// Runs the real binary (so its memory can be read from /proc) on `url`
+/// with one database connection (every stalled call queues for it; on
+/// PostgreSQL this also proves the change channel does not take it), a
+/// one-second request timeout, four calls at once and no cache; holds the
+/// write lock from another connection while 64 callers flood it, then
+/// releases it.
+async fn a_stalled_database_is_survived_on(url: &str) {
     const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
-    let db = TestDatabase::new(Backend::Postgres).await;
-    let operator = printed_token(&bootstrap_operator(&db.url, "ops", &[]).await);
+    let operator = printed_token(&bootstrap_operator(url, "ops", &[]).await);
     let server = Server::start(
-        &db.url,
+        url,
         &[
             ("IDENTITY_DB_MAX_CONNECTIONS", "1"),
             ("IDENTITY_DB_ACQUIRE_TIMEOUT", "500ms"),
@@ -813,17 +859,10 @@ async fn a_stalled_database_ends_calls_in_time_sheds_the_excess_and_recovers() {
     .await;
     let pid = server.process.id();
     let target = prepare(server.channel().await, &operator, 0).await;
-    assert_eq!(timed_verify(&target, CALL_DEADLINE).await.0, Code::Ok);
+    assert_eq!(timed_create(&target, CALL_DEADLINE).await.0, Code::Ok);
     let rss_before = rss_kib(pid);
 
-    // Another client takes the tokens table: every verification stalls.
-    let mut locker = <sqlx::PgConnection as sqlx::Connection>::connect(&db.url)
-        .await
-        .expect("connect the locker");
-    sqlx::raw_sql("BEGIN; LOCK TABLE tokens IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut locker)
-        .await
-        .expect("lock the tokens table");
+    let locker = Locker::lock(url).await;
 
     // A flood: 64 callers whose own deadline (5 s) is longer than the
     // server's request timeout, for three seconds.
@@ -834,7 +873,7 @@ async fn a_stalled_database_ends_calls_in_time_sheds_the_excess_and_recovers() {
             tokio::spawn(async move {
                 let mut seen: Vec<(Code, Duration)> = Vec::new();
                 while Instant::now() < flood_ends {
-                    let outcome = timed_verify(&target, Duration::from_secs(5)).await;
+                    let outcome = timed_create(&target, Duration::from_secs(5)).await;
                     seen.push(outcome);
                     if outcome.1 < Duration::from_millis(5) {
                         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -850,7 +889,7 @@ async fn a_stalled_database_ends_calls_in_time_sheds_the_excess_and_recovers() {
     let mut peak_rss = rss_before;
     let mut short: Vec<(Code, Duration)> = Vec::new();
     while Instant::now() < flood_ends {
-        short.push(timed_verify(&target, Duration::from_millis(300)).await);
+        short.push(timed_create(&target, Duration::from_millis(300)).await);
         let health = Instant::now();
         health_of(&target.channel, "").await;
         assert_eq!(
@@ -887,7 +926,7 @@ async fn a_stalled_database_ends_calls_in_time_sheds_the_excess_and_recovers() {
     }
     peak_rss = peak_rss.max(rss_kib(pid));
     eprintln!(
-        "stall: {calls} flood calls by code {outcomes:?}, slowest {slowest:?}; \
+        "stall on {url}: {calls} flood calls by code {outcomes:?}, slowest {slowest:?}; \
          short-deadline calls {short:?}; RSS {rss_before} KiB before, peak {peak_rss} KiB"
     );
     assert!(
@@ -907,7 +946,8 @@ async fn a_stalled_database_ends_calls_in_time_sheds_the_excess_and_recovers() {
             [
                 Code::DeadlineExceeded,
                 Code::Cancelled,
-                Code::ResourceExhausted
+                Code::ResourceExhausted,
+                Code::Unavailable
             ]
             .contains(code)
                 && *took < Duration::from_millis(300) + HANG_SLACK,
@@ -920,13 +960,10 @@ async fn a_stalled_database_ends_calls_in_time_sheds_the_excess_and_recovers() {
     );
 
     // The lock goes: the service recovers by itself.
-    sqlx::raw_sql("ROLLBACK")
-        .execute(&mut locker)
-        .await
-        .expect("release the lock");
+    locker.release().await;
     let released = Instant::now();
     loop {
-        let (code, _) = timed_verify(&target, CALL_DEADLINE).await;
+        let (code, _) = timed_create(&target, CALL_DEADLINE).await;
         if code == Code::Ok {
             break;
         }
@@ -939,4 +976,21 @@ async fn a_stalled_database_ends_calls_in_time_sheds_the_excess_and_recovers() {
     }
     await_health(&target.channel, ServingStatus::Serving).await;
     server.terminate().await;
+    assert_invariants(url, 1).await;
+}
+
+mod a_stalled_database_ends_calls_in_time_sheds_the_excess_and_recovers {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        let (_dir, _, url) = sqlite_file();
+        a_stalled_database_is_survived_on(&url).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        let db = TestDatabase::new(Backend::Postgres).await;
+        a_stalled_database_is_survived_on(&db.url).await;
+    }
 }
