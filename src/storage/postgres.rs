@@ -48,9 +48,9 @@ pub struct PgStore {
 }
 
 impl PgStore {
-    /// Prepares a pool for `url`. Connections are opened lazily, so the
-    /// service can start (and report NOT_SERVING) while the database is
-    /// still coming up; a malformed URL fails here.
+    /// Prepares a pool for `url`. Connections are opened lazily (the first
+    /// query opens one, and a lost one is replaced the same way); a
+    /// malformed URL fails here.
     pub async fn connect(url: &str, options: &PoolOptions) -> Result<Self, StorageError> {
         let connect =
             PgConnectOptions::from_str(url).map_err(|e| StorageError::Other(Box::new(e)))?;
