@@ -241,7 +241,9 @@ async fn worker(
                 Err(status) => {
                     *outcomes.failed.entry(status.code() as i32).or_default() += 1;
                     if !allowed.contains(&status.code()) {
-                        outcomes.unexpected.push(format!("{what} after {elapsed:?}: {status:?}"));
+                        outcomes
+                            .unexpected
+                            .push(format!("{what} after {elapsed:?}: {status:?}"));
                     }
                 }
             }
