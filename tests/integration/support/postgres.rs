@@ -26,6 +26,11 @@
 //!
 //! [`fresh_database_url`] creates a new database named `t_<random hex>` on
 //! that server for every call, so tests never see each other's data.
+//!
+//! A test that must stop PostgreSQL starts a [`Cluster`] of its own instead
+//! (always a local one, even when `DATABASE_URL` is set): same `initdb`, same
+//! watchdog, but its own port and data directory, started and stopped with
+//! `pg_ctl`.
 
 use std::ffi::OsString;
 use std::fs;
