@@ -158,10 +158,14 @@ impl App {
 
         // `build` has just seen the database answer.
         set_all(&health, ServingStatus::Serving).await;
+        health
+            .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
+            .await;
         let watcher = tokio::spawn(watch_store(
             Arc::clone(&self.store),
             health.clone(),
             self.config.health_interval,
+            self.config.pool.acquire_timeout,
         ));
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
         let signal = {
@@ -171,6 +175,9 @@ impl App {
                 tracing::info!("shutdown requested: draining in-flight calls");
                 watcher.abort();
                 set_all(&health, ServingStatus::NotServing).await;
+                health
+                    .set_service_status(LIVENESS_SERVICE, ServingStatus::NotServing)
+                    .await;
                 let _ = draining_tx.send(());
             }
         };
@@ -285,13 +292,36 @@ pub async fn migrate(config: &Config) -> Result<(), AppError> {
     open_store(&config).await.map(drop)
 }
 
+/// The health service name whose status says only whether the process is
+/// up and not shutting down, whatever the database's state: what a liveness
+/// probe should ask, so that an orchestrator does not restart every replica
+/// during a database outage (readiness asks for `""`, which follows the
+/// database).
+pub const LIVENESS_SERVICE: &str = "liveness";
+
 /// Probes the store every `interval` and keeps the health service in step:
-/// SERVING while it answers, NOT_SERVING while it does not.
-async fn watch_store(store: Arc<dyn Store>, health: HealthReporter, interval: Duration) {
+/// SERVING while it answers, NOT_SERVING while it does not. A probe that takes
+/// longer than `patience` (the time a query may wait for a connection)
+/// counts as unanswered, so a database that accepts connections but never
+/// replies, or a pool whose connections are all stuck, cannot hold the
+/// status at SERVING.
+async fn watch_store(
+    store: Arc<dyn Store>,
+    health: HealthReporter,
+    interval: Duration,
+    patience: Duration,
+) {
     let mut last = Some(ServingStatus::Serving);
     loop {
         tokio::time::sleep(interval).await;
-        let status = match store.ping().await {
+        let answer = tokio::time::timeout(patience, store.ping())
+            .await
+            .unwrap_or_else(|_| {
+                Err(StorageError::Unavailable(
+                    format!("no answer to a ping within {patience:?}").into(),
+                ))
+            });
+        let status = match answer {
             Ok(()) => ServingStatus::Serving,
             Err(err) => {
                 if last != Some(ServingStatus::NotServing) {

@@ -3,7 +3,14 @@
 //! Many stateless replicas share one database. Migrations take an advisory
 //! lock, so replicas that start together apply them once.
 
-use std::str::FromStr as _;
+use std::{
+    str::FromStr as _,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
@@ -46,24 +53,90 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// One connection of its own for `LISTEN`, outside `pool`: a listener
+    /// holds its connection for good, and taken from `pool` it would leave
+    /// one connection fewer for queries than configured (none at all with
+    /// `IDENTITY_DB_MAX_CONNECTIONS=1`).
+    listen_pool: PgPool,
+    /// When the database was last seen to drop connections.
+    losses: Arc<ConnectionLosses>,
+}
+
+/// When the change channel's connection was last lost, which (whatever
+/// else it means) is when the database last dropped its connections: a
+/// restart, a failover, a network cut. Idle connections opened before then
+/// are presumed dead and replaced when next acquired, so that once the
+/// database is back no call fails on a connection that died while it was
+/// away. The check is a clock comparison, not a ping: the hot path pays
+/// nothing for it.
+#[derive(Debug)]
+struct ConnectionLosses {
+    origin: std::time::Instant,
+    /// Microseconds from `origin` to the last loss, plus one; 0 for never.
+    last: AtomicU64,
+}
+
+impl ConnectionLosses {
+    fn new() -> Self {
+        Self {
+            origin: std::time::Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// Records a loss now.
+    fn record(&self) {
+        let now = micros(self.origin.elapsed()).saturating_add(1);
+        self.last.store(now, Ordering::Release);
+    }
+
+    /// Whether a connection opened `age` ago was opened before (or at) the
+    /// last loss.
+    fn predates_last_loss(&self, age: Duration) -> bool {
+        let last = self.last.load(Ordering::Acquire);
+        let opened = micros(self.origin.elapsed().saturating_sub(age));
+        last != 0 && opened < last
+    }
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
 
 impl PgStore {
-    /// Prepares a pool for `url`. Connections are opened lazily, so the
-    /// service can start (and report NOT_SERVING) while the database is
-    /// still coming up; a malformed URL fails here.
+    /// Prepares a pool for `url`. Connections are opened lazily (the first
+    /// query opens one, and a lost one is replaced the same way); a
+    /// malformed URL fails here.
     pub async fn connect(url: &str, options: &PoolOptions) -> Result<Self, StorageError> {
         let connect =
             PgConnectOptions::from_str(url).map_err(|e| StorageError::Other(Box::new(e)))?;
+        let losses = Arc::new(ConnectionLosses::new());
+        let fresh = Arc::clone(&losses);
         let pool = PgPoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
             // No ping before each query: it would double the round trips of
             // the hot path. A dead connection fails its query, which is
-            // reported as unavailable, and the pool replaces it.
+            // reported as unavailable, and the pool replaces it; those
+            // opened before the database last dropped connections are
+            // replaced before they can fail a query.
             .test_before_acquire(false)
+            .before_acquire(move |_, meta| {
+                let usable = !fresh.predates_last_loss(meta.age);
+                Box::pin(async move { Ok(usable) })
+            })
+            .connect_lazy_with(connect.clone());
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(options.acquire_timeout)
+            .max_lifetime(None)
+            .idle_timeout(None)
             .connect_lazy_with(connect);
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            listen_pool,
+            losses,
+        })
     }
 
     /// Translates a sqlx error by SQLSTATE and constraint name.
@@ -170,7 +243,8 @@ impl PgStore {
                 }
             }
         });
-        let pool = self.pool.clone();
+        let pool = self.listen_pool.clone();
+        let losses = Arc::clone(&self.losses);
         tokio::spawn(async move {
             let mut backoff = std::time::Duration::from_millis(100);
             loop {
@@ -191,6 +265,7 @@ impl PgStore {
                                 },
                             }
                         }
+                        losses.record();
                         sink.channel_up(false);
                     }
                     Err(err) => {
@@ -198,7 +273,10 @@ impl PgStore {
                     }
                 }
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                // At most a second between attempts: until the channel is
+                // back the cache is bypassed, so every verification costs a
+                // query just when the database is recovering.
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
             }
         });
     }
@@ -232,6 +310,10 @@ impl PgStore {
 
 async fn listen(pool: &PgPool) -> Result<sqlx::postgres::PgListener, sqlx::Error> {
     let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    // Report a lost connection at once (`Ok(None)`), instead of first trying
+    // to reconnect: that attempt waits up to the acquire timeout while the
+    // database is down, and the cache would be trusted all that time.
+    listener.eager_reconnect(false);
     listener.listen(CHANNEL).await?;
     Ok(listener)
 }

@@ -97,10 +97,15 @@ impl SqliteStore {
                         return StorageError::Conflict(conflict);
                     }
                 }
-                // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended
-                // codes: another writer held the database past the timeout.
+                // With their extended codes: SQLITE_BUSY (5) and
+                // SQLITE_LOCKED (6), another writer held the database past
+                // the timeout; SQLITE_NOMEM (7), SQLITE_READONLY (8, such as
+                // a file system remounted read-only), SQLITE_IOERR (10),
+                // SQLITE_FULL (13, the disk is full) and SQLITE_CANTOPEN (14):
+                // the machine cannot serve the file right now, as PostgreSQL's
+                // classes 08 and 53 say. Corruption stays a bug.
                 let primary = code.parse::<i32>().map(|c| c & 0xff).unwrap_or(0);
-                if primary == 5 || primary == 6 {
+                if matches!(primary, 5 | 6 | 7 | 8 | 10 | 13 | 14) {
                     StorageError::Unavailable(Box::new(err))
                 } else {
                     StorageError::Other(Box::new(err))
@@ -154,3 +159,32 @@ impl SqliteStore {
 }
 
 sql::impl_store!(SqliteStore, sqlx::Sqlite);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full disk is a condition of the machine, not a bug: the call may
+    /// succeed once space is freed, so it is unavailable, not internal.
+    #[tokio::test]
+    async fn a_full_database_is_unavailable() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = format!("sqlite:{}", dir.path().join("full.db").display());
+        let store = SqliteStore::connect(&url, &PoolOptions::default())
+            .await
+            .expect("open");
+        let mut conn = store.pool.acquire().await.expect("a connection");
+        sqlx::raw_sql("CREATE TABLE t (b BLOB); PRAGMA max_page_count = 8")
+            .execute(&mut *conn)
+            .await
+            .expect("set up");
+        let err = sqlx::query("INSERT INTO t VALUES (zeroblob(1000000))")
+            .execute(&mut *conn)
+            .await
+            .expect_err("the database is full");
+        assert!(
+            matches!(SqliteStore::classify(err), StorageError::Unavailable(_)),
+            "a full database is not reported as unavailable"
+        );
+    }
+}

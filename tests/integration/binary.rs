@@ -125,15 +125,15 @@ impl Capture {
 
 /// How a child process ended, and everything it wrote.
 #[derive(Debug)]
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Finished {
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// A running child process of the binary, killed on drop unless it has
 /// been waited for.
-struct Process {
+pub(crate) struct Process {
     child: Child,
     stdout: Capture,
     stderr: Capture,
@@ -158,8 +158,13 @@ impl Process {
         }
     }
 
+    /// The child's process id.
+    pub(crate) fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends `signal` (such as `TERM`) with `kill(1)`.
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
             .arg(self.child.id().to_string())
@@ -169,7 +174,7 @@ impl Process {
     }
 
     /// The exit status, if the child exits within `timeout`.
-    async fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+    pub(crate) async fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.status {
@@ -187,7 +192,7 @@ impl Process {
 
     /// Waits for the child to exit (failing the test, with its stderr, if
     /// it does not within `timeout`) and returns its status and output.
-    async fn finish(&mut self, timeout: Duration) -> Finished {
+    pub(crate) async fn finish(&mut self, timeout: Duration) -> Finished {
         let Some(status) = self.wait_timeout(timeout).await else {
             let _ = self.child.kill();
             self.status = self.child.wait().ok();
@@ -219,7 +224,11 @@ async fn run(command: Command) -> Finished {
 }
 
 /// Runs `identity bootstrap-operator --username <username>`.
-async fn bootstrap_operator(database_url: &str, username: &str, env: &[(&str, &str)]) -> Finished {
+pub(crate) async fn bootstrap_operator(
+    database_url: &str,
+    username: &str,
+    env: &[(&str, &str)],
+) -> Finished {
     let mut command = identity_command(database_url);
     command
         .args(["bootstrap-operator", "--username", username])
@@ -230,7 +239,7 @@ async fn bootstrap_operator(database_url: &str, username: &str, env: &[(&str, &s
 /// The token printed by a successful `bootstrap-operator`, checking that
 /// stdout holds exactly that one line.
 #[track_caller]
-fn printed_token(finished: &Finished) -> String {
+pub(crate) fn printed_token(finished: &Finished) -> String {
     assert!(
         finished.status.success(),
         "bootstrap-operator failed ({}); stderr:\n{}",
@@ -257,15 +266,15 @@ fn printed_token(finished: &Finished) -> String {
 }
 
 /// The server, serving on an address it chose.
-struct Server {
-    process: Process,
-    addr: SocketAddr,
+pub(crate) struct Server {
+    pub(crate) process: Process,
+    pub(crate) addr: SocketAddr,
 }
 
 impl Server {
     /// Starts the binary's default command (serve) on `127.0.0.1:0` against
     /// `database_url`, with `env` added, and waits until it logs `serving`.
-    async fn start(database_url: &str, env: &[(&str, &str)]) -> Self {
+    pub(crate) async fn start(database_url: &str, env: &[(&str, &str)]) -> Self {
         let mut command = identity_command(database_url);
         command
             .args(["--listen-addr", "127.0.0.1:0"])
@@ -295,7 +304,7 @@ impl Server {
     }
 
     /// A connected channel to the server.
-    async fn channel(&self) -> Channel {
+    pub(crate) async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.addr))
             .expect("valid uri")
             .connect()
@@ -304,7 +313,7 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits (at most [`SHUTDOWN_TIMEOUT`]) for the exit.
-    async fn terminate(mut self) -> Finished {
+    pub(crate) async fn terminate(mut self) -> Finished {
         self.process.signal("TERM");
         self.process.finish(SHUTDOWN_TIMEOUT).await
     }
@@ -344,7 +353,7 @@ fn random_hex() -> String {
 }
 
 /// A database URL for a new SQLite file in a temporary directory.
-fn sqlite_file() -> (tempfile::TempDir, std::path::PathBuf, String) {
+pub(crate) fn sqlite_file() -> (tempfile::TempDir, std::path::PathBuf, String) {
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join("identity.db");
     let url = format!("sqlite:{}", path.display());

@@ -61,6 +61,12 @@ impl TestDatabase {
         }
     }
 
+    /// A database that already exists at `url` (such as one on a fault
+    /// test's own [`postgres::Cluster`]).
+    pub fn at(url: String) -> Self {
+        Self { url, _dir: None }
+    }
+
     /// Opens the store directly (migrating it), bypassing the server.
     pub async fn store(&self) -> std::sync::Arc<dyn Store> {
         storage::open(&self.url, &PoolOptions::default(), true)
@@ -126,7 +132,9 @@ impl TestApp {
         Self::spawn_on(db, Some(self.operator_token.clone()), adjust, plaintext).await
     }
 
-    async fn spawn_on(
+    /// Starts a server on `db`, after `adjust` has changed the test
+    /// configuration.
+    pub async fn spawn_on(
         db: TestDatabase,
         operator_token: Option<String>,
         adjust: impl FnOnce(&mut Config),

@@ -26,6 +26,11 @@
 //!
 //! [`fresh_database_url`] creates a new database named `t_<random hex>` on
 //! that server for every call, so tests never see each other's data.
+//!
+//! A test that must stop PostgreSQL starts a [`Cluster`] of its own instead
+//! (always a local one, even when `DATABASE_URL` is set): same `initdb`, same
+//! watchdog, but its own port and data directory, started and stopped with
+//! `pg_ctl`.
 
 use std::ffi::OsString;
 use std::fs;
@@ -54,15 +59,18 @@ const LOG_TAIL_LINES: usize = 40;
 ///
 /// Positional parameters: `$1` temp directory (deleted at the end), `$2` pid
 /// of the test process, `$3` data directory, then the command that runs
-/// `postgres`. The file `$1/exited` is created as soon as that command ends,
+/// `postgres` (none for a [`Cluster`], whose server `pg_ctl` starts). The file `$1/exited` is created as soon as that command ends,
 /// so that a server that dies during startup is reported at once instead of
 /// after the startup timeout. The postmaster's pid is read from
 /// `postmaster.pid` because, when running as root, the background job is
 /// `runuser`/`su` rather than `postgres` itself.
 const WATCHDOG_SCRIPT: &str = r#"
 root="$1"; testpid="$2"; data="$3"; shift 3
-( "$@"; : > "$root/exited" ) &
-child=$!
+child=
+if [ "$#" -gt 0 ]; then
+    ( "$@"; : > "$root/exited" ) &
+    child=$!
+fi
 while kill -0 "$testpid" 2>/dev/null; do sleep 0.2; done
 pm=$(head -n 1 "$data/postmaster.pid" 2>/dev/null)
 if [ -n "$pm" ]; then
@@ -71,7 +79,7 @@ if [ -n "$pm" ]; then
     while kill -0 "$pm" 2>/dev/null && [ "$i" -lt 150 ]; do sleep 0.1; i=$((i + 1)); done
     if kill -0 "$pm" 2>/dev/null; then kill -QUIT "$pm" 2>/dev/null; fi
 fi
-wait "$child"
+if [ -n "$child" ]; then wait "$child"; fi
 rm -rf "$root"
 "#;
 
@@ -79,7 +87,12 @@ static SERVER_URL: OnceLock<String> = OnceLock::new();
 
 /// Returns a connection URL for a brand-new, empty database, unique to the caller.
 pub async fn fresh_database_url() -> String {
-    let server = server_url();
+    create_database(server_url()).await
+}
+
+/// Creates a database named `t_<random hex>` on the server of the
+/// maintenance URL `server` and returns its URL.
+async fn create_database(server: &str) -> String {
     let name = format!("t_{:032x}", OsRng.r#gen::<u128>());
 
     let mut conn = PgConnection::connect(server)
@@ -131,8 +144,20 @@ fn with_database(url: &str, database: &str) -> String {
     format!("{}/{database}{query}", &base[..authority_end])
 }
 
-/// Starts this process's throwaway cluster and returns its maintenance URL.
-fn start_throwaway_cluster() -> String {
+/// A cluster's files: an initialised data directory, its socket directory
+/// and log, all in one temporary directory that the watchdog removes.
+struct Layout {
+    bin_dir: PathBuf,
+    as_root: bool,
+    root: PathBuf,
+    data_dir: PathBuf,
+    socket_dir: PathBuf,
+    log_path: PathBuf,
+}
+
+/// Creates a temporary directory (owned by the `postgres` user when running
+/// as root) and runs `initdb` in it.
+fn init_cluster() -> Layout {
     let bin_dir = postgres_bin_dir();
     let as_root = running_as_root();
 
@@ -191,7 +216,66 @@ fn start_throwaway_cluster() -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+    Layout {
+        bin_dir,
+        as_root,
+        root,
+        data_dir,
+        socket_dir,
+        log_path,
+    }
+}
 
+/// Starts the watchdog that stops the cluster and removes `layout.root` once
+/// this process has exited, running `postgres` (the server's argv) if given.
+fn spawn_watchdog(layout: &Layout, postgres: &[OsString]) {
+    let log =
+        fs::File::create(&layout.log_path).expect("cannot create the test PostgreSQL log file");
+    if layout.as_root {
+        // `pg_ctl` appends to the log as the `postgres` user.
+        let _ = Command::new("chown")
+            .arg("postgres:")
+            .arg(&layout.log_path)
+            .status();
+    }
+    #[allow(
+        clippy::zombie_processes,
+        reason = "the watchdog must outlive this process; it is never waited for"
+    )]
+    let _watchdog = Command::new("sh")
+        .arg("-c")
+        .arg(WATCHDOG_SCRIPT)
+        .arg("identity-pg-watchdog")
+        .arg(&layout.root)
+        .arg(std::process::id().to_string())
+        .arg(&layout.data_dir)
+        .args(postgres)
+        .current_dir(&layout.root)
+        .stdin(Stdio::null())
+        .stdout(
+            log.try_clone()
+                .expect("cannot duplicate the log file handle"),
+        )
+        .stderr(log)
+        // Own process group: a Ctrl-C aimed at the test run must not kill the
+        // watchdog before it has cleaned up.
+        .process_group(0)
+        .spawn()
+        .expect("cannot start the test PostgreSQL watchdog (sh)");
+}
+
+/// Starts this process's throwaway cluster and returns its maintenance URL.
+fn start_throwaway_cluster() -> String {
+    let layout = init_cluster();
+    let Layout {
+        bin_dir,
+        as_root,
+        root,
+        data_dir,
+        socket_dir,
+        log_path,
+    } = &layout;
+    let as_root = *as_root;
     let port = free_port();
     let postgres = run_as_cluster_owner(
         as_root,
@@ -217,33 +301,8 @@ fn start_throwaway_cluster() -> String {
             "shared_buffers=128MB".into(),
         ],
     );
-    let log = fs::File::create(&log_path).expect("cannot create the test PostgreSQL log file");
-    #[allow(
-        clippy::zombie_processes,
-        reason = "the watchdog must outlive this process; it is never waited for"
-    )]
-    let _watchdog = Command::new("sh")
-        .arg("-c")
-        .arg(WATCHDOG_SCRIPT)
-        .arg("identity-pg-watchdog")
-        .arg(&root)
-        .arg(std::process::id().to_string())
-        .arg(&data_dir)
-        .args(&postgres)
-        .current_dir(&root)
-        .stdin(Stdio::null())
-        .stdout(
-            log.try_clone()
-                .expect("cannot duplicate the log file handle"),
-        )
-        .stderr(log)
-        // Own process group: a Ctrl-C aimed at the test run must not kill the
-        // watchdog before it has cleaned up.
-        .process_group(0)
-        .spawn()
-        .expect("cannot start the test PostgreSQL watchdog (sh)");
-
-    wait_until_ready(&bin_dir, port, &root, &log_path);
+    spawn_watchdog(&layout, &postgres);
+    wait_until_ready(bin_dir, port, root, log_path);
     format!("postgres://postgres@127.0.0.1:{port}/postgres")
 }
 
@@ -395,5 +454,142 @@ fn log_tail(log_path: &Path) -> String {
             lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
         }
         Err(e) => format!("(cannot read the log: {e})"),
+    }
+}
+
+/// How a [`Cluster`] is stopped (`pg_ctl stop -m <mode>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// Disconnects every client and shuts down cleanly.
+    Fast,
+    /// Kills every server process at once, as a crash would; the next start
+    /// runs crash recovery.
+    Immediate,
+}
+
+/// A throwaway PostgreSQL cluster of the caller's own, on its own port and
+/// data directory, that can be stopped and started again on the same port:
+/// for fault tests, which must never stop the cluster every other test
+/// shares (that of [`server_url`]).
+///
+/// It is started with `pg_ctl` as the cluster owner, with `fsync` off (the
+/// machine does not crash during a test) but `synchronous_commit` on, so that
+/// a commit the service acknowledged survives an immediate stop exactly as
+/// it would in production. The same watchdog as the shared cluster's stops
+/// it and removes its files if this process dies; dropping it does both at
+/// once.
+pub struct Cluster {
+    layout: Layout,
+    port: u16,
+}
+
+impl Cluster {
+    /// Initialises a new cluster and starts it on a free port.
+    pub fn start() -> Self {
+        let layout = init_cluster();
+        let port = free_port();
+        let settings = format!(
+            "\n# identity fault tests\nport = {port}\nlisten_addresses = '127.0.0.1'\n\
+             unix_socket_directories = '{}'\nfsync = off\nfull_page_writes = off\n\
+             synchronous_commit = on\nmax_connections = 100\nshared_buffers = 32MB\n",
+            layout.socket_dir.display()
+        );
+        let conf = layout.data_dir.join("postgresql.conf");
+        let mut text = fs::read_to_string(&conf).expect("cannot read postgresql.conf");
+        text.push_str(&settings);
+        fs::write(&conf, text).expect("cannot write postgresql.conf");
+        spawn_watchdog(&layout, &[]);
+        let cluster = Self { layout, port };
+        cluster.resume();
+        cluster
+    }
+
+    /// The URL of its maintenance database (`postgres`).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// A URL for a brand-new, empty database on it.
+    pub async fn fresh_database_url(&self) -> String {
+        create_database(&self.url()).await
+    }
+
+    /// Stops the server with `pg_ctl stop -m <mode>` and waits until it has
+    /// exited.
+    pub fn stop(&self, mode: StopMode) {
+        let mode = match mode {
+            StopMode::Fast => "fast",
+            StopMode::Immediate => "immediate",
+        };
+        self.pg_ctl(&["stop", "-m", mode, "-w", "-t", "30"]);
+    }
+
+    /// Starts the stopped server again, on the same port, and waits until it
+    /// accepts connections.
+    pub fn resume(&self) {
+        let log = self.layout.log_path.clone();
+        self.pg_ctl(&[
+            "start",
+            "-w",
+            "-t",
+            "30",
+            "-l",
+            log.to_str().expect("UTF-8 path"),
+        ]);
+        wait_until_ready(
+            &self.layout.bin_dir,
+            self.port,
+            &self.layout.root,
+            &self.layout.log_path,
+        );
+    }
+
+    /// Runs `pg_ctl -D <data> args...` as the cluster owner; panics with the
+    /// server log if it fails.
+    fn pg_ctl(&self, args: &[&str]) {
+        let mut argv: Vec<OsString> = vec!["-D".into(), self.layout.data_dir.clone().into()];
+        argv.extend(args.iter().map(OsString::from));
+        let command = run_as_cluster_owner(
+            self.layout.as_root,
+            &self.layout.bin_dir.join("pg_ctl"),
+            &argv,
+        );
+        // The server inherits nothing of ours: its output goes to the log,
+        // and its own process group keeps a Ctrl-C of the test run from it
+        // (the watchdog stops it).
+        let status = Command::new(&command[0])
+            .args(&command[1..])
+            .current_dir(&self.layout.root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .status()
+            .expect("cannot run pg_ctl");
+        assert!(
+            status.success(),
+            "pg_ctl {args:?} failed ({status}); log {}:\n{}",
+            self.layout.log_path.display(),
+            log_tail(&self.layout.log_path)
+        );
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let mut argv: Vec<OsString> = vec!["-D".into(), self.layout.data_dir.clone().into()];
+        argv.extend(["stop", "-m", "immediate", "-w"].map(OsString::from));
+        let command = run_as_cluster_owner(
+            self.layout.as_root,
+            &self.layout.bin_dir.join("pg_ctl"),
+            &argv,
+        );
+        let _ = Command::new(&command[0])
+            .args(&command[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = fs::remove_dir_all(&self.layout.root);
     }
 }
