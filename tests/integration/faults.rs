@@ -578,11 +578,16 @@ async fn postgres_outage_fails_calls_fast_and_the_service_recovers_by_itself() {
             .expect("start a cluster"),
     );
     let url = cluster.fresh_database_url().await;
-    let app = TestApp::spawn_on(TestDatabase::at(url.clone()), None, |config| {
-        config.health_interval = Duration::from_millis(100);
-        config.pool.acquire_timeout = Duration::from_secs(1);
-        config.request_timeout = Duration::from_secs(5);
-    })
+    let app = TestApp::spawn_on(
+        TestDatabase::at(url.clone()),
+        None,
+        |config| {
+            config.health_interval = Duration::from_millis(100);
+            config.pool.acquire_timeout = Duration::from_secs(1);
+            config.request_timeout = Duration::from_secs(5);
+        },
+        crate::support::plaintext,
+    )
     .await;
     let target = prepare(app.channel.clone(), &app.operator_token, 100).await;
     let load = Load::start(&target, &[Code::Unavailable]);
@@ -699,9 +704,14 @@ async fn postgres_outage_fails_calls_fast_and_the_service_recovers_by_itself() {
 /// database is back.
 async fn quiet_restart_fails_no_call(cluster: &Arc<Cluster>) {
     let url = cluster.fresh_database_url().await;
-    let app = TestApp::spawn_on(TestDatabase::at(url), None, |config| {
-        config.health_interval = Duration::from_secs(600);
-    })
+    let app = TestApp::spawn_on(
+        TestDatabase::at(url),
+        None,
+        |config| {
+            config.health_interval = Duration::from_secs(600);
+        },
+        crate::support::plaintext,
+    )
     .await;
     let robot = app.robot("quiet").await;
     // Several calls at once open several connections.
