@@ -187,17 +187,21 @@ macro_rules! throttle_delay {
 
 /// Counts one attempt against a counter unless it is in backoff (`$3`: now)
 /// or locked (`$10` failures), in one statement, so that concurrent attempts
-/// serialise on the row and each sees the others' counts. `$9`: the delay a
+/// serialise on the row and each sees the others' counts. A count that arms
+/// no delay leaves `blocked_until` alone: setting it to "now" would refuse a
+/// concurrent attempt whose clock reading is a microsecond older. `$9`: the delay a
 /// first failure arms. Returns no row when refused.
 pub(super) const CLAIM_SIGN_IN: &str = concat!(
     "INSERT INTO sign_in_throttle \
      (scope, subject, failures, last_attempt, blocked_until, reported_until) \
-     VALUES ($1, $2, 1, $3, $3 + $9, 0) \
+     VALUES ($1, $2, 1, $3, CASE WHEN $9 = 0 THEN 0 ELSE $3 + $9 END, 0) \
      ON CONFLICT (scope, subject) DO UPDATE SET failures = ",
     throttle_next!(),
-    ", last_attempt = $3, blocked_until = $3 + ",
+    ", last_attempt = $3, blocked_until = CASE WHEN ",
     throttle_delay!(),
-    " WHERE sign_in_throttle.blocked_until <= $3 AND sign_in_throttle.failures < $10 \
+    " = 0 THEN sign_in_throttle.blocked_until ELSE $3 + ",
+    throttle_delay!(),
+    " END WHERE sign_in_throttle.blocked_until <= $3 AND sign_in_throttle.failures < $10 \
      RETURNING failures"
 );
 pub(super) const SIGN_IN_COUNTER: &str = "SELECT failures, blocked_until FROM sign_in_throttle \

@@ -1670,7 +1670,7 @@ on_both_backends! {
         }
         let mut audit = pb::audit_service_client::AuditServiceClient::new(app.channel.clone());
         for (label, types, field) in [
-            ("14", vec![14], "types[0]"),
+            ("15", vec![15], "types[0]"),
             ("-1", vec![1, -1], "types[1]"),
             ("i32::MAX", vec![i32::MAX], "types[0]"),
         ] {

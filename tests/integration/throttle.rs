@@ -277,6 +277,39 @@ async fn successes_do_not_count_against_the_address(backend: Backend) {
 }
 on_both!(successes_do_not_count_against_the_address);
 
+/// One person signing in from a few places at once (with the default
+/// limits) is never throttled: attempts that arm no delay must not refuse
+/// a concurrent one whose clock reading is a little older. (Attempts are
+/// counted when they start, so more concurrent attempts than the free
+/// failures would be throttled by design.)
+async fn concurrent_right_passwords_are_never_throttled(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    create_person(&app, "erin").await;
+    let concurrent = ThrottleSettings::default().account_free_failures;
+    for round in 0..10 {
+        let attempts: Vec<_> = (0..concurrent)
+            .map(|_| {
+                let mut accounts = app.accounts();
+                tokio::spawn(async move {
+                    accounts
+                        .sign_in(pb::SignInRequest {
+                            username: "erin".into(),
+                            password: PASSWORD.into(),
+                        })
+                        .await
+                })
+            })
+            .collect();
+        for (i, attempt) in attempts.into_iter().enumerate() {
+            if let Err(status) = attempt.await.expect("join") {
+                panic!("round {round}, attempt {i}: {status:?}");
+            }
+        }
+    }
+    app.stop().await;
+}
+on_both!(concurrent_right_passwords_are_never_throttled);
+
 async fn the_limits_hold_across_replicas(backend: Backend) {
     let settings = ThrottleSettings {
         base_delay: Duration::from_secs(30),
