@@ -36,6 +36,41 @@ pub struct Config {
     pub max_streams_per_connection: u32,
     /// Longest a call may run.
     pub request_timeout: Duration,
+    /// Where to serve Prometheus metrics over HTTP (`/metrics`), apart from
+    /// gRPC; `None` turns metrics off (no recorder, no listener).
+    pub metrics_addr: Option<SocketAddr>,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+}
+
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Parses `text` or `json`.
+pub fn parse_log_format(raw: &str) -> Result<LogFormat, String> {
+    match raw {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("expected text or json, got {raw:?}")),
+    }
+}
+
+/// Parses a metrics listen address, or `off` (or nothing) for none.
+pub fn parse_metrics_addr(raw: &str) -> Result<Option<SocketAddr>, String> {
+    match raw.trim() {
+        "" | "off" => Ok(None),
+        addr => addr
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("expected host:port such as 127.0.0.1:9464, or off; got {raw:?}")),
+    }
 }
 
 impl Config {
@@ -44,6 +79,9 @@ impl Config {
     /// The database of a fresh `cargo run`: a SQLite file in the working
     /// directory.
     pub const DEFAULT_DATABASE_URL: &str = "sqlite:identity.db";
+    /// Where a fresh `cargo run` serves metrics: loopback only, since the
+    /// endpoint has no authentication.
+    pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
     /// The defaults, with `database_url` in place of the default database.
     pub fn with_database(database_url: impl Into<String>) -> Self {
@@ -62,6 +100,8 @@ impl Config {
             max_concurrent_requests: 1024,
             max_streams_per_connection: 128,
             request_timeout: Duration::from_secs(10),
+            metrics_addr: parse_metrics_addr(Self::DEFAULT_METRICS_ADDR).unwrap_or(None),
+            log_format: LogFormat::Text,
         }
     }
 

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use identity::{
     app::{self, App},
-    config::{self, Config},
+    config::{self, Config, LogFormat},
     domain::{Identity, IdentitySettings, account::Username, password::PasswordPolicy},
     storage::PoolOptions,
 };
@@ -124,6 +124,22 @@ struct Settings {
     /// Log filter, in tracing's EnvFilter syntax (e.g. info, identity=debug).
     #[arg(long, env = "IDENTITY_LOG", default_value = "info", global = true)]
     log: String,
+    /// Log format: text (human-readable) or json (one object per line).
+    #[arg(long, env = "IDENTITY_LOG_FORMAT", default_value = "text",
+          value_parser = config::parse_log_format, global = true)]
+    log_format: LogFormat,
+    /// Address to serve Prometheus metrics on (HTTP, /metrics), or off.
+    #[arg(long, env = "IDENTITY_METRICS_ADDR", default_value = Config::DEFAULT_METRICS_ADDR,
+          value_parser = parse_metrics_addr, global = true)]
+    metrics_addr: MetricsAddr,
+}
+
+/// `--metrics-addr`: an address, or none when metrics are off.
+#[derive(Debug, Clone, Copy)]
+struct MetricsAddr(Option<SocketAddr>);
+
+fn parse_metrics_addr(raw: &str) -> Result<MetricsAddr, String> {
+    config::parse_metrics_addr(raw).map(MetricsAddr)
 }
 
 impl Settings {
@@ -156,6 +172,8 @@ impl Settings {
         config.request_timeout = self.request_timeout;
         config.drain_timeout = self.drain_timeout;
         config.leak_reports_per_minute = self.leak_reports_per_minute;
+        config.metrics_addr = self.metrics_addr.0;
+        config.log_format = self.log_format;
         config
     }
 
@@ -192,11 +210,7 @@ fn main() -> ExitCode {
     };
     // Logs go to stderr: stdout is reserved for command output such as the
     // token printed by bootstrap-operator.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    identity::observability::init_logging(cli.settings.log_format, filter);
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();

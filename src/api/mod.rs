@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 mod convert;
 pub mod guard;
+pub mod observe;
 pub mod ratelimit;
 mod redact;
 pub mod shed;

@@ -48,8 +48,9 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 // ---------------------------------------------------------------------------
 
 /// A command that runs the binary against `database_url`, with piped
-/// stdout and stderr and none of this process's `IDENTITY_*` settings.
-fn identity_command(database_url: &str) -> Command {
+/// stdout and stderr, none of this process's `IDENTITY_*` settings, and
+/// metrics on a port of the kernel's choosing.
+pub(crate) fn identity_command(database_url: &str) -> Command {
     let mut command = Command::new(BINARY);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("IDENTITY_") {
@@ -58,6 +59,8 @@ fn identity_command(database_url: &str) -> Command {
     }
     command
         .env("DATABASE_URL", database_url)
+        // Servers run side by side: none may take the default metrics port.
+        .env("IDENTITY_METRICS_ADDR", "127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -125,10 +128,10 @@ impl Capture {
 
 /// How a child process ended, and everything it wrote.
 #[derive(Debug)]
-struct Finished {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Finished {
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 /// A running child process of the binary, killed on drop unless it has
@@ -219,7 +222,11 @@ async fn run(command: Command) -> Finished {
 }
 
 /// Runs `identity bootstrap-operator --username <username>`.
-async fn bootstrap_operator(database_url: &str, username: &str, env: &[(&str, &str)]) -> Finished {
+pub(crate) async fn bootstrap_operator(
+    database_url: &str,
+    username: &str,
+    env: &[(&str, &str)],
+) -> Finished {
     let mut command = identity_command(database_url);
     command
         .args(["bootstrap-operator", "--username", username])
@@ -230,7 +237,7 @@ async fn bootstrap_operator(database_url: &str, username: &str, env: &[(&str, &s
 /// The token printed by a successful `bootstrap-operator`, checking that
 /// stdout holds exactly that one line.
 #[track_caller]
-fn printed_token(finished: &Finished) -> String {
+pub(crate) fn printed_token(finished: &Finished) -> String {
     assert!(
         finished.status.success(),
         "bootstrap-operator failed ({}); stderr:\n{}",
@@ -257,15 +264,18 @@ fn printed_token(finished: &Finished) -> String {
 }
 
 /// The server, serving on an address it chose.
-struct Server {
+pub(crate) struct Server {
     process: Process,
-    addr: SocketAddr,
+    /// Where it serves gRPC.
+    pub(crate) addr: SocketAddr,
+    /// Where it serves metrics, if they are on.
+    pub(crate) metrics_addr: Option<SocketAddr>,
 }
 
 impl Server {
     /// Starts the binary's default command (serve) on `127.0.0.1:0` against
     /// `database_url`, with `env` added, and waits until it logs `serving`.
-    async fn start(database_url: &str, env: &[(&str, &str)]) -> Self {
+    pub(crate) async fn start(database_url: &str, env: &[(&str, &str)]) -> Self {
         let mut command = identity_command(database_url);
         command
             .args(["--listen-addr", "127.0.0.1:0"])
@@ -276,7 +286,13 @@ impl Server {
             match tokio::time::timeout_at(deadline, process.stderr_lines.recv()).await {
                 Ok(Some(line)) => {
                     if let Some(addr) = serving_addr(&line) {
-                        return Self { process, addr };
+                        let metrics_addr =
+                            serving_field(&line, "metrics_addr").and_then(|addr| addr.parse().ok());
+                        return Self {
+                            process,
+                            addr,
+                            metrics_addr,
+                        };
                     }
                 }
                 Ok(None) => {
@@ -295,7 +311,7 @@ impl Server {
     }
 
     /// A connected channel to the server.
-    async fn channel(&self) -> Channel {
+    pub(crate) async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.addr))
             .expect("valid uri")
             .connect()
@@ -304,23 +320,38 @@ impl Server {
     }
 
     /// Sends SIGTERM and waits (at most [`SHUTDOWN_TIMEOUT`]) for the exit.
-    async fn terminate(mut self) -> Finished {
+    pub(crate) async fn terminate(mut self) -> Finished {
         self.process.signal("TERM");
         self.process.finish(SHUTDOWN_TIMEOUT).await
     }
 }
 
-/// The address in a `serving addr=...` log line.
+/// The address in a `serving addr=...` log line (text or JSON).
 fn serving_addr(line: &str) -> Option<SocketAddr> {
+    serving_field(line, "addr")?.parse().ok()
+}
+
+/// The value of `field` in the `serving` log line, written as text
+/// (`serving addr=... metrics_addr=...`) or as JSON; `None` for other lines.
+fn serving_field(line: &str, field: &str) -> Option<String> {
+    if line.trim_start().starts_with('{') {
+        let json: serde_json::Value = serde_json::from_str(line).ok()?;
+        let fields = json.get("fields")?;
+        if fields.get("message")?.as_str()? != "serving" {
+            return None;
+        }
+        return Some(fields.get(field)?.as_str()?.to_owned());
+    }
     let line = strip_ansi(line);
     let mut words = line.split_whitespace();
     words.find(|word| *word == "serving")?;
-    words.find_map(|word| word.strip_prefix("addr=")?.parse().ok())
+    let prefix = format!("{field}=");
+    words.find_map(|word| Some(word.strip_prefix(&prefix)?.to_owned()))
 }
 
 /// `text` without ANSI escape sequences (CSI sequences such as colours, and
 /// two-character escapes).
-fn strip_ansi(text: &str) -> String {
+pub(crate) fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();
     while let Some(c) = chars.next() {
@@ -339,7 +370,7 @@ fn strip_ansi(text: &str) -> String {
 }
 
 /// 32 random hex digits, to make test values unique.
-fn random_hex() -> String {
+pub(crate) fn random_hex() -> String {
     format!("{:032x}", OsRng.r#gen::<u128>())
 }
 
@@ -382,8 +413,22 @@ fn the_serving_line_is_found_with_or_without_colours() {
                     \u{1b}[3maddr\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:4242 \
                     \u{1b}[3mdatabase\u{1b}[0m\u{1b}[2m=\u{1b}[0msqlite:x.db";
     let expected = Some(SocketAddr::from(([127, 0, 0, 1], 4242)));
+    let json = r#"{"timestamp":"2026-01-01T00:00:00.000000Z","level":"INFO","fields":{"message":"serving","addr":"127.0.0.1:4242","metrics_addr":"127.0.0.1:9464","database":"sqlite:x.db"},"target":"identity::app"}"#;
     assert_eq!(serving_addr(plain), expected);
     assert_eq!(serving_addr(coloured), expected);
+    assert_eq!(serving_addr(json), expected);
+    assert_eq!(
+        serving_field(json, "metrics_addr").as_deref(),
+        Some("127.0.0.1:9464")
+    );
+    assert_eq!(
+        serving_field(
+            "INFO identity::app: serving addr=127.0.0.1:1 metrics_addr=off database=x",
+            "metrics_addr"
+        )
+        .as_deref(),
+        Some("off")
+    );
     assert_eq!(
         serving_addr("INFO identity::app: database reachable again: reporting SERVING"),
         None
@@ -422,11 +467,11 @@ fn base64(bytes: &[u8], alphabet: &[u8; 64]) -> String {
 /// Every value that must never appear in a log, with a label saying what
 /// it is.
 #[derive(Default)]
-struct Secrets(Vec<(String, String)>);
+pub(crate) struct Secrets(Vec<(String, String)>);
 
 impl Secrets {
     /// A secret used as is (a password).
-    fn plain(&mut self, label: &str, value: &str) {
+    pub(crate) fn plain(&mut self, label: &str, value: &str) {
         self.0.push((label.to_owned(), value.to_owned()));
     }
 
@@ -434,7 +479,7 @@ impl Secrets {
     /// prefix), and its SHA-256 digest as hex (both cases), as base64
     /// (standard and URL-safe; the unpadded form is a prefix of the padded
     /// one) and as a byte-array `Debug`.
-    fn token(&mut self, label: &str, token: &str) {
+    pub(crate) fn token(&mut self, label: &str, token: &str) {
         self.plain(label, token);
         if let Some(random) = token.get(6..38) {
             self.plain(&format!("{label}: random part"), random);
@@ -457,7 +502,7 @@ impl Secrets {
 
     /// Fails, naming the secret and the line, if any of `logs` contains one.
     #[track_caller]
-    fn assert_absent_from(&self, logs: &[(&str, &str)]) {
+    pub(crate) fn assert_absent_from(&self, logs: &[(&str, &str)]) {
         let mut leaks = Vec::new();
         for (log_name, log) in logs {
             let log = strip_ansi(log);
@@ -480,12 +525,12 @@ impl Secrets {
 // ---------------------------------------------------------------------------
 
 /// Exercises every credential path of a trace-logging server (and a
-/// trace-logging bootstrap), then checks that none of the secrets used
-/// appears in anything either process wrote besides the bootstrap token on
-/// stdout.
-async fn no_secret_reaches_the_logs_on(backend: Backend) {
+/// trace-logging bootstrap), logging in `format` (text or json), then checks
+/// that none of the secrets used appears in anything either process wrote
+/// besides the bootstrap token on stdout, nor in the server's metrics.
+async fn no_secret_reaches_the_logs_on(backend: Backend, format: &str) {
     let db = TestDatabase::new(backend).await;
-    let trace = [("IDENTITY_LOG", "trace")];
+    let trace = [("IDENTITY_LOG", "trace"), ("IDENTITY_LOG_FORMAT", format)];
     let mut secrets = Secrets::default();
 
     // A database password, too: the test cluster trusts local connections,
@@ -768,6 +813,7 @@ async fn no_secret_reaches_the_logs_on(backend: Backend) {
         pb::InactiveReason::Revoked as i32
     );
 
+    let metrics = crate::observability::scrape(server.metrics_addr.expect("metrics are on")).await;
     drop((accounts, tokens, channel));
     let stopped = server.terminate().await;
     assert!(
@@ -796,10 +842,18 @@ async fn no_secret_reaches_the_logs_on(backend: Backend) {
         "the bootstrap log lacks its message:\n{}",
         bootstrap.stderr
     );
+    if format == "json" {
+        crate::observability::assert_json_lines(&stopped.stderr);
+    }
+    assert!(
+        metrics.contains("identity_grpc_requests_total"),
+        "{metrics}"
+    );
     secrets.assert_absent_from(&[
         ("the bootstrap's stderr", &bootstrap.stderr),
         ("the server's stderr", &stopped.stderr),
         ("the server's stdout", &stopped.stdout),
+        ("the server's metrics", &metrics),
     ]);
 }
 
@@ -808,12 +862,22 @@ mod no_secret_ever_reaches_the_logs {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite() {
-        no_secret_reaches_the_logs_on(Backend::Sqlite).await;
+        no_secret_reaches_the_logs_on(Backend::Sqlite, "text").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres() {
-        no_secret_reaches_the_logs_on(Backend::Postgres).await;
+        no_secret_reaches_the_logs_on(Backend::Postgres, "text").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_json() {
+        no_secret_reaches_the_logs_on(Backend::Sqlite, "json").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_json() {
+        no_secret_reaches_the_logs_on(Backend::Postgres, "json").await;
     }
 }
 

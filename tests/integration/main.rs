@@ -11,6 +11,7 @@ mod accounts;
 mod authz;
 mod binary;
 mod lifecycle;
+mod observability;
 mod replicas;
 mod storage;
 mod tokens;
