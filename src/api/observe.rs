@@ -17,9 +17,10 @@
 //! ever comes from a client, and none is a secret, a username or an id.
 //!
 //! The hot path stays cheap: metric handles are registered once per RPC and
-//! code and then only incremented; `VerifyToken` and health checks get
-//! DEBUG spans and events (every other call INFO), so at the default `info`
-//! filter they cost no formatting and no log line.
+//! code and then only incremented; `VerifyToken`, health checks and
+//! reflection get DEBUG spans and events (every other call INFO), so at the
+//! default `info` filter they cost no formatting and no log line. (An event
+//! logged inside such a call then lacks the call's fields.)
 //!
 //! A valid `traceparent` (W3C Trace Context, version `00`) continues its
 //! trace: the span carries its trace id, and the response carries a
@@ -79,12 +80,14 @@ const OTHER_METHODS: &[&str] = &[
 ];
 
 /// Calls whose span and `finished` event are DEBUG rather than INFO: the
-/// ones other services make on every request they serve, or load balancers
-/// every few seconds.
+/// ones other services make on every request they serve, load balancers
+/// every few seconds, and grpcurl before every call it makes.
 const QUIET_METHODS: &[&str] = &[
     "/identity.v1.TokensService/VerifyToken",
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
 /// The span of a call, put in the request's extensions so that whoever
@@ -272,10 +275,10 @@ where
                 return Poll::Ready(Err(err));
             }
         };
-        if let Some(trace) = this.response_trace {
-            if let Ok(value) = http::HeaderValue::from_str(&trace.to_string()) {
-                response.headers_mut().insert("traceresponse", value);
-            }
+        if let Some(trace) = this.response_trace
+            && let Ok(value) = http::HeaderValue::from_str(&trace.to_string())
+        {
+            response.headers_mut().insert("traceresponse", value);
         }
         // Trailers-only: the status is in the headers, and the body is empty.
         if let Some(status) = response.headers().get("grpc-status") {
@@ -312,21 +315,18 @@ impl http_body::Body for ObservedBody {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
         let code = match &frame {
-            Some(Ok(frame)) => match frame.trailers_ref() {
-                Some(trailers) => Some(
-                    trailers
-                        .get("grpc-status")
-                        .map_or(UNKNOWN, |status| code_index(status.as_bytes())),
-                ),
-                None => None,
-            },
+            Some(Ok(frame)) => frame.trailers_ref().map(|trailers| {
+                trailers
+                    .get("grpc-status")
+                    .map_or(UNKNOWN, |status| code_index(status.as_bytes()))
+            }),
             // An error, or an end without trailers: not a proper gRPC end.
             Some(Err(_)) | None => Some(UNKNOWN),
         };
-        if let Some(code) = code {
-            if let Some(call) = this.call.take() {
-                call.finish(code);
-            }
+        if let Some(code) = code
+            && let Some(call) = this.call.take()
+        {
+            call.finish(code);
         }
         Poll::Ready(frame)
     }

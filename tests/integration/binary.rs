@@ -977,6 +977,8 @@ async fn bad_configuration_fails_naming_the_setting() {
         ("IDENTITY_DRAIN_TIMEOUT", "--drain-timeout", "1.5s"),
         ("IDENTITY_MIGRATE", "--migrate", "maybe"),
         ("IDENTITY_LOG", "--log", "identity=loud"),
+        ("IDENTITY_LOG_FORMAT", "--log-format", "xml"),
+        ("IDENTITY_METRICS_ADDR", "--metrics-addr", "everywhere"),
     ];
     let mut failures = Vec::new();
     for (env, flag, value) in cases {
@@ -1011,6 +1013,16 @@ async fn bad_configuration_fails_naming_the_setting() {
         &format!("IDENTITY_LISTEN_ADDR={taken_addr} (in use)"),
         &run(in_use).await,
         &["IDENTITY_LISTEN_ADDR"],
+    ));
+    // The same for the metrics address.
+    let mut metrics_in_use = identity_command(&sqlite);
+    metrics_in_use
+        .env("IDENTITY_LISTEN_ADDR", "127.0.0.1:0")
+        .env("IDENTITY_METRICS_ADDR", &taken_addr);
+    failures.extend(refusal_problem(
+        &format!("IDENTITY_METRICS_ADDR={taken_addr} (in use)"),
+        &run(metrics_in_use).await,
+        &["IDENTITY_METRICS_ADDR"],
     ));
     drop(taken);
 

@@ -141,9 +141,18 @@ impl InactiveReason {
         Self::Exhausted,
     ];
 
-    /// The reason's position in [`Self::ALL`].
+    /// The reason's position in [`Self::ALL`] (a new reason must be added
+    /// to both; a unit test checks they agree).
     fn index(self) -> usize {
-        self as usize
+        match self {
+            Self::Malformed => 0,
+            Self::Unknown => 1,
+            Self::Expired => 2,
+            Self::Revoked => 3,
+            Self::AccountDisabled => 4,
+            Self::InsufficientScope => 5,
+            Self::Exhausted => 6,
+        }
     }
 
     /// The reason as a metric label (`snake_case`, a closed set).
@@ -578,5 +587,22 @@ fn visible(
         Ok(()) => Ok(token),
         Err(DomainError::NotAllowed(_)) => Err(DomainError::TokenNotFound),
         Err(other) => Err(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InactiveReason;
+
+    #[test]
+    fn every_inactive_reason_has_its_own_counter_and_label() {
+        for (i, reason) in InactiveReason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason:?}");
+        }
+        let mut labels: Vec<_> = InactiveReason::ALL.iter().map(|r| r.label()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), InactiveReason::ALL.len());
+        assert!(!labels.contains(&"active"));
     }
 }
