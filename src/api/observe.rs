@@ -210,14 +210,16 @@ where
                 token_id = tracing::field::Empty,
             )
         };
+        // A disabled span (a quiet call at the default filter) records
+        // nothing: skip the work, and the extension's allocation.
         if !span.is_disabled() {
             let trace_id = parent.map_or_else(
                 || u128::from(nonzero_random()) << 64 | u128::from(random()),
                 |p| p.trace_id,
             );
             span.record("trace_id", tracing::field::display(Hex128(trace_id)));
+            request.extensions_mut().insert(CallSpan(span.clone()));
         }
-        request.extensions_mut().insert(CallSpan(span.clone()));
         let inner = {
             let _entered = span.enter();
             self.inner.call(request)
