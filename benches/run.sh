@@ -45,7 +45,8 @@
 #
 # Any IDENTITY_* variable in the environment (e.g. IDENTITY_CACHE_ENTRIES,
 # IDENTITY_DB_MAX_CONNECTIONS) reaches every replica; DATABASE_URL and
-# IDENTITY_LISTEN_ADDR are always set by the harness. BENCH_SERVER_LOG sets the
+# IDENTITY_LISTEN_ADDR are always set by the harness, and IDENTITY_METRICS_ADDR
+# defaults to a free port per replica (set it to off to measure without metrics). BENCH_SERVER_LOG sets the
 # replicas' log filter (default warn,identity::app=info).
 #
 # Scenarios (each reports throughput and p50/p99/p99.9 latency):
@@ -296,6 +297,7 @@ start_replica() {
   local name=$1; shift
   local logf=$work/replica-$name.log
   DATABASE_URL=$database_url IDENTITY_LISTEN_ADDR=127.0.0.1:0 IDENTITY_LOG=$server_log \
+    IDENTITY_METRICS_ADDR=${IDENTITY_METRICS_ADDR:-127.0.0.1:0} \
     IDENTITY_DRAIN_TIMEOUT=2s "$identity_bin" serve "$@" >"$logf" 2>&1 &
   local pid=$!
   pids+=("$pid")

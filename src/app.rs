@@ -16,6 +16,7 @@ use crate::{
         audit::AuditApi,
         codec::{MAX_RESPONSE_BYTES, MessageLimitLayer},
         guard::DefaultDenyLayer,
+        observe::ObserveLayer,
         pb::{
             accounts_service_server::AccountsServiceServer,
             audit_service_server::AuditServiceServer, tokens_service_server::TokensServiceServer,
@@ -25,6 +26,7 @@ use crate::{
     },
     config::Config,
     domain::{DomainError, Identity, password::PasswordHasher},
+    observability,
     storage::{self, StorageError, Store},
 };
 
@@ -36,6 +38,14 @@ pub enum AppError {
     /// The listen address could not be bound.
     #[error("cannot listen on {addr} (IDENTITY_LISTEN_ADDR): {source}")]
     Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The metrics address could not be bound.
+    #[error("cannot serve metrics on {addr} (IDENTITY_METRICS_ADDR): {source}")]
+    MetricsBind {
         /// The address asked for.
         addr: SocketAddr,
         /// Why.
@@ -74,12 +84,16 @@ pub struct App {
     store: Arc<dyn Store>,
     config: Config,
     tls: Option<tls::Tls>,
+    /// The bound metrics listener and its address, unless metrics are off.
+    metrics: Option<(TcpListener, SocketAddr)>,
 }
 
 impl App {
     /// Opens (and, if configured, migrates) the database, sets up the domain
     /// and binds the listener. Fails if any of these fails.
     pub async fn build(config: Config) -> Result<Self, AppError> {
+        // First, so that every metric handle made from here on is real.
+        let metrics = bind_metrics(&config).await?;
         config.check_tls().map_err(AppError::Config)?;
         let tls = tls::Tls::load(&config)?;
         let store = open_store(&config).await?;
@@ -108,7 +122,13 @@ impl App {
             store,
             config,
             tls,
+            metrics,
         })
+    }
+
+    /// The address metrics are served on, unless they are off.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|&(_, addr)| addr)
     }
 
     /// The address the listener is bound to.
@@ -182,8 +202,14 @@ impl App {
             }
         };
 
+        let metrics_addr = self.metrics_addr();
+        // Served until this function returns (the task stops when dropped).
+        let _metrics = self
+            .metrics
+            .map(|(listener, _)| observability::spawn_metrics(listener, Arc::clone(&self.store)));
         tracing::info!(
             addr = %self.local_addr,
+            metrics_addr = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             database = %self.config.redacted_database_url(),
             reflection = self.config.reflection,
             "serving"
@@ -203,6 +229,7 @@ impl App {
             .max_concurrent_streams(self.config.max_streams_per_connection)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(ObserveLayer::new())
             .layer(ShedLayer::new(self.config.max_concurrent_requests as usize))
             .layer(DefaultDenyLayer)
             .layer(MessageLimitLayer::new(max_request))
@@ -275,6 +302,22 @@ async fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
             url: config.redacted_database_url(),
             source,
         })
+}
+
+/// Installs the metrics recorder and binds the metrics listener, unless
+/// metrics are off.
+async fn bind_metrics(config: &Config) -> Result<Option<(TcpListener, SocketAddr)>, AppError> {
+    let Some(addr) = config.metrics_addr else {
+        return Ok(None);
+    };
+    observability::recorder();
+    let bound = observability::bind_metrics(addr)
+        .await
+        .and_then(|listener| Ok((listener.local_addr()?, listener)));
+    match bound {
+        Ok((local, listener)) => Ok(Some((listener, local))),
+        Err(source) => Err(AppError::MetricsBind { addr, source }),
+    }
 }
 
 /// Opens the store (migrating it if configured to) and the domain, without

@@ -56,6 +56,11 @@ pub struct Config {
     /// Largest request message accepted, in bytes; larger ones are refused
     /// with RESOURCE_EXHAUSTED before they are read.
     pub max_message_bytes: usize,
+    /// Where to serve Prometheus metrics over HTTP (`/metrics`), apart from
+    /// gRPC; `None` turns metrics off (no recorder, no listener).
+    pub metrics_addr: Option<SocketAddr>,
+    /// How log lines are written.
+    pub log_format: LogFormat,
 }
 
 /// The PEM files TLS is served from. They are read at start-up and again
@@ -71,6 +76,36 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
+/// How log lines are written (to stderr).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Parses `text` or `json`.
+pub fn parse_log_format(raw: &str) -> Result<LogFormat, String> {
+    match raw {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("expected text or json, got {raw:?}")),
+    }
+}
+
+/// Parses a metrics listen address, or `off` (or nothing) for none.
+pub fn parse_metrics_addr(raw: &str) -> Result<Option<SocketAddr>, String> {
+    match raw.trim() {
+        "" | "off" => Ok(None),
+        addr => addr
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("expected host:port such as 127.0.0.1:9464, or off; got {raw:?}")),
+    }
+}
+
 impl Config {
     /// The listen address of a fresh `cargo run`.
     pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:50051";
@@ -81,6 +116,9 @@ impl Config {
     /// legitimate request, a leak report of 1000 credentials, is about
     /// 46 KB.
     pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 128 * 1024;
+    /// Where a fresh `cargo run` serves metrics: loopback only, since the
+    /// endpoint has no authentication.
+    pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
     /// The defaults, with `database_url` in place of the default database.
     pub fn with_database(database_url: impl Into<String>) -> Self {
@@ -105,6 +143,8 @@ impl Config {
             tls_handshake_timeout: Duration::from_secs(10),
             verifiers: VerifierPolicy::default(),
             max_message_bytes: Self::DEFAULT_MAX_MESSAGE_BYTES,
+            metrics_addr: parse_metrics_addr(Self::DEFAULT_METRICS_ADDR).unwrap_or(None),
+            log_format: LogFormat::Text,
         }
     }
 

@@ -10,7 +10,8 @@
 //!   authorization policy and the use cases. It knows neither tonic nor sqlx.
 //! - [`storage`] is the only module with SQL: the [`storage::Store`] trait
 //!   and its Postgres and SQLite implementations.
-//! - [`app`] and [`config`] wire the layers into a server; `main.rs` is a thin
+//! - [`app`] and [`config`] wire the layers into a server, and
+//!   [`observability`] exports metrics and sets up logs; `main.rs` is a thin
 //!   command-line front end.
 //!
 //! See `ARCHITECTURE.md` for the invariants.
@@ -21,4 +22,5 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod domain;
+pub mod observability;
 pub mod storage;

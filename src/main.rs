@@ -10,7 +10,7 @@ use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use identity::{
     api::auth::{VerifierPolicy, VerifyAuth, VerifyClients},
     app::{self, App},
-    config::{self, Config, TlsFiles},
+    config::{self, Config, LogFormat, TlsFiles},
     domain::{
         Identity, IdentitySettings, account::Username, password::PasswordPolicy,
         throttle::ThrottleSettings,
@@ -205,6 +205,22 @@ struct Settings {
     /// Log filter, in tracing's EnvFilter syntax (e.g. info, identity=debug).
     #[arg(long, env = "IDENTITY_LOG", default_value = "info", global = true)]
     log: String,
+    /// Log format: text (human-readable) or json (one object per line).
+    #[arg(long, env = "IDENTITY_LOG_FORMAT", default_value = "text",
+          value_parser = config::parse_log_format, global = true)]
+    log_format: LogFormat,
+    /// Address to serve Prometheus metrics on (HTTP, /metrics), or off.
+    #[arg(long, env = "IDENTITY_METRICS_ADDR", default_value = Config::DEFAULT_METRICS_ADDR,
+          value_parser = parse_metrics_addr, global = true)]
+    metrics_addr: MetricsAddr,
+}
+
+/// `--metrics-addr`: an address, or none when metrics are off.
+#[derive(Debug, Clone, Copy)]
+struct MetricsAddr(Option<SocketAddr>);
+
+fn parse_metrics_addr(raw: &str) -> Result<MetricsAddr, String> {
+    config::parse_metrics_addr(raw).map(MetricsAddr)
 }
 
 impl Settings {
@@ -259,6 +275,8 @@ impl Settings {
             auth: self.verify_auth,
             clients: self.verify_clients,
         };
+        config.metrics_addr = self.metrics_addr.0;
+        config.log_format = self.log_format;
         config
     }
 
@@ -337,11 +355,7 @@ fn main() -> ExitCode {
     };
     // Logs go to stderr: stdout is reserved for command output such as the
     // token printed by bootstrap-operator.
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    identity::observability::init_logging(cli.settings.log_format, filter);
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();

@@ -156,6 +156,12 @@ pub async fn caller<T>(
         .await
         .map_err(super::status::to_status)?;
     tracing::Span::current().record("caller", principal.account.id.as_str());
+    if let Some(call) = request.extensions().get::<super::observe::CallSpan>() {
+        call.record_caller(
+            principal.account.id.as_str(),
+            principal.credential_id.as_str(),
+        );
+    }
     Ok((principal, origin))
 }
 

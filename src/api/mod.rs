@@ -9,6 +9,7 @@ pub mod auth;
 pub mod codec;
 mod convert;
 pub mod guard;
+pub mod observe;
 pub mod ratelimit;
 mod redact;
 pub mod shed;

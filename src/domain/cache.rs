@@ -19,6 +19,9 @@
 //!
 //! Memory is bounded by `capacity` entries, spread over shards so that
 //! concurrent lookups rarely contend.
+//!
+//! Lookups are counted (`identity_verification_cache_lookups_total`) by
+//! result: hit, miss, or bypassed (cache off or channel down).
 
 use std::{
     collections::HashMap,
@@ -119,6 +122,27 @@ pub struct VerificationCache {
     alive_until: AtomicI64,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// `identity_verification_cache_lookups_total`, by result: registered
+    /// once, so a lookup costs an atomic increment, not a registry search.
+    counters: LookupCounters,
+}
+
+/// The cache's metric handles.
+struct LookupCounters {
+    hit: metrics::Counter,
+    miss: metrics::Counter,
+    bypassed: metrics::Counter,
+}
+
+impl LookupCounters {
+    fn new() -> Self {
+        const NAME: &str = "identity_verification_cache_lookups_total";
+        Self {
+            hit: metrics::counter!(NAME, "result" => "hit"),
+            miss: metrics::counter!(NAME, "result" => "miss"),
+            bypassed: metrics::counter!(NAME, "result" => "bypassed"),
+        }
+    }
 }
 
 impl std::fmt::Debug for VerificationCache {
@@ -145,6 +169,7 @@ impl VerificationCache {
             alive_until: AtomicI64::new(i64::MAX),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            counters: LookupCounters::new(),
         }
     }
 
@@ -156,6 +181,7 @@ impl VerificationCache {
     /// checks expiry and revocation times (see [`Cached`]).
     pub fn get(&self, digest: &Digest, now: Timestamp) -> Option<Cached> {
         if !self.usable(now) {
+            self.counters.bypassed.increment(1);
             return None;
         }
         let mut shard = self
@@ -171,12 +197,13 @@ impl VerificationCache {
             None => None,
         };
         drop(shard);
-        let counter = if found.is_some() {
-            &self.hits
+        let (counter, metric) = if found.is_some() {
+            (&self.hits, &self.counters.hit)
         } else {
-            &self.misses
+            (&self.misses, &self.counters.miss)
         };
         counter.fetch_add(1, Ordering::Relaxed);
+        metric.increment(1);
         found
     }
 

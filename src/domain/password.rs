@@ -257,12 +257,19 @@ impl PasswordHasher {
     }
 
     /// Runs `work` on a hashing thread once one is free, inside the
-    /// caller's tracing span.
+    /// caller's tracing span. The queue is measured: hashes waiting and
+    /// running (gauges, kept right even when a caller gives up), and how long
+    /// each waited.
     async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, DomainError> {
+        let queued = std::time::Instant::now();
+        let waiting = InGauge::enter("identity_password_hashes_waiting");
         let _permit = self.inner.permits.acquire().await.map_err(internal)?;
+        drop(waiting);
+        metrics::histogram!("identity_password_hash_wait_seconds").record(queued.elapsed());
+        let _running = InGauge::enter("identity_password_hashes_running");
         let span = tracing::Span::current();
         let (done, result) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
@@ -278,6 +285,23 @@ impl PasswordHasher {
 
 /// Work for a hashing thread.
 type Job = Box<dyn FnOnce() + Send>;
+
+/// One unit of a gauge, held until dropped.
+struct InGauge(metrics::Gauge);
+
+impl InGauge {
+    fn enter(name: &'static str) -> Self {
+        let gauge = metrics::gauge!(name);
+        gauge.increment(1.0);
+        Self(gauge)
+    }
+}
+
+impl Drop for InGauge {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
 
 fn hash_with(argon2: &Argon2<'_>, password: &[u8]) -> Result<PasswordHash, password_hash::Error> {
     let salt = SaltString::generate(&mut OsRng);

@@ -86,6 +86,17 @@ pub struct TokenUse {
     pub address: String,
 }
 
+/// How a store's connection pool is used, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolUsage {
+    /// Connections open (idle or in use).
+    pub size: u32,
+    /// Connections open and idle.
+    pub idle: u32,
+    /// Most connections the pool may open.
+    pub max: u32,
+}
+
 /// Which tokens [`Store::list_tokens`] returns.
 #[derive(Debug, Clone)]
 pub struct TokenFilter {
@@ -131,6 +142,11 @@ pub trait Store: Send + Sync + 'static {
     /// inactive (or back) to `sink`, from a background task, and tells it
     /// whenever the delivery channel goes down or comes up. Call once.
     fn watch(&self, sink: Arc<dyn InvalidationSink>);
+
+    /// How the connection pool is used right now, if the store has one.
+    fn pool_usage(&self) -> Option<PoolUsage> {
+        None
+    }
 
     /// Inserts a new account. [`Conflict::Username`] if the username key is
     /// taken.

@@ -141,6 +141,9 @@ impl PgStore {
 
     /// Translates a sqlx error by SQLSTATE and constraint name.
     fn classify(err: sqlx::Error) -> StorageError {
+        if matches!(err, sqlx::Error::PoolTimedOut) {
+            metrics::counter!("identity_db_pool_timeouts_total").increment(1);
+        }
         match &err {
             sqlx::Error::Database(db) => {
                 let code = db.code().unwrap_or_default();

@@ -352,6 +352,14 @@ macro_rules! impl_store {
                 self.watch_changes(sink);
             }
 
+            fn pool_usage(&self) -> Option<super::PoolUsage> {
+                Some(super::PoolUsage {
+                    size: self.pool.size(),
+                    idle: u32::try_from(self.pool.num_idle()).unwrap_or(u32::MAX),
+                    max: self.pool.options().get_max_connections(),
+                })
+            }
+
             async fn create_account(
                 &self,
                 account: &Account,

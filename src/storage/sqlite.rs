@@ -76,6 +76,9 @@ impl SqliteStore {
     /// Translates a sqlx error. SQLite does not report constraint names, so
     /// unique violations are recognised by the columns its message names.
     fn classify(err: sqlx::Error) -> StorageError {
+        if matches!(err, sqlx::Error::PoolTimedOut) {
+            metrics::counter!("identity_db_pool_timeouts_total").increment(1);
+        }
         match &err {
             sqlx::Error::Database(db) => {
                 let code = db.code().unwrap_or_default();

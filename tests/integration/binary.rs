@@ -48,8 +48,9 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 // ---------------------------------------------------------------------------
 
 /// A command that runs the binary against `database_url`, with piped
-/// stdout and stderr and none of this process's `IDENTITY_*` settings.
-fn identity_command(database_url: &str) -> Command {
+/// stdout and stderr, none of this process's `IDENTITY_*` settings, and
+/// metrics on a port of the kernel's choosing.
+pub(crate) fn identity_command(database_url: &str) -> Command {
     let mut command = Command::new(BINARY);
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("IDENTITY_") {
@@ -58,6 +59,8 @@ fn identity_command(database_url: &str) -> Command {
     }
     command
         .env("DATABASE_URL", database_url)
+        // Servers run side by side: none may take the default metrics port.
+        .env("IDENTITY_METRICS_ADDR", "127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -268,7 +271,10 @@ pub(crate) fn printed_token(finished: &Finished) -> String {
 /// The server, serving on an address it chose.
 pub(crate) struct Server {
     pub(crate) process: Process,
+    /// Where it serves gRPC.
     pub(crate) addr: SocketAddr,
+    /// Where it serves metrics, if they are on.
+    pub(crate) metrics_addr: Option<SocketAddr>,
 }
 
 impl Server {
@@ -285,7 +291,13 @@ impl Server {
             match tokio::time::timeout_at(deadline, process.stderr_lines.recv()).await {
                 Ok(Some(line)) => {
                     if let Some(addr) = serving_addr(&line) {
-                        return Self { process, addr };
+                        let metrics_addr =
+                            serving_field(&line, "metrics_addr").and_then(|addr| addr.parse().ok());
+                        return Self {
+                            process,
+                            addr,
+                            metrics_addr,
+                        };
                     }
                 }
                 Ok(None) => {
@@ -319,17 +331,32 @@ impl Server {
     }
 }
 
-/// The address in a `serving addr=...` log line.
+/// The address in a `serving addr=...` log line (text or JSON).
 fn serving_addr(line: &str) -> Option<SocketAddr> {
+    serving_field(line, "addr")?.parse().ok()
+}
+
+/// The value of `field` in the `serving` log line, written as text
+/// (`serving addr=... metrics_addr=...`) or as JSON; `None` for other lines.
+fn serving_field(line: &str, field: &str) -> Option<String> {
+    if line.trim_start().starts_with('{') {
+        let json: serde_json::Value = serde_json::from_str(line).ok()?;
+        let fields = json.get("fields")?;
+        if fields.get("message")?.as_str()? != "serving" {
+            return None;
+        }
+        return Some(fields.get(field)?.as_str()?.to_owned());
+    }
     let line = strip_ansi(line);
     let mut words = line.split_whitespace();
     words.find(|word| *word == "serving")?;
-    words.find_map(|word| word.strip_prefix("addr=")?.parse().ok())
+    let prefix = format!("{field}=");
+    words.find_map(|word| Some(word.strip_prefix(&prefix)?.to_owned()))
 }
 
 /// `text` without ANSI escape sequences (CSI sequences such as colours, and
 /// two-character escapes).
-fn strip_ansi(text: &str) -> String {
+pub(crate) fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars();
     while let Some(c) = chars.next() {
@@ -348,7 +375,7 @@ fn strip_ansi(text: &str) -> String {
 }
 
 /// 32 random hex digits, to make test values unique.
-fn random_hex() -> String {
+pub(crate) fn random_hex() -> String {
     format!("{:032x}", OsRng.r#gen::<u128>())
 }
 
@@ -391,8 +418,22 @@ fn the_serving_line_is_found_with_or_without_colours() {
                     \u{1b}[3maddr\u{1b}[0m\u{1b}[2m=\u{1b}[0m127.0.0.1:4242 \
                     \u{1b}[3mdatabase\u{1b}[0m\u{1b}[2m=\u{1b}[0msqlite:x.db";
     let expected = Some(SocketAddr::from(([127, 0, 0, 1], 4242)));
+    let json = r#"{"timestamp":"2026-01-01T00:00:00.000000Z","level":"INFO","fields":{"message":"serving","addr":"127.0.0.1:4242","metrics_addr":"127.0.0.1:9464","database":"sqlite:x.db"},"target":"identity::app"}"#;
     assert_eq!(serving_addr(plain), expected);
     assert_eq!(serving_addr(coloured), expected);
+    assert_eq!(serving_addr(json), expected);
+    assert_eq!(
+        serving_field(json, "metrics_addr").as_deref(),
+        Some("127.0.0.1:9464")
+    );
+    assert_eq!(
+        serving_field(
+            "INFO identity::app: serving addr=127.0.0.1:1 metrics_addr=off database=x",
+            "metrics_addr"
+        )
+        .as_deref(),
+        Some("off")
+    );
     assert_eq!(
         serving_addr("INFO identity::app: database reachable again: reporting SERVING"),
         None
@@ -431,11 +472,11 @@ fn base64(bytes: &[u8], alphabet: &[u8; 64]) -> String {
 /// Every value that must never appear in a log, with a label saying what
 /// it is.
 #[derive(Default)]
-struct Secrets(Vec<(String, String)>);
+pub(crate) struct Secrets(Vec<(String, String)>);
 
 impl Secrets {
     /// A secret used as is (a password).
-    fn plain(&mut self, label: &str, value: &str) {
+    pub(crate) fn plain(&mut self, label: &str, value: &str) {
         self.0.push((label.to_owned(), value.to_owned()));
     }
 
@@ -443,7 +484,7 @@ impl Secrets {
     /// prefix), and its SHA-256 digest as hex (both cases), as base64
     /// (standard and URL-safe; the unpadded form is a prefix of the padded
     /// one) and as a byte-array `Debug`.
-    fn token(&mut self, label: &str, token: &str) {
+    pub(crate) fn token(&mut self, label: &str, token: &str) {
         self.plain(label, token);
         if let Some(random) = token.get(6..38) {
             self.plain(&format!("{label}: random part"), random);
@@ -466,7 +507,7 @@ impl Secrets {
 
     /// Fails, naming the secret and the line, if any of `logs` contains one.
     #[track_caller]
-    fn assert_absent_from(&self, logs: &[(&str, &str)]) {
+    pub(crate) fn assert_absent_from(&self, logs: &[(&str, &str)]) {
         let mut leaks = Vec::new();
         for (log_name, log) in logs {
             let log = strip_ansi(log);
@@ -489,12 +530,12 @@ impl Secrets {
 // ---------------------------------------------------------------------------
 
 /// Exercises every credential path of a trace-logging server (and a
-/// trace-logging bootstrap), then checks that none of the secrets used
-/// appears in anything either process wrote besides the bootstrap token on
-/// stdout.
-async fn no_secret_reaches_the_logs_on(backend: Backend) {
+/// trace-logging bootstrap), logging in `format` (text or json), then checks
+/// that none of the secrets used appears in anything either process wrote
+/// besides the bootstrap token on stdout, nor in the server's metrics.
+async fn no_secret_reaches_the_logs_on(backend: Backend, format: &str) {
     let db = TestDatabase::new(backend).await;
-    let trace = [("IDENTITY_LOG", "trace")];
+    let trace = [("IDENTITY_LOG", "trace"), ("IDENTITY_LOG_FORMAT", format)];
     let mut secrets = Secrets::default();
 
     // A database password, too: the test cluster trusts local connections,
@@ -795,6 +836,7 @@ async fn no_secret_reaches_the_logs_on(backend: Backend) {
     assert!(events.events.len() >= 10, "{events:?}");
     let audit = format!("{events:?}");
 
+    let metrics = crate::observability::scrape(server.metrics_addr.expect("metrics are on")).await;
     drop((accounts, tokens, channel));
     let stopped = server.terminate().await;
     assert!(
@@ -823,12 +865,20 @@ async fn no_secret_reaches_the_logs_on(backend: Backend) {
         "the bootstrap log lacks its message:\n{}",
         bootstrap.stderr
     );
+    if format == "json" {
+        crate::observability::assert_json_lines(&stopped.stderr);
+    }
+    assert!(
+        metrics.contains("identity_grpc_requests_total"),
+        "{metrics}"
+    );
     secrets.assert_absent_from(&[
         ("the bootstrap's stderr", &bootstrap.stderr),
         ("the server's stderr", &stopped.stderr),
         ("the server's stdout", &stopped.stdout),
         ("the audit log", &audit),
         ("the refusals' statuses", &refusals),
+        ("the server's metrics", &metrics),
     ]);
 }
 
@@ -837,12 +887,22 @@ mod no_secret_ever_reaches_the_logs {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sqlite() {
-        no_secret_reaches_the_logs_on(Backend::Sqlite).await;
+        no_secret_reaches_the_logs_on(Backend::Sqlite, "text").await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres() {
-        no_secret_reaches_the_logs_on(Backend::Postgres).await;
+        no_secret_reaches_the_logs_on(Backend::Postgres, "text").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_json() {
+        no_secret_reaches_the_logs_on(Backend::Sqlite, "json").await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_json() {
+        no_secret_reaches_the_logs_on(Backend::Postgres, "json").await;
     }
 }
 
@@ -951,6 +1011,8 @@ async fn bad_configuration_fails_naming_the_setting() {
         ),
         ("IDENTITY_VERIFY_AUTH", "--verify-auth", "anyone"),
         ("IDENTITY_VERIFY_CLIENTS", "--verify-clients", "two words"),
+        ("IDENTITY_LOG_FORMAT", "--log-format", "xml"),
+        ("IDENTITY_METRICS_ADDR", "--metrics-addr", "everywhere"),
     ];
     let mut failures = Vec::new();
     for (env, flag, value) in cases {
@@ -985,6 +1047,16 @@ async fn bad_configuration_fails_naming_the_setting() {
         &format!("IDENTITY_LISTEN_ADDR={taken_addr} (in use)"),
         &run(in_use).await,
         &["IDENTITY_LISTEN_ADDR"],
+    ));
+    // The same for the metrics address.
+    let mut metrics_in_use = identity_command(&sqlite);
+    metrics_in_use
+        .env("IDENTITY_LISTEN_ADDR", "127.0.0.1:0")
+        .env("IDENTITY_METRICS_ADDR", &taken_addr);
+    failures.extend(refusal_problem(
+        &format!("IDENTITY_METRICS_ADDR={taken_addr} (in use)"),
+        &run(metrics_in_use).await,
+        &["IDENTITY_METRICS_ADDR"],
     ));
     drop(taken);
 

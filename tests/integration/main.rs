@@ -13,6 +13,7 @@ mod binary;
 mod faults;
 mod lifecycle;
 mod malformed;
+mod observability;
 mod replicas;
 mod storage;
 mod throttle;

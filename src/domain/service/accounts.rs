@@ -160,6 +160,17 @@ impl Identity {
                 account
             }
             other => {
+                // Counted by cause for operators (a spike of unknown users
+                // is enumeration, of wrong passwords guessing); the caller
+                // still learns nothing, and no label names the account.
+                let cause = match &other {
+                    None => "unknown_user",
+                    Some(account) if account.kind != AccountKind::Person => "not_a_person",
+                    Some(account) if account.password_hash.is_none() => "no_password",
+                    Some(_) if !matches => "wrong_password",
+                    Some(_) => "account_disabled",
+                };
+                metrics::counter!("identity_sign_in_failures_total", "cause" => cause).increment(1);
                 let event = match &other {
                     Some(account) => event.account(&account.id, account.username.as_str()),
                     None => event,

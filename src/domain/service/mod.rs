@@ -85,6 +85,34 @@ pub struct Identity {
     settings: Arc<IdentitySettings>,
     uses: Arc<UseRecorder>,
     cache: Arc<VerificationCache>,
+    verdicts: Arc<VerdictCounters>,
+}
+
+/// `identity_verify_token_verdicts_total` by verdict, registered once so
+/// that counting a `VerifyToken` answer is one atomic increment.
+struct VerdictCounters {
+    active: metrics::Counter,
+    /// Indexed by [`InactiveReason::index`].
+    inactive: [metrics::Counter; InactiveReason::ALL.len()],
+}
+
+impl VerdictCounters {
+    const NAME: &str = "identity_verify_token_verdicts_total";
+
+    fn new() -> Self {
+        Self {
+            active: metrics::counter!(Self::NAME, "verdict" => "active"),
+            inactive: InactiveReason::ALL
+                .map(|reason| metrics::counter!(Self::NAME, "verdict" => reason.label())),
+        }
+    }
+
+    fn count(&self, verdict: &Verdict) {
+        match verdict {
+            Verdict::Active(_) => self.active.increment(1),
+            Verdict::Inactive(reason) => self.inactive[reason.index()].increment(1),
+        }
+    }
 }
 
 /// Why a credential is not active.
@@ -107,6 +135,44 @@ pub enum InactiveReason {
 }
 
 impl InactiveReason {
+    /// Every reason, in [`Self::index`] order.
+    pub const ALL: [Self; 7] = [
+        Self::Malformed,
+        Self::Unknown,
+        Self::Expired,
+        Self::Revoked,
+        Self::AccountDisabled,
+        Self::InsufficientScope,
+        Self::Exhausted,
+    ];
+
+    /// The reason's position in [`Self::ALL`] (a new reason must be added
+    /// to both; a unit test checks they agree).
+    fn index(self) -> usize {
+        match self {
+            Self::Malformed => 0,
+            Self::Unknown => 1,
+            Self::Expired => 2,
+            Self::Revoked => 3,
+            Self::AccountDisabled => 4,
+            Self::InsufficientScope => 5,
+            Self::Exhausted => 6,
+        }
+    }
+
+    /// The reason as a metric label (`snake_case`, a closed set).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::Unknown => "unknown",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+            Self::AccountDisabled => "account_disabled",
+            Self::InsufficientScope => "insufficient_scope",
+            Self::Exhausted => "exhausted",
+        }
+    }
+
     /// A short phrase for error messages.
     pub fn describe(self) -> &'static str {
         match self {
@@ -161,6 +227,7 @@ impl Identity {
             settings: Arc::new(settings),
             uses: Arc::new(UseRecorder::default()),
             cache,
+            verdicts: Arc::new(VerdictCounters::new()),
         }
     }
 
@@ -259,15 +326,17 @@ impl Identity {
             client_address,
         ));
         let (required, client_address) = violations.complete(required.zip(client_address))?;
-        match self.inspect(credential).await? {
+        let verdict = match self.inspect(credential).await? {
             // An empty requirement asks for nothing; each named scope must be
             // allowed (full access allows every scope).
             Verdict::Active(principal) if !required.names().all(|s| principal.scopes.allows(s)) => {
-                Ok(Verdict::Inactive(InactiveReason::InsufficientScope))
+                Verdict::Inactive(InactiveReason::InsufficientScope)
             }
-            Verdict::Active(principal) => self.admit(principal, &client_address).await,
-            inactive => Ok(inactive),
-        }
+            Verdict::Active(principal) => self.admit(principal, &client_address).await?,
+            inactive => inactive,
+        };
+        self.verdicts.count(&verdict);
+        Ok(verdict)
     }
 
     /// Looks a credential up and judges it: the core of both authentication
@@ -535,5 +604,22 @@ fn visible(
         Ok(()) => Ok(token),
         Err(DomainError::NotAllowed(_)) => Err(DomainError::TokenNotFound),
         Err(other) => Err(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InactiveReason;
+
+    #[test]
+    fn every_inactive_reason_has_its_own_counter_and_label() {
+        for (i, reason) in InactiveReason::ALL.iter().enumerate() {
+            assert_eq!(reason.index(), i, "{reason:?}");
+        }
+        let mut labels: Vec<_> = InactiveReason::ALL.iter().map(|r| r.label()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), InactiveReason::ALL.len());
+        assert!(!labels.contains(&"active"));
     }
 }

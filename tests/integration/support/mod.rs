@@ -79,6 +79,9 @@ impl TestDatabase {
 pub struct TestApp {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where it serves metrics (all test servers share one registry: see
+    /// `observability.rs`).
+    pub metrics_addr: Option<SocketAddr>,
     /// A channel to it.
     pub channel: Channel,
     /// A full-access token of an operator robot, `ops`.
@@ -144,9 +147,11 @@ impl TestApp {
         config.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         config.hash_concurrency = 2;
         config.drain_timeout = Duration::from_secs(5);
+        config.metrics_addr = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
         adjust(&mut config);
         let app = App::build(config).await.expect("build the app");
         let addr = app.local_addr();
+        let metrics_addr = app.metrics_addr();
         let identity = app.identity().clone();
         let operator_token = match operator_token {
             Some(token) => token,
@@ -168,6 +173,7 @@ impl TestApp {
             .expect("connect to the test server");
         Self {
             addr,
+            metrics_addr,
             channel,
             operator_token,
             db,

@@ -1,0 +1,619 @@
+//! Observing every call: one tower layer, outermost, that gives each call a
+//! tracing span (the RPC, the W3C trace it belongs to, and once
+//! [`super::auth`] has resolved the caller, its account and token ids),
+//! counts it by RPC and gRPC status code, records its latency, and logs one
+//! `finished` event with the code and the latency when it ends.
+//!
+//! The status code is read where gRPC puts it: in the response headers of a
+//! "trailers-only" response (how tonic answers a unary call with an error,
+//! and how the shed and guard layers refuse), otherwise in the trailers at
+//! the end of the body. The latency runs until then, so it includes encoding
+//! and sending the response. A call whose body is dropped before its
+//! trailers (the client went away) counts as `CANCELLED`.
+//!
+//! Labels are closed sets: the RPC comes from a fixed table (the methods in
+//! [`super::guard::RULES`], health and reflection; anything else is
+//! `unknown`) and the code from the seventeen gRPC codes, so no label value
+//! ever comes from a client, and none is a secret, a username or an id.
+//!
+//! The hot path stays cheap: metric handles are registered once per RPC and
+//! code and then only incremented; `VerifyToken`, health checks and
+//! reflection get DEBUG spans and events (every other call INFO), so at the
+//! default `info` filter they cost no formatting and no log line. (An event
+//! logged inside such a call then lacks the call's fields.)
+//!
+//! A valid `traceparent` (W3C Trace Context, version `00`) continues its
+//! trace: the span carries its trace id, and the response carries a
+//! `traceresponse` header (W3C Trace Context Level 2) naming this call's own
+//! span id. A missing or malformed one is ignored, never an error; the span
+//! then gets a new trace id of its own.
+
+use std::{
+    cell::Cell,
+    fmt,
+    future::Future,
+    pin::Pin,
+    sync::{Arc, OnceLock},
+    task::{Context, Poll, ready},
+    time::Instant,
+};
+
+use metrics::{Counter, Histogram};
+use tower::{Layer, Service};
+use tracing::Span;
+
+/// The metric counting finished calls, by `service`, `method` and `code`.
+pub const REQUESTS: &str = "identity_grpc_requests_total";
+/// The histogram of call latencies in seconds, by `service`, `method` and
+/// `code`.
+pub const LATENCY: &str = "identity_grpc_request_duration_seconds";
+
+/// The gRPC status codes by number, as they are named in labels and logs.
+pub const CODES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+const CANCELLED: usize = 1;
+const UNKNOWN: usize = 2;
+
+/// The methods served besides this service's own (in `RULES`).
+const OTHER_METHODS: &[&str] = &[
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// Calls whose span and `finished` event are DEBUG rather than INFO: the
+/// ones other services make on every request they serve, load balancers
+/// every few seconds, and grpcurl before every call it makes.
+const QUIET_METHODS: &[&str] = &[
+    "/identity.v1.TokensService/VerifyToken",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// The span of a call, put in the request's extensions so that whoever
+/// authenticates the caller can record who it is (see
+/// [`CallSpan::record_caller`]).
+#[derive(Debug, Clone)]
+pub struct CallSpan(Span);
+
+impl CallSpan {
+    /// Records the authenticated caller's account id and token (or
+    /// session) id: identifiers, never a secret.
+    pub fn record_caller(&self, account_id: &str, token_id: &str) {
+        self.0.record("account_id", account_id);
+        self.0.record("token_id", token_id);
+    }
+}
+
+/// A tower layer that observes every call (see the module documentation).
+/// Put it outermost, so that refusals by the other layers are observed too.
+#[derive(Debug, Clone)]
+pub struct ObserveLayer {
+    shared: Arc<Shared>,
+}
+
+impl Default for ObserveLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ObserveLayer {
+    /// A layer recording into the global `metrics` recorder (install it
+    /// first: handles are registered lazily, on each series' first use).
+    pub fn new() -> Self {
+        let paths = super::guard::RULES
+            .iter()
+            .map(|&(path, _)| path)
+            .chain(OTHER_METHODS.iter().copied());
+        let mut rpcs: Vec<Rpc> = paths
+            .map(|path| {
+                let name = &path[1..];
+                let (service, method) = name.rsplit_once('/').unwrap_or((name, name));
+                Rpc {
+                    path,
+                    name,
+                    service,
+                    method,
+                    quiet: QUIET_METHODS.contains(&path),
+                }
+            })
+            .collect();
+        // Anything else (a scanner, a misconfigured client): one series, and
+        // quiet, so a flood of junk does not flood the log.
+        rpcs.push(Rpc {
+            path: "",
+            name: "unknown",
+            service: "unknown",
+            method: "unknown",
+            quiet: true,
+        });
+        let series = rpcs.iter().map(|_| Default::default()).collect();
+        Self {
+            shared: Arc::new(Shared { rpcs, series }),
+        }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Observe {
+            inner,
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+/// The service [`ObserveLayer`] produces.
+#[derive(Debug, Clone)]
+pub struct Observe<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S, B> Service<http::Request<B>> for Observe<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ObserveFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let start = Instant::now();
+        let rpc = self.shared.find(request.uri().path());
+        let info = &self.shared.rpcs[rpc];
+        let parent = traceparent(request.headers());
+        let span_id = nonzero_random();
+        let span = if info.quiet {
+            tracing::debug_span!(
+                "grpc",
+                rpc = info.name,
+                trace_id = tracing::field::Empty,
+                span_id = %Hex64(span_id),
+                account_id = tracing::field::Empty,
+                token_id = tracing::field::Empty,
+            )
+        } else {
+            tracing::info_span!(
+                "grpc",
+                rpc = info.name,
+                trace_id = tracing::field::Empty,
+                span_id = %Hex64(span_id),
+                account_id = tracing::field::Empty,
+                token_id = tracing::field::Empty,
+            )
+        };
+        // A disabled span (a quiet call at the default filter) records
+        // nothing: skip the work, and the extension's allocation.
+        if !span.is_disabled() {
+            let trace_id = parent.map_or_else(
+                || u128::from(nonzero_random()) << 64 | u128::from(random()),
+                |p| p.trace_id,
+            );
+            span.record("trace_id", tracing::field::display(Hex128(trace_id)));
+            request.extensions_mut().insert(CallSpan(span.clone()));
+        }
+        let inner = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
+        ObserveFuture {
+            inner,
+            call: Some(Call {
+                shared: Arc::clone(&self.shared),
+                rpc,
+                start,
+                span,
+                code: CANCELLED,
+            }),
+            response_trace: parent.map(|p| TraceParent {
+                parent_id: span_id,
+                ..p
+            }),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response of [`Observe`]: the inner call, run inside the call's
+    /// span.
+    pub struct ObserveFuture<F> {
+        #[pin]
+        inner: F,
+        call: Option<Call>,
+        response_trace: Option<TraceParent>,
+    }
+}
+
+impl<F, E> Future for ObserveFuture<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = match this.call {
+            Some(call) => {
+                let _entered = call.span.enter();
+                ready!(this.inner.poll(cx))
+            }
+            None => ready!(this.inner.poll(cx)),
+        };
+        let Some(call) = this.call.take() else {
+            return Poll::Ready(result);
+        };
+        let mut response = match result {
+            Ok(response) => response,
+            Err(err) => {
+                call.finish(UNKNOWN);
+                return Poll::Ready(Err(err));
+            }
+        };
+        if let Some(trace) = this.response_trace
+            && let Ok(value) = http::HeaderValue::from_str(&trace.to_string())
+        {
+            response.headers_mut().insert("traceresponse", value);
+        }
+        // Trailers-only: the status is in the headers, and the body is empty.
+        if let Some(status) = response.headers().get("grpc-status") {
+            call.finish(code_index(status.as_bytes()));
+            return Poll::Ready(Ok(response));
+        }
+        Poll::Ready(Ok(response.map(|inner| {
+            tonic::body::Body::new(ObservedBody {
+                inner,
+                call: Some(call),
+            })
+        })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that finishes its call when the trailers pass (or
+    /// the body ends, fails, or is dropped).
+    struct ObservedBody {
+        #[pin]
+        inner: tonic::body::Body,
+        call: Option<Call>,
+    }
+}
+
+impl http_body::Body for ObservedBody {
+    type Data = <tonic::body::Body as http_body::Body>::Data;
+    type Error = <tonic::body::Body as http_body::Body>::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        let code = match &frame {
+            Some(Ok(frame)) => frame.trailers_ref().map(|trailers| {
+                trailers
+                    .get("grpc-status")
+                    .map_or(UNKNOWN, |status| code_index(status.as_bytes()))
+            }),
+            // An error, or an end without trailers: not a proper gRPC end.
+            Some(Err(_)) | None => Some(UNKNOWN),
+        };
+        if let Some(code) = code
+            && let Some(call) = this.call.take()
+        {
+            call.finish(code);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The RPC table and each RPC's metric handles.
+#[derive(Debug)]
+struct Shared {
+    /// The known RPCs; the last is `unknown`.
+    rpcs: Vec<Rpc>,
+    /// Per RPC, per code: the handles, registered on first use.
+    series: Vec<[OnceLock<Series>; CODES.len()]>,
+}
+
+#[derive(Debug)]
+struct Rpc {
+    /// The HTTP/2 path, such as `/identity.v1.TokensService/VerifyToken`.
+    path: &'static str,
+    /// The path without its leading slash, for logs.
+    name: &'static str,
+    service: &'static str,
+    method: &'static str,
+    /// DEBUG rather than INFO.
+    quiet: bool,
+}
+
+#[derive(Debug)]
+struct Series {
+    requests: Counter,
+    latency: Histogram,
+}
+
+impl Shared {
+    /// The index of the RPC at `path` (the last, `unknown`, if none).
+    fn find(&self, path: &str) -> usize {
+        self.rpcs
+            .iter()
+            .position(|rpc| rpc.path == path)
+            .unwrap_or(self.rpcs.len() - 1)
+    }
+
+    fn series(&self, rpc: usize, code: usize) -> &Series {
+        self.series[rpc][code].get_or_init(|| {
+            let info = &self.rpcs[rpc];
+            let labels = [
+                ("service", info.service),
+                ("method", info.method),
+                ("code", CODES[code]),
+            ];
+            Series {
+                requests: metrics::counter!(REQUESTS, &labels),
+                latency: metrics::histogram!(LATENCY, &labels),
+            }
+        })
+    }
+}
+
+/// A call in progress. Dropped without [`Call::finish`] (the client went
+/// away first), it finishes as `CANCELLED`.
+struct Call {
+    shared: Arc<Shared>,
+    rpc: usize,
+    start: Instant,
+    span: Span,
+    code: usize,
+}
+
+impl Call {
+    fn finish(mut self, code: usize) {
+        self.code = code;
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        let series = self.shared.series(self.rpc, self.code);
+        series.requests.increment(1);
+        series.latency.record(elapsed.as_secs_f64());
+        let code = CODES[self.code];
+        let latency_ms = elapsed.as_secs_f64() * 1e3;
+        if self.shared.rpcs[self.rpc].quiet {
+            tracing::debug!(parent: &self.span, code, latency_ms, "finished");
+        } else {
+            tracing::info!(parent: &self.span, code, latency_ms, "finished");
+        }
+    }
+}
+
+/// The code index for a `grpc-status` value; anything unparsable or out of
+/// range is UNKNOWN.
+fn code_index(value: &[u8]) -> usize {
+    std::str::from_utf8(value)
+        .ok()
+        .and_then(|text| text.parse::<usize>().ok())
+        .filter(|&code| code < CODES.len())
+        .unwrap_or(UNKNOWN)
+}
+
+/// A W3C `traceparent`, version `00`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceParent {
+    /// The trace id, never zero.
+    pub trace_id: u128,
+    /// The caller's span id, never zero.
+    pub parent_id: u64,
+    /// The trace flags (bit 0: sampled).
+    pub flags: u8,
+}
+
+impl TraceParent {
+    /// Parses `00-<32 hex>-<16 hex>-<2 hex>` strictly: lowercase hex, version
+    /// `00` only, neither id all zeros, nothing before or after.
+    pub fn parse(value: &[u8]) -> Option<Self> {
+        // 2 + 1 + 32 + 1 + 16 + 1 + 2 bytes.
+        if value.len() != 55 || !value.starts_with(b"00-") || value[35] != b'-' || value[52] != b'-'
+        {
+            return None;
+        }
+        let trace_id = hex(&value[3..35])?;
+        let parent_id = u64::try_from(hex(&value[36..52])?).ok()?;
+        let flags = u8::try_from(hex(&value[53..55])?).ok()?;
+        (trace_id != 0 && parent_id != 0).then_some(Self {
+            trace_id,
+            parent_id,
+            flags,
+        })
+    }
+}
+
+impl fmt::Display for TraceParent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "00-{}-{}-{:02x}",
+            Hex128(self.trace_id),
+            Hex64(self.parent_id),
+            self.flags
+        )
+    }
+}
+
+/// The request's `traceparent`, if it has exactly one and it is valid.
+fn traceparent(headers: &http::HeaderMap) -> Option<TraceParent> {
+    let mut values = headers.get_all("traceparent").iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => TraceParent::parse(value.as_bytes()),
+        _ => None,
+    }
+}
+
+/// Lowercase hex digits to a number (at most 32 digits).
+fn hex(digits: &[u8]) -> Option<u128> {
+    digits.iter().try_fold(0u128, |n, &d| {
+        let v = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            _ => return None,
+        };
+        Some(n << 4 | u128::from(v))
+    })
+}
+
+struct Hex128(u128);
+
+impl fmt::Display for Hex128 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+struct Hex64(u64);
+
+impl fmt::Display for Hex64 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+/// A random number for span and trace ids: SplitMix64 per thread, seeded
+/// from the OS. Ids need to be unique, not unpredictable, and this costs a
+/// few nanoseconds where the OS generator costs a system call.
+fn random() -> u64 {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(rand::RngCore::next_u64(&mut rand::rngs::OsRng));
+    }
+    STATE.with(|state| {
+        let x = state.get().wrapping_add(0x9E37_79B9_7F4A_7C15);
+        state.set(x);
+        let z = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    })
+}
+
+fn nonzero_random() -> u64 {
+    loop {
+        let n = random();
+        if n != 0 {
+            return n;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn a_valid_traceparent_parses_and_prints_back() {
+        let parsed = TraceParent::parse(VALID.as_bytes()).expect("valid");
+        assert_eq!(parsed.trace_id, 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736);
+        assert_eq!(parsed.parent_id, 0x00f0_67aa_0ba9_02b7);
+        assert_eq!(parsed.flags, 1);
+        assert_eq!(parsed.to_string(), VALID);
+    }
+
+    #[test]
+    fn malformed_traceparents_are_refused() {
+        for bad in [
+            "",
+            "00",
+            // Version other than 00, including the forbidden ff.
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            // All-zero ids.
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            // Uppercase, non-hex, wrong lengths, wrong separators, extra text.
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473g-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e47366-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0x",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-",
+            " 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceParent::parse(bad.as_bytes()), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn two_traceparents_are_ignored() {
+        let mut headers = http::HeaderMap::new();
+        headers.append("traceparent", http::HeaderValue::from_static(VALID));
+        assert!(traceparent(&headers).is_some());
+        headers.append("traceparent", http::HeaderValue::from_static(VALID));
+        assert_eq!(traceparent(&headers), None);
+    }
+
+    #[test]
+    fn codes_outside_grpc_are_unknown() {
+        assert_eq!(CODES[code_index(b"0")], "OK");
+        assert_eq!(CODES[code_index(b"16")], "UNAUTHENTICATED");
+        for bad in [&b"17"[..], b"-1", b"", b"x", b"999999999999999999999"] {
+            assert_eq!(CODES[code_index(bad)], "UNKNOWN");
+        }
+    }
+
+    #[test]
+    fn every_rpc_has_a_service_and_a_method() {
+        let layer = ObserveLayer::new();
+        for rpc in &layer.shared.rpcs {
+            assert!(!rpc.service.is_empty() && !rpc.method.is_empty(), "{rpc:?}");
+            assert!(!rpc.method.contains('/'), "{rpc:?}");
+        }
+        let shared = &layer.shared;
+        let verify = shared.find("/identity.v1.TokensService/VerifyToken");
+        assert_eq!(shared.rpcs[verify].service, "identity.v1.TokensService");
+        assert_eq!(shared.rpcs[verify].method, "VerifyToken");
+        assert!(shared.rpcs[verify].quiet);
+        let junk = shared.find("/identity.v1.TokensService/VerifyToken/../x");
+        assert_eq!(shared.rpcs[junk].method, "unknown");
+    }
+}

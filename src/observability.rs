@@ -1,0 +1,241 @@
+//! Metrics export and log set-up: the binary's side of observability.
+//!
+//! The code that measures things uses the `metrics` facade (as it uses
+//! `tracing`) and never sees the exporter; this module installs the one
+//! Prometheus recorder and serves it over HTTP, apart from gRPC.
+//!
+//! A `metrics` recorder is global to the process and can be installed only
+//! once, while tests run many servers in one process. So [`recorder`]
+//! installs it on first use (behind a `OnceLock`) and every server then
+//! serves the same registry on its own listener: in production one process
+//! is one server, and tests assert on increases of series or on labels their
+//! own calls alone produce.
+
+use std::{
+    convert::Infallible,
+    io,
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
+
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+use crate::{config::LogFormat, storage::Store};
+
+/// Histogram buckets, in seconds: a cached `VerifyToken` answers in tens of
+/// microseconds, a sign-in (argon2id) in tens to hundreds of milliseconds,
+/// and a call stuck behind a full pool in seconds.
+pub const BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
+];
+
+/// How often histogram samples are folded into their buckets when nobody
+/// scrapes (otherwise they would pile up in memory).
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Longest a metrics client may take to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The process's Prometheus recorder, installed as the global `metrics`
+/// recorder on the first call. If another recorder was installed first (by
+/// an embedding program), the handle renders only what this one records
+/// (nothing), and a warning says so.
+pub fn recorder() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let builder = match PrometheusBuilder::new().set_buckets(BUCKETS) {
+            Ok(builder) => builder,
+            // Only an empty bucket list is refused.
+            Err(err) => unreachable!("invalid histogram buckets: {err}"),
+        };
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if let Err(err) = metrics::set_global_recorder(recorder) {
+            tracing::warn!(error = %err, "another metrics recorder is installed: /metrics will be empty");
+        }
+        describe();
+        let upkeep = handle.clone();
+        let spawned = std::thread::Builder::new()
+            .name("metrics-upkeep".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(UPKEEP_INTERVAL);
+                    upkeep.run_upkeep();
+                }
+            });
+        if let Err(err) = spawned {
+            tracing::warn!(error = %err, "cannot start the metrics upkeep thread");
+        }
+        handle
+    })
+}
+
+/// The help text of every metric, in one place for operators.
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        crate::api::observe::REQUESTS,
+        "gRPC calls finished, by service, method and status code"
+    );
+    describe_histogram!(
+        crate::api::observe::LATENCY,
+        Unit::Seconds,
+        "gRPC call latency until the status is sent, by service, method and status code"
+    );
+    describe_counter!(
+        "identity_verify_token_verdicts_total",
+        "VerifyToken answers, by verdict: active, or the reason a credential is inactive"
+    );
+    describe_counter!(
+        "identity_verification_cache_lookups_total",
+        "Credential lookups in the verification cache (VerifyToken and every authentication), \
+         by result: hit, miss, or bypassed (cache off, or its change channel down)"
+    );
+    describe_counter!(
+        "identity_sign_in_failures_total",
+        "Failed sign-ins, by cause (never by username)"
+    );
+    describe_gauge!(
+        "identity_password_hashes_waiting",
+        "Password hashes (sign-ins, password changes, new accounts) waiting for a hashing thread"
+    );
+    describe_gauge!(
+        "identity_password_hashes_running",
+        "Password hashes being computed"
+    );
+    describe_histogram!(
+        "identity_password_hash_wait_seconds",
+        Unit::Seconds,
+        "How long a password hash waited for a hashing thread"
+    );
+    describe_gauge!(
+        "identity_db_pool_connections",
+        "Database connections of the pool, by state (idle, in_use), sampled at each scrape"
+    );
+    describe_gauge!(
+        "identity_db_pool_max_connections",
+        "The pool's connection limit (IDENTITY_DB_MAX_CONNECTIONS)"
+    );
+    describe_counter!(
+        "identity_db_pool_timeouts_total",
+        "Queries that found no free connection within IDENTITY_DB_ACQUIRE_TIMEOUT"
+    );
+}
+
+/// A running metrics listener; dropping it stops it.
+#[derive(Debug)]
+pub struct MetricsTask(tokio::task::JoinHandle<()>);
+
+impl Drop for MetricsTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Serves [`recorder`] on `listener`, sampling `store`'s connection pool at
+/// each scrape, until the returned task is dropped.
+pub fn spawn_metrics(listener: TcpListener, store: Arc<dyn Store>) -> MetricsTask {
+    let sample = move || {
+        if let Some(usage) = store.pool_usage() {
+            let in_use = usage.size.saturating_sub(usage.idle);
+            metrics::gauge!("identity_db_pool_connections", "state" => "idle").set(usage.idle);
+            metrics::gauge!("identity_db_pool_connections", "state" => "in_use").set(in_use);
+            metrics::gauge!("identity_db_pool_max_connections").set(usage.max);
+        }
+    };
+    MetricsTask(tokio::spawn(serve_metrics(
+        listener,
+        recorder().clone(),
+        Arc::new(sample),
+    )))
+}
+
+/// Serves `/metrics` (Prometheus text format) on `listener` for ever,
+/// calling `sample` before each scrape so gauges that are read rather than
+/// updated (the pool's) are current.
+pub async fn serve_metrics(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    sample: Arc<dyn Fn() + Send + Sync>,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of file descriptors, most likely: do not spin.
+                tracing::debug!(error = %err, "metrics listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        let sample = Arc::clone(&sample);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let response = respond(&request, &handle, &*sample);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(err) = served {
+                tracing::debug!(error = %err, "metrics listener: connection failed");
+            }
+        });
+    }
+}
+
+/// Binds the metrics listener.
+pub async fn bind_metrics(addr: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+fn respond<B>(
+    request: &http::Request<B>,
+    handle: &PrometheusHandle,
+    sample: &(dyn Fn() + Send + Sync),
+) -> http::Response<Full<Bytes>> {
+    let status = match (request.method(), request.uri().path()) {
+        (&http::Method::GET, "/metrics") => {
+            sample();
+            let mut response = http::Response::new(Full::new(Bytes::from(handle.render())));
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            return response;
+        }
+        (_, "/metrics") => http::StatusCode::METHOD_NOT_ALLOWED,
+        _ => http::StatusCode::NOT_FOUND,
+    };
+    let mut response = http::Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = status;
+    response
+}
+
+/// Sets up the global log subscriber: `filter` (EnvFilter syntax) to
+/// stderr, as human-readable text or as JSON lines. Text is coloured only
+/// on a terminal.
+pub fn init_logging(format: LogFormat, filter: EnvFilter) {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        // Each line carries its event's fields, the innermost span's fields
+        // (`span`) and the whole chain (`spans`), so a collector can filter
+        // by rpc, trace_id or account_id without parsing text.
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+}
