@@ -43,6 +43,14 @@ pub enum AppError {
         /// Why.
         source: std::io::Error,
     },
+    /// The plaintext health address could not be bound.
+    #[error("cannot serve health checks on {addr} (IDENTITY_HEALTH_LISTEN_ADDR): {source}")]
+    HealthBind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The metrics address could not be bound.
     #[error("cannot serve metrics on {addr} (IDENTITY_METRICS_ADDR): {source}")]
     MetricsBind {
@@ -86,6 +94,8 @@ pub struct App {
     tls: Option<tls::Tls>,
     /// The bound metrics listener and its address, unless metrics are off.
     metrics: Option<(TcpListener, SocketAddr)>,
+    /// The bound plaintext health listener and its address, if configured.
+    health: Option<(TcpListener, SocketAddr)>,
 }
 
 impl App {
@@ -115,6 +125,18 @@ impl App {
             addr: config.listen_addr,
             source,
         })?;
+        let health = match config.health_listen_addr {
+            Some(addr) => {
+                let bound = TcpListener::bind(addr)
+                    .await
+                    .and_then(|listener| Ok((listener.local_addr()?, listener)));
+                match bound {
+                    Ok((local, listener)) => Some((listener, local)),
+                    Err(source) => return Err(AppError::HealthBind { addr, source }),
+                }
+            }
+            None => None,
+        };
         Ok(Self {
             listener,
             local_addr,
@@ -123,7 +145,13 @@ impl App {
             config,
             tls,
             metrics,
+            health,
         })
+    }
+
+    /// The address the plaintext health listener is bound to, if any.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health.as_ref().map(|&(_, addr)| addr)
     }
 
     /// The address metrics are served on, unless they are off.
@@ -202,7 +230,24 @@ impl App {
             }
         };
 
+        // The health service alone, in plaintext, for probes that cannot
+        // speak TLS (Kubernetes' native gRPC probes); it answers until this
+        // function returns, so probes see NOT_SERVING while draining.
+        let health_addr = self.health_addr();
         let metrics_addr = self.metrics_addr();
+        let request_timeout = self.config.request_timeout;
+        let _health = self.health.map(|(listener, _)| {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            let server = Server::builder()
+                .timeout(request_timeout)
+                .add_service(health_service.clone())
+                .serve_with_incoming(incoming);
+            AbortOnDrop(tokio::spawn(async move {
+                if let Err(err) = server.await {
+                    tracing::error!(error = %err, "the health listener failed");
+                }
+            }))
+        });
         // Served until this function returns (the task stops when dropped).
         let _metrics = self
             .metrics
@@ -210,6 +255,7 @@ impl App {
         tracing::info!(
             addr = %self.local_addr,
             metrics_addr = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
+            health_addr = %health_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             database = %self.config.redacted_database_url(),
             reflection = self.config.reflection,
             "serving"
@@ -281,6 +327,15 @@ impl App {
         }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -61,6 +61,9 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// How log lines are written.
     pub log_format: LogFormat,
+    /// Where to serve `grpc.health.v1.Health` alone, in plaintext, besides
+    /// the main port: for probes that cannot speak TLS. `None`: nowhere.
+    pub health_listen_addr: Option<SocketAddr>,
 }
 
 /// The PEM files TLS is served from. They are read at start-up and again
@@ -145,6 +148,7 @@ impl Config {
             max_message_bytes: Self::DEFAULT_MAX_MESSAGE_BYTES,
             metrics_addr: parse_metrics_addr(Self::DEFAULT_METRICS_ADDR).unwrap_or(None),
             log_format: LogFormat::Text,
+            health_listen_addr: None,
         }
     }
 

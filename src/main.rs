@@ -213,6 +213,12 @@ struct Settings {
     #[arg(long, env = "IDENTITY_METRICS_ADDR", default_value = Config::DEFAULT_METRICS_ADDR,
           value_parser = parse_metrics_addr, global = true)]
     metrics_addr: MetricsAddr,
+    /// Also serve grpc.health.v1.Health alone, in plaintext, on this address
+    /// (e.g. 0.0.0.0:8081): for probes that cannot speak TLS, such as
+    /// Kubernetes' native gRPC probes. Unset: health is served on the main
+    /// port only.
+    #[arg(long, env = "IDENTITY_HEALTH_LISTEN_ADDR", global = true)]
+    health_listen_addr: Option<SocketAddr>,
 }
 
 /// `--metrics-addr`: an address, or none when metrics are off.
@@ -276,6 +282,7 @@ impl Settings {
             clients: self.verify_clients,
         };
         config.metrics_addr = self.metrics_addr.0;
+        config.health_listen_addr = self.health_listen_addr;
         config.log_format = self.log_format;
         config
     }

@@ -290,6 +290,52 @@ async fn calls_work_over_tls_and_a_plaintext_client_cannot_connect() {
     app.stop().await;
 }
 
+/// Kubernetes' native gRPC probes cannot speak TLS: with
+/// `IDENTITY_HEALTH_LISTEN_ADDR`, the health service alone is also served
+/// in plaintext, and nothing else is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plaintext_health_port_serves_probes_and_nothing_else() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    let ca = Ca::new("server CA");
+    let files = Files::new(&ca.server(1, SERVER_NAMES), None);
+    let app = spawn_tls(Backend::Sqlite, &files, &ca, None, |config| {
+        config.health_listen_addr = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    })
+    .await;
+    let health_addr = app.health_addr.expect("a health listener");
+    assert_ne!(health_addr, app.addr);
+    let channel = plaintext(health_addr)
+        .connect()
+        .await
+        .expect("connect in plaintext");
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "liveness", "identity.v1.TokensService"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health of {service:?}: {e:?}"))
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    // The API is not there, with or without a token.
+    let refused = call_on(&channel, &app.operator_token)
+        .await
+        .expect_err("the API on the health port");
+    assert_eq!(refused.code(), Code::Unimplemented, "{refused:?}");
+    // The main port still wants TLS.
+    assert_refused_by_transport(
+        call_over(plaintext(app.addr), &app.operator_token).await,
+        "the main port stays TLS-only",
+    );
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaced_certificate_files_are_served_to_new_connections_without_a_restart() {
     let first_ca = Ca::new("first CA");

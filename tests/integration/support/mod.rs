@@ -82,6 +82,8 @@ pub struct TestApp {
     /// Where it serves metrics (all test servers share one registry: see
     /// `observability.rs`).
     pub metrics_addr: Option<SocketAddr>,
+    /// Where it serves plaintext health checks, if configured to.
+    pub health_addr: Option<SocketAddr>,
     /// A channel to it.
     pub channel: Channel,
     /// A full-access token of an operator robot, `ops`.
@@ -152,6 +154,7 @@ impl TestApp {
         let app = App::build(config).await.expect("build the app");
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
+        let health_addr = app.health_addr();
         let identity = app.identity().clone();
         let operator_token = match operator_token {
             Some(token) => token,
@@ -174,6 +177,7 @@ impl TestApp {
         Self {
             addr,
             metrics_addr,
+            health_addr,
             channel,
             operator_token,
             db,
