@@ -4,19 +4,9 @@
 use tonic::Code;
 
 use crate::on_both_backends;
-use crate::support::{PASSWORD, TestApp, assert_status, bearer, pb};
+use crate::support::{PASSWORD, TestApp, assert_status, bearer, pb, sign_in};
 
 const NEW_PASSWORD: &str = "granite lantern 9 orchard";
-
-async fn sign_in(app: &TestApp, username: &str, password: &str) -> Result<String, tonic::Status> {
-    app.accounts()
-        .sign_in(pb::SignInRequest {
-            username: username.into(),
-            password: password.into(),
-        })
-        .await
-        .map(|r| r.into_inner().session_token)
-}
 
 fn audit_client(
     app: &TestApp,

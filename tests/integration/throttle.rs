@@ -19,7 +19,9 @@ use identity::{
 use tonic::{Code, Status};
 use tonic_types::StatusExt as _;
 
-use crate::support::{Backend, PASSWORD, TestApp, TestDatabase, assert_status, bearer, pb};
+use crate::support::{
+    Backend, PASSWORD, TestApp, TestDatabase, assert_status, bearer, pb, sign_in,
+};
 
 /// Runs `$name(backend)` once per backend, as `$name::sqlite` and
 /// `$name::postgres` (these tests need their own settings, so they cannot use
@@ -61,16 +63,6 @@ fn quick() -> ThrottleSettings {
         max_delay: Duration::from_secs(3),
         ..ThrottleSettings::default()
     }
-}
-
-async fn sign_in(app: &TestApp, username: &str, password: &str) -> Result<String, Status> {
-    app.accounts()
-        .sign_in(pb::SignInRequest {
-            username: username.into(),
-            password: password.into(),
-        })
-        .await
-        .map(|r| r.into_inner().session_token)
 }
 
 /// The RetryInfo delay of a throttled answer.

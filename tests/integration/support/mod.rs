@@ -337,6 +337,17 @@ pub fn plaintext(addr: SocketAddr) -> Endpoint {
 /// A password that meets the default policy.
 pub const PASSWORD: &str = "tulip orbit canyon 47";
 
+/// Signs `username` in with `password`: the session token, or the refusal.
+pub async fn sign_in(app: &TestApp, username: &str, password: &str) -> Result<String, Status> {
+    app.accounts()
+        .sign_in(pb::SignInRequest {
+            username: username.into(),
+            password: password.into(),
+        })
+        .await
+        .map(|r| r.into_inner().session_token)
+}
+
 /// Wraps `message` in a request carrying `authorization: Bearer <token>`.
 pub fn bearer<T>(message: T, token: &str) -> Request<T> {
     let mut request = Request::new(message);
