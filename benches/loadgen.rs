@@ -25,6 +25,10 @@
 //!   and polls `VerifyToken` on the others until they answer `active: false`;
 //!   reports the delay from the moment `RevokeToken` returned.
 //!
+//! - `soak`: a long mixed run (verifications, revocations, creations,
+//!   sign-ins) against several replicas, checking every answer and watching
+//!   the replicas' resident memory; see `soak/mod.rs`.
+//!
 //! Every subcommand prints exactly one line starting with `RESULT ` on
 //! stdout (space-separated `key=value` pairs) for `run.sh` to parse; humans
 //! read the summary on stderr.
@@ -61,6 +65,10 @@ use tonic::{
 };
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
+// In a subdirectory: Cargo would take `benches/soak.rs` for a bench target.
+#[path = "soak/mod.rs"]
+mod soak;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Subcommands `run.sh` uses; anything else is treated as "not for us".
@@ -70,6 +78,7 @@ const SUBCOMMANDS: &[&str] = &[
     "probe",
     "load",
     "propagation",
+    "soak",
     "help",
     "-h",
     "--help",
@@ -97,6 +106,9 @@ enum Command {
     Load(LoadArgs),
     /// Revocation propagation delay across replicas.
     Propagation(PropagationArgs),
+    /// A long mixed run against several replicas: errors, verdicts,
+    /// revocation correctness and memory over time.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Debug, Args)]
@@ -293,6 +305,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let threads = match &cli.command {
         Command::Load(args) => args.threads,
+        Command::Soak(args) => args.threads,
         _ => None,
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
@@ -314,6 +327,7 @@ fn main() -> ExitCode {
             Command::Probe(args) => probe(args).await,
             Command::Load(args) => load(args).await,
             Command::Propagation(args) => propagation(args).await,
+            Command::Soak(args) => soak::soak(args).await,
         }
     });
     match result {

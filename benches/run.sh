@@ -22,8 +22,8 @@
 #   -m, --streams LIST        h2load streams per connection for the hot
 #                             path, comma-separated                BENCH_STREAMS (1,8)
 #   -s, --scenarios LIST      comma-separated subset of: hot, cold, scale,
-#                             isolation, propagation, memory; or all
-#                                                                  BENCH_SCENARIOS (all)
+#                             isolation, propagation, memory, soak; or all
+#                             (every one but soak)                 BENCH_SCENARIOS (all)
 #       --cold-tokens N       distinct tokens for the cold run, each used at
 #                             most once                            BENCH_COLD_TOKENS (100000)
 #       --scale-sizes A,B     tokens stored in the small and large scale
@@ -41,6 +41,17 @@
 #                             CPU or more is repeated               BENCH_MAX_OTHER_CPU (10)
 #       --retries N           ... at most N times (not the runs that spend
 #                             tokens: cold, cache fill, isolation)  BENCH_RETRIES (2)
+#       --soak-duration T     soak: how long (SECS, or with a unit:
+#                             90s, 10m, 1h)                        BENCH_SOAK_DURATION (600)
+#       --soak-connections N  soak: HTTP/2 connections in all, half
+#                             to each replica; one call in flight
+#                             per connection                       BENCH_SOAK_CONNECTIONS (64)
+#       --soak-mix MIX        soak: percentages of calls per operation
+#                                                                  BENCH_SOAK_MIX
+#                             (verify:90,verify-revoked:4,use-revoked:1,create:2.45,revoke:2.45,sign-in:0.1)
+#       --soak-cache-entries N  soak: the replicas' --cache-entries
+#                             (small, so that the cache is full
+#                             early and memory can be judged)      BENCH_SOAK_CACHE_ENTRIES (5000)
 #   -h, --help
 #
 # Any IDENTITY_* variable in the environment (e.g. IDENTITY_CACHE_ENTRIES,
@@ -78,6 +89,18 @@
 #                replica before and after verifying as many distinct tokens as
 #                the default cache holds (with a long --cache-ttl so nothing
 #                expires during the fill).
+#   soak         (not part of "all"; 10 minutes by default) two fresh replicas
+#                S0 and S1 on the database; `loadgen soak` sends a realistic
+#                mix from --soak-connections connections, each call to a
+#                random replica: VerifyToken of valid tokens, VerifyToken of
+#                and GetToken with tokens it revoked, CreateToken,
+#                RevokeToken, SignIn. Reports throughput and p50/p90/p99/max
+#                per operation, unexpected errors by gRPC code, the replicas'
+#                VmRSS over time, and fails (exit 1) on any unexpected error,
+#                wrong verdict, revoked token accepted after its revocation
+#                was acknowledged (by the revoking replica at all, by the
+#                other one 1 s or more after), or memory that keeps growing.
+#                The rules are in benches/soak/mod.rs and BENCHMARKS.md.
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; }
@@ -98,6 +121,10 @@ no_build=${BENCH_NO_BUILD:-0}
 server_log=${BENCH_SERVER_LOG:-warn,identity::app=info}
 max_other_cpu=${BENCH_MAX_OTHER_CPU:-10}
 retries=${BENCH_RETRIES:-2}
+soak_duration=${BENCH_SOAK_DURATION:-600}
+soak_connections=${BENCH_SOAK_CONNECTIONS:-64}
+soak_mix=${BENCH_SOAK_MIX:-}
+soak_cache_entries=${BENCH_SOAK_CACHE_ENTRIES:-5000}
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -116,23 +143,36 @@ while [ $# -gt 0 ]; do
     --no-build) no_build=1; shift ;;
     --max-other-cpu) max_other_cpu=$2; shift 2 ;;
     --retries) retries=$2; shift 2 ;;
+    --soak-duration) soak_duration=$2; shift 2 ;;
+    --soak-connections) soak_connections=$2; shift 2 ;;
+    --soak-mix) soak_mix=$2; shift 2 ;;
+    --soak-cache-entries) soak_cache_entries=$2; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 
 for n in "$duration" "$warmup" "$connections" "$cold_tokens" "$revocations" "$signin_concurrency" "$pgbench_scale" \
-  "$max_other_cpu" "$retries"; do
+  "$max_other_cpu" "$retries" "$soak_connections" "$soak_cache_entries"; do
   [[ "$n" =~ ^[0-9]+$ ]] || { echo "run.sh: expected a whole number, got '$n'" >&2; exit 2; }
 done
 [ "$duration" -ge 1 ] || { echo "run.sh: --duration must be at least 1" >&2; exit 2; }
+[[ "$soak_duration" =~ ^[0-9]+(s|m|h)?$ ]] ||
+  { echo "run.sh: --soak-duration wants SECS or a number with s, m or h (e.g. 10m), got '$soak_duration'" >&2; exit 2; }
+[[ "$soak_duration" =~ [smh]$ ]] || soak_duration=${soak_duration}s
+case "$soak_duration" in
+  *h) soak_secs=$(( ${soak_duration%h} * 3600 )) ;;
+  *m) soak_secs=$(( ${soak_duration%m} * 60 )) ;;
+  *) soak_secs=${soak_duration%s} ;;
+esac
+[ "$soak_secs" -ge 1 ] || { echo "run.sh: --soak-duration must be at least 1s" >&2; exit 2; }
 IFS=, read -r scale_small scale_large <<<"$scale_sizes"
 [[ "${scale_small:-}" =~ ^[0-9]+$ && "${scale_large:-}" =~ ^[0-9]+$ && $scale_small -lt $scale_large ]] ||
   { echo "run.sh: --scale-sizes wants SMALL,LARGE (e.g. 1000,1000000)" >&2; exit 2; }
 [ "$scenarios" = all ] && scenarios=hot,cold,scale,isolation,propagation,memory
 want() { [[ ",$scenarios," == *",$1,"* ]]; }
 for s in ${scenarios//,/ }; do
-  case "$s" in hot|cold|scale|isolation|propagation|memory) ;; *)
+  case "$s" in hot|cold|scale|isolation|propagation|memory|soak) ;; *)
     echo "run.sh: unknown scenario '$s'" >&2; exit 2 ;; esac
 done
 
@@ -154,6 +194,7 @@ reported=0
 results_rows=()
 memory_rows=()
 propagation_line=""
+soak_section=""
 as_root=0
 [ "$(id -u)" = 0 ] && as_root=1
 
@@ -358,15 +399,19 @@ write_report() {
     echo "- date: $(date -u +%Y-%m-%dT%H:%M:%SZ); commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$repo" diff --quiet HEAD -- src 2>/dev/null || echo ' + uncommitted changes in src/')"
     echo "- machine: $(nproc) cores ($cpu_model), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); server, PostgreSQL $("$pgbin/postgres" --version | awk '{print $3}') (fsync=off) and generators share it"
     echo "- verification cache: $([ "$cache_flag" = 1 ] && echo "present, capacity $cache_capacity" || echo "absent (no --cache-entries flag)")"
-    echo "- each run: ${duration}s measured after ${warmup}s warm-up; $connections connections; latencies in ms (nearest-rank percentiles of every call)"
-    echo "- load average before the run: $loadavg_at_start. \"Other processes' CPU\" is the share of the machine's CPU time used during each run by processes the harness did not start (a concurrent build, say); runs at ${max_other_cpu}% or more (in bold, after $retries repeats) are not comparable"
-    echo "- total wall time: ${elapsed}s; run: $status"
-    echo "- hot: the same token every call (a cache hit when there is a cache). cold: each token used once (a miss). Every VerifyToken also authenticates its caller (the verifier token, a hit when cached): with the cache off it is two indexed lookups, against pgbench's one"
-    echo "- h2load sees only HTTP statuses: its runs are checked by data bytes / size of a successful answer, and by probes before and after; the loadgen counts gRPC codes and verdicts itself. The loadgen (a tonic client) needs more CPU than h2load on the shared cores: compare loadgen runs with loadgen runs"
+    echo "- load average before the run: $loadavg_at_start; total wall time: ${elapsed}s; run: $status"
+    if [ ${#results_rows[@]} -gt 0 ]; then
+      echo "- each run: ${duration}s measured after ${warmup}s warm-up; $connections connections; latencies in ms (nearest-rank percentiles of every call)"
+      echo "- \"Other processes' CPU\" is the share of the machine's CPU time used during each run by processes the harness did not start (a concurrent build, say); runs at ${max_other_cpu}% or more (in bold, after $retries repeats) are not comparable"
+      echo "- hot: the same token every call (a cache hit when there is a cache). cold: each token used once (a miss). Every VerifyToken also authenticates its caller (the verifier token, a hit when cached): with the cache off it is two indexed lookups, against pgbench's one"
+      echo "- h2load sees only HTTP statuses: its runs are checked by data bytes / size of a successful answer, and by probes before and after; the loadgen counts gRPC codes and verdicts itself. The loadgen (a tonic client) needs more CPU than h2load on the shared cores: compare loadgen runs with loadgen runs"
+    fi
     echo
-    echo "| Scenario | Run | Generator | Calls/s | p50 | p99 | p99.9 | Success check | Other processes' CPU | Notes |"
-    echo "|---|---|---|---:|---:|---:|---:|---|---:|---|"
-    printf '%s\n' "${results_rows[@]}"
+    if [ ${#results_rows[@]} -gt 0 ]; then
+      echo "| Scenario | Run | Generator | Calls/s | p50 | p99 | p99.9 | Success check | Other processes' CPU | Notes |"
+      echo "|---|---|---|---:|---:|---:|---:|---|---:|---|"
+      printf '%s\n' "${results_rows[@]}"
+    fi
     if [ ${#ratio_rows[@]} -gt 0 ]; then
       echo
       echo "| Ratio | Throughput | p99 latency |"
@@ -386,6 +431,12 @@ write_report() {
       echo "| Resident memory (VmRSS) | MiB | Notes |"
       echo "|---|---:|---|"
       printf '%s\n' "${memory_rows[@]}"
+    fi
+    if [ -n "$soak_section" ]; then
+      echo
+      echo "## Soak"
+      echo
+      printf '%s\n' "$soak_section"
     fi
   } >"$out.tmp"
   mv "$out.tmp" "$out"
@@ -846,6 +897,54 @@ if want propagation; then
   cat "$prop_raw.err" >&2
   [ -n "$(kv revocations <"$prop_raw")" ] || die "the propagation run produced no result"
   propagation_line="| $(kv revocations <"$prop_raw") | $(us_ms "$(kv p50_us <"$prop_raw")") | $(us_ms "$(kv p99_us <"$prop_raw")") | $(us_ms "$(kv max_us <"$prop_raw")") | $(kv first_poll <"$prop_raw") | $(kv timeouts <"$prop_raw") | $(kv stale_on_revoker <"$prop_raw") | $(kv polls <"$prop_raw") | $prop_status |"
+fi
+
+if want soak; then
+  soak_flags=()
+  soak_cache=0
+  if [ "$cache_flag" = 1 ]; then
+    soak_flags=(--cache-entries "$soak_cache_entries")
+    soak_cache=$soak_cache_entries
+  fi
+  start_replica S0 "${soak_flags[@]}" || die "replica S0 did not start"
+  start_replica S1 "${soak_flags[@]}" || die "replica S1 did not start"
+  soak_cmd="bash benches/run.sh -s $scenarios --soak-duration $soak_duration --soak-connections $soak_connections${soak_mix:+ --soak-mix $soak_mix} --soak-cache-entries $soak_cache_entries"
+  log "soak: $soak_duration against replicas S0 and S1 ($soak_connections connections, --cache-entries $soak_cache)"
+  soak_raw=$work/loadgen-soak.txt
+  soak_rc=0
+  soak_load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+  soak_started=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  cpu_mark
+  run_fg timeout $((soak_secs + 600)) "$loadgen" soak \
+    --targets "${replica_url[S0]},${replica_url[S1]}" --pids "${replica_pid[S0]},${replica_pid[S1]}" \
+    --account-id "$PERSON_ID" --tokens-file "$tokens_dir/scale.txt" --duration "$soak_duration" \
+    --connections "$soak_connections" ${soak_mix:+--mix "$soak_mix"} --cache-entries "$soak_cache" \
+    --report "$work/soak.md" >"$soak_raw" 2>"$soak_raw.err" || soak_rc=$?
+  cpu_foreign
+  # The replicas' own complaints during the soak (WARN and ERROR lines).
+  soak_logs=""
+  for r in S0 S1; do
+    f=$work/replica-$r.log
+    soak_logs+="$r: $(grep -c ' WARN ' "$f" || true) WARN, $(grep -c ' ERROR ' "$f" || true) ERROR; "
+    our_child "${replica_pid[$r]}" || soak_logs+="**$r is no longer running**; "
+  done
+  soak_section="- command: \`$soak_cmd\`; started $soak_started; commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo '?')
+- machine: $(nproc) cores, shared: the two replicas, PostgreSQL and the generator run on it, and processes the harness did not start used ${foreign_pct:-?}% of the CPU during the soak (load average $soak_load_before before, $(cut -d' ' -f1-3 /proc/loadavg) after)
+- replicas' logs: ${soak_logs%; }
+"
+  if [ -s "$work/soak.md" ]; then
+    soak_section+=$'\n'"$(cat "$work/soak.md")"
+  else
+    soak_section+=$'\n'"**the soak produced no report**: $(tail -n 5 "$soak_raw.err")"
+  fi
+  if [ "$soak_rc" != 0 ]; then
+    tail -n 20 "$soak_raw.err" >&2
+    write_report "FAILED: the soak failed"
+    reported=1
+    cat "$out"
+    die "the soak failed (exit status $soak_rc): $(kv status <"$soak_raw" || true) - see the Soak section of $out"
+  fi
+  log "soak passed: $(grep '^RESULT ' "$soak_raw")"
 fi
 
 # =============================================================================

@@ -285,10 +285,21 @@ impl PgStore {
     }
 }
 
-/// Records a batch of uses in one statement.
-const RECORD_USES: &str = "UPDATE tokens t SET last_used_time = u.at, last_used_address = u.address \
-    FROM UNNEST($1::text[], $2::int8[], $3::text[]) AS u(token_id, at, address) \
-    WHERE t.token_id = u.token_id AND (t.last_used_time IS NULL OR t.last_used_time <= u.at - $4)";
+/// Records a batch of uses in one statement. The rows are locked first, in
+/// `token_id` order: replicas flush the uses they saw in arrival order, and
+/// two batches locking the same rows in different orders deadlock
+/// (PostgreSQL then aborts one after `deadlock_timeout`, and a revocation of
+/// those tokens waits meanwhile). A row is only updated once the
+/// materialised, ordered `locked` has locked it.
+const RECORD_USES: &str = "WITH u AS (\
+        SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[]) AS u(token_id, at, address)), \
+    locked AS MATERIALIZED (\
+        SELECT t.token_id FROM tokens t JOIN u ON u.token_id = t.token_id \
+        WHERE t.last_used_time IS NULL OR t.last_used_time <= u.at - $4 \
+        ORDER BY t.token_id FOR UPDATE OF t) \
+    UPDATE tokens t SET last_used_time = u.at, last_used_address = u.address \
+    FROM u WHERE t.token_id = u.token_id AND t.token_id IN (SELECT token_id FROM locked) \
+    AND (t.last_used_time IS NULL OR t.last_used_time <= u.at - $4)";
 
 impl PgStore {
     async fn write_uses(

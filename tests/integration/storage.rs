@@ -23,7 +23,7 @@ use identity::{
         time::Timestamp,
         token::{NewToken, Session, Token, TokenId, TokenName, TokenState},
     },
-    storage::{Conflict, StorageError, Store, TokenFilter},
+    storage::{Conflict, StorageError, Store, TokenFilter, TokenUse},
 };
 
 use crate::support::{Backend, TestDatabase};
@@ -973,6 +973,62 @@ mod conformance {
             let listed = store.list_tokens(&alice.id, &TokenFilter::all(Timestamp::from_micros(0)), None, 1000).await.expect("list");
             assert_eq!(listed.len(), 2, "the old token and the winner");
             assert!(listed.iter().any(|x| x.id == tokens[winner].token.id));
+        }
+
+        async fn concurrent_last_use_batches_in_any_order_all_succeed(store) {
+            // Every replica flushes the uses it saw in one batch, in arrival
+            // order; replicas that saw the same tokens must not deadlock
+            // (found by the soak test: PostgreSQL aborted one flush after
+            // deadlock_timeout and its uses were lost).
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let mut ids = Vec::new();
+            for n in 0..200 {
+                let new = token(&alice.id, &format!("t{n}"), &[], 1, None);
+                store.create_token(&new, t(1), &ev()).await.expect("create token");
+                ids.push(new.token.id);
+            }
+            let ids = Arc::new(ids);
+            for round in 0..3i64 {
+                let shared = Arc::clone(&ids);
+                let results = race(&store, move |store, i| {
+                    let mut order: Vec<TokenId> = shared.to_vec();
+                    // Half the racers ascending, half descending, each
+                    // rotated differently.
+                    let len = order.len();
+                    order.rotate_left(i * 7 % len);
+                    if i % 2 == 1 {
+                        order.reverse();
+                    }
+                    let uses: Vec<TokenUse> = order
+                        .into_iter()
+                        .map(|id| TokenUse {
+                            id,
+                            at: t(1_000 + round),
+                            address: format!("10.0.0.{i}"),
+                        })
+                        .collect();
+                    async move { store.record_uses(&uses, std::time::Duration::ZERO).await }
+                })
+                .await;
+                let failed: Vec<String> = results
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| {
+                        r.as_ref().err().map(|e| format!("task {i}: {} {e:?}", variant(e)))
+                    })
+                    .collect();
+                assert!(
+                    failed.is_empty(),
+                    "round {round}: {} batches failed:\n{}",
+                    failed.len(),
+                    failed.join("\n")
+                );
+                for id in ids.iter() {
+                    let stored = store.token_by_id(id).await.expect("read").expect("found");
+                    assert_eq!(stored.last_used_time, Some(t(1_000 + round)));
+                }
+            }
         }
     }
 }
