@@ -7,6 +7,9 @@ pub mod accounts;
 pub mod audit;
 pub mod auth;
 mod convert;
+/// Pure request-parsing entry points for the fuzz targets in `fuzz/`.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guard;
 pub mod ratelimit;
 mod redact;
