@@ -6,8 +6,8 @@
 //! Input: one byte choosing the message, then its encoding. Properties:
 //! nothing panics; conversion is deterministic; a rejected request is
 //! `InvalidArgument` whose violations name fields of that message (repeated
-//! ones with an index in range) and never contain a password or token sent
-//! in it; an accepted request keeps what it was sent (names as sent, ids in
+//! ones with an index in range) and, for a field that carries a password
+//! or a token, say only fixed sentences, never the secret; an accepted request keeps what it was sent (names as sent, ids in
 //! canonical form and idempotent, timestamps to the microsecond, scopes
 //! normalised, enum filters one for one); and the `Debug` of a
 //! secret-bearing message does not depend on its secrets.
@@ -25,7 +25,7 @@ use identity::{
         page::{MAX_PAGE_SIZE, PageRequest},
         password::PasswordPolicy,
         scope::Scopes,
-        service::AccountLookup,
+        service::{AccountLookup, MAX_LEAKED_SECRETS},
         time::Timestamp,
         token::TokenId,
     },
@@ -81,11 +81,13 @@ fn twice<T: Debug>(convert: impl Fn() -> Result<T, DomainError>) -> Result<T, Do
     first
 }
 
-/// Checks a rejection: typed, naming only fields of the message, and never
-/// repeating one of the `secrets` sent. (Secrets shorter than 16 characters
-/// are not searched for: they could be words of the fixed messages.)
-fn rejected(err: DomainError, names: &[&str], repeated: &[(&str, usize)], secrets: &[&str]) {
-    rejected_fields(err, names, repeated, secrets);
+/// Checks a rejection: typed, and naming only fields of the message. A
+/// violation of a field that carries a secret (`secret_fields`) must say one
+/// of the fixed sentences below, so it cannot repeat the secret. (Searching
+/// the text for the secret instead does not work: the fuzzer learns the
+/// messages from that very search and sends them back as passwords.)
+fn rejected(err: DomainError, names: &[&str], repeated: &[(&str, usize)], secret_fields: &[&str]) {
+    rejected_fields(err, names, repeated, secret_fields);
 }
 
 /// [`rejected`], returning the fields named.
@@ -93,9 +95,18 @@ fn rejected_fields(
     err: DomainError,
     names: &[&str],
     repeated: &[(&str, usize)],
-    secrets: &[&str],
+    secret_fields: &[&str],
 ) -> Vec<String> {
-    let text = err.to_string();
+    let policy = PasswordPolicy::default();
+    let sentences = [
+        format!("must be at least {} characters", policy.min_chars),
+        format!("must be at most {} characters", policy.max_chars),
+        "is one of the most common passwords; choose another".to_owned(),
+        "must not be the username".to_owned(),
+        "is required".to_owned(),
+        "must be empty for robot accounts, which never sign in".to_owned(),
+        format!("must hold 1 to {MAX_LEAKED_SECRETS} credentials"),
+    ];
     let found = violations(err);
     for v in &found {
         assert!(
@@ -103,13 +114,12 @@ fn rejected_fields(
             "violation of {:?}, not a field of the request",
             v.field
         );
-        for secret in secrets.iter().filter(|s| s.chars().count() >= 16) {
+        if secret_fields.contains(&v.field.as_str()) {
             assert!(
-                !v.description.contains(secret),
-                "{} repeats a secret",
+                sentences.contains(&v.description),
+                "{}: not one of the fixed sentences",
                 v.field
             );
-            assert!(!text.contains(secret), "the error repeats a secret");
         }
     }
     found.into_iter().map(|v| v.field).collect()
@@ -232,7 +242,7 @@ fn create_account(bytes: &[u8], policy: &PasswordPolicy) {
             err,
             &["username", "password", "email", "kind", "role"],
             &[],
-            &[&req.password],
+            &["password"],
         ),
     }
 }
@@ -282,7 +292,7 @@ fn sign_in(bytes: &[u8], policy: &PasswordPolicy) {
             assert!(!req.username.is_empty() && req.username.len() <= 256);
             assert_eq!(format!("{password:?}"), "Password([redacted])");
         }
-        Err(err) => rejected(err, &["username", "password"], &[], &[&req.password]),
+        Err(err) => rejected(err, &["username", "password"], &[], &["password"]),
     }
 }
 
@@ -297,7 +307,7 @@ fn change_password(bytes: &[u8], policy: &PasswordPolicy) {
             err,
             &["current_password", "new_password"],
             &[],
-            &[&req.current_password, &req.new_password],
+            &["current_password", "new_password"],
         ),
     }
 }
@@ -421,7 +431,7 @@ fn verify_token(bytes: &[u8]) {
             err,
             &["required_scopes", "client_address"],
             &[("required_scopes", req.required_scopes.len())],
-            &[&req.token],
+            &[],
         ),
     }
 }
@@ -448,8 +458,7 @@ fn revoke_leaked_token(bytes: &[u8]) {
             }
         }
         Err(err) => {
-            let secrets: Vec<&str> = req.secrets.iter().map(String::as_str).collect();
-            rejected(err, &["secrets"], &[], &secrets);
+            rejected(err, &["secrets"], &[], &["secrets"]);
         }
     }
 }
