@@ -8,6 +8,9 @@ pub mod audit;
 pub mod auth;
 pub mod codec;
 mod convert;
+/// Pure request-parsing entry points for the fuzz targets in `fuzz/`.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod guard;
 pub mod observe;
 pub mod ratelimit;

@@ -57,20 +57,30 @@ impl fmt::Debug for Secret {
 impl Secret {
     /// A new random credential of `kind`.
     pub fn generate(kind: CredentialKind) -> Self {
-        let mut text = String::with_capacity(CREDENTIAL_LEN);
-        text.push_str(kind.prefix());
+        let mut random = String::with_capacity(RANDOM_LEN);
         let mut bytes = [0u8; 64];
-        while text.len() < PREFIX_LEN + RANDOM_LEN {
+        while random.len() < RANDOM_LEN {
             OsRng.fill_bytes(&mut bytes);
             // Rejection sampling keeps every character equally likely:
             // 248 = 4 * 62, so bytes at or above it are discarded.
             for &b in bytes.iter().filter(|&&b| b < 248) {
-                if text.len() == PREFIX_LEN + RANDOM_LEN {
+                if random.len() == RANDOM_LEN {
                     break;
                 }
-                text.push(BASE62[usize::from(b % 62)] as char);
+                random.push(BASE62[usize::from(b % 62)] as char);
             }
         }
+        Self::assemble(kind, &random)
+    }
+
+    /// The credential of `kind` whose random part is `random` (32 base62
+    /// characters): the prefix, `random`, then the checksum over both. Kept
+    /// apart from the randomness so tests can build tokens from chosen parts.
+    fn assemble(kind: CredentialKind, random: &str) -> Self {
+        debug_assert!(random.len() == RANDOM_LEN && random.bytes().all(|b| BASE62.contains(&b)));
+        let mut text = String::with_capacity(CREDENTIAL_LEN);
+        text.push_str(kind.prefix());
+        text.push_str(random);
         let checksum = crc32fast::hash(text.as_bytes());
         push_base62_fixed(&mut text, checksum);
         Self { text, kind }
@@ -223,6 +233,36 @@ mod tests {
         assert!(!shown.contains(&secret.expose()[PREFIX_LEN..]));
     }
 
+    /// Tokens computed outside this code (Python's `zlib.crc32` and
+    /// `hashlib.sha256`), pinned: the checksum and the digest of a token
+    /// must never change, or every stored token stops matching.
+    #[test]
+    fn known_tokens_keep_their_checksum_and_digest() {
+        for (kind, text, digest) in [
+            (
+                CredentialKind::PersonalAccessToken,
+                "idpat_0123456789ABCDEFGHIJKLMNOPQRSTUV4BIM2a",
+                "5e479567a0c46ee76ae6b2f5ed2374d2b56dc7e269297d699c1cd6df8571b474",
+            ),
+            (
+                CredentialKind::Session,
+                "idses_0123456789ABCDEFGHIJKLMNOPQRSTUV4XCbxu",
+                "e62c168f82278835633226eaeb44271fa53a9f08855c5fc2340e469433de56cd",
+            ),
+        ] {
+            let built = Secret::assemble(kind, "0123456789ABCDEFGHIJKLMNOPQRSTUV");
+            assert_eq!(built.expose(), text);
+            let parsed = parse(text).expect("well-formed");
+            assert_eq!(parsed.kind, kind);
+            assert_eq!(hex(parsed.digest.as_bytes()), digest);
+            assert_eq!(built.digest(), parsed.digest);
+        }
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     #[test]
     fn checksum_is_six_base62_digits() {
         let mut out = String::new();
@@ -231,5 +271,123 @@ mod tests {
         let mut zero = String::new();
         push_base62_fixed(&mut zero, 0);
         assert_eq!(zero, "000000");
+    }
+}
+
+/// Properties of the token format over generated inputs (proptest).
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+    use sha2::{Digest as _, Sha256};
+
+    use super::*;
+
+    /// Inverse of `push_base62_fixed`, for the tests only: the service never
+    /// needs to read a checksum back, only to compare it.
+    fn decode_base62(digits: &str) -> Option<u64> {
+        digits.bytes().try_fold(0u64, |acc, d| {
+            let digit = BASE62.iter().position(|&b| b == d)?;
+            Some(acc * 62 + digit as u64)
+        })
+    }
+
+    fn kind() -> impl Strategy<Value = CredentialKind> {
+        prop_oneof![
+            Just(CredentialKind::Session),
+            Just(CredentialKind::PersonalAccessToken)
+        ]
+    }
+
+    /// A token as `Secret::generate` makes them, from a chosen random part.
+    fn token() -> impl Strategy<Value = Secret> {
+        (kind(), "[0-9A-Za-z]{32}").prop_map(|(kind, random)| Secret::assemble(kind, &random))
+    }
+
+    proptest! {
+        #[test]
+        fn issued_tokens_parse_back_to_their_kind_and_digest(secret in token()) {
+            let text = secret.expose();
+            prop_assert_eq!(text.len(), CREDENTIAL_LEN);
+            prop_assert!(text.starts_with(secret.kind().prefix()));
+            let parsed = parse(text).expect("an issued token parses");
+            prop_assert_eq!(parsed.kind, secret.kind());
+            prop_assert_eq!(parsed.digest, secret.digest());
+            // The digest is SHA-256 of the whole text, nothing else: stored
+            // digests stay comparable across versions.
+            let expected: [u8; 32] = Sha256::digest(text.as_bytes()).into();
+            prop_assert_eq!(parsed.digest.as_bytes(), &expected);
+            prop_assert_eq!(Digest::from_stored(&expected), Some(parsed.digest));
+        }
+
+        #[test]
+        fn the_checksum_encoding_round_trips_and_keeps_order(a in any::<u32>(), b in any::<u32>()) {
+            let (mut ea, mut eb) = (String::new(), String::new());
+            push_base62_fixed(&mut ea, a);
+            push_base62_fixed(&mut eb, b);
+            prop_assert_eq!(ea.len(), CHECKSUM_LEN);
+            prop_assert_eq!(decode_base62(&ea), Some(u64::from(a)));
+            // Fixed width, most significant digit first, over an alphabet in
+            // ASCII order: the text sorts like the number, so distinct
+            // checksums never share an encoding.
+            prop_assert_eq!(ea.cmp(&eb), a.cmp(&b));
+        }
+
+        #[test]
+        fn any_single_character_substitution_is_rejected(
+            secret in token(),
+            at in 0..CREDENTIAL_LEN,
+            replacement in any::<char>(),
+        ) {
+            let text = secret.expose();
+            let original = char::from(text.as_bytes()[at]);
+            prop_assume!(replacement != original);
+            let mut typo = String::with_capacity(CREDENTIAL_LEN + 4);
+            typo.push_str(&text[..at]);
+            typo.push(replacement);
+            typo.push_str(&text[at + 1..]);
+            prop_assert_eq!(parse(&typo), Err(Malformed));
+        }
+
+        /// Swapping two adjacent characters: in the random part CRC-32
+        /// catches it (a burst of at most 16 bits); in the prefix or the
+        /// checksum the text no longer matches. Only a swap across the
+        /// random part and the checksum could in principle survive, with a
+        /// probability below 1e-10.
+        #[test]
+        fn any_transposition_of_adjacent_characters_is_rejected(
+            secret in token(),
+            at in 0..CREDENTIAL_LEN - 1,
+        ) {
+            let mut bytes = secret.expose().as_bytes().to_vec();
+            prop_assume!(bytes[at] != bytes[at + 1]);
+            bytes.swap(at, at + 1);
+            let swapped = String::from_utf8(bytes).expect("ascii");
+            prop_assert_eq!(parse(&swapped), Err(Malformed));
+        }
+
+        #[test]
+        fn random_strings_are_rejected(raw in any::<String>()) {
+            prop_assert_eq!(parse(&raw), Err(Malformed));
+        }
+
+        /// A string of the right shape is accepted only with its own
+        /// checksum.
+        #[test]
+        fn well_shaped_strings_need_their_own_checksum(
+            kind in kind(),
+            random in "[0-9A-Za-z]{32}",
+            checksum in "[0-9A-Za-z]{6}",
+        ) {
+            let candidate = format!("{}{random}{checksum}", kind.prefix());
+            let genuine = Secret::assemble(kind, &random);
+            prop_assume!(candidate != genuine.expose());
+            prop_assert_eq!(parse(&candidate), Err(Malformed));
+        }
+
+        #[test]
+        fn distinct_tokens_have_distinct_digests(a in token(), b in token()) {
+            prop_assume!(a.expose() != b.expose());
+            prop_assert_ne!(a.digest(), b.digest());
+        }
     }
 }
