@@ -29,10 +29,12 @@ pub fn violations(err: DomainError) -> Vec<FieldViolation> {
     }
 }
 
-/// Whether `field` is one of `names`, or `name[i]` for a repeated field
-/// `name` of `len` entries with `i < len`.
+/// Whether `field` is one of `names`, a repeated field `name` as a whole, or
+/// `name[i]` for a repeated field `name` of `len` entries with `i < len`.
 pub fn names_a_field(field: &str, names: &[&str], repeated: &[(&str, usize)]) -> bool {
     names.contains(&field)
+        // A repeated field as a whole (too many entries).
+        || repeated.iter().any(|&(name, _)| field == name)
         || repeated.iter().any(|&(name, len)| {
             field
                 .strip_prefix(name)
