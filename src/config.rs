@@ -187,6 +187,12 @@ impl Config {
     pub fn redacted_database_url(&self) -> String {
         redact_url(&self.database_url)
     }
+
+    /// `text` (an error message about the database, say) with every secret
+    /// of the database URL replaced by `***`.
+    pub fn redact_database_secrets(&self, text: &str) -> String {
+        redact_url_secrets(text, &self.database_url)
+    }
 }
 
 /// One argon2 hash per core but one: hashing is CPU-bound, and a flood of
@@ -225,20 +231,131 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("duration {raw:?} is too large"))
 }
 
-/// Replaces the password in `scheme://user:password@host/...` with `***`.
+/// The query parameters of a database URL whose values are secrets: the
+/// password itself (libpq and sqlx accept it in the query as well as in the
+/// userinfo) and the passphrase of an encrypted client key.
+const SECRET_URL_PARAMETERS: &[&str] = &["password", "sslpassword"];
+
+/// Replaces every secret of a database URL with `***`: the password in
+/// `scheme://user:password@host/...`, and the values of the `password` and
+/// `sslpassword` query parameters (matched case-insensitively, also when
+/// percent-encoded). Everything else is kept as written.
 pub(crate) fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (before_fragment, fragment) = match url.find('#') {
+        Some(i) => url.split_at(i),
+        None => (url, ""),
+    };
+    let (base, query) = match before_fragment.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (before_fragment, None),
+    };
+    let mut out = redact_userinfo(base);
+    if let Some(query) = query {
+        out.push('?');
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if is_secret_parameter(key) => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push_str(&pairs.join("&"));
+    }
+    out.push_str(fragment);
+    out
+}
+
+/// `text` (such as an error message about the database) with every secret
+/// of `url` replaced by `***`: the URL itself, whole, and each secret value
+/// as written and percent-decoded, wherever it appears.
+pub fn redact_url_secrets(text: &str, url: &str) -> String {
+    let mut out = text.replace(url, &redact_url(url));
+    for secret in url_secrets(url) {
+        // Very short values would blank out unrelated text; a password of
+        // one or two characters is no secret anyway.
+        if secret.len() >= 3 {
+            out = out.replace(&secret, "***");
+        }
+    }
+    out
+}
+
+/// Whether a query parameter name (possibly percent-encoded) is a secret.
+fn is_secret_parameter(key: &str) -> bool {
+    let key = percent_decode(key).to_ascii_lowercase();
+    SECRET_URL_PARAMETERS.contains(&key.as_str())
+}
+
+/// The userinfo password of `base` (no query) replaced with `***`.
+fn redact_userinfo(base: &str) -> String {
+    let Some((scheme, rest)) = base.split_once("://") else {
+        return base.to_owned();
     };
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let (authority, path) = rest.split_at(authority_end);
     match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
             Some((user, _password)) => format!("{scheme}://{user}:***@{host}{path}"),
-            None => url.to_owned(),
+            None => base.to_owned(),
         },
-        None => url.to_owned(),
+        None => base.to_owned(),
     }
+}
+
+/// Every secret value of `url`, as written and percent-decoded.
+fn url_secrets(url: &str) -> Vec<String> {
+    let mut secrets = Vec::new();
+    let before_fragment = url.split('#').next().unwrap_or(url);
+    let (base, query) = match before_fragment.split_once('?') {
+        Some((base, query)) => (base, query),
+        None => (before_fragment, ""),
+    };
+    if let Some((_, rest)) = base.split_once("://") {
+        let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
+        if let Some((userinfo, _)) = authority.rsplit_once('@')
+            && let Some((_, password)) = userinfo.split_once(':')
+        {
+            secrets.push(password.to_owned());
+        }
+    }
+    for pair in query.split('&') {
+        if let Some((key, value)) = pair.split_once('=')
+            && is_secret_parameter(key)
+        {
+            secrets.push(value.to_owned());
+        }
+    }
+    let decoded: Vec<String> = secrets
+        .iter()
+        .map(|s| percent_decode(&s.replace('+', " ")))
+        .chain(secrets.iter().map(|s| percent_decode(s)))
+        .collect();
+    secrets.extend(decoded);
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    secrets.dedup();
+    secrets
+}
+
+/// Decodes `%XX` escapes (invalid ones are kept as written; invalid UTF-8
+/// is replaced).
+fn percent_decode(raw: &str) -> String {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(hi), Some(lo)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push((hi * 16 + lo) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -268,5 +385,25 @@ mod tests {
             "postgres://app@db/identity"
         );
         assert_eq!(redact_url("sqlite:identity.db"), "sqlite:identity.db");
+    }
+
+    #[test]
+    fn passwords_in_the_query_are_redacted_too() {
+        assert_eq!(
+            redact_url(
+                "postgres://identity@db/identity?sslmode=require&password=s3cret&sslpassword=k3y"
+            ),
+            "postgres://identity@db/identity?sslmode=require&password=***&sslpassword=***"
+        );
+        assert_eq!(
+            redact_url("postgres://u:p%40ss@db/x?PassWord=a&%70assword=b#frag"),
+            "postgres://u:***@db/x?PassWord=***&%70assword=***#frag"
+        );
+        let url = "postgres://u:p%40ssw0rd@db/x?password=q%2Bpw+1";
+        let message = format!("cannot connect to {url}: bad p@ssw0rd or q+pw 1 or q%2Bpw+1");
+        let redacted = redact_url_secrets(&message, url);
+        for secret in ["p@ssw0rd", "p%40ssw0rd", "q+pw 1", "q%2Bpw+1"] {
+            assert!(!redacted.contains(secret), "{secret} in {redacted}");
+        }
     }
 }

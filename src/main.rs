@@ -381,6 +381,8 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let config = cli.settings.into_config();
+    // Kept to redact the database's secrets from the exit message.
+    let redactor = config.clone();
     let result = runtime.block_on(async move {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => {
@@ -401,8 +403,9 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             // With its causes ("the database is unavailable: ... invalid
-            // peer certificate"), which name no secret: sqlx's errors carry
-            // neither the URL nor its password.
+            // peer certificate"). sqlx's errors carry neither the URL nor its
+            // password, but the message is redacted all the same, so that
+            // no driver's wording can leak one.
             let mut message = err.to_string();
             let mut cause = std::error::Error::source(&err);
             while let Some(inner) = cause {
@@ -414,6 +417,7 @@ fn main() -> ExitCode {
                 }
                 cause = inner.source();
             }
+            let message = redactor.redact_database_secrets(&message);
             tracing::error!(error = %message, "exiting");
             eprintln!("error: {message}");
             ExitCode::FAILURE

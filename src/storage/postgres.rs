@@ -108,8 +108,8 @@ impl PgStore {
     /// query opens one, and a lost one is replaced the same way); a
     /// malformed URL fails here.
     pub async fn connect(url: &str, options: &PoolOptions) -> Result<Self, StorageError> {
-        let connect =
-            PgConnectOptions::from_str(url).map_err(|e| StorageError::Other(Box::new(e)))?;
+        let connect = PgConnectOptions::from_str(&known_parameters_only(url))
+            .map_err(|e| StorageError::Other(Box::new(e)))?;
         let losses = Arc::new(ConnectionLosses::new());
         let fresh = Arc::clone(&losses);
         let pool = PgPoolOptions::new()
@@ -185,6 +185,70 @@ impl PgStore {
             | sqlx::Error::WorkerCrashed => StorageError::Unavailable(Box::new(err)),
             _ => StorageError::Other(Box::new(err)),
         }
+    }
+}
+
+/// The query parameters sqlx understands in a PostgreSQL URL.
+const KNOWN_URL_PARAMETERS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// `url` without the query parameters sqlx does not understand, each
+/// reported by name. sqlx ignores them too, but logs each with its value,
+/// which for `sslpassword` (the passphrase of an encrypted client key,
+/// which sqlx cannot use) or a mistyped `password` is a secret.
+fn known_parameters_only(url: &str) -> String {
+    let (before_fragment, fragment) = url.split_at(url.find('#').unwrap_or(url.len()));
+    let Some((base, query)) = before_fragment.split_once('?') else {
+        return url.to_owned();
+    };
+    let (known, unknown): (Vec<&str>, Vec<&str>) = query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .partition(|pair| {
+            let key = pair.split_once('=').map_or(*pair, |(key, _)| key);
+            KNOWN_URL_PARAMETERS.contains(&key)
+                || (key.starts_with("options[") && key.ends_with(']'))
+        });
+    for pair in unknown {
+        let key = pair.split_once('=').map_or("", |(key, _)| key);
+        // A name that is not a plain word may be a pasted secret: not shown.
+        let shown = if !key.is_empty()
+            && key.len() <= 32
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            key
+        } else {
+            "(not shown)"
+        };
+        tracing::warn!(
+            parameter = shown,
+            "ignoring a DATABASE_URL query parameter the PostgreSQL driver does not support"
+        );
+    }
+    if known.is_empty() {
+        format!("{base}{fragment}")
+    } else {
+        format!("{base}?{}{fragment}", known.join("&"))
     }
 }
 

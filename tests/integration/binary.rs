@@ -222,7 +222,7 @@ impl Drop for Process {
 }
 
 /// Runs a one-shot command to completion.
-async fn run(command: Command) -> Finished {
+pub(crate) async fn run(command: Command) -> Finished {
     Process::spawn(command).finish(COMMAND_TIMEOUT).await
 }
 

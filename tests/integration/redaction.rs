@@ -1,0 +1,72 @@
+//! A database password in the URL's query (`?password=…`, and the client
+//! key's `sslpassword=…`) is a secret like the userinfo password: `config
+//! check`, the start-up log and database errors show `***` in its place.
+
+use crate::binary::{Server, identity_command, random_hex, run};
+
+/// The URL with both query secrets appended.
+fn with_query_secrets(url: &str, password: &str, key_password: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}sslmode=disable&password={password}&sslpassword={key_password}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_password_in_the_url_query_is_never_shown() {
+    let password = format!("qpw{}", random_hex());
+    let key_password = format!("kpw{}", random_hex());
+    let leaks = |what: &str, text: &str| -> Vec<String> {
+        [&password, &key_password]
+            .into_iter()
+            .filter(|secret| text.contains(secret.as_str()))
+            .map(|secret| format!("{what} shows {secret}:\n{text}"))
+            .collect()
+    };
+    let mut failures = Vec::new();
+
+    // `config check` prints the effective settings.
+    let url = with_query_secrets(
+        "postgres://identity@db.internal/identity",
+        &password,
+        &key_password,
+    );
+    let mut command = identity_command(&url);
+    command.args(["config", "check"]);
+    let checked = run(command).await;
+    assert!(checked.status.success(), "{}", checked.stderr);
+    assert!(
+        checked.stdout.contains("password=***&sslpassword=***"),
+        "{}",
+        checked.stdout
+    );
+    failures.extend(leaks("config check (stdout)", &checked.stdout));
+    failures.extend(leaks("config check (stderr)", &checked.stderr));
+
+    // The start-up log, on a real database (which trusts the connection,
+    // so the password is not needed, only carried).
+    let db = crate::support::postgres::fresh_database_url().await;
+    let server = Server::start(&with_query_secrets(&db, &password, &key_password), &[]).await;
+    let finished = server.terminate().await;
+    assert!(finished.status.success(), "{}", finished.stderr);
+    failures.extend(leaks("the server's log", &finished.stderr));
+
+    // A database that cannot be reached: the error names the URL.
+    let unreachable = with_query_secrets(
+        "postgres://identity@127.0.0.1:1/identity",
+        &password,
+        &key_password,
+    );
+    let mut command = identity_command(&unreachable);
+    command
+        .arg("migrate")
+        .env("IDENTITY_DB_ACQUIRE_TIMEOUT", "1s");
+    let failed = run(command).await;
+    assert!(
+        !failed.status.success(),
+        "migrate without a database succeeded"
+    );
+    assert!(failed.stderr.contains("password=***"), "{}", failed.stderr);
+    failures.extend(leaks("a connection error", &failed.stderr));
+    failures.extend(leaks("a connection error (stdout)", &failed.stdout));
+
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
