@@ -21,13 +21,14 @@ use crate::{
             accounts_service_server::AccountsServiceServer,
             audit_service_server::AuditServiceServer, tokens_service_server::TokensServiceServer,
         },
+        ready::{Readiness, ReadyLayer},
         shed::ShedLayer,
         tokens::TokensApi,
     },
     config::Config,
     domain::{DomainError, Identity, password::PasswordHasher},
     observability,
-    storage::{self, StorageError, Store},
+    storage::{self, Database, StorageError, Store},
 };
 
 pub mod tls;
@@ -90,6 +91,11 @@ pub struct App {
     local_addr: SocketAddr,
     identity: Identity,
     store: Arc<dyn Store>,
+    /// The store's database, kept to migrate or check it later if it could
+    /// not be reached at start-up.
+    database: Database,
+    /// Whether the database answers; calls are refused at once while not.
+    readiness: Readiness,
     config: Config,
     tls: Option<tls::Tls>,
     /// The bound metrics listener and its address, unless metrics are off.
@@ -100,17 +106,37 @@ pub struct App {
 
 impl App {
     /// Opens (and, if configured, migrates) the database, sets up the domain
-    /// and binds the listener. Fails if any of these fails.
+    /// and binds the listener. Fails if any of these fails, except that a
+    /// database that cannot be reached (as opposed to one that answers with
+    /// a wrong schema) is not fatal: the app is built NOT_SERVING, and once
+    /// serving keeps trying to reach (and migrate) it, with back-off.
     pub async fn build(config: Config) -> Result<Self, AppError> {
         // First, so that every metric handle made from here on is real.
         let metrics = bind_metrics(&config).await?;
         config.check_tls().map_err(AppError::Config)?;
         let tls = tls::Tls::load(&config)?;
-        let store = open_store(&config).await?;
-        store.ping().await.map_err(|source| AppError::Database {
+        let database_error = |source: StorageError| AppError::Database {
             url: config.redacted_database_url(),
             source,
-        })?;
+        };
+        let database = Database::connect(&config.database_url, &config.pool)
+            .await
+            .map_err(database_error)?;
+        let store = database.store();
+        let readiness = Readiness::new();
+        let prepared = match database.prepare(config.migrate).await {
+            Ok(()) => store.ping().await,
+            Err(err) => Err(err),
+        };
+        match prepared {
+            Ok(()) => readiness.set(true),
+            Err(StorageError::Unavailable(err)) => tracing::warn!(
+                database = %config.redacted_database_url(),
+                error = %config.redact_database_secrets(&error_chain(err.as_ref())),
+                "the database cannot be reached: starting NOT_SERVING, and trying again in the background"
+            ),
+            Err(err) => return Err(database_error(err)),
+        }
         let hasher = PasswordHasher::new(config.hash_concurrency)?;
         let identity = Identity::new(Arc::clone(&store), hasher, config.identity.clone());
         identity.watch_changes();
@@ -142,6 +168,8 @@ impl App {
             local_addr,
             identity,
             store,
+            database,
+            readiness,
             config,
             tls,
             metrics,
@@ -204,13 +232,29 @@ impl App {
             (None, None)
         };
 
-        // `build` has just seen the database answer.
-        set_all(&health, ServingStatus::Serving).await;
+        // `build` has just seen the database answer, or not.
+        let ready = self.readiness.is_ready();
+        set_all(
+            &health,
+            if ready {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            },
+        )
+        .await;
         health
             .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
             .await;
         let watcher = tokio::spawn(watch_store(
-            Arc::clone(&self.store),
+            Watched {
+                database: self.database.clone(),
+                migrate: self.config.migrate,
+                prepared: ready,
+                store: Arc::clone(&self.store),
+                readiness: self.readiness.clone(),
+                config: self.config.clone(),
+            },
             health.clone(),
             self.config.health_interval,
             self.config.pool.acquire_timeout,
@@ -278,6 +322,10 @@ impl App {
             .layer(ObserveLayer::new())
             .layer(ShedLayer::new(self.config.max_concurrent_requests as usize))
             .layer(DefaultDenyLayer)
+            .layer(ReadyLayer::new(
+                self.readiness.clone(),
+                self.config.health_interval,
+            ))
             .layer(MessageLimitLayer::new(max_request))
             .add_service(health_service)
             .add_optional_service(reflection_v1)
@@ -397,22 +445,81 @@ pub async fn migrate(config: &Config) -> Result<(), AppError> {
 /// database).
 pub const LIVENESS_SERVICE: &str = "liveness";
 
-/// Probes the store every `interval` and keeps the health service in step:
-/// SERVING while it answers, NOT_SERVING while it does not. A probe that takes
-/// longer than `patience` (the time a query may wait for a connection)
-/// counts as unanswered, so a database that accepts connections but never
-/// replies, or a pool whose connections are all stuck, cannot hold the
-/// status at SERVING.
-async fn watch_store(
+/// What the health watcher keeps in step with the database.
+struct Watched {
+    /// The database, to migrate or check it once it answers.
+    database: Database,
+    /// Whether to migrate it (`IDENTITY_MIGRATE`) or only check its schema.
+    migrate: bool,
+    /// Whether `build` has already migrated or checked it.
+    prepared: bool,
+    /// The store, to probe.
     store: Arc<dyn Store>,
+    /// Set to whether the database answers.
+    readiness: Readiness,
+    /// For redacting the database's secrets from logged errors.
+    config: Config,
+}
+
+/// Probes the store every `interval` and keeps the health service (and the
+/// [`Readiness`] that makes calls fail fast) in step: SERVING while it
+/// answers, NOT_SERVING while it does not. A probe that takes longer than
+/// `patience` (the time a query may wait for a connection) counts as
+/// unanswered, so a database that accepts connections but never replies, or
+/// a pool whose connections are all stuck, cannot hold the status at
+/// SERVING.
+///
+/// If the database could not be reached at start-up, it is first migrated
+/// (or its schema checked) here, retried with back-off (from 100 ms,
+/// doubling up to `interval`) until that succeeds; the status stays
+/// NOT_SERVING until then. A schema this build cannot serve is logged as an
+/// error and retried too, so that a replica started before `identity
+/// migrate` ran becomes ready once it has.
+async fn watch_store(
+    mut watched: Watched,
     health: HealthReporter,
     interval: Duration,
     patience: Duration,
 ) {
-    let mut last = Some(ServingStatus::Serving);
+    let mut last = if watched.prepared {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    let mut retry = interval.min(Duration::from_millis(100));
+    let mut last_problem = String::new();
     loop {
-        tokio::time::sleep(interval).await;
-        let answer = tokio::time::timeout(patience, store.ping())
+        if watched.prepared {
+            tokio::time::sleep(interval).await;
+        } else {
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(interval);
+            match watched.database.prepare(watched.migrate).await {
+                Ok(()) => {
+                    watched.prepared = true;
+                    tracing::info!(
+                        migrate = watched.migrate,
+                        "the database answers: schema ready"
+                    );
+                }
+                Err(err) => {
+                    let problem = watched.config.redact_database_secrets(&error_chain(&err));
+                    if problem != last_problem {
+                        if matches!(err, StorageError::Unavailable(_)) {
+                            tracing::warn!(error = %problem, "the database still cannot be reached");
+                        } else {
+                            tracing::error!(
+                                error = %problem,
+                                "the database cannot be served yet; trying again"
+                            );
+                        }
+                        last_problem = problem;
+                    }
+                    continue;
+                }
+            }
+        }
+        let answer = tokio::time::timeout(patience, watched.store.ping())
             .await
             .unwrap_or_else(|_| {
                 Err(StorageError::Unavailable(
@@ -422,20 +529,41 @@ async fn watch_store(
         let status = match answer {
             Ok(()) => ServingStatus::Serving,
             Err(err) => {
-                if last != Some(ServingStatus::NotServing) {
-                    tracing::warn!(error = %err, "database unreachable: reporting NOT_SERVING");
+                if last != ServingStatus::NotServing {
+                    tracing::warn!(
+                        error = %watched.config.redact_database_secrets(&error_chain(&err)),
+                        "database unreachable: reporting NOT_SERVING"
+                    );
                 }
                 ServingStatus::NotServing
             }
         };
-        if last != Some(status) {
+        if last != status {
+            // Calls are admitted before probes hear SERVING, and refused
+            // before they hear NOT_SERVING.
+            watched.readiness.set(status == ServingStatus::Serving);
             set_all(&health, status).await;
             if status == ServingStatus::Serving {
-                tracing::info!("database reachable again: reporting SERVING");
+                tracing::info!("database reachable: reporting SERVING");
             }
-            last = Some(status);
+            last = status;
         }
     }
+}
+
+/// An error and its sources, joined, for one log field.
+fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = err.to_string();
+    let mut cause = err.source();
+    while let Some(inner) = cause {
+        let text = inner.to_string();
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        cause = inner.source();
+    }
+    message
 }
 
 /// Sets the overall status and each service's.

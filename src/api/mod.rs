@@ -14,6 +14,7 @@ pub mod fuzzing;
 pub mod guard;
 pub mod observe;
 pub mod ratelimit;
+pub mod ready;
 mod redact;
 pub mod shed;
 pub mod status;

@@ -85,6 +85,25 @@ pub fn message_too_large(len: u64, max_bytes: usize) -> Status {
     )
 }
 
+/// UNAVAILABLE (reason `STORE_UNAVAILABLE`, with a RetryInfo of
+/// `retry_after`) for a call refused at once because the database is known
+/// to be unreachable (health reports NOT_SERVING). Not logged per call: the
+/// health watcher logs the outage once.
+pub fn store_unreachable(retry_after: std::time::Duration) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_retry_info(Some(retry_after));
+    details.set_error_info(
+        ErrorReason::StoreUnavailable.as_str_name(),
+        ERROR_DOMAIN,
+        HashMap::new(),
+    );
+    Status::with_error_details(
+        Code::Unavailable,
+        "the database is unreachable; try again later or another replica",
+        details,
+    )
+}
+
 /// The code and reason for each kind of domain error.
 fn classify(err: &DomainError) -> (Code, ErrorReason) {
     match err {

@@ -362,26 +362,57 @@ pub async fn open(
     options: &PoolOptions,
     migrate: bool,
 ) -> Result<Arc<dyn Store>, StorageError> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        let store = PgStore::connect(url, options).await?;
-        if migrate {
-            store.migrate().await?;
+    let database = Database::connect(url, options).await?;
+    database.prepare(migrate).await?;
+    Ok(database.store())
+}
+
+/// A store whose pool is set up but whose database may not have been
+/// reached yet: [`Database::connect`] opens no connection, so a server can
+/// start while its database is down and [`Database::prepare`] it later.
+#[derive(Debug, Clone)]
+pub enum Database {
+    /// PostgreSQL.
+    Postgres(PgStore),
+    /// SQLite.
+    Sqlite(SqliteStore),
+}
+
+impl Database {
+    /// Sets up the pool for the store a URL names (`postgres://…`,
+    /// `postgresql://…` or `sqlite:…`), without connecting. Fails only for
+    /// a URL that cannot be understood.
+    pub async fn connect(url: &str, options: &PoolOptions) -> Result<Self, StorageError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres(PgStore::connect(url, options).await?))
+        } else if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite(SqliteStore::connect(url, options).await?))
         } else {
-            store.check_schema(false).await?;
+            Err(StorageError::Other(
+                "unsupported database URL: expected postgres://, postgresql:// or sqlite:".into(),
+            ))
         }
-        Ok(Arc::new(store))
-    } else if url.starts_with("sqlite:") {
-        let store = SqliteStore::connect(url, options).await?;
-        if migrate {
-            store.migrate().await?;
-        } else {
-            store.check_schema(false).await?;
+    }
+
+    /// Applies pending migrations when `migrate` is set, and otherwise checks
+    /// that the schema is the one this build expects. The first call that
+    /// needs the database: [`StorageError::Unavailable`] while it cannot be
+    /// reached.
+    pub async fn prepare(&self, migrate: bool) -> Result<(), StorageError> {
+        match (self, migrate) {
+            (Self::Postgres(store), true) => store.migrate().await,
+            (Self::Postgres(store), false) => store.check_schema(false).await,
+            (Self::Sqlite(store), true) => store.migrate().await,
+            (Self::Sqlite(store), false) => store.check_schema(false).await,
         }
-        Ok(Arc::new(store))
-    } else {
-        Err(StorageError::Other(
-            "unsupported database URL: expected postgres://, postgresql:// or sqlite:".into(),
-        ))
+    }
+
+    /// The store, as the domain uses it.
+    pub fn store(&self) -> Arc<dyn Store> {
+        match self {
+            Self::Postgres(store) => Arc::new(store.clone()),
+            Self::Sqlite(store) => Arc::new(store.clone()),
+        }
     }
 }
 

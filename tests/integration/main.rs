@@ -14,6 +14,7 @@ mod faults;
 mod lifecycle;
 mod malformed;
 mod observability;
+mod outage;
 mod redaction;
 mod replicas;
 mod storage;
