@@ -292,6 +292,11 @@ impl App {
                 }
             }))
         });
+        // Purges until this function returns.
+        let _retention = AbortOnDrop(
+            self.identity
+                .purge_periodically(self.config.retention.clone()),
+        );
         // Served until this function returns (the task stops when dropped).
         let _metrics = self
             .metrics

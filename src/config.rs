@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
     api::auth::{VerifierPolicy, VerifyAuth},
-    domain::IdentitySettings,
+    domain::{IdentitySettings, retention::RetentionSettings},
     storage::PoolOptions,
 };
 
@@ -64,6 +64,8 @@ pub struct Config {
     /// Where to serve `grpc.health.v1.Health` alone, in plaintext, besides
     /// the main port: for probes that cannot speak TLS. `None`: nowhere.
     pub health_listen_addr: Option<SocketAddr>,
+    /// What is purged when, and how often (see `domain::retention`).
+    pub retention: RetentionSettings,
 }
 
 /// The PEM files TLS is served from. They are read at start-up and again
@@ -149,6 +151,7 @@ impl Config {
             metrics_addr: parse_metrics_addr(Self::DEFAULT_METRICS_ADDR).unwrap_or(None),
             log_format: LogFormat::Text,
             health_listen_addr: None,
+            retention: RetentionSettings::default(),
         }
     }
 
@@ -208,6 +211,21 @@ pub fn parse_database_url(raw: &str) -> Result<String, String> {
         Ok(raw.to_owned())
     } else {
         Err("expected a URL starting with postgres://, postgresql:// or sqlite:".to_owned())
+    }
+}
+
+/// Parses a retention: a positive duration (see [`parse_duration`]), or
+/// `off` to keep for ever. Zero is refused: it would delete rows the moment
+/// they stop working, which is `off`'s opposite and easy to set by mistake.
+pub fn parse_retention(raw: &str) -> Result<Option<Duration>, String> {
+    if raw.trim() == "off" {
+        return Ok(None);
+    }
+    match parse_duration(raw)? {
+        zero if zero.is_zero() => {
+            Err("expected a positive duration, or off to keep for ever".into())
+        }
+        retention => Ok(Some(retention)),
     }
 }
 

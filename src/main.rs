@@ -13,7 +13,7 @@ use identity::{
     config::{self, Config, LogFormat, TlsFiles},
     domain::{
         Identity, IdentitySettings, account::Username, password::PasswordPolicy,
-        throttle::ThrottleSettings,
+        retention::RetentionSettings, throttle::ThrottleSettings,
     },
     storage::PoolOptions,
 };
@@ -219,7 +219,24 @@ struct Settings {
     /// port only.
     #[arg(long, env = "IDENTITY_HEALTH_LISTEN_ADDR", global = true)]
     health_listen_addr: Option<SocketAddr>,
+    /// How long sessions, tokens and sign-in counters are kept after they
+    /// stopped working (e.g. 30d), or off to keep them for ever.
+    #[arg(long, env = "IDENTITY_RETENTION", default_value = "30d",
+          value_parser = config::parse_retention, global = true)]
+    retention: Retention,
+    /// How long audit events are kept (e.g. 400d), or off to keep them for
+    /// ever.
+    #[arg(long, env = "IDENTITY_AUDIT_RETENTION", default_value = "400d",
+          value_parser = config::parse_retention, global = true)]
+    audit_retention: Retention,
+    /// How often what is past retention is purged (e.g. 1h).
+    #[arg(long, env = "IDENTITY_RETENTION_INTERVAL", default_value = "1h",
+          value_parser = config::parse_duration, global = true)]
+    retention_interval: Duration,
 }
+
+/// A retention: how long, or `None` for ever (`off`).
+type Retention = Option<Duration>;
 
 /// `--metrics-addr`: an address, or none when metrics are off.
 #[derive(Debug, Clone, Copy)]
@@ -284,6 +301,12 @@ impl Settings {
         config.metrics_addr = self.metrics_addr.0;
         config.health_listen_addr = self.health_listen_addr;
         config.log_format = self.log_format;
+        config.retention = RetentionSettings {
+            credentials: self.retention,
+            audit: self.audit_retention,
+            interval: self.retention_interval,
+            ..RetentionSettings::default()
+        };
         config
     }
 
@@ -317,6 +340,11 @@ impl Settings {
         if self.sign_in_address_memory < self.sign_in_backoff_max {
             return Err(
                 "IDENTITY_SIGN_IN_ADDRESS_MEMORY (--sign-in-address-memory) must not be shorter than IDENTITY_SIGN_IN_BACKOFF_MAX (--sign-in-backoff-max)".into(),
+            );
+        }
+        if self.retention_interval.is_zero() {
+            return Err(
+                "IDENTITY_RETENTION_INTERVAL (--retention-interval) must be positive".into(),
             );
         }
         if self.session_ttl.is_zero() {

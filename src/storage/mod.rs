@@ -20,6 +20,7 @@ use crate::domain::{
     cache::InvalidationSink,
     credential::Digest,
     password::PasswordHash,
+    retention::{PurgeCutoffs, Purged},
     throttle::{ThrottleClaim, ThrottleCounter},
     time::Timestamp,
     token::{NewToken, Session, Token, TokenId, TokenState},
@@ -353,6 +354,12 @@ pub trait Store: Send + Sync + 'static {
         before: Option<&str>,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StorageError>;
+
+    /// Deletes what is past retention by `cutoffs` (see
+    /// [`crate::domain::retention`]), in batches of at most `cutoffs.batch`
+    /// rows, each its own statement. Runs on one replica at a time: `None`
+    /// (nothing deleted) while another holds the retention lock.
+    async fn purge(&self, cutoffs: &PurgeCutoffs) -> Result<Option<Purged>, StorageError>;
 }
 
 /// Opens the store a URL names (`postgres://…`, `postgresql://…` or

@@ -21,6 +21,7 @@ use crate::domain::{
     cache::{Invalidation, InvalidationSink},
     credential::Digest,
     password::PasswordHash,
+    retention::{PurgeCutoffs, Purged},
     throttle::{ThrottleClaim, ThrottleCounter},
     time::Timestamp,
     token::{NewToken, Session, Token, TokenId},
@@ -46,6 +47,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "sign-in throttle",
         include_str!("../../migrations/postgres/0004_sign_in_throttle.sql"),
+    ),
+    (
+        7,
+        "retention indexes",
+        include_str!("../../migrations/postgres/0007_retention.sql"),
     ),
 ];
 
@@ -405,6 +411,37 @@ fn parse_payload(payload: &str) -> Option<Invalidation> {
         ))),
         "account" => Some(Invalidation::Account(AccountId::from_stored(id.to_owned()))),
         _ => None,
+    }
+}
+
+/// The advisory lock key under which one replica at a time purges (any
+/// fixed number; migrations use sqlx's own key).
+const RETENTION_LOCK: i64 = 0x6964_5f72_6574_6e31; // "id_retn1"
+
+impl PgStore {
+    /// Takes the retention lock on `conn` if no other session holds it.
+    async fn lock_retention(conn: &mut sqlx::PgConnection) -> Result<bool, StorageError> {
+        sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(RETENTION_LOCK)
+            .fetch_one(conn)
+            .await
+            .map_err(Self::classify)
+    }
+
+    /// Releases the retention lock held on `conn`.
+    async fn unlock_retention(conn: &mut sqlx::PgConnection) -> Result<(), StorageError> {
+        let released: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+            .bind(RETENTION_LOCK)
+            .fetch_one(conn)
+            .await
+            .map_err(Self::classify)?;
+        if released {
+            Ok(())
+        } else {
+            Err(StorageError::Other(
+                "the retention lock was not held".into(),
+            ))
+        }
     }
 }
 

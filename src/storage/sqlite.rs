@@ -18,6 +18,7 @@ use crate::domain::{
     cache::{Invalidation, InvalidationSink},
     credential::Digest,
     password::PasswordHash,
+    retention::{PurgeCutoffs, Purged},
     throttle::{ThrottleClaim, ThrottleCounter},
     time::Timestamp,
     token::{NewToken, Session, Token, TokenId},
@@ -42,6 +43,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         3,
         "sign-in throttle",
         include_str!("../../migrations/sqlite/0003_sign_in_throttle.sql"),
+    ),
+    (
+        6,
+        "retention indexes",
+        include_str!("../../migrations/sqlite/0006_retention.sql"),
     ),
 ];
 
@@ -158,6 +164,18 @@ impl SqliteStore {
                 .map_err(Self::classify)?;
         }
         tx.commit().await.map_err(Self::classify)
+    }
+}
+
+impl SqliteStore {
+    /// One process owns the file: its single retention task needs no lock.
+    async fn lock_retention(_conn: &mut sqlx::SqliteConnection) -> Result<bool, StorageError> {
+        Ok(true)
+    }
+
+    /// Nothing to release.
+    async fn unlock_retention(_conn: &mut sqlx::SqliteConnection) -> Result<(), StorageError> {
+        Ok(())
     }
 }
 

@@ -17,6 +17,7 @@ mod observability;
 mod outage;
 mod redaction;
 mod replicas;
+mod retention;
 mod storage;
 mod throttle;
 mod tls;

@@ -29,6 +29,7 @@ use crate::storage::{Store, TokenUse};
 
 mod accounts;
 mod audit;
+mod retention;
 mod tokens;
 
 pub use accounts::{AccountLookup, NewAccount, SignedIn};
