@@ -1060,7 +1060,9 @@ async fn bad_configuration_fails_naming_the_setting() {
     ));
     drop(taken);
 
-    // A database that does not answer: named, with its password redacted.
+    // A database that does not answer: named, with its password redacted,
+    // by a one-shot command (`serve` starts NOT_SERVING instead and waits
+    // for it: see `outage.rs`).
     let closed_port = TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .expect("a free port")
@@ -1069,6 +1071,7 @@ async fn bad_configuration_fails_naming_the_setting() {
     let unreachable = format!("postgres://app:{password}@127.0.0.1:{closed_port}/identity");
     let mut no_database = identity_command(&unreachable);
     no_database
+        .arg("migrate")
         .env("IDENTITY_LISTEN_ADDR", "127.0.0.1:0")
         .env("IDENTITY_DB_ACQUIRE_TIMEOUT", "1s");
     let started = Instant::now();
