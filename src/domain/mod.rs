@@ -13,6 +13,7 @@ pub mod error;
 pub mod page;
 pub mod password;
 pub mod policy;
+pub mod rate;
 pub mod scope;
 pub mod service;
 pub mod throttle;
