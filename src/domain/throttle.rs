@@ -3,9 +3,9 @@
 //! Two counters watch every sign-in attempt: one per account, keyed by the
 //! normalised (ASCII-lowercased) username whether or not such an account
 //! exists, so an unknown username is throttled exactly like a real one; and
-//! one per client address (the peer the server sees; forwarded headers are
-//! never trusted; IPv6 clients by their /64, which one subscriber usually
-//! holds whole). Each counter allows a few free failures, then makes the
+//! one per client address (the peer the server sees, or behind a trusted
+//! proxy the client it forwards for, as the wire layer resolved it; IPv6
+//! clients by their /64, which one subscriber usually holds whole). Each counter allows a few free failures, then makes the
 //! client wait a delay that doubles with every further failure, up to a cap.
 //! After `lockout_failures` (at most 100, NIST SP 800-63B §5.2.2)
 //! consecutive failures, password checks for that username stop until an
