@@ -1,6 +1,8 @@
 //! Who is calling: the caller's credential from request metadata, the peer
 //! (its address, and over mutual TLS the names of its verified client
-//! certificate), and who may call `VerifyToken`.
+//! certificate), the client address ([`client_address`]: the peer, or behind
+//! a trusted proxy the client it forwards for, see [`super::forwarded`]),
+//! and who may call `VerifyToken`.
 //!
 //! Callers send `authorization: Bearer <token>`. The scheme is matched
 //! case-insensitively (RFC 7235); anything else in the header is treated as
