@@ -15,6 +15,7 @@ use crate::{
         accounts::AccountsApi,
         audit::AuditApi,
         codec::{MAX_RESPONSE_BYTES, MessageLimitLayer},
+        forwarded::ClientAddressLayer,
         guard::DefaultDenyLayer,
         observe::ObserveLayer,
         pb::{
@@ -325,6 +326,7 @@ impl App {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .layer(ObserveLayer::new())
+            .layer(ClientAddressLayer::new(self.config.trusted_proxies.clone()))
             .layer(ShedLayer::new(self.config.max_concurrent_requests as usize))
             .layer(DefaultDenyLayer)
             .layer(ReadyLayer::new(

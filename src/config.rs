@@ -8,7 +8,10 @@ pub mod file;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    api::auth::{VerifierPolicy, VerifyAuth},
+    api::{
+        auth::{VerifierPolicy, VerifyAuth},
+        forwarded::TrustedProxies,
+    },
     domain::{IdentitySettings, retention::RetentionSettings},
     storage::PoolOptions,
 };
@@ -53,6 +56,9 @@ pub struct Config {
     pub tls_handshake_timeout: Duration,
     /// Who may call `VerifyToken`.
     pub verifiers: VerifierPolicy,
+    /// The proxies whose `x-forwarded-for` names the client address
+    /// (`IDENTITY_TRUSTED_PROXIES`); empty: the TCP peer is the client.
+    pub trusted_proxies: TrustedProxies,
     /// Largest request message accepted, in bytes; larger ones are refused
     /// with RESOURCE_EXHAUSTED before they are read.
     pub max_message_bytes: usize,
@@ -147,6 +153,7 @@ impl Config {
             tls_reload_interval: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
             verifiers: VerifierPolicy::default(),
+            trusted_proxies: TrustedProxies::default(),
             max_message_bytes: Self::DEFAULT_MAX_MESSAGE_BYTES,
             metrics_addr: parse_metrics_addr(Self::DEFAULT_METRICS_ADDR).unwrap_or(None),
             log_format: LogFormat::Text,

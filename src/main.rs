@@ -8,12 +8,18 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use identity::{
-    api::auth::{VerifierPolicy, VerifyAuth, VerifyClients},
+    api::{
+        auth::{VerifierPolicy, VerifyAuth, VerifyClients},
+        forwarded::TrustedProxies,
+    },
     app::{self, App},
     config::{self, Config, LogFormat, TlsFiles},
     domain::{
-        Identity, IdentitySettings, account::Username, password::PasswordPolicy,
-        retention::RetentionSettings, throttle::ThrottleSettings,
+        Identity, IdentitySettings,
+        account::Username,
+        password::PasswordPolicy,
+        retention::RetentionSettings,
+        throttle::{SignInRates, ThrottleSettings},
     },
     storage::PoolOptions,
 };
@@ -136,6 +142,29 @@ struct Settings {
     /// last attempt (e.g. 24h).
     #[arg(long, env = "IDENTITY_SIGN_IN_ADDRESS_MEMORY", default_value = "24h", value_parser = config::parse_duration, global = true)]
     sign_in_address_memory: Duration,
+    /// Password checks (sign-ins and ChangePassword, right or wrong) each
+    /// replica starts per username per minute; more are refused with
+    /// RESOURCE_EXHAUSTED before any hashing.
+    #[arg(long, env = "IDENTITY_SIGN_IN_ACCOUNT_PER_MINUTE", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    sign_in_account_per_minute: u32,
+    /// Password checks each replica starts per client address (IPv6: per
+    /// /64) per minute.
+    #[arg(long, env = "IDENTITY_SIGN_IN_ADDRESS_PER_MINUTE", default_value_t = 60,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    sign_in_address_per_minute: u32,
+    /// Proxies (CIDR blocks, comma-separated, e.g. 10.0.0.0/8,fd00::/8)
+    /// whose x-forwarded-for names the client address; empty: the header is
+    /// ignored and the TCP peer is the client.
+    // Checked in `validate`, not by clap, whose errors would echo the value.
+    #[arg(
+        long,
+        env = "IDENTITY_TRUSTED_PROXIES",
+        default_value = "",
+        global = true,
+        hide_env_values = true
+    )]
+    trusted_proxies: String,
     /// Verdicts the verification cache holds at most (0 turns it off).
     #[arg(
         long,
@@ -278,6 +307,10 @@ impl Settings {
                 lockout_failures: self.sign_in_lockout_failures,
                 address_memory: self.sign_in_address_memory,
             },
+            sign_in_rates: SignInRates {
+                account_per_minute: self.sign_in_account_per_minute,
+                address_per_minute: self.sign_in_address_per_minute,
+            },
         };
         config.max_concurrent_requests = self.max_concurrent_requests;
         config.max_streams_per_connection = self.max_streams_per_connection;
@@ -298,6 +331,8 @@ impl Settings {
             auth: self.verify_auth,
             clients: self.verify_clients,
         };
+        // `validate` has checked the list; nothing is trusted otherwise.
+        config.trusted_proxies = TrustedProxies::parse(&self.trusted_proxies).unwrap_or_default();
         config.metrics_addr = self.metrics_addr.0;
         config.health_listen_addr = self.health_listen_addr;
         config.log_format = self.log_format;
@@ -347,6 +382,8 @@ impl Settings {
                 "IDENTITY_RETENTION_INTERVAL (--retention-interval) must be positive".into(),
             );
         }
+        TrustedProxies::parse(&self.trusted_proxies)
+            .map_err(|why| format!("IDENTITY_TRUSTED_PROXIES (--trusted-proxies): {why}"))?;
         if self.session_ttl.is_zero() {
             return Err("IDENTITY_SESSION_TTL (--session-ttl) must be positive".into());
         }

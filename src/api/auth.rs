@@ -1,6 +1,8 @@
 //! Who is calling: the caller's credential from request metadata, the peer
 //! (its address, and over mutual TLS the names of its verified client
-//! certificate), and who may call `VerifyToken`.
+//! certificate), the client address ([`client_address`]: the peer, or behind
+//! a trusted proxy the client it forwards for, see [`super::forwarded`]),
+//! and who may call `VerifyToken`.
 //!
 //! Callers send `authorization: Bearer <token>`. The scheme is matched
 //! case-insensitively (RFC 7235); anything else in the header is treated as
@@ -15,6 +17,7 @@ use std::{collections::BTreeSet, fmt, net::SocketAddr, str::FromStr, sync::Arc};
 
 use tonic::metadata::MetadataMap;
 
+use super::forwarded::ClientAddress;
 use crate::domain::{
     DomainError, Identity,
     audit::Origin,
@@ -135,10 +138,26 @@ pub fn client_names<T>(request: &tonic::Request<T>) -> Option<&ClientNames> {
         .filter(|names| !names.is_empty())
 }
 
-/// Where a request came from: its peer address, for the audit log.
+/// The client's address: as [`super::forwarded::ClientAddressLayer`]
+/// resolved it (the peer, or behind a trusted proxy the address it forwards
+/// for), or, on a request that did not pass that layer, the peer itself.
+/// `None` when unknown.
+pub fn client_address<T>(request: &tonic::Request<T>) -> Option<ClientAddress> {
+    match request.extensions().get::<ClientAddress>() {
+        Some(client) => Some(*client),
+        None => remote_addr(request).map(|peer| ClientAddress {
+            ip: peer.ip(),
+            port: Some(peer.port()),
+            forwarded: false,
+        }),
+    }
+}
+
+/// Where a request came from: its client address (see [`client_address`]),
+/// for the audit log, the sign-in throttle and a token's last use.
 pub fn origin<T>(request: &tonic::Request<T>) -> Origin {
     Origin::new(
-        remote_addr(request)
+        client_address(request)
             .map(|a| a.to_string())
             .unwrap_or_default(),
     )

@@ -242,7 +242,7 @@ impl TokensService for TokensApi {
     ) -> Result<Response<pb::RevokeLeakedTokenResponse>, Status> {
         let origin = auth::origin(&request);
         self.leak_reports
-            .check(auth::remote_addr(&request).map(|a| a.ip()))
+            .check(auth::client_address(&request).map(|a| a.ip))
             .map_err(|wait| to_status(DomainError::RateLimited(wait)))?;
         let secrets = request.into_inner().secrets;
         self.identity

@@ -14,6 +14,7 @@ pub mod page;
 pub mod password;
 pub mod policy;
 pub mod retention;
+pub mod rate;
 pub mod scope;
 pub mod service;
 pub mod throttle;

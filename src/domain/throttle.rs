@@ -3,9 +3,9 @@
 //! Two counters watch every sign-in attempt: one per account, keyed by the
 //! normalised (ASCII-lowercased) username whether or not such an account
 //! exists, so an unknown username is throttled exactly like a real one; and
-//! one per client address (the peer the server sees; forwarded headers are
-//! never trusted; IPv6 clients by their /64, which one subscriber usually
-//! holds whole). Each counter allows a few free failures, then makes the
+//! one per client address (the peer the server sees, or behind a trusted
+//! proxy the client it forwards for, as the wire layer resolved it; IPv6
+//! clients by their /64, which one subscriber usually holds whole). Each counter allows a few free failures, then makes the
 //! client wait a delay that doubles with every further failure, up to a cap.
 //! After `lockout_failures` (at most 100, NIST SP 800-63B §5.2.2)
 //! consecutive failures, password checks for that username stop until an
@@ -232,15 +232,52 @@ pub fn address_key(address: &str) -> String {
         .map(|a| a.ip())
         .or_else(|_| address.parse::<IpAddr>());
     match ip {
-        Ok(IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+        Ok(ip) => ip_key(ip),
+        Err(_) => "unknown".to_owned(),
+    }
+}
+
+/// The key of an IP address for every per-address limit: the IP, or its
+/// /64 for IPv6 (IPv4-mapped addresses count as IPv4).
+pub fn ip_key(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
             Some(v4) => v4.to_string(),
             None => {
                 let s = v6.segments();
                 format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
             }
         },
-        Ok(IpAddr::V4(v4)) => v4.to_string(),
-        Err(_) => "unknown".to_owned(),
+        IpAddr::V4(v4) => v4.to_string(),
+    }
+}
+
+/// How many password checks (`SignIn`, and `ChangePassword`'s check of the
+/// current password) each replica starts per minute, right or wrong, per
+/// username and per client address: the bound on the argon2 hashing that
+/// anyone, even the account's holder with the right password, can make a
+/// replica do. Each is a token bucket (bursts up to the rate); a check
+/// beyond it is refused before the throttle's claim and before any hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SignInRates {
+    /// Password checks per username per minute.
+    pub account_per_minute: u32,
+    /// Password checks per client address (IPv6: per /64) per minute.
+    pub address_per_minute: u32,
+}
+
+impl SignInRates {
+    /// Usernames and addresses tracked at most per replica (the least
+    /// recently used is forgotten first).
+    pub const TRACKED: usize = 50_000;
+}
+
+impl Default for SignInRates {
+    fn default() -> Self {
+        Self {
+            account_per_minute: 10,
+            address_per_minute: 60,
+        }
     }
 }
 

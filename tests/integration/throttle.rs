@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use identity::{
     config::Config,
     domain::{
-        throttle::{ThrottleClaim, ThrottleScope, ThrottleSettings},
+        throttle::{SignInRates, ThrottleClaim, ThrottleScope, ThrottleSettings},
         time::Timestamp,
     },
 };
@@ -525,6 +525,112 @@ async fn concurrent_attempts_all_count_and_only_the_allowed_ones_pass(backend: B
     assert_eq!(passed, 1);
 }
 on_both!(concurrent_attempts_all_count_and_only_the_allowed_ones_pass);
+
+/// Applies the per-replica password-check rates (the harness otherwise
+/// sets them out of the way).
+fn rates(account_per_minute: u32, address_per_minute: u32) -> impl FnOnce(&mut Config) {
+    move |config| {
+        config.identity.sign_in_rates = SignInRates {
+            account_per_minute,
+            address_per_minute,
+        }
+    }
+}
+
+const RATE_LIMITED: &str = "ERROR_REASON_RATE_LIMITED";
+
+async fn right_passwords_beyond_the_account_rate_are_refused_without_a_hash(backend: Backend) {
+    let app = TestApp::spawn_with(backend, rates(3, 1_000)).await;
+    create_person(&app, "kim").await;
+    create_person(&app, "lee").await;
+    for _ in 0..3 {
+        sign_in(&app, "kim", PASSWORD)
+            .await
+            .expect("within the rate");
+    }
+    let hashes = app.identity.password_verifications();
+    let status = assert_status(
+        sign_in(&app, "kim", PASSWORD).await,
+        Code::ResourceExhausted,
+        RATE_LIMITED,
+    );
+    let wait = retry_delay(&status);
+    assert!(
+        wait > Duration::from_secs(10) && wait <= Duration::from_secs(20),
+        "one check of 3 a minute comes back within 20 s: {wait:?}"
+    );
+    assert_eq!(
+        app.identity.password_verifications(),
+        hashes,
+        "a limited sign-in costs no hash"
+    );
+    // The refused attempt was not counted by the failure throttle either,
+    // and another account is unaffected.
+    sign_in(&app, "lee", PASSWORD)
+        .await
+        .expect("another username");
+    app.stop().await;
+}
+on_both!(right_passwords_beyond_the_account_rate_are_refused_without_a_hash);
+
+async fn right_passwords_beyond_the_address_rate_are_refused_without_a_hash(backend: Backend) {
+    let app = TestApp::spawn_with(backend, rates(1_000, 3)).await;
+    for name in ["mia", "ned", "oli", "pat"] {
+        create_person(&app, name).await;
+    }
+    for name in ["mia", "ned", "oli"] {
+        sign_in(&app, name, PASSWORD)
+            .await
+            .expect("within the rate");
+    }
+    let hashes = app.identity.password_verifications();
+    let status = assert_status(
+        sign_in(&app, "pat", PASSWORD).await,
+        Code::ResourceExhausted,
+        RATE_LIMITED,
+    );
+    assert!(retry_delay(&status) > Duration::ZERO);
+    assert_eq!(app.identity.password_verifications(), hashes);
+    app.stop().await;
+}
+on_both!(right_passwords_beyond_the_address_rate_are_refused_without_a_hash);
+
+async fn change_password_is_rate_limited_like_sign_in(backend: Backend) {
+    let app = TestApp::spawn_with(backend, rates(2, 1_000)).await;
+    create_person(&app, "quinn").await;
+    let session = sign_in(&app, "quinn", PASSWORD).await.expect("sign in");
+    const NEW: &str = "a brand new passphrase 9";
+    let change = |current: &'static str, new: &'static str| {
+        let mut client = app.accounts();
+        let request = bearer(
+            pb::ChangePasswordRequest {
+                current_password: current.into(),
+                new_password: new.into(),
+            },
+            &session,
+        );
+        async move { client.change_password(request).await }
+    };
+    change(PASSWORD, NEW).await.expect("the second check");
+    let hashes = app.identity.password_verifications();
+    assert_status(
+        change(NEW, PASSWORD).await,
+        Code::ResourceExhausted,
+        RATE_LIMITED,
+    );
+    assert_status(
+        sign_in(&app, "quinn", NEW).await,
+        Code::ResourceExhausted,
+        RATE_LIMITED,
+    );
+    assert_eq!(
+        app.identity.password_verifications(),
+        hashes,
+        "neither limited check hashed anything"
+    );
+    app.stop().await;
+}
+on_both!(change_password_is_rate_limited_like_sign_in);
 
 // ---------------------------------------------------------------------------
 // No user enumeration.

@@ -10,7 +10,7 @@ use crate::domain::{
     page::{ACCOUNTS_LISTING, PageRequest},
     password::Password,
     policy::{self, Action, Principal},
-    throttle::{Refusal, ThrottleClaim},
+    throttle::{Refusal, ThrottleClaim, address_key},
     time::Timestamp,
     token::{Session, TokenId},
 };
@@ -148,6 +148,7 @@ impl Identity {
         password: Password,
     ) -> Result<SignedIn, DomainError> {
         let key = username.key();
+        self.limit_password_checks(origin, &key)?;
         let claims = self.claim_password_check(origin, &key, None).await?;
         let account = self.store.account_by_username(&key).await?;
         let hash = account.as_ref().and_then(|a| a.password_hash.clone());
@@ -239,6 +240,7 @@ impl Identity {
         // Checking the current password is a password guess like a sign-in:
         // a stolen session must not be a way around the throttle.
         let key = account.username.key();
+        self.limit_password_checks(origin, &key)?;
         let [_, address_claim] = self
             .claim_password_check(origin, &key, Some(caller))
             .await?;
@@ -329,6 +331,32 @@ impl Identity {
                 .await?;
         }
         Ok(without_hash(account))
+    }
+
+    /// Takes one password check from the username's and the address's
+    /// buckets of [`crate::domain::throttle::SignInRates`] on this replica,
+    /// or refuses it (RATE_LIMITED, with the wait) before anything else:
+    /// neither the store nor argon2 sees a refused check.
+    fn limit_password_checks(
+        &self,
+        origin: &Origin,
+        username_key: &str,
+    ) -> Result<(), DomainError> {
+        let rates = self.settings.sign_in_rates;
+        let account = format!("account:{username_key}");
+        let address = format!("address:{}", address_key(&origin.address));
+        self.password_checks
+            .take(
+                &[
+                    (&account, rates.account_per_minute),
+                    (&address, rates.address_per_minute),
+                ],
+                std::time::Instant::now(),
+            )
+            .map_err(|wait| {
+                metrics::counter!("identity_password_checks_rate_limited_total").increment(1);
+                DomainError::RateLimited(wait)
+            })
     }
 
     /// Counts a password check by `username_key` from `origin` against the

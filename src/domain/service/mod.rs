@@ -20,8 +20,9 @@ use super::{
     error::Violations,
     password::{PasswordHasher, PasswordPolicy},
     policy::{self, Action, Principal, Verifier},
+    rate::KeyedBuckets,
     scope::Scopes,
-    throttle::ThrottleSettings,
+    throttle::{SignInRates, ThrottleSettings},
     time::Timestamp,
     token::{Session, Token, TokenId, TokenName, TokenState},
 };
@@ -59,6 +60,9 @@ pub struct IdentitySettings {
     pub cache_ttl: Duration,
     /// How failed sign-ins are limited.
     pub sign_in_throttle: ThrottleSettings,
+    /// How many password checks, right or wrong, each replica starts per
+    /// username and per address.
+    pub sign_in_rates: SignInRates,
 }
 
 impl Default for IdentitySettings {
@@ -74,6 +78,7 @@ impl Default for IdentitySettings {
             cache_entries: 100_000,
             cache_ttl: Duration::from_secs(30),
             sign_in_throttle: ThrottleSettings::default(),
+            sign_in_rates: SignInRates::default(),
         }
     }
 }
@@ -87,6 +92,9 @@ pub struct Identity {
     uses: Arc<UseRecorder>,
     cache: Arc<VerificationCache>,
     verdicts: Arc<VerdictCounters>,
+    /// The buckets of [`SignInRates`], keyed `account:<username key>` and
+    /// `address:<address key>`.
+    password_checks: Arc<KeyedBuckets>,
 }
 
 /// `identity_verify_token_verdicts_total` by verdict, registered once so
@@ -229,6 +237,7 @@ impl Identity {
             uses: Arc::new(UseRecorder::default()),
             cache,
             verdicts: Arc::new(VerdictCounters::new()),
+            password_checks: Arc::new(KeyedBuckets::new(2 * SignInRates::TRACKED)),
         }
     }
 

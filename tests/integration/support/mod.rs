@@ -11,7 +11,7 @@ use std::{net::SocketAddr, time::Duration};
 use identity::{
     app::App,
     config::Config,
-    domain::account::Username,
+    domain::{account::Username, throttle::SignInRates},
     storage::{self, PoolOptions, Store},
 };
 use tonic::{
@@ -150,6 +150,13 @@ impl TestApp {
         config.hash_concurrency = 2;
         config.drain_timeout = Duration::from_secs(5);
         config.metrics_addr = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        // Every test client signs in from 127.0.0.1, many times a second:
+        // the per-replica password-check rates are out of the way unless a
+        // test sets them (throttle.rs does).
+        config.identity.sign_in_rates = SignInRates {
+            account_per_minute: 1_000_000,
+            address_per_minute: 1_000_000,
+        };
         adjust(&mut config);
         let app = App::build(config).await.expect("build the app");
         let addr = app.local_addr();
