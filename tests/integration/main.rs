@@ -10,6 +10,7 @@ mod account_lifecycle;
 mod accounts;
 mod authz;
 mod binary;
+mod cache_flood;
 mod faults;
 mod lifecycle;
 mod malformed;
