@@ -15,6 +15,7 @@ mod faults;
 mod lifecycle;
 mod malformed;
 mod observability;
+mod passwords;
 mod replicas;
 mod storage;
 mod throttle;

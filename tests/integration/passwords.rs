@@ -1,0 +1,47 @@
+//! Passwords: Unicode normalisation and the list of common passwords, as a
+//! client meets them through `CreateAccount` and `SignIn`.
+
+use tonic::Code;
+
+use crate::on_both_backends;
+use crate::support::{TestApp, assert_status, bearer, pb, sign_in};
+
+/// "Crème brûlée, à la carte" with precomposed accents (NFC).
+const COMPOSED: &str = "Cr\u{e8}me br\u{fb}l\u{e9}e, \u{e0} la carte";
+/// The same text with each accent a combining mark (NFD), as some
+/// keyboards and input methods send it.
+const DECOMPOSED: &str = "Cre\u{300}me bru\u{302}le\u{301}e, a\u{300} la carte";
+
+async fn create_person(
+    app: &TestApp,
+    username: &str,
+    password: &str,
+) -> Result<pb::Account, tonic::Status> {
+    app.accounts()
+        .create_account(bearer(
+            pb::CreateAccountRequest {
+                username: username.into(),
+                password: password.into(),
+                email: format!("{username}@example.com"),
+                kind: pb::AccountKind::Person as i32,
+                role: 0,
+            },
+            &app.operator_token,
+        ))
+        .await
+        .map(|r| r.into_inner().account.expect("account"))
+}
+
+on_both_backends! {
+    async fn a_password_set_in_one_normal_form_signs_in_in_the_other(app: TestApp) {
+        assert_ne!(COMPOSED, DECOMPOSED, "the two forms differ as sent");
+        create_person(&app, "nfd", DECOMPOSED).await.expect("create with NFD");
+        create_person(&app, "nfc", COMPOSED).await.expect("create with NFC");
+        sign_in(&app, "nfd", COMPOSED).await.expect("set in NFD, typed in NFC");
+        sign_in(&app, "nfc", DECOMPOSED).await.expect("set in NFC, typed in NFD");
+        sign_in(&app, "nfd", DECOMPOSED).await.expect("the same form still works");
+        sign_in(&app, "nfc", COMPOSED).await.expect("the same form still works");
+        let wrong = format!("{DECOMPOSED}!");
+        assert_status(sign_in(&app, "nfd", &wrong).await, Code::Unauthenticated, "ERROR_REASON_SIGN_IN_FAILED");
+    }
+}
