@@ -68,21 +68,25 @@ impl Default for PasswordPolicy {
     }
 }
 
-/// The most common passwords (lowercase), refused whatever their length:
-/// attackers try them first.
+/// The most common passwords, NFKC-normalised and lower-cased, refused
+/// whatever their length: attackers try them first. The file's header says
+/// where they come from.
 const COMMON_PASSWORDS: &str = include_str!("common_passwords.txt");
 
+/// The entries of [`COMMON_PASSWORDS`], in its order (most frequent first).
+fn common_entries() -> impl Iterator<Item = &'static str> {
+    COMMON_PASSWORDS
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+}
+
+/// Whether the (normalised) `password` is a common one, ignoring case: one
+/// hash-set lookup, the set built once.
 fn is_common(password: &str) -> bool {
-    static SET: std::sync::OnceLock<std::collections::HashSet<&'static str>> =
-        std::sync::OnceLock::new();
-    SET.get_or_init(|| {
-        COMMON_PASSWORDS
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect()
-    })
-    .contains(password.to_lowercase().as_str())
+    static SET: std::sync::LazyLock<std::collections::HashSet<&'static str>> =
+        std::sync::LazyLock::new(|| common_entries().collect());
+    let key: String = password.to_lowercase().nfkc().collect();
+    SET.contains(key.as_str())
 }
 
 /// The argon2 associated data that marks a hash of an NFKC-normalised
@@ -526,6 +530,46 @@ mod tests {
                 .await
                 .expect("verify")
         );
+    }
+
+    #[test]
+    fn the_common_list_is_long_normalised_and_lower_cased() {
+        let entries: Vec<&str> = common_entries().collect();
+        let unique: std::collections::HashSet<&str> = entries.iter().copied().collect();
+        assert_eq!(unique.len(), entries.len(), "no duplicates");
+        // OWASP ASVS 5 asks for the 3,000 most common that the length policy
+        // would otherwise allow; the default policy allows 15 or more.
+        let long = entries.iter().filter(|e| e.chars().count() >= 15).count();
+        assert!(long >= 9_700, "{long} entries of 15 or more characters");
+        let lowest = entries.iter().filter(|e| e.chars().count() >= 8).count();
+        assert_eq!(
+            lowest,
+            entries.len(),
+            "no entry shorter than any policy allows"
+        );
+        assert!(entries.len() >= 19_700, "{} entries", entries.len());
+        for entry in entries {
+            let normalized: String = entry.nfkc().collect();
+            assert_eq!(normalized, entry, "{entry:?} is not NFKC");
+            assert_eq!(entry.to_lowercase(), entry, "{entry:?} is not lower-cased");
+            assert_eq!(entry.trim(), entry, "{entry:?} has surrounding spaces");
+        }
+    }
+
+    #[test]
+    fn common_passwords_are_refused_in_any_case_and_any_normal_form() {
+        let policy = PasswordPolicy::default();
+        for common in [
+            "Manchesterunited",
+            "1QAZ2WSX3EDC4RFV",
+            "passwordpassword",
+            "qwertyuiop123456",
+            // Fullwidth letters fold to ASCII under NFKC.
+            "\u{ff50}\u{ff41}\u{ff53}\u{ff53}\u{ff57}\u{ff4f}\u{ff52}\u{ff44}password",
+        ] {
+            let refused = Password::new_checked("password", common.into(), &policy, "");
+            assert!(refused.is_err(), "{common}");
+        }
     }
 
     #[test]

@@ -45,3 +45,31 @@ on_both_backends! {
         assert_status(sign_in(&app, "nfd", &wrong).await, Code::Unauthenticated, "ERROR_REASON_SIGN_IN_FAILED");
     }
 }
+
+on_both_backends! {
+    async fn passwords_from_the_common_list_are_refused_whatever_their_case(app: TestApp) {
+        use tonic_types::StatusExt as _;
+        // Entries of the list that the default policy (15 or more
+        // characters) would otherwise allow, typed in mixed case.
+        for (i, password) in [
+            "ManchesterUnited",
+            "1qaz2wsx3edc4rfv",
+            "Q1W2E3R4T5Y6U7I8",
+            "123456789qwerty",
+            "iloveyouforever",
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let status = assert_status(
+                create_person(&app, &format!("common{i}"), password).await,
+                Code::InvalidArgument,
+                "ERROR_REASON_INVALID_ARGUMENT",
+            );
+            let details = status.get_error_details();
+            let violation = &details.bad_request().expect("BadRequest").field_violations[0];
+            assert_eq!(violation.field, "password");
+            assert!(violation.description.contains("most common"), "{password}: {}", violation.description);
+        }
+    }
+}
