@@ -73,3 +73,47 @@ on_both_backends! {
         }
     }
 }
+
+/// Replaces the password hash of `username_key` outside the service.
+async fn set_stored_hash(app: &TestApp, username_key: &str, hash: &str) {
+    use sqlx::Connection as _;
+    let statement = format!(
+        "UPDATE accounts SET password_hash = '{hash}' WHERE username_key = '{username_key}'"
+    );
+    let url = &app.db.url;
+    let updated = if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("open");
+        sqlx::query(&statement)
+            .execute(&mut conn)
+            .await
+            .expect("update")
+            .rows_affected()
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+        sqlx::query(&statement)
+            .execute(&mut conn)
+            .await
+            .expect("update")
+            .rows_affected()
+    };
+    assert_eq!(updated, 1);
+}
+
+on_both_backends! {
+    async fn a_password_hashed_before_normalisation_still_signs_in_as_it_was_typed(app: TestApp) {
+        use argon2::{Algorithm, Argon2, Params, PasswordHasher as _, Version, password_hash::SaltString};
+        create_person(&app, "legacy", COMPOSED).await.expect("create");
+        // What an earlier release stored: the decomposed form hashed as sent,
+        // with no normalisation marker.
+        let params = Params::new(19_456, 2, 1, None).expect("params");
+        let salt = SaltString::encode_b64(b"sixteen byte salt").expect("salt");
+        let legacy = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+            .hash_password(DECOMPOSED.as_bytes(), &salt)
+            .expect("hash")
+            .to_string();
+        assert!(!legacy.contains("data="), "{legacy}");
+        set_stored_hash(&app, "legacy", &legacy).await;
+        sign_in(&app, "legacy", DECOMPOSED).await.expect("typed as it was when set");
+        assert_status(sign_in(&app, "legacy", &format!("{DECOMPOSED}!")).await, Code::Unauthenticated, "ERROR_REASON_SIGN_IN_FAILED");
+    }
+}
