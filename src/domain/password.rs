@@ -39,14 +39,30 @@ impl fmt::Debug for Password {
 }
 
 /// Normalises `raw` to NFKC: the normalised form, and `raw` itself when it
-/// differs.
-fn normalize(raw: String) -> (String, Option<String>) {
+/// differs. Refuses, before normalising, input so long that its normalised
+/// form could not fit `max_chars` (composition shortens a text at most
+/// fourfold: no character decomposes canonically into more than four code
+/// points): normalising is the dearer work, and a request may be far larger
+/// than any password.
+fn normalize(
+    field: &str,
+    raw: String,
+    max_chars: usize,
+) -> Result<(String, Option<String>), DomainError> {
+    let limit = max_chars.saturating_mul(4);
+    if raw.chars().take(limit.saturating_add(1)).count() > limit {
+        return Err(too_long(field, max_chars));
+    }
     let normalized: String = raw.nfkc().collect();
-    if normalized == raw {
+    Ok(if normalized == raw {
         (raw, None)
     } else {
         (normalized, Some(raw))
-    }
+    })
+}
+
+fn too_long(field: &str, max_chars: usize) -> DomainError {
+    DomainError::invalid(field, format!("must be at most {max_chars} characters"))
 }
 
 /// What a new password must satisfy: a length range in Unicode code points,
@@ -117,7 +133,7 @@ impl Password {
         username: &str,
     ) -> Result<Self, DomainError> {
         // A new password is hashed normalised; the form as sent is not kept.
-        let (raw, _) = normalize(raw);
+        let (raw, _) = normalize(field, raw, policy.max_chars)?;
         let chars = raw.chars().count();
         if chars < policy.min_chars {
             return Err(DomainError::invalid(
@@ -153,7 +169,7 @@ impl Password {
         if raw.is_empty() {
             return Err(DomainError::invalid(field, "is required"));
         }
-        let (normalized, as_sent) = normalize(raw);
+        let (normalized, as_sent) = normalize(field, raw, policy.max_chars)?;
         if normalized.chars().count() > policy.max_chars {
             return Err(DomainError::invalid(
                 field,
@@ -470,6 +486,13 @@ mod tests {
             max_chars: 15,
         };
         assert!(Password::offered("password", long, &tight).is_ok());
+        // Input that could not normalise to within the limit is refused
+        // before it is normalised; input that could, and does, is not.
+        let greek = "\u{3a9}\u{314}\u{342}\u{345}".repeat(15);
+        let composed = Password::offered("password", greek.clone(), &tight).expect("60 to 15");
+        assert_eq!(composed.normalized, "\u{1faf}".repeat(15));
+        assert!(Password::offered("password", format!("{greek}x"), &tight).is_err());
+        assert!(Password::new_checked("password", "x".repeat(1 << 20), &policy, "").is_err());
     }
 
     #[tokio::test]
