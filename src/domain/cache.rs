@@ -17,8 +17,13 @@
 //!   hit, not only when the entry was filled.
 //! - Limited-use tokens are never cached: each use must reach the store.
 //!
-//! Memory is bounded by `capacity` entries, spread over shards so that
-//! concurrent lookups rarely contend.
+//! Memory is bounded by `capacity` positive entries plus an eighth as many
+//! negative ones, spread over shards so that concurrent lookups rarely
+//! contend. Negative verdicts live in an area of their own: anyone can forge
+//! well-formed tokens (the checksum is public), and each forged one that
+//! reaches the store leaves an `UNKNOWN` verdict behind. Kept apart, a flood
+//! of them only churns the small negative area and never evicts a positive
+//! verdict.
 //!
 //! Lookups are counted (`identity_verification_cache_lookups_total`) by
 //! result: hit, miss, or bypassed (cache off or channel down).
@@ -99,14 +104,37 @@ impl Hasher for DigestHasher {
     }
 }
 
-type Shard = Mutex<HashMap<[u8; 32], Entry, BuildHasherDefault<DigestHasher>>>;
+type Map = HashMap<[u8; 32], Entry, BuildHasherDefault<DigestHasher>>;
+
+/// One shard of the cache: positive and negative verdicts in separate maps,
+/// each with its own bound, so that filling one never evicts from the other.
+#[derive(Default)]
+struct Areas {
+    /// `Cached::Active` entries.
+    active: Map,
+    /// `Cached::Inactive` entries.
+    inactive: Map,
+}
+
+impl Areas {
+    fn len(&self) -> usize {
+        self.active.len() + self.inactive.len()
+    }
+}
+
+type Shard = Mutex<Areas>;
 
 const SHARDS: usize = 32;
 
 /// The per-replica verification cache.
 pub struct VerificationCache {
     shards: Vec<Shard>,
+    /// Positive verdicts each shard holds at most.
     per_shard: usize,
+    /// Negative verdicts each shard holds at most: an eighth of `per_shard`
+    /// (at least one), enough for clients that keep presenting a revoked or
+    /// expired token, too small for forged tokens to matter.
+    per_shard_negative: usize,
     ttl: Duration,
     /// False while the invalidation channel is down (and for a store that has
     /// none and needs none, never).
@@ -155,13 +183,19 @@ impl std::fmt::Debug for VerificationCache {
 }
 
 impl VerificationCache {
-    /// A cache of at most `capacity` entries (0 disables it), each kept at
-    /// most `ttl`. It starts enabled; a store with a notification channel
+    /// A cache of at most `capacity` positive entries and an eighth as many
+    /// negative ones (0 disables it), each kept at most `ttl`. It starts enabled; a store with a notification channel
     /// disables it until the channel is up.
     pub fn new(capacity: usize, ttl: Duration) -> Self {
+        let per_shard = capacity.div_ceil(SHARDS);
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            per_shard: capacity.div_ceil(SHARDS),
+            per_shard,
+            per_shard_negative: if per_shard == 0 {
+                0
+            } else {
+                (per_shard / 8).max(1)
+            },
             ttl,
             enabled: AtomicBool::new(capacity > 0),
             epoch: AtomicU64::new(0),
@@ -188,10 +222,16 @@ impl VerificationCache {
             .shard(digest)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let found = match shard.get(digest.as_bytes()) {
+        let areas = &mut *shard;
+        let area = if areas.active.contains_key(digest.as_bytes()) {
+            &mut areas.active
+        } else {
+            &mut areas.inactive
+        };
+        let found = match area.get(digest.as_bytes()) {
             Some(entry) if entry.deadline > now => Some(entry.cached.clone()),
             Some(_) => {
-                shard.remove(digest.as_bytes());
+                area.remove(digest.as_bytes());
                 None
             }
             None => None,
@@ -231,11 +271,14 @@ impl VerificationCache {
     }
 
     /// Remembers a verdict read from the store at `now`, unless an eviction
-    /// happened since `epoch` was read.
+    /// happened since `epoch` was read. A positive verdict goes to the
+    /// positive area and a negative one to the negative area; making room
+    /// in one never touches the other.
     pub fn put(&self, digest: &Digest, cached: Cached, now: Timestamp, epoch: u64) {
         if self.per_shard == 0 || !self.usable(now) {
             return;
         }
+        let positive = matches!(cached, Cached::Active { .. });
         let entry = Entry {
             cached,
             deadline: now.saturating_add(self.ttl),
@@ -244,21 +287,33 @@ impl VerificationCache {
             .shard(digest)
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if shard.len() >= self.per_shard && !shard.contains_key(digest.as_bytes()) {
-            shard.retain(|_, e| e.deadline > now);
-            if shard.len() >= self.per_shard {
+        let areas = &mut *shard;
+        let (area, other, bound) = if positive {
+            (&mut areas.active, &mut areas.inactive, self.per_shard)
+        } else {
+            (
+                &mut areas.inactive,
+                &mut areas.active,
+                self.per_shard_negative,
+            )
+        };
+        if area.len() >= bound && !area.contains_key(digest.as_bytes()) {
+            area.retain(|_, e| e.deadline > now);
+            if area.len() >= bound {
                 // Full of live entries: drop an arbitrary eighth of them.
-                let drop_count = (self.per_shard / 8).max(1);
-                let victims: Vec<[u8; 32]> = shard.keys().take(drop_count).copied().collect();
+                let drop_count = (bound / 8).max(1);
+                let victims: Vec<[u8; 32]> = area.keys().take(drop_count).copied().collect();
                 for key in victims {
-                    shard.remove(&key);
+                    area.remove(&key);
                 }
             }
         }
         // Checked under the shard lock: an eviction bumps the epoch before
         // it scans, so either it sees this entry or this sees its bump.
         if self.epoch.load(Ordering::Acquire) == epoch {
-            shard.insert(*digest.as_bytes(), entry);
+            // One verdict per digest: the newer one replaces the other kind.
+            other.remove(digest.as_bytes());
+            area.insert(*digest.as_bytes(), entry);
         }
     }
 
@@ -281,10 +336,9 @@ impl VerificationCache {
         };
         self.epoch.fetch_add(1, Ordering::AcqRel);
         for shard in &self.shards {
-            shard
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .retain(|_, entry| !matches(entry));
+            let mut areas = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            areas.active.retain(|_, entry| !matches(entry));
+            areas.inactive.retain(|_, entry| !matches(entry));
         }
     }
 
@@ -292,7 +346,9 @@ impl VerificationCache {
     pub fn clear(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         for shard in &self.shards {
-            shard.lock().unwrap_or_else(PoisonError::into_inner).clear();
+            let mut areas = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            areas.active.clear();
+            areas.inactive.clear();
         }
     }
 
@@ -511,6 +567,57 @@ mod tests {
             off.epoch(),
         );
         assert!(off.is_empty() && !off.is_enabled());
+    }
+
+    #[test]
+    fn negative_verdicts_never_evict_positive_ones() {
+        let cache = VerificationCache::new(1024, Duration::from_secs(60));
+        let now = Timestamp::from_micros(0);
+        let account = AccountId::generate();
+        let positives: Vec<Digest> = (0..64).map(|_| digest()).collect();
+        for d in &positives {
+            cache.put(
+                d,
+                active(&account, &TokenId::generate()),
+                now,
+                cache.epoch(),
+            );
+        }
+        for _ in 0..20_000 {
+            cache.put(
+                &digest(),
+                Cached::Inactive(InactiveReason::Unknown),
+                now,
+                cache.epoch(),
+            );
+        }
+        for d in &positives {
+            assert!(matches!(cache.get(d, now), Some(Cached::Active { .. })));
+        }
+        // The negative area holds an eighth of the positive capacity.
+        assert!(cache.len() <= 64 + 1024 / 8, "{} entries", cache.len());
+    }
+
+    #[test]
+    fn a_new_verdict_replaces_one_of_the_other_kind() {
+        let cache = VerificationCache::new(1024, Duration::from_secs(60));
+        let now = Timestamp::from_micros(0);
+        let (account, token, d) = (AccountId::generate(), TokenId::generate(), digest());
+        cache.put(&d, active(&account, &token), now, cache.epoch());
+        cache.put(
+            &d,
+            Cached::Inactive(InactiveReason::Revoked),
+            now,
+            cache.epoch(),
+        );
+        assert!(matches!(
+            cache.get(&d, now),
+            Some(Cached::Inactive(InactiveReason::Revoked))
+        ));
+        assert_eq!(cache.len(), 1);
+        cache.put(&d, active(&account, &token), now, cache.epoch());
+        assert!(matches!(cache.get(&d, now), Some(Cached::Active { .. })));
+        assert_eq!(cache.len(), 1);
     }
 }
 
