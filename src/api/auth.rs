@@ -187,7 +187,8 @@ pub async fn caller<T>(
 /// How `VerifyToken` callers are admitted (`IDENTITY_VERIFY_AUTH`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum VerifyAuth {
-    /// A bearer credential with the `tokens:verify` scope (the default).
+    /// A bearer token granted the `tokens:verify` scope by name (the
+    /// default; full access does not include it).
     #[default]
     Scope,
     /// A client certificate named in `IDENTITY_VERIFY_CLIENTS`, instead of a

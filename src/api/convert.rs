@@ -198,6 +198,7 @@ fn event_type(kind: EventType) -> pb::AuditEventType {
         EventType::TokenLeaked => P::TokenLeaked,
         EventType::TokenReuseDetected => P::TokenReuseDetected,
         EventType::SignInThrottled => P::SignInThrottled,
+        EventType::TokenRenewed => P::TokenRenewed,
     }
 }
 

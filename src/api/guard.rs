@@ -24,7 +24,7 @@ pub enum Access {
     /// Needs an authenticated caller.
     Authenticated,
     /// `VerifyToken`'s rule: admitted by `auth::verifier` under
-    /// `IDENTITY_VERIFY_AUTH`, with a credential carrying `tokens:verify`
+    /// `IDENTITY_VERIFY_AUTH`, with a token granted `tokens:verify` by name
     /// (the default), an allowed TLS client certificate, or both.
     Verifier,
 }
@@ -51,6 +51,7 @@ pub const RULES: &[(&str, Access)] = &[
     ("/identity.v1.TokensService/RevokeToken", Authenticated),
     ("/identity.v1.TokensService/VerifyToken", Verifier),
     ("/identity.v1.TokensService/RotateToken", Authenticated),
+    ("/identity.v1.TokensService/RenewToken", Authenticated),
     ("/identity.v1.TokensService/RevokeLeakedToken", Anonymous),
 ];
 

@@ -235,6 +235,31 @@ impl TokensService for TokensApi {
         }))
     }
 
+    #[tracing::instrument(name = "RenewToken", skip_all, fields(caller))]
+    async fn renew_token(
+        &self,
+        request: Request<pb::RenewTokenRequest>,
+    ) -> Result<Response<pb::RenewTokenResponse>, Status> {
+        let (caller, origin) = auth::caller(&self.identity, &request).await?;
+        let req = request.into_inner();
+        let mut violations = Violations::new();
+        let id = violations.check(TokenId::parse("token_id", &req.token_id));
+        let expire_time =
+            violations.check(convert::parse_timestamp("expire_time", req.expire_time));
+        let (id, expire_time) = violations
+            .complete((|| Some((id?, expire_time?)))())
+            .map_err(to_status)?;
+        let token = self
+            .identity
+            .renew_token(&caller, &origin, &id, expire_time, req.never_expires)
+            .await
+            .map_err(to_status)?;
+        tracing::info!(token_id = token.id.as_str(), "token renewed");
+        Ok(Response::new(pb::RenewTokenResponse {
+            token: Some(convert::token(token, Timestamp::now())),
+        }))
+    }
+
     #[tracing::instrument(name = "RevokeLeakedToken", skip_all)]
     async fn revoke_leaked_token(
         &self,

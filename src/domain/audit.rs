@@ -37,11 +37,13 @@ pub enum EventType {
     /// Sign-ins for a username or from an address began to be refused
     /// without a password check (backoff or lock); recorded once per block.
     SignInThrottled,
+    /// A token was given a new lifetime.
+    TokenRenewed,
 }
 
 impl EventType {
     /// Every type, in the order of the proto enum.
-    pub const ALL: [EventType; 14] = [
+    pub const ALL: [EventType; 15] = [
         Self::AccountCreated,
         Self::AccountDisabled,
         Self::AccountEnabled,
@@ -56,6 +58,7 @@ impl EventType {
         Self::TokenLeaked,
         Self::TokenReuseDetected,
         Self::SignInThrottled,
+        Self::TokenRenewed,
     ];
 
     /// The stored spelling.
@@ -75,6 +78,7 @@ impl EventType {
             Self::TokenLeaked => "token.leaked",
             Self::TokenReuseDetected => "token.reuse_detected",
             Self::SignInThrottled => "session.sign_in_throttled",
+            Self::TokenRenewed => "token.renewed",
         }
     }
 

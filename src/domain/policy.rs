@@ -4,10 +4,17 @@
 //!
 //! The rules: operators may act on every account; everyone else on their own
 //! account only. A personal access token is further limited to its scopes and
-//! can never sign in or out. A session carries its account's full access.
+//! can never sign in or out. A session carries its account's full access,
+//! except `VerifyToken`, which needs `tokens:verify` granted by name (RFC
+//! 7662: introspection is for protected resources, not for people).
 //! `VerifyToken` may also be asked by a service the transport authenticated
 //! ([`Verifier::TrustedService`]), which the wire layer vouches for.
-
+//!
+//! What a caller may *give* is one more rule, [`check_grant`]: nothing
+//! created or changed with a credential may hold a power the credential
+//! lacks. Every path that hands out power (an account's role, a token's
+//! scopes, lifetime, uses and account) describes what it hands out as a
+//! [`Grant`] and asks it.
 use super::{
     DomainError,
     account::{Account, AccountId, Role},
@@ -69,6 +76,8 @@ pub enum Action<'a> {
     VerifyToken,
     /// Rotate one of an account's tokens.
     RotateToken(&'a AccountId),
+    /// Give one of an account's tokens a new lifetime.
+    RenewToken(&'a AccountId),
     /// Change the caller's own password.
     ChangePassword,
     /// End every session of an account.
@@ -97,7 +106,10 @@ pub fn authorize(caller: &Principal, action: Action<'_>) -> Result<(), DomainErr
             require_operator(caller)
         }
         Action::SignOut | Action::ChangePassword => require_session(caller),
-        Action::CreateToken(target) | Action::RevokeToken(target) | Action::RotateToken(target) => {
+        Action::CreateToken(target)
+        | Action::RevokeToken(target)
+        | Action::RotateToken(target)
+        | Action::RenewToken(target) => {
             require_scope(caller, scope::TOKENS_WRITE)?;
             require_owner(caller, target)
         }
@@ -105,7 +117,9 @@ pub fn authorize(caller: &Principal, action: Action<'_>) -> Result<(), DomainErr
             require_scope(caller, scope::TOKENS_READ)?;
             require_owner(caller, target)
         }
-        Action::VerifyToken => require_scope(caller, scope::TOKENS_VERIFY),
+        // Named explicitly: full access (a session, an unscoped token) does
+        // not include it.
+        Action::VerifyToken => require_explicit_scope(caller, scope::TOKENS_VERIFY),
         // Ending one's own sessions or deleting one's own account is signing
         // out: it takes a session. Doing it to another account is an
         // operator's administrative act.
@@ -152,32 +166,134 @@ pub fn authorize_verifier(verifier: Verifier<'_>) -> Result<(), DomainError> {
     }
 }
 
-/// Whether `caller` may grant a new token `scopes` and `expire_time`: a
-/// scoped token cannot widen its scopes, and no token can outlive the
-/// credential that created it.
-pub fn check_grant(
-    caller: &Principal,
-    scopes: &Scopes,
-    expire_time: Option<Timestamp>,
-) -> Result<(), DomainError> {
+/// What something created or changed with a credential will be able to do:
+/// the powers [`check_grant`] weighs against the creator's.
+#[derive(Debug, Clone, Copy)]
+pub enum Grant<'a> {
+    /// An account of `role` comes to hold power: it is created, or enabled
+    /// again (which brings its credentials back to life). The account's own
+    /// password gives it the full access of its role.
+    Account {
+        /// Its role.
+        role: Role,
+    },
+    /// A credential comes to hold power: a new token, a rotation's
+    /// successor, or a token given a new lifetime.
+    Token(TokenGrant<'a>),
+}
+
+/// The powers of a token being created or changed.
+///
+/// A new power of tokens (such as resources a token is limited to) is a new
+/// field here and a new comparison in [`check_grant`]: the exhaustive
+/// destructuring there makes forgetting the comparison a compile error.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenGrant<'a> {
+    /// The account it acts for.
+    pub account: &'a AccountId,
+    /// That account's role (an operator's token acts on every account).
+    pub role: Role,
+    /// What it is limited to; empty for full access.
+    pub scopes: &'a Scopes,
+    /// When it stops working; `None` for never.
+    pub expire_time: Option<Timestamp>,
+    /// The uses it will have left; `None` for unlimited.
+    pub uses: Option<i64>,
+    /// The token this one replaces (rotation): when that is the calling
+    /// token itself, its remaining uses move to the result instead of being
+    /// copied, so a limited-use token may do it.
+    pub successor_of: Option<&'a TokenId>,
+}
+
+/// The grant rule: whether `caller` may create or change something with the
+/// powers of `grant`. Nothing may hold a power its creator lacks:
+///
+/// - **role**: the operator role (a new operator account, or one enabled
+///   again) needs an operator's session or full-access token, which already
+///   holds every power an operator account has; a token of an operator's
+///   account needs an operator. A user account's power reaches only its own,
+///   new or suspended, account, so `accounts:write` of an operator suffices.
+/// - **account**: a token acts only for an account the caller may act on.
+/// - **scopes**: a subset of the caller's (full access only from full access).
+/// - **lifetime**: a personal access token grants no later expiry than its
+///   own (never-expiring only from never-expiring). A session speaks for
+///   its account's password: what it creates is not bound to its life.
+/// - **uses**: a limited-use personal access token creates and renews no
+///   tokens at all (each creation would copy its remaining uses, so uses
+///   would multiply); rotating itself moves its remaining uses to the
+///   successor, which is no more than it holds.
+pub fn check_grant(caller: &Principal, grant: &Grant<'_>) -> Result<(), DomainError> {
+    let token = match grant {
+        Grant::Account { role } => {
+            return match role {
+                Role::Operator if !(caller.is_operator() && caller.scopes.is_full()) => {
+                    Err(DomainError::Escalation(
+                        "only an operator's session or full-access token may give the operator role",
+                    ))
+                }
+                Role::Operator | Role::User => Ok(()),
+            };
+        }
+        Grant::Token(token) => token,
+    };
+    let TokenGrant {
+        account,
+        role,
+        scopes,
+        expire_time,
+        uses,
+        successor_of,
+    } = *token;
+    if !caller.owns_or_operates(account) {
+        return Err(DomainError::NotAllowed(
+            "only the account itself or an operator may do this",
+        ));
+    }
+    if role == Role::Operator && !caller.is_operator() {
+        return Err(DomainError::Escalation(
+            "only an operator may give a token of an operator",
+        ));
+    }
     if !scopes.is_subset_of(&caller.scopes) {
         return Err(DomainError::Escalation(
             "the new token's scopes must be a subset of the calling token's scopes",
         ));
     }
-    if caller.credential == CredentialKind::PersonalAccessToken
-        && let Some(limit) = caller.expire_time
+    if caller.credential == CredentialKind::Session {
+        return Ok(());
+    }
+    if let Some(limit) = caller.expire_time
         && expire_time.is_none_or(|e| e > limit)
     {
         return Err(DomainError::Escalation(
             "the new token cannot expire later than the calling token",
         ));
     }
+    if let Some(left) = caller.uses_remaining {
+        if successor_of != Some(&caller.credential_id) {
+            return Err(DomainError::Escalation(
+                "a limited-use token cannot create or renew tokens",
+            ));
+        }
+        if uses.is_none_or(|u| u > left) {
+            return Err(DomainError::Escalation(
+                "the new token cannot have more uses than the calling token has left",
+            ));
+        }
+    }
     Ok(())
 }
 
 fn require_scope(caller: &Principal, scope: &'static str) -> Result<(), DomainError> {
     if caller.scopes.allows(scope) {
+        Ok(())
+    } else {
+        Err(DomainError::ScopeMissing(scope))
+    }
+}
+
+fn require_explicit_scope(caller: &Principal, scope: &'static str) -> Result<(), DomainError> {
+    if caller.scopes.names().any(|s| s == scope) {
         Ok(())
     } else {
         Err(DomainError::ScopeMissing(scope))
@@ -206,5 +322,246 @@ fn require_owner(caller: &Principal, target: &AccountId) -> Result<(), DomainErr
         Err(DomainError::NotAllowed(
             "only the account itself or an operator may do this",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::account::{AccountKind, Email, Username};
+
+    /// The built-in scopes, each a bit of a mask; bit 5 stands for every
+    /// other scope, which only full access holds.
+    const BUILT_IN: [&str; 5] = [
+        scope::ACCOUNTS_READ,
+        scope::ACCOUNTS_WRITE,
+        scope::TOKENS_READ,
+        scope::TOKENS_WRITE,
+        scope::TOKENS_VERIFY,
+    ];
+    const FULL_MASK: u8 = 0b11_1111;
+
+    /// The scopes of `mask` (0 meaning full access), and what they reach
+    /// as a mask, for the oracle.
+    fn scopes(mask: u8) -> (Scopes, u8) {
+        if mask == 0 {
+            return (Scopes::full(), FULL_MASK);
+        }
+        let names: Vec<&str> = (0..5)
+            .filter(|i| mask & (1 << i) != 0)
+            .map(|i| BUILT_IN[i])
+            .collect();
+        (Scopes::parse("s", &names).expect("valid"), mask)
+    }
+
+    fn account(role: Role) -> Account {
+        Account {
+            id: AccountId::generate(),
+            username: Username::parse("u", "someone").expect("valid"),
+            email: Email::default(),
+            kind: AccountKind::Person,
+            role,
+            password_hash: None,
+            create_time: Timestamp::from_micros(0),
+            disable_time: None,
+        }
+    }
+
+    fn principal(
+        role: Role,
+        credential: CredentialKind,
+        scopes: Scopes,
+        expire_time: Option<Timestamp>,
+        uses_remaining: Option<i64>,
+    ) -> Principal {
+        Principal {
+            account: account(role),
+            credential,
+            credential_id: TokenId::generate(),
+            scopes,
+            expire_time,
+            uses_remaining,
+            last_used_time: None,
+        }
+    }
+
+    const T: i64 = 1_000_000_000;
+
+    /// The rule restated as "the result's powers are within the caller's",
+    /// power by power, independently of how `check_grant` is written.
+    #[allow(clippy::too_many_arguments)]
+    fn within(
+        caller_role: Role,
+        kind: CredentialKind,
+        caller_reach: u8,
+        caller_expiry: Option<i64>,
+        caller_uses: Option<i64>,
+        own_account: bool,
+        target_role: Role,
+        reach: u8,
+        expiry: Option<i64>,
+        uses: Option<i64>,
+        replaces_caller: bool,
+    ) -> bool {
+        let operator = caller_role == Role::Operator;
+        let account_ok = own_account || operator;
+        let role_ok = target_role == Role::User || operator;
+        let scopes_ok = reach & !caller_reach == 0;
+        let pat = kind == CredentialKind::PersonalAccessToken;
+        let expiry_ok = !pat
+            || match caller_expiry {
+                None => true,
+                Some(limit) => expiry.is_some_and(|e| e <= limit),
+            };
+        let uses_ok = !pat
+            || match caller_uses {
+                None => true,
+                Some(left) => replaces_caller && uses.is_some_and(|u| u <= left),
+            };
+        account_ok && role_ok && scopes_ok && expiry_ok && uses_ok
+    }
+
+    #[test]
+    fn nothing_granted_holds_more_than_its_granter_over_every_case() {
+        let roles = [Role::User, Role::Operator];
+        let kinds = [CredentialKind::Session, CredentialKind::PersonalAccessToken];
+        let caller_expiries = [None, Some(T)];
+        let expiries = [None, Some(T - 1), Some(T), Some(T + 1)];
+        let caller_uses = [None, Some(0), Some(2)];
+        let uses = [None, Some(1), Some(2), Some(3)];
+        let mut checked = 0_u64;
+        for caller_role in roles {
+            for kind in kinds {
+                // A session always has full access.
+                let caller_masks: Vec<u8> = match kind {
+                    CredentialKind::Session => vec![0],
+                    CredentialKind::PersonalAccessToken => (0..32).collect(),
+                };
+                for caller_mask in caller_masks {
+                    for caller_expiry in caller_expiries {
+                        for caller_left in caller_uses {
+                            if kind == CredentialKind::Session && caller_left.is_some() {
+                                continue;
+                            }
+                            let (caller_scopes, caller_reach) = scopes(caller_mask);
+                            let caller = principal(
+                                caller_role,
+                                kind,
+                                caller_scopes,
+                                caller_expiry.map(Timestamp::from_micros),
+                                caller_left,
+                            );
+                            // Accounts of each role.
+                            for role in roles {
+                                let allowed =
+                                    check_grant(&caller, &Grant::Account { role }).is_ok();
+                                let expected = role == Role::User
+                                    || (caller_role == Role::Operator && caller_reach == FULL_MASK);
+                                assert_eq!(allowed, expected, "account {role:?} by {caller:?}");
+                                checked += 1;
+                            }
+                            // Tokens: of the caller's own account or another
+                            // of each role, every scope set, expiry, use
+                            // count, new or replacing the caller (rotation of
+                            // itself) or another token.
+                            let other_user = AccountId::generate();
+                            let targets = [
+                                (true, caller_role, &caller.account.id),
+                                (false, Role::User, &other_user),
+                                (false, Role::Operator, &other_user),
+                            ];
+                            let other_token = TokenId::generate();
+                            for (own, target_role, target) in targets {
+                                for mask in 0..32 {
+                                    let (requested, reach) = scopes(mask);
+                                    for expiry in expiries {
+                                        for wanted_uses in uses {
+                                            for successor_of in [
+                                                None,
+                                                Some(&caller.credential_id),
+                                                Some(&other_token),
+                                            ] {
+                                                let grant = Grant::Token(TokenGrant {
+                                                    account: target,
+                                                    role: target_role,
+                                                    scopes: &requested,
+                                                    expire_time: expiry.map(Timestamp::from_micros),
+                                                    uses: wanted_uses,
+                                                    successor_of,
+                                                });
+                                                let result = check_grant(&caller, &grant);
+                                                let expected = within(
+                                                    caller_role,
+                                                    kind,
+                                                    caller_reach,
+                                                    caller_expiry,
+                                                    caller_left,
+                                                    own,
+                                                    target_role,
+                                                    reach,
+                                                    expiry,
+                                                    wanted_uses,
+                                                    successor_of == Some(&caller.credential_id),
+                                                );
+                                                assert_eq!(
+                                                    result.is_ok(),
+                                                    expected,
+                                                    "{grant:?} by {caller:?}: {result:?}"
+                                                );
+                                                if let Err(err) = result {
+                                                    assert!(
+                                                        matches!(
+                                                            err,
+                                                            DomainError::Escalation(_)
+                                                                | DomainError::NotAllowed(_)
+                                                        ),
+                                                        "{err:?}"
+                                                    );
+                                                }
+                                                checked += 1;
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(checked > 100_000, "the grid shrank: {checked} cases");
+    }
+
+    #[test]
+    fn only_a_token_granted_tokens_verify_by_name_may_verify() {
+        for role in [Role::User, Role::Operator] {
+            let session = principal(role, CredentialKind::Session, Scopes::full(), None, None);
+            let full = principal(
+                role,
+                CredentialKind::PersonalAccessToken,
+                Scopes::full(),
+                None,
+                None,
+            );
+            for caller in [&session, &full] {
+                assert!(matches!(
+                    authorize_verifier(Verifier::Caller(caller)),
+                    Err(DomainError::ScopeMissing(scope::TOKENS_VERIFY))
+                ));
+            }
+            for mask in 1..32_u8 {
+                let (scopes, _) = scopes(mask);
+                let token = principal(
+                    role,
+                    CredentialKind::PersonalAccessToken,
+                    scopes,
+                    None,
+                    None,
+                );
+                let allowed = authorize_verifier(Verifier::Caller(&token)).is_ok();
+                assert_eq!(allowed, mask & (1 << 4) != 0, "{token:?}");
+            }
+        }
+        assert!(authorize_verifier(Verifier::TrustedService).is_ok());
     }
 }

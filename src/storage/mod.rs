@@ -286,6 +286,18 @@ pub trait Store: Send + Sync + 'static {
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError>;
 
+    /// Gives a live token (not revoked, not rotated, not expired at `now`) the
+    /// new expiry `expire_time` (`None`: never), and returns it as stored
+    /// afterwards; `None` (and changes nothing) if there is no such live
+    /// token.
+    async fn renew_token(
+        &self,
+        id: &TokenId,
+        expire_time: Option<Timestamp>,
+        now: Timestamp,
+        event: &AuditEvent,
+    ) -> Result<Option<Token>, StorageError>;
+
     /// Revokes every token of a rotation family that is not yet revoked at
     /// `at`. Returns how many were.
     async fn revoke_family(

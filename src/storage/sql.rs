@@ -149,6 +149,10 @@ pub(super) const REVOKE_FAMILY: &str = "UPDATE tokens SET revoke_time = $2, live
 pub(super) const MARK_ROTATED: &str = "UPDATE tokens SET replaced_by = $2, live_name = NULL, \
     revoke_time = CASE WHEN revoke_time IS NULL OR revoke_time > $3 THEN $3 ELSE revoke_time END \
     WHERE token_id = $1 AND replaced_by IS NULL AND (revoke_time IS NULL OR revoke_time > $4)";
+/// `$2`: the new expiry (NULL: never); `$3`: now.
+pub(super) const RENEW_TOKEN: &str = "UPDATE tokens SET expire_time = $2 \
+    WHERE token_id = $1 AND replaced_by IS NULL AND revoke_time IS NULL \
+    AND (expire_time IS NULL OR expire_time > $3)";
 pub(super) const CONSUME_USE: &str = "UPDATE tokens SET uses_remaining = uses_remaining - 1 \
     WHERE token_id = $1 AND uses_remaining > 0 RETURNING uses_remaining";
 /// `$4`: the minimum interval between two recorded uses, in microseconds.
@@ -752,6 +756,36 @@ macro_rules! impl_store {
                 let previous = row.as_ref().map(rows::token).transpose()?;
                 tx.commit().await.map_err(Self::classify)?;
                 Ok(previous)
+            }
+
+            async fn renew_token(
+                &self,
+                id: &TokenId,
+                expire_time: Option<Timestamp>,
+                now: Timestamp,
+                event: &AuditEvent,
+            ) -> Result<Option<Token>, StorageError> {
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                let renewed = sqlx::query(sql::RENEW_TOKEN)
+                    .bind(id.as_str())
+                    .bind(expire_time.map(Timestamp::as_micros))
+                    .bind(now.as_micros())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?
+                    .rows_affected();
+                if renewed == 0 {
+                    return Ok(None);
+                }
+                Self::record(&mut tx, event, &Invalidation::Credential(id.clone())).await?;
+                let row = sqlx::query(sql::TOKEN_BY_ID)
+                    .bind(id.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?;
+                let token = row.as_ref().map(rows::token).transpose()?;
+                tx.commit().await.map_err(Self::classify)?;
+                Ok(token)
             }
 
             async fn revoke_family(

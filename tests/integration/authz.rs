@@ -30,12 +30,12 @@ macro_rules! enum_with_all {
     ($(#[$meta:meta])* enum $name:ident { $($(#[$vmeta:meta])* $variant:ident,)+ }) => {
         $(#[$meta])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-        enum $name {
+        pub(crate) enum $name {
             $($(#[$vmeta])* $variant,)+
         }
 
         impl $name {
-            const ALL: &[$name] = &[$($name::$variant),+];
+            pub(crate) const ALL: &[$name] = &[$($name::$variant),+];
         }
     };
 }
@@ -61,6 +61,7 @@ enum_with_all! {
         RevokeToken,
         VerifyToken,
         RotateToken,
+        RenewToken,
         RevokeLeakedToken,
     }
 }
@@ -86,6 +87,7 @@ impl Rpc {
             | Rpc::RevokeToken
             | Rpc::VerifyToken
             | Rpc::RotateToken
+            | Rpc::RenewToken
             | Rpc::RevokeLeakedToken => "TokensService",
         };
         format!("/identity.v1.{service}/{self:?}")
@@ -103,7 +105,9 @@ impl Rpc {
             | Rpc::DeleteAccount => Some("accounts:write"),
             Rpc::GetAccount | Rpc::ListAccounts | Rpc::ListAuditEvents => Some("accounts:read"),
             Rpc::SignIn | Rpc::SignOut | Rpc::ChangePassword | Rpc::RevokeLeakedToken => None,
-            Rpc::CreateToken | Rpc::RevokeToken | Rpc::RotateToken => Some("tokens:write"),
+            Rpc::CreateToken | Rpc::RevokeToken | Rpc::RotateToken | Rpc::RenewToken => {
+                Some("tokens:write")
+            }
             Rpc::GetToken | Rpc::ListTokens => Some("tokens:read"),
             Rpc::VerifyToken => Some("tokens:verify"),
         }
@@ -433,18 +437,20 @@ const ROWS: &[Row] = {
         row(RevokeToken, ExpiredToken, INVALID),
         row(RevokeToken, RevokedToken, INVALID),
         row(RevokeToken, SignedOutSession, INVALID),
-        // Anyone authenticated with `tokens:verify` (full access has it) may
-        // introspect any credential, whoever it belongs to.
+        // Anyone authenticated with a token granted `tokens:verify` by name
+        // may introspect any credential, whoever it belongs to. Full access
+        // (sessions, unscoped tokens, the operator's included) does not
+        // include the scope.
         row(VerifyToken, Anonymous, MISSING),
         row(VerifyToken, Malformed, INVALID),
         row(VerifyToken, NotBearer, INVALID),
-        row(VerifyToken, OwnSession, OK),
+        row(VerifyToken, OwnSession, NO_SCOPE),
         row(VerifyToken, OwnScopedToken, OK),
         row(VerifyToken, OwnTokenWithoutScope, NO_SCOPE),
-        row(VerifyToken, OtherPerson, OK),
-        row(VerifyToken, RobotOnItself, OK),
-        row(VerifyToken, RobotOnPerson, OK),
-        row(VerifyToken, Operator, OK),
+        row(VerifyToken, OtherPerson, NO_SCOPE),
+        row(VerifyToken, RobotOnItself, NO_SCOPE),
+        row(VerifyToken, RobotOnPerson, NO_SCOPE),
+        row(VerifyToken, Operator, NO_SCOPE),
         row(VerifyToken, OperatorScopedToken, OK),
         row(VerifyToken, ExpiredToken, INVALID),
         row(VerifyToken, RevokedToken, INVALID),
@@ -466,6 +472,23 @@ const ROWS: &[Row] = {
         row(RotateToken, ExpiredToken, INVALID),
         row(RotateToken, RevokedToken, INVALID),
         row(RotateToken, SignedOutSession, INVALID),
+        // Own tokens or operator; `tokens:write`, and within the caller's
+        // own powers (the grant rule; `grants.rs` tries every case). As
+        // RevokeToken.
+        row(RenewToken, Anonymous, MISSING),
+        row(RenewToken, Malformed, INVALID),
+        row(RenewToken, NotBearer, INVALID),
+        row(RenewToken, OwnSession, OK),
+        row(RenewToken, OwnScopedToken, OK),
+        row(RenewToken, OwnTokenWithoutScope, NO_SCOPE),
+        row(RenewToken, OtherPerson, HIDDEN),
+        row(RenewToken, RobotOnItself, OK),
+        row(RenewToken, RobotOnPerson, HIDDEN),
+        row(RenewToken, Operator, OK),
+        row(RenewToken, OperatorScopedToken, OK),
+        row(RenewToken, ExpiredToken, INVALID),
+        row(RenewToken, RevokedToken, INVALID),
+        row(RenewToken, SignedOutSession, INVALID),
         // Anyone, without authentication: the `authorization` metadata is not
         // even read, so a garbled or dead credential is no obstacle either.
         row(RevokeLeakedToken, Anonymous, OK),
@@ -577,17 +600,18 @@ fn assert_the_matrix_covers_the_api() {
 }
 
 /// One account's resources that a call can target.
-struct Target {
-    account: pb::Account,
+pub(crate) struct Target {
+    pub(crate) account: pb::Account,
     /// One of its tokens, for GetToken.
     token_id: String,
     /// A live credential of it, for VerifyToken to inspect.
     credential: String,
 }
 
-/// Everything the rows use, set up once per backend run.
-struct World {
-    alice: Target,
+/// Everything the rows use, set up once per backend run (and the grant
+/// rule's invariant test, `grants.rs`, reuses).
+pub(crate) struct World {
+    pub(crate) alice: Target,
     robot: Target,
     alice_session: String,
     alice_full: String,
@@ -627,7 +651,7 @@ async fn sign_in(app: &TestApp, username: &str) -> String {
 }
 
 impl World {
-    async fn build(app: &TestApp) -> Self {
+    pub(crate) async fn build(app: &TestApp) -> Self {
         let (alice, alice_session) = app.person("alice").await;
         // Created first, so that its short life runs out while the rest is
         // set up.
@@ -742,7 +766,7 @@ impl World {
     }
 
     /// Whose resources `caller` acts on.
-    fn target(&self, caller: Caller) -> &Target {
+    pub(crate) fn target(&self, caller: Caller) -> &Target {
         match caller {
             Caller::RobotOnItself => &self.robot,
             _ => &self.alice,
@@ -750,7 +774,12 @@ impl World {
     }
 
     /// The `authorization` metadata `caller` sends to `rpc`, if any.
-    async fn authorization(&self, app: &TestApp, rpc: Rpc, caller: Caller) -> Option<String> {
+    pub(crate) async fn authorization(
+        &self,
+        app: &TestApp,
+        rpc: Rpc,
+        caller: Caller,
+    ) -> Option<String> {
         let scoped = |tokens: &BTreeMap<&'static str, String>, full: &str| match rpc.scope() {
             Some(scope) => tokens[scope].clone(),
             None => full.to_owned(),
@@ -778,7 +807,7 @@ impl World {
 }
 
 /// `message` with `authorization` metadata when there is one.
-fn request<T>(message: T, authorization: Option<&str>) -> Request<T> {
+pub(crate) fn request<T>(message: T, authorization: Option<&str>) -> Request<T> {
     let mut request = Request::new(message);
     if let Some(value) = authorization {
         request.metadata_mut().insert(
@@ -1032,6 +1061,25 @@ async fn perform(app: &TestApp, world: &World, n: usize, row: Row) -> Result<(),
                 .rotate_token(request(
                     pb::RotateTokenRequest {
                         token_id: victim.token.expect("token").token_id,
+                    },
+                    auth,
+                ))
+                .await
+                .map(drop)
+        }
+        Rpc::RenewToken => {
+            // A live token of the target's, issued for this row alone, given
+            // a new lifetime within what every caller allowed to renew it
+            // holds.
+            let (_, within) = in_the_future(Duration::from_secs(60 * 60));
+            let victim = issue(app, &account_id, &unique, &["tokens:write"], Some(within)).await;
+            let (_, renewed) = in_the_future(Duration::from_secs(2 * 60 * 60));
+            app.tokens()
+                .renew_token(request(
+                    pb::RenewTokenRequest {
+                        token_id: victim.token.expect("token").token_id,
+                        expire_time: Some(renewed),
+                        never_expires: false,
                     },
                     auth,
                 ))

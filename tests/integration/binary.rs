@@ -605,6 +605,22 @@ async fn no_secret_reaches_the_logs_on(backend: Backend, format: &str) {
     let pat_id = created.token.expect("token").token_id;
     secrets.token("personal access token", &pat);
 
+    // VerifyToken needs `tokens:verify` granted by name.
+    let verifier_secret = tokens
+        .create_token(bearer(
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "verifier".into(),
+                scopes: vec!["tokens:verify".into()],
+                ..Default::default()
+            },
+            &session,
+        ))
+        .await
+        .expect("create a verifier token")
+        .into_inner()
+        .secret;
+    secrets.token("verifier token", &verifier_secret);
     let verifier = tokens.clone();
     let verify = |token: &str| {
         let mut tokens = verifier.clone();
@@ -614,7 +630,7 @@ async fn no_secret_reaches_the_logs_on(backend: Backend, format: &str) {
                 required_scopes: vec!["project:publish".into()],
                 ..Default::default()
             },
-            &operator,
+            &verifier_secret,
         );
         async move {
             tokens
@@ -1155,8 +1171,36 @@ async fn bootstrap_operator_prints_only_a_token_on(backend: Backend) {
     let channel = server.channel().await;
     let mut tokens = TokensServiceClient::new(channel.clone());
     let mut accounts = AccountsServiceClient::new(channel.clone());
+    // Full access does not include `tokens:verify`: the first token makes
+    // a verifier token of the operator's.
+    let ops = accounts
+        .get_account(bearer(
+            pb::GetAccountRequest {
+                lookup: Some(pb::get_account_request::Lookup::Username("ops".into())),
+            },
+            &first,
+        ))
+        .await
+        .expect("look up the operator")
+        .into_inner()
+        .account
+        .expect("account");
+    let verifier = tokens
+        .create_token(bearer(
+            pb::CreateTokenRequest {
+                account_id: ops.account_id.clone(),
+                name: "verifier".into(),
+                scopes: vec!["tokens:verify".into()],
+                ..Default::default()
+            },
+            &first,
+        ))
+        .await
+        .expect("create a verifier token")
+        .into_inner()
+        .secret;
     let mut principals = Vec::new();
-    for (token, caller) in [(&first, &second), (&second, &first)] {
+    for token in [&first, &second] {
         let verdict = tokens
             .verify_token(bearer(
                 pb::VerifyTokenRequest {
@@ -1164,7 +1208,7 @@ async fn bootstrap_operator_prints_only_a_token_on(backend: Backend) {
                     required_scopes: vec![],
                     ..Default::default()
                 },
-                caller,
+                &verifier,
             ))
             .await
             .expect("verify a bootstrap token")

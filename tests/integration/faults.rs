@@ -69,6 +69,9 @@ struct Target {
     username: String,
     /// A token the load verifies.
     probe: String,
+    /// A token granted `tokens:verify`, to verify with (full access does not
+    /// include the scope).
+    verifier: String,
     /// Tokens the load revokes, one each, until there are none left.
     revocable: Arc<Mutex<Vec<(String, String)>>>,
 }
@@ -169,7 +172,7 @@ async fn worker(
                             token: target.probe.clone(),
                             ..Default::default()
                         },
-                        &target.operator,
+                        &target.verifier,
                     ))
                     .await;
                 let result = result.and_then(|r| {
@@ -317,12 +320,27 @@ async fn prepare(channel: Channel, operator: &str, revocable: usize) -> Target {
     for n in 0..revocable {
         to_revoke.push(create(format!("revocable-{n}")).await);
     }
+    let verifier = tokens
+        .create_token(bearer(
+            pb::CreateTokenRequest {
+                account_id: robot_id.clone(),
+                name: "verifier".into(),
+                scopes: vec!["tokens:verify".into()],
+                ..Default::default()
+            },
+            operator,
+        ))
+        .await
+        .expect("create the verifier token")
+        .into_inner()
+        .secret;
     Target {
         channel,
         operator: operator.to_owned(),
         robot_id,
         username,
         probe,
+        verifier,
         revocable: Arc::new(Mutex::new(to_revoke)),
     }
 }
@@ -420,7 +438,7 @@ async fn await_health(channel: &Channel, expected: ServingStatus) -> Duration {
 
 /// After recovery: every acknowledged creation and sign-in is in force,
 /// every acknowledged revocation too.
-async fn assert_acknowledged_writes_hold(channel: &Channel, operator: &str, acked: &Acknowledged) {
+async fn assert_acknowledged_writes_hold(channel: &Channel, verifier: &str, acked: &Acknowledged) {
     let mut tokens = TokensServiceClient::new(channel.clone());
     let verify = async |tokens: &mut TokensServiceClient<Channel>, secret: &str| {
         tokens
@@ -429,7 +447,7 @@ async fn assert_acknowledged_writes_hold(channel: &Channel, operator: &str, acke
                     token: secret.into(),
                     ..Default::default()
                 },
-                operator,
+                verifier,
             ))
             .await
             .expect("verify after recovery")
@@ -632,7 +650,7 @@ async fn postgres_outage_fails_calls_fast_and_the_service_recovers_by_itself() {
                         token: target.probe.clone(),
                         ..Default::default()
                     },
-                    &app.operator_token,
+                    &target.verifier,
                 ))
                 .await;
             if answer.is_ok() {
@@ -691,7 +709,7 @@ async fn postgres_outage_fails_calls_fast_and_the_service_recovers_by_itself() {
 
     let acked = std::mem::take(&mut *record.acked());
     assert!(!acked.created.is_empty() && !acked.revoked.is_empty() && !acked.sessions.is_empty());
-    assert_acknowledged_writes_hold(&app.channel, &app.operator_token, &acked).await;
+    assert_acknowledged_writes_hold(&app.channel, &target.verifier, &acked).await;
     assert_invariants(&url, acked.created.len()).await;
     app.stop().await;
 
@@ -798,7 +816,7 @@ async fn sigkill_loses_nothing_acknowledged_on(url: &str) {
 
     let server = Server::start(url, &[]).await;
     let channel = server.channel().await;
-    assert_acknowledged_writes_hold(&channel, &operator, &acked).await;
+    assert_acknowledged_writes_hold(&channel, &target.verifier, &acked).await;
     assert_invariants(url, acked.created.len()).await;
     eprintln!(
         "killed after {} creations, {} revocations, {} sign-ins acknowledged",

@@ -13,6 +13,7 @@ mod binary;
 mod cache_flood;
 mod faults;
 mod forwarded;
+mod grants;
 mod lifecycle;
 mod malformed;
 mod observability;

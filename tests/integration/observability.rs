@@ -412,6 +412,22 @@ async fn a_json_logging_server_reports_each_call_exactly_on(backend: Backend) {
     .expose()
     .to_owned();
     secrets.token("unknown token", &unknown);
+    // VerifyToken needs `tokens:verify` granted by name.
+    let verifier_secret = tokens
+        .create_token(bearer(
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "verifier".into(),
+                scopes: vec!["tokens:verify".into()],
+                ..Default::default()
+            },
+            &session,
+        ))
+        .await
+        .expect("create a verifier token")
+        .into_inner()
+        .secret;
+    secrets.token("verifier token", &verifier_secret);
     let verifier = tokens.clone();
     let verify = |token: &str, scopes: &[&str]| {
         let mut tokens = verifier.clone();
@@ -421,7 +437,7 @@ async fn a_json_logging_server_reports_each_call_exactly_on(backend: Backend) {
                 required_scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
                 ..Default::default()
             },
-            &operator,
+            &verifier_secret,
         );
         async move {
             tokens
@@ -462,7 +478,7 @@ async fn a_json_logging_server_reports_each_call_exactly_on(backend: Backend) {
         (ACCOUNTS, "CreateAccount", "OK", 1.0),
         (ACCOUNTS, "SignIn", "OK", 1.0),
         (ACCOUNTS, "SignIn", "UNAUTHENTICATED", 2.0),
-        (TOKENS, "CreateToken", "OK", 1.0),
+        (TOKENS, "CreateToken", "OK", 2.0),
         (TOKENS, "RevokeToken", "OK", 1.0),
         (TOKENS, "VerifyToken", "OK", 6.0),
     ];
@@ -476,8 +492,8 @@ async fn a_json_logging_server_reports_each_call_exactly_on(backend: Backend) {
         }
     }
     let total = value(&text, REQUESTS, &[]);
-    if total != 16.0 {
-        problems.push(format!("{total} calls in all, expected 16"));
+    if total != 17.0 {
+        problems.push(format!("{total} calls in all, expected 17"));
     }
     for (name, labels, count) in [
         (
@@ -518,11 +534,11 @@ async fn a_json_logging_server_reports_each_call_exactly_on(backend: Backend) {
             problems.push(format!("{name} {labels:?}: {seen}, expected {count}"));
         }
     }
-    // Cache lookups: the caller of each of the 12 authenticated calls, and
+    // Cache lookups: the caller of each of the 13 authenticated calls, and
     // the 5 well-formed credentials verified ("garbage" never reaches it).
     let lookups = value(&text, CACHE, &[]);
-    if lookups != 17.0 {
-        problems.push(format!("{lookups} cache lookups, expected 17"));
+    if lookups != 18.0 {
+        problems.push(format!("{lookups} cache lookups, expected 18"));
     }
     if backend == Backend::Sqlite && value(&text, CACHE, &[("result", "hit")]) < 1.0 {
         problems.push("no cache hit on SQLite".to_owned());
@@ -578,7 +594,7 @@ async fn a_json_logging_server_reports_each_call_exactly_on(backend: Backend) {
     assert!((0.0..10_000.0).contains(&latency), "latency {latency} ms");
 
     // Every call at info is logged once: VerifyToken (6 calls) is at debug.
-    assert_eq!(events.len(), 10, "finished events:\n{}", stopped.stderr);
+    assert_eq!(events.len(), 11, "finished events:\n{}", stopped.stderr);
     for event in &events {
         let trace = event
             .span_str("trace_id")

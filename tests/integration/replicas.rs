@@ -211,6 +211,7 @@ async fn limited_use_tokens_count_exactly_across_replicas() {
         .await
         .expect("create")
         .into_inner();
+    let verifier = a.verifier_token().await;
     let mut calls = Vec::new();
     for i in 0..30 {
         let replica = if i % 2 == 0 { &a } else { &b };
@@ -220,7 +221,7 @@ async fn limited_use_tokens_count_exactly_across_replicas() {
                 token: created.secret.clone(),
                 ..Default::default()
             },
-            &a.operator_token,
+            &verifier,
         );
         calls.push(tokio::spawn(
             async move { client.verify_token(request).await },

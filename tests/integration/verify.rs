@@ -126,3 +126,56 @@ on_both_backends! {
         );
     }
 }
+
+on_both_backends! {
+    async fn full_access_does_not_include_the_verify_scope(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let (_, full) = app.token(&session, &alice.account_id, "full", &[]).await;
+        let (limited, limited_secret) = {
+            let created = app
+                .tokens()
+                .create_token(bearer(
+                    pb::CreateTokenRequest { account_id: alice.account_id.clone(), name: "one-time".into(), max_uses: Some(1), ..Default::default() },
+                    &session,
+                ))
+                .await
+                .expect("create")
+                .into_inner();
+            (created.token.expect("token"), created.secret)
+        };
+        // Sessions, full-access tokens and the operator's full-access token
+        // are refused before anything is looked at: the one-time token keeps
+        // its use and no last use is written.
+        for caller in [&session, &full, &app.operator_token] {
+            let status = assert_status(
+                app.tokens()
+                    .verify_token(bearer(
+                        pb::VerifyTokenRequest { token: limited_secret.clone(), client_address: "203.0.113.9:1".into(), ..Default::default() },
+                        caller,
+                    ))
+                    .await,
+                Code::PermissionDenied,
+                "ERROR_REASON_SCOPE_MISSING",
+            );
+            use tonic_types::StatusExt as _;
+            assert_eq!(
+                status.get_error_details().error_info().expect("info").metadata.get("required_scope").map(String::as_str),
+                Some("tokens:verify")
+            );
+        }
+        let token = app
+            .tokens()
+            .get_token(bearer(pb::GetTokenRequest { token_id: limited.token_id.clone() }, &session))
+            .await
+            .expect("get")
+            .into_inner()
+            .token
+            .expect("token");
+        assert_eq!(token.uses_remaining, Some(1), "no use was spent");
+        assert!(token.last_used_time.is_none() && token.last_used_address.is_empty());
+        // A token granted the scope by name verifies it (and spends the use).
+        let verdict = app.verify(&limited_secret, &[]).await;
+        assert!(verdict.active);
+        assert_eq!(verdict.principal.expect("principal").uses_remaining, Some(0));
+    }
+}

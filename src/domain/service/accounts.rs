@@ -9,7 +9,7 @@ use crate::domain::{
     credential::{CredentialKind, Secret},
     page::{ACCOUNTS_LISTING, PageRequest},
     password::Password,
-    policy::{self, Action, Principal},
+    policy::{self, Action, Grant, Principal},
     throttle::{Refusal, ThrottleClaim, address_key},
     time::Timestamp,
     token::{Session, TokenId},
@@ -59,6 +59,7 @@ impl Identity {
         new: NewAccount,
     ) -> Result<Account, DomainError> {
         policy::authorize(caller, Action::CreateAccount)?;
+        policy::check_grant(caller, &Grant::Account { role: new.role })?;
         self.insert_account(new, origin, Some(caller)).await
     }
 
@@ -313,6 +314,10 @@ impl Identity {
             .account_by_id(id)
             .await?
             .ok_or(DomainError::AccountNotFound)?;
+        if !disable {
+            // Enabling an account gives its credentials back their power.
+            policy::check_grant(caller, &Grant::Account { role: account.role })?;
+        }
         let kind = if disable {
             EventType::AccountDisabled
         } else {

@@ -12,7 +12,7 @@ use crate::{
         cache::Invalidation,
         credential::{self, CredentialKind, Secret},
         page::{PageRequest, tokens_listing},
-        policy::{self, Action, Principal},
+        policy::{self, Action, Grant, Principal, TokenGrant},
         scope::Scopes,
         time::Timestamp,
         token::{NewToken, Token, TokenId, TokenName, TokenState},
@@ -84,22 +84,40 @@ impl Identity {
             .await?
             .ok_or(DomainError::AccountNotFound)?;
         let now = Timestamp::now();
-        let expire_time = self.lifetime(caller, &account, &request, now)?;
-        policy::check_grant(caller, &request.scopes, expire_time)?;
+        let expire_time = self.lifetime(
+            caller,
+            &account,
+            request.never_expires,
+            request.expire_time,
+            now,
+        )?;
+        policy::check_grant(
+            caller,
+            &Grant::Token(TokenGrant {
+                account: &account.id,
+                role: account.role,
+                scopes: &request.scopes,
+                expire_time,
+                uses: request.max_uses,
+                successor_of: None,
+            }),
+        )?;
         self.issue_token(&account, request, expire_time, now, origin, Some(caller))
             .await
     }
 
-    /// The expiry a new token gets, under the server's lifetime policy.
+    /// The expiry a new (or renewed) token gets, under the server's lifetime
+    /// policy, from what the request asked for.
     fn lifetime(
         &self,
         caller: &Principal,
         account: &Account,
-        request: &TokenRequest,
+        never_expires: bool,
+        expire_time: Option<Timestamp>,
         now: Timestamp,
     ) -> Result<Option<Timestamp>, DomainError> {
         let settings = &self.settings;
-        match (request.never_expires, request.expire_time) {
+        match (never_expires, expire_time) {
             (true, Some(_)) => Err(DomainError::invalid(
                 "never_expires",
                 "cannot be combined with expire_time",
@@ -264,20 +282,27 @@ impl Identity {
             TokenState::Revoked => return Err(DomainError::TokenInactive("revoked")),
             TokenState::Exhausted => return Err(DomainError::TokenInactive("exhausted")),
         }
-        // The successor lives as long as its predecessor was meant to,
-        // within today's maximum.
-        let expire_time = old.expire_time.map(|expire| {
-            let lifetime = Duration::from_micros(
-                u64::try_from(expire.as_micros() - old.create_time.as_micros()).unwrap_or(0),
-            );
-            now.saturating_add(lifetime.min(self.settings.token_max_ttl))
-        });
-        // A token renewing itself keeps its own scopes and lifetime: that is
-        // what rotation is for. Anyone else may not hand out more than they
-        // hold.
-        if caller.credential_id != old.id {
-            policy::check_grant(&caller, &old.scopes, expire_time)?;
-        }
+        let account = self
+            .store
+            .account_by_id(&old.account_id)
+            .await?
+            .ok_or(DomainError::TokenNotFound)?;
+        // Rotation replaces the secret and nothing else: the successor keeps
+        // the original absolute expiry and the uses left, so that rotating
+        // cannot extend a token's life or refill its uses. A new lifetime is
+        // RenewToken's, under the grant rule.
+        let expire_time = old.expire_time;
+        policy::check_grant(
+            &caller,
+            &Grant::Token(TokenGrant {
+                account: &old.account_id,
+                role: account.role,
+                scopes: &old.scopes,
+                expire_time,
+                uses: old.uses_remaining,
+                successor_of: Some(&old.id),
+            }),
+        )?;
 
         let secret = Secret::generate(CredentialKind::PersonalAccessToken);
         let successor = Token {
@@ -289,14 +314,14 @@ impl Identity {
             expire_time,
             revoke_time: None,
             max_uses: old.max_uses,
-            uses_remaining: old.max_uses,
+            uses_remaining: old.uses_remaining,
             last_used_time: None,
             last_used_address: String::new(),
             family_id: old.family_id.clone(),
             replaced_by: None,
         };
         let event = AuditEvent::new(EventType::TokenRotated, origin, Some(&caller))
-            .account(&old.account_id, "")
+            .account(&old.account_id, account.username.as_str())
             .credential(&successor.id);
         let new = NewToken {
             token: successor,
@@ -317,6 +342,71 @@ impl Identity {
             },
             previous,
         })
+    }
+
+    /// `RenewToken`: gives a live token a new lifetime (`expire_time`, or the
+    /// server's default lifetime from now, or never with `never_expires`),
+    /// keeping its secret, scopes and uses. Needs a credential that may
+    /// create such a token (the grant rule), and never the token itself.
+    /// Another account's token is reported as not found.
+    pub async fn renew_token(
+        &self,
+        caller: &Principal,
+        origin: &Origin,
+        id: &TokenId,
+        expire_time: Option<Timestamp>,
+        never_expires: bool,
+    ) -> Result<Token, DomainError> {
+        policy::authorize(caller, Action::RenewToken(&caller.account.id))?;
+        let token = self
+            .store
+            .token_by_id(id)
+            .await?
+            .ok_or(DomainError::TokenNotFound)?;
+        let token = visible(caller, token, |account| Action::RenewToken(account))?;
+        if caller.credential_id == token.id {
+            return Err(DomainError::NotAllowed(
+                "a token cannot renew itself: renew it with a session of its account, or as an operator",
+            ));
+        }
+        let now = Timestamp::now();
+        if token.replaced_by.is_some() {
+            return Err(DomainError::TokenAlreadyRotated);
+        }
+        match token.state(now) {
+            TokenState::Active => {}
+            TokenState::Expired => return Err(DomainError::TokenInactive("expired")),
+            TokenState::Revoked => return Err(DomainError::TokenInactive("revoked")),
+            TokenState::Exhausted => return Err(DomainError::TokenInactive("exhausted")),
+        }
+        let account = self
+            .store
+            .account_by_id(&token.account_id)
+            .await?
+            .ok_or(DomainError::TokenNotFound)?;
+        let expire_time = self.lifetime(caller, &account, never_expires, expire_time, now)?;
+        policy::check_grant(
+            caller,
+            &Grant::Token(TokenGrant {
+                account: &token.account_id,
+                role: account.role,
+                scopes: &token.scopes,
+                expire_time,
+                uses: token.uses_remaining,
+                successor_of: None,
+            }),
+        )?;
+        let event = AuditEvent::new(EventType::TokenRenewed, origin, Some(caller))
+            .account(&account.id, account.username.as_str())
+            .credential(&token.id);
+        let renewed = self
+            .store
+            .renew_token(id, expire_time, now, &event)
+            .await?
+            // Revoked, rotated or expired between our read and our write.
+            .ok_or(DomainError::TokenInactive("no longer active"))?;
+        self.changed(Invalidation::Credential(id.clone()));
+        Ok(renewed)
     }
 
     /// If `presented` is a personal access token that was already rotated,

@@ -88,6 +88,9 @@ pub struct TestApp {
     pub channel: Channel,
     /// A full-access token of an operator robot, `ops`.
     pub operator_token: String,
+    /// A token of `ops` limited to `tokens:verify`, made on first use by
+    /// [`Self::verifier_token`]: full access does not include the scope.
+    verifier_token: tokio::sync::OnceCell<String>,
     /// The database it runs on.
     pub db: TestDatabase,
     /// The server's use cases, to look inside (its cache).
@@ -187,6 +190,7 @@ impl TestApp {
             health_addr,
             channel,
             operator_token,
+            verifier_token: tokio::sync::OnceCell::new(),
             db,
             identity,
             shutdown: Some(tx),
@@ -294,7 +298,39 @@ impl TestApp {
         (created.token.expect("token"), created.secret)
     }
 
-    /// Verifies `token` as the operator, requiring `scopes`.
+    /// A token of the operator `ops` granted `tokens:verify` (and nothing
+    /// else), for calling `VerifyToken`; created on first use.
+    pub async fn verifier_token(&self) -> String {
+        self.verifier_token
+            .get_or_init(|| async {
+                let ops = self
+                    .accounts()
+                    .get_account(bearer(
+                        pb::GetAccountRequest {
+                            lookup: Some(pb::get_account_request::Lookup::Username("ops".into())),
+                        },
+                        &self.operator_token,
+                    ))
+                    .await
+                    .expect("look up the operator")
+                    .into_inner()
+                    .account
+                    .expect("account");
+                let name = format!("verifier-{}", uuid::Uuid::now_v7());
+                self.token(
+                    &self.operator_token,
+                    &ops.account_id,
+                    &name,
+                    &["tokens:verify"],
+                )
+                .await
+                .1
+            })
+            .await
+            .clone()
+    }
+
+    /// Verifies `token` with [`Self::verifier_token`], requiring `scopes`.
     pub async fn verify(&self, token: &str, scopes: &[&str]) -> pb::VerifyTokenResponse {
         self.tokens()
             .verify_token(bearer(
@@ -303,7 +339,7 @@ impl TestApp {
                     required_scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
                     ..Default::default()
                 },
-                &self.operator_token,
+                &self.verifier_token().await,
             ))
             .await
             .expect("verify")
