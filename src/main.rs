@@ -10,7 +10,7 @@ use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use identity::{
     api::auth::{VerifierPolicy, VerifyAuth, VerifyClients},
     app::{self, App},
-    config::{self, Config, LogFormat, TlsFiles},
+    config::{self, Config, ConnectionLimits, LogFormat, TlsFiles},
     domain::{
         Identity, IdentitySettings, account::Username, password::PasswordPolicy,
         throttle::ThrottleSettings,
@@ -219,6 +219,25 @@ struct Settings {
     /// port only.
     #[arg(long, env = "IDENTITY_HEALTH_LISTEN_ADDR", global = true)]
     health_listen_addr: Option<SocketAddr>,
+    /// Connections each listener keeps open at once; more are closed at
+    /// accept.
+    #[arg(long, env = "IDENTITY_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    max_connections: u32,
+    /// How long a connection may stay open with no call in flight before it
+    /// is closed (e.g. 5m).
+    #[arg(long, env = "IDENTITY_IDLE_TIMEOUT", default_value = "5m", value_parser = config::parse_duration, global = true)]
+    idle_timeout: Duration,
+    /// How long a new connection may take to send the HTTP/2 preface, after
+    /// any TLS handshake (e.g. 10s).
+    #[arg(long, env = "IDENTITY_PREFACE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration, global = true)]
+    preface_timeout: Duration,
+    /// Health calls (Check, and open Watch streams) each listener serves at
+    /// once, apart from the API's limit; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IDENTITY_MAX_HEALTH_REQUESTS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    max_health_requests: u32,
 }
 
 /// `--metrics-addr`: an address, or none when metrics are off.
@@ -283,6 +302,12 @@ impl Settings {
         };
         config.metrics_addr = self.metrics_addr.0;
         config.health_listen_addr = self.health_listen_addr;
+        config.connections = ConnectionLimits {
+            max_connections: self.max_connections as usize,
+            idle_timeout: self.idle_timeout,
+            preface_timeout: self.preface_timeout,
+            max_health_requests: self.max_health_requests as usize,
+        };
         config.log_format = self.log_format;
         config
     }
@@ -318,6 +343,12 @@ impl Settings {
             return Err(
                 "IDENTITY_SIGN_IN_ADDRESS_MEMORY (--sign-in-address-memory) must not be shorter than IDENTITY_SIGN_IN_BACKOFF_MAX (--sign-in-backoff-max)".into(),
             );
+        }
+        if self.idle_timeout.is_zero() {
+            return Err("IDENTITY_IDLE_TIMEOUT (--idle-timeout) must be positive".into());
+        }
+        if self.preface_timeout.is_zero() {
+            return Err("IDENTITY_PREFACE_TIMEOUT (--preface-timeout) must be positive".into());
         }
         if self.session_ttl.is_zero() {
             return Err("IDENTITY_SESSION_TTL (--session-ttl) must be positive".into());

@@ -8,6 +8,7 @@ pub mod audit;
 pub mod auth;
 pub mod codec;
 mod convert;
+pub mod deadline;
 /// Pure request-parsing entry points for the fuzz targets in `fuzz/`.
 #[doc(hidden)]
 pub mod fuzzing;

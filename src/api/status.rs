@@ -85,6 +85,15 @@ pub fn message_too_large(len: u64, max_bytes: usize) -> Status {
     )
 }
 
+/// DEADLINE_EXCEEDED for a call that reached its deadline (the client's
+/// `grpc-timeout` or the server's `IDENTITY_REQUEST_TIMEOUT`, whichever came
+/// first; see `api::deadline`). Like the deadline errors gRPC libraries
+/// raise themselves, it carries no ErrorInfo: the code says it all, and
+/// whether anything was done is unknown to the client either way.
+pub fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded("deadline exceeded: the call did not finish in time")
+}
+
 /// The code and reason for each kind of domain error.
 fn classify(err: &DomainError) -> (Code, ErrorReason) {
     match err {

@@ -12,6 +12,7 @@ mod authz;
 mod binary;
 mod faults;
 mod lifecycle;
+mod listeners;
 mod malformed;
 mod observability;
 mod replicas;
