@@ -68,6 +68,23 @@ pub fn undecodable(field: Option<&str>, description: String) -> Status {
     Status::with_error_details(Code::InvalidArgument, message, details)
 }
 
+/// INVALID_ARGUMENT for a request whose HTTP/2 shape gRPC does not allow
+/// here (trailers, or a second message on a unary call); `description`
+/// says which, never what was sent.
+pub fn malformed_request(description: &str) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(
+        ErrorReason::InvalidArgument.as_str_name(),
+        ERROR_DOMAIN,
+        HashMap::new(),
+    );
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid argument: {description}"),
+        details,
+    )
+}
+
 /// RESOURCE_EXHAUSTED for a request message of `len` bytes, over the
 /// server's limit of `max_bytes`; the ErrorInfo metadata `max_bytes` gives
 /// the limit.
