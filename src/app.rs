@@ -1,7 +1,8 @@
 //! Start-up and shutdown: builds the store, the domain and the gRPC server
 //! from a [`Config`], binds the listener (so its address is known before
-//! serving, and tests can use port 0), serves plaintext or TLS ([`tls`]),
-//! reports health, and drains on shutdown.
+//! serving, and tests can use port 0), serves plaintext or TLS ([`tls`])
+//! under each listener's limits ([`listen`]), reports health, and drains on
+//! shutdown.
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
@@ -252,6 +253,8 @@ impl App {
             let incoming = listen::accept_plaintext(listener, listen::Gate::new(&limits));
             let service = ServiceBuilder::new()
                 .layer(DeadlineLayer::new(self.config.request_timeout))
+                // Only health is served here: anything else is
+                // UNIMPLEMENTED, one call at a time.
                 .layer(ShedLayer::new(1, max_health))
                 .service(Routes::new(health_service.clone()).prepare());
             AbortOnDrop(tokio::spawn(listen::serve(
