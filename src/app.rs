@@ -1,13 +1,15 @@
 //! Start-up and shutdown: builds the store, the domain and the gRPC server
 //! from a [`Config`], binds the listener (so its address is known before
-//! serving, and tests can use port 0), serves plaintext or TLS ([`tls`]),
-//! reports health, and drains on shutdown.
+//! serving, and tests can use port 0), serves plaintext or TLS ([`tls`])
+//! under each listener's limits ([`listen`]), reports health, and drains on
+//! shutdown.
 
 use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::service::Routes;
 use tonic_health::{ServingStatus, server::HealthReporter};
+use tower::ServiceBuilder;
 
 use crate::{
     api::{
@@ -16,6 +18,7 @@ use crate::{
         audit::AuditApi,
         codec::{MAX_RESPONSE_BYTES, MessageLimitLayer},
         forwarded::ClientAddressLayer,
+        deadline::DeadlineLayer,
         guard::DefaultDenyLayer,
         observe::ObserveLayer,
         pb::{
@@ -32,6 +35,7 @@ use crate::{
     storage::{self, Database, StorageError, Store},
 };
 
+pub mod listen;
 pub mod tls;
 
 /// Why the service could not start or stopped with an error.
@@ -280,18 +284,30 @@ impl App {
         // function returns, so probes see NOT_SERVING while draining.
         let health_addr = self.health_addr();
         let metrics_addr = self.metrics_addr();
-        let request_timeout = self.config.request_timeout;
+        let limits = |listener| listen::Limits {
+            listener,
+            max_connections: self.config.connections.max_connections,
+            max_streams: self.config.max_streams_per_connection,
+            preface_timeout: self.config.connections.preface_timeout,
+            idle_timeout: self.config.connections.idle_timeout,
+            keepalive: Some((Duration::from_secs(30), Duration::from_secs(10))),
+        };
+        let max_health = self.config.connections.max_health_requests;
         let _health = self.health.map(|(listener, _)| {
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            let server = Server::builder()
-                .timeout(request_timeout)
-                .add_service(health_service.clone())
-                .serve_with_incoming(incoming);
-            AbortOnDrop(tokio::spawn(async move {
-                if let Err(err) = server.await {
-                    tracing::error!(error = %err, "the health listener failed");
-                }
-            }))
+            let limits = limits("health");
+            let incoming = listen::accept_plaintext(listener, listen::Gate::new(&limits));
+            let service = ServiceBuilder::new()
+                .layer(DeadlineLayer::new(self.config.request_timeout))
+                // Only health is served here: anything else is
+                // UNIMPLEMENTED, one call at a time.
+                .layer(ShedLayer::new(1, max_health))
+                .service(Routes::new(health_service.clone()).prepare());
+            AbortOnDrop(tokio::spawn(listen::serve(
+                incoming,
+                service,
+                limits,
+                std::future::pending(),
+            )))
         });
         // Purges until this function returns.
         let _retention = AbortOnDrop(
@@ -320,23 +336,15 @@ impl App {
                 "TLS is off (IDENTITY_TLS_CERT and IDENTITY_TLS_KEY are unset): serving plaintext gRPC"
             ),
         }
-        let router = Server::builder()
-            .timeout(self.config.request_timeout)
-            .max_concurrent_streams(self.config.max_streams_per_connection)
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(ObserveLayer::new())
-            .layer(ClientAddressLayer::new(self.config.trusted_proxies.clone()))
-            .layer(ShedLayer::new(self.config.max_concurrent_requests as usize))
-            .layer(DefaultDenyLayer)
-            .layer(ReadyLayer::new(
-                self.readiness.clone(),
-                self.config.health_interval,
-            ))
-            .layer(MessageLimitLayer::new(max_request))
-            .add_service(health_service)
-            .add_optional_service(reflection_v1)
-            .add_optional_service(reflection_v1alpha)
+        let mut routes = Routes::builder();
+        routes.add_service(health_service);
+        if let Some(v1) = reflection_v1 {
+            routes.add_service(v1);
+        }
+        if let Some(v1alpha) = reflection_v1alpha {
+            routes.add_service(v1alpha);
+        }
+        routes
             .add_service(
                 AccountsServiceServer::new(AccountsApi::new(self.identity.clone()))
                     .max_decoding_message_size(max_request)
@@ -355,18 +363,44 @@ impl App {
                 .max_decoding_message_size(max_request)
                 .max_encoding_message_size(MAX_RESPONSE_BYTES),
             );
-        // Plaintext keeps tonic's own listener; TLS accepts and handshakes
-        // itself so that the certificate can be reloaded (see `tls`).
-        let server: Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
-            match self.tls {
-                None => {
-                    let incoming = TcpIncoming::from(self.listener).with_nodelay(Some(true));
-                    Box::pin(router.serve_with_incoming_shutdown(incoming, signal))
-                }
-                Some(tls) => Box::pin(
-                    router.serve_with_incoming_shutdown(tls.incoming(self.listener), signal),
-                ),
-            };
+        // Outermost first: every call is observed (its deadline's
+        // DEADLINE_EXCEEDED included), then bounded in time, given its
+        // client address, shed under load, checked against the rules,
+        // refused at once while the database is unreachable, and framed.
+        let service = ServiceBuilder::new()
+            .layer(ObserveLayer::new())
+            .layer(DeadlineLayer::new(self.config.request_timeout))
+            .layer(ClientAddressLayer::new(self.config.trusted_proxies.clone()))
+            .layer(ShedLayer::new(
+                self.config.max_concurrent_requests as usize,
+                max_health,
+            ))
+            .layer(DefaultDenyLayer)
+            .layer(ReadyLayer::new(
+                self.readiness.clone(),
+                self.config.health_interval,
+            ))
+            .layer(MessageLimitLayer::new(max_request))
+            .service(routes.routes().prepare());
+        // The server accepts connections itself, in plaintext or over TLS
+        // (so that the certificate can be reloaded: see `tls`), and serves
+        // them with hyper under the listener's limits (see `listen`).
+        let limits = limits("grpc");
+        let gate = listen::Gate::new(&limits);
+        let server: Pin<Box<dyn Future<Output = ()> + Send>> = match self.tls {
+            None => Box::pin(listen::serve(
+                listen::accept_plaintext(self.listener, gate),
+                service,
+                limits,
+                signal,
+            )),
+            Some(tls) => Box::pin(listen::serve(
+                tls.incoming(self.listener, gate),
+                service,
+                limits,
+                signal,
+            )),
+        };
 
         let drain_timeout = self.config.drain_timeout;
         let deadline = async move {
@@ -377,7 +411,7 @@ impl App {
             }
         };
         tokio::select! {
-            result = server => result?,
+            () = server => {}
             () = deadline => tracing::warn!(?drain_timeout, "drain timeout passed; closing remaining calls"),
         }
         tracing::info!("stopped");

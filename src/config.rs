@@ -72,6 +72,37 @@ pub struct Config {
     pub health_listen_addr: Option<SocketAddr>,
     /// What is purged when, and how often (see `domain::retention`).
     pub retention: RetentionSettings,
+    /// What one listener lets its clients hold: connections, idle time,
+    /// health calls.
+    pub connections: ConnectionLimits,
+}
+
+/// Limits that apply to each listener (the main port and the plaintext
+/// health port) separately.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once (TLS handshakes included); one more is
+    /// closed at accept.
+    pub max_connections: usize,
+    /// How long a connection may stay open with no call in flight before
+    /// the server closes it (gracefully, with GOAWAY).
+    pub idle_timeout: Duration,
+    /// How long a new connection (after its TLS handshake) may take to send
+    /// the HTTP/2 preface.
+    pub preface_timeout: Duration,
+    /// Health calls (Check, and open Watch streams) served at once.
+    pub max_health_requests: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            idle_timeout: Duration::from_secs(300),
+            preface_timeout: Duration::from_secs(10),
+            max_health_requests: 256,
+        }
+    }
 }
 
 /// The PEM files TLS is served from. They are read at start-up and again
@@ -159,6 +190,7 @@ impl Config {
             log_format: LogFormat::Text,
             health_listen_addr: None,
             retention: RetentionSettings::default(),
+            connections: ConnectionLimits::default(),
         }
     }
 

@@ -13,7 +13,7 @@ use identity::{
         forwarded::TrustedProxies,
     },
     app::{self, App},
-    config::{self, Config, LogFormat, TlsFiles},
+    config::{self, Config, ConnectionLimits, LogFormat, TlsFiles},
     domain::{
         Identity, IdentitySettings,
         account::Username,
@@ -262,6 +262,25 @@ struct Settings {
     #[arg(long, env = "IDENTITY_RETENTION_INTERVAL", default_value = "1h",
           value_parser = config::parse_duration, global = true)]
     retention_interval: Duration,
+    /// Connections each listener keeps open at once; more are closed at
+    /// accept.
+    #[arg(long, env = "IDENTITY_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    max_connections: u32,
+    /// How long a connection may stay open with no call in flight before it
+    /// is closed (e.g. 5m).
+    #[arg(long, env = "IDENTITY_IDLE_TIMEOUT", default_value = "5m", value_parser = config::parse_duration, global = true)]
+    idle_timeout: Duration,
+    /// How long a new connection may take to send the HTTP/2 preface, after
+    /// any TLS handshake (e.g. 10s).
+    #[arg(long, env = "IDENTITY_PREFACE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration, global = true)]
+    preface_timeout: Duration,
+    /// Health calls (Check, and open Watch streams) each listener serves at
+    /// once, apart from the API's limit; more are refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IDENTITY_MAX_HEALTH_REQUESTS", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    max_health_requests: u32,
 }
 
 /// A retention: how long, or `None` for ever (`off`).
@@ -335,6 +354,12 @@ impl Settings {
         config.trusted_proxies = TrustedProxies::parse(&self.trusted_proxies).unwrap_or_default();
         config.metrics_addr = self.metrics_addr.0;
         config.health_listen_addr = self.health_listen_addr;
+        config.connections = ConnectionLimits {
+            max_connections: self.max_connections as usize,
+            idle_timeout: self.idle_timeout,
+            preface_timeout: self.preface_timeout,
+            max_health_requests: self.max_health_requests as usize,
+        };
         config.log_format = self.log_format;
         config.retention = RetentionSettings {
             credentials: self.retention,
@@ -384,6 +409,12 @@ impl Settings {
         }
         TrustedProxies::parse(&self.trusted_proxies)
             .map_err(|why| format!("IDENTITY_TRUSTED_PROXIES (--trusted-proxies): {why}"))?;
+        if self.idle_timeout.is_zero() {
+            return Err("IDENTITY_IDLE_TIMEOUT (--idle-timeout) must be positive".into());
+        }
+        if self.preface_timeout.is_zero() {
+            return Err("IDENTITY_PREFACE_TIMEOUT (--preface-timeout) must be positive".into());
+        }
         if self.session_ttl.is_zero() {
             return Err("IDENTITY_SESSION_TTL (--session-ttl) must be positive".into());
         }

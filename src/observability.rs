@@ -127,6 +127,15 @@ fn describe() {
         "identity_db_pool_timeouts_total",
         "Queries that found no free connection within IDENTITY_DB_ACQUIRE_TIMEOUT"
     );
+    describe_gauge!(
+        crate::app::listen::OPEN,
+        "Connections open, TLS handshakes included, by listener (grpc, health)"
+    );
+    describe_counter!(
+        crate::app::listen::REFUSED,
+        "Connections closed at accept because the listener had IDENTITY_MAX_CONNECTIONS open, \
+         by listener"
+    );
 }
 
 /// A running metrics listener; dropping it stops it.

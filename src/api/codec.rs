@@ -14,6 +14,13 @@
 //!   no message at all. The same layer answers INVALID_ARGUMENT, where tonic
 //!   would answer INTERNAL. (A message flagged compressed without a
 //!   `grpc-encoding` stays INTERNAL, as the gRPC specification demands.)
+//! - **The request has a shape gRPC does not allow**: trailers after the
+//!   body (gRPC clients end a request with the last DATA frame), or a
+//!   second message on a unary call. Both are INVALID_ARGUMENT. tonic would
+//!   merge request trailers into the metadata, replacing header values: an
+//!   `authorization` in a trailer would override the one in the headers,
+//!   so the credential acted on would not be the one proxies and logs saw.
+//!   Refused here, metadata is the request headers and nothing else.
 //! - **The bytes are not a valid message of the method's request type**:
 //!   invalid UTF-8 in a `string`, a truncated varint, a wrong wire type.
 //!   [`Codec`], the codec of every generated service (see `build.rs`), is
@@ -240,6 +247,11 @@ impl http_body::Body for FramedBody {
         }
         let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         match &frame {
+            Some(Ok(frame)) if frame.is_trailers() => {
+                return this.fail(status::malformed_request(
+                    "request trailers are not accepted: send metadata in the request headers",
+                ));
+            }
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref()
                     && let Err(err) = this.frames.scan(data)
@@ -254,6 +266,11 @@ impl http_body::Body for FramedBody {
                         ),
                     };
                     return this.fail(status);
+                }
+                if this.unary && this.frames.messages > 1 {
+                    return this.fail(status::malformed_request(
+                        "a unary call carries exactly one request message",
+                    ));
                 }
             }
             None => {

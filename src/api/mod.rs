@@ -9,6 +9,7 @@ pub mod auth;
 pub mod codec;
 mod convert;
 pub mod forwarded;
+pub mod deadline;
 /// Pure request-parsing entry points for the fuzz targets in `fuzz/`.
 #[doc(hidden)]
 pub mod fuzzing;

@@ -2,33 +2,44 @@
 //! all connections. A call beyond that is refused at once with
 //! RESOURCE_EXHAUSTED (with a short RetryInfo) instead of waiting in an
 //! unbounded queue, so an overloaded replica stays responsive and clients
-//! can back off or try another replica. Health checks are never shed, so an
-//! orchestrator does not mistake load for death.
+//! can back off or try another replica.
+//!
+//! Health calls (`grpc.health.v1.Health`) have a budget of their own
+//! (`IDENTITY_MAX_HEALTH_REQUESTS` per listener), so that a flood of API
+//! calls never makes a probe fail (an orchestrator would mistake load for
+//! death), while health work stays bounded too: beyond its budget a health
+//! call is refused the same way. A call keeps its permit until its response
+//! has been sent, so a `Watch` stream holds one for as long as it is open.
 
 use std::{
     future::Future,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
+use http_body::{Frame, SizeHint};
+use prost::bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
 use crate::domain::DomainError;
 
-/// A tower layer that sheds calls beyond `limit` in flight.
+/// A tower layer that sheds calls beyond `limit` in flight, and health
+/// calls beyond `health_limit`.
 #[derive(Debug, Clone)]
 pub struct ShedLayer {
     permits: Arc<Semaphore>,
+    health: Arc<Semaphore>,
 }
 
 impl ShedLayer {
-    /// Allows `limit` calls at once.
-    pub fn new(limit: usize) -> Self {
+    /// Allows `limit` calls and `health_limit` health calls at once.
+    pub fn new(limit: usize, health_limit: usize) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(limit.max(1))),
+            health: Arc::new(Semaphore::new(health_limit.max(1))),
         }
     }
 }
@@ -40,6 +51,7 @@ impl<S> Layer<S> for ShedLayer {
         Shed {
             inner,
             permits: Arc::clone(&self.permits),
+            health: Arc::clone(&self.health),
         }
     }
 }
@@ -49,6 +61,7 @@ impl<S> Layer<S> for ShedLayer {
 pub struct Shed<S> {
     inner: S,
     permits: Arc<Semaphore>,
+    health: Arc<Semaphore>,
 }
 
 impl<S, B> Service<http::Request<B>> for Shed<S>
@@ -64,16 +77,15 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if request.uri().path().starts_with("/grpc.health.") {
-            return ShedFuture::Admitted {
-                inner: self.inner.call(request),
-                _permit: None,
-            };
-        }
-        match Arc::clone(&self.permits).try_acquire_owned() {
+        let permits = if request.uri().path().starts_with("/grpc.health.") {
+            &self.health
+        } else {
+            &self.permits
+        };
+        match Arc::clone(permits).try_acquire_owned() {
             Ok(permit) => ShedFuture::Admitted {
                 inner: self.inner.call(request),
-                _permit: Some(permit),
+                permit: Some(permit),
             },
             Err(_) => {
                 let status =
@@ -87,12 +99,12 @@ where
 }
 
 pin_project_lite::pin_project! {
-    /// The response of [`Shed`]: the inner call holding its permit until it
-    /// completes, or an immediate refusal.
+    /// The response of [`Shed`]: the inner call holding its permit (which
+    /// then passes to the response body), or an immediate refusal.
     #[project = ShedProjection]
     pub enum ShedFuture<F> {
-        /// Running, with its permit (none for exempt paths).
-        Admitted { #[pin] inner: F, _permit: Option<OwnedSemaphorePermit> },
+        /// Running, with its permit.
+        Admitted { #[pin] inner: F, permit: Option<OwnedSemaphorePermit> },
         /// Refused.
         Shed { response: Option<http::Response<tonic::body::Body>> },
     }
@@ -106,11 +118,46 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            ShedProjection::Admitted { inner, .. } => inner.poll(cx),
+            ShedProjection::Admitted { inner, permit } => {
+                let response = ready!(inner.poll(cx))?;
+                let permit = permit.take();
+                Poll::Ready(Ok(response.map(|body| {
+                    tonic::body::Body::new(PermitBody {
+                        body,
+                        _permit: permit,
+                    })
+                })))
+            }
             ShedProjection::Shed { response } => match response.take() {
                 Some(response) => Poll::Ready(Ok(response)),
                 None => panic!("ShedFuture polled after completion"),
             },
         }
+    }
+}
+
+/// A response body that holds its call's permit until it is done.
+struct PermitBody {
+    body: tonic::body::Body,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+impl http_body::Body for PermitBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

@@ -68,6 +68,23 @@ pub fn undecodable(field: Option<&str>, description: String) -> Status {
     Status::with_error_details(Code::InvalidArgument, message, details)
 }
 
+/// INVALID_ARGUMENT for a request whose HTTP/2 shape gRPC does not allow
+/// here (trailers, or a second message on a unary call); `description`
+/// says which, never what was sent.
+pub fn malformed_request(description: &str) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info(
+        ErrorReason::InvalidArgument.as_str_name(),
+        ERROR_DOMAIN,
+        HashMap::new(),
+    );
+    Status::with_error_details(
+        Code::InvalidArgument,
+        format!("invalid argument: {description}"),
+        details,
+    )
+}
+
 /// RESOURCE_EXHAUSTED for a request message of `len` bytes, over the
 /// server's limit of `max_bytes`; the ErrorInfo metadata `max_bytes` gives
 /// the limit.
@@ -102,6 +119,15 @@ pub fn store_unreachable(retry_after: std::time::Duration) -> Status {
         "the database is unreachable; try again later or another replica",
         details,
     )
+}
+
+/// DEADLINE_EXCEEDED for a call that reached its deadline (the client's
+/// `grpc-timeout` or the server's `IDENTITY_REQUEST_TIMEOUT`, whichever came
+/// first; see `api::deadline`). Like the deadline errors gRPC libraries
+/// raise themselves, it carries no ErrorInfo: the code says it all, and
+/// whether anything was done is unknown to the client either way.
+pub fn deadline_exceeded() -> Status {
+    Status::deadline_exceeded("deadline exceeded: the call did not finish in time")
 }
 
 /// The code and reason for each kind of domain error.

@@ -2,10 +2,11 @@
 //! the server runs.
 //!
 //! tonic's own TLS cannot change its certificate, so the server accepts TCP
-//! itself. An accept task takes each connection, sets `TCP_NODELAY`, and
+//! itself. An accept task takes each connection, admits it under the
+//! listener's connection limit (see `listen`), sets `TCP_NODELAY`, and
 //! hands it to a handshake task of its own, bounded by the handshake
 //! timeout, so that a slow or silent client never holds up the others.
-//! Completed connections reach tonic through a channel as
+//! Completed connections reach the server through a channel as
 //! [`TlsConnection`]s, whose connect info is [`TlsPeer`]: the peer's address
 //! and the names of the client certificate the handshake verified.
 //!
@@ -16,7 +17,6 @@
 //! line here holds a file's contents: the key is a secret.
 
 use std::{
-    convert::Infallible,
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -40,6 +40,7 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use tonic::transport::server::Connected;
 
+use super::listen::{Accepted, Admission, Gate, accepted_stream};
 use crate::{
     api::auth::{ClientNames, TlsPeer},
     config::{Config, TlsFiles},
@@ -111,11 +112,15 @@ impl Tls {
         self.files.client_ca.is_some()
     }
 
-    /// Starts accepting TLS connections on `listener` and reloading the
-    /// files; the connections come out of the returned stream. Both tasks
-    /// end when the stream is dropped (when the server stops accepting),
-    /// which closes the listener.
-    pub fn incoming(self, listener: TcpListener) -> TlsIncoming {
+    /// Starts accepting TLS connections on `listener`, each admitted by
+    /// `gate`, and reloading the files; the connections come out of the
+    /// returned receiver. Both tasks end when it is dropped (when the
+    /// server stops accepting), which closes the listener.
+    pub fn incoming(
+        self,
+        listener: TcpListener,
+        gate: Gate,
+    ) -> mpsc::Receiver<Accepted<TlsConnection>> {
         let (config_tx, config_rx) = watch::channel(Arc::clone(&self.current));
         tokio::spawn(reload(
             self.files,
@@ -124,22 +129,14 @@ impl Tls {
             config_tx,
         ));
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(accept(listener, config_rx, self.handshake_timeout, tx));
-        TlsIncoming { connections: rx }
-    }
-}
-
-/// The TLS connections the server accepts, for
-/// `Server::serve_with_incoming_shutdown`.
-pub struct TlsIncoming {
-    connections: mpsc::Receiver<TlsConnection>,
-}
-
-impl tokio_stream::Stream for TlsIncoming {
-    type Item = Result<TlsConnection, Infallible>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.connections.poll_recv(cx).map(|next| next.map(Ok))
+        tokio::spawn(accept(
+            listener,
+            gate,
+            config_rx,
+            self.handshake_timeout,
+            tx,
+        ));
+        rx
     }
 }
 
@@ -197,52 +194,36 @@ impl AsyncWrite for TlsConnection {
     }
 }
 
-/// Accepts connections until `connections` is closed, handing each to a
+/// Accepts connections until `connections` is closed, admitting each
+/// through `gate` (a refused one is closed at once) and handing it to a
 /// handshake task with the configuration current at that moment.
 async fn accept(
     listener: TcpListener,
+    gate: Gate,
     config: watch::Receiver<Arc<ServerConfig>>,
     handshake_timeout: Duration,
-    connections: mpsc::Sender<TlsConnection>,
+    connections: mpsc::Sender<Accepted<TlsConnection>>,
 ) {
     loop {
         let accepted = tokio::select! {
             () = connections.closed() => return,
             accepted = listener.accept() => accepted,
         };
-        let (stream, remote_addr) = match accepted {
-            Ok(accepted) => accepted,
-            Err(err) if is_per_connection(&err) => continue,
-            Err(err) => {
-                // Out of file descriptors or memory: wait rather than spin.
-                tracing::warn!(error = %err, "cannot accept connections; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
+        let Some((stream, remote_addr)) = accepted_stream(accepted).await else {
+            continue;
         };
-        if let Err(err) = stream.set_nodelay(true) {
-            tracing::debug!(%remote_addr, error = %err, "cannot set TCP_NODELAY");
-        }
+        let Some(admission) = gate.admit() else {
+            continue;
+        };
         let acceptor = TlsAcceptor::from(Arc::clone(&config.borrow()));
         tokio::spawn(handshake(
             acceptor,
             stream,
-            remote_addr,
+            (remote_addr, admission),
             handshake_timeout,
             connections.clone(),
         ));
     }
-}
-
-/// Whether an accept error concerns only the connection being accepted.
-fn is_per_connection(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::Interrupted
-    )
 }
 
 /// Completes the handshake of one connection within `timeout` and passes it
@@ -252,9 +233,9 @@ fn is_per_connection(err: &io::Error) -> bool {
 async fn handshake(
     acceptor: TlsAcceptor,
     stream: TcpStream,
-    remote_addr: SocketAddr,
+    (remote_addr, admission): (SocketAddr, Admission),
     timeout: Duration,
-    connections: mpsc::Sender<TlsConnection>,
+    connections: mpsc::Sender<Accepted<TlsConnection>>,
 ) {
     let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
@@ -274,7 +255,12 @@ async fn handshake(
     };
     // Fails only when the server has stopped accepting: the connection is
     // then dropped.
-    let _ = connections.send(TlsConnection { stream, peer }).await;
+    let _ = connections
+        .send(Accepted {
+            io: TlsConnection { stream, peer },
+            admission,
+        })
+        .await;
 }
 
 /// The names of the leaf of a client certificate chain that rustls has

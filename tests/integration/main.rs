@@ -15,6 +15,7 @@ mod faults;
 mod forwarded;
 mod grants;
 mod lifecycle;
+mod listeners;
 mod malformed;
 mod observability;
 mod outage;

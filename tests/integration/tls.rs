@@ -764,3 +764,48 @@ on_both_stores!(
     verify_auth_client_and_scope_needs_both,
     super::client_and_scope_mode
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_silent_after_the_handshake_is_closed_at_the_preface_timeout() {
+    let ca = Ca::new("server CA");
+    let files = Files::new(&ca.server(1, SERVER_NAMES), None);
+    let app = spawn_tls(Backend::Sqlite, &files, &ca, None, |config| {
+        config.connections.preface_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(ca.issuer.der().clone())
+        .expect("a CA certificate");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("localhost").expect("a name");
+    let mut stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .expect("the handshake completes");
+    // The server speaks first (its SETTINGS), then gives up on the preface.
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0_u8; 256];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a connection without an HTTP/2 preface stays open"
+    );
+    app.stop().await;
+}
