@@ -17,8 +17,8 @@ use crate::{
         accounts::AccountsApi,
         audit::AuditApi,
         codec::{MAX_RESPONSE_BYTES, MessageLimitLayer},
-        forwarded::ClientAddressLayer,
         deadline::DeadlineLayer,
+        forwarded::ClientAddressLayer,
         guard::DefaultDenyLayer,
         observe::ObserveLayer,
         pb::{

@@ -8,8 +8,8 @@ pub mod audit;
 pub mod auth;
 pub mod codec;
 mod convert;
-pub mod forwarded;
 pub mod deadline;
+pub mod forwarded;
 /// Pure request-parsing entry points for the fuzz targets in `fuzz/`.
 #[doc(hidden)]
 pub mod fuzzing;
