@@ -11,6 +11,7 @@ mod accounts;
 mod authz;
 mod binary;
 mod faults;
+mod hierarchy;
 mod lifecycle;
 mod malformed;
 mod observability;

@@ -420,7 +420,12 @@ impl Identity {
             return Ok(Verdict::Active(principal));
         }
         if principal.uses_remaining.is_some() {
-            match self.store.consume_use(&principal.credential_id).await? {
+            let now = Timestamp::now();
+            match self
+                .store
+                .consume_use(&principal.credential_id, now)
+                .await?
+            {
                 Some(left) => Arc::make_mut(&mut principal).uses_remaining = Some(left),
                 None => return Ok(Verdict::Inactive(InactiveReason::Exhausted)),
             }
@@ -506,12 +511,18 @@ fn judge_cached(cached: Cached, now: Timestamp) -> Verdict {
 }
 
 fn token_principal(token: Token, account: Account) -> Principal {
+    // A revocation that a rotation's grace period has scheduled ends the
+    // token as surely as its expiry: report whichever comes first.
+    let expire_time = match (token.expire_time, token.revoke_time) {
+        (Some(expire), Some(revoke)) => Some(expire.min(revoke)),
+        (expire, revoke) => expire.or(revoke),
+    };
     Principal {
         account: without_hash(account),
         credential: CredentialKind::PersonalAccessToken,
         credential_id: token.id,
         scopes: token.scopes,
-        expire_time: token.expire_time,
+        expire_time,
         uses_remaining: token.uses_remaining,
         last_used_time: token.last_used_time,
     }
