@@ -53,6 +53,10 @@ pub enum StorageError {
     /// by a newer release, or not yet migrated); the message says which.
     #[error("{0}")]
     Schema(String),
+    /// A new token names a parent family whose live token is revoked (in
+    /// a race with its revocation): the creating credential is dead.
+    #[error("the creating token's family was revoked")]
+    ParentRevoked,
     /// Anything else.
     #[error("database error")]
     Other(#[source] BoxError),
@@ -234,7 +238,9 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a new token. Expired and exhausted tokens of the same account
     /// and name give their name up first, in the same transaction, so a name
     /// is unique only among live tokens. [`Conflict::TokenName`] if a live
-    /// token has it.
+    /// token has it; [`StorageError::ParentRevoked`] if the token names a
+    /// parent family whose live token is revoked at `now` (read under a
+    /// row lock, so that a concurrent cascading revocation cannot miss it).
     async fn create_token(
         &self,
         token: &NewToken,

@@ -203,6 +203,10 @@ const CHANNEL: &str = "identity_invalidation";
 const LEAK_TOKENS: &str = sql::PG_LEAK_TOKENS;
 /// Signs out the sessions of a leak report.
 const LEAK_SESSIONS: &str = sql::PG_LEAK_SESSIONS;
+/// The confirming pass of a leak report.
+const LEAK_DESCENDANTS: &str = sql::PG_LEAK_DESCENDANTS;
+/// The live token of a new child's parent family.
+const PARENT_LIVE: &str = sql::PG_PARENT_LIVE;
 /// The payload that only proves the channel works.
 const HEARTBEAT: &str = "heartbeat";
 /// How often each replica sends the heartbeat (every replica hears every

@@ -164,7 +164,7 @@ macro_rules! revoked_cols {
 /// (not `UNION ALL`) visits each family once, so even a cycle, which the
 /// service never creates, would end.
 macro_rules! descendants_of {
-    ($seed:literal) => {
+    ($seed:expr) => {
         concat!(
             "descendants(family_id) AS (SELECT c.family_id FROM tokens c \
              WHERE c.parent_family_id IN (",
@@ -234,6 +234,38 @@ macro_rules! leak_tokens {
     };
 }
 
+/// The confirming pass of a leak report (see `revoke_until_done`): the
+/// descendants of the families whose live token the report revoked (at
+/// `$2`, exactly) that are still live.
+macro_rules! leak_descendants {
+    ($match:expr) => {
+        concat!(
+            "WITH RECURSIVE ",
+            descendants_of!(concat!(
+                "SELECT l.family_id FROM tokens l WHERE ",
+                $match,
+                " AND l.replaced_by IS NULL AND l.revoke_time = $2"
+            )),
+            " UPDATE tokens SET revoke_time = $2, live_name = NULL \
+             WHERE family_id IN (SELECT family_id FROM descendants) \
+             AND (revoke_time IS NULL OR revoke_time > $2) RETURNING ",
+            revoked_cols!("1 = 0")
+        )
+    };
+}
+
+/// The live token of the family `$1` a new child names, read before the
+/// child is inserted (`$lock`: the backend's row lock, so that a concurrent
+/// cascade either sees the child or is seen by this read).
+macro_rules! parent_live {
+    ($lock:expr) => {
+        concat!(
+            "SELECT revoke_time FROM tokens WHERE family_id = $1 AND replaced_by IS NULL",
+            $lock
+        )
+    };
+}
+
 /// Signs out the live sessions whose digests `$1` lists (`$match`, as in
 /// [`leak_tokens`]) at `$2`, in one statement. Sessions have no children.
 macro_rules! leak_sessions {
@@ -265,6 +297,12 @@ macro_rules! sqlite_digest_in_list {
     };
 }
 pub(super) const PG_LEAK_TOKENS: &str = leak_tokens!(pg_digest_in_list!());
+pub(super) const PG_LEAK_DESCENDANTS: &str = leak_descendants!(pg_digest_in_list!());
+pub(super) const PG_PARENT_LIVE: &str = parent_live!(" FOR SHARE");
+pub(super) const SQLITE_LEAK_DESCENDANTS: &str = leak_descendants!(sqlite_digest_in_list!());
+/// SQLite has no row locks: its writers take turns, and a transaction whose
+/// read went stale by the time it writes fails instead of committing.
+pub(super) const SQLITE_PARENT_LIVE: &str = parent_live!("");
 pub(super) const PG_LEAK_SESSIONS: &str = leak_sessions!(pg_digest_in_list!());
 pub(super) const SQLITE_LEAK_TOKENS: &str = leak_tokens!(sqlite_digest_in_list!());
 pub(super) const SQLITE_LEAK_SESSIONS: &str = leak_sessions!(sqlite_digest_in_list!());
@@ -331,8 +369,10 @@ pub(super) const UNCOUNT_SIGN_IN_ADDRESS: &str = "UPDATE sign_in_throttle \
 /// The backend module supplies a `pool` field, `MIGRATIONS`, and the
 /// functions where backends differ: `classify` (errors), `announce`,
 /// `announce_credentials` and `watch_changes` (change notifications),
-/// `write_uses` (batched last use), `digest_list` with `LEAK_TOKENS` and
-/// `LEAK_SESSIONS` (a bound list of digests), and the `SHARED` constant.
+/// `write_uses` (batched last use), `digest_list` with `LEAK_TOKENS`,
+/// `LEAK_DESCENDANTS` and `LEAK_SESSIONS` (a bound list of digests),
+/// `PARENT_LIVE` (a row lock where there are any), and the `SHARED`
+/// constant.
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
         impl $store {
@@ -450,6 +490,28 @@ macro_rules! impl_store {
                 }
                 Self::announce_credentials(&mut *conn, &ids).await?;
                 Ok(ids)
+            }
+
+            /// Runs the confirming passes of a cascading revocation: `again`
+            /// (which revokes only descendants) until it revokes nothing.
+            /// On PostgreSQL a child whose creation was in flight when the
+            /// first pass took its snapshot is invisible to it, but that
+            /// creation holds a share lock on its parent's live row, which
+            /// the first pass waited for: the next pass, with a fresh
+            /// snapshot, sees the child. Usually one empty pass.
+            async fn revoke_until_done<'q>(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                again: impl Fn() -> sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>>,
+                cause: &AuditEvent,
+                revoked: &mut Vec<TokenId>,
+            ) -> Result<(), StorageError> {
+                loop {
+                    let more = Self::revoke_rows(&mut *conn, again(), cause, |_| None).await?;
+                    if more.is_empty() {
+                        return Ok(());
+                    }
+                    revoked.extend(more);
+                }
             }
         }
 
@@ -712,6 +774,21 @@ macro_rules! impl_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(Self::classify)?;
+                if let Some(parent) = &token.parent_family_id {
+                    // A child is never born to a revoked family: the
+                    // cascade that revoked it could not have seen the child.
+                    let live: Vec<Option<i64>> = sqlx::query_scalar(PARENT_LIVE)
+                        .bind(parent.as_str())
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(Self::classify)?;
+                    if !live
+                        .iter()
+                        .any(|revoke| revoke.is_none_or(|r| r > now.as_micros()))
+                    {
+                        return Err(StorageError::ParentRevoked);
+                    }
+                }
                 Self::insert_token(&mut tx, new).await?;
                 Self::insert_event(&mut tx, event).await?;
                 tx.commit().await.map_err(Self::classify)
@@ -771,8 +848,14 @@ macro_rules! impl_store {
                 let query = sqlx::query(sql::REVOKE_TOKEN)
                     .bind(id.as_str())
                     .bind(at.as_micros());
-                let revoked =
+                let mut revoked =
                     Self::revoke_rows(&mut tx, query, event, |_| Some(event.clone())).await?;
+                let again = || {
+                    sqlx::query(sql::REVOKE_TOKEN)
+                        .bind(id.as_str())
+                        .bind(at.as_micros())
+                };
+                Self::revoke_until_done(&mut tx, again, event, &mut revoked).await?;
                 let row = sqlx::query(sql::TOKEN_BY_ID)
                     .bind(id.as_str())
                     .fetch_optional(&mut *tx)
@@ -829,7 +912,13 @@ macro_rules! impl_store {
                 let query = sqlx::query(sql::REVOKE_FAMILY)
                     .bind(family.as_str())
                     .bind(at.as_micros());
-                let revoked = Self::revoke_rows(&mut tx, query, event, |_| None).await?;
+                let mut revoked = Self::revoke_rows(&mut tx, query, event, |_| None).await?;
+                let again = || {
+                    sqlx::query(sql::REVOKE_FAMILY)
+                        .bind(family.as_str())
+                        .bind(at.as_micros())
+                };
+                Self::revoke_until_done(&mut tx, again, event, &mut revoked).await?;
                 tx.commit().await.map_err(Self::classify)?;
                 Ok(revoked)
             }
@@ -887,6 +976,15 @@ macro_rules! impl_store {
                         .bind(Self::digest_list(digests))
                         .bind(at.as_micros());
                     revoked.extend(Self::revoke_rows(&mut tx, query, template, reported).await?);
+                }
+                if !tokens.is_empty() {
+                    let list = Self::digest_list(tokens);
+                    let again = || {
+                        sqlx::query(LEAK_DESCENDANTS)
+                            .bind(list.clone())
+                            .bind(at.as_micros())
+                    };
+                    Self::revoke_until_done(&mut tx, again, template, &mut revoked).await?;
                 }
                 tx.commit().await.map_err(Self::classify)?;
                 Ok(revoked)

@@ -27,6 +27,10 @@ use crate::domain::{
 const LEAK_TOKENS: &str = sql::SQLITE_LEAK_TOKENS;
 /// Signs out the sessions of a leak report.
 const LEAK_SESSIONS: &str = sql::SQLITE_LEAK_SESSIONS;
+/// The confirming pass of a leak report.
+const LEAK_DESCENDANTS: &str = sql::SQLITE_LEAK_DESCENDANTS;
+/// The live token of a new child's parent family.
+const PARENT_LIVE: &str = sql::SQLITE_PARENT_LIVE;
 
 /// Whether the migrations table exists (it does once anything was migrated).
 const SCHEMA_TABLE_EXISTS: &str =

@@ -281,3 +281,89 @@ async fn a_cascaded_revocation_reaches_every_other_replica() {
         }
     }
 }
+
+/// A child whose creation is in flight while its parent is revoked is
+/// revoked too. The test plays the creation itself, as the store does it
+/// (a share lock on the parent family's live token, then the insert), and
+/// commits it only once the revocation waits for that lock: the first pass
+/// of the cascade cannot see the child, the confirming pass must.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_child_created_during_its_parents_revocation_is_revoked_too() {
+    use identity::domain::credential::{CredentialKind, Secret};
+
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let (alice, session) = app.person("alice").await;
+    let (parent, _) = app.token(&session, &alice.account_id, "parent", &[]).await;
+    let pool = sqlx::PgPool::connect(&app.db.url)
+        .await
+        .expect("open PostgreSQL");
+
+    let mut creation = pool.begin().await.expect("begin");
+    sqlx::query(
+        "SELECT revoke_time FROM tokens WHERE family_id = $1 AND replaced_by IS NULL FOR SHARE",
+    )
+    .bind(&parent.family_id)
+    .fetch_all(&mut *creation)
+    .await
+    .expect("lock the parent");
+    let child_id = uuid::Uuid::now_v7().to_string();
+    let secret = Secret::generate(CredentialKind::PersonalAccessToken);
+    sqlx::query(
+        "INSERT INTO tokens (token_id, account_id, name, live_name, digest, scopes, create_time, \
+         family_id, parent_family_id) VALUES ($1, $2, 'child', 'child', $3, '', 0, $1, $4)",
+    )
+    .bind(&child_id)
+    .bind(&alice.account_id)
+    .bind(&secret.digest().as_bytes()[..])
+    .bind(&parent.family_id)
+    .execute(&mut *creation)
+    .await
+    .expect("insert the child");
+
+    let revoking = {
+        let client = app.tokens();
+        let request = bearer(
+            pb::RevokeTokenRequest {
+                token_id: parent.token_id.clone(),
+            },
+            &session,
+        );
+        tokio::spawn(async move { client.clone().revoke_token(request).await })
+    };
+    // Wait until the revocation waits for the creation's lock.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE '%UPDATE tokens%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("read pg_stat_activity");
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the revocation never waited for the creation"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    creation.commit().await.expect("commit the creation");
+    revoking.await.expect("join").expect("revoke");
+
+    let child = app
+        .tokens()
+        .get_token(bearer(pb::GetTokenRequest { token_id: child_id }, &session))
+        .await
+        .expect("get the child")
+        .into_inner()
+        .token
+        .expect("token");
+    assert_eq!(child.state, pb::TokenState::Revoked as i32, "{child:?}");
+    assert_reason(
+        &app.verify(secret.expose(), &[]).await,
+        pb::InactiveReason::Revoked,
+        "the child",
+    );
+}

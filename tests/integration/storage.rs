@@ -222,6 +222,7 @@ fn variant(err: &StorageError) -> &'static str {
         StorageError::Unavailable(_) => "Unavailable",
         StorageError::Corrupt(_) => "Corrupt",
         StorageError::Schema(_) => "Schema",
+        StorageError::ParentRevoked => "ParentRevoked",
         StorageError::Other(_) => "Other",
     }
 }
@@ -1098,6 +1099,17 @@ mod conformance {
             assert_eq!(events.len(), 1, "{events:?}");
             assert_eq!(events[0].subject_credential.as_ref(), Some(&child.token.id));
             assert_eq!(events[0].subject_username, "bob");
+        }
+
+        async fn no_child_is_born_to_a_revoked_family(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let parent = token(&alice.id, "parent", &[], 10, None);
+            store.create_token(&parent, t(10), &ev()).await.expect("create parent");
+            store.create_token(&child_of(&parent, &alice.id, "before"), t(15), &ev()).await.expect("a live parent may have children");
+            store.revoke_token(&parent.token.id, t(20), &ev()).await.expect("revoke").expect("found");
+            let refused = store.create_token(&child_of(&parent, &alice.id, "after"), t(30), &ev()).await;
+            assert!(matches!(refused, Err(StorageError::ParentRevoked)), "{refused:?}");
         }
 
         async fn revoking_a_family_revokes_its_descendants(store) {
