@@ -367,3 +367,97 @@ async fn a_child_created_during_its_parents_revocation_is_revoked_too() {
         "the child",
     );
 }
+
+/// A limited-use token revoked between its lookup and the spending of a
+/// use is refused as revoked. The test holds the revocation open (a row
+/// lock) until the verification's spending waits for it, then commits it:
+/// the spending must re-check revocation, not only the uses left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limited_use_token_revoked_while_being_verified_is_refused() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let (alice, session) = app.person("alice").await;
+    let created = app
+        .tokens()
+        .create_token(bearer(
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "three".into(),
+                max_uses: Some(3),
+                ..Default::default()
+            },
+            &session,
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let token = created.token.expect("token");
+    let pool = sqlx::PgPool::connect(&app.db.url)
+        .await
+        .expect("open PostgreSQL");
+
+    let mut revocation = pool.begin().await.expect("begin");
+    sqlx::query(
+        "UPDATE tokens SET revoke_time = (extract(epoch FROM now()) * 1000000)::bigint \
+         WHERE token_id = $1",
+    )
+    .bind(&token.token_id)
+    .execute(&mut *revocation)
+    .await
+    .expect("revoke, uncommitted");
+
+    let verifying = {
+        let client = app.tokens();
+        let request = bearer(
+            pb::VerifyTokenRequest {
+                token: created.secret.clone(),
+                ..Default::default()
+            },
+            &app.operator_token,
+        );
+        tokio::spawn(async move { client.clone().verify_token(request).await })
+    };
+    // Wait until the spending of a use waits for the revocation's lock.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE '%uses_remaining - 1%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("read pg_stat_activity");
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the verification never waited for the revocation"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    revocation.commit().await.expect("commit the revocation");
+    let verdict = verifying.await.expect("join").expect("verify").into_inner();
+    assert_reason(
+        &verdict,
+        pb::InactiveReason::Revoked,
+        "the limited-use token",
+    );
+    let stored = app
+        .tokens()
+        .get_token(bearer(
+            pb::GetTokenRequest {
+                token_id: token.token_id,
+            },
+            &session,
+        ))
+        .await
+        .expect("get")
+        .into_inner()
+        .token
+        .expect("token");
+    assert_eq!(
+        stored.uses_remaining,
+        Some(3),
+        "no use was spent on a revoked token"
+    );
+}

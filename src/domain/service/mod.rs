@@ -427,7 +427,19 @@ impl Identity {
                 .await?
             {
                 Some(left) => Arc::make_mut(&mut principal).uses_remaining = Some(left),
-                None => return Ok(Verdict::Inactive(InactiveReason::Exhausted)),
+                // No use left, or revoked or expired since it was read:
+                // say which (a rare path, worth one more read).
+                None => {
+                    let reason = match self.store.token_by_id(&principal.credential_id).await? {
+                        Some(token) => match token.state(now) {
+                            TokenState::Revoked => InactiveReason::Revoked,
+                            TokenState::Expired => InactiveReason::Expired,
+                            TokenState::Exhausted | TokenState::Active => InactiveReason::Exhausted,
+                        },
+                        None => InactiveReason::Unknown,
+                    };
+                    return Ok(Verdict::Inactive(reason));
+                }
             }
         }
         let now = Timestamp::now();
