@@ -342,6 +342,29 @@ impl VerificationCache {
         }
     }
 
+    /// Drops every entry about any of the credentials `ids`, in one scan
+    /// (a cascading revocation may revoke many at once).
+    pub fn evict_credentials(&self, ids: &[TokenId]) {
+        if ids.is_empty() {
+            return;
+        }
+        let ids: std::collections::HashSet<&TokenId> = ids.iter().collect();
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        // Negative verdicts carry no ids, and a revoked credential cannot
+        // have a positive verdict in the negative area: only the positive
+        // area holds what these ids name.
+        for shard in &self.shards {
+            shard
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .active
+                .retain(|_, entry| match &entry.cached {
+                    Cached::Active { principal, .. } => !ids.contains(&principal.credential_id),
+                    Cached::Inactive(_) => true,
+                });
+        }
+    }
+
     /// Drops everything.
     pub fn clear(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);

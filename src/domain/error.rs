@@ -118,6 +118,9 @@ impl From<StorageError> for DomainError {
             StorageError::Unavailable(_) => Self::Unavailable(err),
             StorageError::Conflict(crate::storage::Conflict::Username) => Self::UsernameTaken,
             StorageError::Conflict(crate::storage::Conflict::TokenName) => Self::TokenNameTaken,
+            StorageError::ParentRevoked => {
+                Self::CredentialInvalid(super::service::InactiveReason::Revoked.describe())
+            }
             other => Self::Internal(Box::new(other)),
         }
     }

@@ -125,6 +125,12 @@ pub struct Token {
     pub family_id: TokenId,
     /// The token that replaced it by rotation, if any.
     pub replaced_by: Option<TokenId>,
+    /// The rotation family of the personal access token that created it,
+    /// if one did: it is that family's child, and revoking the family's
+    /// live token (or the whole family) revokes it too. A successor keeps
+    /// its predecessor's parent. `None` for tokens created with a session or
+    /// by `bootstrap-operator`, which are no credential's children.
+    pub parent_family_id: Option<TokenId>,
 }
 
 impl Token {

@@ -54,6 +54,10 @@ pub enum StorageError {
     /// by a newer release, or not yet migrated); the message says which.
     #[error("{0}")]
     Schema(String),
+    /// A new token names a parent family whose live token is revoked (in
+    /// a race with its revocation): the creating credential is dead.
+    #[error("the creating token's family was revoked")]
+    ParentRevoked,
     /// Anything else.
     #[error("database error")]
     Other(#[source] BoxError),
@@ -235,7 +239,9 @@ pub trait Store: Send + Sync + 'static {
     /// Inserts a new token. Expired and exhausted tokens of the same account
     /// and name give their name up first, in the same transaction, so a name
     /// is unique only among live tokens. [`Conflict::TokenName`] if a live
-    /// token has it.
+    /// token has it; [`StorageError::ParentRevoked`] if the token names a
+    /// parent family whose live token is revoked at `now` (read under a
+    /// row lock, so that a concurrent cascading revocation cannot miss it).
     async fn create_token(
         &self,
         token: &NewToken,
@@ -263,14 +269,19 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<Token>, StorageError>;
 
     /// Revokes a token at `at` unless it already is (a scheduled revocation
-    /// later than `at` is brought forward), and returns it as stored
-    /// afterwards; `None` if there is no such token.
+    /// later than `at` is brought forward) and, if it is its family's live
+    /// token (not rotated out), every token descended from its family (see
+    /// [`Token::parent_family_id`]), whether or not the token itself was
+    /// still live. Writes `event` if the token itself changed, and a
+    /// `token.revoked` copy of it for each descendant revoked. Returns the
+    /// token as stored afterwards, with the ids of every credential revoked
+    /// (each announced to every replica); `None` if there is no such token.
     async fn revoke_token(
         &self,
         id: &TokenId,
         at: Timestamp,
         event: &AuditEvent,
-    ) -> Result<Option<Token>, StorageError>;
+    ) -> Result<Option<(Token, Vec<TokenId>)>, StorageError>;
 
     /// Replaces `old` by `new` (same family): marks `old` replaced, gives its
     /// name to `new`, schedules its revocation at `revoke_old_at`, and inserts
@@ -298,19 +309,23 @@ pub trait Store: Send + Sync + 'static {
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError>;
 
-    /// Revokes every token of a rotation family that is not yet revoked at
-    /// `at`. Returns how many were.
+    /// Revokes every token of a rotation family, and of every family
+    /// descended from it, that is not yet revoked at `at`. Writes `event`,
+    /// and a `token.revoked` copy of it for each descendant revoked.
+    /// Returns the ids of the tokens revoked (each announced to every
+    /// replica).
     async fn revoke_family(
         &self,
         family: &TokenId,
         at: Timestamp,
         event: &AuditEvent,
-    ) -> Result<u64, StorageError>;
+    ) -> Result<Vec<TokenId>, StorageError>;
 
-    /// Spends one use of a limited-use token, atomically. Returns the uses
-    /// left afterwards, or `None` if none were left (or the token has no
-    /// limit).
-    async fn consume_use(&self, id: &TokenId) -> Result<Option<i64>, StorageError>;
+    /// Spends one use of a limited-use token that is live at `now` (neither
+    /// revoked nor expired), atomically. Returns the uses left afterwards,
+    /// or `None` if none were left, the token is not live, or it has no
+    /// limit.
+    async fn consume_use(&self, id: &TokenId, now: Timestamp) -> Result<Option<i64>, StorageError>;
 
     /// Records a batch of successful uses, each unless a use of the same
     /// token was recorded less than `interval` before it.
@@ -320,16 +335,20 @@ pub trait Store: Send + Sync + 'static {
         interval: std::time::Duration,
     ) -> Result<(), StorageError>;
 
-    /// Revokes the live tokens and sessions with these digests at `at`, and
-    /// writes one copy of `template` (with its subject filled in) for each.
-    /// Returns how many were revoked.
+    /// Revokes the live tokens and sessions with these digests at `at` (one
+    /// statement for the tokens, one for the sessions) and, as
+    /// [`Store::revoke_token`] does, the descendants of each token that is
+    /// its family's live token. Writes one copy of `template` (with its
+    /// subject filled in) for each credential reported, and a
+    /// `token.revoked` copy for each descendant. Returns the ids of every
+    /// credential revoked (each announced to every replica).
     async fn revoke_leaked(
         &self,
         tokens: &[Digest],
         sessions: &[Digest],
         at: Timestamp,
         template: &AuditEvent,
-    ) -> Result<u64, StorageError>;
+    ) -> Result<Vec<TokenId>, StorageError>;
 
     /// Claims one sign-in attempt against every counter of `claims`, at
     /// `now`, atomically: if no counter is in backoff or locked, each counts

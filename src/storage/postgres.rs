@@ -49,9 +49,14 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/postgres/0004_sign_in_throttle.sql"),
     ),
     (
-        7,
+        5,
+        "token parent",
+        include_str!("../../migrations/postgres/0005_token_parent.sql"),
+    ),
+    (
+        6,
         "retention indexes",
-        include_str!("../../migrations/postgres/0007_retention.sql"),
+        include_str!("../../migrations/postgres/0006_retention.sql"),
     ),
 ];
 
@@ -264,6 +269,14 @@ const SCHEMA_TABLE_EXISTS: &str = "SELECT count(*) FROM pg_catalog.pg_tables \
      WHERE tablename = '_sqlx_migrations' AND schemaname = current_schema()";
 
 const CHANNEL: &str = "identity_invalidation";
+/// Revokes the tokens of a leak report (and their descendants).
+const LEAK_TOKENS: &str = sql::PG_LEAK_TOKENS;
+/// Signs out the sessions of a leak report.
+const LEAK_SESSIONS: &str = sql::PG_LEAK_SESSIONS;
+/// The confirming pass of a leak report.
+const LEAK_DESCENDANTS: &str = sql::PG_LEAK_DESCENDANTS;
+/// The live token of a new child's parent family.
+const PARENT_LIVE: &str = sql::PG_PARENT_LIVE;
 /// The payload that only proves the channel works.
 const HEARTBEAT: &str = "heartbeat";
 /// How often each replica sends the heartbeat (every replica hears every
@@ -291,6 +304,30 @@ impl PgStore {
             .await
             .map(drop)
             .map_err(Self::classify)
+    }
+
+    /// Announces that each of `ids` was revoked, in one statement, with
+    /// the caller's transaction (as [`Self::announce`]).
+    async fn announce_credentials(
+        conn: &mut sqlx::PgConnection,
+        ids: &[TokenId],
+    ) -> Result<(), StorageError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = ids.iter().map(TokenId::as_str).collect();
+        sqlx::query("SELECT pg_notify($1, 'credential:' || id) FROM unnest($2::text[]) AS u(id)")
+            .bind(CHANNEL)
+            .bind(ids)
+            .execute(conn)
+            .await
+            .map(drop)
+            .map_err(Self::classify)
+    }
+
+    /// Digests as `LEAK_TOKENS` and `LEAK_SESSIONS` bind them: a `BYTEA[]`.
+    fn digest_list(digests: &[Digest]) -> Vec<Vec<u8>> {
+        digests.iter().map(|d| d.as_bytes().to_vec()).collect()
     }
 
     /// Listens for announcements on a dedicated connection and hands them to

@@ -84,6 +84,30 @@ pub(super) fn token<R: SqlRow>(row: &R) -> Result<Token, StorageError> {
         last_used_address: row.text("last_used_address")?,
         family_id: TokenId::from_stored(row.text("family_id")?),
         replaced_by: row.opt_text("replaced_by")?.map(TokenId::from_stored),
+        parent_family_id: row.opt_text("parent_family_id")?.map(TokenId::from_stored),
+    })
+}
+
+/// One credential a revoking statement revoked (see `revoked_cols!` in
+/// [`super::sql`]).
+pub(super) struct Revoked {
+    /// The token's or session's id.
+    pub id: TokenId,
+    /// Its account.
+    pub account: AccountId,
+    /// That account's username, for the audit log.
+    pub username: String,
+    /// Whether the request named it (rather than one of its ancestors).
+    pub direct: bool,
+}
+
+/// A [`Revoked`] from a revoking statement's returned row.
+pub(super) fn revoked<R: SqlRow>(row: &R) -> Result<Revoked, StorageError> {
+    Ok(Revoked {
+        id: TokenId::from_stored(row.text("credential_id")?),
+        account: AccountId::from_stored(row.text("account_id")?),
+        username: row.text("username")?,
+        direct: row.int("direct")? != 0,
     })
 }
 

@@ -16,7 +16,8 @@ macro_rules! token_cols {
     () => {
         "t.token_id, t.account_id AS token_account_id, t.name, t.scopes, \
          t.create_time, t.expire_time, t.revoke_time, t.family_id, t.replaced_by, \
-         t.max_uses, t.uses_remaining, t.last_used_time, t.last_used_address"
+         t.max_uses, t.uses_remaining, t.last_used_time, t.last_used_address, \
+         t.parent_family_id"
     };
 }
 
@@ -104,17 +105,15 @@ pub(super) const REVOKE_SESSION: &str =
 /// Ends an account's live sessions except `$2` ('' to keep none).
 pub(super) const REVOKE_ACCOUNT_SESSIONS: &str = "UPDATE sessions SET revoke_time = $3 \
     WHERE account_id = $1 AND session_id <> $2 AND revoke_time IS NULL AND expire_time > $3";
-pub(super) const LEAK_SESSION: &str = "UPDATE sessions SET revoke_time = $2 \
-    WHERE digest = $1 AND revoke_time IS NULL AND expire_time > $2 \
-    RETURNING session_id AS credential_id, account_id";
 
 pub(super) const RELEASE_DEAD_NAME: &str = "UPDATE tokens SET live_name = NULL \
     WHERE account_id = $1 AND live_name = $2 \
     AND ((expire_time IS NOT NULL AND expire_time <= $3) OR uses_remaining = 0)";
 pub(super) const INSERT_TOKEN: &str = "INSERT INTO tokens \
     (token_id, account_id, name, live_name, digest, scopes, create_time, expire_time, revoke_time, \
-     family_id, replaced_by, max_uses, uses_remaining, last_used_time, last_used_address) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+     family_id, replaced_by, max_uses, uses_remaining, last_used_time, last_used_address, \
+     parent_family_id) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 pub(super) const TOKEN_BY_ID: &str = concat!(
     "SELECT ",
     token_cols!(),
@@ -140,11 +139,64 @@ pub(super) const LIST_TOKENS: &str = concat!(
     " AND ($7 IS NULL OR COALESCE(t.last_used_time, t.create_time) < $7)",
     " ORDER BY t.token_id LIMIT $3"
 );
-/// Revokes now, or brings a later scheduled revocation forward.
-pub(super) const REVOKE_TOKEN: &str = "UPDATE tokens SET revoke_time = $2, live_name = NULL \
-    WHERE token_id = $1 AND (revoke_time IS NULL OR revoke_time > $2)";
-pub(super) const REVOKE_FAMILY: &str = "UPDATE tokens SET revoke_time = $2, live_name = NULL \
-    WHERE family_id = $1 AND (revoke_time IS NULL OR revoke_time > $2) RETURNING token_id";
+/// The columns every revoking statement returns, one row per credential it
+/// revoked: its id, account and the account's username (for the audit log),
+/// and `direct`, 1 if the request named it and 0 if it was revoked as a
+/// descendant of one that was. `$direct` must not depend on what the
+/// statement changes (SQLite evaluates RETURNING on the updated rows).
+macro_rules! revoked_cols {
+    ($direct:expr) => {
+        concat!(
+            "token_id AS credential_id, account_id, \
+             COALESCE((SELECT a.username FROM accounts a \
+             WHERE a.account_id = tokens.account_id), '') AS username, \
+             CAST(CASE WHEN ",
+            $direct,
+            " THEN 1 ELSE 0 END AS BIGINT) AS direct"
+        )
+    };
+}
+
+/// A recursive common table expression, `descendants(family_id)`: the
+/// rotation families descended from the families `$seed` (a query of
+/// family ids) selects, through `parent_family_id` — their children, their
+/// children's children, and so on (not the seeds themselves). `UNION`
+/// (not `UNION ALL`) visits each family once, so even a cycle, which the
+/// service never creates, would end.
+macro_rules! descendants_of {
+    ($seed:expr) => {
+        concat!(
+            "descendants(family_id) AS (SELECT c.family_id FROM tokens c \
+             WHERE c.parent_family_id IN (",
+            $seed,
+            ") UNION SELECT c.family_id FROM tokens c \
+             JOIN descendants d ON c.parent_family_id = d.family_id)"
+        )
+    };
+}
+
+/// Revokes a token now (or brings a later scheduled revocation forward)
+/// and, if it is its family's live token (not rotated out), every token of
+/// every family descended from that family, in one statement.
+pub(super) const REVOKE_TOKEN: &str = concat!(
+    "WITH RECURSIVE ",
+    descendants_of!(
+        "SELECT p.family_id FROM tokens p WHERE p.token_id = $1 AND p.replaced_by IS NULL"
+    ),
+    " UPDATE tokens SET revoke_time = $2, live_name = NULL \
+     WHERE (token_id = $1 OR family_id IN (SELECT family_id FROM descendants)) \
+     AND (revoke_time IS NULL OR revoke_time > $2) RETURNING ",
+    revoked_cols!("token_id = $1")
+);
+/// Revokes every token of a family and of every family descended from it.
+pub(super) const REVOKE_FAMILY: &str = concat!(
+    "WITH RECURSIVE ",
+    descendants_of!("SELECT CAST($1 AS TEXT)"),
+    " UPDATE tokens SET revoke_time = $2, live_name = NULL \
+     WHERE (family_id = $1 OR family_id IN (SELECT family_id FROM descendants)) \
+     AND (revoke_time IS NULL OR revoke_time > $2) RETURNING ",
+    revoked_cols!("family_id = $1")
+);
 /// `$2`: successor; `$3`: when the old token stops; `$4`: now.
 pub(super) const MARK_ROTATED: &str = "UPDATE tokens SET replaced_by = $2, live_name = NULL, \
     revoke_time = CASE WHEN revoke_time IS NULL OR revoke_time > $3 THEN $3 ELSE revoke_time END \
@@ -153,15 +205,112 @@ pub(super) const MARK_ROTATED: &str = "UPDATE tokens SET replaced_by = $2, live_
 pub(super) const RENEW_TOKEN: &str = "UPDATE tokens SET expire_time = $2 \
     WHERE token_id = $1 AND replaced_by IS NULL AND revoke_time IS NULL \
     AND (expire_time IS NULL OR expire_time > $3)";
+/// Spends a use of a token that is live at `$2`: neither revoked (a
+/// revocation may have landed since the token was read) nor expired.
 pub(super) const CONSUME_USE: &str = "UPDATE tokens SET uses_remaining = uses_remaining - 1 \
-    WHERE token_id = $1 AND uses_remaining > 0 RETURNING uses_remaining";
+    WHERE token_id = $1 AND uses_remaining > 0 \
+    AND (revoke_time IS NULL OR revoke_time > $2) \
+    AND (expire_time IS NULL OR expire_time > $2) RETURNING uses_remaining";
 /// `$4`: the minimum interval between two recorded uses, in microseconds.
 pub(super) const RECORD_USE: &str = "UPDATE tokens SET last_used_time = $2, last_used_address = $3 \
     WHERE token_id = $1 AND (last_used_time IS NULL OR last_used_time <= $2 - $4)";
-pub(super) const LEAK_TOKEN: &str = "UPDATE tokens SET revoke_time = $2, live_name = NULL \
-    WHERE digest = $1 AND (revoke_time IS NULL OR revoke_time > $2) \
-    AND (expire_time IS NULL OR expire_time > $2) \
-    RETURNING token_id AS credential_id, account_id";
+/// Revokes the live tokens whose digests `$1` lists (`$match`, the
+/// backend's way of matching a bound list) at `$2` and, for each that is
+/// its family's live token, every token of the families descended from its
+/// family: a whole leak report in one statement.
+macro_rules! leak_tokens {
+    ($match:expr) => {
+        concat!(
+            "WITH RECURSIVE leaked AS (SELECT token_id, family_id, replaced_by FROM tokens \
+             WHERE ",
+            $match,
+            " AND (revoke_time IS NULL OR revoke_time > $2) \
+             AND (expire_time IS NULL OR expire_time > $2)), ",
+            descendants_of!("SELECT l.family_id FROM leaked l WHERE l.replaced_by IS NULL"),
+            " UPDATE tokens SET revoke_time = $2, live_name = NULL \
+             WHERE (token_id IN (SELECT token_id FROM leaked) \
+             OR family_id IN (SELECT family_id FROM descendants)) \
+             AND (revoke_time IS NULL OR revoke_time > $2) RETURNING ",
+            // Not `token_id IN leaked`: on SQLite the RETURNING clause
+            // may see the rows as updated, no longer live.
+            revoked_cols!($match)
+        )
+    };
+}
+
+/// The confirming pass of a leak report (see `revoke_until_done`): the
+/// descendants of the families whose live token the report revoked (at
+/// `$2`, exactly) that are still live.
+macro_rules! leak_descendants {
+    ($match:expr) => {
+        concat!(
+            "WITH RECURSIVE ",
+            descendants_of!(concat!(
+                "SELECT l.family_id FROM tokens l WHERE ",
+                $match,
+                " AND l.replaced_by IS NULL AND l.revoke_time = $2"
+            )),
+            " UPDATE tokens SET revoke_time = $2, live_name = NULL \
+             WHERE family_id IN (SELECT family_id FROM descendants) \
+             AND (revoke_time IS NULL OR revoke_time > $2) RETURNING ",
+            revoked_cols!("1 = 0")
+        )
+    };
+}
+
+/// The live token of the family `$1` a new child names, read before the
+/// child is inserted (`$lock`: the backend's row lock, so that a concurrent
+/// cascade either sees the child or is seen by this read).
+macro_rules! parent_live {
+    ($lock:expr) => {
+        concat!(
+            "SELECT revoke_time FROM tokens WHERE family_id = $1 AND replaced_by IS NULL",
+            $lock
+        )
+    };
+}
+
+/// Signs out the live sessions whose digests `$1` lists (`$match`, as in
+/// [`leak_tokens`]) at `$2`, in one statement. Sessions have no children.
+macro_rules! leak_sessions {
+    ($match:expr) => {
+        concat!(
+            "UPDATE sessions SET revoke_time = $2 WHERE ",
+            $match,
+            " AND revoke_time IS NULL AND expire_time > $2 \
+             RETURNING session_id AS credential_id, account_id, \
+             COALESCE((SELECT a.username FROM accounts a \
+             WHERE a.account_id = sessions.account_id), '') AS username, \
+             CAST(1 AS BIGINT) AS direct"
+        )
+    };
+}
+
+/// How PostgreSQL matches a digest against the bound list (a `BYTEA[]`).
+macro_rules! pg_digest_in_list {
+    () => {
+        "digest = ANY($1)"
+    };
+}
+/// How SQLite matches a digest against the bound list (a JSON array of hex
+/// strings: SQLite binds no arrays). The unique index on `digest` is probed
+/// once per element.
+macro_rules! sqlite_digest_in_list {
+    () => {
+        "digest IN (SELECT unhex(value) FROM json_each($1))"
+    };
+}
+pub(super) const PG_LEAK_TOKENS: &str = leak_tokens!(pg_digest_in_list!());
+pub(super) const PG_LEAK_DESCENDANTS: &str = leak_descendants!(pg_digest_in_list!());
+pub(super) const PG_PARENT_LIVE: &str = parent_live!(" FOR SHARE");
+pub(super) const SQLITE_LEAK_DESCENDANTS: &str = leak_descendants!(sqlite_digest_in_list!());
+/// SQLite has no row locks: its writers take turns, and a transaction whose
+/// read went stale by the time it writes fails instead of committing.
+pub(super) const SQLITE_PARENT_LIVE: &str = parent_live!("");
+pub(super) const PG_LEAK_SESSIONS: &str = leak_sessions!(pg_digest_in_list!());
+pub(super) const SQLITE_LEAK_TOKENS: &str = leak_tokens!(sqlite_digest_in_list!());
+pub(super) const SQLITE_LEAK_SESSIONS: &str = leak_sessions!(sqlite_digest_in_list!());
+
 /// A sign-in counter's count after one more attempt: one if its previous
 /// attempt is older than `$8` (forgotten).
 macro_rules! throttle_next {
@@ -272,13 +421,14 @@ pub(super) const PURGE_SIGN_IN_THROTTLE: &str = "DELETE FROM sign_in_throttle \
 pub(super) const PURGE_EVENTS: &str = "DELETE FROM audit_events WHERE event_id IN (\
     SELECT event_id FROM audit_events WHERE event_time <= $1 LIMIT $2)";
 
-pub(super) const USERNAME_OF: &str = "SELECT username FROM accounts WHERE account_id = $1";
-
 /// Implements [`super::Store`] for a backend type, over sqlx database `$db`.
 /// The backend module supplies a `pool` field, `MIGRATIONS`, and the
-/// functions where backends differ: `classify` (errors), `announce` and
-/// `watch_changes` (change notifications), `write_uses` (batched last use)
-/// and the `SHARED` constant.
+/// functions where backends differ: `classify` (errors), `announce`,
+/// `announce_credentials` and `watch_changes` (change notifications),
+/// `write_uses` (batched last use), `digest_list` with `LEAK_TOKENS`,
+/// `LEAK_DESCENDANTS` and `LEAK_SESSIONS` (a bound list of digests),
+/// `PARENT_LIVE` (a row lock where there are any), and the `SHARED`
+/// constant.
 macro_rules! impl_store {
     ($store:ty, $db:ty) => {
         impl $store {
@@ -358,35 +508,66 @@ macro_rules! impl_store {
                 super::compare_schema(&applied, &known, will_migrate)
             }
 
-            /// Revokes the live credential a leaked digest names, if any,
-            /// and records it.
-            async fn leak_one(
+            /// Runs a revoking statement (one that returns
+            /// `revoked_cols!()`) within the caller's transaction; writes
+            /// `direct(row)` (when it returns an event) for each credential
+            /// the request named, and a `token.revoked` event by the same
+            /// actor for each descendant revoked with it; announces every
+            /// revoked credential to every replica; and returns their ids.
+            async fn revoke_rows<'q>(
                 conn: &mut <$db as sqlx::Database>::Connection,
-                query: &'static str,
-                digest: &Digest,
-                at: Timestamp,
-                template: &AuditEvent,
-            ) -> Result<u64, StorageError> {
-                let hit = sqlx::query(query)
-                    .bind(&digest.as_bytes()[..])
-                    .bind(at.as_micros())
-                    .fetch_optional(&mut *conn)
+                query: sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>>,
+                cause: &AuditEvent,
+                direct: impl Fn(&rows::Revoked) -> Option<AuditEvent>,
+            ) -> Result<Vec<TokenId>, StorageError> {
+                let found = query
+                    .fetch_all(&mut *conn)
                     .await
                     .map_err(Self::classify)?;
-                let Some(hit) = hit else { return Ok(0) };
-                let credential = TokenId::from_stored(rows::SqlRow::text(&hit, "credential_id")?);
-                let account = AccountId::from_stored(rows::SqlRow::text(&hit, "account_id")?);
-                let username: Option<String> = sqlx::query_scalar(sql::USERNAME_OF)
-                    .bind(account.as_str())
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(Self::classify)?;
-                let event = template
-                    .another()
-                    .account(&account, username.as_deref().unwrap_or_default())
-                    .credential(&credential);
-                Self::record(conn, &event, &Invalidation::Credential(credential)).await?;
-                Ok(1)
+                let mut ids = Vec::with_capacity(found.len());
+                for row in &found {
+                    let revoked = rows::revoked(row)?;
+                    let event = if revoked.direct {
+                        direct(&revoked)
+                    } else {
+                        Some(
+                            AuditEvent {
+                                kind: $crate::domain::audit::EventType::TokenRevoked,
+                                ..cause.another()
+                            }
+                            .account(&revoked.account, &revoked.username)
+                            .credential(&revoked.id),
+                        )
+                    };
+                    if let Some(event) = event {
+                        Self::insert_event(&mut *conn, &event).await?;
+                    }
+                    ids.push(revoked.id);
+                }
+                Self::announce_credentials(&mut *conn, &ids).await?;
+                Ok(ids)
+            }
+
+            /// Runs the confirming passes of a cascading revocation: `again`
+            /// (which revokes only descendants) until it revokes nothing.
+            /// On PostgreSQL a child whose creation was in flight when the
+            /// first pass took its snapshot is invisible to it, but that
+            /// creation holds a share lock on its parent's live row, which
+            /// the first pass waited for: the next pass, with a fresh
+            /// snapshot, sees the child. Usually one empty pass.
+            async fn revoke_until_done<'q>(
+                conn: &mut <$db as sqlx::Database>::Connection,
+                again: impl Fn() -> sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>>,
+                cause: &AuditEvent,
+                revoked: &mut Vec<TokenId>,
+            ) -> Result<(), StorageError> {
+                loop {
+                    let more = Self::revoke_rows(&mut *conn, again(), cause, |_| None).await?;
+                    if more.is_empty() {
+                        return Ok(());
+                    }
+                    revoked.extend(more);
+                }
             }
         }
 
@@ -649,6 +830,21 @@ macro_rules! impl_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(Self::classify)?;
+                if let Some(parent) = &token.parent_family_id {
+                    // A child is never born to a revoked family: the
+                    // cascade that revoked it could not have seen the child.
+                    let live: Vec<Option<i64>> = sqlx::query_scalar(PARENT_LIVE)
+                        .bind(parent.as_str())
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(Self::classify)?;
+                    if !live
+                        .iter()
+                        .any(|revoke| revoke.is_none_or(|r| r > now.as_micros()))
+                    {
+                        return Err(StorageError::ParentRevoked);
+                    }
+                }
                 Self::insert_token(&mut tx, new).await?;
                 Self::insert_event(&mut tx, event).await?;
                 tx.commit().await.map_err(Self::classify)
@@ -703,18 +899,19 @@ macro_rules! impl_store {
                 id: &TokenId,
                 at: Timestamp,
                 event: &AuditEvent,
-            ) -> Result<Option<Token>, StorageError> {
+            ) -> Result<Option<(Token, Vec<TokenId>)>, StorageError> {
                 let mut tx = self.pool.begin().await.map_err(Self::classify)?;
-                let changed = sqlx::query(sql::REVOKE_TOKEN)
+                let query = sqlx::query(sql::REVOKE_TOKEN)
                     .bind(id.as_str())
-                    .bind(at.as_micros())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(Self::classify)?
-                    .rows_affected();
-                if changed > 0 {
-                    Self::record(&mut tx, event, &Invalidation::Credential(id.clone())).await?;
-                }
+                    .bind(at.as_micros());
+                let mut revoked =
+                    Self::revoke_rows(&mut tx, query, event, |_| Some(event.clone())).await?;
+                let again = || {
+                    sqlx::query(sql::REVOKE_TOKEN)
+                        .bind(id.as_str())
+                        .bind(at.as_micros())
+                };
+                Self::revoke_until_done(&mut tx, again, event, &mut revoked).await?;
                 let row = sqlx::query(sql::TOKEN_BY_ID)
                     .bind(id.as_str())
                     .fetch_optional(&mut *tx)
@@ -722,7 +919,7 @@ macro_rules! impl_store {
                     .map_err(Self::classify)?;
                 let token = row.as_ref().map(rows::token).transpose()?;
                 tx.commit().await.map_err(Self::classify)?;
-                Ok(token)
+                Ok(token.map(|token| (token, revoked)))
             }
 
             async fn rotate_token(
@@ -793,26 +990,33 @@ macro_rules! impl_store {
                 family: &TokenId,
                 at: Timestamp,
                 event: &AuditEvent,
-            ) -> Result<u64, StorageError> {
+            ) -> Result<Vec<TokenId>, StorageError> {
                 let mut tx = self.pool.begin().await.map_err(Self::classify)?;
-                let revoked: Vec<String> = sqlx::query_scalar(sql::REVOKE_FAMILY)
-                    .bind(family.as_str())
-                    .bind(at.as_micros())
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(Self::classify)?;
+                // One event for the family, written even if it was already
+                // revoked; one per descendant.
                 Self::insert_event(&mut tx, event).await?;
-                for id in &revoked {
-                    let what = Invalidation::Credential(TokenId::from_stored(id.clone()));
-                    Self::announce(&mut tx, &what).await?;
-                }
+                let query = sqlx::query(sql::REVOKE_FAMILY)
+                    .bind(family.as_str())
+                    .bind(at.as_micros());
+                let mut revoked = Self::revoke_rows(&mut tx, query, event, |_| None).await?;
+                let again = || {
+                    sqlx::query(sql::REVOKE_FAMILY)
+                        .bind(family.as_str())
+                        .bind(at.as_micros())
+                };
+                Self::revoke_until_done(&mut tx, again, event, &mut revoked).await?;
                 tx.commit().await.map_err(Self::classify)?;
-                Ok(revoked.len() as u64)
+                Ok(revoked)
             }
 
-            async fn consume_use(&self, id: &TokenId) -> Result<Option<i64>, StorageError> {
+            async fn consume_use(
+                &self,
+                id: &TokenId,
+                now: Timestamp,
+            ) -> Result<Option<i64>, StorageError> {
                 sqlx::query_scalar(sql::CONSUME_USE)
                     .bind(id.as_str())
+                    .bind(now.as_micros())
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(Self::classify)
@@ -839,16 +1043,34 @@ macro_rules! impl_store {
                 sessions: &[Digest],
                 at: Timestamp,
                 template: &AuditEvent,
-            ) -> Result<u64, StorageError> {
+            ) -> Result<Vec<TokenId>, StorageError> {
+                let reported = |hit: &rows::Revoked| {
+                    Some(
+                        template
+                            .another()
+                            .account(&hit.account, &hit.username)
+                            .credential(&hit.id),
+                    )
+                };
                 let mut tx = self.pool.begin().await.map_err(Self::classify)?;
-                let mut revoked = 0;
-                for digest in tokens {
-                    revoked +=
-                        Self::leak_one(&mut tx, sql::LEAK_TOKEN, digest, at, template).await?;
+                let mut revoked = Vec::new();
+                for (digests, query) in [(tokens, LEAK_TOKENS), (sessions, LEAK_SESSIONS)] {
+                    if digests.is_empty() {
+                        continue;
+                    }
+                    let query = sqlx::query(query)
+                        .bind(Self::digest_list(digests))
+                        .bind(at.as_micros());
+                    revoked.extend(Self::revoke_rows(&mut tx, query, template, reported).await?);
                 }
-                for digest in sessions {
-                    revoked +=
-                        Self::leak_one(&mut tx, sql::LEAK_SESSION, digest, at, template).await?;
+                if !tokens.is_empty() {
+                    let list = Self::digest_list(tokens);
+                    let again = || {
+                        sqlx::query(LEAK_DESCENDANTS)
+                            .bind(list.clone())
+                            .bind(at.as_micros())
+                    };
+                    Self::revoke_until_done(&mut tx, again, template, &mut revoked).await?;
                 }
                 tx.commit().await.map_err(Self::classify)?;
                 Ok(revoked)
@@ -1090,6 +1312,7 @@ macro_rules! impl_store {
                     .bind(token.uses_remaining)
                     .bind(token.last_used_time.map(Timestamp::as_micros))
                     .bind(token.last_used_address.as_str())
+                    .bind(token.parent_family_id.as_ref().map(TokenId::as_str))
                     .execute(&mut *conn)
                     .await
                     .map(drop)

@@ -24,6 +24,15 @@ use crate::domain::{
     token::{NewToken, Session, Token, TokenId},
 };
 
+/// Revokes the tokens of a leak report (and their descendants).
+const LEAK_TOKENS: &str = sql::SQLITE_LEAK_TOKENS;
+/// Signs out the sessions of a leak report.
+const LEAK_SESSIONS: &str = sql::SQLITE_LEAK_SESSIONS;
+/// The confirming pass of a leak report.
+const LEAK_DESCENDANTS: &str = sql::SQLITE_LEAK_DESCENDANTS;
+/// The live token of a new child's parent family.
+const PARENT_LIVE: &str = sql::SQLITE_PARENT_LIVE;
+
 /// Whether the migrations table exists (it does once anything was migrated).
 const SCHEMA_TABLE_EXISTS: &str =
     "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'";
@@ -45,9 +54,14 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0003_sign_in_throttle.sql"),
     ),
     (
-        6,
+        4,
+        "token parent",
+        include_str!("../../migrations/sqlite/0004_token_parent.sql"),
+    ),
+    (
+        5,
         "retention indexes",
-        include_str!("../../migrations/sqlite/0006_retention.sql"),
+        include_str!("../../migrations/sqlite/0005_retention.sql"),
     ),
 ];
 
@@ -140,6 +154,34 @@ impl SqliteStore {
         _what: &Invalidation,
     ) -> Result<(), StorageError> {
         Ok(())
+    }
+
+    /// Nothing to announce: no other replica can be listening.
+    async fn announce_credentials(
+        _conn: &mut sqlx::SqliteConnection,
+        _ids: &[TokenId],
+    ) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    /// Digests as `LEAK_TOKENS` and `LEAK_SESSIONS` bind them: SQLite binds
+    /// no arrays, so a JSON array of lowercase hex strings.
+    fn digest_list(digests: &[Digest]) -> String {
+        use std::fmt::Write as _;
+        let mut json = String::with_capacity(2 + digests.len() * 67);
+        json.push('[');
+        for (i, digest) in digests.iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            json.push('"');
+            for byte in digest.as_bytes() {
+                let _ = write!(json, "{byte:02x}");
+            }
+            json.push('"');
+        }
+        json.push(']');
+        json
     }
 
     /// Nothing to watch.

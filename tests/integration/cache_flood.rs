@@ -61,7 +61,7 @@ async fn a_flood_of_forged_tokens_evicts_no_valid_verdict(backend: Backend) {
     let mut flooders = tokio::task::JoinSet::new();
     for _ in 0..FLOODERS {
         let mut client = app.tokens();
-        let operator = app.operator_token.clone();
+        let verifier = app.verifier_token().await;
         flooders.spawn(async move {
             for _ in 0..FORGED / FLOODERS {
                 let forged = Secret::generate(CredentialKind::PersonalAccessToken);
@@ -71,7 +71,7 @@ async fn a_flood_of_forged_tokens_evicts_no_valid_verdict(backend: Backend) {
                             token: forged.expose().to_owned(),
                             ..Default::default()
                         },
-                        &operator,
+                        &verifier,
                     ))
                     .await
                     .expect("verify a forged token")
@@ -84,7 +84,7 @@ async fn a_flood_of_forged_tokens_evicts_no_valid_verdict(backend: Backend) {
         done.expect("a flooder");
     }
 
-    // Each call below looks up two verdicts (the operator's token, then the
+    // Each call below looks up two verdicts (the verifier's token, then the
     // valid one), so any miss is a verdict the flood pushed out.
     let (_, before) = cache.stats();
     for secret in &valid {

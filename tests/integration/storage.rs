@@ -16,7 +16,7 @@ use std::{future::Future, sync::Arc};
 use identity::{
     domain::{
         account::{Account, AccountId, AccountKind, Email, Role, Username},
-        audit::{AuditEvent, EventType, Origin},
+        audit::{AuditEvent, AuditFilter, EventType, Origin},
         credential::{CredentialKind, Digest, Secret},
         password::PasswordHash,
         scope::Scopes,
@@ -145,6 +145,7 @@ fn token(
             last_used_time: None,
             last_used_address: String::new(),
             replaced_by: None,
+            parent_family_id: None,
         },
         digest: digest(CredentialKind::PersonalAccessToken),
     }
@@ -221,6 +222,7 @@ fn variant(err: &StorageError) -> &'static str {
         StorageError::Unavailable(_) => "Unavailable",
         StorageError::Corrupt(_) => "Corrupt",
         StorageError::Schema(_) => "Schema",
+        StorageError::ParentRevoked => "ParentRevoked",
         StorageError::Other(_) => "Other",
     }
 }
@@ -830,7 +832,7 @@ mod conformance {
             );
 
             // The expired token can still be revoked; that frees nothing new.
-            let revoked = store
+            let (revoked, _) = store
                 .revoke_token(&old.token.id, t(5_000), &ev())
                 .await
                 .expect("revoke")
@@ -849,7 +851,7 @@ mod conformance {
             let new = token(&alice.id, "ci", &["tokens:verify"], 10, Some(1_000));
             store.create_token(&new, t(10), &ev()).await.expect("create token");
 
-            let first = store
+            let (first, revoked) = store
                 .revoke_token(&new.token.id, t(100), &ev())
                 .await
                 .expect("revoke")
@@ -857,13 +859,15 @@ mod conformance {
             let mut want = new.token.clone();
             want.revoke_time = Some(t(100));
             assert_token_eq(&first, &want);
+            assert_eq!(revoked, std::slice::from_ref(&new.token.id));
 
-            let second = store
+            let (second, revoked) = store
                 .revoke_token(&new.token.id, t(200), &ev())
                 .await
                 .expect("revoke again")
                 .expect("found");
             assert_token_eq(&second, &want);
+            assert!(revoked.is_empty(), "nothing new was revoked");
             let stored = store.token_by_id(&new.token.id).await.expect("read").expect("found");
             assert_token_eq(&stored, &want);
 
@@ -1030,5 +1034,214 @@ mod conformance {
                 }
             }
         }
+
+        async fn revoking_a_live_token_revokes_every_descendant_and_nothing_else(store) {
+            let alice = person("alice", 1);
+            let bob = person("bob", 1);
+            store.create_account(&alice, &ev()).await.expect("create alice");
+            store.create_account(&bob, &ev()).await.expect("create bob");
+            let parent = token(&alice.id, "parent", &[], 10, None);
+            let child = child_of(&parent, &bob.id, "child");
+            let grandchild = child_of(&child, &alice.id, "grandchild");
+            let unrelated = token(&alice.id, "unrelated", &[], 10, None);
+            for new in [&parent, &child, &grandchild, &unrelated] {
+                store.create_token(new, t(10), &ev()).await.expect("create token");
+            }
+            // Rotating the parent keeps its children under the successor.
+            let mut successor = token(&alice.id, "parent", &[], 20, None);
+            successor.token.family_id = parent.token.family_id.clone();
+            store
+                .rotate_token(&parent.token.id, &successor, t(1_000), t(20), &ev())
+                .await
+                .expect("rotate")
+                .expect("rotated");
+
+            // Revoking the rotated-out member revokes that member only.
+            let (_, revoked) = store
+                .revoke_token(&parent.token.id, t(30), &ev())
+                .await
+                .expect("revoke")
+                .expect("found");
+            assert_eq!(revoked, std::slice::from_ref(&parent.token.id));
+            for live in [&successor, &child, &grandchild] {
+                let got = store.token_by_id(&live.token.id).await.expect("read").expect("found");
+                assert_eq!(got.state(t(40)), TokenState::Active, "{}", got.name.as_str());
+            }
+
+            // Revoking the family's live token revokes the descendants,
+            // whoever's they are, and nothing else.
+            let (_, mut revoked) = store
+                .revoke_token(&successor.token.id, t(40), &ev())
+                .await
+                .expect("revoke")
+                .expect("found");
+            revoked.sort();
+            let mut want = vec![
+                successor.token.id.clone(),
+                child.token.id.clone(),
+                grandchild.token.id.clone(),
+            ];
+            want.sort();
+            assert_eq!(revoked, want);
+            for id in &want {
+                let got = store.token_by_id(id).await.expect("read").expect("found");
+                assert_eq!(got.revoke_time, Some(t(40)), "{}", got.name.as_str());
+            }
+            let got = store.token_by_id(&unrelated.token.id).await.expect("read").expect("found");
+            assert_eq!(got.revoke_time, None);
+
+            // Each descendant's revocation is in the audit log, with its
+            // account's username.
+            let events = store
+                .list_events(&AuditFilter { account: Some(bob.id.clone()), types: vec![EventType::TokenRevoked] }, None, 10)
+                .await
+                .expect("list events");
+            assert_eq!(events.len(), 1, "{events:?}");
+            assert_eq!(events[0].subject_credential.as_ref(), Some(&child.token.id));
+            assert_eq!(events[0].subject_username, "bob");
+        }
+
+        async fn no_child_is_born_to_a_revoked_family(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let parent = token(&alice.id, "parent", &[], 10, None);
+            store.create_token(&parent, t(10), &ev()).await.expect("create parent");
+            store.create_token(&child_of(&parent, &alice.id, "before"), t(15), &ev()).await.expect("a live parent may have children");
+            store.revoke_token(&parent.token.id, t(20), &ev()).await.expect("revoke").expect("found");
+            let refused = store.create_token(&child_of(&parent, &alice.id, "after"), t(30), &ev()).await;
+            assert!(matches!(refused, Err(StorageError::ParentRevoked)), "{refused:?}");
+        }
+
+        async fn revoking_a_family_revokes_its_descendants(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let parent = token(&alice.id, "parent", &[], 10, None);
+            let child = child_of(&parent, &alice.id, "child");
+            let grandchild = child_of(&child, &alice.id, "grandchild");
+            let unrelated = token(&alice.id, "unrelated", &[], 10, None);
+            for new in [&parent, &child, &grandchild, &unrelated] {
+                store.create_token(new, t(10), &ev()).await.expect("create token");
+            }
+            let mut revoked = store
+                .revoke_family(&parent.token.family_id, t(20), &ev())
+                .await
+                .expect("revoke family");
+            revoked.sort();
+            let mut want = vec![parent.token.id.clone(), child.token.id.clone(), grandchild.token.id.clone()];
+            want.sort();
+            assert_eq!(revoked, want);
+            let got = store.token_by_id(&unrelated.token.id).await.expect("read").expect("found");
+            assert_eq!(got.revoke_time, None);
+        }
+
+        async fn a_leak_report_revokes_what_it_names_and_their_descendants(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let parent = token(&alice.id, "parent", &[], 10, None);
+            let child = child_of(&parent, &alice.id, "child");
+            let other = token(&alice.id, "other", &[], 10, None);
+            let unrelated = token(&alice.id, "unrelated", &[], 10, None);
+            let expired = token(&alice.id, "expired", &[], 10, Some(15));
+            for new in [&parent, &child, &other, &unrelated, &expired] {
+                store.create_token(new, t(10), &ev()).await.expect("create token");
+            }
+            let live = session(&alice.id, 10, 1_000);
+            let live_digest = digest(CredentialKind::Session);
+            store.create_session(&live, &live_digest, &ev()).await.expect("create session");
+
+            let template = AuditEvent::new(EventType::TokenLeaked, &Origin::new("127.0.0.1:1"), None);
+            let tokens = [
+                parent.digest,
+                other.digest,
+                expired.digest,
+                digest(CredentialKind::PersonalAccessToken),
+            ];
+            let sessions = [live_digest, digest(CredentialKind::Session)];
+            let mut revoked = store
+                .revoke_leaked(&tokens, &sessions, t(20), &template)
+                .await
+                .expect("revoke leaked");
+            revoked.sort();
+            let mut want = vec![
+                parent.token.id.clone(),
+                child.token.id.clone(),
+                other.token.id.clone(),
+                live.id.clone(),
+            ];
+            want.sort();
+            assert_eq!(revoked, want);
+            let got = store.token_by_id(&unrelated.token.id).await.expect("read").expect("found");
+            assert_eq!(got.revoke_time, None);
+            let got = store.token_by_id(&expired.token.id).await.expect("read").expect("found");
+            assert_eq!(got.revoke_time, None, "an expired token is not live: nothing to revoke");
+
+            // The reported credentials are recorded as leaked, the
+            // descendant as revoked.
+            let events = store
+                .list_events(&AuditFilter { account: Some(alice.id.clone()), types: vec![EventType::TokenLeaked, EventType::TokenRevoked] }, None, 10)
+                .await
+                .expect("list events");
+            let mut seen: Vec<(EventType, TokenId, String)> = events
+                .into_iter()
+                .map(|e| (e.kind, e.subject_credential.expect("subject"), e.subject_username))
+                .collect();
+            seen.sort_by(|a, b| a.1.cmp(&b.1));
+            let mut want = vec![
+                (EventType::TokenLeaked, parent.token.id.clone(), "alice".to_owned()),
+                (EventType::TokenRevoked, child.token.id.clone(), "alice".to_owned()),
+                (EventType::TokenLeaked, other.token.id.clone(), "alice".to_owned()),
+                (EventType::TokenLeaked, live.id.clone(), "alice".to_owned()),
+            ];
+            want.sort_by(|a, b| a.1.cmp(&b.1));
+            assert_eq!(seen, want);
+
+            // Reporting them again revokes nothing.
+            let again = store
+                .revoke_leaked(&tokens, &sessions, t(30), &template)
+                .await
+                .expect("revoke leaked again");
+            assert!(again.is_empty(), "{again:?}");
+        }
+
+        async fn a_use_is_never_spent_on_a_revoked_or_expired_token(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let mut limited = token(&alice.id, "limited", &[], 10, Some(1_000));
+            limited.token.max_uses = Some(5);
+            limited.token.uses_remaining = Some(5);
+            store.create_token(&limited, t(10), &ev()).await.expect("create token");
+            let id = &limited.token.id;
+            assert_eq!(store.consume_use(id, t(20)).await.expect("consume"), Some(4));
+            // Expired at 1000: no use at or after it.
+            assert_eq!(store.consume_use(id, t(1_000)).await.expect("consume"), None);
+            // A revocation scheduled for later (a rotation's grace period)
+            // still allows uses before it, none from it on.
+            let mut successor = token(&alice.id, "limited", &[], 30, Some(1_000));
+            successor.token.family_id = limited.token.family_id.clone();
+            store
+                .rotate_token(id, &successor, t(100), t(30), &ev())
+                .await
+                .expect("rotate")
+                .expect("rotated");
+            assert_eq!(store.consume_use(id, t(99)).await.expect("consume"), Some(3));
+            assert_eq!(store.consume_use(id, t(100)).await.expect("consume"), None);
+            // Revoked outright.
+            let mut other = token(&alice.id, "other", &[], 10, Some(1_000));
+            other.token.max_uses = Some(5);
+            other.token.uses_remaining = Some(5);
+            store.create_token(&other, t(10), &ev()).await.expect("create token");
+            store.revoke_token(&other.token.id, t(50), &ev()).await.expect("revoke").expect("found");
+            assert_eq!(store.consume_use(&other.token.id, t(60)).await.expect("consume"), None);
+            let got = store.token_by_id(&other.token.id).await.expect("read").expect("found");
+            assert_eq!(got.uses_remaining, Some(5), "no use was spent");
+        }
     }
+}
+
+/// A live token for `account` created with `creator`: a child of the
+/// creator's family.
+fn child_of(creator: &NewToken, account: &AccountId, name: &str) -> NewToken {
+    let mut child = token(account, name, &[], 10, None);
+    child.token.parent_family_id = Some(creator.token.family_id.clone());
+    child
 }

@@ -122,7 +122,7 @@ async fn without_reflection_grpcurl_works_from_the_protos() {
         "-proto".into(),
         "identity/v1/tokens.proto".into(),
         "-H".into(),
-        format!("authorization: Bearer {}", app.operator_token),
+        format!("authorization: Bearer {}", app.verifier_token().await),
         "-d".into(),
         format!("{{\"token\": \"{}\"}}", app.operator_token),
         addr,

@@ -430,9 +430,26 @@ impl Identity {
             return Ok(Verdict::Active(principal));
         }
         if principal.uses_remaining.is_some() {
-            match self.store.consume_use(&principal.credential_id).await? {
+            let now = Timestamp::now();
+            match self
+                .store
+                .consume_use(&principal.credential_id, now)
+                .await?
+            {
                 Some(left) => Arc::make_mut(&mut principal).uses_remaining = Some(left),
-                None => return Ok(Verdict::Inactive(InactiveReason::Exhausted)),
+                // No use left, or revoked or expired since it was read:
+                // say which (a rare path, worth one more read).
+                None => {
+                    let reason = match self.store.token_by_id(&principal.credential_id).await? {
+                        Some(token) => match token.state(now) {
+                            TokenState::Revoked => InactiveReason::Revoked,
+                            TokenState::Expired => InactiveReason::Expired,
+                            TokenState::Exhausted | TokenState::Active => InactiveReason::Exhausted,
+                        },
+                        None => InactiveReason::Unknown,
+                    };
+                    return Ok(Verdict::Inactive(reason));
+                }
             }
         }
         let now = Timestamp::now();
@@ -516,12 +533,18 @@ fn judge_cached(cached: Cached, now: Timestamp) -> Verdict {
 }
 
 fn token_principal(token: Token, account: Account) -> Principal {
+    // A revocation that a rotation's grace period has scheduled ends the
+    // token as surely as its expiry: report whichever comes first.
+    let expire_time = match (token.expire_time, token.revoke_time) {
+        (Some(expire), Some(revoke)) => Some(expire.min(revoke)),
+        (expire, revoke) => expire.or(revoke),
+    };
     Principal {
         account: without_hash(account),
         credential: CredentialKind::PersonalAccessToken,
         credential_id: token.id,
         scopes: token.scopes,
-        expire_time: token.expire_time,
+        expire_time,
         uses_remaining: token.uses_remaining,
         last_used_time: token.last_used_time,
     }

@@ -166,9 +166,25 @@ impl Identity {
         origin: &Origin,
         actor: Option<&Principal>,
     ) -> Result<IssuedToken, DomainError> {
+        // A token created with a personal access token is a child of that
+        // token's family, and dies with it; one created with a session (or
+        // by bootstrap-operator) is nobody's child.
+        let parent_family_id = match actor {
+            Some(actor) if actor.credential == CredentialKind::PersonalAccessToken => Some(
+                self.store
+                    .token_by_id(&actor.credential_id)
+                    .await?
+                    .ok_or(DomainError::CredentialInvalid(
+                        "the credential no longer exists",
+                    ))?
+                    .family_id,
+            ),
+            _ => None,
+        };
         let secret = Secret::generate(CredentialKind::PersonalAccessToken);
         let id = TokenId::generate();
         let token = Token {
+            parent_family_id,
             family_id: id.clone(),
             id,
             account_id: request.account_id,
@@ -244,15 +260,18 @@ impl Identity {
             .await?
             .ok_or(DomainError::TokenNotFound)?;
         let token = visible(caller, token, |account| Action::RevokeToken(account))?;
+        let username = self.username_of(caller, &token.account_id).await?;
         let event = AuditEvent::new(EventType::TokenRevoked, origin, Some(caller))
-            .account(&token.account_id, "")
+            .account(&token.account_id, &username)
             .credential(&token.id);
         let revoked = self
             .store
             .revoke_token(id, Timestamp::now(), &event)
             .await?;
         self.changed(Invalidation::Credential(id.clone()));
-        revoked.ok_or(DomainError::TokenNotFound)
+        let (token, cascaded) = revoked.ok_or(DomainError::TokenNotFound)?;
+        self.cache.evict_credentials(&cascaded);
+        Ok(token)
     }
 
     /// `RotateToken`. `presented` is the call's raw credential: presenting
@@ -319,6 +338,7 @@ impl Identity {
             last_used_address: String::new(),
             family_id: old.family_id.clone(),
             replaced_by: None,
+            parent_family_id: old.parent_family_id.clone(),
         };
         let event = AuditEvent::new(EventType::TokenRotated, origin, Some(&caller))
             .account(&old.account_id, account.username.as_str())
@@ -435,11 +455,14 @@ impl Identity {
             .store
             .revoke_family(&token.family_id, Timestamp::now(), &event)
             .await?;
-        self.changed(Invalidation::Account(account.id.clone()));
+        // Exactly what was revoked: the family and its descendants, which
+        // may belong to other accounts (an operator's token creates tokens
+        // for anyone).
+        self.cache.evict_credentials(&revoked);
         tracing::warn!(
             token_id = token.id.as_str(),
             family_id = token.family_id.as_str(),
-            revoked,
+            revoked = revoked.len(),
             "a rotated token was presented again: revoked its family"
         );
         Err(DomainError::CredentialReused)
@@ -474,13 +497,35 @@ impl Identity {
             .store
             .revoke_leaked(&tokens, &sessions, Timestamp::now(), &template)
             .await?;
-        if revoked > 0 {
-            // The store announces each revoked credential to every replica;
-            // here, where their ids are not at hand, start afresh.
-            self.cache.clear();
-        }
-        tracing::info!(reported = secrets.len(), revoked, "leak report processed");
+        // Exactly what was revoked (with cascaded descendants), here; the
+        // store announced each id to every other replica.
+        self.cache.evict_credentials(&revoked);
+        tracing::info!(
+            reported = secrets.len(),
+            revoked = revoked.len(),
+            "leak report processed"
+        );
         Ok(())
+    }
+}
+
+impl Identity {
+    /// The username of `account` for an audit event: the caller's own
+    /// (no lookup) or read from the store; empty if the account is gone.
+    async fn username_of(
+        &self,
+        caller: &Principal,
+        account: &AccountId,
+    ) -> Result<String, DomainError> {
+        if &caller.account.id == account {
+            return Ok(caller.account.username.as_str().to_owned());
+        }
+        Ok(self
+            .store
+            .account_by_id(account)
+            .await?
+            .map(|a| a.username.as_str().to_owned())
+            .unwrap_or_default())
     }
 }
 
