@@ -394,6 +394,7 @@ async fn a_limited_use_token_revoked_while_being_verified_is_refused() {
     let pool = sqlx::PgPool::connect(&app.db.url)
         .await
         .expect("open PostgreSQL");
+    let verifier = app.verifier_token().await;
 
     let mut revocation = pool.begin().await.expect("begin");
     sqlx::query(
@@ -412,7 +413,7 @@ async fn a_limited_use_token_revoked_while_being_verified_is_refused() {
                 token: created.secret.clone(),
                 ..Default::default()
             },
-            &app.operator_token,
+            &verifier,
         );
         tokio::spawn(async move { client.clone().verify_token(request).await })
     };
