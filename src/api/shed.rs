@@ -121,12 +121,9 @@ where
             ShedProjection::Admitted { inner, permit } => {
                 let response = ready!(inner.poll(cx))?;
                 let permit = permit.take();
-                Poll::Ready(Ok(response.map(|body| {
-                    tonic::body::Body::new(PermitBody {
-                        body,
-                        _permit: permit,
-                    })
-                })))
+                Poll::Ready(Ok(
+                    response.map(|body| tonic::body::Body::new(HoldingBody::new(body, permit)))
+                ))
             }
             ShedProjection::Shed { response } => match response.take() {
                 Some(response) => Poll::Ready(Ok(response)),
@@ -136,13 +133,23 @@ where
     }
 }
 
-/// A response body that holds its call's permit until it is done.
-struct PermitBody {
+/// A response body that holds something until the response is done: a
+/// call's permit here, a connection's in-flight count in `app::listen`, so
+/// that a call stays counted while its response (a `Watch` stream, say) is
+/// still being sent.
+pub struct HoldingBody<T> {
     body: tonic::body::Body,
-    _permit: Option<OwnedSemaphorePermit>,
+    _held: T,
 }
 
-impl http_body::Body for PermitBody {
+impl<T> HoldingBody<T> {
+    /// `body`, holding `held` until it is dropped.
+    pub fn new(body: tonic::body::Body, held: T) -> Self {
+        Self { body, _held: held }
+    }
+}
+
+impl<T: Unpin> http_body::Body for HoldingBody<T> {
     type Data = Bytes;
     type Error = tonic::Status;
 

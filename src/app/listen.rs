@@ -33,13 +33,11 @@ use std::{
     time::Duration,
 };
 
-use http_body::{Frame, SizeHint};
 use hyper::{body::Incoming, server::conn::http2};
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use prost::bytes::Bytes;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -48,6 +46,8 @@ use tokio::{
     time::Sleep,
 };
 use tonic::{body::Body, transport::server::Connected};
+
+use crate::api::shed::HoldingBody;
 use tower::{Service, ServiceExt as _};
 
 /// Streams one connection may make the server reset (by sending frames
@@ -362,7 +362,7 @@ where
         let inner = self.inner.clone();
         Box::pin(async move {
             let response = inner.oneshot(request).await?;
-            Ok(response.map(|body| Body::new(CallBody { body, _call: call })))
+            Ok(response.map(|body| Body::new(HoldingBody::new(body, call))))
         })
     }
 }
@@ -380,32 +380,6 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n -= 1);
-    }
-}
-
-/// A response body that keeps its call counted until it is done.
-struct CallBody {
-    body: Body,
-    _call: InFlight,
-}
-
-impl http_body::Body for CallBody {
-    type Data = Bytes;
-    type Error = tonic::Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
     }
 }
 
