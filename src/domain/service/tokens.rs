@@ -292,15 +292,7 @@ impl Identity {
             .ok_or(DomainError::TokenNotFound)?;
         let old = visible(&caller, old, |account| Action::RotateToken(account))?;
         let now = Timestamp::now();
-        if old.replaced_by.is_some() {
-            return Err(DomainError::TokenAlreadyRotated);
-        }
-        match old.state(now) {
-            TokenState::Active => {}
-            TokenState::Expired => return Err(DomainError::TokenInactive("expired")),
-            TokenState::Revoked => return Err(DomainError::TokenInactive("revoked")),
-            TokenState::Exhausted => return Err(DomainError::TokenInactive("exhausted")),
-        }
+        require_live(&old, now)?;
         let account = self
             .store
             .account_by_id(&old.account_id)
@@ -390,15 +382,7 @@ impl Identity {
             ));
         }
         let now = Timestamp::now();
-        if token.replaced_by.is_some() {
-            return Err(DomainError::TokenAlreadyRotated);
-        }
-        match token.state(now) {
-            TokenState::Active => {}
-            TokenState::Expired => return Err(DomainError::TokenInactive("expired")),
-            TokenState::Revoked => return Err(DomainError::TokenInactive("revoked")),
-            TokenState::Exhausted => return Err(DomainError::TokenInactive("exhausted")),
-        }
+        require_live(&token, now)?;
         let account = self
             .store
             .account_by_id(&token.account_id)
@@ -526,6 +510,20 @@ impl Identity {
             .await?
             .map(|a| a.username.as_str().to_owned())
             .unwrap_or_default())
+    }
+}
+
+/// Refuses to change a token that was rotated already or is no longer
+/// active at `now` (rotation and renewal both act on live tokens only).
+fn require_live(token: &Token, now: Timestamp) -> Result<(), DomainError> {
+    if token.replaced_by.is_some() {
+        return Err(DomainError::TokenAlreadyRotated);
+    }
+    match token.state(now) {
+        TokenState::Active => Ok(()),
+        TokenState::Expired => Err(DomainError::TokenInactive("expired")),
+        TokenState::Revoked => Err(DomainError::TokenInactive("revoked")),
+        TokenState::Exhausted => Err(DomainError::TokenInactive("exhausted")),
     }
 }
 
