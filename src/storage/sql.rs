@@ -201,6 +201,16 @@ pub(super) const REVOKE_FAMILY: &str = concat!(
 pub(super) const MARK_ROTATED: &str = "UPDATE tokens SET replaced_by = $2, live_name = NULL, \
     revoke_time = CASE WHEN revoke_time IS NULL OR revoke_time > $3 THEN $3 ELSE revoke_time END \
     WHERE token_id = $1 AND replaced_by IS NULL AND (revoke_time IS NULL OR revoke_time > $4)";
+/// A rotation moves the uses left, not copies them: the successor (`$1`)
+/// takes what its predecessor (`$2`) has left, read after `MARK_ROTATED` has
+/// locked the predecessor's row (so no use of it can land in between)...
+pub(super) const MOVE_USES_TO_SUCCESSOR: &str = "UPDATE tokens SET uses_remaining = \
+    (SELECT o.uses_remaining FROM tokens o WHERE o.token_id = $2) \
+    WHERE token_id = $1 AND uses_remaining IS NOT NULL";
+/// ...and the predecessor keeps none, so that during a rotation's grace
+/// period the old secret cannot spend the uses the successor holds.
+pub(super) const SPEND_PREDECESSOR_USES: &str = "UPDATE tokens SET uses_remaining = 0 \
+    WHERE token_id = $1 AND uses_remaining IS NOT NULL";
 /// `$2`: the new expiry (NULL: never); `$3`: now.
 pub(super) const RENEW_TOKEN: &str = "UPDATE tokens SET expire_time = $2 \
     WHERE token_id = $1 AND replaced_by IS NULL AND revoke_time IS NULL \
@@ -944,6 +954,17 @@ macro_rules! impl_store {
                     return Ok(None);
                 }
                 Self::insert_token(&mut tx, new).await?;
+                sqlx::query(sql::MOVE_USES_TO_SUCCESSOR)
+                    .bind(new.token.id.as_str())
+                    .bind(old.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?;
+                sqlx::query(sql::SPEND_PREDECESSOR_USES)
+                    .bind(old.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?;
                 Self::record(&mut tx, event, &Invalidation::Credential(old.clone())).await?;
                 let row = sqlx::query(sql::TOKEN_BY_ID)
                     .bind(old.as_str())

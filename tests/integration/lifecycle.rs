@@ -343,6 +343,57 @@ async fn a_rotation_grace_period_keeps_the_old_secret_working_briefly() {
     assert!(app.verify(&rotated.secret, &[]).await.active);
 }
 
+/// A rotation moves a limited-use token's uses to its successor: during the
+/// grace period the old secret keeps working for unlimited tokens, but it
+/// cannot spend the uses the successor now holds (uses would double).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_grace_period_does_not_double_the_uses_left() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let app = TestApp::spawn_with(backend, |config| {
+            config.identity.rotation_grace = Duration::from_secs(600);
+        })
+        .await;
+        let (alice, session) = app.person("alice").await;
+        let created = create(
+            &app,
+            &session,
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "three".into(),
+                max_uses: Some(3),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create");
+        let old_secret = created.secret;
+        let old_id = created.token.expect("token").token_id;
+        assert!(app.verify(&old_secret, &[]).await.active, "{backend:?}");
+        let rotated = rotate(&app, &session, &old_id).await.expect("rotate");
+        let successor = rotated.token.expect("successor");
+        let mut active = 0;
+        for _ in 0..4 {
+            active += i32::from(app.verify(&old_secret, &[]).await.active);
+            active += i32::from(app.verify(&rotated.secret, &[]).await.active);
+        }
+        assert_eq!(
+            active, 2,
+            "{backend:?}: the two uses left are spent once, not twice"
+        );
+        assert_eq!(
+            get(&app, &old_id).await.uses_remaining,
+            Some(0),
+            "{backend:?}"
+        );
+        assert_eq!(
+            get(&app, &successor.token_id).await.uses_remaining,
+            Some(0),
+            "{backend:?}"
+        );
+        app.stop().await;
+    }
+}
+
 on_both_backends! {
     async fn the_last_use_is_recorded_with_the_client_address(app: TestApp) {
         let robot = app.robot("ci").await;
