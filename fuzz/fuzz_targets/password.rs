@@ -4,8 +4,9 @@
 //! Input: one byte choosing the policy's minimum (8 to 256, as the setting
 //! allows), then `username\npassword` (no newline: no username). Properties:
 //! nothing panics; the verdict and its reason follow the documented policy
-//! in its order (length in Unicode characters, then the common-password
-//! list, then the username), checked against an independent oracle; a
+//! in its order (length in Unicode characters of the NFKC form, then the
+//! common-password list, then the username), checked against an independent
+//! oracle; a
 //! rejection is one `InvalidArgument` violation of the field, whose
 //! description is one of the policy's fixed sentences, so it can never
 //! repeat the password; an accepted password's `Debug` is redacted.
@@ -15,6 +16,7 @@
 use identity::domain::password::{Password, PasswordPolicy};
 use identity_fuzz::{is_common_password, text, violations};
 use libfuzzer_sys::fuzz_target;
+use unicode_normalization::UnicodeNormalization as _;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&first, rest)) = data.split_first() else {
@@ -26,16 +28,23 @@ fuzz_target!(|data: &[u8]| {
     };
     let rest = text(rest);
     let (username, password) = rest.split_once('\n').unwrap_or(("", &rest));
-    let chars = password.chars().count();
+    // The service measures and compares the NFKC form; input of more than
+    // four times the maximum is refused before it is normalised.
+    let raw_chars = password.chars().count();
+    let oversized = raw_chars > policy.max_chars * 4;
+    let normalized: String = password.nfkc().collect();
+    let chars = normalized.chars().count();
 
     let too_long = format!("must be at most {} characters", policy.max_chars);
-    let expected = if chars < policy.min_chars {
+    let expected = if oversized {
+        Some(too_long.clone())
+    } else if chars < policy.min_chars {
         Some(format!("must be at least {} characters", policy.min_chars))
     } else if chars > policy.max_chars {
         Some(too_long.clone())
-    } else if is_common_password(password) {
+    } else if is_common_password(&normalized) {
         Some("is one of the most common passwords; choose another".to_owned())
-    } else if !username.is_empty() && password.eq_ignore_ascii_case(username) {
+    } else if !username.is_empty() && normalized.eq_ignore_ascii_case(username) {
         Some("must not be the username".to_owned())
     } else {
         None
@@ -48,7 +57,7 @@ fuzz_target!(|data: &[u8]| {
 
     let expected = if password.is_empty() {
         Some("is required".to_owned())
-    } else if chars > policy.max_chars {
+    } else if oversized || chars > policy.max_chars {
         Some(too_long)
     } else {
         None

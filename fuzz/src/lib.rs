@@ -119,13 +119,13 @@ pub fn is_scope(raw: &str) -> bool {
     !at_part_start
 }
 
-/// Whether `password`, lowercased, is on the service's list of common
-/// passwords (read here from the same file).
+/// Whether `password`, lowercased and NFKC-normalised, is on the service's
+/// list of common passwords (read here from the same file, whose lines
+/// starting with '#' are comments).
 pub fn is_common_password(password: &str) -> bool {
+    use unicode_normalization::UnicodeNormalization as _;
     const LIST: &str = include_str!("../../src/domain/common_passwords.txt");
-    let lowered = password.to_lowercase();
-    LIST.lines().any(|line| {
-        let line = line.trim();
-        !line.is_empty() && line == lowered
-    })
+    let key: String = password.to_lowercase().nfkc().collect();
+    LIST.lines()
+        .any(|line| !line.is_empty() && !line.starts_with('#') && line == key)
 }
