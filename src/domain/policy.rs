@@ -225,12 +225,19 @@ pub struct TokenGrant<'a> {
 pub fn check_grant(caller: &Principal, grant: &Grant<'_>) -> Result<(), DomainError> {
     let token = match grant {
         Grant::Account { role } => {
+            let pat = caller.credential == CredentialKind::PersonalAccessToken;
+            // An account lives until it is deleted: a token that will expire
+            // or run out of uses holds no such lifetime to give.
+            let bounded = pat && (caller.expire_time.is_some() || caller.uses_remaining.is_some());
             return match role {
-                Role::Operator if !(caller.is_operator() && caller.scopes.is_full()) => {
+                Role::Operator if !(caller.is_operator() && caller.scopes.is_full()) || bounded => {
                     Err(DomainError::Escalation(
-                        "only an operator's session or full-access token may give the operator role",
+                        "only an operator's session, or an operator's full-access token without expiry or use limit, may give the operator role",
                     ))
                 }
+                Role::User if pat && caller.uses_remaining.is_some() => Err(
+                    DomainError::Escalation("a limited-use token cannot create or enable accounts"),
+                ),
                 Role::Operator | Role::User => Ok(()),
             };
         }
@@ -261,6 +268,14 @@ pub fn check_grant(caller: &Principal, grant: &Grant<'_>) -> Result<(), DomainEr
     }
     if caller.credential == CredentialKind::Session {
         return Ok(());
+    }
+    // Rotating another token hands its new secret to the caller, and that
+    // secret would outlive the calling token (it stays in its own family,
+    // not the caller's): a token may rotate only itself.
+    if successor_of.is_some_and(|old| old != &caller.credential_id) {
+        return Err(DomainError::Escalation(
+            "a personal access token may rotate only itself; rotate other tokens with a session",
+        ));
     }
     if let Some(limit) = caller.expire_time
         && expire_time.is_none_or(|e| e > limit)
@@ -402,12 +417,14 @@ mod tests {
         expiry: Option<i64>,
         uses: Option<i64>,
         replaces_caller: bool,
+        replaces_other: bool,
     ) -> bool {
         let operator = caller_role == Role::Operator;
         let account_ok = own_account || operator;
         let role_ok = target_role == Role::User || operator;
-        let scopes_ok = reach & !caller_reach == 0;
         let pat = kind == CredentialKind::PersonalAccessToken;
+        let scopes_ok = reach & !caller_reach == 0;
+        let rotation_ok = !pat || !replaces_other;
         let expiry_ok = !pat
             || match caller_expiry {
                 None => true,
@@ -418,7 +435,7 @@ mod tests {
                 None => true,
                 Some(left) => replaces_caller && uses.is_some_and(|u| u <= left),
             };
-        account_ok && role_ok && scopes_ok && expiry_ok && uses_ok
+        account_ok && role_ok && scopes_ok && expiry_ok && uses_ok && rotation_ok
     }
 
     #[test]
@@ -455,8 +472,17 @@ mod tests {
                             for role in roles {
                                 let allowed =
                                     check_grant(&caller, &Grant::Account { role }).is_ok();
-                                let expected = role == Role::User
-                                    || (caller_role == Role::Operator && caller_reach == FULL_MASK);
+                                let pat = kind == CredentialKind::PersonalAccessToken;
+                                let bounded =
+                                    pat && (caller_expiry.is_some() || caller_left.is_some());
+                                let expected = match role {
+                                    Role::User => !(pat && caller_left.is_some()),
+                                    Role::Operator => {
+                                        caller_role == Role::Operator
+                                            && caller_mask == 0
+                                            && !bounded
+                                    }
+                                };
                                 assert_eq!(allowed, expected, "account {role:?} by {caller:?}");
                                 checked += 1;
                             }
@@ -502,6 +528,7 @@ mod tests {
                                                     expiry,
                                                     wanted_uses,
                                                     successor_of == Some(&caller.credential_id),
+                                                    successor_of == Some(&other_token),
                                                 );
                                                 assert_eq!(
                                                     result.is_ok(),

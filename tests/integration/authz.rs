@@ -180,6 +180,8 @@ const NO_SCOPE: Expect = Expect::Err(Code::PermissionDenied, ErrorReason::ScopeM
 const SESSION_ONLY: Expect = Expect::Err(Code::PermissionDenied, ErrorReason::SessionRequired);
 /// Another account's token is reported as not found, not as forbidden.
 const HIDDEN: Expect = Expect::Err(Code::NotFound, ErrorReason::TokenNotFound);
+/// Beyond what the credential holds (the grant rule).
+const ESCALATION: Expect = Expect::Err(Code::PermissionDenied, ErrorReason::Escalation);
 
 /// One cell of the matrix.
 #[derive(Debug, Clone, Copy)]
@@ -462,13 +464,13 @@ const ROWS: &[Row] = {
         row(RotateToken, Malformed, INVALID),
         row(RotateToken, NotBearer, INVALID),
         row(RotateToken, OwnSession, OK),
-        row(RotateToken, OwnScopedToken, OK),
+        row(RotateToken, OwnScopedToken, ESCALATION),
         row(RotateToken, OwnTokenWithoutScope, NO_SCOPE),
         row(RotateToken, OtherPerson, HIDDEN),
-        row(RotateToken, RobotOnItself, OK),
+        row(RotateToken, RobotOnItself, ESCALATION),
         row(RotateToken, RobotOnPerson, HIDDEN),
-        row(RotateToken, Operator, OK),
-        row(RotateToken, OperatorScopedToken, OK),
+        row(RotateToken, Operator, ESCALATION),
+        row(RotateToken, OperatorScopedToken, ESCALATION),
         row(RotateToken, ExpiredToken, INVALID),
         row(RotateToken, RevokedToken, INVALID),
         row(RotateToken, SignedOutSession, INVALID),
@@ -1054,7 +1056,8 @@ async fn perform(app: &TestApp, world: &World, n: usize, row: Row) -> Result<(),
             // A live token of the target's, issued for this row alone, within
             // what every caller allowed to rotate it holds (its scopes and
             // its lifetime): a successor beyond the caller's own would be an
-            // escalation.
+            // escalation. It is not the caller itself, so only sessions may
+            // rotate it: a token may rotate only itself.
             let (_, within) = in_the_future(Duration::from_secs(60 * 60));
             let victim = issue(app, &account_id, &unique, &["tokens:write"], Some(within)).await;
             app.tokens()

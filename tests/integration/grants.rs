@@ -192,7 +192,12 @@ fn expected(case: &Case) -> Outcome {
                 SCOPE_MISSING
             } else if !p.operator {
                 NOT_ALLOWED
-            } else if *operator && p.scopes.is_some() {
+            } else if *operator
+                && (p.scopes.is_some() || (!p.session && (p.expire.is_some() || p.uses.is_some())))
+            {
+                // An account outlives any expiring or limited-use token.
+                ESCALATION
+            } else if !p.session && p.uses.is_some() {
                 ESCALATION
             } else {
                 Outcome::Ok
@@ -210,7 +215,7 @@ fn expected(case: &Case) -> Outcome {
             if !(p.operator || &p.account_id == account_id) {
                 return NOT_ALLOWED;
             }
-            token_grant(p, scopes, *expiry, false)
+            token_grant(p, scopes, *expiry, false, false)
         }
         Act::Rotate { victim, .. } => {
             if !p.allows("tokens:write") {
@@ -223,7 +228,8 @@ fn expected(case: &Case) -> Outcome {
                 Some(at) => Expiry::At(at),
                 None => Expiry::Never,
             };
-            token_grant(p, &victim.scopes, expiry, p.token_id == victim.token_id)
+            let itself = p.token_id == victim.token_id;
+            token_grant(p, &victim.scopes, expiry, itself, !itself)
         }
         Act::Renew { victim, expiry, .. } => {
             if !p.allows("tokens:write") {
@@ -235,13 +241,21 @@ fn expected(case: &Case) -> Outcome {
             if p.token_id == victim.token_id {
                 return NOT_ALLOWED;
             }
-            token_grant(p, &victim.scopes, *expiry, false)
+            token_grant(p, &victim.scopes, *expiry, false, false)
         }
     }
 }
 
 /// The token part of the rule, for a caller allowed to act on the account.
-fn token_grant(p: &Power, scopes: &[String], expiry: Expiry, itself: bool) -> Outcome {
+/// `rotates_other`: a rotation of a token other than the caller, whose new
+/// secret only a session may receive.
+fn token_grant(
+    p: &Power,
+    scopes: &[String],
+    expiry: Expiry,
+    itself: bool,
+    rotates_other: bool,
+) -> Outcome {
     let expire = match expiry {
         // Capped at the caller's own expiry: never beyond it.
         Expiry::Default => p.expire,
@@ -254,6 +268,9 @@ fn token_grant(p: &Power, scopes: &[String], expiry: Expiry, itself: bool) -> Ou
         return ESCALATION;
     }
     if !p.session && p.uses.is_some() && !itself {
+        return ESCALATION;
+    }
+    if !p.session && rotates_other {
         return ESCALATION;
     }
     Outcome::Ok
@@ -346,7 +363,10 @@ async fn try_case(app: &TestApp, n: usize, case: &Case) -> Option<String> {
                     && successor.scopes == victim.scopes
                     && successor.expire_time == victim.expire_time
                     && successor.max_uses == victim.max_uses
-                    && successor.uses_remaining == previous.uses_remaining;
+                    // The uses left move to the successor: never more than
+                    // the victim had, and the old secret keeps none.
+                    && successor.uses_remaining <= victim.uses_remaining
+                    && previous.uses_remaining == victim.uses_remaining.map(|_| 0);
                 token_beyond(case, &successor, *operator_account).or_else(|| {
                     (!same)
                         .then(|| format!("the successor differs: {successor:?} from {previous:?}"))
@@ -1030,7 +1050,8 @@ on_both_backends! {
             let successor = rotated.token.expect("token");
             assert_eq!(successor.expire_time, first.expire_time, "no fresh lifetime");
             assert_eq!(successor.max_uses, Some(4));
-            assert_eq!(successor.uses_remaining, rotated.previous.expect("previous").uses_remaining);
+            // The uses move: the old secret keeps none.
+            assert_eq!(rotated.previous.expect("previous").uses_remaining, Some(0));
             left.push(successor.uses_remaining.expect("limited"));
             (secret, id) = (rotated.secret, successor.token_id);
             assert!(left.len() < 10, "rotation refilled the uses: {left:?}");
