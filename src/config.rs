@@ -90,7 +90,8 @@ pub struct ConnectionLimits {
     /// How long a new connection (after its TLS handshake) may take to send
     /// the HTTP/2 preface.
     pub preface_timeout: Duration,
-    /// Health calls (Check, and open Watch streams) served at once.
+    /// Health Check calls served at once, and open Watch streams as a
+    /// budget of their own.
     pub max_health_requests: usize,
 }
 

@@ -275,9 +275,9 @@ struct Settings {
     /// any TLS handshake (e.g. 10s).
     #[arg(long, env = "IDENTITY_PREFACE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration, global = true)]
     preface_timeout: Duration,
-    /// Health calls (Check, and open Watch streams) each listener serves at
-    /// once, apart from the API's limit; more are refused with
-    /// RESOURCE_EXHAUSTED.
+    /// Health Check calls each listener serves at once, and open Watch
+    /// streams as a budget of their own, apart from the API's limit; more
+    /// are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "IDENTITY_MAX_HEALTH_REQUESTS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
     max_health_requests: u32,

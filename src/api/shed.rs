@@ -4,12 +4,15 @@
 //! unbounded queue, so an overloaded replica stays responsive and clients
 //! can back off or try another replica.
 //!
-//! Health calls (`grpc.health.v1.Health`) have a budget of their own
-//! (`IDENTITY_MAX_HEALTH_REQUESTS` per listener), so that a flood of API
-//! calls never makes a probe fail (an orchestrator would mistake load for
-//! death), while health work stays bounded too: beyond its budget a health
-//! call is refused the same way. A call keeps its permit until its response
-//! has been sent, so a `Watch` stream holds one for as long as it is open.
+//! Health calls (`grpc.health.v1.Health`) have budgets of their own
+//! (`IDENTITY_MAX_HEALTH_REQUESTS` per listener, once for `Check` and once
+//! for `Watch`), so that a flood of API calls never makes a probe fail (an
+//! orchestrator would mistake load for death), while health work stays
+//! bounded too: beyond its budget a health call is refused the same way. A
+//! call keeps its permit until its response has been sent, so a `Watch`
+//! stream holds one for as long as it is open; that is why `Watch` streams
+//! have a budget apart from `Check`, the call probes make: streams that
+//! anyone can hold open must never starve the probes.
 
 use std::{
     future::Future,
@@ -27,19 +30,22 @@ use tower::{Layer, Service};
 use crate::domain::DomainError;
 
 /// A tower layer that sheds calls beyond `limit` in flight, and health
-/// calls beyond `health_limit`.
+/// `Check` calls and `Watch` streams each beyond `health_limit`.
 #[derive(Debug, Clone)]
 pub struct ShedLayer {
     permits: Arc<Semaphore>,
-    health: Arc<Semaphore>,
+    checks: Arc<Semaphore>,
+    watches: Arc<Semaphore>,
 }
 
 impl ShedLayer {
-    /// Allows `limit` calls and `health_limit` health calls at once.
+    /// Allows `limit` calls, `health_limit` health checks and
+    /// `health_limit` health watches at once.
     pub fn new(limit: usize, health_limit: usize) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(limit.max(1))),
-            health: Arc::new(Semaphore::new(health_limit.max(1))),
+            checks: Arc::new(Semaphore::new(health_limit.max(1))),
+            watches: Arc::new(Semaphore::new(health_limit.max(1))),
         }
     }
 }
@@ -51,7 +57,8 @@ impl<S> Layer<S> for ShedLayer {
         Shed {
             inner,
             permits: Arc::clone(&self.permits),
-            health: Arc::clone(&self.health),
+            checks: Arc::clone(&self.checks),
+            watches: Arc::clone(&self.watches),
         }
     }
 }
@@ -61,7 +68,8 @@ impl<S> Layer<S> for ShedLayer {
 pub struct Shed<S> {
     inner: S,
     permits: Arc<Semaphore>,
-    health: Arc<Semaphore>,
+    checks: Arc<Semaphore>,
+    watches: Arc<Semaphore>,
 }
 
 impl<S, B> Service<http::Request<B>> for Shed<S>
@@ -77,10 +85,13 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let permits = if request.uri().path().starts_with("/grpc.health.") {
-            &self.health
-        } else {
+        let path = request.uri().path();
+        let permits = if !path.starts_with("/grpc.health.") {
             &self.permits
+        } else if path.ends_with("/Watch") {
+            &self.watches
+        } else {
+            &self.checks
         };
         match Arc::clone(permits).try_acquire_owned() {
             Ok(permit) => ShedFuture::Admitted {

@@ -354,10 +354,19 @@ async fn health_calls_have_a_bounded_budget_of_their_own() {
         watches.push(watch);
     }
     let refused = client
+        .watch(HealthCheckRequest::default())
+        .await
+        .expect_err("a third Watch on that listener");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    // Open streams, which anyone can hold, never starve the probes: Check
+    // has a budget of its own.
+    let status = client
         .check(HealthCheckRequest::default())
         .await
-        .expect_err("a third health call on that listener");
-    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+        .expect("a Check while the Watch budget is full")
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
     // The main port has a budget of its own, and the API its own.
     let status = HealthClient::new(app.channel.clone())
         .check(HealthCheckRequest::default())
