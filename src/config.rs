@@ -299,6 +299,22 @@ const SECRET_URL_PARAMETERS: &[&str] = &["password", "sslpassword"];
 /// `sslpassword` query parameters (matched case-insensitively, also when
 /// percent-encoded). Everything else is kept as written.
 pub(crate) fn redact_url(url: &str) -> String {
+    // A password may hold an unescaped '#', '/' or '?' (the URL is then
+    // invalid, and reported with the URL in the error): the userinfo runs
+    // to the last '@', whatever comes between, so it is found first, on the
+    // whole URL. (An '@' in the query makes this redact too much, never
+    // too little.)
+    if let Some((scheme, rest)) = url.split_once("://")
+        && let Some((userinfo, after)) = rest.rsplit_once('@')
+        && let Some((user, _password)) = userinfo.split_once(':')
+    {
+        return format!(
+            "{scheme}://{user}:***@{}",
+            redact_url(&format!("{scheme}://{after}"))
+                .split_once("://")
+                .map_or("", |(_, rest)| rest)
+        );
+    }
     let (before_fragment, fragment) = match url.find('#') {
         Some(i) => url.split_at(i),
         None => (url, ""),
@@ -363,19 +379,19 @@ fn redact_userinfo(base: &str) -> String {
 /// Every secret value of `url`, as written and percent-decoded.
 fn url_secrets(url: &str) -> Vec<String> {
     let mut secrets = Vec::new();
-    let before_fragment = url.split('#').next().unwrap_or(url);
-    let (base, query) = match before_fragment.split_once('?') {
-        Some((base, query)) => (base, query),
-        None => (before_fragment, ""),
-    };
-    if let Some((_, rest)) = base.split_once("://") {
-        let authority = &rest[..rest.find('/').unwrap_or(rest.len())];
-        if let Some((userinfo, _)) = authority.rsplit_once('@')
-            && let Some((_, password)) = userinfo.split_once(':')
-        {
-            secrets.push(password.to_owned());
-        }
+    let mut url = url;
+    // The userinfo runs to the last '@' (see `redact_url`).
+    if let Some((_, rest)) = url.split_once("://")
+        && let Some((userinfo, after)) = rest.rsplit_once('@')
+        && let Some((_, password)) = userinfo.split_once(':')
+    {
+        secrets.push(password.to_owned());
+        url = after;
     }
+    let before_fragment = url.split('#').next().unwrap_or(url);
+    let query = before_fragment
+        .split_once('?')
+        .map_or("", |(_, query)| query);
     for pair in query.split('&') {
         if let Some((key, value)) = pair.split_once('=')
             && is_secret_parameter(key)
@@ -457,6 +473,26 @@ mod tests {
             redact_url("postgres://u:p%40ss@db/x?PassWord=a&%70assword=b#frag"),
             "postgres://u:***@db/x?PassWord=***&%70assword=***#frag"
         );
+        // Unescaped '#', '/' and '?' in a password (an invalid URL, which
+        // is then reported with the URL itself).
+        for url in [
+            "postgres://identity:Pg-s3c#retpw@127.0.0.1:55433/identity",
+            "postgres://identity:a/b?c#dpw@db/x?sslmode=require",
+        ] {
+            let redacted = redact_url(url);
+            assert!(
+                redacted.starts_with("postgres://identity:***@"),
+                "{redacted}"
+            );
+            for part in ["s3c", "retpw", "a/b", "dpw"] {
+                assert!(!redacted.contains(part), "{part} in {redacted}");
+            }
+            let message = format!("invalid port number in {url}");
+            assert!(
+                !redact_url_secrets(&message, url).contains("pw"),
+                "{message}"
+            );
+        }
         let url = "postgres://u:p%40ssw0rd@db/x?password=q%2Bpw+1";
         let message = format!("cannot connect to {url}: bad p@ssw0rd or q+pw 1 or q%2Bpw+1");
         let redacted = redact_url_secrets(&message, url);

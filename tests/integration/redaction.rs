@@ -68,5 +68,24 @@ async fn a_database_password_in_the_url_query_is_never_shown() {
     failures.extend(leaks("a connection error", &failed.stderr));
     failures.extend(leaks("a connection error (stdout)", &failed.stdout));
 
+    // A userinfo password holding an unescaped '#', '/' or '?': the URL is
+    // invalid, and both `config check` and the refusal show it redacted.
+    for odd in ['#', '/', '?'] {
+        let url = format!("postgres://identity:{password}{odd}{key_password}@127.0.0.1:1/identity");
+        for args in [&["config", "check"][..], &["migrate"][..]] {
+            let mut command = identity_command(&url);
+            command.args(args).env("IDENTITY_DB_ACQUIRE_TIMEOUT", "1s");
+            let output = run(command).await;
+            failures.extend(leaks(
+                &format!("{args:?} with '{odd}' (stdout)"),
+                &output.stdout,
+            ));
+            failures.extend(leaks(
+                &format!("{args:?} with '{odd}' (stderr)"),
+                &output.stderr,
+            ));
+        }
+    }
+
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
