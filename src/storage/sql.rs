@@ -176,15 +176,19 @@ macro_rules! descendants_of {
 }
 
 /// Revokes a token now (or brings a later scheduled revocation forward)
-/// and, if it is its family's live token (not rotated out), every token of
-/// every family descended from that family, in one statement.
+/// and, if it is its family's live token (not rotated out), the rest of its
+/// family (predecessors still in a rotation's grace period: the same token
+/// under an older secret) and every token of every family descended from
+/// that family, in one statement.
 pub(super) const REVOKE_TOKEN: &str = concat!(
     "WITH RECURSIVE ",
     descendants_of!(
         "SELECT p.family_id FROM tokens p WHERE p.token_id = $1 AND p.replaced_by IS NULL"
     ),
     " UPDATE tokens SET revoke_time = $2, live_name = NULL \
-     WHERE (token_id = $1 OR family_id IN (SELECT family_id FROM descendants)) \
+     WHERE (token_id = $1 OR family_id IN (SELECT family_id FROM descendants) \
+     OR family_id IN (SELECT p.family_id FROM tokens p \
+     WHERE p.token_id = $1 AND p.replaced_by IS NULL)) \
      AND (revoke_time IS NULL OR revoke_time > $2) RETURNING ",
     revoked_cols!("token_id = $1")
 );

@@ -395,6 +395,54 @@ async fn a_rotation_grace_period_does_not_double_the_uses_left() {
     }
 }
 
+/// Revoking a token revokes it under every secret: a predecessor still in
+/// its rotation grace period is the same token, and stops with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_a_rotated_token_ends_its_predecessors_grace_too() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let app = TestApp::spawn_with(backend, |config| {
+            config.identity.rotation_grace = Duration::from_secs(600);
+        })
+        .await;
+        let (alice, session) = app.person("alice").await;
+        let created = create(
+            &app,
+            &session,
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "ci".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create");
+        let old_id = created.token.expect("token").token_id;
+        let rotated = rotate(&app, &session, &old_id).await.expect("rotate");
+        assert!(
+            app.verify(&created.secret, &[]).await.active,
+            "{backend:?}: in its grace period"
+        );
+        let successor = rotated.token.expect("successor").token_id;
+        app.tokens()
+            .revoke_token(bearer(
+                pb::RevokeTokenRequest {
+                    token_id: successor,
+                },
+                &session,
+            ))
+            .await
+            .expect("revoke the live token");
+        for secret in [&created.secret, &rotated.secret] {
+            assert_eq!(
+                app.verify(secret, &[]).await.reason,
+                pb::InactiveReason::Revoked as i32,
+                "{backend:?}: every secret of the revoked token"
+            );
+        }
+        app.stop().await;
+    }
+}
+
 on_both_backends! {
     async fn the_last_use_is_recorded_with_the_client_address(app: TestApp) {
         let robot = app.robot("ci").await;

@@ -1214,17 +1214,25 @@ mod conformance {
             assert_eq!(store.consume_use(id, t(20)).await.expect("consume"), Some(4));
             // Expired at 1000: no use at or after it.
             assert_eq!(store.consume_use(id, t(1_000)).await.expect("consume"), None);
-            // A revocation scheduled for later (a rotation's grace period)
-            // still allows uses before it, none from it on.
+            // A rotation moves the uses left to the successor: the old
+            // token spends none, even in its grace period (before its
+            // scheduled revocation), and the successor has exactly them.
             let mut successor = token(&alice.id, "limited", &[], 30, Some(1_000));
             successor.token.family_id = limited.token.family_id.clone();
+            successor.token.max_uses = Some(5);
+            successor.token.uses_remaining = Some(5);
             store
                 .rotate_token(id, &successor, t(100), t(30), &ev())
                 .await
                 .expect("rotate")
                 .expect("rotated");
-            assert_eq!(store.consume_use(id, t(99)).await.expect("consume"), Some(3));
+            assert_eq!(store.consume_use(id, t(99)).await.expect("consume"), None);
             assert_eq!(store.consume_use(id, t(100)).await.expect("consume"), None);
+            assert_eq!(
+                store.consume_use(&successor.token.id, t(40)).await.expect("consume"),
+                Some(3),
+                "the successor has the four uses left, not a fresh five"
+            );
             // Revoked outright.
             let mut other = token(&alice.id, "other", &[], 10, Some(1_000));
             other.token.max_uses = Some(5);
