@@ -187,13 +187,15 @@ pub trait Store: Send + Sync + 'static {
         event: &AuditEvent,
     ) -> Result<Option<Account>, StorageError>;
 
-    /// Deletes an account with its sessions and tokens. `false` if there was
-    /// no such account.
+    /// Deletes an account with its sessions and tokens, and revokes (at
+    /// `event`'s time) every token of another account descended from its
+    /// tokens' families. Returns the ids revoked (each announced to every
+    /// replica), or `None` if there was no such account.
     async fn delete_account(
         &self,
         id: &AccountId,
         event: &AuditEvent,
-    ) -> Result<bool, StorageError>;
+    ) -> Result<Option<Vec<TokenId>>, StorageError>;
 
     /// Replaces an account's password hash and ends every session of it
     /// except `keep`. Returns how many sessions ended.

@@ -192,6 +192,17 @@ pub(super) const REVOKE_TOKEN: &str = concat!(
      AND (revoke_time IS NULL OR revoke_time > $2) RETURNING ",
     revoked_cols!("token_id = $1")
 );
+/// When an account is deleted its tokens go, and with them every token
+/// descended from their families in other accounts (an operator's tokens
+/// may have created tokens for anyone): `$1` the account, `$2` now.
+pub(super) const REVOKE_ACCOUNT_DESCENDANTS: &str = concat!(
+    "WITH RECURSIVE ",
+    descendants_of!("SELECT f.family_id FROM tokens f WHERE f.account_id = $1"),
+    " UPDATE tokens SET revoke_time = $2, live_name = NULL \
+     WHERE family_id IN (SELECT family_id FROM descendants) AND account_id <> $1 \
+     AND (revoke_time IS NULL OR revoke_time > $2) RETURNING ",
+    revoked_cols!("1 = 0")
+);
 /// Revokes every token of a family and of every family descended from it.
 pub(super) const REVOKE_FAMILY: &str = concat!(
     "WITH RECURSIVE ",
@@ -703,8 +714,19 @@ macro_rules! impl_store {
                 &self,
                 id: &AccountId,
                 event: &AuditEvent,
-            ) -> Result<bool, StorageError> {
+            ) -> Result<Option<Vec<TokenId>>, StorageError> {
                 let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                let at = event.time.as_micros();
+                let query = sqlx::query(sql::REVOKE_ACCOUNT_DESCENDANTS)
+                    .bind(id.as_str())
+                    .bind(at);
+                let mut revoked = Self::revoke_rows(&mut tx, query, event, |_| None).await?;
+                let again = || {
+                    sqlx::query(sql::REVOKE_ACCOUNT_DESCENDANTS)
+                        .bind(id.as_str())
+                        .bind(at)
+                };
+                Self::revoke_until_done(&mut tx, again, event, &mut revoked).await?;
                 for query in [sql::DELETE_ACCOUNT_SESSIONS, sql::DELETE_ACCOUNT_TOKENS] {
                     sqlx::query(query)
                         .bind(id.as_str())
@@ -719,11 +741,11 @@ macro_rules! impl_store {
                     .map_err(Self::classify)?
                     .rows_affected();
                 if deleted == 0 {
-                    return Ok(false);
+                    return Ok(None);
                 }
                 Self::record(&mut tx, event, &Invalidation::Account(id.clone())).await?;
                 tx.commit().await.map_err(Self::classify)?;
-                Ok(true)
+                Ok(Some(revoked))
             }
 
             async fn set_password(

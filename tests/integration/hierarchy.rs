@@ -462,3 +462,44 @@ async fn a_limited_use_token_revoked_while_being_verified_is_refused() {
         "no use was spent on a revoked token"
     );
 }
+
+on_both_backends! {
+    /// Deleting an account deletes its tokens, and revokes what they created
+    /// in other accounts (an operator's tokens may create tokens for anyone).
+    async fn deleting_an_account_revokes_what_its_tokens_created_elsewhere(app: TestApp) {
+        let op3 = app
+            .accounts()
+            .create_account(bearer(
+                pb::CreateAccountRequest {
+                    username: "op3".into(),
+                    kind: pb::AccountKind::Robot as i32,
+                    role: pb::AccountRole::Operator as i32,
+                    ..Default::default()
+                },
+                &app.operator_token,
+            ))
+            .await
+            .expect("create an operator")
+            .into_inner()
+            .account
+            .expect("account");
+        let (_, op3_token) = app
+            .token(&app.operator_token, &op3.account_id, "op3", &["tokens:write"])
+            .await;
+        let robot = app.robot("ci").await;
+        let (_, child) = app.token(&op3_token, &robot.account_id, "from-op3", &["tokens:write"]).await;
+        assert!(app.verify(&child, &[]).await.active, "cached as active");
+        app.accounts()
+            .delete_account(bearer(
+                pb::DeleteAccountRequest { account_id: op3.account_id.clone() },
+                &app.operator_token,
+            ))
+            .await
+            .expect("delete the operator");
+        assert_eq!(
+            app.verify(&child, &[]).await.reason,
+            pb::InactiveReason::Revoked as i32,
+            "a token made by a deleted account's token"
+        );
+    }
+}

@@ -395,8 +395,9 @@ impl Identity {
         }
     }
 
-    /// `DeleteAccount`: the account, its sessions and its tokens go at once;
-    /// its audit events stay.
+    /// `DeleteAccount`: the account, its sessions and its tokens go at once,
+    /// and the tokens descended from its tokens in other accounts are
+    /// revoked; its audit events stay.
     pub async fn delete_account(
         &self,
         caller: &Principal,
@@ -414,11 +415,13 @@ impl Identity {
             .ok_or(DomainError::AccountNotFound)?;
         let event = AuditEvent::new(EventType::AccountDeleted, origin, Some(caller))
             .account(&account.id, account.username.as_str());
-        if self.store.delete_account(id, &event).await? {
-            self.changed(Invalidation::Account(id.clone()));
-            Ok(())
-        } else {
-            Err(DomainError::AccountNotFound)
+        match self.store.delete_account(id, &event).await? {
+            Some(descendants) => {
+                self.changed(Invalidation::Account(id.clone()));
+                self.cache.evict_credentials(&descendants);
+                Ok(())
+            }
+            None => Err(DomainError::AccountNotFound),
         }
     }
 }
