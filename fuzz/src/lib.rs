@@ -92,9 +92,56 @@ pub fn is_username(raw: &str) -> bool {
             .all(|&b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
+/// An acceptable scope name: the grammar, and not a lookalike of a built-in
+/// scope (in a built-in namespace without being built in, or at
+/// optimal-string-alignment distance 1 from one).
+pub fn is_scope(raw: &str) -> bool {
+    const BUILT_IN: [&str; 5] = [
+        "accounts:read",
+        "accounts:write",
+        "tokens:read",
+        "tokens:verify",
+        "tokens:write",
+    ];
+    if !is_scope_grammar(raw) {
+        return false;
+    }
+    if BUILT_IN.contains(&raw) {
+        return true;
+    }
+    let namespace = raw.split(':').next().unwrap_or_default();
+    namespace != "accounts"
+        && namespace != "tokens"
+        && BUILT_IN.iter().all(|b| edit_distance(raw, b) != 1)
+}
+
+/// The optimal string alignment distance (insertions, deletions,
+/// substitutions and transpositions of neighbours), by the textbook table.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
+    }
+    for j in 0..=b.len() {
+        d[0][j] = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
+}
+
 /// The scope grammar: 1 to 64 bytes; parts separated by `:`, each non-empty,
 /// starting with `a-z0-9` and going on with `a-z0-9_.-`.
-pub fn is_scope(raw: &str) -> bool {
+fn is_scope_grammar(raw: &str) -> bool {
     let bytes = raw.as_bytes();
     if !(1..=64).contains(&bytes.len()) {
         return false;

@@ -18,6 +18,58 @@ pub const TOKENS_WRITE: &str = "tokens:write";
 /// Call `VerifyToken`.
 pub const TOKENS_VERIFY: &str = "tokens:verify";
 
+/// Every built-in scope, in order.
+pub const BUILT_IN: [&str; 5] = [
+    ACCOUNTS_READ,
+    ACCOUNTS_WRITE,
+    TOKENS_READ,
+    TOKENS_VERIFY,
+    TOKENS_WRITE,
+];
+
+/// The namespaces of the built-in scopes: no other scope may live in them.
+const RESERVED_NAMESPACES: [&str; 2] = ["accounts", "tokens"];
+
+/// Why a well-formed name is still refused: it sits in a built-in
+/// namespace without being a built-in scope, or it is one edit (an
+/// insertion, a deletion, a substitution or two neighbours swapped) away
+/// from a built-in scope. Either is almost always a typo that would
+/// otherwise be granted, or required, silently and never match.
+fn lookalike(raw: &str) -> Option<String> {
+    if BUILT_IN.contains(&raw) {
+        return None;
+    }
+    if let Some(near) = BUILT_IN.iter().find(|b| one_edit_apart(raw, b)) {
+        return Some(format!("is not a built-in scope; did you mean '{near}'?"));
+    }
+    let namespace = raw.split(':').next().unwrap_or(raw);
+    if RESERVED_NAMESPACES.contains(&namespace) {
+        return Some(format!(
+            "the '{namespace}:' namespace is reserved for the built-in scopes ({})",
+            BUILT_IN.join(", ")
+        ));
+    }
+    None
+}
+
+/// Whether `a` and `b` differ by exactly one edit (Damerau: an insertion,
+/// a deletion, a substitution or a transposition of neighbours).
+fn one_edit_apart(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a == b || a.len().abs_diff(b.len()) > 1 {
+        return false;
+    }
+    let prefix = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let (a, b) = (&a[prefix..], &b[prefix..]);
+    match a.len().cmp(&b.len()) {
+        std::cmp::Ordering::Less => a == &b[1..],
+        std::cmp::Ordering::Greater => &a[1..] == b,
+        std::cmp::Ordering::Equal => {
+            a[1..] == b[1..] || (a.len() >= 2 && a[0] == b[1] && a[1] == b[0] && a[2..] == b[2..])
+        }
+    }
+}
+
 /// A scope name: 1 to 64 characters of `a-z`, `0-9`, `_`, `-`, `.`, in parts
 /// separated by `:`, each part starting with a letter or digit.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -46,6 +98,9 @@ impl Scope {
                 field,
                 "must be lowercase parts of a-z, 0-9, '_', '-', '.' separated by ':', such as 'project:publish'",
             ));
+        }
+        if let Some(why) = lookalike(raw) {
+            return Err(DomainError::invalid(field, why));
         }
         Ok(Self(raw.to_owned()))
     }
@@ -98,13 +153,16 @@ impl Scopes {
         Ok(Self(scopes))
     }
 
-    /// Rebuilds a set from the store's space-separated form. Entries that no
-    /// longer parse are dropped rather than widening access.
+    /// Rebuilds a set from the store's space-separated form. Every entry is
+    /// kept as stored, even one today's rules would refuse (a name granted
+    /// before a lookalike rule existed): dropping it could leave the set
+    /// empty, and an empty set means full access. A kept name only ever
+    /// permits itself.
     pub fn from_stored(raw: &str) -> Self {
         let mut scopes: Vec<Scope> = raw
             .split(' ')
             .filter(|s| !s.is_empty())
-            .filter_map(|s| Scope::parse("", s).ok())
+            .map(|s| Scope(s.to_owned()))
             .collect();
         scopes.sort();
         scopes.dedup();
@@ -159,6 +217,67 @@ mod tests {
         ] {
             assert!(Scope::parse("s", bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn names_like_built_in_ones_are_refused_with_the_one_they_resemble() {
+        for built_in in BUILT_IN {
+            assert!(Scope::parse("s", built_in).is_ok(), "{built_in}");
+        }
+        for (typo, meant) in [
+            ("token:verify", "tokens:verify"),
+            ("tokens:veriffy", "tokens:verify"),
+            ("tokens:verfiy", "tokens:verify"),
+            ("tokens:writ", "tokens:write"),
+            ("tokens:reed", "tokens:read"),
+            ("account:read", "accounts:read"),
+            ("accounts:wrtie", "accounts:write"),
+            ("tokens:verify2", "tokens:verify"),
+        ] {
+            let err = Scope::parse("s", typo).expect_err(typo).to_string();
+            assert!(
+                err.contains(&format!("did you mean '{meant}'")),
+                "{typo}: {err}"
+            );
+        }
+        for reserved in [
+            "tokens:delete",
+            "accounts",
+            "tokens:read:own",
+            "accounts:admin",
+        ] {
+            let err = Scope::parse("s", reserved).expect_err(reserved).to_string();
+            assert!(err.contains("namespace is reserved"), "{reserved}: {err}");
+        }
+        for fine in [
+            "project:publish",
+            "token",
+            "tokenizer:run",
+            "account-service:read",
+        ] {
+            assert!(Scope::parse("s", fine).is_ok(), "{fine}");
+        }
+    }
+
+    #[test]
+    fn one_edit_means_exactly_one() {
+        assert!(one_edit_apart("abc", "abd"));
+        assert!(one_edit_apart("abc", "ab"));
+        assert!(one_edit_apart("abc", "abcd"));
+        assert!(one_edit_apart("abc", "bac"));
+        assert!(one_edit_apart("abc", "acb"));
+        assert!(!one_edit_apart("abc", "abc"));
+        assert!(!one_edit_apart("abc", "cba"));
+        assert!(!one_edit_apart("abc", "a"));
+        assert!(!one_edit_apart("abcd", "abdc1"));
+    }
+
+    #[test]
+    fn stored_scopes_are_never_dropped_into_full_access() {
+        let kept = Scopes::from_stored("token:verify");
+        assert!(!kept.is_full());
+        assert!(!kept.allows(TOKENS_VERIFY));
+        assert!(kept.allows("token:verify"));
     }
 
     #[test]

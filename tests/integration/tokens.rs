@@ -380,3 +380,53 @@ on_both_backends! {
         }
     }
 }
+
+on_both_backends! {
+    async fn scopes_that_look_built_in_are_refused_naming_the_one_they_resemble(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let create = |scopes: &[&str]| {
+            let mut client = app.tokens();
+            let request = bearer(
+                pb::CreateTokenRequest {
+                    account_id: alice.account_id.clone(),
+                    name: "ci".into(),
+                    scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                    ..Default::default()
+                },
+                &session,
+            );
+            async move { client.create_token(request).await }
+        };
+        let typo = assert_status(
+            create(&["project:publish", "token:verify"]).await,
+            Code::InvalidArgument,
+            "ERROR_REASON_INVALID_ARGUMENT",
+        );
+        assert!(typo.message().contains("scopes[1]"), "{typo:?}");
+        assert!(typo.message().contains("did you mean 'tokens:verify'"), "{typo:?}");
+        let reserved = assert_status(
+            create(&["tokens:delete"]).await,
+            Code::InvalidArgument,
+            "ERROR_REASON_INVALID_ARGUMENT",
+        );
+        assert!(reserved.message().contains("'tokens:' namespace is reserved"), "{reserved:?}");
+        create(&["tokens:verify", "project:publish"]).await.expect("built-in and own scopes");
+
+        // A calling service's typo in required_scopes is refused too, rather
+        // than answered "active" for every full-access token.
+        let (_, secret) = app.token(&session, &alice.account_id, "full", &[]).await;
+        let required = app
+            .tokens()
+            .verify_token(bearer(
+                pb::VerifyTokenRequest {
+                    token: secret,
+                    required_scopes: vec!["tokens:wirte".into()],
+                    ..Default::default()
+                },
+                &app.verifier_token().await,
+            ))
+            .await;
+        let required = assert_status(required, Code::InvalidArgument, "ERROR_REASON_INVALID_ARGUMENT");
+        assert!(required.message().contains("did you mean 'tokens:write'"), "{required:?}");
+    }
+}
