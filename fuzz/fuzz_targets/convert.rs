@@ -347,23 +347,45 @@ fn create_token(bytes: &[u8]) {
     let Ok(req) = pb::CreateTokenRequest::decode(bytes) else {
         return;
     };
-    match twice(|| fuzzing::create_token(req.clone())) {
+    let now = Timestamp::from_micros(1_800_000_000_000_000);
+    // The end of a lifetime sent as `ttl`, by an independent reckoning in
+    // i128: `None` when the duration is not positive or ends after 9999.
+    let ttl_end = req.ttl.as_ref().map(|d| {
+        let valid = d.seconds >= 0 && (0..1_000_000_000).contains(&d.nanos);
+        let micros = i128::from(d.seconds) * 1_000_000 + i128::from(d.nanos / 1_000);
+        let end = i128::from(now.as_micros()) + micros;
+        (valid && micros > 0 && end <= i128::from(Timestamp::MAX.as_micros()))
+            .then(|| Timestamp::from_micros(end as i64))
+    });
+    match twice(|| fuzzing::create_token(req.clone(), now)) {
         Ok(token) => {
             canonical_account_id(&token.account_id, &req.account_id);
             assert_eq!(token.name.as_str(), req.name);
             scopes_normalised(&token.scopes, &req.scopes);
-            check_timestamp(req.expire_time.as_ref(), token.expire_time);
+            match ttl_end {
+                None => check_timestamp(req.expire_time.as_ref(), token.expire_time),
+                Some(end) => {
+                    assert!(req.expire_time.is_none(), "expire_time and ttl both accepted");
+                    assert_eq!(token.expire_time, Some(end.expect("accepted ttl")));
+                }
+            }
             assert_eq!(token.never_expires, req.never_expires);
             assert_eq!(token.max_uses, req.max_uses);
         }
         Err(err) => {
             let fields = rejected_fields(
                 err,
-                &["account_id", "name", "scopes", "expire_time"],
+                &["account_id", "name", "scopes", "expire_time", "ttl"],
                 &[("scopes", req.scopes.len())],
                 &[],
             );
             timestamp_reported(&fields, "expire_time", req.expire_time.as_ref());
+            let ttl_bad = match ttl_end {
+                None => false,
+                Some(None) => true,
+                Some(Some(_)) => req.expire_time.is_some(),
+            };
+            assert_eq!(fields.iter().any(|f| f == "ttl"), ttl_bad, "ttl: {:?}", req.ttl);
         }
     }
 }

@@ -26,7 +26,6 @@ use crate::{
         scope::Scopes,
         service::{AccountLookup, MAX_LEAKED_SECRETS, NewAccount, TokenRequest, audit_listing},
         time::Timestamp,
-        token::TokenName,
     },
     storage::TokenFilter,
 };
@@ -118,23 +117,12 @@ pub fn change_password(
     violations.complete(current.zip(new))
 }
 
-/// `CreateToken`.
-pub fn create_token(req: pb::CreateTokenRequest) -> Result<TokenRequest, DomainError> {
-    let mut violations = Violations::new();
-    let account_id = violations.check(AccountId::parse("account_id", &req.account_id));
-    let name = violations.check(TokenName::parse("name", &req.name));
-    let scopes = violations.check(Scopes::parse("scopes", &req.scopes));
-    let expire_time = violations.check(convert::parse_timestamp("expire_time", req.expire_time));
-    violations.complete((|| {
-        Some(TokenRequest {
-            account_id: account_id?,
-            name: name?,
-            scopes: scopes?,
-            expire_time: expire_time?,
-            never_expires: req.never_expires,
-            max_uses: req.max_uses,
-        })
-    })())
+/// `CreateToken` at `now`.
+pub fn create_token(
+    req: pb::CreateTokenRequest,
+    now: Timestamp,
+) -> Result<TokenRequest, DomainError> {
+    convert::create_token_request(req, now)
 }
 
 /// `ListTokens`, with states judged at `now`: the account, the filter, then

@@ -17,10 +17,9 @@ use crate::{
         account::AccountId,
         error::Violations,
         page::{PageRequest, tokens_listing},
-        scope::Scopes,
-        service::{TokenRequest, Verdict},
+        service::Verdict,
         time::Timestamp,
-        token::{TokenId, TokenName},
+        token::TokenId,
     },
     storage::TokenFilter,
 };
@@ -61,24 +60,7 @@ impl TokensService for TokensApi {
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let req = request.into_inner();
-        let mut violations = Violations::new();
-        let account_id = violations.check(AccountId::parse("account_id", &req.account_id));
-        let name = violations.check(TokenName::parse("name", &req.name));
-        let scopes = violations.check(Scopes::parse("scopes", &req.scopes));
-        let expire_time =
-            violations.check(convert::parse_timestamp("expire_time", req.expire_time));
-        let request = violations
-            .complete((|| {
-                Some(TokenRequest {
-                    account_id: account_id?,
-                    name: name?,
-                    scopes: scopes?,
-                    expire_time: expire_time?,
-                    never_expires: req.never_expires,
-                    max_uses: req.max_uses,
-                })
-            })())
+        let request = convert::create_token_request(request.into_inner(), Timestamp::now())
             .map_err(to_status)?;
         let issued = self
             .identity

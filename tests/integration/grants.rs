@@ -328,6 +328,7 @@ async fn try_case(app: &TestApp, n: usize, case: &Case) -> Option<String> {
                         expire_time,
                         max_uses: *max_uses,
                         never_expires,
+                        ttl: None,
                     },
                     auth,
                 ))
@@ -537,6 +538,7 @@ async fn victim(
                 expire_time: Some(timestamp(expire)),
                 max_uses,
                 never_expires: false,
+                ttl: None,
             },
             &operator,
         ))
@@ -566,6 +568,7 @@ async fn alice_token(
                 expire_time: expire.map(timestamp),
                 max_uses,
                 never_expires: false,
+                ttl: None,
             },
             session,
         ))
@@ -1010,6 +1013,7 @@ on_both_backends! {
             expire_time: Some(timestamp(ten_minutes)),
             max_uses: Some(max_uses),
             never_expires: false,
+            ttl: None,
         };
         let one_time = app.tokens().create_token(bearer(limited("one-time", 1), &session)).await.expect("create").into_inner();
         crate::support::assert_status(

@@ -430,3 +430,50 @@ on_both_backends! {
         assert!(required.message().contains("did you mean 'tokens:write'"), "{required:?}");
     }
 }
+
+on_both_backends! {
+    async fn a_lifetime_can_be_given_as_a_ttl_instead_of_an_expire_time(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let create = |name: &str, ttl: Option<prost_types::Duration>, expire_time| {
+            let mut client = app.tokens();
+            let request = bearer(
+                pb::CreateTokenRequest {
+                    account_id: alice.account_id.clone(),
+                    name: name.into(),
+                    ttl,
+                    expire_time,
+                    ..Default::default()
+                },
+                &session,
+            );
+            async move { client.create_token(request).await }
+        };
+        let seconds = |s| Some(prost_types::Duration { seconds: s, nanos: 0 });
+        let before = in_the_future(Duration::ZERO).seconds;
+        let token = create("thirty-days", seconds(30 * 86_400), None)
+            .await
+            .expect("a ttl")
+            .into_inner()
+            .token
+            .expect("token");
+        let after = in_the_future(Duration::ZERO).seconds;
+        let expires = token.expire_time.expect("an expiry").seconds;
+        assert!((before + 30 * 86_400..=after + 30 * 86_400).contains(&expires), "{expires}");
+
+        let both = create("both", seconds(60), Some(in_the_future(Duration::from_secs(60)))).await;
+        let both = assert_status(both, Code::InvalidArgument, "ERROR_REASON_INVALID_ARGUMENT");
+        assert!(both.message().contains("ttl"), "{both:?}");
+        for bad in [
+            prost_types::Duration { seconds: 0, nanos: 0 },
+            prost_types::Duration { seconds: -60, nanos: 0 },
+            prost_types::Duration { seconds: 1, nanos: -1 },
+        ] {
+            let refused = create("bad", Some(bad), None).await;
+            let refused = assert_status(refused, Code::InvalidArgument, "ERROR_REASON_INVALID_ARGUMENT");
+            assert!(refused.message().contains("positive duration"), "{refused:?}");
+        }
+        // Over the server's maximum lifetime: refused as an expire_time would be.
+        let long = create("long", seconds(400 * 86_400), None).await;
+        assert_status(long, Code::InvalidArgument, "ERROR_REASON_TOKEN_LIFETIME");
+    }
+}
