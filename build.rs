@@ -3,7 +3,7 @@
 //! services, and writes the encoded descriptor set that server reflection
 //! serves.
 
-use std::{env, fs, path::PathBuf};
+use std::{env, fs, path::PathBuf, process::Command};
 
 const PROTOS: &[&str] = &[
     "proto/identity/v1/accounts.proto",
@@ -30,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={proto}");
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    println!("cargo:rustc-env=IDENTITY_BUILD_COMMIT={}", build_commit());
 
     let mut compiler = protox::Compiler::new(["proto"])?;
     compiler.include_imports(true).include_source_info(true);
@@ -46,4 +47,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::api::codec::Codec")
         .compile_fds(compiler.file_descriptor_set())?;
     Ok(())
+}
+
+/// The commit being built, for the start-up log and `identity_build_info`:
+/// `IDENTITY_BUILD_COMMIT` if set (an image build without `.git`), else
+/// what git says, else `unknown`. Re-run when HEAD moves, watching only
+/// files that exist (a missing one would re-run this script every build).
+fn build_commit() -> String {
+    println!("cargo:rerun-if-env-changed=IDENTITY_BUILD_COMMIT");
+    if let Ok(commit) = env::var("IDENTITY_BUILD_COMMIT") {
+        if !commit.is_empty() {
+            return commit;
+        }
+    }
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .map(|out| out.trim().to_owned())
+            .filter(|out| !out.is_empty())
+    };
+    let Some(commit) = git(&["rev-parse", "--short=12", "HEAD"]) else {
+        return "unknown".to_owned();
+    };
+    let mut watched = vec!["HEAD".to_owned()];
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        watched.push(branch);
+    }
+    for name in watched {
+        if let Some(path) = git(&["rev-parse", "--git-path", &name]) {
+            if fs::metadata(&path).is_ok() {
+                println!("cargo:rerun-if-changed={path}");
+            }
+        }
+    }
+    commit
 }

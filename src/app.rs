@@ -319,6 +319,8 @@ impl App {
             .metrics
             .map(|(listener, _)| observability::spawn_metrics(listener, Arc::clone(&self.store)));
         tracing::info!(
+            version = %observability::VERSION,
+            commit = %observability::COMMIT,
             addr = %self.local_addr,
             metrics_addr = %metrics_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),
             health_addr = %health_addr.map_or_else(|| "off".to_owned(), |a| a.to_string()),

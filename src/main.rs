@@ -28,7 +28,10 @@ use tracing_subscriber::EnvFilter;
 /// A gRPC identity service: personal accounts, sessions and personal access
 /// tokens.
 #[derive(Debug, Parser)]
-#[command(name = "identity", version)]
+#[command(
+    name = "identity",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("IDENTITY_BUILD_COMMIT"), ")")
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

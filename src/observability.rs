@@ -28,6 +28,11 @@ use tracing_subscriber::EnvFilter;
 
 use crate::{config::LogFormat, storage::Store};
 
+/// This build's version, from Cargo.toml.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The commit this binary was built from (see build.rs), or `unknown`.
+pub const COMMIT: &str = env!("IDENTITY_BUILD_COMMIT");
+
 /// Histogram buckets, in seconds: a cached `VerifyToken` answers in tens of
 /// microseconds, a sign-in (argon2id) in tens to hundreds of milliseconds,
 /// and a call stuck behind a full pool in seconds.
@@ -61,6 +66,7 @@ pub fn recorder() -> &'static PrometheusHandle {
             tracing::warn!(error = %err, "another metrics recorder is installed: /metrics will be empty");
         }
         describe();
+        metrics::gauge!("identity_build_info", "version" => VERSION, "commit" => COMMIT).set(1);
         let upkeep = handle.clone();
         let spawned = std::thread::Builder::new()
             .name("metrics-upkeep".into())
@@ -77,9 +83,23 @@ pub fn recorder() -> &'static PrometheusHandle {
     })
 }
 
+/// The process metrics (`process_resident_memory_bytes`,
+/// `process_cpu_seconds_total`, `process_open_fds`, `process_max_fds`,
+/// `process_threads`, `process_start_time_seconds`, ...), read from /proc by
+/// the `metrics-process` crate at each scrape.
+fn process_collector() -> &'static metrics_process::Collector {
+    static COLLECTOR: OnceLock<metrics_process::Collector> = OnceLock::new();
+    COLLECTOR.get_or_init(metrics_process::Collector::default)
+}
+
 /// The help text of every metric, in one place for operators.
 fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    process_collector().describe();
+    describe_gauge!(
+        "identity_build_info",
+        "Always 1; its labels name the running build: version and commit"
+    );
     describe_counter!(
         crate::api::observe::REQUESTS,
         "gRPC calls finished, by service, method and status code"
@@ -148,10 +168,11 @@ impl Drop for MetricsTask {
     }
 }
 
-/// Serves [`recorder`] on `listener`, sampling `store`'s connection pool at
-/// each scrape, until the returned task is dropped.
+/// Serves [`recorder`] on `listener`, sampling the process and `store`'s
+/// connection pool at each scrape, until the returned task is dropped.
 pub fn spawn_metrics(listener: TcpListener, store: Arc<dyn Store>) -> MetricsTask {
     let sample = move || {
+        process_collector().collect();
         if let Some(usage) = store.pool_usage() {
             let in_use = usage.size.saturating_sub(usage.idle);
             metrics::gauge!("identity_db_pool_connections", "state" => "idle").set(usage.idle);

@@ -289,6 +289,9 @@ where
             let client = self
                 .trusted
                 .resolve(peer, values.iter().map(http::HeaderValue::as_bytes));
+            if let Some(call) = request.extensions().get::<super::observe::CallSpan>() {
+                call.record_client_address(&client);
+            }
             request.extensions_mut().insert(client);
         }
         self.inner.call(request)

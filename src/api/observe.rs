@@ -68,6 +68,7 @@ pub const CODES: [&str; 17] = [
     "DATA_LOSS",
     "UNAUTHENTICATED",
 ];
+const OK: usize = 0;
 const CANCELLED: usize = 1;
 const UNKNOWN: usize = 2;
 
@@ -103,6 +104,25 @@ impl CallSpan {
         self.0.record("account_id", account_id);
         self.0.record("token_id", token_id);
     }
+
+    /// Records the client's address, as resolved through any trusted
+    /// proxies (see [`super::forwarded`]).
+    pub fn record_client_address(&self, client: &dyn std::fmt::Display) {
+        self.0
+            .record("client_address", tracing::field::display(client));
+    }
+}
+
+/// The `ErrorInfo` reason (such as `ERROR_REASON_TOKEN_NAME_TAKEN`) of the
+/// failed status `headers` carry (trailers, or the headers of a
+/// trailers-only response); `None` for success or a status without one.
+fn error_reason(headers: &http::HeaderMap, code: usize) -> Option<String> {
+    use tonic_types::StatusExt as _;
+    if code == OK {
+        return None;
+    }
+    let status = tonic::Status::from_header_map(headers)?;
+    status.get_details_error_info().map(|info| info.reason)
 }
 
 /// A tower layer that observes every call (see the module documentation).
@@ -199,6 +219,7 @@ where
                 span_id = %Hex64(span_id),
                 account_id = tracing::field::Empty,
                 token_id = tracing::field::Empty,
+                client_address = tracing::field::Empty,
             )
         } else {
             tracing::info_span!(
@@ -208,6 +229,7 @@ where
                 span_id = %Hex64(span_id),
                 account_id = tracing::field::Empty,
                 token_id = tracing::field::Empty,
+                client_address = tracing::field::Empty,
             )
         };
         // A disabled span (a quiet call at the default filter) records
@@ -232,6 +254,7 @@ where
                 start,
                 span,
                 code: CANCELLED,
+                reason: None,
             }),
             response_trace: parent.map(|p| TraceParent {
                 parent_id: span_id,
@@ -284,7 +307,8 @@ where
         }
         // Trailers-only: the status is in the headers, and the body is empty.
         if let Some(status) = response.headers().get("grpc-status") {
-            call.finish(code_index(status.as_bytes()));
+            let code = code_index(status.as_bytes());
+            call.finish_from(response.headers(), code);
             return Poll::Ready(Ok(response));
         }
         Poll::Ready(Ok(response.map(|inner| {
@@ -328,7 +352,10 @@ impl http_body::Body for ObservedBody {
         if let Some(code) = code
             && let Some(call) = this.call.take()
         {
-            call.finish(code);
+            match frame.as_ref().and_then(|f| f.as_ref().ok()?.trailers_ref()) {
+                Some(trailers) => call.finish_from(trailers, code),
+                None => call.finish(code),
+            }
         }
         Poll::Ready(frame)
     }
@@ -402,11 +429,22 @@ struct Call {
     start: Instant,
     span: Span,
     code: usize,
+    /// The failed status's `ErrorInfo` reason, for the `finished` event.
+    reason: Option<String>,
 }
 
 impl Call {
     fn finish(mut self, code: usize) {
         self.code = code;
+    }
+
+    /// Finishes with the status `headers` carry, recording its reason in
+    /// the `finished` event when the call failed (and is logged at all).
+    fn finish_from(mut self, headers: &http::HeaderMap, code: usize) {
+        if !self.span.is_disabled() {
+            self.reason = error_reason(headers, code);
+        }
+        self.finish(code);
     }
 }
 
@@ -418,10 +456,11 @@ impl Drop for Call {
         series.latency.record(elapsed.as_secs_f64());
         let code = CODES[self.code];
         let latency_ms = elapsed.as_secs_f64() * 1e3;
+        let reason = self.reason.as_deref();
         if self.shared.rpcs[self.rpc].quiet {
-            tracing::debug!(parent: &self.span, code, latency_ms, "finished");
+            tracing::debug!(parent: &self.span, code, reason, latency_ms, "finished");
         } else {
-            tracing::info!(parent: &self.span, code, latency_ms, "finished");
+            tracing::info!(parent: &self.span, code, reason, latency_ms, "finished");
         }
     }
 }

@@ -611,7 +611,39 @@ async fn a_json_logging_server_reports_each_call_exactly_on(backend: Backend) {
             "a malformed traceparent was continued"
         );
         assert!(event.fields["code"].is_string() && event.fields["latency_ms"].is_number());
+        // Where the call came from, as the throttle and the audit log saw it.
+        assert!(
+            event
+                .span_str("client_address")
+                .is_some_and(|a| a.starts_with("127.0.0.1:")),
+            "no client address: {:?}",
+            event.span
+        );
+        // A failure names its ErrorInfo reason; a success has none.
+        assert_eq!(
+            event.fields.get("reason").is_some(),
+            event.fields["code"] != "OK",
+            "{:?}",
+            event.fields
+        );
     }
+    let reasons: Vec<(&str, &str)> = events
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e.fields["code"].as_str()?,
+                e.fields.get("reason")?.as_str()?,
+            ))
+        })
+        .collect();
+    assert!(
+        reasons.contains(&("NOT_FOUND", "ERROR_REASON_ACCOUNT_NOT_FOUND")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.contains(&("UNAUTHENTICATED", "ERROR_REASON_CREDENTIAL_MISSING")),
+        "{reasons:?}"
+    );
     let unauthenticated = events
         .iter()
         .filter(|e| e.fields["code"] == "UNAUTHENTICATED")
@@ -670,4 +702,48 @@ async fn metrics_can_be_turned_off() {
     let stopped = server.terminate().await;
     assert!(stopped.status.success(), "{stopped:?}");
     app.stop().await;
+}
+
+/// The binary names its build when it starts and in `identity_build_info`,
+/// and exports the process's own metrics (memory, CPU, open files).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_build_and_the_process_are_in_the_log_and_the_metrics() {
+    let db = TestDatabase::new(Backend::Sqlite).await;
+    let server = Server::start(&db.url, &[]).await;
+    let metrics = scrape(server.metrics_addr.expect("metrics are on")).await;
+    let finished = server.terminate().await;
+    let serving = finished
+        .stderr
+        .lines()
+        .map(crate::binary::strip_ansi)
+        .find(|line| line.contains(" serving "))
+        .expect("a serving line");
+    let field = |name: &str| {
+        serving
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")).map(str::to_owned))
+            .unwrap_or_else(|| panic!("no {name} in {serving}"))
+    };
+    assert_eq!(field("version"), env!("CARGO_PKG_VERSION"));
+    let commit = field("commit");
+    assert!(!commit.is_empty(), "{serving}");
+    let info = format!(
+        "identity_build_info{{version=\"{}\",commit=\"{commit}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(metrics.contains(&info), "no {info} in:\n{metrics}");
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} in:\n{metrics}"))
+            .trim()
+            .parse()
+            .expect("a number")
+    };
+    assert!(value("process_resident_memory_bytes") > 1_000_000.0);
+    assert!(value("process_open_fds") >= 3.0);
+    assert!(value("process_max_fds") >= value("process_open_fds"));
+    assert!(value("process_threads") >= 1.0);
+    assert!(value("process_cpu_seconds_total") >= 0.0);
 }
