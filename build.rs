@@ -55,10 +55,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// files that exist (a missing one would re-run this script every build).
 fn build_commit() -> String {
     println!("cargo:rerun-if-env-changed=IDENTITY_BUILD_COMMIT");
-    if let Ok(commit) = env::var("IDENTITY_BUILD_COMMIT") {
-        if !commit.is_empty() {
-            return commit;
-        }
+    if let Ok(commit) = env::var("IDENTITY_BUILD_COMMIT")
+        && !commit.is_empty()
+    {
+        return commit;
     }
     let git = |args: &[&str]| {
         Command::new("git")
@@ -78,10 +78,10 @@ fn build_commit() -> String {
         watched.push(branch);
     }
     for name in watched {
-        if let Some(path) = git(&["rev-parse", "--git-path", &name]) {
-            if fs::metadata(&path).is_ok() {
-                println!("cargo:rerun-if-changed={path}");
-            }
+        if let Some(path) = git(&["rev-parse", "--git-path", &name])
+            && fs::metadata(&path).is_ok()
+        {
+            println!("cargo:rerun-if-changed={path}");
         }
     }
     commit
