@@ -53,6 +53,7 @@ pub const RULES: &[(&str, Access)] = &[
     ("/identity.v1.TokensService/RotateToken", Authenticated),
     ("/identity.v1.TokensService/RenewToken", Authenticated),
     ("/identity.v1.TokensService/RevokeLeakedToken", Anonymous),
+    ("/identity.v1.TokensService/GetCaller", Authenticated),
 ];
 
 /// The rule for a request path, if it is one of ours.

@@ -258,4 +258,16 @@ impl TokensService for TokensApi {
             .map_err(to_status)?;
         Ok(Response::new(pb::RevokeLeakedTokenResponse {}))
     }
+
+    #[tracing::instrument(name = "GetCaller", skip_all, fields(caller))]
+    async fn get_caller(
+        &self,
+        request: Request<pb::GetCallerRequest>,
+    ) -> Result<Response<pb::GetCallerResponse>, Status> {
+        let (caller, _) = auth::caller(&self.identity, &request).await?;
+        let principal = self.identity.get_caller(&caller).map_err(to_status)?;
+        Ok(Response::new(pb::GetCallerResponse {
+            principal: Some(convert::principal(&principal)),
+        }))
+    }
 }

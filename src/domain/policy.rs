@@ -88,6 +88,8 @@ pub enum Action<'a> {
     DeleteAccount(&'a AccountId),
     /// Read audit events: of one account, or of all (`None`).
     ReadAudit(Option<&'a AccountId>),
+    /// Learn who the caller itself is.
+    GetCaller,
 }
 
 /// Decides whether `caller` may perform `action`: `Ok(())` or the refusal.
@@ -142,6 +144,10 @@ pub fn authorize(caller: &Principal, action: Action<'_>) -> Result<(), DomainErr
                 None => require_operator(caller),
             }
         }
+        // Any live credential may learn what it is itself: what VerifyToken
+        // would say about it, no more (no email), and no scope is needed to
+        // know one's own scopes.
+        Action::GetCaller => Ok(()),
     }
 }
 

@@ -63,6 +63,7 @@ enum_with_all! {
         RotateToken,
         RenewToken,
         RevokeLeakedToken,
+        GetCaller,
     }
 }
 
@@ -88,7 +89,8 @@ impl Rpc {
             | Rpc::VerifyToken
             | Rpc::RotateToken
             | Rpc::RenewToken
-            | Rpc::RevokeLeakedToken => "TokensService",
+            | Rpc::RevokeLeakedToken
+            | Rpc::GetCaller => "TokensService",
         };
         format!("/identity.v1.{service}/{self:?}")
     }
@@ -104,7 +106,11 @@ impl Rpc {
             | Rpc::EnableAccount
             | Rpc::DeleteAccount => Some("accounts:write"),
             Rpc::GetAccount | Rpc::ListAccounts | Rpc::ListAuditEvents => Some("accounts:read"),
-            Rpc::SignIn | Rpc::SignOut | Rpc::ChangePassword | Rpc::RevokeLeakedToken => None,
+            Rpc::SignIn
+            | Rpc::SignOut
+            | Rpc::ChangePassword
+            | Rpc::RevokeLeakedToken
+            | Rpc::GetCaller => None,
             Rpc::CreateToken | Rpc::RevokeToken | Rpc::RotateToken | Rpc::RenewToken => {
                 Some("tokens:write")
             }
@@ -507,6 +513,22 @@ const ROWS: &[Row] = {
         row(RevokeLeakedToken, ExpiredToken, OK),
         row(RevokeLeakedToken, RevokedToken, OK),
         row(RevokeLeakedToken, SignedOutSession, OK),
+        // Any live credential, whatever its scopes: it learns only what it
+        // is itself.
+        row(GetCaller, Anonymous, MISSING),
+        row(GetCaller, Malformed, INVALID),
+        row(GetCaller, NotBearer, INVALID),
+        row(GetCaller, OwnSession, OK),
+        row(GetCaller, OwnScopedToken, OK),
+        row(GetCaller, OwnTokenWithoutScope, OK),
+        row(GetCaller, OtherPerson, OK),
+        row(GetCaller, RobotOnItself, OK),
+        row(GetCaller, RobotOnPerson, OK),
+        row(GetCaller, Operator, OK),
+        row(GetCaller, OperatorScopedToken, OK),
+        row(GetCaller, ExpiredToken, INVALID),
+        row(GetCaller, RevokedToken, INVALID),
+        row(GetCaller, SignedOutSession, INVALID),
     ]
 };
 
@@ -1103,6 +1125,11 @@ async fn perform(app: &TestApp, world: &World, n: usize, row: Row) -> Result<(),
                 .await
                 .map(drop)
         }
+        Rpc::GetCaller => app
+            .tokens()
+            .get_caller(request(pb::GetCallerRequest {}, auth))
+            .await
+            .map(drop),
     }
 }
 

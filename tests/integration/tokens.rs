@@ -477,3 +477,60 @@ on_both_backends! {
         assert_status(long, Code::InvalidArgument, "ERROR_REASON_TOKEN_LIFETIME");
     }
 }
+
+on_both_backends! {
+    async fn a_caller_learns_who_it_is_without_knowing_its_ids(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let who = |credential: String| {
+            let mut client = app.tokens();
+            async move {
+                client
+                    .get_caller(bearer(pb::GetCallerRequest {}, &credential))
+                    .await
+                    .expect("get caller")
+                    .into_inner()
+                    .principal
+                    .expect("a principal")
+            }
+        };
+        let by_session = who(session.clone()).await;
+        assert_eq!(by_session.account_id, alice.account_id);
+        assert_eq!(by_session.username, "alice");
+        assert_eq!(by_session.credential_kind, pb::CredentialKind::Session as i32);
+        assert!(by_session.scopes.is_empty());
+
+        // A two-use token limited to another service's scope: it learns its
+        // own id, scope and uses; each call, this one too, spends a use.
+        let created = app
+            .tokens()
+            .create_token(bearer(
+                pb::CreateTokenRequest {
+                    account_id: alice.account_id.clone(),
+                    name: "ci".into(),
+                    scopes: vec!["project:publish".into()],
+                    max_uses: Some(2),
+                    ttl: Some(prost_types::Duration { seconds: 3600, nanos: 0 }),
+                    ..Default::default()
+                },
+                &session,
+            ))
+            .await
+            .expect("create")
+            .into_inner();
+        let token = created.token.expect("token");
+        for left in [1, 0] {
+            let by_token = who(created.secret.clone()).await;
+            assert_eq!(by_token.account_id, alice.account_id);
+            assert_eq!(by_token.token_id, token.token_id);
+            assert_eq!(
+                by_token.credential_kind,
+                pb::CredentialKind::PersonalAccessToken as i32
+            );
+            assert_eq!(by_token.scopes, ["project:publish"]);
+            assert_eq!(by_token.expire_time, token.expire_time);
+            assert_eq!(by_token.uses_remaining, Some(left));
+        }
+        let verdict = app.verify(&created.secret, &[]).await;
+        assert_eq!(verdict.reason, pb::InactiveReason::Exhausted as i32);
+    }
+}

@@ -30,6 +30,7 @@ use crate::storage::{Store, TokenUse};
 
 mod accounts;
 mod audit;
+mod caller;
 mod retention;
 mod tokens;
 
