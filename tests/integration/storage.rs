@@ -884,6 +884,48 @@ mod conformance {
             );
         }
 
+        async fn a_session_is_created_only_under_the_generation_it_was_checked_against(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create alice");
+            let generation = |store: Arc<dyn Store>, id: AccountId| async move {
+                store.account_by_id(&id).await.expect("read").expect("alice").credentials_generation
+            };
+            let mut read = generation(store.clone(), alice.id.clone()).await;
+            let hash = PasswordHash::from_stored(HASH.to_owned());
+            let keep = TokenId::generate();
+            // Each call that ends every session moves the generation on; a
+            // session checked against the generation before it is refused.
+            for step in ["set_password", "revoke_sessions", "disable"] {
+                match step {
+                    "set_password" => {
+                        store.set_password(&alice.id, &hash, &keep, t(2), &ev()).await.expect(step);
+                    }
+                    "revoke_sessions" => {
+                        store.revoke_sessions(&alice.id, t(2), &ev()).await.expect(step);
+                    }
+                    _ => {
+                        store.set_account_disabled(&alice.id, Some(t(2)), &ev()).await.expect(step);
+                    }
+                }
+                let stale = digest(CredentialKind::Session);
+                assert!(
+                    !store.create_session(&session(&alice.id, 3, 1_000), &stale, read, &ev()).await.expect("create"),
+                    "a session under the generation before {step}"
+                );
+                assert!(store.session_by_digest(&stale).await.expect("read").is_none(), "{step}");
+                let now = generation(store.clone(), alice.id.clone()).await;
+                assert!(now > read, "{step} moved the generation on");
+                read = now;
+            }
+            // Disabled: even the current generation creates no session.
+            let d = digest(CredentialKind::Session);
+            assert!(!store.create_session(&session(&alice.id, 3, 1_000), &d, read, &ev()).await.expect("create"));
+            store.set_account_disabled(&alice.id, None, &ev()).await.expect("enable");
+            assert_eq!(generation(store.clone(), alice.id.clone()).await, read, "enabling ends nothing");
+            assert!(store.create_session(&session(&alice.id, 3, 1_000), &d, read, &ev()).await.expect("create"));
+            assert!(store.session_by_digest(&d).await.expect("read").is_some());
+        }
+
         async fn credentials_of_a_missing_account_are_refused_without_a_conflict(store) {
             let ghost = AccountId::generate();
             let new = token(&ghost, "orphan", &[], 1, None);
