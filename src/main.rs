@@ -156,6 +156,16 @@ struct Settings {
     #[arg(long, env = "IDENTITY_SIGN_IN_ADDRESS_PER_MINUTE", default_value_t = 60,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
     sign_in_address_per_minute: u32,
+    /// Most live tokens one account may have; CreateToken beyond it is
+    /// refused with RESOURCE_EXHAUSTED (rotation is not).
+    #[arg(long, env = "IDENTITY_MAX_TOKENS_PER_ACCOUNT", default_value_t = IdentitySettings::DEFAULT_MAX_TOKENS_PER_ACCOUNT,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    max_tokens_per_account: u32,
+    /// Tokens each replica creates per account per minute (in bursts up to
+    /// that many); more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IDENTITY_TOKEN_CREATIONS_PER_MINUTE", default_value_t = IdentitySettings::DEFAULT_TOKEN_CREATIONS_PER_MINUTE,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+    token_creations_per_minute: u32,
     /// Proxies (CIDR blocks, comma-separated, e.g. 10.0.0.0/8,fd00::/8)
     /// whose x-forwarded-for names the client address; empty: the header is
     /// ignored and the TCP peer is the client.
@@ -333,6 +343,8 @@ impl Settings {
                 account_per_minute: self.sign_in_account_per_minute,
                 address_per_minute: self.sign_in_address_per_minute,
             },
+            max_tokens_per_account: self.max_tokens_per_account,
+            token_creations_per_minute: self.token_creations_per_minute,
         };
         config.max_concurrent_requests = self.max_concurrent_requests;
         config.max_streams_per_connection = self.max_streams_per_connection;

@@ -29,11 +29,16 @@ pub fn to_status(err: DomainError) -> Status {
         DomainError::TokenLifetime(v) => {
             details.add_bad_request_violation(v.field.clone(), v.description.clone());
         }
-        DomainError::RateLimited(retry_after) | DomainError::SignInThrottled(retry_after) => {
+        DomainError::RateLimited(retry_after)
+        | DomainError::SignInThrottled(retry_after)
+        | DomainError::TokenCreationRateLimited(retry_after) => {
             details.set_retry_info(Some(*retry_after));
         }
         DomainError::ScopeMissing(scope) => {
             metadata.insert("required_scope".to_owned(), (*scope).to_owned());
+        }
+        DomainError::TokenLimitReached(max) => {
+            metadata.insert("max_tokens".to_owned(), max.to_string());
         }
         DomainError::Unavailable(cause) => {
             tracing::warn!(error = %error_chain(cause), "store unavailable");
@@ -149,6 +154,12 @@ fn classify(err: &DomainError) -> (Code, ErrorReason) {
         DomainError::TokenNameTaken => (Code::AlreadyExists, ErrorReason::TokenNameTaken),
         DomainError::RateLimited(_) => (Code::ResourceExhausted, ErrorReason::RateLimited),
         DomainError::SignInThrottled(_) => (Code::ResourceExhausted, ErrorReason::SignInThrottled),
+        DomainError::TokenCreationRateLimited(_) => {
+            (Code::ResourceExhausted, ErrorReason::RateLimited)
+        }
+        DomainError::TokenLimitReached(_) => {
+            (Code::ResourceExhausted, ErrorReason::TokenLimitReached)
+        }
         DomainError::SignInLocked => (Code::FailedPrecondition, ErrorReason::SignInLocked),
         DomainError::CredentialReused => (Code::Unauthenticated, ErrorReason::CredentialReused),
         DomainError::TokenAlreadyRotated => {

@@ -264,6 +264,11 @@ pub struct Account {
     pub create_time: Timestamp,
     /// When it was disabled, if it is.
     pub disable_time: Option<Timestamp>,
+    /// The generation of its credentials: moved on by everything that ends
+    /// all of its sessions (a password change, sign-out everywhere,
+    /// disabling). A sign-in creates its session only if the generation it
+    /// read before checking the password is still current.
+    pub credentials_generation: i64,
 }
 
 impl Account {

@@ -471,6 +471,7 @@ mod tests {
                 password_hash: None,
                 create_time: Timestamp::from_micros(0),
                 disable_time: None,
+                credentials_generation: 0,
             },
             credential: CredentialKind::PersonalAccessToken,
             credential_id: credential.clone(),

@@ -60,6 +60,20 @@ pub enum DomainError {
         "too many failed sign-ins: password sign-in is locked until an operator enables the account"
     )]
     SignInLocked,
+    /// The account already has the most live tokens allowed
+    /// (`IDENTITY_MAX_TOKENS_PER_ACCOUNT`, the number given).
+    #[error(
+        "the account already has {0} live tokens, the most allowed: revoke tokens it no longer uses (or let them expire), then create again"
+    )]
+    TokenLimitReached(u32),
+    /// Too many tokens were created for the account on this replica in the
+    /// last minute (`IDENTITY_TOKEN_CREATIONS_PER_MINUTE`); retry after the
+    /// given delay.
+    #[error(
+        "too many tokens created for this account in the last minute; retry in {} s",
+        .0.as_secs().max(1)
+    )]
+    TokenCreationRateLimited(std::time::Duration),
     /// An already-rotated token was presented to rotate again: its family is
     /// now revoked.
     #[error(
@@ -118,6 +132,8 @@ impl From<StorageError> for DomainError {
             StorageError::Unavailable(_) => Self::Unavailable(err),
             StorageError::Conflict(crate::storage::Conflict::Username) => Self::UsernameTaken,
             StorageError::Conflict(crate::storage::Conflict::TokenName) => Self::TokenNameTaken,
+            StorageError::AccountGone => Self::AccountNotFound,
+            StorageError::TooManyTokens(max) => Self::TokenLimitReached(max),
             StorageError::ParentRevoked => {
                 Self::CredentialInvalid(super::service::InactiveReason::Revoked.describe())
             }

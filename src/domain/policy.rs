@@ -385,6 +385,7 @@ mod tests {
             password_hash: None,
             create_time: Timestamp::from_micros(0),
             disable_time: None,
+            credentials_generation: 0,
         }
     }
 

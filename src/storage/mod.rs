@@ -58,6 +58,13 @@ pub enum StorageError {
     /// a race with its revocation): the creating credential is dead.
     #[error("the creating token's family was revoked")]
     ParentRevoked,
+    /// The account a new row belongs to does not exist (any more): deleted
+    /// before the creation, or in a race with it (a foreign-key violation).
+    #[error("the account no longer exists")]
+    AccountGone,
+    /// The account already has this many live tokens, the most allowed.
+    #[error("the account has {0} live tokens, the most allowed")]
+    TooManyTokens(u32),
     /// Anything else.
     #[error("database error")]
     Other(#[source] BoxError),
@@ -177,8 +184,9 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Account>, StorageError>;
 
-    /// Disables an account at `at` (keeping an earlier disable time) or, with
-    /// `None`, enables it. Returns the account afterwards; `None` if there is
+    /// Disables an account at `at` (keeping an earlier disable time, and
+    /// moving its credentials generation on: see [`Store::create_session`])
+    /// or, with `None`, enables it. Returns the account afterwards; `None` if there is
     /// no such account. The event is written only if the state changed.
     async fn set_account_disabled(
         &self,
@@ -197,8 +205,9 @@ pub trait Store: Send + Sync + 'static {
         event: &AuditEvent,
     ) -> Result<Option<Vec<TokenId>>, StorageError>;
 
-    /// Replaces an account's password hash and ends every session of it
-    /// except `keep`. Returns how many sessions ended.
+    /// Replaces an account's password hash, moves its credentials
+    /// generation on (see [`Store::create_session`]) and ends every session
+    /// of it except `keep`. Returns how many sessions ended.
     async fn set_password(
         &self,
         id: &AccountId,
@@ -208,7 +217,9 @@ pub trait Store: Send + Sync + 'static {
         event: &AuditEvent,
     ) -> Result<u64, StorageError>;
 
-    /// Ends every live session of an account. Returns how many ended.
+    /// Moves an account's credentials generation on (see
+    /// [`Store::create_session`]) and ends every live session of it.
+    /// Returns how many ended.
     async fn revoke_sessions(
         &self,
         account: &AccountId,
@@ -216,13 +227,21 @@ pub trait Store: Send + Sync + 'static {
         event: &AuditEvent,
     ) -> Result<u64, StorageError>;
 
-    /// Inserts a new session with the digest of its token.
+    /// Inserts a new session with the digest of its token, if its account
+    /// still has the credentials generation `generation` (the
+    /// [`Account::credentials_generation`] read before its password was
+    /// checked) and is not disabled, atomically with that check: a
+    /// concurrent change of the generation either commits first (and no
+    /// session is created) or sees the session when it ends the account's
+    /// sessions. Returns whether the session was created (`false`: the
+    /// credentials changed, the account was disabled or deleted).
     async fn create_session(
         &self,
         session: &Session,
         digest: &Digest,
+        generation: i64,
         event: &AuditEvent,
-    ) -> Result<(), StorageError>;
+    ) -> Result<bool, StorageError>;
 
     /// Reads a session and its account by the digest of its token.
     async fn session_by_digest(
@@ -244,10 +263,17 @@ pub trait Store: Send + Sync + 'static {
     /// token has it; [`StorageError::ParentRevoked`] if the token names a
     /// parent family whose live token is revoked at `now` (read under a
     /// row lock, so that a concurrent cascading revocation cannot miss it).
+    /// [`StorageError::AccountGone`] if the account does not exist (it is
+    /// locked first, so a concurrent deletion either waits for the new
+    /// token or is waited for); [`StorageError::TooManyTokens`] if it
+    /// already has `max_live` live tokens (counted under that lock, so
+    /// concurrent creations cannot exceed it; a rotation's predecessor in
+    /// its grace period does not count).
     async fn create_token(
         &self,
         token: &NewToken,
         now: Timestamp,
+        max_live: u32,
         event: &AuditEvent,
     ) -> Result<(), StorageError>;
 

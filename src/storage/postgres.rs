@@ -27,6 +27,11 @@ use crate::domain::{
     token::{NewToken, Session, Token, TokenId},
 };
 
+/// Inserts a session if its account's credentials are still current.
+const INSERT_SESSION: &str = sql::PG_INSERT_SESSION;
+/// Locks an account about to be deleted.
+const LOCK_ACCOUNT_FOR_DELETE: &str = sql::PG_LOCK_ACCOUNT_FOR_DELETE;
+
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
         1,
@@ -57,6 +62,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "retention indexes",
         include_str!("../../migrations/postgres/0006_retention.sql"),
+    ),
+    (
+        8,
+        "credentials generation",
+        include_str!("../../migrations/postgres/0008_credentials_generation.sql"),
     ),
 ];
 
@@ -173,6 +183,13 @@ impl PgStore {
                     if let Some(conflict) = conflict {
                         return StorageError::Conflict(conflict);
                     }
+                }
+                // A foreign-key violation: every foreign key names an
+                // account, which was deleted under a creation that did not
+                // lock it first (the creations that can race a deletion
+                // do lock it; this is the backstop).
+                if code == "23503" {
+                    return StorageError::AccountGone;
                 }
                 // Class 08: connection exceptions; 53: insufficient resources;
                 // 57P0x: the server is shutting down or restarting; 40001 and

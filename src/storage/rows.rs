@@ -65,6 +65,7 @@ pub(super) fn account<R: SqlRow>(row: &R) -> Result<Account, StorageError> {
             .map(PasswordHash::from_stored),
         create_time: Timestamp::from_micros(row.int("account_create_time")?),
         disable_time: row.opt_int("disable_time")?.map(Timestamp::from_micros),
+        credentials_generation: row.int("credentials_generation")?,
     })
 }
 

@@ -7,7 +7,7 @@
 macro_rules! account_cols {
     () => {
         "a.account_id, a.username, a.email, a.kind, a.role, a.password_hash, \
-         a.create_time AS account_create_time, a.disable_time"
+         a.create_time AS account_create_time, a.disable_time, a.credentials_generation"
     };
 }
 
@@ -80,19 +80,78 @@ pub(super) const LIST_ACCOUNTS: &str = concat!(
     account_cols!(),
     " FROM accounts a WHERE a.account_id > $1 ORDER BY a.account_id LIMIT $2"
 );
-pub(super) const DISABLE_ACCOUNT: &str =
-    "UPDATE accounts SET disable_time = $2 WHERE account_id = $1 AND disable_time IS NULL";
+/// Disabling ends what the account's credentials could do, so it moves
+/// their generation on (see `INSERT_SESSION`).
+pub(super) const DISABLE_ACCOUNT: &str = "UPDATE accounts SET disable_time = $2, \
+    credentials_generation = credentials_generation + 1 \
+    WHERE account_id = $1 AND disable_time IS NULL";
 pub(super) const ENABLE_ACCOUNT: &str =
     "UPDATE accounts SET disable_time = NULL WHERE account_id = $1 AND disable_time IS NOT NULL";
+/// Takes the account row's write lock within a transaction, changing
+/// nothing, and says (by the rows it affects) whether the account exists:
+/// on PostgreSQL a row lock that a deletion (`LOCK_ACCOUNT_FOR_DELETE`)
+/// and other token creations for the account wait for, on SQLite the
+/// database's write lock, taken before anything is read. Statements after
+/// it see every token created before it was granted.
+pub(super) const LOCK_ACCOUNT: &str = "UPDATE accounts \
+    SET credentials_generation = credentials_generation WHERE account_id = $1";
+/// The live (neither revoked nor expired at `$2`, nor used up) tokens of
+/// account `$1` that are their family's current token: a rotation's
+/// predecessor in its grace period is the same token under an older
+/// secret, not one more.
+pub(super) const COUNT_LIVE_TOKENS: &str = "SELECT count(*) FROM tokens \
+    WHERE account_id = $1 AND replaced_by IS NULL \
+    AND (revoke_time IS NULL OR revoke_time > $2) \
+    AND (expire_time IS NULL OR expire_time > $2) \
+    AND (uses_remaining IS NULL OR uses_remaining > 0)";
+/// A deletion locks the account row first, so that whatever is being
+/// created for the account (a token, a session, a rotation's successor)
+/// either commits before the deletion's statements run (which then see it)
+/// or waits for the deletion and finds the account gone. PostgreSQL:
+/// `FOR UPDATE`, the lock that also holds off foreign-key checks; SQLite:
+/// the write lock, through `LOCK_ACCOUNT`.
+pub(super) const PG_LOCK_ACCOUNT_FOR_DELETE: &str =
+    "SELECT account_id FROM accounts WHERE account_id = $1 FOR UPDATE";
+pub(super) const SQLITE_LOCK_ACCOUNT_FOR_DELETE: &str = LOCK_ACCOUNT;
 pub(super) const DELETE_ACCOUNT_SESSIONS: &str = "DELETE FROM sessions WHERE account_id = $1";
 pub(super) const DELETE_ACCOUNT_TOKENS: &str = "DELETE FROM tokens WHERE account_id = $1";
 pub(super) const DELETE_ACCOUNT: &str = "DELETE FROM accounts WHERE account_id = $1";
-pub(super) const SET_PASSWORD: &str =
-    "UPDATE accounts SET password_hash = $2 WHERE account_id = $1";
+/// A new password moves the account's credentials generation on (see
+/// `INSERT_SESSION`).
+pub(super) const SET_PASSWORD: &str = "UPDATE accounts SET password_hash = $2, \
+    credentials_generation = credentials_generation + 1 WHERE account_id = $1";
+/// Moves the account's credentials generation on (see `INSERT_SESSION`),
+/// before its sessions are ended in the same transaction.
+pub(super) const BUMP_CREDENTIALS: &str = "UPDATE accounts \
+    SET credentials_generation = credentials_generation + 1 WHERE account_id = $1";
 
-pub(super) const INSERT_SESSION: &str = "INSERT INTO sessions \
-    (session_id, account_id, digest, create_time, expire_time, revoke_time) \
-    VALUES ($1, $2, $3, $4, $5, $6)";
+/// Inserts a session for account `$2` only if the account still has the
+/// credentials generation `$7` (the one the sign-in read before it checked
+/// the password) and is not disabled: one statement, which inserts no row
+/// otherwise. `$lock` is the backend's row lock on the account. On
+/// PostgreSQL (READ COMMITTED) a plain `WHERE EXISTS` would not do: a
+/// password change could commit between this statement's snapshot and its
+/// commit, and its session revocation would not see the new row. With `FOR
+/// SHARE` either this statement waits for the change to commit and then
+/// re-checks the row's new version (and inserts nothing), or the change's
+/// update of the account waits for this insert to commit, and its
+/// revocation, a later statement, sees the session. On SQLite the
+/// statement runs under the database's write lock, so nothing commits
+/// between its check and its insert.
+macro_rules! insert_session {
+    ($lock:expr) => {
+        concat!(
+            "WITH live_account AS (SELECT account_id FROM accounts \
+             WHERE account_id = $2 AND credentials_generation = $7 AND disable_time IS NULL",
+            $lock,
+            ") INSERT INTO sessions \
+             (session_id, account_id, digest, create_time, expire_time, revoke_time) \
+             SELECT $1, account_id, $3, $4, $5, $6 FROM live_account"
+        )
+    };
+}
+pub(super) const PG_INSERT_SESSION: &str = insert_session!(" FOR SHARE");
+pub(super) const SQLITE_INSERT_SESSION: &str = insert_session!("");
 pub(super) const SESSION_BY_DIGEST: &str = concat!(
     "SELECT ",
     session_cols!(),
@@ -716,6 +775,17 @@ macro_rules! impl_store {
                 event: &AuditEvent,
             ) -> Result<Option<Vec<TokenId>>, StorageError> {
                 let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                // First the account row, so that nothing is created for it
+                // between the statements below (see the query).
+                let found = sqlx::query(LOCK_ACCOUNT_FOR_DELETE)
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?
+                    .rows_affected();
+                if found == 0 {
+                    return Ok(None);
+                }
                 let at = event.time.as_micros();
                 let query = sqlx::query(sql::REVOKE_ACCOUNT_DESCENDANTS)
                     .bind(id.as_str())
@@ -783,6 +853,15 @@ macro_rules! impl_store {
                 event: &AuditEvent,
             ) -> Result<u64, StorageError> {
                 let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                // The generation first: a sign-in that locks the account
+                // after this waits for the commit and finds it moved on; one
+                // that locked it before has committed its session by the
+                // time the revocation below runs.
+                sqlx::query(sql::BUMP_CREDENTIALS)
+                    .bind(account.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?;
                 let ended = sqlx::query(sql::REVOKE_ACCOUNT_SESSIONS)
                     .bind(account.as_str())
                     .bind("")
@@ -800,21 +879,28 @@ macro_rules! impl_store {
                 &self,
                 session: &Session,
                 digest: &Digest,
+                generation: i64,
                 event: &AuditEvent,
-            ) -> Result<(), StorageError> {
+            ) -> Result<bool, StorageError> {
                 let mut tx = self.pool.begin().await.map_err(Self::classify)?;
-                sqlx::query(sql::INSERT_SESSION)
+                let inserted = sqlx::query(INSERT_SESSION)
                     .bind(session.id.as_str())
                     .bind(session.account_id.as_str())
                     .bind(&digest.as_bytes()[..])
                     .bind(session.create_time.as_micros())
                     .bind(session.expire_time.as_micros())
                     .bind(session.revoke_time.map(Timestamp::as_micros))
+                    .bind(generation)
                     .execute(&mut *tx)
                     .await
-                    .map_err(Self::classify)?;
+                    .map_err(Self::classify)?
+                    .rows_affected();
+                if inserted == 0 {
+                    return Ok(false);
+                }
                 Self::insert_event(&mut tx, event).await?;
-                tx.commit().await.map_err(Self::classify)
+                tx.commit().await.map_err(Self::classify)?;
+                Ok(true)
             }
 
             async fn session_by_digest(
@@ -855,10 +941,32 @@ macro_rules! impl_store {
                 &self,
                 new: &NewToken,
                 now: Timestamp,
+                max_live: u32,
                 event: &AuditEvent,
             ) -> Result<(), StorageError> {
                 let token = &new.token;
                 let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                // The account row first: a deletion holds it off (or waits
+                // for this creation), and creations for the account take
+                // turns, so that their count below is exact.
+                let found = sqlx::query(sql::LOCK_ACCOUNT)
+                    .bind(token.account_id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?
+                    .rows_affected();
+                if found == 0 {
+                    return Err(StorageError::AccountGone);
+                }
+                let live: i64 = sqlx::query_scalar(sql::COUNT_LIVE_TOKENS)
+                    .bind(token.account_id.as_str())
+                    .bind(now.as_micros())
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?;
+                if live >= i64::from(max_live) {
+                    return Err(StorageError::TooManyTokens(max_live));
+                }
                 sqlx::query(sql::RELEASE_DEAD_NAME)
                     .bind(token.account_id.as_str())
                     .bind(token.name.as_str())

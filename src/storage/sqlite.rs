@@ -33,6 +33,11 @@ const LEAK_DESCENDANTS: &str = sql::SQLITE_LEAK_DESCENDANTS;
 /// The live token of a new child's parent family.
 const PARENT_LIVE: &str = sql::SQLITE_PARENT_LIVE;
 
+/// Inserts a session if its account's credentials are still current.
+const INSERT_SESSION: &str = sql::SQLITE_INSERT_SESSION;
+/// Locks an account about to be deleted.
+const LOCK_ACCOUNT_FOR_DELETE: &str = sql::SQLITE_LOCK_ACCOUNT_FOR_DELETE;
+
 /// Whether the migrations table exists (it does once anything was migrated).
 const SCHEMA_TABLE_EXISTS: &str =
     "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'";
@@ -62,6 +67,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "retention indexes",
         include_str!("../../migrations/sqlite/0005_retention.sql"),
+    ),
+    (
+        7,
+        "credentials generation",
+        include_str!("../../migrations/sqlite/0007_credentials_generation.sql"),
     ),
 ];
 
@@ -119,6 +129,12 @@ impl SqliteStore {
                     if let Some(conflict) = conflict {
                         return StorageError::Conflict(conflict);
                     }
+                }
+                // 787: SQLITE_CONSTRAINT_FOREIGNKEY. Every foreign key names
+                // an account, deleted under the creation (a backstop: the
+                // write lock makes that race impossible here).
+                if code == "787" {
+                    return StorageError::AccountGone;
                 }
                 // With their extended codes: SQLITE_BUSY (5) and
                 // SQLITE_LOCKED (6), another writer held the database past

@@ -785,7 +785,10 @@ const ANY_CODE: &[Code] = &[
 /// and checks that every acknowledged write holds and none is half-done.
 async fn sigkill_loses_nothing_acknowledged_on(url: &str) {
     let operator = printed_token(&bootstrap_operator(url, "ops", &[]).await);
-    let mut server = Server::start(url, &[]).await;
+    // The load creates tokens for one account far faster than the
+    // per-account creation rate, which is not under test.
+    const UNLIMITED: &[(&str, &str)] = &[("IDENTITY_TOKEN_CREATIONS_PER_MINUTE", "1000000")];
+    let mut server = Server::start(url, UNLIMITED).await;
     let target = prepare(server.channel().await, &operator, 100).await;
     let load = Load::start(&target, ANY_CODE);
     let started = Instant::now();
@@ -814,7 +817,7 @@ async fn sigkill_loses_nothing_acknowledged_on(url: &str) {
     let record = load.finish().await;
     let acked = std::mem::take(&mut *record.acked());
 
-    let server = Server::start(url, &[]).await;
+    let server = Server::start(url, UNLIMITED).await;
     let channel = server.channel().await;
     assert_acknowledged_writes_hold(&channel, &target.verifier, &acked).await;
     assert_invariants(url, acked.created.len()).await;
@@ -939,6 +942,9 @@ async fn a_stalled_database_is_survived_on(url: &str) {
         url,
         &[
             ("IDENTITY_DB_MAX_CONNECTIONS", "1"),
+            // The flood creates tokens for one account far faster than the
+            // per-account creation rate: that limit is not under test.
+            ("IDENTITY_TOKEN_CREATIONS_PER_MINUTE", "1000000"),
             ("IDENTITY_DB_ACQUIRE_TIMEOUT", "500ms"),
             ("IDENTITY_REQUEST_TIMEOUT", "1s"),
             ("IDENTITY_MAX_CONCURRENT_REQUESTS", "4"),

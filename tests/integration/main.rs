@@ -7,6 +7,7 @@
 mod support;
 
 mod account_lifecycle;
+mod account_races;
 mod accounts;
 mod authz;
 mod binary;
@@ -28,6 +29,7 @@ mod retention;
 mod storage;
 mod throttle;
 mod tls;
+mod token_limits;
 mod tokens;
 mod verify;
 mod walkthrough;

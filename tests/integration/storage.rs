@@ -93,6 +93,7 @@ fn person(username: &str, create_micros: i64) -> Account {
         password_hash: Some(PasswordHash::from_stored(HASH.to_owned())),
         create_time: t(create_micros),
         disable_time: None,
+        credentials_generation: 0,
     }
 }
 
@@ -107,6 +108,7 @@ fn robot(username: &str, create_micros: i64) -> Account {
         password_hash: None,
         create_time: t(create_micros),
         disable_time: None,
+        credentials_generation: 0,
     }
 }
 
@@ -223,6 +225,8 @@ fn variant(err: &StorageError) -> &'static str {
         StorageError::Corrupt(_) => "Corrupt",
         StorageError::Schema(_) => "Schema",
         StorageError::ParentRevoked => "ParentRevoked",
+        StorageError::AccountGone => "AccountGone",
+        StorageError::TooManyTokens(_) => "TooManyTokens",
         StorageError::Other(_) => "Other",
     }
 }
@@ -363,13 +367,13 @@ mod conformance {
 
                 let mut new = token(&account.id, "t", &[], micros, Some(micros));
                 new.token.revoke_time = Some(t(micros));
-                store.create_token(&new, t(micros), &ev()).await.expect("create token");
+                store.create_token(&new, t(micros), u32::MAX, &ev()).await.expect("create token");
                 let got = store.token_by_id(&new.token.id).await.expect("read").expect("found");
                 assert_token_eq(&got, &new.token);
 
                 let s = session(&account.id, micros, micros);
                 store
-                    .create_session(&s, &digest(CredentialKind::Session), &ev())
+                    .create_session(&s, &digest(CredentialKind::Session), 0, &ev())
                     .await
                     .expect("create session");
             }
@@ -401,18 +405,18 @@ mod conformance {
             assert_eq!(conflict_of(store.create_account(&twin, &ev()).await), Conflict::Id);
 
             let first = token(&alice.id, "one", &[], 10, None);
-            store.create_token(&first, t(10), &ev()).await.expect("create token");
+            store.create_token(&first, t(10), u32::MAX, &ev()).await.expect("create token");
             let mut same_id = token(&alice.id, "two", &[], 11, None);
             same_id.token.id = first.token.id.clone();
-            assert_eq!(conflict_of(store.create_token(&same_id, t(11), &ev()).await), Conflict::Id);
+            assert_eq!(conflict_of(store.create_token(&same_id, t(11), u32::MAX, &ev()).await), Conflict::Id);
 
             let s = session(&alice.id, 20, 30);
             store
-                .create_session(&s, &digest(CredentialKind::Session), &ev())
+                .create_session(&s, &digest(CredentialKind::Session), 0, &ev())
                 .await
                 .expect("create session");
             let again = store
-                .create_session(&s, &digest(CredentialKind::Session), &ev())
+                .create_session(&s, &digest(CredentialKind::Session), 0, &ev())
                 .await;
             assert_eq!(conflict_of(again), Conflict::Id);
         }
@@ -531,11 +535,11 @@ mod conformance {
             let bob_session = session(&bob.id, 7, 8);
             let bob_digest = digest(CredentialKind::Session);
             store
-                .create_session(&alice_session, &alice_digest, &ev())
+                .create_session(&alice_session, &alice_digest, 0, &ev())
                 .await
                 .expect("create alice's session");
             store
-                .create_session(&bob_session, &bob_digest, &ev())
+                .create_session(&bob_session, &bob_digest, 0, &ev())
                 .await
                 .expect("create bob's session");
 
@@ -570,9 +574,9 @@ mod conformance {
             let other = session(&alice.id, 100, 1_000);
             let d = digest(CredentialKind::Session);
             let other_digest = digest(CredentialKind::Session);
-            store.create_session(&s, &d, &ev()).await.expect("create session");
+            store.create_session(&s, &d, 0, &ev()).await.expect("create session");
             store
-                .create_session(&other, &other_digest, &ev())
+                .create_session(&other, &other_digest, 0, &ev())
                 .await
                 .expect("create other session");
 
@@ -604,12 +608,12 @@ mod conformance {
             store.create_account(&alice, &ev()).await.expect("create account");
             let d = digest(CredentialKind::Session);
             store
-                .create_session(&session(&alice.id, 1, 2), &d, &ev())
+                .create_session(&session(&alice.id, 1, 2), &d, 0, &ev())
                 .await
                 .expect("create session");
             let second = session(&alice.id, 3, 4);
             assert_eq!(
-                conflict_of(store.create_session(&second, &d, &ev()).await),
+                conflict_of(store.create_session(&second, &d, 0, &ev()).await),
                 Conflict::Digest
             );
             let (kept, _) = store.session_by_digest(&d).await.expect("read").expect("found");
@@ -630,7 +634,7 @@ mod conformance {
             );
             let full = token(&alice.id, "full", &[], 5, None);
             for new in [&scoped, &full] {
-                store.create_token(new, t(0), &ev()).await.expect("create token");
+                store.create_token(new, t(0), u32::MAX, &ev()).await.expect("create token");
             }
             assert_eq!(
                 scoped.token.scopes.names().collect::<Vec<_>>(),
@@ -677,11 +681,11 @@ mod conformance {
             let mut bobs = Vec::new();
             for i in 0..5 {
                 let a = token(&alice.id, &format!("a{i}"), &["tokens:read"], i, None);
-                store.create_token(&a, t(i), &ev()).await.expect("create alice's token");
+                store.create_token(&a, t(i), u32::MAX, &ev()).await.expect("create alice's token");
                 alices.push(a.token);
                 if i < 3 {
                     let b = token(&bob.id, &format!("b{i}"), &[], i, Some(i + 10));
-                    store.create_token(&b, t(i), &ev()).await.expect("create bob's token");
+                    store.create_token(&b, t(i), u32::MAX, &ev()).await.expect("create bob's token");
                     bobs.push(b.token);
                 }
             }
@@ -745,34 +749,34 @@ mod conformance {
                 store.create_account(account, &ev()).await.expect("create account");
             }
             let first = token(&alice.id, "deploy", &[], 10, None);
-            store.create_token(&first, t(10), &ev()).await.expect("create first");
+            store.create_token(&first, t(10), u32::MAX, &ev()).await.expect("create first");
 
             let second = token(&alice.id, "deploy", &[], 11, None);
             assert_eq!(
-                conflict_of(store.create_token(&second, t(11), &ev()).await),
+                conflict_of(store.create_token(&second, t(11), u32::MAX, &ev()).await),
                 Conflict::TokenName
             );
             assert!(store.token_by_id(&second.token.id).await.expect("read").is_none());
 
             // Names are compared exactly: another case is another name.
             let other_case = token(&alice.id, "Deploy", &[], 12, None);
-            store.create_token(&other_case, t(12), &ev()).await.expect("another case");
+            store.create_token(&other_case, t(12), u32::MAX, &ev()).await.expect("another case");
 
             // The same name on another account is fine.
             let bobs = token(&bob.id, "deploy", &[], 13, None);
-            store.create_token(&bobs, t(13), &ev()).await.expect("same name, other account");
+            store.create_token(&bobs, t(13), u32::MAX, &ev()).await.expect("same name, other account");
 
             // Once the first is revoked the name is free again, and several
             // revoked tokens may share it.
             store.revoke_token(&first.token.id, t(20), &ev()).await.expect("revoke").expect("found");
             let third = token(&alice.id, "deploy", &[], 21, None);
-            store.create_token(&third, t(21), &ev()).await.expect("name reused after revoke");
+            store.create_token(&third, t(21), u32::MAX, &ev()).await.expect("name reused after revoke");
             store.revoke_token(&third.token.id, t(22), &ev()).await.expect("revoke").expect("found");
             let fourth = token(&alice.id, "deploy", &[], 23, None);
-            store.create_token(&fourth, t(23), &ev()).await.expect("name reused again");
+            store.create_token(&fourth, t(23), u32::MAX, &ev()).await.expect("name reused again");
             let again = token(&alice.id, "deploy", &[], 24, None);
             assert_eq!(
-                conflict_of(store.create_token(&again, t(24), &ev()).await),
+                conflict_of(store.create_token(&again, t(24), u32::MAX, &ev()).await),
                 Conflict::TokenName
             );
 
@@ -787,7 +791,7 @@ mod conformance {
             let mut born_revoked = token(&bob.id, "deploy", &[], 30, None);
             born_revoked.token.revoke_time = Some(t(30));
             store
-                .create_token(&born_revoked, t(30), &ev())
+                .create_token(&born_revoked, t(30), u32::MAX, &ev())
                 .await
                 .expect("an already revoked token takes no name");
         }
@@ -796,12 +800,12 @@ mod conformance {
             let alice = person("alice", 1);
             store.create_account(&alice, &ev()).await.expect("create account");
             let old = token(&alice.id, "nightly", &["project:publish"], 1_000, Some(2_000));
-            store.create_token(&old, t(1_000), &ev()).await.expect("create old");
+            store.create_token(&old, t(1_000), u32::MAX, &ev()).await.expect("create old");
 
             // One microsecond before expiry it is still live.
             let early = token(&alice.id, "nightly", &[], 1_999, None);
             assert_eq!(
-                conflict_of(store.create_token(&early, t(1_999), &ev()).await),
+                conflict_of(store.create_token(&early, t(1_999), u32::MAX, &ev()).await),
                 Conflict::TokenName
             );
 
@@ -809,7 +813,7 @@ mod conformance {
             // the name is free.
             assert_eq!(old.token.state(t(2_000)), TokenState::Expired);
             let new = token(&alice.id, "nightly", &[], 2_000, None);
-            store.create_token(&new, t(2_000), &ev()).await.expect("name reused after expiry");
+            store.create_token(&new, t(2_000), u32::MAX, &ev()).await.expect("name reused after expiry");
 
             // The old token keeps its name, expiry and (absent) revocation.
             let got = store.token_by_id(&old.token.id).await.expect("read").expect("found");
@@ -827,7 +831,7 @@ mod conformance {
             // The new token never expires, so it keeps the name for good.
             let later = token(&alice.id, "nightly", &[], 3_000, None);
             assert_eq!(
-                conflict_of(store.create_token(&later, Timestamp::MAX, &ev()).await),
+                conflict_of(store.create_token(&later, Timestamp::MAX, u32::MAX, &ev()).await),
                 Conflict::TokenName
             );
 
@@ -840,7 +844,7 @@ mod conformance {
             assert_eq!(revoked.revoke_time, Some(t(5_000)));
             assert_eq!(revoked.expire_time, Some(t(2_000)));
             assert_eq!(
-                conflict_of(store.create_token(&later, t(5_001), &ev()).await),
+                conflict_of(store.create_token(&later, t(5_001), u32::MAX, &ev()).await),
                 Conflict::TokenName
             );
         }
@@ -849,7 +853,7 @@ mod conformance {
             let alice = person("alice", 1);
             store.create_account(&alice, &ev()).await.expect("create account");
             let new = token(&alice.id, "ci", &["tokens:verify"], 10, Some(1_000));
-            store.create_token(&new, t(10), &ev()).await.expect("create token");
+            store.create_token(&new, t(10), u32::MAX, &ev()).await.expect("create token");
 
             let (first, revoked) = store
                 .revoke_token(&new.token.id, t(100), &ev())
@@ -880,31 +884,68 @@ mod conformance {
             );
         }
 
+        async fn a_session_is_created_only_under_the_generation_it_was_checked_against(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create alice");
+            let generation = |store: Arc<dyn Store>, id: AccountId| async move {
+                store.account_by_id(&id).await.expect("read").expect("alice").credentials_generation
+            };
+            let mut read = generation(store.clone(), alice.id.clone()).await;
+            let hash = PasswordHash::from_stored(HASH.to_owned());
+            let keep = TokenId::generate();
+            // Each call that ends every session moves the generation on; a
+            // session checked against the generation before it is refused.
+            for step in ["set_password", "revoke_sessions", "disable"] {
+                match step {
+                    "set_password" => {
+                        store.set_password(&alice.id, &hash, &keep, t(2), &ev()).await.expect(step);
+                    }
+                    "revoke_sessions" => {
+                        store.revoke_sessions(&alice.id, t(2), &ev()).await.expect(step);
+                    }
+                    _ => {
+                        store.set_account_disabled(&alice.id, Some(t(2)), &ev()).await.expect(step);
+                    }
+                }
+                let stale = digest(CredentialKind::Session);
+                assert!(
+                    !store.create_session(&session(&alice.id, 3, 1_000), &stale, read, &ev()).await.expect("create"),
+                    "a session under the generation before {step}"
+                );
+                assert!(store.session_by_digest(&stale).await.expect("read").is_none(), "{step}");
+                let now = generation(store.clone(), alice.id.clone()).await;
+                assert!(now > read, "{step} moved the generation on");
+                read = now;
+            }
+            // Disabled: even the current generation creates no session.
+            let d = digest(CredentialKind::Session);
+            assert!(!store.create_session(&session(&alice.id, 3, 1_000), &d, read, &ev()).await.expect("create"));
+            store.set_account_disabled(&alice.id, None, &ev()).await.expect("enable");
+            assert_eq!(generation(store.clone(), alice.id.clone()).await, read, "enabling ends nothing");
+            assert!(store.create_session(&session(&alice.id, 3, 1_000), &d, read, &ev()).await.expect("create"));
+            assert!(store.session_by_digest(&d).await.expect("read").is_some());
+        }
+
         async fn credentials_of_a_missing_account_are_refused_without_a_conflict(store) {
             let ghost = AccountId::generate();
             let new = token(&ghost, "orphan", &[], 1, None);
             let err = store
-                .create_token(&new, t(1), &ev())
+                .create_token(&new, t(1), u32::MAX, &ev())
                 .await
                 .expect_err("a token needs its account");
-            eprintln!("create_token for a missing account: {} {err:?}", variant(&err));
             assert!(
-                !matches!(err, StorageError::Conflict(_)),
-                "a foreign key violation is not a conflict: {err:?}"
+                matches!(err, StorageError::AccountGone),
+                "a missing account is reported as gone: {err:?}"
             );
             assert!(store.token_by_id(&new.token.id).await.expect("read").is_none());
 
             let s = session(&ghost, 1, 2);
             let d = digest(CredentialKind::Session);
-            let err = store
-                .create_session(&s, &d, &ev())
+            let created = store
+                .create_session(&s, &d, 0, &ev())
                 .await
-                .expect_err("a session needs its account");
-            eprintln!("create_session for a missing account: {} {err:?}", variant(&err));
-            assert!(
-                !matches!(err, StorageError::Conflict(_)),
-                "a foreign key violation is not a conflict: {err:?}"
-            );
+                .expect("a session for a missing account is refused, not an error");
+            assert!(!created, "a session needs its account");
             assert!(store.session_by_digest(&d).await.expect("read").is_none());
 
             // The store still works afterwards.
@@ -933,12 +974,12 @@ mod conformance {
                 store.create_account(account, &ev()).await.expect("create account");
             }
             let first = token(&alice.id, "one", &[], 1, None);
-            store.create_token(&first, t(1), &ev()).await.expect("create first");
+            store.create_token(&first, t(1), u32::MAX, &ev()).await.expect("create first");
             // Another account, another name, the same digest.
             let mut second = token(&bob.id, "two", &[], 2, None);
             second.digest = first.digest;
             assert_eq!(
-                conflict_of(store.create_token(&second, t(2), &ev()).await),
+                conflict_of(store.create_token(&second, t(2), u32::MAX, &ev()).await),
                 Conflict::Digest
             );
             let (kept, owner) = store
@@ -957,7 +998,7 @@ mod conformance {
             // An expired predecessor, so every racer's transaction also
             // tries to release the name first.
             let old = token(&alice.id, "shared", &[], 1, Some(2));
-            store.create_token(&old, t(1), &ev()).await.expect("create old");
+            store.create_token(&old, t(1), u32::MAX, &ev()).await.expect("create old");
 
             let tokens: Arc<Vec<NewToken>> = Arc::new(
                 (0..RACERS)
@@ -970,7 +1011,7 @@ mod conformance {
             let shared = Arc::clone(&tokens);
             let results = race(&store, move |store, i| {
                 let shared = Arc::clone(&shared);
-                async move { store.create_token(&shared[i], t(10), &ev()).await }
+                async move { store.create_token(&shared[i], t(10), u32::MAX, &ev()).await }
             })
             .await;
             let winner = assert_one_winner(&results, Conflict::TokenName);
@@ -989,7 +1030,7 @@ mod conformance {
             let mut ids = Vec::new();
             for n in 0..200 {
                 let new = token(&alice.id, &format!("t{n}"), &[], 1, None);
-                store.create_token(&new, t(1), &ev()).await.expect("create token");
+                store.create_token(&new, t(1), u32::MAX, &ev()).await.expect("create token");
                 ids.push(new.token.id);
             }
             let ids = Arc::new(ids);
@@ -1045,7 +1086,7 @@ mod conformance {
             let grandchild = child_of(&child, &alice.id, "grandchild");
             let unrelated = token(&alice.id, "unrelated", &[], 10, None);
             for new in [&parent, &child, &grandchild, &unrelated] {
-                store.create_token(new, t(10), &ev()).await.expect("create token");
+                store.create_token(new, t(10), u32::MAX, &ev()).await.expect("create token");
             }
             // Rotating the parent keeps its children under the successor.
             let mut successor = token(&alice.id, "parent", &[], 20, None);
@@ -1105,10 +1146,10 @@ mod conformance {
             let alice = person("alice", 1);
             store.create_account(&alice, &ev()).await.expect("create account");
             let parent = token(&alice.id, "parent", &[], 10, None);
-            store.create_token(&parent, t(10), &ev()).await.expect("create parent");
-            store.create_token(&child_of(&parent, &alice.id, "before"), t(15), &ev()).await.expect("a live parent may have children");
+            store.create_token(&parent, t(10), u32::MAX, &ev()).await.expect("create parent");
+            store.create_token(&child_of(&parent, &alice.id, "before"), t(15), u32::MAX, &ev()).await.expect("a live parent may have children");
             store.revoke_token(&parent.token.id, t(20), &ev()).await.expect("revoke").expect("found");
-            let refused = store.create_token(&child_of(&parent, &alice.id, "after"), t(30), &ev()).await;
+            let refused = store.create_token(&child_of(&parent, &alice.id, "after"), t(30), u32::MAX, &ev()).await;
             assert!(matches!(refused, Err(StorageError::ParentRevoked)), "{refused:?}");
         }
 
@@ -1120,7 +1161,7 @@ mod conformance {
             let grandchild = child_of(&child, &alice.id, "grandchild");
             let unrelated = token(&alice.id, "unrelated", &[], 10, None);
             for new in [&parent, &child, &grandchild, &unrelated] {
-                store.create_token(new, t(10), &ev()).await.expect("create token");
+                store.create_token(new, t(10), u32::MAX, &ev()).await.expect("create token");
             }
             let mut revoked = store
                 .revoke_family(&parent.token.family_id, t(20), &ev())
@@ -1143,11 +1184,11 @@ mod conformance {
             let unrelated = token(&alice.id, "unrelated", &[], 10, None);
             let expired = token(&alice.id, "expired", &[], 10, Some(15));
             for new in [&parent, &child, &other, &unrelated, &expired] {
-                store.create_token(new, t(10), &ev()).await.expect("create token");
+                store.create_token(new, t(10), u32::MAX, &ev()).await.expect("create token");
             }
             let live = session(&alice.id, 10, 1_000);
             let live_digest = digest(CredentialKind::Session);
-            store.create_session(&live, &live_digest, &ev()).await.expect("create session");
+            store.create_session(&live, &live_digest, 0, &ev()).await.expect("create session");
 
             let template = AuditEvent::new(EventType::TokenLeaked, &Origin::new("127.0.0.1:1"), None);
             let tokens = [
@@ -1209,7 +1250,7 @@ mod conformance {
             let mut limited = token(&alice.id, "limited", &[], 10, Some(1_000));
             limited.token.max_uses = Some(5);
             limited.token.uses_remaining = Some(5);
-            store.create_token(&limited, t(10), &ev()).await.expect("create token");
+            store.create_token(&limited, t(10), u32::MAX, &ev()).await.expect("create token");
             let id = &limited.token.id;
             assert_eq!(store.consume_use(id, t(20)).await.expect("consume"), Some(4));
             // Expired at 1000: no use at or after it.
@@ -1237,7 +1278,7 @@ mod conformance {
             let mut other = token(&alice.id, "other", &[], 10, Some(1_000));
             other.token.max_uses = Some(5);
             other.token.uses_remaining = Some(5);
-            store.create_token(&other, t(10), &ev()).await.expect("create token");
+            store.create_token(&other, t(10), u32::MAX, &ev()).await.expect("create token");
             store.revoke_token(&other.token.id, t(50), &ev()).await.expect("revoke").expect("found");
             assert_eq!(store.consume_use(&other.token.id, t(60)).await.expect("consume"), None);
             let got = store.token_by_id(&other.token.id).await.expect("read").expect("found");

@@ -82,6 +82,7 @@ impl Identity {
             password_hash,
             create_time: Timestamp::now(),
             disable_time: None,
+            credentials_generation: 0,
         };
         let event = AuditEvent::new(EventType::AccountCreated, origin, actor)
             .account(&account.id, account.username.as_str());
@@ -197,9 +198,30 @@ impl Identity {
         let event = event
             .account(&account.id, account.username.as_str())
             .credential(&session.id);
-        self.store
-            .create_session(&session, &secret.digest(), &event)
-            .await?;
+        // The session is born only if the credentials checked above are
+        // still the account's: a password change, sign-out everywhere or
+        // disabling that committed since the account was read moved its
+        // generation on. Such a sign-in fails as a wrong password would (the
+        // password it checked is no longer the password), but it is not a
+        // failed attempt: the password was right when it was checked, and
+        // `sign_in_succeeded` has already taken the attempt back.
+        if !self
+            .store
+            .create_session(
+                &session,
+                &secret.digest(),
+                account.credentials_generation,
+                &event,
+            )
+            .await?
+        {
+            metrics::counter!("identity_sign_in_failures_total", "cause" => "credentials_changed")
+                .increment(1);
+            let event = AuditEvent::new(EventType::SignIn, origin, None)
+                .account(&account.id, account.username.as_str());
+            self.store.record_event(&event.failed()).await?;
+            return Err(DomainError::SignInFailed);
+        }
         Ok(SignedIn {
             secret,
             session,

@@ -64,6 +64,27 @@ pub struct IdentitySettings {
     /// How many password checks, right or wrong, each replica starts per
     /// username and per address.
     pub sign_in_rates: SignInRates,
+    /// Most live tokens one account may have (`CreateToken` beyond it is
+    /// refused; rotation replaces a token and is not).
+    pub max_tokens_per_account: u32,
+    /// Tokens each replica creates per account per minute, in bursts up to
+    /// that many.
+    pub token_creations_per_minute: u32,
+}
+
+impl IdentitySettings {
+    /// The default of [`Self::max_tokens_per_account`]: far more than any
+    /// account needs (one token per integration, plus the children its
+    /// tokens create), and small enough that one account's tokens stay a
+    /// bounded cost: a leak report or an account deletion revokes at most
+    /// this many at once (one notification each), and a listing is a few
+    /// pages.
+    pub const DEFAULT_MAX_TOKENS_PER_ACCOUNT: u32 = 1000;
+    /// The default of [`Self::token_creations_per_minute`]: one a second
+    /// sustained, ample for any provisioning script, while a stolen
+    /// credential looping `CreateToken` makes at most that many rows (and
+    /// reaches the cap in no less than a quarter of an hour).
+    pub const DEFAULT_TOKEN_CREATIONS_PER_MINUTE: u32 = 60;
 }
 
 impl Default for IdentitySettings {
@@ -80,6 +101,8 @@ impl Default for IdentitySettings {
             cache_ttl: Duration::from_secs(30),
             sign_in_throttle: ThrottleSettings::default(),
             sign_in_rates: SignInRates::default(),
+            max_tokens_per_account: Self::DEFAULT_MAX_TOKENS_PER_ACCOUNT,
+            token_creations_per_minute: Self::DEFAULT_TOKEN_CREATIONS_PER_MINUTE,
         }
     }
 }
@@ -96,6 +119,9 @@ pub struct Identity {
     /// The buckets of [`SignInRates`], keyed `account:<username key>` and
     /// `address:<address key>`.
     password_checks: Arc<KeyedBuckets>,
+    /// The buckets of [`IdentitySettings::token_creations_per_minute`],
+    /// keyed by account id.
+    token_creations: Arc<KeyedBuckets>,
 }
 
 /// `identity_verify_token_verdicts_total` by verdict, registered once so
@@ -211,6 +237,10 @@ pub enum Verdict {
 /// without its connection noticing.
 pub const CHANNEL_MAX_SILENCE: Duration = Duration::from_secs(1);
 
+/// Accounts whose token creations each replica tracks at most (the least
+/// recently used is forgotten first; see [`KeyedBuckets`]).
+const TOKEN_CREATORS_TRACKED: usize = 50_000;
+
 /// How often buffered token uses are written.
 const LAST_USE_FLUSH: Duration = Duration::from_secs(1);
 
@@ -239,6 +269,7 @@ impl Identity {
             cache,
             verdicts: Arc::new(VerdictCounters::new()),
             password_checks: Arc::new(KeyedBuckets::new(2 * SignInRates::TRACKED)),
+            token_creations: Arc::new(KeyedBuckets::new(TOKEN_CREATORS_TRACKED)),
         }
     }
 

@@ -83,6 +83,22 @@ impl Identity {
             .account_by_id(&request.account_id)
             .await?
             .ok_or(DomainError::AccountNotFound)?;
+        // Per account, whoever creates: a stolen credential looping here
+        // (or an operator's script gone wrong) makes at most this many rows
+        // a minute on each replica; the live-token cap, in the store, bounds
+        // the total.
+        self.token_creations
+            .take(
+                &[(
+                    account.id.as_str(),
+                    self.settings.token_creations_per_minute,
+                )],
+                std::time::Instant::now(),
+            )
+            .map_err(|wait| {
+                metrics::counter!("identity_token_creations_rate_limited_total").increment(1);
+                DomainError::TokenCreationRateLimited(wait)
+            })?;
         let now = Timestamp::now();
         let expire_time = self.lifetime(
             caller,
@@ -206,7 +222,9 @@ impl Identity {
             token,
             digest: secret.digest(),
         };
-        self.store.create_token(&new, now, &event).await?;
+        self.store
+            .create_token(&new, now, self.settings.max_tokens_per_account, &event)
+            .await?;
         Ok(IssuedToken {
             secret,
             token: new.token,

@@ -160,6 +160,9 @@ impl TestApp {
             account_per_minute: 1_000_000,
             address_per_minute: 1_000_000,
         };
+        // Tests create tokens in bursts: the per-account creation rate is
+        // out of the way unless a test sets it (tokens.rs does).
+        config.identity.token_creations_per_minute = 1_000_000;
         adjust(&mut config);
         let app = App::build(config).await.expect("build the app");
         let addr = app.local_addr();

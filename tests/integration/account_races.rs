@@ -1,0 +1,326 @@
+//! Races between a sign-in and the calls that end an account's sessions,
+//! and between token creation and account deletion, forced from outside:
+//! a connection of the test's own holds a lock, the real server's calls
+//! queue behind it (watched in `pg_stat_activity`, never slept for), and
+//! then it lets go.
+//!
+//! The sign-in races are forced on PostgreSQL only. On SQLite every writer
+//! takes the one database write lock, so no outside lock can hold a sign-in
+//! while a password change commits; there the session's check and insert
+//! are one statement under that lock, so the interleaving cannot happen.
+
+use std::time::Duration;
+
+use sqlx::Connection as _;
+use tonic::Code;
+
+use crate::support::{Backend, PASSWORD, TestApp, assert_status, bearer, pb, sign_in};
+
+const NEW_PASSWORD: &str = "quartz meadow lantern 93";
+
+/// A transaction of the test's own, on PostgreSQL, holding a lock until
+/// [`Self::release`].
+struct Held(sqlx::PgConnection);
+
+impl Held {
+    /// Runs `statements` (which begin a transaction and take a lock) on a
+    /// connection of its own.
+    async fn take(url: &str, statements: &str, bind: Option<&str>) -> Self {
+        let mut conn = sqlx::PgConnection::connect(url)
+            .await
+            .expect("connect the lock holder");
+        sqlx::raw_sql("BEGIN")
+            .execute(&mut conn)
+            .await
+            .expect("begin");
+        match bind {
+            Some(value) => sqlx::query(statements)
+                .bind(value)
+                .execute(&mut conn)
+                .await
+                .map(drop),
+            None => sqlx::raw_sql(statements).execute(&mut conn).await.map(drop),
+        }
+        .expect("take the lock");
+        Self(conn)
+    }
+
+    /// Waits until at least `n` of the server's connections wait for a lock.
+    /// (Not by statement text: a statement may wait while it is being
+    /// prepared, before `pg_stat_activity` shows its text.)
+    async fn wait_for_waiters(&mut self, n: i64, what: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&mut self.0)
+            .await
+            .expect("read pg_stat_activity");
+            if waiting >= n {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let activity: Vec<(Option<String>, Option<String>, Option<String>)> =
+                    sqlx::query_as(
+                        "SELECT wait_event_type, state, query FROM pg_stat_activity \
+                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                    )
+                    .fetch_all(&mut self.0)
+                    .await
+                    .expect("read pg_stat_activity");
+                panic!(
+                    "{what} never waited for the lock ({waiting} of {n} waiting): {activity:#?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Ends the transaction, releasing the lock.
+    async fn release(mut self) {
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut self.0)
+            .await
+            .expect("release the lock");
+    }
+}
+
+/// Signs `username` in with the old password while `end` (a call that ends
+/// the account's sessions) is in flight: `end` is held before its commit
+/// (the test holds the audit table, which it writes last), the sign-in
+/// reads the account and checks the password meanwhile and reaches its
+/// insert, then the hold ends. The sign-in must fail as a wrong password
+/// would: its session would outlive the call that ended every session.
+async fn sign_in_racing(
+    app: &TestApp,
+    username: &str,
+    end: impl std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
+    what: &str,
+) {
+    let mut held = Held::take(&app.db.url, "LOCK TABLE audit_events IN SHARE MODE", None).await;
+    let ending = tokio::spawn(end);
+    held.wait_for_waiters(1, what).await;
+
+    let signing_in = {
+        let client = app.accounts();
+        let request = pb::SignInRequest {
+            username: username.into(),
+            password: PASSWORD.into(),
+        };
+        tokio::spawn(async move { client.clone().sign_in(request).await })
+    };
+    held.wait_for_waiters(2, "the sign-in").await;
+    held.release().await;
+
+    ending.await.expect("join").expect(what);
+    let signed_in = signing_in.await.expect("join");
+    if let Ok(response) = &signed_in {
+        let verdict = app.verify(&response.get_ref().session_token, &[]).await;
+        panic!(
+            "a sign-in checked against the old credentials created a session after {what} \
+             (active: {})",
+            verdict.active
+        );
+    }
+    assert_status(
+        signed_in,
+        Code::Unauthenticated,
+        "ERROR_REASON_SIGN_IN_FAILED",
+    );
+}
+
+/// A password change that commits while a sign-in with the old password is
+/// between its check and its insert leaves no session behind; the right
+/// password at the time is not a failure, so the new one still signs in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_with_the_old_password_loses_to_a_concurrent_password_change() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let (_, session) = app.person("alice").await;
+    let change = {
+        let client = app.accounts();
+        let request = bearer(
+            pb::ChangePasswordRequest {
+                current_password: PASSWORD.into(),
+                new_password: NEW_PASSWORD.into(),
+            },
+            &session,
+        );
+        async move { client.clone().change_password(request).await.map(drop) }
+    };
+    sign_in_racing(&app, "alice", change, "ChangePassword").await;
+    assert!(
+        app.verify(&session, &[]).await.active,
+        "the caller's session stays"
+    );
+    sign_in(&app, "alice", NEW_PASSWORD)
+        .await
+        .expect("the new password signs in: the lost race was not a failure");
+}
+
+/// SignOutEverywhere that commits while a sign-in is between its password
+/// check and its insert leaves no session behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_loses_to_a_concurrent_sign_out_everywhere() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let (alice, session) = app.person("alice").await;
+    let everywhere = {
+        let client = app.accounts();
+        let request = bearer(
+            pb::SignOutEverywhereRequest {
+                account_id: alice.account_id.clone(),
+            },
+            &app.operator_token,
+        );
+        async move { client.clone().sign_out_everywhere(request).await.map(drop) }
+    };
+    sign_in_racing(&app, "alice", everywhere, "SignOutEverywhere").await;
+    assert!(
+        !app.verify(&session, &[]).await.active,
+        "signed out everywhere"
+    );
+    sign_in(&app, "alice", PASSWORD)
+        .await
+        .expect("a sign-in after the call works");
+}
+
+/// DisableAccount that commits while a sign-in is between its password
+/// check and its insert leaves no session behind, to come back to life
+/// when the account is enabled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_in_loses_to_a_concurrent_disable() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let (alice, _) = app.person("alice").await;
+    let disable = {
+        let client = app.accounts();
+        let request = bearer(
+            pb::DisableAccountRequest {
+                account_id: alice.account_id.clone(),
+            },
+            &app.operator_token,
+        );
+        async move { client.clone().disable_account(request).await.map(drop) }
+    };
+    sign_in_racing(&app, "alice", disable, "DisableAccount").await;
+}
+
+/// A token creation and the deletion of its account, queued behind the
+/// same lock on the account row and released together: each either
+/// finishes or fails cleanly (NOT_FOUND), never INTERNAL, and no token of
+/// the deleted account verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_creation_racing_its_accounts_deletion_fails_cleanly() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let robot = app.robot("ci").await;
+    let mut held = Held::take(
+        &app.db.url,
+        "SELECT account_id FROM accounts WHERE account_id = $1 FOR UPDATE",
+        Some(&robot.account_id),
+    )
+    .await;
+    let creating = {
+        let client = app.tokens();
+        let request = bearer(
+            pb::CreateTokenRequest {
+                account_id: robot.account_id.clone(),
+                name: "racer".into(),
+                ..Default::default()
+            },
+            &app.operator_token,
+        );
+        tokio::spawn(async move { client.clone().create_token(request).await })
+    };
+    held.wait_for_waiters(1, "the creation").await;
+    let deleting = {
+        let client = app.accounts();
+        let request = bearer(
+            pb::DeleteAccountRequest {
+                account_id: robot.account_id.clone(),
+            },
+            &app.operator_token,
+        );
+        tokio::spawn(async move { client.clone().delete_account(request).await })
+    };
+    held.wait_for_waiters(2, "the deletion").await;
+    held.release().await;
+
+    let created = creating.await.expect("join");
+    let deleted = deleting.await.expect("join");
+    deleted.expect("the deletion succeeds");
+    match created {
+        Ok(response) => {
+            let secret = response.into_inner().secret;
+            assert!(
+                !app.verify(&secret, &[]).await.active,
+                "a token of a deleted account verifies"
+            );
+        }
+        Err(status) => assert_eq!(status.code(), Code::NotFound, "{status:?}"),
+    }
+}
+
+crate::on_both_backends! {
+    /// A credential looping CreateToken does not keep its account from
+    /// being deleted: the deletion succeeds, every creation succeeds or is
+    /// NOT_FOUND (never INTERNAL), and no token created verifies afterwards.
+    async fn deleting_an_account_while_its_tokens_are_being_created_succeeds(app: TestApp) {
+        let robot = app.robot("ci").await;
+        let looping = {
+            let client = app.tokens();
+            let account_id = robot.account_id.clone();
+            let operator = app.operator_token.clone();
+            tokio::spawn(async move {
+                let mut secrets = Vec::new();
+                for i in 0..300 {
+                    let request = bearer(
+                        pb::CreateTokenRequest {
+                            account_id: account_id.clone(),
+                            name: format!("loop-{i}"),
+                            ..Default::default()
+                        },
+                        &operator,
+                    );
+                    match client.clone().create_token(request).await {
+                        Ok(response) => secrets.push(response.into_inner().secret),
+                        Err(status) if status.code() == Code::NotFound => return (secrets, true),
+                        Err(status) => panic!("creation {i} failed: {status:?}"),
+                    }
+                }
+                (secrets, false)
+            })
+        };
+        // Let the loop get going, then delete under it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let listed = app
+                .tokens()
+                .list_tokens(bearer(
+                    pb::ListTokensRequest { account_id: robot.account_id.clone(), ..Default::default() },
+                    &app.operator_token,
+                ))
+                .await
+                .expect("list")
+                .into_inner()
+                .tokens
+                .len();
+            if listed >= 3 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "the loop never created tokens");
+            tokio::task::yield_now().await;
+        }
+        app.accounts()
+            .delete_account(bearer(
+                pb::DeleteAccountRequest { account_id: robot.account_id.clone() },
+                &app.operator_token,
+            ))
+            .await
+            .expect("the deletion succeeds while tokens are being created");
+        let (secrets, refused) = looping.await.expect("the loop never failed otherwise");
+        assert!(refused, "the loop finished before the deletion");
+        for secret in &secrets {
+            assert!(!app.verify(secret, &[]).await.active, "a token of a deleted account verifies");
+        }
+    }
+}
