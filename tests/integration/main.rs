@@ -11,6 +11,7 @@ mod accounts;
 mod authz;
 mod binary;
 mod cache_flood;
+mod change_feed;
 mod faults;
 mod forwarded;
 mod grants;
