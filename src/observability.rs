@@ -118,6 +118,13 @@ fn describe() {
         "Credential lookups in the verification cache (VerifyToken and every authentication), \
          by result: hit, miss, or bypassed (cache off, or its change channel down)"
     );
+    describe_gauge!(
+        "identity_change_feed_lag_seconds",
+        Unit::Seconds,
+        "PostgreSQL: how long this replica's last heartbeat took to come back on its change \
+         channel (send to applied, after every change committed before it); over the \
+         staleness bound (1 s) the verification cache is bypassed"
+    );
     describe_counter!(
         "identity_sign_in_failures_total",
         "Failed sign-ins, by cause (never by username)"

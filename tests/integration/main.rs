@@ -12,6 +12,7 @@ mod accounts;
 mod authz;
 mod binary;
 mod cache_flood;
+mod change_feed;
 mod clients;
 mod faults;
 mod forwarded;

@@ -389,7 +389,7 @@ impl Identity {
             return Ok(Verdict::Inactive(InactiveReason::Malformed));
         };
         let now = Timestamp::now();
-        if let Some(cached) = self.cache.get(&digest, now) {
+        if let Some(cached) = self.cache.get(&digest) {
             return Ok(judge_cached(cached, now));
         }
         let epoch = self.cache.epoch();
@@ -444,7 +444,7 @@ impl Identity {
             Verdict::Inactive(reason) => Some(Cached::Inactive(*reason)),
         };
         if let Some(cached) = cached {
-            self.cache.put(&digest, cached, now, epoch);
+            self.cache.put(&digest, cached, epoch);
         }
         Ok(verdict)
     }
