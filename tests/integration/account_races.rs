@@ -19,8 +19,10 @@ use crate::support::{Backend, PASSWORD, TestApp, assert_status, bearer, pb, sign
 const NEW_PASSWORD: &str = "quartz meadow lantern 93";
 
 /// A transaction of the test's own, on PostgreSQL, holding a lock until
-/// [`Self::release`].
-struct Held(sqlx::PgConnection);
+/// [`Self::release`], and a second connection, outside any transaction, to
+/// watch who waits (a transaction sees `pg_stat_activity` as it was when it
+/// first read it).
+struct Held(sqlx::PgConnection, sqlx::PgConnection, i32);
 
 impl Held {
     /// Runs `statements` (which begin a transaction and take a lock) on a
@@ -42,7 +44,14 @@ impl Held {
             None => sqlx::raw_sql(statements).execute(&mut conn).await.map(drop),
         }
         .expect("take the lock");
-        Self(conn)
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut conn)
+            .await
+            .expect("own pid");
+        let watch = sqlx::PgConnection::connect(url)
+            .await
+            .expect("connect the watcher");
+        Self(conn, watch, pid)
     }
 
     /// Waits until at least `n` of the server's connections wait for a lock.
@@ -55,7 +64,7 @@ impl Held {
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
                  AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'",
             )
-            .fetch_one(&mut self.0)
+            .fetch_one(&mut self.1)
             .await
             .expect("read pg_stat_activity");
             if waiting >= n {
@@ -67,12 +76,73 @@ impl Held {
                         "SELECT wait_event_type, state, query FROM pg_stat_activity \
                      WHERE datname = current_database() AND pid <> pg_backend_pid()",
                     )
-                    .fetch_all(&mut self.0)
+                    .fetch_all(&mut self.1)
                     .await
                     .expect("read pg_stat_activity");
                 panic!(
                     "{what} never waited for the lock ({waiting} of {n} waiting): {activity:#?}"
                 );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until a backend is blocked by this connection's lock; its pid.
+    /// (Precise where counting lock waiters is not: the change feed's
+    /// heartbeats wait for locks too.)
+    async fn wait_for_blocked_by_me(&mut self, what: &str) -> i32 {
+        let me = self.2;
+        self.wait_for_blocked_by(me, what).await
+    }
+
+    /// Waits until a backend other than `besides` is blocked by this
+    /// connection's lock, or queued behind `besides` for it (a second waiter
+    /// for a row waits on the first); its pid.
+    async fn wait_for_blocked_by_me_besides(&mut self, besides: i32, what: &str) -> i32 {
+        let me = self.2;
+        self.wait_for(me, besides, what).await
+    }
+
+    /// Waits until a backend is blocked by the backend `blocker`; its pid.
+    async fn wait_for_blocked_by(&mut self, blocker: i32, what: &str) -> i32 {
+        self.wait_for(blocker, 0, what).await
+    }
+
+    /// Waits until a backend other than `besides` is blocked by `blocker` or
+    /// by `besides`.
+    async fn wait_for(&mut self, blocker: i32, besides: i32, what: &str) -> i32 {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let blocked: Option<i32> = sqlx::query_scalar(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                 AND pid <> $2 AND ($1 = ANY(pg_blocking_pids(pid)) \
+                 OR $2 = ANY(pg_blocking_pids(pid))) LIMIT 1",
+            )
+            .bind(blocker)
+            .bind(besides)
+            .fetch_optional(&mut self.1)
+            .await
+            .expect("read pg_stat_activity");
+            if let Some(pid) = blocked {
+                return pid;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let activity: Vec<(
+                    i32,
+                    Option<String>,
+                    Option<String>,
+                    Option<String>,
+                    String,
+                    Option<String>,
+                )> = sqlx::query_as(
+                    "SELECT pid, state, wait_event_type, wait_event, \
+                         CAST(pg_blocking_pids(pid) AS TEXT), query FROM pg_stat_activity \
+                         WHERE datname = current_database()",
+                )
+                .fetch_all(&mut self.1)
+                .await
+                .expect("read pg_stat_activity");
+                panic!("{what} never waited behind backend {blocker}: {activity:#?}");
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -88,20 +158,28 @@ impl Held {
 }
 
 /// Signs `username` in with the old password while `end` (a call that ends
-/// the account's sessions) is in flight: `end` is held before its commit
-/// (the test holds the audit table, which it writes last), the sign-in
-/// reads the account and checks the password meanwhile and reaches its
-/// insert, then the hold ends. The sign-in must fail as a wrong password
-/// would: its session would outlive the call that ended every session.
+/// the account's sessions) is in flight. A transaction of the test's own
+/// holds the account's row: `end`, which changes the row first, queues
+/// behind it; then the sign-in reads the account (a plain read, not held),
+/// checks the password and queues its session insert, which takes a share
+/// lock on the same row, behind them; then the hold ends. Whatever order
+/// the two then commit in, no session checked against the old credentials
+/// may be active once `end` has returned: either the sign-in lost (and
+/// answers as a wrong password would) or `end` saw its session and ended it.
 async fn sign_in_racing(
     app: &TestApp,
     username: &str,
     end: impl std::future::Future<Output = Result<(), tonic::Status>> + Send + 'static,
     what: &str,
 ) {
-    let mut held = Held::take(&app.db.url, "LOCK TABLE audit_events IN SHARE MODE", None).await;
+    let mut held = Held::take(
+        &app.db.url,
+        "SELECT account_id FROM accounts WHERE username = $1 FOR UPDATE",
+        Some(username),
+    )
+    .await;
     let ending = tokio::spawn(end);
-    held.wait_for_waiters(1, what).await;
+    let ending_pid = held.wait_for_blocked_by_me(what).await;
 
     let signing_in = {
         let client = app.accounts();
@@ -111,18 +189,19 @@ async fn sign_in_racing(
         };
         tokio::spawn(async move { client.clone().sign_in(request).await })
     };
-    held.wait_for_waiters(2, "the sign-in").await;
+    held.wait_for_blocked_by_me_besides(ending_pid, "the sign-in")
+        .await;
     held.release().await;
 
     ending.await.expect("join").expect(what);
     let signed_in = signing_in.await.expect("join");
     if let Ok(response) = &signed_in {
         let verdict = app.verify(&response.get_ref().session_token, &[]).await;
-        panic!(
-            "a sign-in checked against the old credentials created a session after {what} \
-             (active: {})",
-            verdict.active
+        assert!(
+            !verdict.active,
+            "a sign-in checked against the old credentials left an active session after {what}"
         );
+        return;
     }
     assert_status(
         signed_in,
