@@ -270,31 +270,34 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Token>, StorageError>;
 
-    /// Revokes a token at `at` unless it already is (a scheduled revocation
-    /// later than `at` is brought forward) and, if it is its family's live
-    /// token (not rotated out), every token descended from its family (see
-    /// [`Token::parent_family_id`]), whether or not the token itself was
-    /// still live. Writes `event` if the token itself changed, and a
-    /// `token.revoked` copy of it for each descendant revoked. Returns the
+    /// Revokes a token (recording `at`) unless it already is (one in a
+    /// rotation's grace period is revoked too) and, if it is its family's
+    /// live token (not rotated out) or `seen_live` (the caller read it as
+    /// such, and a rotation may have landed since), every other token of its
+    /// family, successors included, and every token descended from its
+    /// family (see [`Token::parent_family_id`]), whether or not the token
+    /// itself was still live. Writes `event` for the token itself, and a
+    /// `token.revoked` copy of it for each other token revoked. Returns the
     /// token as stored afterwards, with the ids of every credential revoked
     /// (each announced to every replica); `None` if there is no such token.
     async fn revoke_token(
         &self,
         id: &TokenId,
+        seen_live: bool,
         at: Timestamp,
         event: &AuditEvent,
     ) -> Result<Option<(Token, Vec<TokenId>)>, StorageError>;
 
     /// Replaces `old` by `new` (same family): marks `old` replaced, gives its
-    /// name to `new`, schedules its revocation at `revoke_old_at`, and inserts
-    /// `new`. Returns `old` as stored afterwards, or `None` (and changes
-    /// nothing) if `old` does not exist, was already replaced, or is revoked
-    /// at `now`.
+    /// name to `new`, ends its grace period at `retire_old_at` (never its
+    /// `revoke_time`), and inserts `new`. Returns `old` as stored afterwards,
+    /// or `None` (and changes nothing) if `old` does not exist, was already
+    /// replaced, is revoked (at whatever time), or has expired at `now`.
     async fn rotate_token(
         &self,
         old: &TokenId,
         new: &NewToken,
-        revoke_old_at: Timestamp,
+        retire_old_at: Timestamp,
         now: Timestamp,
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError>;

@@ -58,6 +58,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "retention indexes",
         include_str!("../../migrations/postgres/0006_retention.sql"),
     ),
+    (
+        7,
+        "rotation grace deadline",
+        include_str!("../../migrations/postgres/0007_retire_time.sql"),
+    ),
 ];
 
 /// A [`super::Store`] on PostgreSQL.

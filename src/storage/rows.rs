@@ -78,6 +78,7 @@ pub(super) fn token<R: SqlRow>(row: &R) -> Result<Token, StorageError> {
         create_time: Timestamp::from_micros(row.int("create_time")?),
         expire_time: row.opt_int("expire_time")?.map(Timestamp::from_micros),
         revoke_time: row.opt_int("revoke_time")?.map(Timestamp::from_micros),
+        retire_time: row.opt_int("retire_time")?.map(Timestamp::from_micros),
         max_uses: row.opt_int("max_uses")?,
         uses_remaining: row.opt_int("uses_remaining")?,
         last_used_time: row.opt_int("last_used_time")?.map(Timestamp::from_micros),

@@ -63,6 +63,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "retention indexes",
         include_str!("../../migrations/sqlite/0005_retention.sql"),
     ),
+    (
+        6,
+        "rotation grace deadline",
+        include_str!("../../migrations/sqlite/0006_retire_time.sql"),
+    ),
 ];
 
 /// A [`super::Store`] on SQLite.
