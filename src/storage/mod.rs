@@ -410,6 +410,39 @@ pub async fn open(
     Ok(database.store())
 }
 
+/// How far this process's wall clock is from the database server's, as one
+/// round trip measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockOffset {
+    /// The database's clock minus this process's, in microseconds:
+    /// positive when this process's clock is behind.
+    pub offset_micros: i64,
+    /// Half the round trip, in microseconds: the true offset is within
+    /// this of `offset_micros`.
+    pub uncertainty_micros: u64,
+}
+
+impl ClockOffset {
+    /// The offset in seconds, for the gauge.
+    pub fn seconds(&self) -> f64 {
+        // Microseconds fit an f64 exactly up to 2^53 (285 years).
+        #[allow(clippy::cast_precision_loss)]
+        let micros = self.offset_micros as f64;
+        micros / 1e6
+    }
+
+    /// Whether the offset is certainly more than `bound`: by more than the
+    /// measurement's uncertainty, so that a slow round trip alone never
+    /// takes a replica out of service.
+    pub fn exceeds(&self, bound: std::time::Duration) -> bool {
+        let bound = u64::try_from(bound.as_micros()).unwrap_or(u64::MAX);
+        self.offset_micros
+            .unsigned_abs()
+            .saturating_sub(self.uncertainty_micros)
+            > bound
+    }
+}
+
 /// A store whose pool is set up but whose database may not have been
 /// reached yet: [`Database::connect`] opens no connection, so a server can
 /// start while its database is down and [`Database::prepare`] it later.
@@ -447,6 +480,17 @@ impl Database {
             (Self::Postgres(store), false) => store.check_schema(false).await,
             (Self::Sqlite(store), true) => store.migrate().await,
             (Self::Sqlite(store), false) => store.check_schema(false).await,
+        }
+    }
+
+    /// Measures this process's wall clock against the database's, where
+    /// they can differ: on PostgreSQL (each replica has its own clock);
+    /// `None` on SQLite, whose database is a file on this machine, read and
+    /// written under this machine's one clock.
+    pub async fn clock_offset(&self) -> Result<Option<ClockOffset>, StorageError> {
+        match self {
+            Self::Postgres(store) => store.clock_offset().await.map(Some),
+            Self::Sqlite(_) => Ok(None),
         }
     }
 

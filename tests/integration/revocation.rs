@@ -10,6 +10,9 @@
 use std::time::Duration;
 
 use tonic::Code;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
 use crate::binary::Server;
 use crate::support::{TestApp, TestDatabase, bearer, pb, plaintext, postgres};
@@ -387,6 +390,8 @@ async fn reuse_detection_racing_the_attackers_rotation_leaves_no_successor() {
                 !app.verify(secret, &[]).await.active,
                 "attacker_first={attacker_first}: a secret of the revoked family works"
             );
+        }
+        for secret in &secrets {
             inactive_within_the_bound(&slow, &verifier, secret, name).await;
         }
         for token in family_of(&app, &alice.account_id, &family).await {
@@ -502,5 +507,64 @@ async fn a_revocation_holds_on_a_replica_whose_clock_is_slow() {
     inactive_within_the_bound(&slow, &verifier, &c1.secret, "family revoked by reuse").await;
 
     slow.terminate().await;
+    app.stop().await;
+}
+/// What the health service of `server` says of the whole service.
+async fn health_of(server: &Server) -> ServingStatus {
+    let status = HealthClient::new(server.channel().await)
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health check")
+        .into_inner()
+        .status;
+    ServingStatus::try_from(status).expect("a known status")
+}
+
+/// A PostgreSQL replica measures its clock against the database's and
+/// refuses to serve while the offset exceeds `IDENTITY_MAX_CLOCK_SKEW`
+/// (1 s by default), the way it does while the database is unreachable: a
+/// replica five seconds slow reports NOT_SERVING and says why, with the
+/// offset in its metrics; one on the real time serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_whose_clock_is_off_by_more_than_the_bound_does_not_serve() {
+    let url = postgres::fresh_database_url().await;
+    let app = TestApp::spawn_on(TestDatabase::at(url.clone()), None, |_| {}, plaintext).await;
+    let skewed = Server::start(&url, &faketime("-5s")).await;
+    let normal = Server::start(&url, &[]).await;
+
+    assert_eq!(health_of(&skewed).await, ServingStatus::NotServing);
+    let refused = pb::tokens_service_client::TokensServiceClient::new(skewed.channel().await)
+        .verify_token(bearer(
+            pb::VerifyTokenRequest {
+                token: app.operator_token.clone(),
+                ..Default::default()
+            },
+            &app.operator_token,
+        ))
+        .await
+        .expect_err("a replica out of bound refuses calls");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert_eq!(health_of(&normal).await, ServingStatus::Serving);
+
+    let metrics_addr = skewed.metrics_addr.expect("metrics are on");
+    let body = crate::observability::scrape(metrics_addr).await;
+    let offset: f64 = body
+        .lines()
+        .find_map(|line| line.strip_prefix("identity_clock_offset_seconds "))
+        .unwrap_or_else(|| panic!("no clock offset gauge in:\n{body}"))
+        .trim()
+        .parse()
+        .expect("a number");
+    assert!((4.0..6.0).contains(&offset), "offset {offset}");
+
+    let finished = skewed.terminate().await;
+    assert!(
+        finished.stderr.contains("IDENTITY_MAX_CLOCK_SKEW"),
+        "the error names the setting:\n{}",
+        finished.stderr
+    );
+    normal.terminate().await;
     app.stop().await;
 }
