@@ -100,6 +100,8 @@ pub(super) struct Revoked {
     pub username: String,
     /// Whether the request named it (rather than one of its ancestors).
     pub direct: bool,
+    /// Whether it was still working (not past a rotation's grace period).
+    pub live: bool,
 }
 
 /// A [`Revoked`] from a revoking statement's returned row.
@@ -109,6 +111,7 @@ pub(super) fn revoked<R: SqlRow>(row: &R) -> Result<Revoked, StorageError> {
         account: AccountId::from_stored(row.text("account_id")?),
         username: row.text("username")?,
         direct: row.int("direct")? != 0,
+        live: row.int("live")? != 0,
     })
 }
 

@@ -145,6 +145,9 @@ pub(super) const LIST_TOKENS: &str = concat!(
 /// and `direct`, 1 if the request named it and 0 if it was revoked as a
 /// descendant of one that was. `$direct` must not depend on what the
 /// statement changes (SQLite evaluates RETURNING on the updated rows).
+/// `live` is 0 for a rotated-out token whose grace period had ended by `$2`:
+/// it is revoked too (a revocation must not depend on anyone's clock), but
+/// it was dead already, so it gets no audit event of its own.
 macro_rules! revoked_cols {
     ($direct:expr) => {
         concat!(
@@ -153,7 +156,9 @@ macro_rules! revoked_cols {
              WHERE a.account_id = tokens.account_id), '') AS username, \
              CAST(CASE WHEN ",
             $direct,
-            " THEN 1 ELSE 0 END AS BIGINT) AS direct"
+            " THEN 1 ELSE 0 END AS BIGINT) AS direct, \
+             CAST(CASE WHEN retire_time IS NULL OR retire_time > $2 THEN 1 ELSE 0 END AS BIGINT) \
+             AS live"
         )
     };
 }
@@ -313,7 +318,7 @@ macro_rules! leak_sessions {
              RETURNING session_id AS credential_id, account_id, \
              COALESCE((SELECT a.username FROM accounts a \
              WHERE a.account_id = sessions.account_id), '') AS username, \
-             CAST(1 AS BIGINT) AS direct"
+             CAST(1 AS BIGINT) AS direct, CAST(1 AS BIGINT) AS live"
         )
     };
 }
@@ -566,6 +571,8 @@ macro_rules! impl_store {
                     let revoked = rows::revoked(row)?;
                     let event = if revoked.direct {
                         direct(&revoked)
+                    } else if !revoked.live {
+                        None
                     } else {
                         Some(
                             AuditEvent {
