@@ -99,8 +99,11 @@ pub struct App {
     /// The store's database, kept to migrate or check it later if it could
     /// not be reached at start-up.
     database: Database,
-    /// Whether the database answers; calls are refused at once while not.
+    /// Whether the database answers (and this replica's clock is within
+    /// `IDENTITY_MAX_CLOCK_SKEW` of it); calls are refused at once while not.
     readiness: Readiness,
+    /// Whether `build` migrated or checked the database's schema.
+    prepared: bool,
     config: Config,
     tls: Option<tls::Tls>,
     /// The bound metrics listener and its address, unless metrics are off.
@@ -133,8 +136,13 @@ impl App {
             Ok(()) => store.ping().await,
             Err(err) => Err(err),
         };
+        let schema_ready = prepared.is_ok();
+        let prepared = match prepared {
+            Ok(()) => database.clock_offset().await,
+            Err(err) => Err(err),
+        };
         match prepared {
-            Ok(()) => readiness.set(true),
+            Ok(offset) => readiness.set(!clock_skewed(offset, config.max_clock_skew, false)),
             Err(StorageError::Unavailable(err)) => tracing::warn!(
                 database = %config.redacted_database_url(),
                 error = %config.redact_database_secrets(&error_chain(err.as_ref())),
@@ -175,6 +183,7 @@ impl App {
             store,
             database,
             readiness,
+            prepared: schema_ready,
             config,
             tls,
             metrics,
@@ -255,7 +264,7 @@ impl App {
             Watched {
                 database: self.database.clone(),
                 migrate: self.config.migrate,
-                prepared: ready,
+                prepared: self.prepared,
                 store: Arc::clone(&self.store),
                 readiness: self.readiness.clone(),
                 config: self.config.clone(),
@@ -498,7 +507,7 @@ struct Watched {
     prepared: bool,
     /// The store, to probe.
     store: Arc<dyn Store>,
-    /// Set to whether the database answers.
+    /// Set to whether the database answers and the clock is within bound.
     readiness: Readiness,
     /// For redacting the database's secrets from logged errors.
     config: Config,
@@ -510,7 +519,9 @@ struct Watched {
 /// `patience` (the time a query may wait for a connection) counts as
 /// unanswered, so a database that accepts connections but never replies, or
 /// a pool whose connections are all stuck, cannot hold the status at
-/// SERVING.
+/// SERVING. Each probe also measures this replica's clock against the
+/// database's (PostgreSQL): beyond `IDENTITY_MAX_CLOCK_SKEW` the status is
+/// NOT_SERVING too, until the clock is back (see [`clock_skewed`]).
 ///
 /// If the database could not be reached at start-up, it is first migrated
 /// (or its schema checked) here, retried with back-off (from 100 ms,
@@ -524,11 +535,14 @@ async fn watch_store(
     interval: Duration,
     patience: Duration,
 ) {
-    let mut last = if watched.prepared {
+    let mut last = if watched.readiness.is_ready() {
         ServingStatus::Serving
     } else {
         ServingStatus::NotServing
     };
+    // `build` has logged a clock out of bound already.
+    let mut skewed = watched.prepared && !watched.readiness.is_ready();
+    let bound = watched.config.max_clock_skew;
     let mut retry = interval.min(Duration::from_millis(100));
     let mut last_problem = String::new();
     loop {
@@ -562,15 +576,25 @@ async fn watch_store(
                 }
             }
         }
-        let answer = tokio::time::timeout(patience, watched.store.ping())
-            .await
-            .unwrap_or_else(|_| {
-                Err(StorageError::Unavailable(
-                    format!("no answer to a ping within {patience:?}").into(),
-                ))
-            });
+        let answer = tokio::time::timeout(patience, async {
+            watched.store.ping().await?;
+            watched.database.clock_offset().await
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(StorageError::Unavailable(
+                format!("no answer to a ping within {patience:?}").into(),
+            ))
+        });
         let status = match answer {
-            Ok(()) => ServingStatus::Serving,
+            Ok(offset) => {
+                skewed = clock_skewed(offset, bound, skewed);
+                if skewed {
+                    ServingStatus::NotServing
+                } else {
+                    ServingStatus::Serving
+                }
+            }
             Err(err) => {
                 if last != ServingStatus::NotServing {
                     tracing::warn!(
@@ -592,6 +616,37 @@ async fn watch_store(
             last = status;
         }
     }
+}
+
+/// Whether a clock `offset` from the database's (`None`: there is only one
+/// clock, SQLite's machine's) is certainly beyond `bound`: exports the
+/// offset as `identity_clock_offset_seconds`, and logs an error naming the
+/// setting when the clock goes out of bound (`was` says whether it already
+/// was) and a notice when it comes back. Revocations hold whatever the
+/// clocks say, but expiry, rotation grace periods and session lifetimes
+/// are judged on this replica's clock, so a replica whose clock is off by
+/// more than the bound must not judge them.
+fn clock_skewed(offset: Option<storage::ClockOffset>, bound: Duration, was: bool) -> bool {
+    let Some(offset) = offset else {
+        return false;
+    };
+    metrics::gauge!("identity_clock_offset_seconds").set(offset.seconds());
+    let skewed = offset.exceeds(bound);
+    if skewed && !was {
+        tracing::error!(
+            offset_seconds = offset.seconds(),
+            uncertainty_micros = offset.uncertainty_micros,
+            max_clock_skew = ?bound,
+            "this replica's clock is off the database's by more than IDENTITY_MAX_CLOCK_SKEW: \
+             reporting NOT_SERVING until it is back within the bound (keep the hosts on NTP)"
+        );
+    } else if !skewed && was {
+        tracing::info!(
+            offset_seconds = offset.seconds(),
+            "this replica's clock is back within IDENTITY_MAX_CLOCK_SKEW of the database's"
+        );
+    }
+    skewed
 }
 
 /// An error and its sources, joined, for one log field.

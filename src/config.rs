@@ -36,6 +36,10 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// How often the database is probed for the health service.
     pub health_interval: Duration,
+    /// Largest tolerated offset between this replica's wall clock and the
+    /// database's (PostgreSQL), measured at start-up and on every health
+    /// probe: beyond it the replica reports NOT_SERVING.
+    pub max_clock_skew: Duration,
     /// Leak reports (`RevokeLeakedToken`) allowed per client address per
     /// minute.
     pub leak_reports_per_minute: u32,
@@ -176,6 +180,7 @@ impl Config {
             identity: IdentitySettings::default(),
             drain_timeout: Duration::from_secs(30),
             health_interval: Duration::from_secs(2),
+            max_clock_skew: Duration::from_secs(1),
             leak_reports_per_minute: 30,
             max_concurrent_requests: 1024,
             max_streams_per_connection: 128,

@@ -215,6 +215,11 @@ struct Settings {
     /// Async runtime worker threads (default: one per core).
     #[arg(long, env = "IDENTITY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024), global = true)]
     worker_threads: Option<u16>,
+    /// Largest tolerated offset between this replica's wall clock and the
+    /// PostgreSQL server's (e.g. 1s): beyond it the replica reports
+    /// NOT_SERVING and refuses calls until its clock is back within it.
+    #[arg(long, env = "IDENTITY_MAX_CLOCK_SKEW", default_value = "1s", value_parser = config::parse_duration, global = true)]
+    max_clock_skew: Duration,
     /// How long shutdown waits for in-flight calls (e.g. 30s).
     #[arg(long, env = "IDENTITY_DRAIN_TIMEOUT", default_value = "30s", value_parser = config::parse_duration, global = true)]
     drain_timeout: Duration,
@@ -352,6 +357,7 @@ impl Settings {
         config.reflection = self.reflection;
         config.max_message_bytes = self.max_message_bytes as usize;
         config.drain_timeout = self.drain_timeout;
+        config.max_clock_skew = self.max_clock_skew;
         config.leak_reports_per_minute = self.leak_reports_per_minute;
         // `validate` has checked that the certificate and key come together.
         config.tls = self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles {
@@ -396,6 +402,9 @@ impl Settings {
         }
         if self.token_default_ttl.is_zero() {
             return Err("IDENTITY_TOKEN_DEFAULT_TTL (--token-default-ttl) must be positive".into());
+        }
+        if self.max_clock_skew.is_zero() {
+            return Err("IDENTITY_MAX_CLOCK_SKEW (--max-clock-skew) must be positive".into());
         }
         if self.request_timeout.is_zero() {
             return Err("IDENTITY_REQUEST_TIMEOUT (--request-timeout) must be positive".into());

@@ -150,6 +150,11 @@ fn describe() {
         "identity_db_pool_max_connections",
         "The pool's connection limit (IDENTITY_DB_MAX_CONNECTIONS)"
     );
+    describe_gauge!(
+        "identity_clock_offset_seconds",
+        Unit::Seconds,
+        "The database's wall clock minus this replica's, as last measured (PostgreSQL only)"
+    );
     describe_counter!(
         "identity_db_pool_timeouts_total",
         "Queries that found no free connection within IDENTITY_DB_ACQUIRE_TIMEOUT"

@@ -157,7 +157,13 @@ pub(super) fn token(t: Token, now: Timestamp) -> pb::Token {
         scopes: t.scopes.names().map(str::to_owned).collect(),
         create_time: Some(timestamp(t.create_time)),
         expire_time: t.expire_time.map(timestamp),
-        revoke_time: t.revoke_time.map(timestamp),
+        // The earlier of an explicit revocation and the end of a rotation's
+        // grace period (the proto has one field for both).
+        revoke_time: match (t.revoke_time, t.retire_time) {
+            (Some(revoke), Some(retire)) => Some(revoke.min(retire)),
+            (revoke, retire) => revoke.or(retire),
+        }
+        .map(timestamp),
         state: state as i32,
         max_uses: t.max_uses,
         uses_remaining: t.uses_remaining,

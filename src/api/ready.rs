@@ -24,7 +24,8 @@ use std::{
 use tower::{Layer, Service};
 
 /// Whether the database answered the health watcher's last probe (and, at
-/// start-up, whether its schema has been checked or migrated). Shared by the
+/// start-up, whether its schema has been checked or migrated), with this
+/// replica's clock within `IDENTITY_MAX_CLOCK_SKEW` of the database's. Shared by the
 /// watcher, which sets it, and [`ReadyLayer`], which reads it.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness(Arc<AtomicBool>);

@@ -118,9 +118,9 @@ pub enum Cached {
     Active {
         /// Who it speaks for.
         principal: Arc<Principal>,
-        /// When it was (or will be) revoked, if ever: a rotation's grace
-        /// period ends by itself.
-        revoke_time: Option<Timestamp>,
+        /// When a rotation's grace period ends, if it is in one: that ends
+        /// by itself. (A revoked credential is never cached as active.)
+        retire_time: Option<Timestamp>,
     },
     /// An inactive one, and why.
     Inactive(InactiveReason),
@@ -770,7 +770,7 @@ mod tests {
     fn active(account: &AccountId, credential: &TokenId) -> Cached {
         Cached::Active {
             principal: principal(account, credential),
-            revoke_time: None,
+            retire_time: None,
         }
     }
 

@@ -110,8 +110,16 @@ pub struct Token {
     pub create_time: Timestamp,
     /// When it stops working, if ever.
     pub expire_time: Option<Timestamp>,
-    /// When it was (or, during a rotation's grace period, will be) revoked.
+    /// When it was explicitly revoked (`RevokeToken`, a leak report, reuse
+    /// detection, a cascade from its parent family or its account's
+    /// deletion), if it was. A revocation is effective from the moment it is
+    /// recorded, whatever this time says and whatever any clock reads: it
+    /// is never compared with the present.
     pub revoke_time: Option<Timestamp>,
+    /// When a rotation's grace period ends, for a token rotated out: it
+    /// keeps working until then (unless revoked). Unlike `revoke_time`,
+    /// a deadline, compared with the clock.
+    pub retire_time: Option<Timestamp>,
     /// Its use limit, if it has one.
     pub max_uses: Option<i64>,
     /// Uses left, if it has a limit.
@@ -134,10 +142,11 @@ pub struct Token {
 }
 
 impl Token {
-    /// The token's state at `now`. Revocation wins over expiry, expiry over
-    /// exhaustion.
+    /// The token's state at `now`. Revocation (explicit, or the end of a
+    /// rotation's grace period) wins over expiry, expiry over exhaustion.
     pub fn state(&self, now: Timestamp) -> TokenState {
-        match state_at(now, self.expire_time, self.revoke_time) {
+        let retired = self.retire_time.is_some_and(|r| r <= now);
+        match state_at(now, self.expire_time, self.revoke_time.is_some() || retired) {
             TokenState::Active if self.uses_remaining == Some(0) => TokenState::Exhausted,
             other => other,
         }
@@ -164,21 +173,23 @@ pub struct Session {
     pub create_time: Timestamp,
     /// When it ends by itself.
     pub expire_time: Timestamp,
-    /// When it was signed out, if it was.
+    /// When it was signed out, if it was: effective from the moment it is
+    /// recorded, whatever this time says.
     pub revoke_time: Option<Timestamp>,
 }
 
 impl Session {
     /// The session's state at `now`.
     pub fn state(&self, now: Timestamp) -> TokenState {
-        state_at(now, Some(self.expire_time), self.revoke_time)
+        state_at(now, Some(self.expire_time), self.revoke_time.is_some())
     }
 }
 
-/// A revocation time in the future is a scheduled revocation (the grace
-/// period of a rotation): the credential is still active until then.
-fn state_at(now: Timestamp, expire: Option<Timestamp>, revoke: Option<Timestamp>) -> TokenState {
-    if revoke.is_some_and(|r| r <= now) {
+/// A credential's state at `now`: `revoked` is never a question of time (a
+/// revocation recorded by a replica whose clock runs ahead holds at once
+/// everywhere), expiry is.
+fn state_at(now: Timestamp, expire: Option<Timestamp>, revoked: bool) -> TokenState {
+    if revoked {
         TokenState::Revoked
     } else if expire.is_some_and(|e| e <= now) {
         TokenState::Expired
@@ -212,14 +223,45 @@ mod tests {
     #[test]
     fn revocation_wins_over_expiry() {
         let t = Timestamp::from_micros;
-        assert_eq!(state_at(t(10), Some(t(5)), Some(t(1))), TokenState::Revoked);
-        assert_eq!(state_at(t(10), Some(t(10)), None), TokenState::Expired);
-        assert_eq!(state_at(t(10), Some(t(11)), None), TokenState::Active);
-        assert_eq!(state_at(t(10), None, None), TokenState::Active);
+        assert_eq!(state_at(t(10), Some(t(5)), true), TokenState::Revoked);
+        assert_eq!(state_at(t(10), Some(t(10)), false), TokenState::Expired);
+        assert_eq!(state_at(t(10), Some(t(11)), false), TokenState::Active);
+        assert_eq!(state_at(t(10), None, false), TokenState::Active);
+        assert_eq!(state_at(t(10), None, true), TokenState::Revoked);
+    }
+
+    #[test]
+    fn a_revocation_holds_whatever_time_it_names_and_a_grace_period_ends() {
+        let t = Timestamp::from_micros;
+        let token = |revoke: Option<i64>, retire: Option<i64>| Token {
+            id: TokenId::from_stored("t".into()),
+            account_id: AccountId::from_stored("a".into()),
+            name: TokenName::from_stored("n".into()),
+            scopes: Scopes::full(),
+            create_time: t(0),
+            expire_time: None,
+            revoke_time: revoke.map(t),
+            retire_time: retire.map(t),
+            max_uses: None,
+            uses_remaining: None,
+            last_used_time: None,
+            last_used_address: String::new(),
+            family_id: TokenId::from_stored("t".into()),
+            replaced_by: None,
+            parent_family_id: None,
+        };
+        // Recorded by a replica whose clock runs ahead of ours.
+        assert_eq!(token(Some(20), None).state(t(10)), TokenState::Revoked);
         assert_eq!(
-            state_at(t(10), None, Some(t(11))),
+            token(None, Some(20)).state(t(10)),
             TokenState::Active,
-            "scheduled revocation"
+            "in grace"
         );
+        assert_eq!(
+            token(None, Some(10)).state(t(10)),
+            TokenState::Revoked,
+            "grace over"
+        );
+        assert_eq!(token(Some(20), Some(30)).state(t(10)), TokenState::Revoked);
     }
 }

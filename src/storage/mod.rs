@@ -296,31 +296,34 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Token>, StorageError>;
 
-    /// Revokes a token at `at` unless it already is (a scheduled revocation
-    /// later than `at` is brought forward) and, if it is its family's live
-    /// token (not rotated out), every token descended from its family (see
-    /// [`Token::parent_family_id`]), whether or not the token itself was
-    /// still live. Writes `event` if the token itself changed, and a
-    /// `token.revoked` copy of it for each descendant revoked. Returns the
+    /// Revokes a token (recording `at`) unless it already is (one in a
+    /// rotation's grace period is revoked too) and, if it is its family's
+    /// live token (not rotated out) or `seen_live` (the caller read it as
+    /// such, and a rotation may have landed since), every other token of its
+    /// family, successors included, and every token descended from its
+    /// family (see [`Token::parent_family_id`]), whether or not the token
+    /// itself was still live. Writes `event` for the token itself, and a
+    /// `token.revoked` copy of it for each other token revoked. Returns the
     /// token as stored afterwards, with the ids of every credential revoked
     /// (each announced to every replica); `None` if there is no such token.
     async fn revoke_token(
         &self,
         id: &TokenId,
+        seen_live: bool,
         at: Timestamp,
         event: &AuditEvent,
     ) -> Result<Option<(Token, Vec<TokenId>)>, StorageError>;
 
     /// Replaces `old` by `new` (same family): marks `old` replaced, gives its
-    /// name to `new`, schedules its revocation at `revoke_old_at`, and inserts
-    /// `new`. Returns `old` as stored afterwards, or `None` (and changes
-    /// nothing) if `old` does not exist, was already replaced, or is revoked
-    /// at `now`.
+    /// name to `new`, ends its grace period at `retire_old_at` (never its
+    /// `revoke_time`), and inserts `new`. Returns `old` as stored afterwards,
+    /// or `None` (and changes nothing) if `old` does not exist, was already
+    /// replaced, is revoked (at whatever time), or has expired at `now`.
     async fn rotate_token(
         &self,
         old: &TokenId,
         new: &NewToken,
-        revoke_old_at: Timestamp,
+        retire_old_at: Timestamp,
         now: Timestamp,
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError>;
@@ -433,6 +436,39 @@ pub async fn open(
     Ok(database.store())
 }
 
+/// How far this process's wall clock is from the database server's, as one
+/// round trip measured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClockOffset {
+    /// The database's clock minus this process's, in microseconds:
+    /// positive when this process's clock is behind.
+    pub offset_micros: i64,
+    /// Half the round trip, in microseconds: the true offset is within
+    /// this of `offset_micros`.
+    pub uncertainty_micros: u64,
+}
+
+impl ClockOffset {
+    /// The offset in seconds, for the gauge.
+    pub fn seconds(&self) -> f64 {
+        // Microseconds fit an f64 exactly up to 2^53 (285 years).
+        #[allow(clippy::cast_precision_loss)]
+        let micros = self.offset_micros as f64;
+        micros / 1e6
+    }
+
+    /// Whether the offset is certainly more than `bound`: by more than the
+    /// measurement's uncertainty, so that a slow round trip alone never
+    /// takes a replica out of service.
+    pub fn exceeds(&self, bound: std::time::Duration) -> bool {
+        let bound = u64::try_from(bound.as_micros()).unwrap_or(u64::MAX);
+        self.offset_micros
+            .unsigned_abs()
+            .saturating_sub(self.uncertainty_micros)
+            > bound
+    }
+}
+
 /// A store whose pool is set up but whose database may not have been
 /// reached yet: [`Database::connect`] opens no connection, so a server can
 /// start while its database is down and [`Database::prepare`] it later.
@@ -470,6 +506,17 @@ impl Database {
             (Self::Postgres(store), false) => store.check_schema(false).await,
             (Self::Sqlite(store), true) => store.migrate().await,
             (Self::Sqlite(store), false) => store.check_schema(false).await,
+        }
+    }
+
+    /// Measures this process's wall clock against the database's, where
+    /// they can differ: on PostgreSQL (each replica has its own clock);
+    /// `None` on SQLite, whose database is a file on this machine, read and
+    /// written under this machine's one clock.
+    pub async fn clock_offset(&self) -> Result<Option<ClockOffset>, StorageError> {
+        match self {
+            Self::Postgres(store) => store.clock_offset().await.map(Some),
+            Self::Sqlite(_) => Ok(None),
         }
     }
 

@@ -14,7 +14,9 @@ use std::{
 
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
-use super::{Conflict, PoolOptions, StorageError, TokenFilter, WithAccount, rows, sql};
+use super::{
+    ClockOffset, Conflict, PoolOptions, StorageError, TokenFilter, WithAccount, rows, sql,
+};
 use crate::domain::{
     account::{Account, AccountId},
     audit::{AuditEvent, AuditFilter},
@@ -62,6 +64,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "retention indexes",
         include_str!("../../migrations/postgres/0006_retention.sql"),
+    ),
+    (
+        7,
+        "rotation grace deadline",
+        include_str!("../../migrations/postgres/0007_retire_time.sql"),
     ),
     (
         8,
@@ -608,6 +615,32 @@ impl PgStore {
                 "the retention lock was not held".into(),
             ))
         }
+    }
+}
+
+impl PgStore {
+    /// Measures this process's wall clock against the database server's:
+    /// one round trip on a connection already acquired (so that waiting for
+    /// the pool does not widen it), the database's `clock_timestamp()`
+    /// taken as read at the round trip's midpoint.
+    pub async fn clock_offset(&self) -> Result<ClockOffset, StorageError> {
+        let mut conn = self.pool.acquire().await.map_err(Self::classify)?;
+        let sent = Timestamp::now();
+        let started = std::time::Instant::now();
+        let database: i64 = sqlx::query_scalar(
+            "SELECT CAST(extract(epoch FROM clock_timestamp()) * 1000000 AS BIGINT)",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(Self::classify)?;
+        let round_trip = micros(started.elapsed());
+        let midpoint = sent
+            .as_micros()
+            .saturating_add(i64::try_from(round_trip / 2).unwrap_or(i64::MAX));
+        Ok(ClockOffset {
+            offset_micros: database.saturating_sub(midpoint),
+            uncertainty_micros: round_trip.div_ceil(2),
+        })
     }
 }
 

@@ -79,6 +79,7 @@ pub(super) fn token<R: SqlRow>(row: &R) -> Result<Token, StorageError> {
         create_time: Timestamp::from_micros(row.int("create_time")?),
         expire_time: row.opt_int("expire_time")?.map(Timestamp::from_micros),
         revoke_time: row.opt_int("revoke_time")?.map(Timestamp::from_micros),
+        retire_time: row.opt_int("retire_time")?.map(Timestamp::from_micros),
         max_uses: row.opt_int("max_uses")?,
         uses_remaining: row.opt_int("uses_remaining")?,
         last_used_time: row.opt_int("last_used_time")?.map(Timestamp::from_micros),
@@ -100,6 +101,8 @@ pub(super) struct Revoked {
     pub username: String,
     /// Whether the request named it (rather than one of its ancestors).
     pub direct: bool,
+    /// Whether it was still working (not past a rotation's grace period).
+    pub live: bool,
 }
 
 /// A [`Revoked`] from a revoking statement's returned row.
@@ -109,6 +112,7 @@ pub(super) fn revoked<R: SqlRow>(row: &R) -> Result<Revoked, StorageError> {
         account: AccountId::from_stored(row.text("account_id")?),
         username: row.text("username")?,
         direct: row.int("direct")? != 0,
+        live: row.int("live")? != 0,
     })
 }
 

@@ -15,7 +15,7 @@ macro_rules! account_cols {
 macro_rules! token_cols {
     () => {
         "t.token_id, t.account_id AS token_account_id, t.name, t.scopes, \
-         t.create_time, t.expire_time, t.revoke_time, t.family_id, t.replaced_by, \
+         t.create_time, t.expire_time, t.revoke_time, t.retire_time, t.family_id, t.replaced_by, \
          t.max_uses, t.uses_remaining, t.last_used_time, t.last_used_address, \
          t.parent_family_id"
     };
@@ -29,13 +29,14 @@ macro_rules! session_cols {
     };
 }
 
-/// A token's state at `$now` (parameter text), as in `Token::state`.
+/// A token's state at `$now` (parameter text), as in `Token::state`: a
+/// revocation holds whatever time it names; a grace period ends at its time.
 macro_rules! token_state {
     ($now:literal) => {
         concat!(
-            "(CASE WHEN t.revoke_time IS NOT NULL AND t.revoke_time <= ",
+            "(CASE WHEN t.revoke_time IS NOT NULL OR (t.retire_time IS NOT NULL AND t.retire_time <= ",
             $now,
-            " THEN 'revoked' WHEN t.expire_time IS NOT NULL AND t.expire_time <= ",
+            ") THEN 'revoked' WHEN t.expire_time IS NOT NULL AND t.expire_time <= ",
             $now,
             " THEN 'expired' WHEN t.uses_remaining = 0 THEN 'exhausted' ELSE 'active' END)"
         )
@@ -171,8 +172,8 @@ pub(super) const RELEASE_DEAD_NAME: &str = "UPDATE tokens SET live_name = NULL \
 pub(super) const INSERT_TOKEN: &str = "INSERT INTO tokens \
     (token_id, account_id, name, live_name, digest, scopes, create_time, expire_time, revoke_time, \
      family_id, replaced_by, max_uses, uses_remaining, last_used_time, last_used_address, \
-     parent_family_id) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
+     parent_family_id, retire_time) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
 pub(super) const TOKEN_BY_ID: &str = concat!(
     "SELECT ",
     token_cols!(),
@@ -203,6 +204,9 @@ pub(super) const LIST_TOKENS: &str = concat!(
 /// and `direct`, 1 if the request named it and 0 if it was revoked as a
 /// descendant of one that was. `$direct` must not depend on what the
 /// statement changes (SQLite evaluates RETURNING on the updated rows).
+/// `live` is 0 for a rotated-out token whose grace period had ended by `$2`:
+/// it is revoked too (a revocation must not depend on anyone's clock), but
+/// it was dead already, so it gets no audit event of its own.
 macro_rules! revoked_cols {
     ($direct:expr) => {
         concat!(
@@ -211,7 +215,9 @@ macro_rules! revoked_cols {
              WHERE a.account_id = tokens.account_id), '') AS username, \
              CAST(CASE WHEN ",
             $direct,
-            " THEN 1 ELSE 0 END AS BIGINT) AS direct"
+            " THEN 1 ELSE 0 END AS BIGINT) AS direct, \
+             CAST(CASE WHEN retire_time IS NULL OR retire_time > $2 THEN 1 ELSE 0 END AS BIGINT) \
+             AS live"
         )
     };
 }
@@ -234,21 +240,22 @@ macro_rules! descendants_of {
     };
 }
 
-/// Revokes a token now (or brings a later scheduled revocation forward)
-/// and, if it is its family's live token (not rotated out), the rest of its
-/// family (predecessors still in a rotation's grace period: the same token
-/// under an older secret) and every token of every family descended from
-/// that family, in one statement.
+/// Revokes a token (recording `$2`) and, if it is its family's live token
+/// (not rotated out) or `$3` is 1 (the caller read it as the live token, and
+/// a rotation may have landed since), the rest of its family (predecessors
+/// still in a rotation's grace period, and successors: the same token under
+/// another secret) and every token of every family descended from that
+/// family, in one statement. Every statement that revokes sets
+/// `revoke_time` only where it is NULL, and compares it with no clock: a
+/// revocation holds whatever time it recorded.
 pub(super) const REVOKE_TOKEN: &str = concat!(
-    "WITH RECURSIVE ",
-    descendants_of!(
-        "SELECT p.family_id FROM tokens p WHERE p.token_id = $1 AND p.replaced_by IS NULL"
-    ),
+    "WITH RECURSIVE named(family_id) AS (SELECT p.family_id FROM tokens p \
+     WHERE p.token_id = $1 AND (p.replaced_by IS NULL OR $3 = 1)), ",
+    descendants_of!("SELECT n.family_id FROM named n"),
     " UPDATE tokens SET revoke_time = $2, live_name = NULL \
      WHERE (token_id = $1 OR family_id IN (SELECT family_id FROM descendants) \
-     OR family_id IN (SELECT p.family_id FROM tokens p \
-     WHERE p.token_id = $1 AND p.replaced_by IS NULL)) \
-     AND (revoke_time IS NULL OR revoke_time > $2) RETURNING ",
+     OR family_id IN (SELECT n.family_id FROM named n)) \
+     AND revoke_time IS NULL RETURNING ",
     revoked_cols!("token_id = $1")
 );
 /// When an account is deleted its tokens go, and with them every token
@@ -259,7 +266,7 @@ pub(super) const REVOKE_ACCOUNT_DESCENDANTS: &str = concat!(
     descendants_of!("SELECT f.family_id FROM tokens f WHERE f.account_id = $1"),
     " UPDATE tokens SET revoke_time = $2, live_name = NULL \
      WHERE family_id IN (SELECT family_id FROM descendants) AND account_id <> $1 \
-     AND (revoke_time IS NULL OR revoke_time > $2) RETURNING ",
+     AND revoke_time IS NULL RETURNING ",
     revoked_cols!("1 = 0")
 );
 /// Revokes every token of a family and of every family descended from it.
@@ -268,13 +275,18 @@ pub(super) const REVOKE_FAMILY: &str = concat!(
     descendants_of!("SELECT CAST($1 AS TEXT)"),
     " UPDATE tokens SET revoke_time = $2, live_name = NULL \
      WHERE (family_id = $1 OR family_id IN (SELECT family_id FROM descendants)) \
-     AND (revoke_time IS NULL OR revoke_time > $2) RETURNING ",
+     AND revoke_time IS NULL RETURNING ",
     revoked_cols!("family_id = $1")
 );
-/// `$2`: successor; `$3`: when the old token stops; `$4`: now.
+/// `$2`: successor; `$3`: when the old token's grace period ends; `$4`:
+/// now. A revoked token is never rotated, whatever time its revocation
+/// names (on PostgreSQL the condition is re-checked on the row a concurrent
+/// revocation committed, after waiting for its lock); the rotation sets the
+/// grace deadline, never `revoke_time`.
 pub(super) const MARK_ROTATED: &str = "UPDATE tokens SET replaced_by = $2, live_name = NULL, \
-    revoke_time = CASE WHEN revoke_time IS NULL OR revoke_time > $3 THEN $3 ELSE revoke_time END \
-    WHERE token_id = $1 AND replaced_by IS NULL AND (revoke_time IS NULL OR revoke_time > $4)";
+    retire_time = $3 \
+    WHERE token_id = $1 AND replaced_by IS NULL AND revoke_time IS NULL \
+    AND (expire_time IS NULL OR expire_time > $4)";
 /// A rotation moves the uses left, not copies them: the successor (`$1`)
 /// takes what its predecessor (`$2`) has left, read after `MARK_ROTATED` has
 /// locked the predecessor's row (so no use of it can land in between)...
@@ -292,8 +304,8 @@ pub(super) const RENEW_TOKEN: &str = "UPDATE tokens SET expire_time = $2 \
 /// Spends a use of a token that is live at `$2`: neither revoked (a
 /// revocation may have landed since the token was read) nor expired.
 pub(super) const CONSUME_USE: &str = "UPDATE tokens SET uses_remaining = uses_remaining - 1 \
-    WHERE token_id = $1 AND uses_remaining > 0 \
-    AND (revoke_time IS NULL OR revoke_time > $2) \
+    WHERE token_id = $1 AND uses_remaining > 0 AND revoke_time IS NULL \
+    AND (retire_time IS NULL OR retire_time > $2) \
     AND (expire_time IS NULL OR expire_time > $2) RETURNING uses_remaining";
 /// `$4`: the minimum interval between two recorded uses, in microseconds.
 pub(super) const RECORD_USE: &str = "UPDATE tokens SET last_used_time = $2, last_used_address = $3 \
@@ -308,13 +320,13 @@ macro_rules! leak_tokens {
             "WITH RECURSIVE leaked AS (SELECT token_id, family_id, replaced_by FROM tokens \
              WHERE ",
             $match,
-            " AND (revoke_time IS NULL OR revoke_time > $2) \
+            " AND revoke_time IS NULL \
              AND (expire_time IS NULL OR expire_time > $2)), ",
             descendants_of!("SELECT l.family_id FROM leaked l WHERE l.replaced_by IS NULL"),
             " UPDATE tokens SET revoke_time = $2, live_name = NULL \
              WHERE (token_id IN (SELECT token_id FROM leaked) \
              OR family_id IN (SELECT family_id FROM descendants)) \
-             AND (revoke_time IS NULL OR revoke_time > $2) RETURNING ",
+             AND revoke_time IS NULL RETURNING ",
             // Not `token_id IN leaked`: on SQLite the RETURNING clause
             // may see the rows as updated, no longer live.
             revoked_cols!($match)
@@ -336,7 +348,7 @@ macro_rules! leak_descendants {
             )),
             " UPDATE tokens SET revoke_time = $2, live_name = NULL \
              WHERE family_id IN (SELECT family_id FROM descendants) \
-             AND (revoke_time IS NULL OR revoke_time > $2) RETURNING ",
+             AND revoke_time IS NULL RETURNING ",
             revoked_cols!("1 = 0")
         )
     };
@@ -365,7 +377,7 @@ macro_rules! leak_sessions {
              RETURNING session_id AS credential_id, account_id, \
              COALESCE((SELECT a.username FROM accounts a \
              WHERE a.account_id = sessions.account_id), '') AS username, \
-             CAST(1 AS BIGINT) AS direct"
+             CAST(1 AS BIGINT) AS direct, CAST(1 AS BIGINT) AS live"
         )
     };
 }
@@ -464,6 +476,11 @@ macro_rules! token_dead {
             ".revoke_time IS NOT NULL AND ",
             $x,
             ".revoke_time <= $1) \
+             OR (",
+            $x,
+            ".retire_time IS NOT NULL AND ",
+            $x,
+            ".retire_time <= $1) \
              OR (",
             $x,
             ".expire_time IS NOT NULL AND ",
@@ -613,6 +630,8 @@ macro_rules! impl_store {
                     let revoked = rows::revoked(row)?;
                     let event = if revoked.direct {
                         direct(&revoked)
+                    } else if !revoked.live {
+                        None
                     } else {
                         Some(
                             AuditEvent {
@@ -982,10 +1001,8 @@ macro_rules! impl_store {
                         .fetch_all(&mut *tx)
                         .await
                         .map_err(Self::classify)?;
-                    if !live
-                        .iter()
-                        .any(|revoke| revoke.is_none_or(|r| r > now.as_micros()))
-                    {
+                    // Revoked whatever time the revocation names.
+                    if !live.iter().any(Option::is_none) {
                         return Err(StorageError::ParentRevoked);
                     }
                 }
@@ -1041,19 +1058,25 @@ macro_rules! impl_store {
             async fn revoke_token(
                 &self,
                 id: &TokenId,
+                seen_live: bool,
                 at: Timestamp,
                 event: &AuditEvent,
             ) -> Result<Option<(Token, Vec<TokenId>)>, StorageError> {
                 let mut tx = self.pool.begin().await.map_err(Self::classify)?;
                 let query = sqlx::query(sql::REVOKE_TOKEN)
                     .bind(id.as_str())
-                    .bind(at.as_micros());
+                    .bind(at.as_micros())
+                    .bind(i64::from(seen_live));
                 let mut revoked =
                     Self::revoke_rows(&mut tx, query, event, |_| Some(event.clone())).await?;
+                // On PostgreSQL, a successor inserted by a rotation that this
+                // pass waited for (on the live row's lock) is invisible to
+                // its snapshot: the next pass sees it.
                 let again = || {
                     sqlx::query(sql::REVOKE_TOKEN)
                         .bind(id.as_str())
                         .bind(at.as_micros())
+                        .bind(i64::from(seen_live))
                 };
                 Self::revoke_until_done(&mut tx, again, event, &mut revoked).await?;
                 let row = sqlx::query(sql::TOKEN_BY_ID)
@@ -1070,7 +1093,7 @@ macro_rules! impl_store {
                 &self,
                 old: &TokenId,
                 new: &NewToken,
-                revoke_old_at: Timestamp,
+                retire_old_at: Timestamp,
                 now: Timestamp,
                 event: &AuditEvent,
             ) -> Result<Option<Token>, StorageError> {
@@ -1078,7 +1101,7 @@ macro_rules! impl_store {
                 let marked = sqlx::query(sql::MARK_ROTATED)
                     .bind(old.as_str())
                     .bind(new.token.id.as_str())
-                    .bind(revoke_old_at.as_micros())
+                    .bind(retire_old_at.as_micros())
                     .bind(now.as_micros())
                     .execute(&mut *tx)
                     .await
@@ -1468,6 +1491,7 @@ macro_rules! impl_store {
                     .bind(token.last_used_time.map(Timestamp::as_micros))
                     .bind(token.last_used_address.as_str())
                     .bind(token.parent_family_id.as_ref().map(TokenId::as_str))
+                    .bind(token.retire_time.map(Timestamp::as_micros))
                     .execute(&mut *conn)
                     .await
                     .map(drop)

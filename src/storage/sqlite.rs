@@ -69,6 +69,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0005_retention.sql"),
     ),
     (
+        6,
+        "rotation grace deadline",
+        include_str!("../../migrations/sqlite/0006_retire_time.sql"),
+    ),
+    (
         7,
         "credentials generation",
         include_str!("../../migrations/sqlite/0007_credentials_generation.sql"),

@@ -27,6 +27,7 @@ mod passwords;
 mod redaction;
 mod replicas;
 mod retention;
+mod revocation;
 mod storage;
 mod throttle;
 mod tls;

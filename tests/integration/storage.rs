@@ -142,6 +142,7 @@ fn token(
             create_time: t(create_micros),
             expire_time: expire_micros.map(t),
             revoke_time: None,
+            retire_time: None,
             max_uses: None,
             uses_remaining: None,
             last_used_time: None,
@@ -191,6 +192,7 @@ fn assert_token_eq(got: &Token, want: &Token) {
     assert_eq!(got.create_time, want.create_time, "token create_time");
     assert_eq!(got.expire_time, want.expire_time, "token expire_time");
     assert_eq!(got.revoke_time, want.revoke_time, "token revoke_time");
+    assert_eq!(got.retire_time, want.retire_time, "token retire_time");
 }
 
 /// Asserts that two sessions agree on every field.
@@ -768,10 +770,10 @@ mod conformance {
 
             // Once the first is revoked the name is free again, and several
             // revoked tokens may share it.
-            store.revoke_token(&first.token.id, t(20), &ev()).await.expect("revoke").expect("found");
+            store.revoke_token(&first.token.id, false, t(20), &ev()).await.expect("revoke").expect("found");
             let third = token(&alice.id, "deploy", &[], 21, None);
             store.create_token(&third, t(21), u32::MAX, &ev()).await.expect("name reused after revoke");
-            store.revoke_token(&third.token.id, t(22), &ev()).await.expect("revoke").expect("found");
+            store.revoke_token(&third.token.id, false, t(22), &ev()).await.expect("revoke").expect("found");
             let fourth = token(&alice.id, "deploy", &[], 23, None);
             store.create_token(&fourth, t(23), u32::MAX, &ev()).await.expect("name reused again");
             let again = token(&alice.id, "deploy", &[], 24, None);
@@ -837,7 +839,7 @@ mod conformance {
 
             // The expired token can still be revoked; that frees nothing new.
             let (revoked, _) = store
-                .revoke_token(&old.token.id, t(5_000), &ev())
+                .revoke_token(&old.token.id, false, t(5_000), &ev())
                 .await
                 .expect("revoke")
                 .expect("found");
@@ -856,7 +858,7 @@ mod conformance {
             store.create_token(&new, t(10), u32::MAX, &ev()).await.expect("create token");
 
             let (first, revoked) = store
-                .revoke_token(&new.token.id, t(100), &ev())
+                .revoke_token(&new.token.id, false, t(100), &ev())
                 .await
                 .expect("revoke")
                 .expect("found");
@@ -866,7 +868,7 @@ mod conformance {
             assert_eq!(revoked, std::slice::from_ref(&new.token.id));
 
             let (second, revoked) = store
-                .revoke_token(&new.token.id, t(200), &ev())
+                .revoke_token(&new.token.id, false, t(200), &ev())
                 .await
                 .expect("revoke again")
                 .expect("found");
@@ -877,7 +879,7 @@ mod conformance {
 
             assert!(
                 store
-                    .revoke_token(&TokenId::generate(), t(300), &ev())
+                    .revoke_token(&TokenId::generate(), false, t(300), &ev())
                     .await
                     .expect("revoking an unknown token is not an error")
                     .is_none()
@@ -1099,7 +1101,7 @@ mod conformance {
 
             // Revoking the rotated-out member revokes that member only.
             let (_, revoked) = store
-                .revoke_token(&parent.token.id, t(30), &ev())
+                .revoke_token(&parent.token.id, false, t(30), &ev())
                 .await
                 .expect("revoke")
                 .expect("found");
@@ -1112,7 +1114,7 @@ mod conformance {
             // Revoking the family's live token revokes the descendants,
             // whoever's they are, and nothing else.
             let (_, mut revoked) = store
-                .revoke_token(&successor.token.id, t(40), &ev())
+                .revoke_token(&successor.token.id, false, t(40), &ev())
                 .await
                 .expect("revoke")
                 .expect("found");
@@ -1148,7 +1150,7 @@ mod conformance {
             let parent = token(&alice.id, "parent", &[], 10, None);
             store.create_token(&parent, t(10), u32::MAX, &ev()).await.expect("create parent");
             store.create_token(&child_of(&parent, &alice.id, "before"), t(15), u32::MAX, &ev()).await.expect("a live parent may have children");
-            store.revoke_token(&parent.token.id, t(20), &ev()).await.expect("revoke").expect("found");
+            store.revoke_token(&parent.token.id, false, t(20), &ev()).await.expect("revoke").expect("found");
             let refused = store.create_token(&child_of(&parent, &alice.id, "after"), t(30), u32::MAX, &ev()).await;
             assert!(matches!(refused, Err(StorageError::ParentRevoked)), "{refused:?}");
         }
@@ -1279,10 +1281,59 @@ mod conformance {
             other.token.max_uses = Some(5);
             other.token.uses_remaining = Some(5);
             store.create_token(&other, t(10), u32::MAX, &ev()).await.expect("create token");
-            store.revoke_token(&other.token.id, t(50), &ev()).await.expect("revoke").expect("found");
+            store.revoke_token(&other.token.id, false, t(50), &ev()).await.expect("revoke").expect("found");
             assert_eq!(store.consume_use(&other.token.id, t(60)).await.expect("consume"), None);
             let got = store.token_by_id(&other.token.id).await.expect("read").expect("found");
             assert_eq!(got.uses_remaining, Some(5), "no use was spent");
+        }
+
+        async fn a_revocation_holds_whatever_time_it_names(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let x = token(&alice.id, "x", &[], 10, None);
+            store.create_token(&x, t(10), u32::MAX, &ev()).await.expect("create token");
+            // Revoked by a replica whose clock runs ahead: the time named is
+            // after the rotation's (and every reader's) "now".
+            store.revoke_token(&x.token.id, false, t(1_000), &ev()).await.expect("revoke").expect("found");
+            let got = store.token_by_id(&x.token.id).await.expect("read").expect("found");
+            assert_eq!(got.state(t(20)), TokenState::Revoked, "revoked at once");
+            let mut successor = token(&alice.id, "x", &[], 30, None);
+            successor.token.family_id = x.token.family_id.clone();
+            let rotated = store
+                .rotate_token(&x.token.id, &successor, t(500), t(30), &ev())
+                .await
+                .expect("rotate");
+            assert!(rotated.is_none(), "a revoked token is never rotated");
+            assert!(store.token_by_id(&successor.token.id).await.expect("read").is_none());
+            let listed = store
+                .list_tokens(&alice.id, &TokenFilter { states: vec![TokenState::Active], ..TokenFilter::all(t(20)) }, None, 10)
+                .await
+                .expect("list");
+            assert!(listed.is_empty(), "{listed:?}");
+
+            // A rotation records a grace deadline, not a revocation.
+            let y = token(&alice.id, "y", &[], 10, None);
+            store.create_token(&y, t(10), u32::MAX, &ev()).await.expect("create token");
+            let mut next = token(&alice.id, "y", &[], 30, None);
+            next.token.family_id = y.token.family_id.clone();
+            let old = store
+                .rotate_token(&y.token.id, &next, t(500), t(30), &ev())
+                .await
+                .expect("rotate")
+                .expect("rotated");
+            assert_eq!((old.revoke_time, old.retire_time), (None, Some(t(500))));
+            assert_eq!(old.state(t(499)), TokenState::Active, "in its grace period");
+            assert_eq!(old.state(t(500)), TokenState::Revoked, "grace over");
+            // Revoking the old token as the caller saw it before the
+            // rotation (its family's live token) revokes the successor too.
+            let (_, revoked) = store
+                .revoke_token(&y.token.id, true, t(40), &ev())
+                .await
+                .expect("revoke")
+                .expect("found");
+            assert!(revoked.contains(&next.token.id), "{revoked:?}");
+            let got = store.token_by_id(&next.token.id).await.expect("read").expect("found");
+            assert_eq!(got.state(t(41)), TokenState::Revoked);
         }
     }
 }

@@ -319,6 +319,12 @@ impl Identity {
         self.hasher.verifications()
     }
 
+    /// How the store's connection pool is used right now, if it has one
+    /// (for tests: a call waiting for the database holds a connection).
+    pub fn pool_usage(&self) -> Option<crate::storage::PoolUsage> {
+        self.store.pool_usage()
+    }
+
     /// The domain's settings.
     pub fn settings(&self) -> &IdentitySettings {
         &self.settings
@@ -401,7 +407,7 @@ impl Identity {
                     .map(|(token, account)| {
                         (
                             token.state(now),
-                            token.revoke_time,
+                            token.retire_time,
                             token_principal(token, account),
                         )
                     })
@@ -413,15 +419,15 @@ impl Identity {
                     .map(|(session, account)| {
                         (
                             session.state(now),
-                            session.revoke_time,
+                            None,
                             session_principal(session, account),
                         )
                     })
             }
         };
-        let (verdict, revoke_time) = match found {
+        let (verdict, retire_time) = match found {
             None => (Verdict::Inactive(InactiveReason::Unknown), None),
-            Some((state, revoke_time, principal)) => {
+            Some((state, retire_time, principal)) => {
                 let verdict = match state {
                     TokenState::Revoked => Verdict::Inactive(InactiveReason::Revoked),
                     TokenState::Expired => Verdict::Inactive(InactiveReason::Expired),
@@ -431,7 +437,7 @@ impl Identity {
                     }
                     TokenState::Active => Verdict::Active(Arc::new(principal)),
                 };
-                (verdict, revoke_time)
+                (verdict, retire_time)
             }
         };
         let cached = match &verdict {
@@ -439,7 +445,7 @@ impl Identity {
             Verdict::Active(principal) if principal.uses_remaining.is_some() => None,
             Verdict::Active(principal) => Some(Cached::Active {
                 principal: Arc::clone(principal),
-                revoke_time,
+                retire_time,
             }),
             Verdict::Inactive(reason) => Some(Cached::Inactive(*reason)),
         };
@@ -549,12 +555,12 @@ impl Identity {
     }
 }
 
-/// The verdict on a cached credential at `now`: expiry and scheduled
-/// revocation are re-checked on every hit.
+/// The verdict on a cached credential at `now`: expiry and the end of a
+/// rotation's grace period are re-checked on every hit.
 fn judge_cached(cached: Cached, now: Timestamp) -> Verdict {
     match cached {
         Cached::Inactive(reason) => Verdict::Inactive(reason),
-        Cached::Active { revoke_time, .. } if revoke_time.is_some_and(|r| r <= now) => {
+        Cached::Active { retire_time, .. } if retire_time.is_some_and(|r| r <= now) => {
             Verdict::Inactive(InactiveReason::Revoked)
         }
         Cached::Active { principal, .. } if principal.expire_time.is_some_and(|e| e <= now) => {
@@ -565,11 +571,12 @@ fn judge_cached(cached: Cached, now: Timestamp) -> Verdict {
 }
 
 fn token_principal(token: Token, account: Account) -> Principal {
-    // A revocation that a rotation's grace period has scheduled ends the
-    // token as surely as its expiry: report whichever comes first.
-    let expire_time = match (token.expire_time, token.revoke_time) {
-        (Some(expire), Some(revoke)) => Some(expire.min(revoke)),
-        (expire, revoke) => expire.or(revoke),
+    // The end of a rotation's grace period ends the token as surely as its
+    // expiry: report whichever comes first. (A revoked token has no
+    // principal.)
+    let expire_time = match (token.expire_time, token.retire_time) {
+        (Some(expire), Some(retire)) => Some(expire.min(retire)),
+        (expire, retire) => expire.or(retire),
     };
     Principal {
         account: without_hash(account),

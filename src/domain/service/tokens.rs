@@ -209,6 +209,7 @@ impl Identity {
             create_time: now,
             expire_time,
             revoke_time: None,
+            retire_time: None,
             max_uses: request.max_uses,
             uses_remaining: request.max_uses,
             last_used_time: None,
@@ -282,9 +283,15 @@ impl Identity {
         let event = AuditEvent::new(EventType::TokenRevoked, origin, Some(caller))
             .account(&token.account_id, &username)
             .credential(&token.id);
+        // What the caller revokes is the token as it read it: if that was
+        // its family's live token, a rotation that lands before the
+        // revocation's write cannot keep a successor alive (the store then
+        // revokes the whole family, successors included). A token read as
+        // already rotated out is revoked alone.
+        let seen_live = token.replaced_by.is_none();
         let revoked = self
             .store
-            .revoke_token(id, Timestamp::now(), &event)
+            .revoke_token(id, seen_live, Timestamp::now(), &event)
             .await?;
         self.changed(Invalidation::Credential(id.clone()));
         let (token, cascaded) = revoked.ok_or(DomainError::TokenNotFound)?;
@@ -342,6 +349,7 @@ impl Identity {
             create_time: now,
             expire_time,
             revoke_time: None,
+            retire_time: None,
             max_uses: old.max_uses,
             uses_remaining: old.uses_remaining,
             last_used_time: None,
@@ -357,13 +365,22 @@ impl Identity {
             token: successor,
             digest: secret.digest(),
         };
-        let revoke_old_at = now.saturating_add(self.settings.rotation_grace);
-        let previous = self
+        let retire_old_at = now.saturating_add(self.settings.rotation_grace);
+        let Some(previous) = self
             .store
-            .rotate_token(&old.id, &new, revoke_old_at, now, &event)
+            .rotate_token(&old.id, &new, retire_old_at, now, &event)
             .await?
-            // Someone rotated or revoked it between our read and our write.
-            .ok_or(DomainError::TokenAlreadyRotated)?;
+        else {
+            // Someone rotated or revoked it between our read and our write
+            // (a revocation holds whatever time it names): say which.
+            return Err(match self.store.token_by_id(&old.id).await? {
+                Some(token) if token.replaced_by.is_none() => match require_live(&token, now) {
+                    Err(err) => err,
+                    Ok(()) => DomainError::TokenInactive("revoked"),
+                },
+                _ => DomainError::TokenAlreadyRotated,
+            });
+        };
         self.changed(Invalidation::Credential(old.id.clone()));
         Ok(Rotated {
             issued: IssuedToken {
