@@ -14,6 +14,7 @@ mod cache_flood;
 mod faults;
 mod forwarded;
 mod grants;
+mod hashing;
 mod hierarchy;
 mod lifecycle;
 mod listeners;
