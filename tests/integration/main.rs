@@ -25,6 +25,7 @@ mod passwords;
 mod redaction;
 mod replicas;
 mod retention;
+mod sqlite;
 mod storage;
 mod throttle;
 mod tls;

@@ -213,10 +213,20 @@ impl Identity {
         let event = AuditEvent::new(EventType::SignedOut, origin, Some(caller))
             .account(&caller.account.id, caller.account.username.as_str())
             .credential(&caller.credential_id);
-        self.store
-            .revoke_session(&caller.credential_id, Timestamp::now(), &event)
-            .await?;
-        self.changed(Invalidation::Credential(caller.credential_id.clone()));
+        let store = std::sync::Arc::clone(&self.store);
+        let session = caller.credential_id.clone();
+        self.commit_then_evict(
+            async move {
+                store
+                    .revoke_session(&session, Timestamp::now(), &event)
+                    .await
+            },
+            {
+                let session = caller.credential_id.clone();
+                move |cache, _: &_| cache.evict(&Invalidation::Credential(session))
+            },
+        )
+        .await?;
         Ok(())
     }
 
@@ -289,12 +299,18 @@ impl Identity {
             .ok_or(DomainError::AccountNotFound)?;
         let event = AuditEvent::new(EventType::SignedOutEverywhere, origin, Some(caller))
             .account(&account.id, account.username.as_str());
-        let ended = self
-            .store
-            .revoke_sessions(id, Timestamp::now(), &event)
-            .await?;
-        self.changed(Invalidation::Account(id.clone()));
-        Ok(ended)
+        let store = std::sync::Arc::clone(&self.store);
+        let account = id.clone();
+        let evicted = id.clone();
+        self.commit_then_evict(
+            async move {
+                store
+                    .revoke_sessions(&account, Timestamp::now(), &event)
+                    .await
+            },
+            move |cache, _: &_| cache.evict(&Invalidation::Account(evicted)),
+        )
+        .await
     }
 
     /// `DisableAccount` (`disable`) and `EnableAccount`.

@@ -281,6 +281,34 @@ impl Identity {
         self.cache.evict(&what);
     }
 
+    /// Runs `write`, a store call that commits a change, and then `evict`s
+    /// what the change affects from this replica's cache, in a task of its
+    /// own that the caller awaits. A call that ends while its commit is in
+    /// flight (the client cancelled it, or its deadline passed: either drops
+    /// the handler) drops only its wait, so a commit once made is always
+    /// followed by its eviction. On PostgreSQL the store's notification
+    /// would evict it too; on SQLite nothing else would, and the cache would
+    /// answer the revoked credential active until its entry expired.
+    pub(super) async fn commit_then_evict<T, W, E>(
+        &self,
+        write: W,
+        evict: E,
+    ) -> Result<T, DomainError>
+    where
+        T: Send + 'static,
+        W: Future<Output = Result<T, crate::storage::StorageError>> + Send + 'static,
+        E: FnOnce(&VerificationCache, &T) + Send + 'static,
+    {
+        let cache = Arc::clone(&self.cache);
+        tokio::spawn(async move {
+            let done = write.await?;
+            evict(&cache, &done);
+            Ok(done)
+        })
+        .await
+        .map_err(|e| DomainError::Internal(Box::new(e)))?
+    }
+
     /// How many password verifications this replica has started (each one
     /// an argon2 hash), for tests and metrics.
     pub fn password_verifications(&self) -> u64 {
