@@ -95,6 +95,10 @@ pub struct Identity {
     /// The buckets of [`SignInRates`], keyed `account:<username key>` and
     /// `address:<address key>`.
     password_checks: Arc<KeyedBuckets>,
+    /// Password checks in flight on this replica, per username key: an
+    /// attempt the throttle refuses while some are waits for them (see
+    /// `throttle::InFlight`).
+    in_flight: Arc<super::throttle::InFlight>,
 }
 
 /// `identity_verify_token_verdicts_total` by verdict, registered once so
@@ -238,6 +242,7 @@ impl Identity {
             cache,
             verdicts: Arc::new(VerdictCounters::new()),
             password_checks: Arc::new(KeyedBuckets::new(2 * SignInRates::TRACKED)),
+            in_flight: Arc::new(super::throttle::InFlight::default()),
         }
     }
 
