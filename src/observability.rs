@@ -137,6 +137,23 @@ fn describe() {
         "identity_password_hashes_running",
         "Password hashes being computed"
     );
+    describe_counter!(
+        "identity_password_hashes_queued_total",
+        "Password hashes accepted into the hashing queue"
+    );
+    describe_counter!(
+        "identity_password_hashes_completed_total",
+        "Password hashes computed"
+    );
+    describe_counter!(
+        "identity_password_hashes_skipped_total",
+        "Password hashes dropped unhashed because their call had ended (cancelled or past its \
+         deadline) before a thread reached them"
+    );
+    describe_counter!(
+        "identity_password_hashes_refused_total",
+        "Password hashes refused because the hashing queue was full (answered RESOURCE_EXHAUSTED)"
+    );
     describe_histogram!(
         "identity_password_hash_wait_seconds",
         Unit::Seconds,

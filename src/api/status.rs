@@ -31,7 +31,8 @@ pub fn to_status(err: DomainError) -> Status {
         }
         DomainError::RateLimited(retry_after)
         | DomainError::SignInThrottled(retry_after)
-        | DomainError::TokenCreationRateLimited(retry_after) => {
+        | DomainError::TokenCreationRateLimited(retry_after)
+        | DomainError::HashingBusy(retry_after) => {
             details.set_retry_info(Some(*retry_after));
         }
         DomainError::ScopeMissing(scope) => {
@@ -168,6 +169,12 @@ fn classify(err: &DomainError) -> (Code, ErrorReason) {
         DomainError::TokenInactive(_) => (Code::FailedPrecondition, ErrorReason::TokenInactive),
         DomainError::SelfLockout => (Code::FailedPrecondition, ErrorReason::SelfLockout),
         DomainError::TokenLifetime(_) => (Code::InvalidArgument, ErrorReason::TokenLifetime),
+        // RESOURCE_EXHAUSTED, like the load shedding in `api::shed`: the
+        // replica is busy, not down. UNAVAILABLE would say the store is
+        // down, and clients retry it at once (gRPC retry policies list it),
+        // feeding the very queue that is full; the RetryInfo asks them to
+        // back off instead.
+        DomainError::HashingBusy(_) => (Code::ResourceExhausted, ErrorReason::RateLimited),
         DomainError::Unavailable(_) => (Code::Unavailable, ErrorReason::StoreUnavailable),
         DomainError::Internal(_) => (Code::Internal, ErrorReason::Internal),
     }

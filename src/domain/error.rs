@@ -92,6 +92,13 @@ pub enum DomainError {
     /// The token's lifetime breaks the server's policy.
     #[error("token lifetime: {}: {}", .0.field, .0.description)]
     TokenLifetime(FieldViolation),
+    /// This replica's password hashing queue is full: retry after the
+    /// given delay, or on another replica.
+    #[error(
+        "too many password checks are waiting on this server; retry in {} s or try another replica",
+        .0.as_secs().max(1)
+    )]
+    HashingBusy(std::time::Duration),
     /// The database cannot be reached right now.
     #[error("the store is unavailable")]
     Unavailable(#[source] StorageError),

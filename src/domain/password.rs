@@ -17,7 +17,6 @@ use argon2::{
         self, PasswordHasher as _, PasswordVerifier as _, SaltString, rand_core::OsRng,
     },
 };
-use tokio::sync::Semaphore;
 use unicode_normalization::UnicodeNormalization as _;
 
 use super::DomainError;
@@ -211,8 +210,22 @@ impl PasswordHash {
 }
 
 /// Hashes and verifies passwords with argon2id (OWASP parameters: 19 MiB,
-/// two passes, one lane) on at most `max_concurrent` blocking threads, so a
-/// flood of sign-ins queues here instead of starving the async runtime.
+/// two passes, one lane) on `max_concurrent` dedicated threads, so a flood
+/// of sign-ins queues here instead of starving the async runtime.
+///
+/// The queue is bounded and honest:
+/// - a job takes its place in the queue when it is submitted and keeps it
+///   until it has run or been skipped, whatever its caller does meanwhile
+///   (the place travels with the job, not with the caller's future);
+/// - a job whose caller has gone (the call was cancelled or reached its
+///   deadline, which drops the call) is skipped, unhashed, when it reaches
+///   the front, so abandoned sign-ins cost no CPU and delay no one;
+/// - at most [`PasswordHasher::QUEUED_PER_THREAD`] jobs per thread wait; a
+///   job beyond that is refused at once with [`DomainError::HashingBusy`]
+///   (after dropping the waiting jobs whose callers are gone);
+/// - the gauges count the jobs really waiting and really running, and the
+///   counters say what became of every job: at rest, queued = completed +
+///   skipped.
 #[derive(Clone)]
 pub struct PasswordHasher {
     inner: Arc<HasherInner>,
@@ -220,11 +233,8 @@ pub struct PasswordHasher {
 
 struct HasherInner {
     argon2: Argon2<'static>,
-    /// One per hashing thread: a hash waits here (asynchronously, holding
-    /// no thread) until a thread is free.
-    permits: Semaphore,
-    /// Hands work to the hashing threads; they stop when it is dropped.
-    jobs: std::sync::mpsc::Sender<Job>,
+    /// The queue and the threads that work through it.
+    pool: Arc<Pool>,
     /// A hash of a random password, verified against when the username is
     /// unknown so that such a sign-in costs the same as a real one.
     dummy: PasswordHash,
@@ -232,12 +242,38 @@ struct HasherInner {
     verifications: std::sync::atomic::AtomicU64,
 }
 
+impl Drop for HasherInner {
+    fn drop(&mut self) {
+        self.pool.close();
+    }
+}
+
 impl fmt::Debug for PasswordHasher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.inner.pool.lock();
         f.debug_struct("PasswordHasher")
-            .field("available_permits", &self.inner.permits.available_permits())
+            .field("waiting", &state.waiting.len())
+            .field("running", &state.running)
             .finish_non_exhaustive()
     }
+}
+
+/// The metric names of the hashing queue (described in `observability`).
+pub mod metric {
+    /// Gauge: jobs waiting for a hashing thread.
+    pub const WAITING: &str = "identity_password_hashes_waiting";
+    /// Gauge: jobs being hashed.
+    pub const RUNNING: &str = "identity_password_hashes_running";
+    /// Counter: jobs accepted into the queue.
+    pub const QUEUED: &str = "identity_password_hashes_queued_total";
+    /// Counter: jobs hashed (their result delivered or not).
+    pub const COMPLETED: &str = "identity_password_hashes_completed_total";
+    /// Counter: jobs dropped unhashed because their caller had gone.
+    pub const SKIPPED: &str = "identity_password_hashes_skipped_total";
+    /// Counter: jobs refused because the queue was full.
+    pub const REFUSED: &str = "identity_password_hashes_refused_total";
+    /// Histogram: how long each hashed job waited for a thread.
+    pub const WAIT: &str = "identity_password_hash_wait_seconds";
 }
 
 impl PasswordHasher {
@@ -245,15 +281,28 @@ impl PasswordHasher {
     pub const MEMORY_KIB: u32 = 19_456;
     /// OWASP's recommended number of passes.
     pub const ITERATIONS: u32 = 2;
+    /// How many jobs may wait per hashing thread. At a few tens of
+    /// milliseconds a hash, 32 waiting jobs are about a second of work: a
+    /// sign-in that would wait longer is better refused at once, so that
+    /// its client backs off or tries another replica.
+    pub const QUEUED_PER_THREAD: usize = 32;
 
-    /// A hasher that runs at most `max_concurrent` hashes at once. Computes
-    /// the dummy hash synchronously (a few tens of milliseconds).
+    /// A hasher that runs at most `max_concurrent` hashes at once, with
+    /// [`Self::QUEUED_PER_THREAD`] jobs per thread waiting at most.
+    /// Computes the dummy hash synchronously (a few tens of milliseconds).
     ///
     /// Hashing runs on `max_concurrent` dedicated threads rather than
     /// tokio's blocking pool: each hash takes 19 MiB, and a few long-lived
     /// threads keep reusing their memory where hundreds of short-lived
     /// blocking threads would each leave an allocator arena behind.
     pub fn new(max_concurrent: usize) -> Result<Self, DomainError> {
+        let threads = max_concurrent.max(1);
+        Self::with_queue(threads, threads.saturating_mul(Self::QUEUED_PER_THREAD))
+    }
+
+    /// A hasher of `threads` threads (at least one) and at most
+    /// `max_waiting` jobs waiting (at least one).
+    pub fn with_queue(threads: usize, max_waiting: usize) -> Result<Self, DomainError> {
         let params = ParamsBuilder::new()
             .m_cost(Self::MEMORY_KIB)
             .t_cost(Self::ITERATIONS)
@@ -265,32 +314,22 @@ impl PasswordHasher {
         let mut random = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
         let dummy = hash_with(&argon2, &random).map_err(internal)?;
-        let threads = max_concurrent.max(1);
-        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
-        let queue = Arc::new(std::sync::Mutex::new(queue));
-        for i in 0..threads {
-            let queue = Arc::clone(&queue);
+        let pool = Arc::new(Pool {
+            state: std::sync::Mutex::new(PoolState::default()),
+            ready: std::sync::Condvar::new(),
+            max_waiting: max_waiting.max(1),
+        });
+        for i in 0..threads.max(1) {
+            let pool = Arc::clone(&pool);
             std::thread::Builder::new()
                 .name(format!("argon2-{i}"))
-                .spawn(move || {
-                    loop {
-                        let job = queue
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .recv();
-                        match job {
-                            Ok(job) => job(),
-                            Err(_) => break,
-                        }
-                    }
-                })
+                .spawn(move || pool.work())
                 .map_err(internal)?;
         }
         Ok(Self {
             inner: Arc::new(HasherInner {
                 argon2,
-                permits: Semaphore::new(threads),
-                jobs,
+                pool,
                 dummy,
                 verifications: std::sync::atomic::AtomicU64::new(0),
             }),
@@ -353,50 +392,184 @@ impl PasswordHasher {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Runs `work` on a hashing thread once one is free, inside the
-    /// caller's tracing span. The queue is measured: hashes waiting and
-    /// running (gauges, kept right even when a caller gives up), and how long
-    /// each waited.
+    /// What this hasher's queue has done so far (the metrics say the same,
+    /// summed over every hasher of the process).
+    pub fn stats(&self) -> HashStats {
+        self.inner.pool.lock().stats
+    }
+
+    /// Queues `work` for a hashing thread, to run inside the caller's
+    /// tracing span, and waits for its result. Dropping the returned future
+    /// leaves the job queued but marks it abandoned: it is skipped unless a
+    /// thread has already started it.
     async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, DomainError> {
-        let queued = std::time::Instant::now();
-        let waiting = InGauge::enter("identity_password_hashes_waiting");
-        let _permit = self.inner.permits.acquire().await.map_err(internal)?;
-        drop(waiting);
-        metrics::histogram!("identity_password_hash_wait_seconds").record(queued.elapsed());
-        let _running = InGauge::enter("identity_password_hashes_running");
-        let span = tracing::Span::current();
         let (done, result) = tokio::sync::oneshot::channel();
-        let job: Job = Box::new(move || {
-            let _ = done.send(span.in_scope(work));
-        });
-        self.inner
-            .jobs
-            .send(job)
-            .map_err(|_| DomainError::Internal("the password hashing threads are gone".into()))?;
-        result.await.map_err(internal)
+        let job = Pending {
+            work,
+            done,
+            span: tracing::Span::current(),
+        };
+        self.inner.pool.submit(Box::new(job))?;
+        result
+            .await
+            .map_err(|_| DomainError::Internal("the password hashing threads are gone".into()))
     }
 }
 
-/// Work for a hashing thread.
-type Job = Box<dyn FnOnce() + Send>;
+/// What a hasher's queue has done: at rest, `queued == completed + skipped`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HashStats {
+    /// Jobs accepted into the queue.
+    pub queued: u64,
+    /// Jobs hashed.
+    pub completed: u64,
+    /// Jobs dropped unhashed because their caller had gone.
+    pub skipped: u64,
+    /// Jobs refused because the queue was full.
+    pub refused: u64,
+}
 
-/// One unit of a gauge, held until dropped.
-struct InGauge(metrics::Gauge);
+/// The queue and its threads' shared state.
+struct Pool {
+    state: std::sync::Mutex<PoolState>,
+    /// Signalled when a job is queued or the pool closes.
+    ready: std::sync::Condvar,
+    /// The most jobs that may wait (running ones not counted).
+    max_waiting: usize,
+}
 
-impl InGauge {
-    fn enter(name: &'static str) -> Self {
-        let gauge = metrics::gauge!(name);
-        gauge.increment(1.0);
-        Self(gauge)
+#[derive(Default)]
+struct PoolState {
+    /// Jobs waiting for a thread, oldest first, each with when it came.
+    waiting: std::collections::VecDeque<(Box<dyn Task>, std::time::Instant)>,
+    /// Jobs being hashed.
+    running: usize,
+    /// Set when the hasher is dropped: the threads finish and exit.
+    closed: bool,
+    stats: HashStats,
+}
+
+/// A job for a hashing thread: some work and the caller waiting for it.
+trait Task: Send {
+    /// Whether its caller has gone (its result would be dropped).
+    fn abandoned(&self) -> bool;
+    /// Does the work, calls `finished`, and then hands the result over (if
+    /// anyone still wants it): so that by the time a caller has its
+    /// result, the queue's gauges and counters already show the job done.
+    fn run(self: Box<Self>, finished: &dyn Fn());
+}
+
+struct Pending<T, F> {
+    work: F,
+    done: tokio::sync::oneshot::Sender<T>,
+    span: tracing::Span,
+}
+
+impl<T: Send, F: FnOnce() -> T + Send> Task for Pending<T, F> {
+    fn abandoned(&self) -> bool {
+        self.done.is_closed()
+    }
+
+    fn run(self: Box<Self>, finished: &dyn Fn()) {
+        let Self { work, done, span } = *self;
+        let result = span.in_scope(work);
+        finished();
+        let _ = done.send(result);
     }
 }
 
-impl Drop for InGauge {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues `task`, or refuses it when the queue is full even after the
+    /// abandoned jobs in it are dropped.
+    fn submit(&self, task: Box<dyn Task>) -> Result<(), DomainError> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(DomainError::Internal(
+                "the password hashing threads are gone".into(),
+            ));
+        }
+        // Dropped jobs are let go of once the lock is released (see `work`).
+        let mut dropped = std::collections::VecDeque::new();
+        if state.waiting.len() >= self.max_waiting {
+            let (gone, live) = std::mem::take(&mut state.waiting)
+                .into_iter()
+                .partition(|(task, _)| task.abandoned());
+            state.waiting = live;
+            dropped = gone;
+            state.stats.skipped += dropped.len() as u64;
+            metrics::gauge!(metric::WAITING).decrement(dropped.len() as f64);
+            metrics::counter!(metric::SKIPPED).increment(dropped.len() as u64);
+        }
+        if state.waiting.len() >= self.max_waiting {
+            state.stats.refused += 1;
+            metrics::counter!(metric::REFUSED).increment(1);
+            drop(state);
+            drop(dropped);
+            return Err(DomainError::HashingBusy(std::time::Duration::from_secs(1)));
+        }
+        state.waiting.push_back((task, std::time::Instant::now()));
+        state.stats.queued += 1;
+        metrics::counter!(metric::QUEUED).increment(1);
+        metrics::gauge!(metric::WAITING).increment(1.0);
+        drop(state);
+        drop(dropped);
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// A hashing thread: takes the oldest job, skips it if its caller has
+    /// gone, runs it otherwise; until the pool closes and is empty.
+    fn work(&self) {
+        let mut state = self.lock();
+        loop {
+            let Some((task, since)) = state.waiting.pop_front() else {
+                if state.closed {
+                    return;
+                }
+                state = self
+                    .ready
+                    .wait(state)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                continue;
+            };
+            metrics::gauge!(metric::WAITING).decrement(1.0);
+            if task.abandoned() {
+                state.stats.skipped += 1;
+                metrics::counter!(metric::SKIPPED).increment(1);
+                // A job holds an `Arc<HasherInner>`, which may be the last:
+                // dropping it closes the pool, which takes the lock.
+                drop(state);
+                drop(task);
+                state = self.lock();
+                continue;
+            }
+            state.running += 1;
+            metrics::gauge!(metric::RUNNING).increment(1.0);
+            drop(state);
+            metrics::histogram!(metric::WAIT).record(since.elapsed());
+            task.run(&|| {
+                let mut state = self.lock();
+                state.running -= 1;
+                state.stats.completed += 1;
+                metrics::gauge!(metric::RUNNING).decrement(1.0);
+                metrics::counter!(metric::COMPLETED).increment(1);
+            });
+            state = self.lock();
+        }
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.ready.notify_all();
     }
 }
 
@@ -605,6 +778,80 @@ mod tests {
         )
         .expect("valid");
         assert!(!format!("{pw:?}").contains("horse"));
+    }
+
+    /// Occupies `hasher`'s only thread until the returned sender is
+    /// dropped; returns once the thread has started on it.
+    fn occupy(hasher: &PasswordHasher) -> std::sync::mpsc::Sender<()> {
+        let (started, running) = std::sync::mpsc::channel();
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let (done, result) = tokio::sync::oneshot::channel::<()>();
+        // Nobody waits for its result, yet it must not count as abandoned.
+        std::mem::forget(result);
+        let work = move || {
+            let _ = started.send(());
+            let _ = hold.recv();
+        };
+        let span = tracing::Span::none();
+        hasher
+            .inner
+            .pool
+            .submit(Box::new(Pending { work, done, span }))
+            .expect("queued");
+        running.recv().expect("the thread started");
+        release
+    }
+
+    #[tokio::test]
+    async fn abandoned_jobs_are_skipped_and_a_full_queue_refuses() {
+        let hasher = PasswordHasher::with_queue(1, 3).expect("hasher");
+        let policy = PasswordPolicy::default();
+        let pw = || Password::offered("password", "correct horse battery".into(), &policy);
+        let release = occupy(&hasher);
+        // Three callers queue and give up: their jobs stay queued, abandoned.
+        for _ in 0..3 {
+            let gave_up = tokio::time::timeout(
+                std::time::Duration::from_millis(1),
+                hasher.verify(pw().expect("valid"), None),
+            )
+            .await;
+            assert!(gave_up.is_err(), "the thread is busy");
+        }
+        assert_eq!(hasher.inner.pool.lock().waiting.len(), 3);
+        // A live caller finds the queue full of abandoned jobs: they are
+        // dropped unhashed and it takes a place.
+        let live: Vec<_> = (0..3)
+            .map(|_| {
+                let hasher = hasher.clone();
+                let pw = pw().expect("valid");
+                tokio::spawn(async move { hasher.verify(pw, None).await })
+            })
+            .collect();
+        while hasher.inner.pool.lock().stats.queued < 1 + 3 + 3 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(hasher.stats().skipped, 3);
+        // Three live jobs wait: a fourth is refused, at once.
+        let refused = hasher.verify(pw().expect("valid"), None).await;
+        assert!(
+            matches!(refused, Err(DomainError::HashingBusy(_))),
+            "{refused:?}"
+        );
+        drop(release);
+        for job in live {
+            assert!(!job.await.expect("join").expect("verified"));
+        }
+        let stats = hasher.stats();
+        assert_eq!(
+            stats,
+            HashStats {
+                queued: 7,
+                completed: 4,
+                skipped: 3,
+                refused: 1
+            }
+        );
+        assert_eq!(hasher.inner.pool.lock().running, 0);
     }
 
     #[tokio::test]

@@ -281,6 +281,100 @@ impl Default for SignInRates {
     }
 }
 
+/// The longest an attempt waits for the attempts in flight before it (see
+/// [`InFlight`]) before it is refused as the throttle says.
+pub const MAX_IN_FLIGHT_WAIT: Duration = Duration::from_secs(2);
+
+/// The password checks in flight on this replica, per username key.
+///
+/// An attempt's claim counts as a failure from the moment it is made, so
+/// that concurrent wrong guesses get no more checks than sequential ones:
+/// with 5 free failures, the 6th concurrent attempt arms the first delay and
+/// the 7th is refused, even if every one of them carries the right password
+/// and would have reset the count on success. That refused a right password
+/// only because other attempts were still in flight (the soak of
+/// 2026-12-01 saw 3 in 16,526 when hashes queued).
+///
+/// So an attempt the throttle refuses while attempts for the same username
+/// are in flight on this replica does not give up: it waits (at most
+/// [`MAX_IN_FLIGHT_WAIT`], and never past its call's deadline, which drops
+/// it) until one of them resolves, and claims again. The argument that this
+/// keeps the guarantee: waiting adds no check. Every password check still
+/// follows a claim the store admitted under the same atomic rule, and a
+/// claim is admitted only if the counter, with every earlier claim counted
+/// as a failure, is not in backoff; so N concurrent attempts get at most
+/// the checks N sequential failures would get. What changes is only when a
+/// refused attempt is answered: if an attempt in flight succeeds, it resets
+/// the count and the waiting attempt's new claim is admitted (the right
+/// password is then checked, as it would have been had it come a moment
+/// later); if they all fail, the count stands, the new claim is refused, and
+/// with nothing left in flight the attempt is refused as before. Wrong
+/// guesses made one after another find nothing in flight and are refused at
+/// once, as before. Attempts in flight on another replica are not seen:
+/// there the refusal stands (the client's RetryInfo says when to retry).
+#[derive(Debug, Default)]
+pub struct InFlight {
+    keys: std::sync::Mutex<
+        std::collections::HashMap<String, (usize, std::sync::Arc<tokio::sync::Notify>)>,
+    >,
+}
+
+/// One attempt in flight; resolving (dropping) it wakes the waiters.
+#[derive(Debug)]
+pub struct InFlightAttempt {
+    registry: std::sync::Arc<InFlight>,
+    key: String,
+}
+
+impl InFlight {
+    /// Registers an attempt on `key`, from before its claim until the
+    /// returned guard is dropped (after its success or failure has been
+    /// recorded, or its refusal).
+    pub fn enter(registry: &std::sync::Arc<Self>, key: &str) -> InFlightAttempt {
+        let mut keys = registry.lock();
+        keys.entry(key.to_owned())
+            .or_insert_with(|| (0, std::sync::Arc::default()))
+            .0 += 1;
+        InFlightAttempt {
+            registry: std::sync::Arc::clone(registry),
+            key: key.to_owned(),
+        }
+    }
+
+    /// What to wait on if attempts on `key` other than the caller's own
+    /// (which it has entered) are in flight: woken when one resolves.
+    pub fn busy(&self, key: &str) -> Option<std::sync::Arc<tokio::sync::Notify>> {
+        self.lock()
+            .get(key)
+            .filter(|(count, _)| *count > 1)
+            .map(|(_, notify)| std::sync::Arc::clone(notify))
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        std::collections::HashMap<String, (usize, std::sync::Arc<tokio::sync::Notify>)>,
+    > {
+        self.keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for InFlightAttempt {
+    fn drop(&mut self) {
+        let mut keys = self.registry.lock();
+        if let Some((count, notify)) = keys.get_mut(&self.key) {
+            *count -= 1;
+            notify.notify_waiters();
+            if *count == 0 {
+                keys.remove(&self.key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

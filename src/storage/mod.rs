@@ -504,7 +504,7 @@ impl Database {
         match (self, migrate) {
             (Self::Postgres(store), true) => store.migrate().await,
             (Self::Postgres(store), false) => store.check_schema(false).await,
-            (Self::Sqlite(store), true) => store.migrate().await,
+            (Self::Sqlite(store), true) => store.migrate_exclusively().await,
             (Self::Sqlite(store), false) => store.check_schema(false).await,
         }
     }

@@ -84,6 +84,8 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The database file (`:memory:` for an in-memory database).
+    file: std::path::PathBuf,
 }
 
 impl SqliteStore {
@@ -94,9 +96,14 @@ impl SqliteStore {
             .map_err(|e| StorageError::Other(Box::new(e)))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
+            // FULL: in WAL mode NORMAL syncs only at checkpoints, so a power
+            // loss can undo a commit already acknowledged (a revocation the
+            // caller was told had happened). FULL syncs the WAL at every
+            // commit, at the cost of one fsync per write transaction.
+            .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
+        let file = connect.get_filename().to_path_buf();
         let pool = SqlitePoolOptions::new()
             .max_connections(options.max_connections)
             .acquire_timeout(options.acquire_timeout)
@@ -105,7 +112,7 @@ impl SqliteStore {
             // reported as unavailable, and the pool replaces it.
             .test_before_acquire(false)
             .connect_lazy_with(connect);
-        Ok(Self { pool })
+        Ok(Self { pool, file })
     }
 
     /// Translates a sqlx error. SQLite does not report constraint names, so
@@ -231,6 +238,40 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
+    /// Applies the embedded migrations the database lacks, as
+    /// [`Self::migrate`] does, while holding an exclusive lock: SQLite's
+    /// migrator takes no lock of its own, so two `identity migrate` started
+    /// at once would both see a migration missing and the second would fail
+    /// ("table accounts already exists"). The second now waits (up to a
+    /// minute), then finds nothing left to do. The lock is SQLite's own, an
+    /// exclusive transaction on an empty side database next to the real one
+    /// (`<database>.migrate-lock`), released when the migration ends or the
+    /// process dies; the file stays. (Not the database itself: its
+    /// migrations run in transactions of their own.)
+    pub async fn migrate_exclusively(&self) -> Result<(), StorageError> {
+        let in_memory = self.file.as_os_str().is_empty() || self.file.as_os_str() == ":memory:";
+        if in_memory {
+            return self.migrate().await;
+        }
+        let mut path = self.file.clone().into_os_string();
+        path.push(".migrate-lock");
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .busy_timeout(Duration::from_secs(60));
+        let mut lock = sqlx::ConnectOptions::connect(&options)
+            .await
+            .map_err(Self::classify)?;
+        sqlx::query("BEGIN EXCLUSIVE")
+            .execute(&mut lock)
+            .await
+            .map_err(Self::classify)?;
+        let migrated = self.migrate().await;
+        // Closing the connection ends the transaction and frees the lock.
+        let _ = sqlx::Connection::close(lock).await;
+        migrated
+    }
+
     /// One process owns the file: its single retention task needs no lock.
     async fn lock_retention(_conn: &mut sqlx::SqliteConnection) -> Result<bool, StorageError> {
         Ok(true)
@@ -247,6 +288,28 @@ sql::impl_store!(SqliteStore, sqlx::Sqlite);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// In WAL mode only `synchronous = FULL` makes a commit durable when
+    /// it is acknowledged.
+    #[tokio::test]
+    async fn every_connection_syncs_each_commit() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = format!("sqlite:{}", dir.path().join("sync.db").display());
+        let store = SqliteStore::connect(&url, &PoolOptions::default())
+            .await
+            .expect("open");
+        let mut conn = store.pool.acquire().await.expect("a connection");
+        let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("read");
+        assert_eq!(level, 2, "synchronous = FULL");
+        let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut *conn)
+            .await
+            .expect("read");
+        assert_eq!(mode, "wal");
+    }
 
     /// A full disk is a condition of the machine, not a bug: the call may
     /// succeed once space is freed, so it is unavailable, not internal.

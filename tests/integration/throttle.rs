@@ -302,6 +302,82 @@ async fn concurrent_right_passwords_are_never_throttled(backend: Backend) {
 }
 on_both!(concurrent_right_passwords_are_never_throttled);
 
+/// More concurrent right-password sign-ins for one username than its free
+/// failures, queued behind one hashing thread, all succeed: an attempt the
+/// throttle refuses while others are in flight waits for one to resolve
+/// (the first success resets the count) instead of being refused.
+async fn more_concurrent_right_passwords_than_free_failures_all_succeed(backend: Backend) {
+    // Delays far longer than an attempt ever waits, so that no claim is
+    // admitted because a delay ran out.
+    let settings = ThrottleSettings {
+        base_delay: Duration::from_secs(60),
+        max_delay: Duration::from_secs(120),
+        ..ThrottleSettings::default()
+    };
+    let app = TestApp::spawn_with(backend, |config| {
+        config.hash_concurrency = 1;
+        config.identity.sign_in_throttle = settings;
+    })
+    .await;
+    create_person(&app, "erin").await;
+    let concurrent = 2 * ThrottleSettings::default().account_free_failures + 2;
+    let hashes = app.identity.password_verifications();
+    let attempts: Vec<_> = (0..concurrent)
+        .map(|_| {
+            let mut accounts = app.accounts();
+            tokio::spawn(async move {
+                accounts
+                    .sign_in(pb::SignInRequest {
+                        username: "erin".into(),
+                        password: PASSWORD.into(),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for (i, attempt) in attempts.into_iter().enumerate() {
+        if let Err(status) = attempt.await.expect("join") {
+            panic!("attempt {i} of {concurrent}: {status:?}");
+        }
+    }
+    assert_eq!(
+        app.identity.password_verifications() - hashes,
+        u64::from(concurrent),
+        "one check each"
+    );
+    // Concurrent wrong guesses still get no more checks than sequential
+    // ones: the free failures and the one that arms the delay.
+    let hashes = app.identity.password_verifications();
+    let guesses: Vec<_> = (0..concurrent)
+        .map(|_| {
+            let mut accounts = app.accounts();
+            tokio::spawn(async move {
+                accounts
+                    .sign_in(pb::SignInRequest {
+                        username: "erin".into(),
+                        password: WRONG.into(),
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut throttled = 0;
+    for guess in guesses {
+        let status = guess.await.expect("join").expect_err("a wrong password");
+        if status.code() == Code::ResourceExhausted {
+            throttled += 1;
+        }
+    }
+    let free = ThrottleSettings::default().account_free_failures;
+    assert_eq!(
+        app.identity.password_verifications() - hashes,
+        u64::from(free + 1)
+    );
+    assert_eq!(throttled, concurrent - free - 1);
+    app.stop().await;
+}
+on_both!(more_concurrent_right_passwords_than_free_failures_all_succeed);
+
 async fn the_limits_hold_across_replicas(backend: Backend) {
     let settings = ThrottleSettings {
         base_delay: Duration::from_secs(30),

@@ -10,7 +10,9 @@ use crate::domain::{
     page::{ACCOUNTS_LISTING, PageRequest},
     password::Password,
     policy::{self, Action, Grant, Principal},
-    throttle::{Refusal, ThrottleClaim, address_key},
+    throttle::{
+        InFlight, InFlightAttempt, MAX_IN_FLIGHT_WAIT, Refusal, ThrottleClaim, address_key,
+    },
     time::Timestamp,
     token::{Session, TokenId},
 };
@@ -151,7 +153,7 @@ impl Identity {
     ) -> Result<SignedIn, DomainError> {
         let key = username.key();
         self.limit_password_checks(origin, &key)?;
-        let claims = self.claim_password_check(origin, &key, None).await?;
+        let (claims, _in_flight) = self.claim_password_check(origin, &key, None).await?;
         let account = self.store.account_by_username(&key).await?;
         let hash = account.as_ref().and_then(|a| a.password_hash.clone());
         let matches = self.hasher.verify(password, hash).await?;
@@ -235,10 +237,20 @@ impl Identity {
         let event = AuditEvent::new(EventType::SignedOut, origin, Some(caller))
             .account(&caller.account.id, caller.account.username.as_str())
             .credential(&caller.credential_id);
-        self.store
-            .revoke_session(&caller.credential_id, Timestamp::now(), &event)
-            .await?;
-        self.changed(Invalidation::Credential(caller.credential_id.clone()));
+        let store = std::sync::Arc::clone(&self.store);
+        let session = caller.credential_id.clone();
+        self.commit_then_evict(
+            async move {
+                store
+                    .revoke_session(&session, Timestamp::now(), &event)
+                    .await
+            },
+            {
+                let session = caller.credential_id.clone();
+                move |cache, _: &_| cache.evict(&Invalidation::Credential(session))
+            },
+        )
+        .await?;
         Ok(())
     }
 
@@ -264,7 +276,7 @@ impl Identity {
         // a stolen session must not be a way around the throttle.
         let key = account.username.key();
         self.limit_password_checks(origin, &key)?;
-        let [_, address_claim] = self
+        let ([_, address_claim], _in_flight) = self
             .claim_password_check(origin, &key, Some(caller))
             .await?;
         if !self
@@ -311,12 +323,18 @@ impl Identity {
             .ok_or(DomainError::AccountNotFound)?;
         let event = AuditEvent::new(EventType::SignedOutEverywhere, origin, Some(caller))
             .account(&account.id, account.username.as_str());
-        let ended = self
-            .store
-            .revoke_sessions(id, Timestamp::now(), &event)
-            .await?;
-        self.changed(Invalidation::Account(id.clone()));
-        Ok(ended)
+        let store = std::sync::Arc::clone(&self.store);
+        let account = id.clone();
+        let evicted = id.clone();
+        self.commit_then_evict(
+            async move {
+                store
+                    .revoke_sessions(&account, Timestamp::now(), &event)
+                    .await
+            },
+            move |cache, _: &_| cache.evict(&Invalidation::Account(evicted)),
+        )
+        .await
     }
 
     /// `DisableAccount` (`disable`) and `EnableAccount`.
@@ -391,26 +409,53 @@ impl Identity {
     /// any hashing, while either is in backoff or locked. The first refusal
     /// of each block is audited (once, not per attempt, so that refused
     /// attempts cost the store little). Returns the claims, for
-    /// [`crate::storage::Store::sign_in_succeeded`].
+    /// [`crate::storage::Store::sign_in_succeeded`], and the attempt's place
+    /// among those in flight, to hold until its outcome is recorded.
+    ///
+    /// Refused while other attempts on the username are in flight on this
+    /// replica, it waits for one of them to resolve and claims again (see
+    /// [`crate::domain::throttle::InFlight`]).
     async fn claim_password_check(
         &self,
         origin: &Origin,
         username_key: &str,
         actor: Option<&Principal>,
-    ) -> Result<[ThrottleClaim; 2], DomainError> {
+    ) -> Result<([ThrottleClaim; 2], InFlightAttempt), DomainError> {
         let throttle = &self.settings.sign_in_throttle;
-        let now = Timestamp::now();
-        let claims = throttle.claims(username_key, &origin.address, now);
-        let Some(counters) = self.store.claim_sign_in(&claims, now).await? else {
-            return Ok(claims);
-        };
-        if counters.iter().any(|c| c.first_refusal) {
-            let mut event = AuditEvent::new(EventType::SignInThrottled, origin, actor).failed();
-            if let Some(account) = self.store.account_by_username(username_key).await? {
-                event = event.account(&account.id, account.username.as_str());
+        let give_up = tokio::time::Instant::now() + MAX_IN_FLIGHT_WAIT;
+        // Registered before the claim, so that a concurrent attempt refused
+        // by this one's claim sees it in flight.
+        let attempt = InFlight::enter(&self.in_flight, username_key);
+        let (now, counters) = loop {
+            // Listen before claiming, so that a resolution during the claim
+            // is not missed.
+            let busy = self.in_flight.busy(username_key);
+            let mut resolved = busy.as_ref().map(|notify| Box::pin(notify.notified()));
+            if let Some(resolved) = resolved.as_mut() {
+                resolved.as_mut().enable();
             }
-            self.store.record_event(&event).await?;
-        }
+            let now = Timestamp::now();
+            let claims = throttle.claims(username_key, &origin.address, now);
+            let Some(counters) = self.store.claim_sign_in(&claims, now).await? else {
+                return Ok((claims, attempt));
+            };
+            if counters.iter().any(|c| c.first_refusal) {
+                let mut event = AuditEvent::new(EventType::SignInThrottled, origin, actor).failed();
+                if let Some(account) = self.store.account_by_username(username_key).await? {
+                    event = event.account(&account.id, account.username.as_str());
+                }
+                self.store.record_event(&event).await?;
+            }
+            let locked = matches!(throttle.refusal(&counters, now), Refusal::Locked);
+            match resolved {
+                Some(resolved) if !locked => {
+                    if tokio::time::timeout_at(give_up, resolved).await.is_err() {
+                        break (now, counters);
+                    }
+                }
+                _ => break (now, counters),
+            }
+        };
         match throttle.refusal(&counters, now) {
             Refusal::Backoff(wait) => Err(DomainError::SignInThrottled(wait)),
             Refusal::Locked => Err(DomainError::SignInLocked),

@@ -122,6 +122,10 @@ pub struct Identity {
     /// The buckets of [`IdentitySettings::token_creations_per_minute`],
     /// keyed by account id.
     token_creations: Arc<KeyedBuckets>,
+    /// Password checks in flight on this replica, per username key: an
+    /// attempt the throttle refuses while some are waits for them (see
+    /// `throttle::InFlight`).
+    in_flight: Arc<super::throttle::InFlight>,
 }
 
 /// `identity_verify_token_verdicts_total` by verdict, registered once so
@@ -270,6 +274,7 @@ impl Identity {
             verdicts: Arc::new(VerdictCounters::new()),
             password_checks: Arc::new(KeyedBuckets::new(2 * SignInRates::TRACKED)),
             token_creations: Arc::new(KeyedBuckets::new(TOKEN_CREATORS_TRACKED)),
+            in_flight: Arc::new(super::throttle::InFlight::default()),
         }
     }
 
@@ -311,6 +316,34 @@ impl Identity {
     /// that made it returns (other replicas hear of it from the store).
     pub(super) fn changed(&self, what: Invalidation) {
         self.cache.evict(&what);
+    }
+
+    /// Runs `write`, a store call that commits a change, and then `evict`s
+    /// what the change affects from this replica's cache, in a task of its
+    /// own that the caller awaits. A call that ends while its commit is in
+    /// flight (the client cancelled it, or its deadline passed: either drops
+    /// the handler) drops only its wait, so a commit once made is always
+    /// followed by its eviction. On PostgreSQL the store's notification
+    /// would evict it too; on SQLite nothing else would, and the cache would
+    /// answer the revoked credential active until its entry expired.
+    pub(super) async fn commit_then_evict<T, W, E>(
+        &self,
+        write: W,
+        evict: E,
+    ) -> Result<T, DomainError>
+    where
+        T: Send + 'static,
+        W: Future<Output = Result<T, crate::storage::StorageError>> + Send + 'static,
+        E: FnOnce(&VerificationCache, &T) + Send + 'static,
+    {
+        let cache = Arc::clone(&self.cache);
+        tokio::spawn(async move {
+            let done = write.await?;
+            evict(&cache, &done);
+            Ok(done)
+        })
+        .await
+        .map_err(|e| DomainError::Internal(Box::new(e)))?
     }
 
     /// How many password verifications this replica has started (each one

@@ -1,7 +1,7 @@
 //! Personal access tokens: issuing, reading, revoking, rotating, and leak
 //! reports.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use super::{Identity, visible};
 use crate::{
@@ -289,13 +289,27 @@ impl Identity {
         // revokes the whole family, successors included). A token read as
         // already rotated out is revoked alone.
         let seen_live = token.replaced_by.is_none();
+        let store = Arc::clone(&self.store);
+        let target = id.clone();
         let revoked = self
-            .store
-            .revoke_token(id, seen_live, Timestamp::now(), &event)
+            .commit_then_evict(
+                async move {
+                    store
+                        .revoke_token(&target, seen_live, Timestamp::now(), &event)
+                        .await
+                },
+                {
+                    let id = id.clone();
+                    move |cache, revoked| {
+                        cache.evict(&Invalidation::Credential(id));
+                        if let Some((_, cascaded)) = revoked {
+                            cache.evict_credentials(cascaded);
+                        }
+                    }
+                },
+            )
             .await?;
-        self.changed(Invalidation::Credential(id.clone()));
-        let (token, cascaded) = revoked.ok_or(DomainError::TokenNotFound)?;
-        self.cache.evict_credentials(&cascaded);
+        let (token, _) = revoked.ok_or(DomainError::TokenNotFound)?;
         Ok(token)
     }
 
@@ -470,14 +484,17 @@ impl Identity {
         let event = AuditEvent::new(EventType::TokenReuseDetected, origin, None)
             .account(&account.id, account.username.as_str())
             .credential(&token.id);
-        let revoked = self
-            .store
-            .revoke_family(&token.family_id, Timestamp::now(), &event)
-            .await?;
+        let store = Arc::clone(&self.store);
+        let family = token.family_id.clone();
         // Exactly what was revoked: the family and its descendants, which
         // may belong to other accounts (an operator's token creates tokens
         // for anyone).
-        self.cache.evict_credentials(&revoked);
+        let revoked = self
+            .commit_then_evict(
+                async move { store.revoke_family(&family, Timestamp::now(), &event).await },
+                |cache, revoked: &Vec<TokenId>| cache.evict_credentials(revoked),
+            )
+            .await?;
         tracing::warn!(
             token_id = token.id.as_str(),
             family_id = token.family_id.as_str(),
@@ -512,13 +529,19 @@ impl Identity {
             }
         }
         let template = AuditEvent::new(EventType::TokenLeaked, origin, None);
-        let revoked = self
-            .store
-            .revoke_leaked(&tokens, &sessions, Timestamp::now(), &template)
-            .await?;
+        let store = Arc::clone(&self.store);
         // Exactly what was revoked (with cascaded descendants), here; the
         // store announced each id to every other replica.
-        self.cache.evict_credentials(&revoked);
+        let revoked = self
+            .commit_then_evict(
+                async move {
+                    store
+                        .revoke_leaked(&tokens, &sessions, Timestamp::now(), &template)
+                        .await
+                },
+                |cache, revoked: &Vec<TokenId>| cache.evict_credentials(revoked),
+            )
+            .await?;
         tracing::info!(
             reported = secrets.len(),
             revoked = revoked.len(),

@@ -1,0 +1,142 @@
+//! The password hashing queue under a flood of abandoned sign-ins, on the
+//! real binary (a process of its own, so its metrics are its own): a job
+//! whose call has ended is skipped unhashed, a legitimate sign-in after the
+//! flood is not queued behind the abandoned ones, and the gauges and
+//! counters say what really happened.
+
+use std::time::Duration;
+
+use tonic::{Code, Request};
+
+use crate::{
+    binary::{Server, bootstrap_operator, printed_token, random_hex},
+    observability::scrape,
+    support::{
+        Backend, TestDatabase, bearer, pb, pb::accounts_service_client::AccountsServiceClient,
+    },
+};
+
+/// The value of the unlabelled series `name` (0 if absent).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_once(' '))
+        .filter(|(series, _)| *series == name)
+        .filter_map(|(_, value)| value.trim().parse::<f64>().ok())
+        .sum()
+}
+
+const FLOOD: usize = 100;
+
+async fn abandoned_sign_ins_are_skipped_and_delay_no_one(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let operator = printed_token(&bootstrap_operator(&db.url, "ops", &[]).await);
+    // One hashing thread; the throttle and the rates out of the way (every
+    // flood call counts as a failure from 127.0.0.1).
+    let server = Server::start(
+        &db.url,
+        &[
+            ("IDENTITY_HASH_CONCURRENCY", "1"),
+            ("IDENTITY_SIGN_IN_ADDRESS_FREE_FAILURES", "1000000"),
+            ("IDENTITY_SIGN_IN_ACCOUNT_PER_MINUTE", "1000000"),
+            ("IDENTITY_SIGN_IN_ADDRESS_PER_MINUTE", "1000000"),
+        ],
+    )
+    .await;
+    let metrics = server.metrics_addr.expect("metrics are on");
+    let mut accounts = AccountsServiceClient::new(server.channel().await);
+    let password = format!("right-{}-password", random_hex());
+    accounts
+        .create_account(bearer(
+            pb::CreateAccountRequest {
+                username: "alice".into(),
+                password: password.clone(),
+                kind: pb::AccountKind::Person as i32,
+                ..Default::default()
+            },
+            &operator,
+        ))
+        .await
+        .expect("create alice");
+    let before = scrape(metrics).await;
+
+    // A hundred sign-ins at once, each giving up after 250 ms: long enough
+    // to get past the throttle's claim and into the hashing queue (a debug
+    // build's store calls are slow), far too short for one thread to hash
+    // a hundred. They come on twenty connections, five on each: a client
+    // resets each stream it gives up on, and one connection resetting a
+    // hundred at once is closed by HTTP/2's reset-flood protection.
+    let mut flood = Vec::new();
+    for connection in 0..FLOOD / 5 {
+        let accounts = AccountsServiceClient::new(server.channel().await);
+        for i in 0..5 {
+            let mut accounts = accounts.clone();
+            flood.push(tokio::spawn(async move {
+                let mut request = Request::new(pb::SignInRequest {
+                    username: format!("flood-{connection}-{i}"),
+                    password: "a wrong password, whatever".into(),
+                });
+                request.set_timeout(Duration::from_millis(250));
+                accounts.sign_in(request).await.map(drop)
+            }));
+        }
+    }
+    for call in flood {
+        match call.await.expect("join") {
+            Err(status)
+                if matches!(
+                    status.code(),
+                    Code::DeadlineExceeded | Code::Cancelled | Code::ResourceExhausted
+                ) => {}
+            // The first few finish within their deadline.
+            Err(status) if status.code() == Code::Unauthenticated => {}
+            other => panic!("a flood call ended with {other:?}"),
+        }
+    }
+
+    // Every flood call has ended; a legitimate sign-in now queues behind
+    // whatever the flood left, and succeeds.
+    accounts
+        .sign_in(pb::SignInRequest {
+            username: "alice".into(),
+            password,
+        })
+        .await
+        .expect("the legitimate sign-in succeeds");
+
+    let after = scrape(metrics).await;
+    let grew = |name: &str| metric(&after, name) - metric(&before, name);
+    let queued = grew("identity_password_hashes_queued_total");
+    let completed = grew("identity_password_hashes_completed_total");
+    let skipped = grew("identity_password_hashes_skipped_total");
+    let summary = format!("queued {queued}, completed {completed}, skipped {skipped}");
+    // Everything queued before the legitimate job (which came last) was
+    // hashed or skipped by the time it was answered.
+    assert_eq!(queued, completed + skipped, "{summary}");
+    // The abandoned jobs were skipped, not hashed: the legitimate one did
+    // not wait for them.
+    assert!(skipped > 0.0, "abandoned jobs are skipped: {summary}");
+    assert!(
+        completed < queued,
+        "not every abandoned job was hashed: {summary}"
+    );
+    // Nothing is left waiting or running, and the gauges say so.
+    assert_eq!(metric(&after, "identity_password_hashes_waiting"), 0.0);
+    assert_eq!(metric(&after, "identity_password_hashes_running"), 0.0);
+    eprintln!("{summary}");
+    server.terminate().await;
+}
+
+mod abandoned_sign_ins_are_skipped_and_delay_no_one {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::abandoned_sign_ins_are_skipped_and_delay_no_one(crate::support::Backend::Sqlite)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::abandoned_sign_ins_are_skipped_and_delay_no_one(crate::support::Backend::Postgres)
+            .await;
+    }
+}
