@@ -18,6 +18,17 @@ use crate::support::{Backend, PASSWORD, TestApp, assert_status, bearer, pb, sign
 
 const NEW_PASSWORD: &str = "quartz meadow lantern 93";
 
+/// A backend as `pg_stat_activity` shows it: pid, state, wait event type
+/// and name, the pids blocking it, its query.
+type Activity = (
+    i32,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    String,
+    Option<String>,
+);
+
 /// A transaction of the test's own, on PostgreSQL, holding a lock until
 /// [`Self::release`], and a second connection, outside any transaction, to
 /// watch who waits (a transaction sees `pg_stat_activity` as it was when it
@@ -127,14 +138,7 @@ impl Held {
                 return pid;
             }
             if tokio::time::Instant::now() >= deadline {
-                let activity: Vec<(
-                    i32,
-                    Option<String>,
-                    Option<String>,
-                    Option<String>,
-                    String,
-                    Option<String>,
-                )> = sqlx::query_as(
+                let activity: Vec<Activity> = sqlx::query_as(
                     "SELECT pid, state, wait_event_type, wait_event, \
                          CAST(pg_blocking_pids(pid) AS TEXT), query FROM pg_stat_activity \
                          WHERE datname = current_database()",
