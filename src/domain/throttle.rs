@@ -282,8 +282,13 @@ impl Default for SignInRates {
 }
 
 /// The longest an attempt waits for the attempts in flight before it (see
-/// [`InFlight`]) before it is refused as the throttle says.
-pub const MAX_IN_FLIGHT_WAIT: Duration = Duration::from_secs(2);
+/// [`InFlight`]) before it is refused as the throttle says. Longer than any
+/// call lives (`IDENTITY_REQUEST_TIMEOUT`, 10 s by default, drops it
+/// first): a right password queued behind a loaded replica's hashes must
+/// not be refused for the queue's length. A waiting attempt holds no hash,
+/// no connection and no claim, and the listeners' stream limits bound how
+/// many can wait.
+pub const MAX_IN_FLIGHT_WAIT: Duration = Duration::from_secs(30);
 
 /// The password checks in flight on this replica, per username key.
 ///
@@ -298,7 +303,8 @@ pub const MAX_IN_FLIGHT_WAIT: Duration = Duration::from_secs(2);
 /// So an attempt the throttle refuses while attempts for the same username
 /// are in flight on this replica does not give up: it waits (at most
 /// [`MAX_IN_FLIGHT_WAIT`], and never past its call's deadline, which drops
-/// it) until one of them resolves, and claims again. The argument that this
+/// it) until one of them resolves, and claims again. A waiting attempt does
+/// not count as in flight, so waiters never wait for one another. The argument that this
 /// keeps the guarantee: waiting adds no check. Every password check still
 /// follows a claim the store admitted under the same atomic rule, and a
 /// claim is admitted only if the counter, with every earlier claim counted
@@ -314,9 +320,17 @@ pub const MAX_IN_FLIGHT_WAIT: Duration = Duration::from_secs(2);
 /// there the refusal stands (the client's RetryInfo says when to retry).
 #[derive(Debug, Default)]
 pub struct InFlight {
-    keys: std::sync::Mutex<
-        std::collections::HashMap<String, (usize, std::sync::Arc<tokio::sync::Notify>)>,
-    >,
+    keys: std::sync::Mutex<std::collections::HashMap<String, Key>>,
+}
+
+/// The attempts on one username key: how many are active (claiming, or
+/// checking a password), how many have resolved so far, and what waiters
+/// wait on.
+#[derive(Debug, Default)]
+struct Key {
+    active: usize,
+    resolved: u64,
+    notify: std::sync::Arc<tokio::sync::Notify>,
 }
 
 /// One attempt in flight; resolving (dropping) it wakes the waiters.
@@ -324,51 +338,95 @@ pub struct InFlight {
 pub struct InFlightAttempt {
     registry: std::sync::Arc<InFlight>,
     key: String,
+    /// Waiting for others, and so not counted as active.
+    paused: bool,
+}
+
+/// What a refused attempt does next (see [`InFlightAttempt::pause`]).
+pub enum Next {
+    /// Nothing else is in flight: the refusal stands.
+    Refuse,
+    /// An attempt resolved since this one claimed: claim again at once.
+    Retry,
+    /// Others are in flight: wait for one to resolve, then claim again.
+    Wait(std::pin::Pin<Box<tokio::sync::futures::OwnedNotified>>),
 }
 
 impl InFlight {
-    /// Registers an attempt on `key`, from before its claim until the
-    /// returned guard is dropped (after its success or failure has been
+    /// Registers an attempt on `key` as active, from before its claim until
+    /// the returned guard is dropped (after its success or failure has been
     /// recorded, or its refusal).
     pub fn enter(registry: &std::sync::Arc<Self>, key: &str) -> InFlightAttempt {
-        let mut keys = registry.lock();
-        keys.entry(key.to_owned())
-            .or_insert_with(|| (0, std::sync::Arc::default()))
-            .0 += 1;
+        registry.lock().entry(key.to_owned()).or_default().active += 1;
         InFlightAttempt {
             registry: std::sync::Arc::clone(registry),
             key: key.to_owned(),
+            paused: false,
         }
     }
 
-    /// What to wait on if attempts on `key` other than the caller's own
-    /// (which it has entered) are in flight: woken when one resolves.
-    pub fn busy(&self, key: &str) -> Option<std::sync::Arc<tokio::sync::Notify>> {
-        self.lock()
-            .get(key)
-            .filter(|(count, _)| *count > 1)
-            .map(|(_, notify)| std::sync::Arc::clone(notify))
+    /// How many attempts on `key` have resolved so far: read before a
+    /// claim, and given to [`InFlightAttempt::pause`] after a refusal.
+    pub fn resolved(&self, key: &str) -> u64 {
+        self.lock().get(key).map_or(0, |k| k.resolved)
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        std::collections::HashMap<String, (usize, std::sync::Arc<tokio::sync::Notify>)>,
-    > {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Key>> {
         self.keys
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
+impl InFlightAttempt {
+    /// After a refused claim (which began when `resolved_before` attempts
+    /// had resolved): stops counting as active and says what to do. Decided
+    /// under the registry's lock, so of several refused attempts pausing
+    /// together the last one finds nothing active, is refused, and its
+    /// resolution wakes the others: no two waiters wait for each other.
+    pub fn pause(&mut self, resolved_before: u64) -> Next {
+        let mut keys = self.registry.lock();
+        let key = keys.entry(self.key.clone()).or_default();
+        if key.resolved != resolved_before {
+            // Something resolved during the claim (a success may have reset
+            // the count): claim again rather than trust the refusal.
+            return Next::Retry;
+        }
+        if !self.paused {
+            key.active -= 1;
+            self.paused = true;
+        }
+        if key.active == 0 {
+            return Next::Refuse;
+        }
+        let mut woken = Box::pin(std::sync::Arc::clone(&key.notify).notified_owned());
+        woken.as_mut().enable();
+        Next::Wait(woken)
+    }
+
+    /// Counts as active again, before claiming again.
+    pub fn resume(&mut self) {
+        if self.paused {
+            self.registry
+                .lock()
+                .entry(self.key.clone())
+                .or_default()
+                .active += 1;
+            self.paused = false;
+        }
+    }
+}
+
 impl Drop for InFlightAttempt {
     fn drop(&mut self) {
         let mut keys = self.registry.lock();
-        if let Some((count, notify)) = keys.get_mut(&self.key) {
-            *count -= 1;
-            notify.notify_waiters();
-            if *count == 0 {
+        if let Some(key) = keys.get_mut(&self.key) {
+            if !self.paused {
+                key.active -= 1;
+            }
+            key.resolved += 1;
+            key.notify.notify_waiters();
+            if key.active == 0 {
                 keys.remove(&self.key);
             }
         }

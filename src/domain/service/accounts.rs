@@ -1,5 +1,7 @@
 //! Accounts, passwords and sessions.
 
+use std::sync::Arc;
+
 use super::{Identity, without_hash};
 use crate::domain::{
     DomainError,
@@ -11,7 +13,7 @@ use crate::domain::{
     password::Password,
     policy::{self, Action, Grant, Principal},
     throttle::{
-        InFlight, InFlightAttempt, MAX_IN_FLIGHT_WAIT, Refusal, ThrottleClaim, address_key,
+        InFlight, InFlightAttempt, MAX_IN_FLIGHT_WAIT, Next, Refusal, ThrottleClaim, address_key,
     },
     time::Timestamp,
     token::{Session, TokenId},
@@ -293,18 +295,18 @@ impl Identity {
             .sign_in_succeeded(&key, &address_claim.subject)
             .await?;
         let hash = self.hasher.hash(new).await?;
-        let ended = self
-            .store
-            .set_password(
-                &account.id,
-                &hash,
-                &caller.credential_id,
-                Timestamp::now(),
-                &event,
-            )
-            .await?;
-        self.changed(Invalidation::Account(account.id.clone()));
-        Ok(ended)
+        let store = Arc::clone(&self.store);
+        let (id, keep) = (account.id.clone(), caller.credential_id.clone());
+        let evicted = account.id.clone();
+        self.commit_then_evict(
+            async move {
+                store
+                    .set_password(&id, &hash, &keep, Timestamp::now(), &event)
+                    .await
+            },
+            move |cache, _| cache.evict(&Invalidation::Account(evicted)),
+        )
+        .await
     }
 
     /// `SignOutEverywhere`: ends every session of an account. Returns how
@@ -366,8 +368,14 @@ impl Identity {
         let event = AuditEvent::new(kind, origin, Some(caller))
             .account(&account.id, account.username.as_str());
         let at = disable.then(Timestamp::now);
-        let account = self.store.set_account_disabled(id, at, &event).await?;
-        self.changed(Invalidation::Account(id.clone()));
+        let store = Arc::clone(&self.store);
+        let (target, evicted) = (id.clone(), id.clone());
+        let account = self
+            .commit_then_evict(
+                async move { store.set_account_disabled(&target, at, &event).await },
+                move |cache, _| cache.evict(&Invalidation::Account(evicted)),
+            )
+            .await?;
         let account = account.ok_or(DomainError::AccountNotFound)?;
         if !disable {
             // Enabling is also how an operator lifts a sign-in lock.
@@ -425,18 +433,13 @@ impl Identity {
         let give_up = tokio::time::Instant::now() + MAX_IN_FLIGHT_WAIT;
         // Registered before the claim, so that a concurrent attempt refused
         // by this one's claim sees it in flight.
-        let attempt = InFlight::enter(&self.in_flight, username_key);
+        let mut attempt = InFlight::enter(&self.in_flight, username_key);
         let (now, counters) = loop {
-            // Listen before claiming, so that a resolution during the claim
-            // is not missed.
-            let busy = self.in_flight.busy(username_key);
-            let mut resolved = busy.as_ref().map(|notify| Box::pin(notify.notified()));
-            if let Some(resolved) = resolved.as_mut() {
-                resolved.as_mut().enable();
-            }
+            let resolved_before = self.in_flight.resolved(username_key);
             let now = Timestamp::now();
             let claims = throttle.claims(username_key, &origin.address, now);
             let Some(counters) = self.store.claim_sign_in(&claims, now).await? else {
+                attempt.resume();
                 return Ok((claims, attempt));
             };
             if counters.iter().any(|c| c.first_refusal) {
@@ -446,14 +449,19 @@ impl Identity {
                 }
                 self.store.record_event(&event).await?;
             }
-            let locked = matches!(throttle.refusal(&counters, now), Refusal::Locked);
-            match resolved {
-                Some(resolved) if !locked => {
-                    if tokio::time::timeout_at(give_up, resolved).await.is_err() {
+            if matches!(throttle.refusal(&counters, now), Refusal::Locked) {
+                break (now, counters);
+            }
+            match attempt.pause(resolved_before) {
+                Next::Refuse => break (now, counters),
+                Next::Retry => attempt.resume(),
+                Next::Wait(woken) => {
+                    let gave_up = tokio::time::timeout_at(give_up, woken).await.is_err();
+                    attempt.resume();
+                    if gave_up {
                         break (now, counters);
                     }
                 }
-                _ => break (now, counters),
             }
         };
         match throttle.refusal(&counters, now) {
@@ -482,13 +490,19 @@ impl Identity {
             .ok_or(DomainError::AccountNotFound)?;
         let event = AuditEvent::new(EventType::AccountDeleted, origin, Some(caller))
             .account(&account.id, account.username.as_str());
-        match self.store.delete_account(id, &event).await? {
-            Some(descendants) => {
-                self.changed(Invalidation::Account(id.clone()));
-                self.cache.evict_credentials(&descendants);
-                Ok(())
-            }
-            None => Err(DomainError::AccountNotFound),
-        }
+        let store = Arc::clone(&self.store);
+        let (target, evicted) = (id.clone(), id.clone());
+        let deleted = self
+            .commit_then_evict(
+                async move { store.delete_account(&target, &event).await },
+                move |cache, deleted: &Option<Vec<TokenId>>| {
+                    if let Some(descendants) = deleted {
+                        cache.evict(&Invalidation::Account(evicted));
+                        cache.evict_credentials(descendants);
+                    }
+                },
+            )
+            .await?;
+        deleted.map(drop).ok_or(DomainError::AccountNotFound)
     }
 }

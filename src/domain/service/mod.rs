@@ -15,7 +15,7 @@ use super::{
     DomainError,
     account::{Account, AccountKind, Email, Role, Username},
     audit::Origin,
-    cache::{Cached, Invalidation, InvalidationSink, VerificationCache},
+    cache::{Cached, InvalidationSink, VerificationCache},
     credential::{self, CredentialKind, ParsedCredential},
     error::Violations,
     password::{PasswordHasher, PasswordPolicy},
@@ -310,12 +310,6 @@ impl Identity {
     /// The verification cache, for inspection.
     pub fn cache(&self) -> &VerificationCache {
         &self.cache
-    }
-
-    /// Evicts what a change made on this replica affects, before the call
-    /// that made it returns (other replicas hear of it from the store).
-    pub(super) fn changed(&self, what: Invalidation) {
-        self.cache.evict(&what);
     }
 
     /// Runs `write`, a store call that commits a change, and then `evict`s

@@ -380,11 +380,24 @@ impl Identity {
             digest: secret.digest(),
         };
         let retire_old_at = now.saturating_add(self.settings.rotation_grace);
-        let Some(previous) = self
-            .store
-            .rotate_token(&old.id, &new, retire_old_at, now, &event)
-            .await?
-        else {
+        let store = Arc::clone(&self.store);
+        let (old_id, evicted) = (old.id.clone(), old.id.clone());
+        let (previous, new) = self
+            .commit_then_evict(
+                async move {
+                    let previous = store
+                        .rotate_token(&old_id, &new, retire_old_at, now, &event)
+                        .await?;
+                    Ok((previous, new))
+                },
+                move |cache, (previous, _): &(Option<Token>, NewToken)| {
+                    if previous.is_some() {
+                        cache.evict(&Invalidation::Credential(evicted));
+                    }
+                },
+            )
+            .await?;
+        let Some(previous) = previous else {
             // Someone rotated or revoked it between our read and our write
             // (a revocation holds whatever time it names): say which.
             return Err(match self.store.token_by_id(&old.id).await? {
@@ -395,7 +408,6 @@ impl Identity {
                 _ => DomainError::TokenAlreadyRotated,
             });
         };
-        self.changed(Invalidation::Credential(old.id.clone()));
         Ok(Rotated {
             issued: IssuedToken {
                 secret,
@@ -452,14 +464,19 @@ impl Identity {
         let event = AuditEvent::new(EventType::TokenRenewed, origin, Some(caller))
             .account(&account.id, account.username.as_str())
             .credential(&token.id);
-        let renewed = self
-            .store
-            .renew_token(id, expire_time, now, &event)
-            .await?
-            // Revoked, rotated or expired between our read and our write.
-            .ok_or(DomainError::TokenInactive("no longer active"))?;
-        self.changed(Invalidation::Credential(id.clone()));
-        Ok(renewed)
+        let store = Arc::clone(&self.store);
+        let (target, evicted) = (id.clone(), id.clone());
+        self.commit_then_evict(
+            async move { store.renew_token(&target, expire_time, now, &event).await },
+            move |cache, renewed: &Option<Token>| {
+                if renewed.is_some() {
+                    cache.evict(&Invalidation::Credential(evicted));
+                }
+            },
+        )
+        .await?
+        // Revoked, rotated or expired between our read and our write.
+        .ok_or(DomainError::TokenInactive("no longer active"))
     }
 
     /// If `presented` is a personal access token that was already rotated,
