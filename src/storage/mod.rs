@@ -422,6 +422,11 @@ pub trait Store: Send + Sync + 'static {
     /// rows, each its own statement. Runs on one replica at a time: `None`
     /// (nothing deleted) while another holds the retention lock.
     async fn purge(&self, cutoffs: &PurgeCutoffs) -> Result<Option<Purged>, StorageError>;
+
+    /// The time by the database's clock: what retention judges ages by, so
+    /// that a replica whose clock is off deletes nothing still alive
+    /// (SQLite: this machine's clock, the only one).
+    async fn database_time(&self) -> Result<Timestamp, StorageError>;
 }
 
 /// Opens the store a URL names (`postgres://…`, `postgresql://…` or

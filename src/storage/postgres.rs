@@ -619,6 +619,17 @@ impl PgStore {
 }
 
 impl PgStore {
+    /// The database server's `clock_timestamp()`.
+    async fn clock(&self) -> Result<Timestamp, StorageError> {
+        let database: i64 = sqlx::query_scalar(
+            "SELECT CAST(extract(epoch FROM clock_timestamp()) * 1000000 AS BIGINT)",
+        )
+        .fetch_one(&self.pool)
+        .await
+        .map_err(Self::classify)?;
+        Ok(Timestamp::from_micros(database))
+    }
+
     /// Measures this process's wall clock against the database server's:
     /// one round trip on a connection already acquired (so that waiting for
     /// the pool does not widen it), the database's `clock_timestamp()`

@@ -310,10 +310,12 @@ pub(super) const CONSUME_USE: &str = "UPDATE tokens SET uses_remaining = uses_re
 /// `$4`: the minimum interval between two recorded uses, in microseconds.
 pub(super) const RECORD_USE: &str = "UPDATE tokens SET last_used_time = $2, last_used_address = $3 \
     WHERE token_id = $1 AND (last_used_time IS NULL OR last_used_time <= $2 - $4)";
-/// Revokes the live tokens whose digests `$1` lists (`$match`, the
-/// backend's way of matching a bound list) at `$2` and, for each that is
-/// its family's live token, every token of the families descended from its
-/// family: a whole leak report in one statement.
+/// Revokes the tokens whose digests `$1` lists (`$match`, the backend's way
+/// of matching a bound list) at `$2`, with the whole family of each (a
+/// reported secret that was rotated out takes its successors too, as reuse
+/// detection does: whoever holds it may have rotated) and every token of the
+/// families descended from those families: a whole leak report in one
+/// statement.
 macro_rules! leak_tokens {
     ($match:expr) => {
         concat!(
@@ -322,9 +324,10 @@ macro_rules! leak_tokens {
             $match,
             " AND revoke_time IS NULL \
              AND (expire_time IS NULL OR expire_time > $2)), ",
-            descendants_of!("SELECT l.family_id FROM leaked l WHERE l.replaced_by IS NULL"),
+            descendants_of!("SELECT l.family_id FROM leaked l"),
             " UPDATE tokens SET revoke_time = $2, live_name = NULL \
              WHERE (token_id IN (SELECT token_id FROM leaked) \
+             OR family_id IN (SELECT family_id FROM leaked) \
              OR family_id IN (SELECT family_id FROM descendants)) \
              AND revoke_time IS NULL RETURNING ",
             // Not `token_id IN leaked`: on SQLite the RETURNING clause
@@ -335,19 +338,20 @@ macro_rules! leak_tokens {
 }
 
 /// The confirming pass of a leak report (see `revoke_until_done`): the
-/// descendants of the families whose live token the report revoked (at
-/// `$2`, exactly) that are still live.
+/// members, still live, of the families whose tokens the report revoked (at
+/// `$2`, exactly) and of the families descended from them. On PostgreSQL a
+/// successor that a rotation committed while the first pass waited for the
+/// reported row is invisible to that pass, and found by this one.
 macro_rules! leak_descendants {
     ($match:expr) => {
         concat!(
-            "WITH RECURSIVE ",
-            descendants_of!(concat!(
-                "SELECT l.family_id FROM tokens l WHERE ",
-                $match,
-                " AND l.replaced_by IS NULL AND l.revoke_time = $2"
-            )),
+            "WITH RECURSIVE reported AS (SELECT l.family_id FROM tokens l WHERE ",
+            $match,
+            " AND l.revoke_time = $2), ",
+            descendants_of!("SELECT r.family_id FROM reported r"),
             " UPDATE tokens SET revoke_time = $2, live_name = NULL \
-             WHERE family_id IN (SELECT family_id FROM descendants) \
+             WHERE (family_id IN (SELECT family_id FROM reported) \
+             OR family_id IN (SELECT family_id FROM descendants)) \
              AND revoke_time IS NULL RETURNING ",
             revoked_cols!("1 = 0")
         )
@@ -1098,6 +1102,19 @@ macro_rules! impl_store {
                 event: &AuditEvent,
             ) -> Result<Option<Token>, StorageError> {
                 let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                // The account row first, as creation and deletion take it:
+                // locked after the token row (the successor's foreign key
+                // waits for it), a deletion holding it and waiting for the
+                // token rows would deadlock with this rotation.
+                let found = sqlx::query(sql::LOCK_ACCOUNT)
+                    .bind(new.token.account_id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(Self::classify)?
+                    .rows_affected();
+                if found == 0 {
+                    return Err(StorageError::AccountGone);
+                }
                 let marked = sqlx::query(sql::MARK_ROTATED)
                     .bind(old.as_str())
                     .bind(new.token.id.as_str())
@@ -1352,6 +1369,10 @@ macro_rules! impl_store {
                     .await
                     .map_err(Self::classify)?;
                 found.iter().map(rows::event).collect()
+            }
+
+            async fn database_time(&self) -> Result<Timestamp, StorageError> {
+                self.clock().await
             }
 
             async fn purge(&self, cutoffs: &PurgeCutoffs) -> Result<Option<Purged>, StorageError> {

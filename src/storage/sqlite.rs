@@ -89,6 +89,14 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// This machine's clock: the database is a file here.
+    #[allow(clippy::unused_async)]
+    async fn clock(&self) -> Result<Timestamp, StorageError> {
+        Ok(Timestamp::now())
+    }
+}
+
+impl SqliteStore {
     /// Opens (creating if needed) the database file `url` names, such as
     /// `sqlite:identity.db`.
     pub async fn connect(url: &str, options: &PoolOptions) -> Result<Self, StorageError> {

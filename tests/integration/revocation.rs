@@ -568,3 +568,133 @@ async fn a_replica_whose_clock_is_off_by_more_than_the_bound_does_not_serve() {
     normal.terminate().await;
     app.stop().await;
 }
+
+/// A leak report of a token's live secret racing the thief's rotation of
+/// it, the rotation queued first behind the outside lock: whichever commits
+/// first, no secret of the family, its successor included, and no child of
+/// it stays active. (The report's first pass cannot see a successor the
+/// rotation commits while it waits; its confirming pass must.)
+async fn leak_report_races_rotation(app: &TestApp) {
+    let (alice, session) = app.person("leaky").await;
+    let (token, secret) = app
+        .token(&session, &alice.account_id, "ci", &["tokens:write"])
+        .await;
+    let child = app
+        .tokens()
+        .create_token(bearer(
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "child".into(),
+                scopes: vec!["tokens:write".into()],
+                ..Default::default()
+            },
+            &secret,
+        ))
+        .await
+        .expect("a child")
+        .into_inner()
+        .secret;
+    assert!(app.verify(&secret, &[]).await.active);
+
+    let lock = Outside::lock(&app.db.url, &token.token_id).await;
+    let rotated = {
+        let client = app.tokens();
+        let request = rotate_request(&token.token_id, &secret);
+        tokio::spawn(async move { client.clone().rotate_token(request).await })
+    };
+    until_queued(app, 1).await;
+    let reported = {
+        let client = app.tokens();
+        let request = pb::RevokeLeakedTokenRequest {
+            secrets: vec![secret.clone()],
+        };
+        tokio::spawn(async move { client.clone().revoke_leaked_token(request).await })
+    };
+    until_queued(app, 2).await;
+    lock.release().await;
+
+    reported.await.expect("join").expect("the report is taken");
+    let mut secrets = vec![secret, child];
+    if let Ok(rotated) = rotated.await.expect("join") {
+        secrets.push(rotated.into_inner().secret);
+    }
+    for presented in &secrets {
+        assert!(
+            !app.verify(presented, &[]).await.active,
+            "a secret of the reported family, or its child, is active"
+        );
+    }
+}
+
+crate::on_both_backends! {
+    async fn a_leak_report_racing_a_rotation_leaves_no_successor(app: TestApp) {
+        leak_report_races_rotation(&app).await;
+    }
+}
+
+crate::on_both_backends! {
+    async fn reporting_a_rotated_out_secret_revokes_its_successor(app: TestApp) {
+        let (alice, session) = app.person("alice").await;
+        let (token, old) = app.token(&session, &alice.account_id, "ci", &[]).await;
+        let new = app
+            .tokens()
+            .rotate_token(rotate_request(&token.token_id, &session))
+            .await
+            .expect("rotate")
+            .into_inner()
+            .secret;
+        assert!(app.verify(&new, &[]).await.active);
+        app.tokens()
+            .revoke_leaked_token(pb::RevokeLeakedTokenRequest { secrets: vec![old] })
+            .await
+            .expect("report");
+        assert!(
+            !app.verify(&new, &[]).await.active,
+            "whoever holds the old secret may have rotated: the family goes"
+        );
+    }
+}
+
+/// An account's deletion racing a rotation of one of its tokens, the
+/// rotation queued first behind a lock on the token's row: they take the
+/// account's row in the same order, so neither deadlocks; the deletion
+/// succeeds and nothing of the account stays active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_racing_a_rotation_does_not_deadlock() {
+    let app = TestApp::spawn(crate::support::Backend::Postgres).await;
+    let (alice, session) = app.person("doomed").await;
+    let (token, secret) = app.token(&session, &alice.account_id, "ci", &[]).await;
+    assert!(app.verify(&secret, &[]).await.active);
+    let lock = Outside::lock(&app.db.url, &token.token_id).await;
+    let rotated = {
+        let client = app.tokens();
+        let request = rotate_request(&token.token_id, &secret);
+        tokio::spawn(async move { client.clone().rotate_token(request).await })
+    };
+    until_pg_waiting(&app.db.url, "%", 1).await;
+    let deleted = {
+        let client = app.accounts();
+        let request = bearer(
+            pb::DeleteAccountRequest {
+                account_id: alice.account_id.clone(),
+            },
+            &app.operator_token,
+        );
+        tokio::spawn(async move { client.clone().delete_account(request).await })
+    };
+    until_pg_waiting(&app.db.url, "%", 2).await;
+    lock.release().await;
+
+    deleted.await.expect("join").expect("the deletion succeeds");
+    let mut secrets = vec![secret];
+    match rotated.await.expect("join") {
+        Ok(rotated) => secrets.push(rotated.into_inner().secret),
+        Err(status) => assert!(
+            matches!(status.code(), Code::NotFound | Code::FailedPrecondition),
+            "the rotation failed uncleanly: {status:?}"
+        ),
+    }
+    for presented in &secrets {
+        assert!(!app.verify(presented, &[]).await.active);
+    }
+}

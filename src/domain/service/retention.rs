@@ -46,7 +46,14 @@ impl Identity {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                match identity.purge(&settings, Timestamp::now()).await {
+                // Ages are judged by the database's clock, not this
+                // replica's: a replica whose clock runs ahead would
+                // otherwise delete tokens and sessions still alive.
+                let purged = match identity.store.database_time().await {
+                    Ok(now) => identity.purge(&settings, now).await,
+                    Err(err) => Err(err.into()),
+                };
+                match purged {
                     Ok(Some(purged)) => {
                         runs("done").increment(1);
                         for (kind, count) in purged.by_kind() {
