@@ -50,12 +50,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// The commit being built, for the start-up log and `identity_build_info`:
-/// `IDENTITY_BUILD_COMMIT` if set (an image build without `.git`), else
+/// `GIT_COMMIT` if set (an image build without `.git`), else
 /// what git says, else `unknown`. Re-run when HEAD moves, watching only
 /// files that exist (a missing one would re-run this script every build).
 fn build_commit() -> String {
-    println!("cargo:rerun-if-env-changed=IDENTITY_BUILD_COMMIT");
-    if let Ok(commit) = env::var("IDENTITY_BUILD_COMMIT")
+    println!("cargo:rerun-if-env-changed=GIT_COMMIT");
+    if let Ok(commit) = env::var("GIT_COMMIT")
         && !commit.is_empty()
     {
         return commit;
