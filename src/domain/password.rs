@@ -339,8 +339,10 @@ impl PasswordHasher {
     /// Hashes a new password.
     pub async fn hash(&self, password: Password) -> Result<PasswordHash, DomainError> {
         let inner = Arc::clone(&self.inner);
-        self.run(move || hash_with(&inner.argon2, password.as_bytes()).map_err(internal))
-            .await?
+        self.run(&HashTicket::new(), move || {
+            hash_with(&inner.argon2, password.as_bytes()).map_err(internal)
+        })
+        .await?
     }
 
     /// Checks `password` against `hash`. With no hash (unknown user, robot),
@@ -355,11 +357,23 @@ impl PasswordHasher {
         password: Password,
         hash: Option<PasswordHash>,
     ) -> Result<bool, DomainError> {
+        self.verify_ticketed(password, hash, &HashTicket::new())
+            .await
+    }
+
+    /// [`Self::verify`], with a ticket that tells whoever holds a copy
+    /// whether the check ever ran (see [`HashTicket::withdraw`]).
+    pub async fn verify_ticketed(
+        &self,
+        password: Password,
+        hash: Option<PasswordHash>,
+        ticket: &HashTicket,
+    ) -> Result<bool, DomainError> {
         self.inner
             .verifications
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let inner = Arc::clone(&self.inner);
-        self.run(move || {
+        self.run(ticket, move || {
             let real = hash.is_some();
             let target = hash.unwrap_or_else(|| inner.dummy.clone());
             let parsed = password_hash::PasswordHash::new(target.as_str()).map_err(internal)?;
@@ -404,18 +418,65 @@ impl PasswordHasher {
     /// thread has already started it.
     async fn run<T: Send + 'static>(
         &self,
+        ticket: &HashTicket,
         work: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, DomainError> {
         let (done, result) = tokio::sync::oneshot::channel();
         let job = Pending {
             work,
             done,
+            ticket: ticket.clone(),
             span: tracing::Span::current(),
         };
         self.inner.pool.submit(Box::new(job))?;
         result
             .await
             .map_err(|_| DomainError::Internal("the password hashing threads are gone".into()))
+    }
+}
+
+/// Whether a job ran, shared between the job and whoever needs to know:
+/// the job starts only if the ticket was not withdrawn first, and a
+/// withdrawal succeeds only if the job had not started, so exactly one of
+/// the two happens. A sign-in uses it to give back its throttle claim when
+/// its password was never checked (refused by a full queue, or the call
+/// ended before a thread took the job).
+#[derive(Clone, Debug, Default)]
+pub struct HashTicket(Arc<std::sync::atomic::AtomicU8>);
+
+impl HashTicket {
+    const PENDING: u8 = 0;
+    const STARTED: u8 = 1;
+    const WITHDRAWN: u8 = 2;
+
+    /// A ticket for a job not yet submitted.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Withdraws the job: true if it had not started and now never will,
+    /// false if it started (or the ticket was already withdrawn).
+    pub fn withdraw(&self) -> bool {
+        self.0
+            .compare_exchange(
+                Self::PENDING,
+                Self::WITHDRAWN,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// Starts the job: true unless it was withdrawn.
+    fn start(&self) -> bool {
+        self.0
+            .compare_exchange(
+                Self::PENDING,
+                Self::STARTED,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            )
+            .is_ok()
     }
 }
 
@@ -456,6 +517,8 @@ struct PoolState {
 trait Task: Send {
     /// Whether its caller has gone (its result would be dropped).
     fn abandoned(&self) -> bool;
+    /// Claims the job for a thread: false if its ticket was withdrawn.
+    fn start(&self) -> bool;
     /// Does the work, calls `finished`, and then hands the result over (if
     /// anyone still wants it): so that by the time a caller has its
     /// result, the queue's gauges and counters already show the job done.
@@ -465,6 +528,7 @@ trait Task: Send {
 struct Pending<T, F> {
     work: F,
     done: tokio::sync::oneshot::Sender<T>,
+    ticket: HashTicket,
     span: tracing::Span,
 }
 
@@ -473,8 +537,14 @@ impl<T: Send, F: FnOnce() -> T + Send> Task for Pending<T, F> {
         self.done.is_closed()
     }
 
+    fn start(&self) -> bool {
+        self.ticket.start()
+    }
+
     fn run(self: Box<Self>, finished: &dyn Fn()) {
-        let Self { work, done, span } = *self;
+        let Self {
+            work, done, span, ..
+        } = *self;
         let result = span.in_scope(work);
         finished();
         let _ = done.send(result);
@@ -542,7 +612,7 @@ impl Pool {
                 continue;
             };
             metrics::gauge!(metric::WAITING).decrement(1.0);
-            if task.abandoned() {
+            if task.abandoned() || !task.start() {
                 state.stats.skipped += 1;
                 metrics::counter!(metric::SKIPPED).increment(1);
                 // A job holds an `Arc<HasherInner>`, which may be the last:
@@ -796,7 +866,12 @@ mod tests {
         hasher
             .inner
             .pool
-            .submit(Box::new(Pending { work, done, span }))
+            .submit(Box::new(Pending {
+                work,
+                done,
+                ticket: HashTicket::new(),
+                span,
+            }))
             .expect("queued");
         running.recv().expect("the thread started");
         release
@@ -852,6 +927,60 @@ mod tests {
             }
         );
         assert_eq!(hasher.inner.pool.lock().running, 0);
+    }
+
+    #[tokio::test]
+    async fn a_ticket_says_whether_its_check_ran_exactly_once() {
+        let hasher = PasswordHasher::with_queue(1, 3).expect("hasher");
+        let policy = PasswordPolicy::default();
+        let pw = || Password::offered("password", "correct horse battery".into(), &policy);
+        // Refused by a full queue: never ran, so it can be withdrawn.
+        let release = occupy(&hasher);
+        let queued: Vec<_> = (0..3)
+            .map(|_| {
+                let hasher = hasher.clone();
+                let pw = pw().expect("valid");
+                tokio::spawn(async move { hasher.verify(pw, None).await })
+            })
+            .collect();
+        while hasher.inner.pool.lock().waiting.len() < 3 {
+            tokio::task::yield_now().await;
+        }
+        let refused = HashTicket::new();
+        let answer = hasher
+            .verify_ticketed(pw().expect("valid"), None, &refused)
+            .await;
+        assert!(matches!(answer, Err(DomainError::HashingBusy(_))));
+        assert!(refused.withdraw(), "a refused check never ran");
+        // Abandoned while queued: withdrawn before a thread took it, so the
+        // thread skips it.
+        drop(release);
+        for job in queued {
+            job.await.expect("join").expect("verified");
+        }
+        let release = occupy(&hasher);
+        let abandoned = HashTicket::new();
+        let gave_up = tokio::time::timeout(
+            std::time::Duration::from_millis(1),
+            hasher.verify_ticketed(pw().expect("valid"), None, &abandoned),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the thread is busy");
+        assert!(abandoned.withdraw(), "an abandoned job had not started");
+        assert!(!abandoned.withdraw(), "a ticket is withdrawn once");
+        drop(release);
+        // A check that ran cannot be withdrawn.
+        let ran = HashTicket::new();
+        hasher
+            .verify_ticketed(pw().expect("valid"), None, &ran)
+            .await
+            .expect("verified");
+        assert!(!ran.withdraw(), "a check that ran stands");
+        let busy = |state: &PoolState| state.running > 0 || !state.waiting.is_empty();
+        while busy(&hasher.inner.pool.lock()) {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(hasher.stats().skipped, 1, "the withdrawn job was skipped");
     }
 
     #[tokio::test]

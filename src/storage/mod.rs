@@ -402,6 +402,12 @@ pub trait Store: Send + Sync + 'static {
         address_key: &str,
     ) -> Result<(), StorageError>;
 
+    /// Takes back an attempt whose password was never checked (the hashing
+    /// queue refused it, or its call ended before a thread took it):
+    /// removes it from every counter of `claims`. A block its claim armed
+    /// stands.
+    async fn give_back_sign_in(&self, claims: &[ThrottleClaim]) -> Result<(), StorageError>;
+
     /// Clears the username key's counter (and with it any lock).
     async fn reset_sign_in_failures(&self, username_key: &str) -> Result<(), StorageError>;
 

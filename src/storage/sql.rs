@@ -466,6 +466,8 @@ pub(super) const REPORT_SIGN_IN_BLOCK: &str = "UPDATE sign_in_throttle \
     WHERE scope = $1 AND subject = $2 AND reported_until < blocked_until";
 pub(super) const RESET_SIGN_IN_ACCOUNT: &str =
     "DELETE FROM sign_in_throttle WHERE scope = 'account' AND subject = $1";
+pub(super) const UNCOUNT_SIGN_IN: &str = "UPDATE sign_in_throttle \
+    SET failures = failures - 1 WHERE scope = $1 AND subject = $2 AND failures > 0";
 pub(super) const UNCOUNT_SIGN_IN_ADDRESS: &str = "UPDATE sign_in_throttle \
     SET failures = failures - 1 WHERE scope = 'address' AND subject = $1 AND failures > 0";
 
@@ -1337,6 +1339,19 @@ macro_rules! impl_store {
                     .execute(&mut *tx)
                     .await
                     .map_err(Self::classify)?;
+                tx.commit().await.map_err(Self::classify)
+            }
+
+            async fn give_back_sign_in(&self, claims: &[ThrottleClaim]) -> Result<(), StorageError> {
+                let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+                for claim in claims {
+                    sqlx::query(sql::UNCOUNT_SIGN_IN)
+                        .bind(claim.scope.as_str())
+                        .bind(claim.subject.as_str())
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(Self::classify)?;
+                }
                 tx.commit().await.map_err(Self::classify)
             }
 

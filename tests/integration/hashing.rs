@@ -153,3 +153,153 @@ mod abandoned_sign_ins_are_skipped_and_delay_no_one {
             .await;
     }
 }
+
+/// The username counter of `username_key` (0 when it has none).
+async fn account_failures(url: &str, username_key: &str) -> i64 {
+    use sqlx::Connection;
+    let query = "SELECT failures FROM sign_in_throttle WHERE scope = 'account' AND subject = $1";
+    let found: Option<i64> = if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("open");
+        sqlx::query_scalar(query)
+            .bind(username_key)
+            .fetch_optional(&mut conn)
+            .await
+            .expect("read the counter")
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+        sqlx::query_scalar(query)
+            .bind(username_key)
+            .fetch_optional(&mut conn)
+            .await
+            .expect("read the counter")
+    };
+    found.unwrap_or(0)
+}
+
+/// A sign-in whose password was never checked, because a flood filled the
+/// hashing queue, guessed nothing: it gives its throttle claim back, so a
+/// flood cannot walk the owner towards a lockout while the owner types the
+/// right password.
+async fn a_sign_in_refused_by_a_full_queue_is_not_counted(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let operator = printed_token(&bootstrap_operator(&db.url, "ops", &[]).await);
+    let server = Server::start(
+        &db.url,
+        &[
+            ("IDENTITY_HASH_CONCURRENCY", "1"),
+            ("IDENTITY_SIGN_IN_ADDRESS_FREE_FAILURES", "1000000"),
+            ("IDENTITY_SIGN_IN_ACCOUNT_PER_MINUTE", "1000000"),
+            ("IDENTITY_SIGN_IN_ADDRESS_PER_MINUTE", "1000000"),
+        ],
+    )
+    .await;
+    let mut accounts = AccountsServiceClient::new(server.channel().await);
+    let password = format!("right-{}-password", random_hex());
+    accounts
+        .create_account(bearer(
+            pb::CreateAccountRequest {
+                username: "alice".into(),
+                password: password.clone(),
+                kind: pb::AccountKind::Person as i32,
+                ..Default::default()
+            },
+            &operator,
+        ))
+        .await
+        .expect("create alice");
+
+    // Wrong passwords for other usernames, forty at a time, until stopped:
+    // more than the one thread and its queue of 32 hold.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for connection in 0..8 {
+        let accounts = AccountsServiceClient::new(server.channel().await);
+        for i in 0..5 {
+            let (mut accounts, stop) = (accounts.clone(), stop.clone());
+            flood.push(tokio::spawn(async move {
+                // A new username each time, so that none backs off and
+                // every attempt hashes.
+                for n in 0.. {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        break;
+                    }
+                    let answer = accounts
+                        .sign_in(pb::SignInRequest {
+                            username: format!("flood-{connection}-{i}-{n}"),
+                            password: "a wrong password, whatever".into(),
+                        })
+                        .await;
+                    match answer {
+                        Err(status)
+                            if matches!(
+                                status.code(),
+                                Code::Unauthenticated | Code::ResourceExhausted
+                            ) => {}
+                        other => panic!("a flood call ended with {other:?}"),
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }));
+        }
+    }
+    // The owner signs in until the full queue refuses the attempt (one that
+    // gets through succeeds and clears the counter anyway).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the flood never filled the hashing queue"
+        );
+        let answer = accounts
+            .sign_in(pb::SignInRequest {
+                username: "alice".into(),
+                password: password.clone(),
+            })
+            .await;
+        match answer {
+            Ok(_) => continue,
+            Err(status) if status.code() == Code::ResourceExhausted => {
+                assert!(
+                    !status.message().contains(&password),
+                    "the refusal names no password"
+                );
+                break;
+            }
+            Err(status) => panic!("the owner's sign-in failed with {status:?}"),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for call in flood {
+        call.await.expect("a flood call panicked");
+    }
+    // The claim is given back just after the refusal is answered.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let failures = account_failures(&db.url, "alice").await;
+        if failures == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the refused attempt still counts: {failures} failure(s) against alice"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the flood's own failures still count against their usernames.
+    assert!(account_failures(&db.url, "flood-0-0-0").await > 0);
+    server.terminate().await;
+}
+
+mod a_sign_in_refused_by_a_full_queue_is_not_counted {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::a_sign_in_refused_by_a_full_queue_is_not_counted(crate::support::Backend::Sqlite)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::a_sign_in_refused_by_a_full_queue_is_not_counted(crate::support::Backend::Postgres)
+            .await;
+    }
+}

@@ -10,7 +10,7 @@ use crate::domain::{
     cache::Invalidation,
     credential::{CredentialKind, Secret},
     page::{ACCOUNTS_LISTING, PageRequest},
-    password::Password,
+    password::{HashTicket, Password},
     policy::{self, Action, Grant, Principal},
     throttle::{
         InFlight, InFlightAttempt, MAX_IN_FLIGHT_WAIT, Next, Refusal, ThrottleClaim, address_key,
@@ -155,10 +155,13 @@ impl Identity {
     ) -> Result<SignedIn, DomainError> {
         let key = username.key();
         self.limit_password_checks(origin, &key)?;
-        let (claims, _in_flight) = self.claim_password_check(origin, &key, None).await?;
+        let claimed = self.claim_password_check(origin, &key, None).await?;
         let account = self.store.account_by_username(&key).await?;
         let hash = account.as_ref().and_then(|a| a.password_hash.clone());
-        let matches = self.hasher.verify(password, hash).await?;
+        let matches = self
+            .hasher
+            .verify_ticketed(password, hash, &claimed.ticket)
+            .await?;
         let event = AuditEvent::new(EventType::SignIn, origin, None);
         let account = match account {
             Some(account)
@@ -186,7 +189,7 @@ impl Identity {
                 return Err(DomainError::SignInFailed);
             }
         };
-        let [account_claim, address_claim] = &claims;
+        let [account_claim, address_claim] = &claimed.claims;
         self.store
             .sign_in_succeeded(&account_claim.subject, &address_claim.subject)
             .await?;
@@ -278,12 +281,13 @@ impl Identity {
         // a stolen session must not be a way around the throttle.
         let key = account.username.key();
         self.limit_password_checks(origin, &key)?;
-        let ([_, address_claim], _in_flight) = self
+        let claimed = self
             .claim_password_check(origin, &key, Some(caller))
             .await?;
+        let [_, address_claim] = &claimed.claims;
         if !self
             .hasher
-            .verify(current, account.password_hash.clone())
+            .verify_ticketed(current, account.password_hash.clone(), &claimed.ticket)
             .await?
         {
             self.store.record_event(&event.failed()).await?;
@@ -416,9 +420,8 @@ impl Identity {
     /// username's and the address's sign-in counters, or refuses it, before
     /// any hashing, while either is in backoff or locked. The first refusal
     /// of each block is audited (once, not per attempt, so that refused
-    /// attempts cost the store little). Returns the claims, for
-    /// [`crate::storage::Store::sign_in_succeeded`], and the attempt's place
-    /// among those in flight, to hold until its outcome is recorded.
+    /// attempts cost the store little). Returns the counted check, to hold
+    /// until its outcome is recorded (see [`ClaimedCheck`]).
     ///
     /// Refused while other attempts on the username are in flight on this
     /// replica, it waits for one of them to resolve and claims again (see
@@ -428,7 +431,7 @@ impl Identity {
         origin: &Origin,
         username_key: &str,
         actor: Option<&Principal>,
-    ) -> Result<([ThrottleClaim; 2], InFlightAttempt), DomainError> {
+    ) -> Result<ClaimedCheck, DomainError> {
         let throttle = &self.settings.sign_in_throttle;
         let give_up = tokio::time::Instant::now() + MAX_IN_FLIGHT_WAIT;
         // Registered before the claim, so that a concurrent attempt refused
@@ -440,7 +443,12 @@ impl Identity {
             let claims = throttle.claims(username_key, &origin.address, now);
             let Some(counters) = self.store.claim_sign_in(&claims, now).await? else {
                 attempt.resume();
-                return Ok((claims, attempt));
+                return Ok(ClaimedCheck {
+                    claims,
+                    ticket: HashTicket::new(),
+                    store: Arc::clone(&self.store),
+                    _in_flight: attempt,
+                });
             };
             if counters.iter().any(|c| c.first_refusal) {
                 let mut event = AuditEvent::new(EventType::SignInThrottled, origin, actor).failed();
@@ -504,5 +512,44 @@ impl Identity {
             )
             .await?;
         deleted.map(drop).ok_or(DomainError::AccountNotFound)
+    }
+}
+
+/// A password check counted against the sign-in throttle (its claims, for
+/// [`crate::storage::Store::sign_in_succeeded`]), holding its place among
+/// the attempts in flight until its outcome is recorded.
+///
+/// A check whose password was never verified gives its claim back when
+/// dropped: refused by a full hashing queue, failed before hashing, or
+/// abandoned by a call that ended while its job waited in the queue. Such
+/// an attempt guessed nothing, so it must not move its username towards a
+/// lockout: a flood that fills the queue would otherwise lock out the
+/// owner signing in with the right password. Once a thread started
+/// verifying, the claim stands whatever the caller does (the ticket says
+/// which happened, exactly once).
+struct ClaimedCheck {
+    claims: [ThrottleClaim; 2],
+    ticket: HashTicket,
+    store: Arc<dyn crate::storage::Store>,
+    _in_flight: InFlightAttempt,
+}
+
+impl Drop for ClaimedCheck {
+    fn drop(&mut self) {
+        if !self.ticket.withdraw() {
+            return;
+        }
+        // Dropped outside a runtime only at shutdown: the claim then stands,
+        // which errs on the side of the throttle.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        metrics::counter!("identity_sign_in_claims_given_back_total").increment(1);
+        let (store, claims) = (Arc::clone(&self.store), self.claims.clone());
+        runtime.spawn(async move {
+            if let Err(err) = store.give_back_sign_in(&claims).await {
+                tracing::warn!(error = %err, "could not give back an unchecked sign-in attempt");
+            }
+        });
     }
 }
