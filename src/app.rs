@@ -82,9 +82,17 @@ pub enum AppError {
     /// The server failed while serving.
     #[error("serving: {0}")]
     Serve(#[from] tonic::transport::Error),
-    /// Settings that contradict each other.
+    /// Settings that contradict each other, or one that cannot be used.
     #[error("{0}")]
     Config(String),
+    /// A one-shot command found a database nobody has migrated.
+    #[error(
+        "database {url} (DATABASE_URL) has no schema yet: run `identity migrate` or start the server first"
+    )]
+    NoSchema {
+        /// The URL, password redacted.
+        url: String,
+    },
     /// The TLS files could not be loaded.
     #[error("TLS: {0}")]
     Tls(#[from] tls::TlsError),
@@ -119,10 +127,10 @@ impl App {
     /// a wrong schema) is not fatal: the app is built NOT_SERVING, and once
     /// serving keeps trying to reach (and migrate) it, with back-off.
     pub async fn build(config: Config) -> Result<Self, AppError> {
+        // Before anything touches the network.
+        let tls = check(&config, &crate::config::setting_name)?;
         // First, so that every metric handle made from here on is real.
         let metrics = bind_metrics(&config).await?;
-        config.check_tls().map_err(AppError::Config)?;
-        let tls = tls::Tls::load(&config)?;
         let database_error = |source: StorageError| AppError::Database {
             url: config.redacted_database_url(),
             source,
@@ -449,6 +457,21 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
+/// Every rule `serve` applies to its configuration before it touches the
+/// network, naming each setting by `name(id)` (see
+/// [`crate::config::setting_name`]): the TLS and `VerifyToken` settings
+/// against each other, the TLS files read and parsed, and the database URL
+/// understood. [`App::build`] runs it first, and `identity config check`
+/// runs it too, so that the check cannot pass what serving refuses. Binds,
+/// resolves and connects nothing. Returns the TLS loaded (`None` when off).
+pub fn check(config: &Config, name: &dyn Fn(&str) -> String) -> Result<Option<tls::Tls>, AppError> {
+    config.check_tls_naming(name).map_err(AppError::Config)?;
+    let tls = tls::Tls::load(config)?;
+    crate::config::parse_database_url(&config.database_url)
+        .map_err(|why| AppError::Config(format!("{}: {why}", name("database_url"))))?;
+    Ok(tls)
+}
+
 /// Opens the configured store, migrating it if configured to.
 async fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
     storage::open(&config.database_url, &config.pool, config.migrate)
@@ -477,10 +500,33 @@ async fn bind_metrics(config: &Config) -> Result<Option<(TcpListener, SocketAddr
 
 /// Opens the store (migrating it if configured to) and the domain, without
 /// binding a listener: for one-shot commands such as `bootstrap-operator`.
+/// Refuses a database that holds no schema yet ([`AppError::NoSchema`]),
+/// creating nothing (not even a SQLite file): a command run from the wrong
+/// directory, or with a mistyped URL, must not quietly start a database
+/// of its own that the running server knows nothing about.
 pub async fn open_identity(config: &Config) -> Result<Identity, AppError> {
-    let store = open_store(config).await?;
+    let database_error = |source: StorageError| AppError::Database {
+        url: config.redacted_database_url(),
+        source,
+    };
+    let database = Database::connect(&config.database_url, &config.pool)
+        .await
+        .map_err(database_error)?;
+    if !database.has_schema().await.map_err(database_error)? {
+        return Err(AppError::NoSchema {
+            url: config.redacted_database_url(),
+        });
+    }
+    database
+        .prepare(config.migrate)
+        .await
+        .map_err(database_error)?;
     let hasher = PasswordHasher::new(1)?;
-    Ok(Identity::new(store, hasher, config.identity.clone()))
+    Ok(Identity::new(
+        database.store(),
+        hasher,
+        config.identity.clone(),
+    ))
 }
 
 /// Opens the store and runs migrations without serving: `identity migrate`.

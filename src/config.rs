@@ -138,19 +138,96 @@ pub fn parse_log_format(raw: &str) -> Result<LogFormat, String> {
     match raw {
         "text" => Ok(LogFormat::Text),
         "json" => Ok(LogFormat::Json),
-        _ => Err(format!("expected text or json, got {raw:?}")),
+        _ => Err("expected text or json".to_owned()),
     }
 }
 
-/// Parses a metrics listen address, or `off` (or nothing) for none.
+/// Parses a metrics listen address, or `off` (or nothing) for none. An IP
+/// address only: see [`ListenAddress`] for host names.
 pub fn parse_metrics_addr(raw: &str) -> Result<Option<SocketAddr>, String> {
     match raw.trim() {
         "" | "off" => Ok(None),
         addr => addr
             .parse()
             .map(Some)
-            .map_err(|_| format!("expected host:port such as 127.0.0.1:9464, or off; got {raw:?}")),
+            .map_err(|_| "expected host:port such as 127.0.0.1:9464, or off".to_owned()),
     }
+}
+
+/// A listen address as configured: `host:port`, where the host is an IP
+/// address (`127.0.0.1`, `[::1]`) or a name (`localhost`,
+/// `identity.internal`) that is resolved at start-up. A name is bound to
+/// the first address the system resolver gives for it (as `getaddrinfo`
+/// orders them); to listen on every interface use `0.0.0.0` or `[::]`.
+/// Parsing checks the syntax only; [`ListenAddress::resolve`] looks the
+/// name up. Neither's errors repeat the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddress {
+    host: String,
+    port: u16,
+}
+
+impl ListenAddress {
+    /// Parses `host:port` (an IPv6 address in brackets).
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        const EXPECTED: &str =
+            "expected host:port, such as 127.0.0.1:50051, [::1]:50051 or localhost:50051";
+        if let Ok(addr) = raw.parse::<SocketAddr>() {
+            return Ok(Self {
+                host: addr.ip().to_string(),
+                port: addr.port(),
+            });
+        }
+        let (host, port) = raw.rsplit_once(':').ok_or(EXPECTED)?;
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| "expected a port number (0 to 65535) after the last `:`".to_owned())?;
+        // A host name: letters, digits, `-` and `.` (RFC 1123), at most 253.
+        let valid_name = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !valid_name {
+            return Err(EXPECTED.to_owned());
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// The address to bind: the host itself if it is an IP address, else
+    /// the first address the system resolver gives for the name.
+    pub fn resolve(&self) -> Result<SocketAddr, String> {
+        let ip = self.host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = ip.parse::<std::net::IpAddr>() {
+            return Ok(SocketAddr::new(ip, self.port));
+        }
+        std::net::ToSocketAddrs::to_socket_addrs(&(self.host.as_str(), self.port))
+            .ok()
+            .and_then(|mut addrs| addrs.next())
+            .ok_or_else(|| "the host name does not resolve to any address".to_owned())
+    }
+}
+
+/// How an error names the setting `id` (a flag's name with `_` for `-`)
+/// when it does not know where the value came from: its environment
+/// variable and its flag, as in `IDENTITY_CACHE_TTL (--cache-ttl)`. The
+/// command line names each setting by where it was given instead.
+pub fn setting_name(id: &str) -> String {
+    let env = if id == "database_url" {
+        "DATABASE_URL".to_owned()
+    } else {
+        format!("IDENTITY_{}", id.to_ascii_uppercase())
+    };
+    format!("{env} (--{})", id.replace('_', "-"))
 }
 
 impl Config {
@@ -201,32 +278,47 @@ impl Config {
     }
 
     /// Checks the TLS and `VerifyToken` settings against each other: a
-    /// message naming the settings when they disagree.
+    /// message naming the settings (by [`setting_name`]) when they disagree.
     pub fn check_tls(&self) -> Result<(), String> {
+        self.check_tls_naming(&setting_name)
+    }
+
+    /// [`Self::check_tls`], naming each setting by `name(id)`: the command
+    /// line passes a `name` that says where each value came from.
+    pub fn check_tls_naming(&self, name: &dyn Fn(&str) -> String) -> Result<(), String> {
         if self.tls_reload_interval.is_zero() {
-            return Err(
-                "IDENTITY_TLS_RELOAD_INTERVAL (--tls-reload-interval) must be positive".into(),
-            );
+            return Err(format!("{} must be positive", name("tls_reload_interval")));
         }
         if self.tls_handshake_timeout.is_zero() {
-            return Err(
-                "IDENTITY_TLS_HANDSHAKE_TIMEOUT (--tls-handshake-timeout) must be positive".into(),
-            );
+            return Err(format!(
+                "{} must be positive",
+                name("tls_handshake_timeout")
+            ));
         }
         let auth = self.verifiers.auth;
         let mutual = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         if auth.needs_client() && !mutual {
             return Err(format!(
-                "IDENTITY_VERIFY_AUTH={auth} needs client certificates: set IDENTITY_TLS_CLIENT_CA (with IDENTITY_TLS_CERT and IDENTITY_TLS_KEY)"
+                "{} = {auth} needs client certificates: set {}, with {} and {}",
+                name("verify_auth"),
+                name("tls_client_ca"),
+                name("tls_cert"),
+                name("tls_key"),
             ));
         }
         if auth.needs_client() && self.verifiers.clients.is_empty() {
             return Err(format!(
-                "IDENTITY_VERIFY_AUTH={auth} needs IDENTITY_VERIFY_CLIENTS: the client certificate names allowed to call VerifyToken"
+                "{} = {auth} needs {}: the client certificate names allowed to call VerifyToken",
+                name("verify_auth"),
+                name("verify_clients"),
             ));
         }
         if auth == VerifyAuth::Scope && !self.verifiers.clients.is_empty() {
-            return Err("IDENTITY_VERIFY_CLIENTS is used only with IDENTITY_VERIFY_AUTH=client or client-and-scope".into());
+            return Err(format!(
+                "{} is used only when {} is client or client-and-scope",
+                name("verify_clients"),
+                name("verify_auth"),
+            ));
         }
         Ok(())
     }
@@ -249,14 +341,32 @@ pub fn default_hash_concurrency() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
-/// Checks that a database URL names a supported backend.
+/// Checks that a database URL names a supported backend and can be
+/// understood (its port a number, its `sslmode` a known one, ...), without
+/// connecting: the one rule for the URL, applied by the command line
+/// before anything starts and by [`crate::app::check`]. The message never
+/// holds the URL's secrets.
 pub fn parse_database_url(raw: &str) -> Result<String, String> {
     let supported = ["postgres://", "postgresql://", "sqlite:"];
-    if supported.iter().any(|prefix| raw.starts_with(prefix)) {
-        Ok(raw.to_owned())
-    } else {
-        Err("expected a URL starting with postgres://, postgresql:// or sqlite:".to_owned())
+    if !supported.iter().any(|prefix| raw.starts_with(prefix)) {
+        return Err(
+            "expected a URL starting with postgres://, postgresql:// or sqlite:".to_owned(),
+        );
     }
+    crate::storage::check_url(raw).map_err(|err| {
+        // The cause says what is wrong ("invalid port number").
+        let mut why = String::new();
+        let mut cause = std::error::Error::source(&err);
+        while let Some(inner) = cause {
+            why = inner.to_string();
+            cause = inner.source();
+        }
+        if why.is_empty() {
+            why = err.to_string();
+        }
+        redact_url_secrets(&format!("cannot be used: {why}"), raw)
+    })?;
+    Ok(raw.to_owned())
 }
 
 /// Parses a retention: a positive duration (see [`parse_duration`]), or
@@ -280,18 +390,18 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     let (number, unit) = raw.split_at(split);
     let value: u64 = number
         .parse()
-        .map_err(|_| format!("expected a number followed by ms, s, m, h or d, got {raw:?}"))?;
+        .map_err(|_| "expected a number followed by ms, s, m, h or d".to_owned())?;
     let millis = match unit {
         "ms" => Some(value),
         "s" => value.checked_mul(1_000),
         "m" => value.checked_mul(60_000),
         "h" => value.checked_mul(3_600_000),
         "d" => value.checked_mul(86_400_000),
-        _ => return Err(format!("expected a unit of ms, s, m, h or d, got {raw:?}")),
+        _ => return Err("expected a unit of ms, s, m, h or d after the number".to_owned()),
     };
     millis
         .map(Duration::from_millis)
-        .ok_or_else(|| format!("duration {raw:?} is too large"))
+        .ok_or_else(|| "the duration is too large".to_owned())
 }
 
 /// The query parameters of a database URL whose values are secrets: the

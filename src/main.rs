@@ -1,10 +1,11 @@
-//! The `identity` command: `serve` (the default), `migrate`, and
-//! `bootstrap-operator`. Reads the configuration from flags and environment
-//! variables, sets up logging, and hands over to [`identity::app`].
+//! The `identity` command: `serve` (the default), `migrate`,
+//! `bootstrap-operator` and `config check`, each reading only the settings
+//! it uses. Reads the configuration from a file, environment variables and
+//! flags, checks it, sets up logging, and hands over to [`identity::app`].
 
 #![forbid(unsafe_code)]
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{ffi::OsString, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use identity::{
@@ -13,7 +14,7 @@ use identity::{
         forwarded::TrustedProxies,
     },
     app::{self, App},
-    config::{self, Config, ConnectionLimits, LogFormat, TlsFiles},
+    config::{self, Config, ConnectionLimits, ListenAddress, LogFormat, TlsFiles},
     domain::{
         Identity, IdentitySettings,
         account::Username,
@@ -30,33 +31,31 @@ use tracing_subscriber::EnvFilter;
 #[derive(Debug, Parser)]
 #[command(
     name = "identity",
-    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("IDENTITY_BUILD_COMMIT"), ")")
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("IDENTITY_BUILD_COMMIT"), ")"),
+    subcommand_required = true
 )]
 struct Cli {
-    #[command(subcommand)]
-    command: Option<Command>,
     /// A TOML file of settings, keyed by the flags' names with `_` for `-`
     /// (e.g. `listen_addr = "0.0.0.0:50051"`). Environment variables and
-    /// flags override it.
-    #[arg(long, env = "IDENTITY_CONFIG", value_name = "FILE", global = true)]
+    /// flags override it; each command reads the keys it uses.
+    #[arg(long, env = "IDENTITY_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
-    #[command(flatten)]
-    settings: Settings,
+    #[command(subcommand)]
+    command: Command,
 }
 
+/// The commands; each reads only the settings it uses (`--help` lists
+/// them).
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve gRPC (the default when no command is given).
-    Serve,
+    Serve(Box<ServeSettings>),
     /// Apply database migrations and exit.
-    Migrate,
+    Migrate(DatabaseCommand),
     /// Create an operator robot account if it does not exist, and print one
-    /// new personal access token for it on stdout.
-    BootstrapOperator {
-        /// The operator account's username.
-        #[arg(long)]
-        username: String,
-    },
+    /// new personal access token for it on stdout. The database must have
+    /// its schema already (`identity migrate`, or a server started on it).
+    BootstrapOperator(BootstrapOperator),
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -64,107 +63,164 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
-    /// Validate the configuration (defaults, file, environment, flags) and
-    /// print the effective settings, secrets redacted, as a TOML file that
-    /// `--config` accepts. Exits non-zero, naming the setting, if invalid.
-    Check,
+    /// Validate `serve`'s configuration (defaults, file, environment,
+    /// flags) by every rule `serve` applies before it touches the network
+    /// (TLS files read, the database URL understood, listen addresses
+    /// resolved), and print the effective settings, secrets redacted, as a
+    /// TOML file that `--config` accepts. Exits non-zero, naming the
+    /// setting, if invalid.
+    Check(Box<ServeSettings>),
 }
 
-/// Settings shared by every command; each flag mirrors an environment
-/// variable.
-#[derive(Debug, Args)]
-struct Settings {
-    /// Address to serve gRPC on.
-    #[arg(long, env = "IDENTITY_LISTEN_ADDR", default_value = Config::DEFAULT_LISTEN_ADDR, global = true)]
-    listen_addr: SocketAddr,
+/// The database a command works on.
+#[derive(Debug, Clone, Args)]
+struct DatabaseSettings {
     /// Database URL: postgres://user:password@host/db or sqlite:path.
-    // Checked in `validate`, not by clap, whose errors would echo the value
+    // Checked in `config`, not by clap, whose errors would echo the value
     // (and its password).
     #[arg(long, env = "DATABASE_URL", default_value = Config::DEFAULT_DATABASE_URL,
-          global = true, hide_env_values = true)]
+          hide_env_values = true)]
     database_url: String,
     /// Apply pending migrations at start-up.
-    #[arg(long, env = "IDENTITY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    #[arg(long, env = "IDENTITY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     migrate: bool,
     /// Most database connections per replica.
     #[arg(long, env = "IDENTITY_DB_MAX_CONNECTIONS", default_value_t = 16,
-          value_parser = clap::value_parser!(u32).range(1..=1000), global = true)]
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
     db_max_connections: u32,
     /// How long a query waits for a free connection (e.g. 5s).
-    #[arg(long, env = "IDENTITY_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = config::parse_duration)]
     db_acquire_timeout: Duration,
+}
+
+/// How a command logs (to stderr).
+#[derive(Debug, Clone, Args)]
+struct LogSettings {
+    /// Log filter, in tracing's EnvFilter syntax (e.g. info, identity=debug).
+    #[arg(long, env = "IDENTITY_LOG", default_value = "info")]
+    log: String,
+    /// Log format: text (human-readable) or json (one object per line).
+    #[arg(long, env = "IDENTITY_LOG_FORMAT", default_value = "text",
+          value_parser = config::parse_log_format)]
+    log_format: LogFormat,
+}
+
+/// `migrate`: the database and logging only.
+#[derive(Debug, Clone, Args)]
+struct DatabaseCommand {
+    #[command(flatten)]
+    database: DatabaseSettings,
+    #[command(flatten)]
+    logging: LogSettings,
+}
+
+/// `bootstrap-operator`: the database, logging, and the token limit it
+/// is held to.
+#[derive(Debug, Clone, Args)]
+struct BootstrapOperator {
+    /// The operator account's username.
+    #[arg(long)]
+    username: String,
+    #[command(flatten)]
+    database: DatabaseSettings,
+    #[command(flatten)]
+    logging: LogSettings,
+    #[command(flatten)]
+    tokens: TokenLimit,
+}
+
+/// The limit on an account's live tokens, which every token issued obeys.
+#[derive(Debug, Clone, Args)]
+struct TokenLimit {
+    /// Most live tokens one account may have; CreateToken beyond it is
+    /// refused with RESOURCE_EXHAUSTED (rotation is not).
+    #[arg(long, env = "IDENTITY_MAX_TOKENS_PER_ACCOUNT", default_value_t = IdentitySettings::DEFAULT_MAX_TOKENS_PER_ACCOUNT,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_tokens_per_account: u32,
+}
+
+/// Everything `serve` reads (and `config check` checks); each flag mirrors
+/// an environment variable.
+#[derive(Debug, Clone, Args)]
+struct ServeSettings {
+    /// Address to serve gRPC on: host:port, the host an IP address or a
+    /// name (bound to the first address it resolves to).
+    #[arg(long, env = "IDENTITY_LISTEN_ADDR", default_value = Config::DEFAULT_LISTEN_ADDR,
+          value_parser = ListenAddress::parse)]
+    listen_addr: ListenAddress,
+    #[command(flatten)]
+    database: DatabaseSettings,
+    #[command(flatten)]
+    logging: LogSettings,
+    #[command(flatten)]
+    tokens: TokenLimit,
     /// Threads computing argon2 password hashes (default: cores minus one).
-    #[arg(long, env = "IDENTITY_HASH_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..), global = true)]
+    #[arg(long, env = "IDENTITY_HASH_CONCURRENCY", value_parser = clap::value_parser!(u16).range(1..))]
     hash_concurrency: Option<u16>,
     /// How long a session lasts after sign-in (e.g. 12h).
-    #[arg(long, env = "IDENTITY_SESSION_TTL", default_value = "12h", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_SESSION_TTL", default_value = "12h", value_parser = config::parse_duration)]
     session_ttl: Duration,
     /// Fewest characters a new password may have.
     #[arg(long, env = "IDENTITY_PASSWORD_MIN_CHARS", default_value_t = 15,
-          value_parser = clap::value_parser!(u16).range(8..=256), global = true)]
+          value_parser = clap::value_parser!(u16).range(8..=256))]
     password_min_chars: u16,
     /// Lifetime of a new token whose request names no expiry (e.g. 90d).
-    #[arg(long, env = "IDENTITY_TOKEN_DEFAULT_TTL", default_value = "90d", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_TOKEN_DEFAULT_TTL", default_value = "90d", value_parser = config::parse_duration)]
     token_default_ttl: Duration,
     /// Longest lifetime a new token may have (e.g. 365d).
-    #[arg(long, env = "IDENTITY_TOKEN_MAX_TTL", default_value = "365d", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_TOKEN_MAX_TTL", default_value = "365d", value_parser = config::parse_duration)]
     token_max_ttl: Duration,
     /// Allow robot accounts tokens that never expire (CreateToken never_expires).
     #[arg(long, env = "IDENTITY_ALLOW_NON_EXPIRING_ROBOT_TOKENS", default_value_t = false,
-          action = clap::ArgAction::Set, global = true)]
+          action = clap::ArgAction::Set)]
     allow_non_expiring_robot_tokens: bool,
     /// How long a rotated token keeps working after RotateToken (e.g. 5m).
-    #[arg(long, env = "IDENTITY_ROTATION_GRACE", default_value = "0s", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_ROTATION_GRACE", default_value = "0s", value_parser = config::parse_duration)]
     rotation_grace: Duration,
     /// Leak reports (RevokeLeakedToken) allowed per client address per minute.
     #[arg(long, env = "IDENTITY_LEAK_REPORTS_PER_MINUTE", default_value_t = 30,
-          value_parser = clap::value_parser!(u32).range(1..=100_000), global = true)]
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
     leak_reports_per_minute: u32,
     /// Consecutive failed sign-ins per username that cost no wait; each
     /// further failure makes the next attempt wait.
     #[arg(long, env = "IDENTITY_SIGN_IN_FREE_FAILURES", default_value_t = 5,
-          value_parser = clap::value_parser!(u32).range(0..=100), global = true)]
+          value_parser = clap::value_parser!(u32).range(0..=100))]
     sign_in_free_failures: u32,
     /// Failed sign-ins per client address that cost no wait; each further
     /// failure makes the next attempt from it wait.
     #[arg(long, env = "IDENTITY_SIGN_IN_ADDRESS_FREE_FAILURES", default_value_t = 20,
-          value_parser = clap::value_parser!(u32).range(0..=1_000_000), global = true)]
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     sign_in_address_free_failures: u32,
     /// The first sign-in backoff delay; it doubles with each further failure (e.g. 1s).
-    #[arg(long, env = "IDENTITY_SIGN_IN_BACKOFF_BASE", default_value = "1s", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_SIGN_IN_BACKOFF_BASE", default_value = "1s", value_parser = config::parse_duration)]
     sign_in_backoff_base: Duration,
     /// The longest sign-in backoff delay (e.g. 15m).
-    #[arg(long, env = "IDENTITY_SIGN_IN_BACKOFF_MAX", default_value = "15m", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_SIGN_IN_BACKOFF_MAX", default_value = "15m", value_parser = config::parse_duration)]
     sign_in_backoff_max: Duration,
     /// Consecutive failed sign-ins after which password sign-in for a
     /// username stops until an operator's EnableAccount (at most 100).
     #[arg(long, env = "IDENTITY_SIGN_IN_LOCKOUT_FAILURES", default_value_t = 100,
-          value_parser = clap::value_parser!(u32).range(1..=100), global = true)]
+          value_parser = clap::value_parser!(u32).range(1..=100))]
     sign_in_lockout_failures: u32,
     /// How long a client address's failed sign-ins are remembered after its
     /// last attempt (e.g. 24h).
-    #[arg(long, env = "IDENTITY_SIGN_IN_ADDRESS_MEMORY", default_value = "24h", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_SIGN_IN_ADDRESS_MEMORY", default_value = "24h", value_parser = config::parse_duration)]
     sign_in_address_memory: Duration,
     /// Password checks (sign-ins and ChangePassword, right or wrong) each
     /// replica starts per username per minute; more are refused with
     /// RESOURCE_EXHAUSTED before any hashing.
     #[arg(long, env = "IDENTITY_SIGN_IN_ACCOUNT_PER_MINUTE", default_value_t = 10,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     sign_in_account_per_minute: u32,
     /// Password checks each replica starts per client address (IPv6: per
     /// /64) per minute.
     #[arg(long, env = "IDENTITY_SIGN_IN_ADDRESS_PER_MINUTE", default_value_t = 60,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     sign_in_address_per_minute: u32,
-    /// Most live tokens one account may have; CreateToken beyond it is
-    /// refused with RESOURCE_EXHAUSTED (rotation is not).
-    #[arg(long, env = "IDENTITY_MAX_TOKENS_PER_ACCOUNT", default_value_t = IdentitySettings::DEFAULT_MAX_TOKENS_PER_ACCOUNT,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
-    max_tokens_per_account: u32,
     /// Tokens each replica creates per account per minute (in bursts up to
     /// that many); more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "IDENTITY_TOKEN_CREATIONS_PER_MINUTE", default_value_t = IdentitySettings::DEFAULT_TOKEN_CREATIONS_PER_MINUTE,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     token_creations_per_minute: u32,
     /// Proxies (CIDR blocks, comma-separated, e.g. 10.0.0.0/8,fd00::/8)
     /// whose x-forwarded-for names the client address; empty: the header is
@@ -174,130 +230,118 @@ struct Settings {
         long,
         env = "IDENTITY_TRUSTED_PROXIES",
         default_value = "",
-        global = true,
         hide_env_values = true
     )]
     trusted_proxies: String,
     /// Verdicts the verification cache holds at most (0 turns it off).
-    #[arg(
-        long,
-        env = "IDENTITY_CACHE_ENTRIES",
-        default_value_t = 100_000,
-        global = true
-    )]
+    #[arg(long, env = "IDENTITY_CACHE_ENTRIES", default_value_t = 100_000)]
     cache_entries: usize,
     /// How long a cached verdict is trusted at most (e.g. 30s).
-    #[arg(long, env = "IDENTITY_CACHE_TTL", default_value = "30s", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_CACHE_TTL", default_value = "30s", value_parser = config::parse_duration)]
     cache_ttl: Duration,
     /// Calls served at once across all connections; more are refused with
     /// RESOURCE_EXHAUSTED rather than queued.
     #[arg(long, env = "IDENTITY_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
-          value_parser = clap::value_parser!(u32).range(1..), global = true)]
+          value_parser = clap::value_parser!(u32).range(1..))]
     max_concurrent_requests: u32,
     /// Concurrent streams (calls) one HTTP/2 connection may open.
     #[arg(long, env = "IDENTITY_MAX_STREAMS_PER_CONNECTION", default_value_t = 128,
-          value_parser = clap::value_parser!(u32).range(1..), global = true)]
+          value_parser = clap::value_parser!(u32).range(1..))]
     max_streams_per_connection: u32,
     /// Longest a call may run before it is cancelled (e.g. 10s); a shorter
     /// grpc-timeout from the client wins.
-    #[arg(long, env = "IDENTITY_REQUEST_TIMEOUT", default_value = "10s", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_REQUEST_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
     request_timeout: Duration,
     /// Serve gRPC server reflection, so that grpcurl and buf curl need no
     /// .proto files. Turn off to expose only the API itself.
-    #[arg(long, env = "IDENTITY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set, global = true)]
+    #[arg(long, env = "IDENTITY_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     reflection: bool,
     /// Largest request message accepted, in bytes (at least 65536, so the
     /// largest legitimate request always fits); larger ones get
     /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "IDENTITY_MAX_MESSAGE_BYTES", default_value_t = Config::DEFAULT_MAX_MESSAGE_BYTES as u32,
-          value_parser = clap::value_parser!(u32).range(65_536..=67_108_864), global = true)]
+          value_parser = clap::value_parser!(u32).range(65_536..=67_108_864))]
     max_message_bytes: u32,
     /// Async runtime worker threads (default: one per core).
-    #[arg(long, env = "IDENTITY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024), global = true)]
+    #[arg(long, env = "IDENTITY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     worker_threads: Option<u16>,
     /// Largest tolerated offset between this replica's wall clock and the
     /// PostgreSQL server's (e.g. 1s): beyond it the replica reports
     /// NOT_SERVING and refuses calls until its clock is back within it.
-    #[arg(long, env = "IDENTITY_MAX_CLOCK_SKEW", default_value = "1s", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_MAX_CLOCK_SKEW", default_value = "1s", value_parser = config::parse_duration)]
     max_clock_skew: Duration,
     /// How long shutdown waits for in-flight calls (e.g. 30s).
-    #[arg(long, env = "IDENTITY_DRAIN_TIMEOUT", default_value = "30s", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_DRAIN_TIMEOUT", default_value = "30s", value_parser = config::parse_duration)]
     drain_timeout: Duration,
     /// PEM file with the server's certificate chain, leaf first; with
     /// --tls-key, gRPC is served over TLS (plaintext when both are unset).
-    #[arg(long, env = "IDENTITY_TLS_CERT", global = true)]
+    #[arg(long, env = "IDENTITY_TLS_CERT")]
     tls_cert: Option<PathBuf>,
     /// PEM file with the private key of the --tls-cert certificate.
-    #[arg(long, env = "IDENTITY_TLS_KEY", global = true)]
+    #[arg(long, env = "IDENTITY_TLS_KEY")]
     tls_key: Option<PathBuf>,
     /// PEM file with the CA certificates that sign client certificates;
     /// when set, every caller must present one (mutual TLS).
-    #[arg(long, env = "IDENTITY_TLS_CLIENT_CA", global = true)]
+    #[arg(long, env = "IDENTITY_TLS_CLIENT_CA")]
     tls_client_ca: Option<PathBuf>,
     /// How often the TLS files are read again to pick up new ones (e.g. 10s).
-    #[arg(long, env = "IDENTITY_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = config::parse_duration)]
     tls_reload_interval: Duration,
     /// Longest a client may take to complete the TLS handshake (e.g. 10s).
-    #[arg(long, env = "IDENTITY_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
     tls_handshake_timeout: Duration,
     /// Who may call VerifyToken: scope (a credential with tokens:verify),
     /// client (a client certificate named in --verify-clients, no
     /// credential) or client-and-scope (both).
-    #[arg(long, env = "IDENTITY_VERIFY_AUTH", default_value = "scope", value_parser = clap::value_parser!(VerifyAuth), global = true)]
+    #[arg(long, env = "IDENTITY_VERIFY_AUTH", default_value = "scope", value_parser = clap::value_parser!(VerifyAuth))]
     verify_auth: VerifyAuth,
     /// Client certificate names (DNS or URI SANs, comma-separated) allowed
     /// to call VerifyToken when --verify-auth is client or client-and-scope.
-    #[arg(long, env = "IDENTITY_VERIFY_CLIENTS", default_value = "", value_parser = VerifyClients::parse, global = true)]
+    #[arg(long, env = "IDENTITY_VERIFY_CLIENTS", default_value = "", value_parser = VerifyClients::parse)]
     verify_clients: VerifyClients,
-    /// Log filter, in tracing's EnvFilter syntax (e.g. info, identity=debug).
-    #[arg(long, env = "IDENTITY_LOG", default_value = "info", global = true)]
-    log: String,
-    /// Log format: text (human-readable) or json (one object per line).
-    #[arg(long, env = "IDENTITY_LOG_FORMAT", default_value = "text",
-          value_parser = config::parse_log_format, global = true)]
-    log_format: LogFormat,
-    /// Address to serve Prometheus metrics on (HTTP, /metrics), or off.
+    /// Address to serve Prometheus metrics on (HTTP, /metrics), or off;
+    /// the host an IP address or a name.
     #[arg(long, env = "IDENTITY_METRICS_ADDR", default_value = Config::DEFAULT_METRICS_ADDR,
-          value_parser = parse_metrics_addr, global = true)]
+          value_parser = parse_metrics_addr)]
     metrics_addr: MetricsAddr,
     /// Also serve grpc.health.v1.Health alone, in plaintext, on this address
     /// (e.g. 0.0.0.0:8081): for probes that cannot speak TLS, such as
     /// Kubernetes' native gRPC probes. Unset: health is served on the main
     /// port only.
-    #[arg(long, env = "IDENTITY_HEALTH_LISTEN_ADDR", global = true)]
-    health_listen_addr: Option<SocketAddr>,
+    #[arg(long, env = "IDENTITY_HEALTH_LISTEN_ADDR", value_parser = ListenAddress::parse)]
+    health_listen_addr: Option<ListenAddress>,
     /// How long sessions, tokens and sign-in counters are kept after they
     /// stopped working (e.g. 30d), or off to keep them for ever.
     #[arg(long, env = "IDENTITY_RETENTION", default_value = "30d",
-          value_parser = config::parse_retention, global = true)]
+          value_parser = config::parse_retention)]
     retention: Retention,
     /// How long audit events are kept (e.g. 400d), or off to keep them for
     /// ever.
     #[arg(long, env = "IDENTITY_AUDIT_RETENTION", default_value = "400d",
-          value_parser = config::parse_retention, global = true)]
+          value_parser = config::parse_retention)]
     audit_retention: Retention,
     /// How often what is past retention is purged (e.g. 1h).
     #[arg(long, env = "IDENTITY_RETENTION_INTERVAL", default_value = "1h",
-          value_parser = config::parse_duration, global = true)]
+          value_parser = config::parse_duration)]
     retention_interval: Duration,
     /// Connections each listener keeps open at once; more are closed at
     /// accept.
     #[arg(long, env = "IDENTITY_MAX_CONNECTIONS", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
     /// How long a connection may stay open with no call in flight before it
     /// is closed (e.g. 5m).
-    #[arg(long, env = "IDENTITY_IDLE_TIMEOUT", default_value = "5m", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_IDLE_TIMEOUT", default_value = "5m", value_parser = config::parse_duration)]
     idle_timeout: Duration,
     /// How long a new connection may take to send the HTTP/2 preface, after
     /// any TLS handshake (e.g. 10s).
-    #[arg(long, env = "IDENTITY_PREFACE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration, global = true)]
+    #[arg(long, env = "IDENTITY_PREFACE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
     preface_timeout: Duration,
     /// Health Check calls each listener serves at once, and open Watch
     /// streams as a budget of their own, apart from the API's limit; more
     /// are refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "IDENTITY_MAX_HEALTH_REQUESTS", default_value_t = 256,
-          value_parser = clap::value_parser!(u32).range(1..=1_000_000), global = true)]
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_health_requests: u32,
 }
 
@@ -305,22 +349,63 @@ struct Settings {
 type Retention = Option<Duration>;
 
 /// `--metrics-addr`: an address, or none when metrics are off.
-#[derive(Debug, Clone, Copy)]
-struct MetricsAddr(Option<SocketAddr>);
+#[derive(Debug, Clone)]
+struct MetricsAddr(Option<ListenAddress>);
 
 fn parse_metrics_addr(raw: &str) -> Result<MetricsAddr, String> {
-    config::parse_metrics_addr(raw).map(MetricsAddr)
+    match raw.trim() {
+        "" | "off" => Ok(MetricsAddr(None)),
+        addr => ListenAddress::parse(addr)
+            .map(|addr| MetricsAddr(Some(addr)))
+            .map_err(|why| format!("{why}; or off")),
+    }
 }
 
-impl Settings {
-    fn into_config(self) -> Config {
-        let mut config = Config::with_database(self.database_url);
-        config.listen_addr = self.listen_addr;
+/// How a message names a setting: by where its value came from (see
+/// [`config::file::Layered::origin`]).
+type Origin<'a> = dyn Fn(&str) -> String + 'a;
+
+impl DatabaseSettings {
+    /// The defaults with this database, its URL checked.
+    fn config(&self, origin: &Origin<'_>) -> Result<Config, String> {
+        config::parse_database_url(&self.database_url)
+            .map_err(|why| format!("{}: {why}", origin("database_url")))?;
+        let mut config = Config::with_database(self.database_url.clone());
         config.migrate = self.migrate;
         config.pool = PoolOptions {
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
         };
+        Ok(config)
+    }
+}
+
+impl LogSettings {
+    /// The log filter, checked.
+    fn filter(&self, origin: &Origin<'_>) -> Result<EnvFilter, String> {
+        EnvFilter::try_new(&self.log).map_err(|err| format!("{}: {err}", origin("log")))
+    }
+}
+
+impl BootstrapOperator {
+    fn config(&self, origin: &Origin<'_>) -> Result<Config, String> {
+        let mut config = self.database.config(origin)?;
+        config.identity.max_tokens_per_account = self.tokens.max_tokens_per_account;
+        Ok(config)
+    }
+}
+
+impl ServeSettings {
+    /// The server's configuration: the cross-setting rules that flags
+    /// alone cannot express checked, and the listen addresses resolved.
+    fn config(&self, origin: &Origin<'_>) -> Result<Config, String> {
+        self.validate(origin)?;
+        let resolve = |id: &str, addr: &ListenAddress| {
+            addr.resolve()
+                .map_err(|why| format!("{}: {why}", origin(id)))
+        };
+        let mut config = self.database.config(origin)?;
+        config.listen_addr = resolve("listen_addr", &self.listen_addr)?;
         if let Some(n) = self.hash_concurrency {
             config.hash_concurrency = usize::from(n);
         }
@@ -348,7 +433,7 @@ impl Settings {
                 account_per_minute: self.sign_in_account_per_minute,
                 address_per_minute: self.sign_in_address_per_minute,
             },
-            max_tokens_per_account: self.max_tokens_per_account,
+            max_tokens_per_account: self.tokens.max_tokens_per_account,
             token_creations_per_minute: self.token_creations_per_minute,
         };
         config.max_concurrent_requests = self.max_concurrent_requests;
@@ -360,105 +445,192 @@ impl Settings {
         config.max_clock_skew = self.max_clock_skew;
         config.leak_reports_per_minute = self.leak_reports_per_minute;
         // `validate` has checked that the certificate and key come together.
-        config.tls = self.tls_cert.zip(self.tls_key).map(|(cert, key)| TlsFiles {
-            cert,
-            key,
-            client_ca: self.tls_client_ca,
-        });
+        config.tls = self
+            .tls_cert
+            .clone()
+            .zip(self.tls_key.clone())
+            .map(|(cert, key)| TlsFiles {
+                cert,
+                key,
+                client_ca: self.tls_client_ca.clone(),
+            });
         config.tls_reload_interval = self.tls_reload_interval;
         config.tls_handshake_timeout = self.tls_handshake_timeout;
         config.verifiers = VerifierPolicy {
             auth: self.verify_auth,
-            clients: self.verify_clients,
+            clients: self.verify_clients.clone(),
         };
         // `validate` has checked the list; nothing is trusted otherwise.
         config.trusted_proxies = TrustedProxies::parse(&self.trusted_proxies).unwrap_or_default();
-        config.metrics_addr = self.metrics_addr.0;
-        config.health_listen_addr = self.health_listen_addr;
+        config.metrics_addr = match &self.metrics_addr.0 {
+            Some(addr) => Some(resolve("metrics_addr", addr)?),
+            None => None,
+        };
+        config.health_listen_addr = match &self.health_listen_addr {
+            Some(addr) => Some(resolve("health_listen_addr", addr)?),
+            None => None,
+        };
         config.connections = ConnectionLimits {
             max_connections: self.max_connections as usize,
             idle_timeout: self.idle_timeout,
             preface_timeout: self.preface_timeout,
             max_health_requests: self.max_health_requests as usize,
         };
-        config.log_format = self.log_format;
+        config.log_format = self.logging.log_format;
         config.retention = RetentionSettings {
             credentials: self.retention,
             audit: self.audit_retention,
             interval: self.retention_interval,
             ..RetentionSettings::default()
         };
-        config
+        Ok(config)
     }
 
-    /// Cross-setting checks that flags alone cannot express.
-    fn validate(&self) -> Result<(), String> {
-        config::parse_database_url(&self.database_url)
-            .map_err(|why| format!("DATABASE_URL (--database-url): {why}"))?;
+    /// Cross-setting checks that flags alone cannot express, naming each
+    /// setting by `origin`.
+    fn validate(&self, origin: &Origin<'_>) -> Result<(), String> {
+        let positive = |id: &str, value: Duration| {
+            if value.is_zero() {
+                Err(format!("{} must be positive", origin(id)))
+            } else {
+                Ok(())
+            }
+        };
         if self.token_default_ttl > self.token_max_ttl {
-            return Err(
-                "IDENTITY_TOKEN_DEFAULT_TTL (--token-default-ttl) must not exceed IDENTITY_TOKEN_MAX_TTL (--token-max-ttl)".into(),
-            );
+            return Err(format!(
+                "{} must not exceed {}",
+                origin("token_default_ttl"),
+                origin("token_max_ttl")
+            ));
         }
-        if self.token_default_ttl.is_zero() {
-            return Err("IDENTITY_TOKEN_DEFAULT_TTL (--token-default-ttl) must be positive".into());
-        }
-        if self.max_clock_skew.is_zero() {
-            return Err("IDENTITY_MAX_CLOCK_SKEW (--max-clock-skew) must be positive".into());
-        }
-        if self.request_timeout.is_zero() {
-            return Err("IDENTITY_REQUEST_TIMEOUT (--request-timeout) must be positive".into());
-        }
-        if self.sign_in_backoff_base.is_zero() {
-            return Err(
-                "IDENTITY_SIGN_IN_BACKOFF_BASE (--sign-in-backoff-base) must be positive".into(),
-            );
-        }
+        positive("token_default_ttl", self.token_default_ttl)?;
+        positive("max_clock_skew", self.max_clock_skew)?;
+        positive("request_timeout", self.request_timeout)?;
+        positive("sign_in_backoff_base", self.sign_in_backoff_base)?;
         if self.sign_in_backoff_max < self.sign_in_backoff_base
             || self.sign_in_backoff_max > Duration::from_secs(7 * 24 * 60 * 60)
         {
-            return Err(
-                "IDENTITY_SIGN_IN_BACKOFF_MAX (--sign-in-backoff-max) must be between IDENTITY_SIGN_IN_BACKOFF_BASE and 7d".into(),
-            );
+            return Err(format!(
+                "{} must be between {} and 7d",
+                origin("sign_in_backoff_max"),
+                origin("sign_in_backoff_base")
+            ));
         }
         if self.sign_in_address_memory < self.sign_in_backoff_max {
-            return Err(
-                "IDENTITY_SIGN_IN_ADDRESS_MEMORY (--sign-in-address-memory) must not be shorter than IDENTITY_SIGN_IN_BACKOFF_MAX (--sign-in-backoff-max)".into(),
-            );
+            return Err(format!(
+                "{} must not be shorter than {}",
+                origin("sign_in_address_memory"),
+                origin("sign_in_backoff_max")
+            ));
         }
-        if self.retention_interval.is_zero() {
-            return Err(
-                "IDENTITY_RETENTION_INTERVAL (--retention-interval) must be positive".into(),
-            );
-        }
+        positive("retention_interval", self.retention_interval)?;
         TrustedProxies::parse(&self.trusted_proxies)
-            .map_err(|why| format!("IDENTITY_TRUSTED_PROXIES (--trusted-proxies): {why}"))?;
-        if self.idle_timeout.is_zero() {
-            return Err("IDENTITY_IDLE_TIMEOUT (--idle-timeout) must be positive".into());
-        }
-        if self.preface_timeout.is_zero() {
-            return Err("IDENTITY_PREFACE_TIMEOUT (--preface-timeout) must be positive".into());
-        }
-        if self.session_ttl.is_zero() {
-            return Err("IDENTITY_SESSION_TTL (--session-ttl) must be positive".into());
-        }
+            .map_err(|why| format!("{}: {why}", origin("trusted_proxies")))?;
+        positive("idle_timeout", self.idle_timeout)?;
+        positive("preface_timeout", self.preface_timeout)?;
+        positive("session_ttl", self.session_ttl)?;
         if self.tls_cert.is_some() != self.tls_key.is_some() {
-            return Err(
-                "IDENTITY_TLS_CERT (--tls-cert) and IDENTITY_TLS_KEY (--tls-key) go together: set both or neither".into(),
-            );
+            return Err(format!(
+                "{} and {} go together: set both or neither",
+                origin("tls_cert"),
+                origin("tls_key")
+            ));
         }
         if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
-            return Err(
-                "IDENTITY_TLS_CLIENT_CA (--tls-client-ca) needs IDENTITY_TLS_CERT and IDENTITY_TLS_KEY".into(),
-            );
+            return Err(format!(
+                "{} needs {} and {}",
+                origin("tls_client_ca"),
+                origin("tls_cert"),
+                origin("tls_key")
+            ));
         }
         Ok(())
     }
 }
 
+/// What a command is to do, once its configuration has passed every check.
+enum Job {
+    Serve,
+    Migrate,
+    BootstrapOperator(String),
+    ConfigCheck,
+}
+
+/// The configuration of the command `command`, checked by every rule it
+/// applies before touching the network: its settings' own rules, the
+/// rules [`app::check`] applies (TLS files, the database URL, the TLS and
+/// `VerifyToken` settings together), and the log filter. `config check`
+/// runs exactly what `serve` runs, so it passes only what `serve` accepts,
+/// with the same message otherwise.
+fn checked(
+    command: &Command,
+    origin: &Origin<'_>,
+) -> Result<(Job, Config, EnvFilter, Option<u16>), String> {
+    let (job, config, logging, threads) = match command {
+        Command::Serve(settings) => (
+            Job::Serve,
+            settings.config(origin)?,
+            &settings.logging,
+            settings.worker_threads,
+        ),
+        Command::Config(ConfigCommand::Check(settings)) => (
+            Job::ConfigCheck,
+            settings.config(origin)?,
+            &settings.logging,
+            settings.worker_threads,
+        ),
+        Command::Migrate(migrate) => (
+            Job::Migrate,
+            migrate.database.config(origin)?,
+            &migrate.logging,
+            None,
+        ),
+        Command::BootstrapOperator(bootstrap) => (
+            Job::BootstrapOperator(bootstrap.username.clone()),
+            bootstrap.config(origin)?,
+            &bootstrap.logging,
+            None,
+        ),
+    };
+    app::check(&config, origin).map_err(|err| describe(&err, &config))?;
+    let filter = logging.filter(origin)?;
+    Ok((job, config, filter, threads))
+}
+
+/// `args` with `serve` inserted when no command is given (the first
+/// argument, after any `--config FILE`, is not a command, help or the
+/// version), so that `identity --listen-addr …` serves.
+fn with_default_command(mut args: Vec<OsString>) -> Vec<OsString> {
+    let names: Vec<String> = Cli::command()
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_owned())
+        .chain(["help".to_owned()])
+        .collect();
+    let mut i = 1;
+    while let Some(arg) = args.get(i).map(|a| a.to_string_lossy().into_owned()) {
+        if arg == "--config" {
+            i += 2;
+        } else if arg.starts_with("--config=") {
+            i += 1;
+        } else {
+            break;
+        }
+    }
+    let first = args.get(i).map(|a| a.to_string_lossy().into_owned());
+    let given = match first.as_deref() {
+        Some("-h" | "--help" | "-V" | "--version") => true,
+        Some(name) => names.iter().any(|n| n == name),
+        None => false,
+    };
+    if !given {
+        args.insert(args.len().min(1), "serve".into());
+    }
+    args
+}
+
 fn main() -> ExitCode {
-    let layered = match config::file::parse(Cli::command(), std::env::args_os().collect(), "config")
-    {
+    let args = with_default_command(std::env::args_os().collect());
+    let layered = match config::file::parse(Cli::command(), args, "config") {
         Ok(layered) => layered,
         Err(config::file::LayerError::Clap(err)) => err.exit(),
         Err(err) => {
@@ -470,23 +642,25 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => err.exit(),
     };
-    if let Some(Command::Config(ConfigCommand::Check)) = cli.command {
-        return config_check(&cli.settings, &layered);
-    }
-    let filter = match EnvFilter::try_new(&cli.settings.log) {
-        Ok(filter) => filter,
-        Err(err) => {
-            eprintln!("error: invalid IDENTITY_LOG / --log filter: {err}");
+    let origin = |id: &str| layered.origin(id);
+    let (job, config, filter, threads) = match checked(&cli.command, &origin) {
+        Ok(checked) => checked,
+        Err(message) => {
+            eprintln!("error: {message}");
             return ExitCode::FAILURE;
         }
     };
+    if let Job::ConfigCheck = job {
+        print!("{}", layered.render("config"));
+        return ExitCode::SUCCESS;
+    }
     // Logs go to stderr: stdout is reserved for command output such as the
     // token printed by bootstrap-operator.
-    identity::observability::init_logging(cli.settings.log_format, filter);
+    identity::observability::init_logging(config.log_format, filter);
 
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    if let Some(threads) = cli.settings.worker_threads {
+    if let Some(threads) = threads {
         builder.worker_threads(usize::from(threads));
     }
     let runtime = match builder.build() {
@@ -496,48 +670,32 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if let Err(message) = cli.settings.validate() {
-        eprintln!("error: {message}");
-        return ExitCode::FAILURE;
-    }
-    let config = cli.settings.into_config();
     // Kept to redact the database's secrets from the exit message.
     let redactor = config.clone();
     let result = runtime.block_on(async move {
-        match cli.command.unwrap_or(Command::Serve) {
-            Command::Serve => {
+        match job {
+            Job::Serve => {
+                let shutdown = shutdown_signal();
                 let app = App::build(config).await?;
-                app.run_until(shutdown_signal()).await
+                app.run_until(shutdown).await
             }
-            Command::Migrate => {
+            Job::Migrate => {
                 app::migrate(&config).await?;
-                tracing::info!("migrations applied");
+                tracing::info!(
+                    database = %config.redacted_database_url(),
+                    "migrations applied"
+                );
                 Ok(())
             }
-            Command::BootstrapOperator { username } => bootstrap(config, &username).await,
+            Job::BootstrapOperator(username) => bootstrap(config, &username).await,
             // Answered above, before logging and the runtime start.
-            Command::Config(ConfigCommand::Check) => Ok(()),
+            Job::ConfigCheck => Ok(()),
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            // With its causes ("the database is unavailable: ... invalid
-            // peer certificate"). sqlx's errors carry neither the URL nor its
-            // password, but the message is redacted all the same, so that
-            // no driver's wording can leak one.
-            let mut message = err.to_string();
-            let mut cause = std::error::Error::source(&err);
-            while let Some(inner) = cause {
-                let text = inner.to_string();
-                // Some messages already end with their source's.
-                if !message.ends_with(&text) {
-                    message.push_str(": ");
-                    message.push_str(&text);
-                }
-                cause = inner.source();
-            }
-            let message = redactor.redact_database_secrets(&message);
+            let message = describe(&err, &redactor);
             tracing::error!(error = %message, "exiting");
             eprintln!("error: {message}");
             ExitCode::FAILURE
@@ -545,32 +703,33 @@ fn main() -> ExitCode {
     }
 }
 
-/// `config check`: validates everything that can be checked without the
-/// network and prints the effective settings.
-fn config_check(settings: &Settings, layered: &config::file::Layered) -> ExitCode {
-    let checks = settings.validate().and_then(|()| {
-        EnvFilter::try_new(&settings.log)
-            .map(drop)
-            .map_err(|err| format!("IDENTITY_LOG (--log): {err}"))
-    });
-    match checks {
-        Ok(()) => {
-            print!("{}", layered.render("config"));
-            ExitCode::SUCCESS
+/// `err` with its causes ("the database is unavailable: ... invalid peer
+/// certificate"), every secret of the database URL redacted. sqlx's errors
+/// carry neither the URL nor its password, but the message is redacted all
+/// the same, so that no driver's wording can leak one.
+fn describe(err: &app::AppError, config: &Config) -> String {
+    let mut message = err.to_string();
+    let mut cause = std::error::Error::source(err);
+    while let Some(inner) = cause {
+        let text = inner.to_string();
+        // Some messages already end with their source's.
+        if !message.ends_with(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
         }
-        Err(message) => {
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
-        }
+        cause = inner.source();
     }
+    config.redact_database_secrets(&message)
 }
 
-/// `bootstrap-operator`: prints exactly one line on stdout, the token.
+/// `bootstrap-operator`: prints exactly one line on stdout, the token, and
+/// says on stderr (in the log) which database it used.
 async fn bootstrap(config: Config, username: &str) -> Result<(), app::AppError> {
     let username = Username::parse("--username", username)?;
     let identity: Identity = app::open_identity(&config).await?;
     let issued = identity.bootstrap_operator(username).await?;
     tracing::info!(
+        database = %config.redacted_database_url(),
         account_id = issued.token.account_id.as_str(),
         token_id = issued.token.id.as_str(),
         "issued an operator token"
@@ -579,30 +738,43 @@ async fn bootstrap(config: Config, username: &str) -> Result<(), app::AppError> 
     Ok(())
 }
 
-/// Completes on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(err) = tokio::signal::ctrl_c().await {
-            tracing::error!(error = %err, "cannot listen for Ctrl-C");
+/// Completes on SIGTERM or SIGINT (Ctrl-C). The handlers are installed
+/// when this is called, not when the future is first polled, so that a
+/// signal arriving just after `serving` is logged drains the server
+/// instead of killing it.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let listen = |kind: SignalKind| {
+            signal(kind)
+                .map_err(|err| tracing::error!(error = %err, "cannot listen for a shutdown signal"))
+                .ok()
+        };
+        let (mut terminate, mut interrupt) = (
+            listen(SignalKind::terminate()),
+            listen(SignalKind::interrupt()),
+        );
+        async move {
+            tokio::select! {
+                () = wait_for(terminate.as_mut()) => {}
+                () = wait_for(interrupt.as_mut()) => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
+        if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
+    }
+}
+
+/// Completes when `signal` is received; never without one.
+#[cfg(unix)]
+async fn wait_for(signal: Option<&mut tokio::signal::unix::Signal>) {
+    match signal {
+        Some(signal) => drop(signal.recv().await),
+        None => std::future::pending().await,
     }
 }

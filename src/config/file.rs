@@ -1,24 +1,33 @@
-//! The configuration file layer. Settings come, from lowest to highest
-//! precedence, from their defaults, an optional TOML file (`--config` /
-//! `IDENTITY_CONFIG`), `IDENTITY_*` environment variables (and
-//! `DATABASE_URL`), and flags.
+//! The configuration file layer, and how a bad setting is reported.
+//! Settings come, from lowest to highest precedence, from their defaults,
+//! an optional TOML file (`--config` / `IDENTITY_CONFIG`), `IDENTITY_*`
+//! environment variables (and `DATABASE_URL`), and flags.
 //!
 //! Every setting is one clap argument, so a file value is checked by the
-//! same parser, with the same bounds and the same messages, as the flag: a
-//! file key is an argument's id (the flag's name with `_` for `-`, as in
-//! `listen_addr = "0.0.0.0:50051"`), and the file's values are handed to
-//! clap as flags placed before the real command line, but only for
-//! settings that neither the environment nor a flag gave. A new setting
-//! therefore needs nothing here.
+//! same parser, with the same bounds, as the flag: a file key is an
+//! argument's id (the flag's name with `_` for `-`, as in
+//! `listen_addr = "0.0.0.0:50051"`), and the file's values become the
+//! arguments' defaults, which the environment and flags override. A key
+//! that names a setting of another command (`cache_ttl` for `migrate`) is
+//! ignored, so that one file serves every command. A new setting therefore
+//! needs nothing here.
+//!
+//! A value that does not parse is reported by where it came from (the
+//! variable, the flag or the file's key) and why, never with the value,
+//! which may be a secret: clap's own message quotes it.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     ffi::OsString,
     fmt::Write as _,
     path::{Path, PathBuf},
 };
 
-use clap::{ArgMatches, Command, parser::ValueSource};
+use clap::{
+    ArgMatches, Command,
+    error::{ContextKind, ContextValue, ErrorKind},
+    parser::ValueSource,
+};
 
 /// Settings whose values are secret or may embed one: `config check` shows
 /// them redacted.
@@ -27,10 +36,15 @@ const SECRET_SETTINGS: &[&str] = &["database_url"];
 /// Why the settings could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
-    /// The command line or environment is invalid, or help or the version
-    /// was asked for: clap prints it and chooses the exit code.
+    /// The command line is invalid in a way clap reports best (an unknown
+    /// flag, a missing one), or help or the version was asked for: clap
+    /// prints it and chooses the exit code.
     #[error(transparent)]
     Clap(#[from] clap::Error),
+    /// An environment variable or a flag holds a value that cannot be
+    /// used: the message names it and says why, never repeating the value.
+    #[error("{0}")]
+    Setting(String),
     /// The configuration file cannot be read or holds a bad setting.
     #[error("config file {path}: {problem}")]
     File {
@@ -49,7 +63,8 @@ pub struct Layered {
     pub matches: ArgMatches,
     /// The file read, if any.
     pub file: Option<PathBuf>,
-    /// The ids of the settings the file supplied.
+    /// The ids of the settings the file supplied to the command being run
+    /// (and neither the environment nor a flag overrode).
     pub from_file: BTreeSet<String>,
     command: Command,
 }
@@ -61,7 +76,10 @@ pub fn parse(
     args: Vec<OsString>,
     config_arg: &str,
 ) -> Result<Layered, LayerError> {
-    let matches = command.clone().try_get_matches_from(&args)?;
+    let matches = command
+        .clone()
+        .try_get_matches_from(&args)
+        .map_err(|err| setting_error(&command, &args, None, err))?;
     let Some(path) = matches.get_one::<PathBuf>(config_arg).cloned() else {
         return Ok(Layered {
             matches,
@@ -76,58 +94,85 @@ pub fn parse(
     };
     let table = read_table(&path).map_err(file_error)?;
 
-    let mut flags = Vec::new();
-    let mut from_file = BTreeSet::new();
+    let known = setting_ids(&command, config_arg);
+    let mut values = BTreeMap::new();
     for (key, value) in &table {
-        let Some(arg) = command
-            .get_arguments()
-            .find(|arg| arg.get_id() == key.as_str() && is_setting(arg, config_arg))
-        else {
+        if !known.contains(key.as_str()) {
             return Err(file_error(format!(
                 "unknown setting `{key}` (keys are the flags' names with `_` for `-`, \
                  e.g. listen_addr)"
             )));
-        };
+        }
         let value = scalar(value).ok_or_else(|| {
             file_error(format!(
                 "setting `{key}` must be a string, an integer, a boolean or a list of them"
             ))
         })?;
-        match matches.value_source(key) {
-            Some(ValueSource::EnvVariable | ValueSource::CommandLine) => {}
-            _ => {
-                let long = arg.get_long().unwrap_or(key.as_str());
-                flags.push(OsString::from(format!("--{long}={value}")));
-                from_file.insert(key.clone());
-            }
-        }
+        values.insert(key.clone(), value);
     }
 
-    let mut merged = Vec::with_capacity(args.len() + flags.len());
-    let mut rest = args.into_iter();
-    merged.extend(rest.next());
-    merged.extend(flags);
-    merged.extend(rest);
-    // The command line and environment parsed alone, so a failure now is
-    // the file's. clap's message names the flag; it may quote the value,
-    // but values of secret settings are never parsed by clap.
+    // The environment and the command line parsed alone above, so a
+    // failure now is the file's.
+    let command = with_defaults(command, &values, config_arg);
     let matches = command
         .clone()
-        .try_get_matches_from(merged)
-        .map_err(|err| {
-            let rendered = err.to_string();
-            let first = rendered.lines().next().unwrap_or_default();
-            file_error(first.trim_start_matches("error: ").to_owned())
-        })?;
-    Ok(Layered {
+        .try_get_matches_from(&args)
+        .map_err(|err| setting_error(&command, &args, Some(&path), err))?;
+    let mut layered = Layered {
         matches,
         file: Some(path),
-        from_file,
+        from_file: BTreeSet::new(),
         command,
-    })
+    };
+    let (_, leaf) = layered.leaf();
+    layered.from_file = values
+        .into_keys()
+        .filter(|id| {
+            leaf.try_contains_id(id).unwrap_or(false)
+                && leaf.value_source(id) == Some(ValueSource::DefaultValue)
+        })
+        .collect();
+    Ok(layered)
 }
 
 impl Layered {
+    /// The command being run (the innermost subcommand) and its matches.
+    pub fn leaf(&self) -> (&Command, &ArgMatches) {
+        let mut command = &self.command;
+        let mut matches = &self.matches;
+        while let Some((name, inner)) = matches.subcommand() {
+            match command.find_subcommand(name) {
+                Some(sub) => {
+                    command = sub;
+                    matches = inner;
+                }
+                None => break,
+            }
+        }
+        (command, matches)
+    }
+
+    /// How a message names the setting `id`: by where its value came from
+    /// (`IDENTITY_CACHE_TTL`, `--cache-ttl`, or `` `cache_ttl` in config
+    /// file FILE ``), or by its variable and flag when it has its default.
+    pub fn origin(&self, id: &str) -> String {
+        let (command, matches) = self.leaf();
+        let arg = command.get_arguments().find(|arg| arg.get_id() == id);
+        let flag = || arg.and_then(clap::Arg::get_long).unwrap_or(id).to_owned();
+        match matches.value_source(id) {
+            Some(ValueSource::CommandLine) => format!("--{}", flag()),
+            Some(ValueSource::EnvVariable) => arg.and_then(clap::Arg::get_env).map_or_else(
+                || super::setting_name(id),
+                |env| env.to_string_lossy().into_owned(),
+            ),
+            _ if self.from_file.contains(id) => match &self.file {
+                Some(path) => format!("`{id}` in config file {}", path.display()),
+                None => super::setting_name(id),
+            },
+            _ => super::setting_name(id),
+        }
+    }
+
     /// The effective settings as a TOML document that `--config` accepts,
     /// each with a comment saying where it came from, secrets redacted.
     pub fn render(&self, config_arg: &str) -> String {
@@ -140,7 +185,8 @@ impl Layered {
                 .map(|p| format!(" (file {})", p.display()))
                 .unwrap_or_default()
         );
-        for arg in self.command.get_arguments() {
+        let (command, matches) = self.leaf();
+        for arg in command.get_arguments() {
             if !is_setting(arg, config_arg) {
                 continue;
             }
@@ -148,7 +194,7 @@ impl Layered {
             let origin = if self.from_file.contains(id) {
                 "from the file".to_owned()
             } else {
-                match self.matches.value_source(id) {
+                match matches.value_source(id) {
                     Some(ValueSource::DefaultValue) => "default".to_owned(),
                     Some(ValueSource::EnvVariable) => format!(
                         "from {}",
@@ -162,8 +208,7 @@ impl Layered {
                     _ => "unset".to_owned(),
                 }
             };
-            let values: Vec<String> = self
-                .matches
+            let values: Vec<String> = matches
                 .get_raw(id)
                 .map(|raw| raw.map(|v| v.to_string_lossy().into_owned()).collect())
                 .unwrap_or_default();
@@ -178,6 +223,163 @@ impl Layered {
             let _ = writeln!(out, "{id} = {}  # {origin}", render_value(&value));
         }
         out
+    }
+}
+
+/// The ids of every setting of `command` and its subcommands.
+fn setting_ids(command: &Command, config_arg: &str) -> BTreeSet<String> {
+    let mut ids: BTreeSet<String> = command
+        .get_arguments()
+        .filter(|arg| is_setting(arg, config_arg))
+        .map(|arg| arg.get_id().as_str().to_owned())
+        .collect();
+    for sub in command.get_subcommands() {
+        ids.extend(setting_ids(sub, config_arg));
+    }
+    ids
+}
+
+/// `command` (and its subcommands) with the file's `values` as the
+/// defaults of the settings they name.
+fn with_defaults(
+    mut command: Command,
+    values: &BTreeMap<String, String>,
+    config_arg: &str,
+) -> Command {
+    let ids: Vec<String> = command
+        .get_arguments()
+        .filter(|arg| is_setting(arg, config_arg))
+        .map(|arg| arg.get_id().as_str().to_owned())
+        .filter(|id| values.contains_key(id))
+        .collect();
+    for id in ids {
+        let value = values[&id].clone();
+        command = command.mut_arg(&id, |arg| arg.default_value(value));
+    }
+    let subcommands: Vec<String> = command
+        .get_subcommands()
+        .map(|sub| sub.get_name().to_owned())
+        .collect();
+    for name in subcommands {
+        command = command.mut_subcommand(&name, |sub| with_defaults(sub, values, config_arg));
+    }
+    command
+}
+
+/// Rewrites clap's report of a value that does not parse so that it names
+/// where the value came from (the flag if `args` holds it, else the file's
+/// key when parsing with `file`'s values, else the environment variable)
+/// and never repeats it. Other errors are left to clap.
+fn setting_error(
+    command: &Command,
+    args: &[OsString],
+    file: Option<&Path>,
+    err: clap::Error,
+) -> LayerError {
+    if !matches!(
+        err.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue | ErrorKind::InvalidUtf8
+    ) {
+        return match file {
+            // Not one value's fault: clap's first line, which then holds
+            // no value.
+            Some(path) => LayerError::File {
+                path: path.to_owned(),
+                problem: err
+                    .render()
+                    .to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim_start_matches("error: ")
+                    .to_owned(),
+            },
+            None => LayerError::Clap(err),
+        };
+    }
+    let Some(ContextValue::String(shown)) = err.get(ContextKind::InvalidArg) else {
+        return LayerError::Clap(err);
+    };
+    // "--cache-ttl <CACHE_TTL>"
+    let long = shown
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("--")
+        .to_owned();
+    let Some(arg) = find_arg(command, &long) else {
+        return LayerError::Clap(err);
+    };
+    let reason = reason(&err);
+    let id = arg.get_id().as_str().to_owned();
+    let on_command_line = args.iter().skip(1).any(|a| {
+        let a = a.to_string_lossy();
+        a == format!("--{long}") || a.starts_with(&format!("--{long}="))
+    });
+    if on_command_line {
+        return LayerError::Setting(format!("--{long}: {reason}"));
+    }
+    if let Some(path) = file {
+        return LayerError::File {
+            path: path.to_owned(),
+            problem: format!("setting `{id}`: {reason}"),
+        };
+    }
+    let name = arg.get_env().map_or_else(
+        || super::setting_name(&id),
+        |env| env.to_string_lossy().into_owned(),
+    );
+    LayerError::Setting(format!("{name}: {reason}"))
+}
+
+/// The argument whose flag is `--long`, in `command` or a subcommand.
+fn find_arg<'a>(command: &'a Command, long: &str) -> Option<&'a clap::Arg> {
+    command
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some(long))
+        .or_else(|| {
+            command
+                .get_subcommands()
+                .find_map(|sub| find_arg(sub, long))
+        })
+}
+
+/// Why clap refused a value, in words that do not repeat it: the value
+/// parser's reason with the value cut out, or the values allowed.
+fn reason(err: &clap::Error) -> String {
+    let value = match err.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(value)) => value.clone(),
+        _ => String::new(),
+    };
+    if err.kind() == ErrorKind::InvalidUtf8 {
+        return "the value is not valid UTF-8".to_owned();
+    }
+    if let Some(ContextValue::Strings(allowed)) = err.get(ContextKind::ValidValue) {
+        return format!("expected one of {}", allowed.join(", "));
+    }
+    let Some(source) = std::error::Error::source(err) else {
+        return "the value cannot be used".to_owned();
+    };
+    let mut why = source.to_string();
+    if value.is_empty() {
+        return why;
+    }
+    // clap's ranged integers: "70000 is not in 1..=1000".
+    if let Some(range) = why.strip_prefix(&format!("{value} is not in ")) {
+        return format!("expected a number in {range}");
+    }
+    // Parsers that end with ", got \"<value>\"".
+    for quoted in [
+        format!(", got {value:?}"),
+        format!(" got {value:?}"),
+        format!("{value:?}"),
+    ] {
+        why = why.replace(&quoted, "");
+    }
+    if why.contains(value.as_str()) {
+        "the value cannot be used".to_owned()
+    } else {
+        why
     }
 }
 
@@ -297,7 +499,10 @@ mod tests {
     fn bad_files_are_refused_naming_the_setting_but_not_the_value() {
         let cases = [
             ("nosuch = 1", "unknown setting `nosuch`"),
-            ("port = 70000", "--port"),
+            (
+                "port = 70000",
+                "setting `port`: expected a number in 0..=65535",
+            ),
             ("port = 1.5", "setting `port` must be"),
             (
                 "database_url = \"postgres://u:pw@h/d",

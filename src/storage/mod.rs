@@ -447,6 +447,23 @@ pub async fn open(
     Ok(database.store())
 }
 
+/// Checks that `url` names a supported backend and can be understood,
+/// without connecting or creating anything: exactly the reading
+/// [`Database::connect`] makes of it (so a port that is not a number or an
+/// unknown `sslmode` is refused here), for checks that must not touch the
+/// network, such as `identity config check`.
+pub fn check_url(url: &str) -> Result<(), StorageError> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        PgStore::connect_options(url).map(drop)
+    } else if url.starts_with("sqlite:") {
+        SqliteStore::connect_options(url).map(drop)
+    } else {
+        Err(StorageError::Other(
+            "unsupported database URL: expected postgres://, postgresql:// or sqlite:".into(),
+        ))
+    }
+}
+
 /// How far this process's wall clock is from the database server's, as one
 /// round trip measured it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -517,6 +534,19 @@ impl Database {
             (Self::Postgres(store), false) => store.check_schema(false).await,
             (Self::Sqlite(store), true) => store.migrate_exclusively().await,
             (Self::Sqlite(store), false) => store.check_schema(false).await,
+        }
+    }
+
+    /// Whether the database holds this service's schema (any of its
+    /// migrations applied), creating nothing (a SQLite file that does not
+    /// exist is not created): for one-shot commands that must refuse a
+    /// database nobody migrated, such as a SQLite path mistyped or relative
+    /// to the wrong directory. [`StorageError::Unavailable`] while it
+    /// cannot be reached.
+    pub async fn has_schema(&self) -> Result<bool, StorageError> {
+        match self {
+            Self::Postgres(store) => store.schema_applied().await,
+            Self::Sqlite(store) => store.has_schema().await,
         }
     }
 

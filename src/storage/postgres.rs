@@ -136,8 +136,7 @@ impl PgStore {
     /// query opens one, and a lost one is replaced the same way); a
     /// malformed URL fails here.
     pub async fn connect(url: &str, options: &PoolOptions) -> Result<Self, StorageError> {
-        let connect = PgConnectOptions::from_str(&known_parameters_only(url))
-            .map_err(|e| StorageError::Other(Box::new(e)))?;
+        let connect = Self::connect_options(url)?;
         let losses = Arc::new(ConnectionLosses::new());
         let fresh = Arc::clone(&losses);
         let pool = PgPoolOptions::new()
@@ -165,6 +164,14 @@ impl PgStore {
             listen_pool,
             losses,
         })
+    }
+
+    /// The connection options `url` gives, or why it cannot be used (a
+    /// port that is not a number, an unknown `sslmode`): the one reading
+    /// of the URL, shared by [`Self::connect`] and [`super::check_url`].
+    pub(super) fn connect_options(url: &str) -> Result<PgConnectOptions, StorageError> {
+        PgConnectOptions::from_str(&known_parameters_only(url))
+            .map_err(|e| StorageError::Other(Box::new(e)))
     }
 
     /// Translates a sqlx error by SQLSTATE and constraint name.

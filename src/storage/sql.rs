@@ -615,6 +615,23 @@ macro_rules! impl_store {
                 super::compare_schema(&applied, &known, will_migrate)
             }
 
+            /// Whether any of this service's migrations has been applied
+            /// to the database: `false` for one nobody migrated yet.
+            pub async fn schema_applied(&self) -> Result<bool, StorageError> {
+                let exists: i64 = sqlx::query_scalar(SCHEMA_TABLE_EXISTS)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(Self::classify)?;
+                if exists == 0 {
+                    return Ok(false);
+                }
+                let applied: Vec<i64> = sqlx::query_scalar(sql::APPLIED_MIGRATIONS)
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(Self::classify)?;
+                Ok(!applied.is_empty())
+            }
+
             /// Runs a revoking statement (one that returns
             /// `revoked_cols!()`) within the caller's transaction; writes
             /// `direct(row)` (when it returns an event) for each credential

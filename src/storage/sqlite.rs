@@ -100,8 +100,7 @@ impl SqliteStore {
     /// Opens (creating if needed) the database file `url` names, such as
     /// `sqlite:identity.db`.
     pub async fn connect(url: &str, options: &PoolOptions) -> Result<Self, StorageError> {
-        let connect = SqliteConnectOptions::from_str(url)
-            .map_err(|e| StorageError::Other(Box::new(e)))?
+        let connect = Self::connect_options(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // FULL: in WAL mode NORMAL syncs only at checkpoints, so a power
@@ -121,6 +120,24 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_lazy_with(connect);
         Ok(Self { pool, file })
+    }
+
+    /// The connection options `url` gives, or why it cannot be used: the
+    /// one reading of the URL, shared by [`Self::connect`] and
+    /// [`super::check_url`].
+    pub(super) fn connect_options(url: &str) -> Result<SqliteConnectOptions, StorageError> {
+        SqliteConnectOptions::from_str(url).map_err(|e| StorageError::Other(Box::new(e)))
+    }
+
+    /// Whether the database holds this service's schema (any of its
+    /// migrations applied), creating nothing: a file that does not exist
+    /// has none, and is not created to find out.
+    pub async fn has_schema(&self) -> Result<bool, StorageError> {
+        let in_memory = self.file.as_os_str().is_empty() || self.file.as_os_str() == ":memory:";
+        if !in_memory && !self.file.exists() {
+            return Ok(false);
+        }
+        self.schema_applied().await
     }
 
     /// Translates a sqlx error. SQLite does not report constraint names, so

@@ -226,12 +226,23 @@ pub(crate) async fn run(command: Command) -> Finished {
     Process::spawn(command).finish(COMMAND_TIMEOUT).await
 }
 
-/// Runs `identity bootstrap-operator --username <username>`.
+/// Runs `identity migrate`, then `identity bootstrap-operator --username
+/// <username>` (which refuses a database without its schema), each with
+/// `env`; returns how the second finished.
 pub(crate) async fn bootstrap_operator(
     database_url: &str,
     username: &str,
     env: &[(&str, &str)],
 ) -> Finished {
+    let mut migrate = identity_command(database_url);
+    migrate.arg("migrate").envs(env.iter().copied());
+    let migrated = run(migrate).await;
+    assert!(
+        migrated.status.success(),
+        "migrate before bootstrap-operator failed ({}); stderr:\n{}",
+        migrated.status,
+        migrated.stderr
+    );
     let mut command = identity_command(database_url);
     command
         .args(["bootstrap-operator", "--username", username])
@@ -285,6 +296,12 @@ impl Server {
         command
             .args(["--listen-addr", "127.0.0.1:0"])
             .envs(env.iter().copied());
+        Self::start_command(command).await
+    }
+
+    /// Starts `command` (made by [`identity_command`]) and waits until it
+    /// logs `serving`.
+    pub(crate) async fn start_command(command: Command) -> Self {
         let mut process = Process::spawn(command);
         let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
         loop {
@@ -389,7 +406,7 @@ pub(crate) fn sqlite_file() -> (tempfile::TempDir, std::path::PathBuf, String) {
 
 /// `url` with a password: a PostgreSQL URL with a user but no password
 /// gets a random one. Also returns the password, if there is one.
-fn with_database_password(url: &str) -> (String, Option<String>) {
+pub(crate) fn with_database_password(url: &str) -> (String, Option<String>) {
     let Some((scheme, rest)) = url.split_once("://") else {
         return (url.to_owned(), None);
     };
@@ -1534,11 +1551,15 @@ async fn config_check_validates_files_and_redacts_secrets() {
             "listen_adr = \"0.0.0.0:1\"\n",
             "unknown setting `listen_adr`",
         ),
-        ("value.toml", "session_ttl = \"soon\"\n", "--session-ttl"),
+        (
+            "value.toml",
+            "session_ttl = \"soon\"\n",
+            "setting `session_ttl`",
+        ),
         (
             "range.toml",
             "db_max_connections = 0\n",
-            "--db-max-connections",
+            "setting `db_max_connections`",
         ),
         (
             "type.toml",
@@ -1548,7 +1569,7 @@ async fn config_check_validates_files_and_redacts_secrets() {
         (
             "rule.toml",
             "token_default_ttl = \"400d\"\n",
-            "IDENTITY_TOKEN_DEFAULT_TTL",
+            "`token_default_ttl` in config file",
         ),
         (
             "syntax.toml",
@@ -1558,7 +1579,7 @@ async fn config_check_validates_files_and_redacts_secrets() {
         (
             "url.toml",
             "database_url = \"mysql://app:pw-7f3a9c@db/x\"\n",
-            "DATABASE_URL",
+            "`database_url` in config file",
         ),
     ];
     for (name, text, expected) in bad {

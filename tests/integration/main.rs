@@ -14,6 +14,7 @@ mod binary;
 mod cache_flood;
 mod change_feed;
 mod clients;
+mod config_cli;
 mod faults;
 mod forwarded;
 mod grants;
