@@ -38,7 +38,7 @@ struct Cli {
     /// A TOML file of settings, keyed by the flags' names with `_` for `-`
     /// (e.g. `listen_addr = "0.0.0.0:50051"`). Environment variables and
     /// flags override it; each command reads the keys it uses.
-    #[arg(long, env = "IDENTITY_CONFIG", value_name = "FILE")]
+    #[arg(long, env = "IDENTITY_CONFIG", value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
@@ -566,7 +566,7 @@ fn checked(
     command: &Command,
     origin: &Origin<'_>,
 ) -> Result<(Job, Config, EnvFilter, Option<u16>), String> {
-    let (job, config, logging, threads) = match command {
+    let (job, mut config, logging, threads) = match command {
         Command::Serve(settings) => (
             Job::Serve,
             settings.config(origin)?,
@@ -592,6 +592,8 @@ fn checked(
             None,
         ),
     };
+    // Every command logs as configured, not only `serve`.
+    config.log_format = logging.log_format;
     app::check(&config, origin).map_err(|err| describe(&err, &config))?;
     let filter = logging.filter(origin)?;
     Ok((job, config, filter, threads))

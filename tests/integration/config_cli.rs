@@ -414,6 +414,31 @@ async fn each_command_lists_only_the_settings_it_uses() {
     // Settings a command does not use are not read by it either.
     let migrated = identity(dir.path(), &["migrate"], &[("IDENTITY_CACHE_TTL", "abc")]).await;
     assert!(migrated.status.success(), "{}", migrated.stderr);
+    // Every command takes `--config` (before or after its name) and lists
+    // it, and obeys the file's settings it uses: here, JSON logs.
+    for args in [
+        &["migrate", "--help"][..],
+        &["bootstrap-operator", "--help"][..],
+    ] {
+        assert!(help(args).await.contains("--config"), "{args:?}");
+    }
+    let file = dir.path().join("identity.toml");
+    std::fs::write(&file, "log_format = \"json\"\ncache_ttl = \"1m\"\n").expect("write");
+    let file = file.to_str().expect("UTF-8 path");
+    for args in [
+        &["migrate", "--config", file][..],
+        &["--config", file, "migrate"][..],
+        &["bootstrap-operator", "--username", "ops", "--config", file][..],
+    ] {
+        let finished = identity(dir.path(), args, &[]).await;
+        assert!(finished.status.success(), "{args:?}: {}", finished.stderr);
+        let first = finished.stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with('{') && first.contains("\"database\""),
+            "{args:?} logs JSON as its file says: {}",
+            finished.stderr
+        );
+    }
 }
 
 /// `bootstrap-operator` on a database nobody migrated is refused, pointing
