@@ -28,6 +28,7 @@ mod passwords;
 mod redaction;
 mod replicas;
 mod retention;
+mod reuse;
 mod revocation;
 mod sqlite;
 mod storage;
