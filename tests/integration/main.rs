@@ -37,4 +37,5 @@ mod tls;
 mod token_limits;
 mod tokens;
 mod verify;
+mod verify_answers;
 mod walkthrough;

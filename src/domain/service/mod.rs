@@ -147,10 +147,10 @@ impl VerdictCounters {
         }
     }
 
-    fn count(&self, verdict: &Verdict) {
-        match verdict {
-            Verdict::Active(_) => self.active.increment(1),
-            Verdict::Inactive(reason) => self.inactive[reason.index()].increment(1),
+    fn count(&self, verification: &Verification) {
+        match verification.reason() {
+            None => self.active.increment(1),
+            Some(reason) => self.inactive[reason.index()].increment(1),
         }
     }
 }
@@ -234,6 +234,33 @@ pub enum Verdict {
     Active(Arc<Principal>),
     /// Not valid, and why.
     Inactive(InactiveReason),
+}
+
+/// `VerifyToken`'s answer: the verdict, and for a valid credential refused
+/// for what a request required of it, what was missing.
+#[derive(Debug, Clone)]
+pub enum Verification {
+    /// Valid and carrying every required scope: who it speaks for.
+    Active(Arc<Principal>),
+    /// Not valid, and why (never [`InactiveReason::InsufficientScope`]: see
+    /// [`Self::MissingScopes`]).
+    Inactive(InactiveReason),
+    /// Valid, but without these of the required scopes (sorted, without
+    /// duplicates; never empty): the reason
+    /// [`InactiveReason::InsufficientScope`]. Only names the request gave,
+    /// never the credential's own scopes.
+    MissingScopes(Vec<String>),
+}
+
+impl Verification {
+    /// The reason the credential is refused; `None` when it is active.
+    pub fn reason(&self) -> Option<InactiveReason> {
+        match self {
+            Self::Active(_) => None,
+            Self::Inactive(reason) => Some(*reason),
+            Self::MissingScopes(_) => Some(InactiveReason::InsufficientScope),
+        }
+    }
 }
 
 /// How long the change channel may stay silent (it carries a heartbeat)
@@ -392,7 +419,7 @@ impl Identity {
         credential: &str,
         required_scopes: &[S],
         client_address: &str,
-    ) -> Result<Verdict, DomainError> {
+    ) -> Result<Verification, DomainError> {
         policy::authorize_verifier(verifier)?;
         let mut violations = Violations::new();
         let required = violations.check(Scopes::parse("required_scopes", required_scopes));
@@ -401,17 +428,28 @@ impl Identity {
             client_address,
         ));
         let (required, client_address) = violations.complete(required.zip(client_address))?;
-        let verdict = match self.inspect(credential).await? {
+        let verification = match self.inspect(credential).await? {
             // An empty requirement asks for nothing; each named scope must be
-            // allowed (full access allows every scope).
+            // allowed (full access allows every scope). What is missing is
+            // listed only on this refusal path: an active answer allocates
+            // nothing for it.
             Verdict::Active(principal) if !required.names().all(|s| principal.scopes.allows(s)) => {
-                Verdict::Inactive(InactiveReason::InsufficientScope)
+                Verification::MissingScopes(
+                    required
+                        .names()
+                        .filter(|s| !principal.scopes.allows(s))
+                        .map(str::to_owned)
+                        .collect(),
+                )
             }
-            Verdict::Active(principal) => self.admit(principal, &client_address).await?,
-            inactive => inactive,
+            Verdict::Active(principal) => match self.admit(principal, &client_address).await? {
+                Verdict::Active(principal) => Verification::Active(principal),
+                Verdict::Inactive(reason) => Verification::Inactive(reason),
+            },
+            Verdict::Inactive(reason) => Verification::Inactive(reason),
         };
-        self.verdicts.count(&verdict);
-        Ok(verdict)
+        self.verdicts.count(&verification);
+        Ok(verification)
     }
 
     /// Looks a credential up and judges it: the core of both authentication
