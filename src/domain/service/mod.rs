@@ -7,7 +7,8 @@
 //!   and `VerifyToken`), the hot path;
 //! - [`accounts`]: accounts, passwords and sessions;
 //! - [`tokens`]: personal access tokens;
-//! - [`audit`]: reading the audit log.
+//! - [`audit`]: reading the audit log;
+//! - [`verifiers`]: the expiry of the credentials verifiers call with.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -33,10 +34,12 @@ mod audit;
 mod caller;
 mod retention;
 mod tokens;
+mod verifiers;
 
 pub use accounts::{AccountLookup, NewAccount, SignedIn};
 pub use audit::audit_listing;
 pub use tokens::{IssuedToken, MAX_LEAKED_SECRETS, Rotated, TokenRequest};
+pub use verifiers::EXPIRY_GAUGE as VERIFIER_EXPIRY_GAUGE;
 
 /// Tunable rules of the domain.
 #[derive(Debug, Clone)]
@@ -116,6 +119,9 @@ pub struct Identity {
     uses: Arc<UseRecorder>,
     cache: Arc<VerificationCache>,
     verdicts: Arc<VerdictCounters>,
+    /// The credentials `VerifyToken` was called with recently, and when
+    /// they expire.
+    verifier_credentials: Arc<verifiers::VerifierCredentials>,
     /// The buckets of [`SignInRates`], keyed `account:<username key>` and
     /// `address:<address key>`.
     password_checks: Arc<KeyedBuckets>,
@@ -299,6 +305,7 @@ impl Identity {
             uses: Arc::new(UseRecorder::default()),
             cache,
             verdicts: Arc::new(VerdictCounters::new()),
+            verifier_credentials: Arc::default(),
             password_checks: Arc::new(KeyedBuckets::new(2 * SignInRates::TRACKED)),
             token_creations: Arc::new(KeyedBuckets::new(TOKEN_CREATORS_TRACKED)),
             in_flight: Arc::new(super::throttle::InFlight::default()),
@@ -332,6 +339,13 @@ impl Identity {
                 }
             }
         });
+    }
+
+    /// Sets the gauge of the soonest expiry among the credentials that
+    /// called `VerifyToken` recently (for the metrics listener, at each
+    /// scrape).
+    pub fn sample_verifier_credentials(&self) {
+        self.verifier_credentials.publish(Timestamp::now());
     }
 
     /// The verification cache, for inspection.
@@ -421,6 +435,13 @@ impl Identity {
         client_address: &str,
     ) -> Result<Verification, DomainError> {
         policy::authorize_verifier(verifier)?;
+        if let Verifier::Caller(caller) = verifier {
+            self.verifier_credentials.note(
+                &caller.credential_id,
+                caller.expire_time,
+                Timestamp::now(),
+            );
+        }
         let mut violations = Violations::new();
         let required = violations.check(Scopes::parse("required_scopes", required_scopes));
         let client_address = violations.check(super::audit::parse_client_address(
