@@ -332,9 +332,9 @@ impl App {
                 .purge_periodically(self.config.retention.clone()),
         );
         // Served until this function returns (the task stops when dropped).
-        let _metrics = self
-            .metrics
-            .map(|(listener, _)| observability::spawn_metrics(listener, Arc::clone(&self.store)));
+        let _metrics = self.metrics.map(|(listener, _)| {
+            observability::spawn_metrics(listener, Arc::clone(&self.store), self.identity.clone())
+        });
         tracing::info!(
             version = %observability::VERSION,
             commit = %observability::COMMIT,

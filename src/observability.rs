@@ -119,6 +119,12 @@ fn describe() {
          by result: hit, miss, or bypassed (cache off, or its change channel down)"
     );
     describe_gauge!(
+        crate::domain::service::VERIFIER_EXPIRY_GAUGE,
+        Unit::Seconds,
+        "The soonest expiry (Unix time) among the credentials that called VerifyToken in the \
+         last hour; +Inf when none of them expires (or none called)"
+    );
+    describe_gauge!(
         "identity_change_feed_lag_seconds",
         Unit::Seconds,
         "PostgreSQL: how long this replica's last heartbeat took to come back on its change \
@@ -197,11 +203,17 @@ impl Drop for MetricsTask {
     }
 }
 
-/// Serves [`recorder`] on `listener`, sampling the process and `store`'s
-/// connection pool at each scrape, until the returned task is dropped.
-pub fn spawn_metrics(listener: TcpListener, store: Arc<dyn Store>) -> MetricsTask {
+/// Serves [`recorder`] on `listener`, sampling the process, `store`'s
+/// connection pool and `identity`'s verifier credentials at each scrape,
+/// until the returned task is dropped.
+pub fn spawn_metrics(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    identity: crate::domain::Identity,
+) -> MetricsTask {
     let sample = move || {
         process_collector().collect();
+        identity.sample_verifier_credentials();
         if let Some(usage) = store.pool_usage() {
             let in_use = usage.size.saturating_sub(usage.idle);
             metrics::gauge!("identity_db_pool_connections", "state" => "idle").set(usage.idle);

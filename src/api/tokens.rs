@@ -17,7 +17,7 @@ use crate::{
         account::AccountId,
         error::Violations,
         page::{PageRequest, tokens_listing},
-        service::Verdict,
+        service::Verification,
         time::Timestamp,
         token::TokenId,
     },
@@ -164,7 +164,7 @@ impl TokensService for TokensApi {
     ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
         let caller = auth::verifier(&self.identity, &self.verifiers, &request).await?;
         let req = request.into_inner();
-        let verdict = self
+        let verification = self
             .identity
             .verify(
                 caller.as_verifier(),
@@ -174,16 +174,24 @@ impl TokensService for TokensApi {
             )
             .await
             .map_err(to_status)?;
-        Ok(Response::new(match verdict {
-            Verdict::Active(principal) => pb::VerifyTokenResponse {
+        Ok(Response::new(match verification {
+            Verification::Active(principal) => pb::VerifyTokenResponse {
                 active: true,
                 reason: pb::InactiveReason::Unspecified as i32,
                 principal: Some(convert::principal(&principal)),
+                missing_scopes: Vec::new(),
             },
-            Verdict::Inactive(reason) => pb::VerifyTokenResponse {
+            Verification::Inactive(reason) => pb::VerifyTokenResponse {
                 active: false,
                 reason: convert::inactive_reason(reason) as i32,
                 principal: None,
+                missing_scopes: Vec::new(),
+            },
+            Verification::MissingScopes(missing_scopes) => pb::VerifyTokenResponse {
+                active: false,
+                reason: pb::InactiveReason::InsufficientScope as i32,
+                principal: None,
+                missing_scopes,
             },
         }))
     }

@@ -228,16 +228,28 @@ impl AuditFilter {
     }
 }
 
-/// Checks a client address reported by a calling service: empty, or an IP
+/// Checks a client address reported by a calling service: empty, or one IP
 /// address with or without a port. Returns it as given.
+///
+/// A list (an `X-Forwarded-For` header passed on as it came) is refused
+/// with a message of its own, not guessed at: its left-most entries are
+/// whatever the client wrote, and which of its hops the calling service's
+/// own proxies added only that service knows.
 pub fn parse_client_address(field: &str, raw: &str) -> Result<String, super::DomainError> {
     use std::net::{IpAddr, SocketAddr};
     if raw.is_empty() || raw.parse::<IpAddr>().is_ok() || raw.parse::<SocketAddr>().is_ok() {
         Ok(raw.to_owned())
+    } else if raw.contains(',') {
+        Err(super::DomainError::invalid(
+            field,
+            "takes one IP address, not a list: pass the address your service trusts (its \
+             TCP peer, or the right-most X-Forwarded-For entry that none of your own proxies \
+             added), not the header",
+        ))
     } else {
         Err(super::DomainError::invalid(
             field,
-            "must be an IP address, optionally with a port",
+            "must be one IP address, optionally with a port",
         ))
     }
 }

@@ -659,6 +659,9 @@ macro_rules! impl_store {
                         Some(
                             AuditEvent {
                                 kind: $crate::domain::audit::EventType::TokenRevoked,
+                                // Took effect, even when its cause was a
+                                // refused attempt (reuse detection).
+                                outcome: $crate::domain::audit::Outcome::Success,
                                 ..cause.another()
                             }
                             .account(&revoked.account, &revoked.username)

@@ -7,7 +7,8 @@
 //!   and `VerifyToken`), the hot path;
 //! - [`accounts`]: accounts, passwords and sessions;
 //! - [`tokens`]: personal access tokens;
-//! - [`audit`]: reading the audit log.
+//! - [`audit`]: reading the audit log;
+//! - [`verifiers`]: the expiry of the credentials verifiers call with.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
@@ -33,10 +34,12 @@ mod audit;
 mod caller;
 mod retention;
 mod tokens;
+mod verifiers;
 
 pub use accounts::{AccountLookup, NewAccount, SignedIn};
 pub use audit::audit_listing;
 pub use tokens::{IssuedToken, MAX_LEAKED_SECRETS, Rotated, TokenRequest};
+pub use verifiers::EXPIRY_GAUGE as VERIFIER_EXPIRY_GAUGE;
 
 /// Tunable rules of the domain.
 #[derive(Debug, Clone)]
@@ -116,6 +119,9 @@ pub struct Identity {
     uses: Arc<UseRecorder>,
     cache: Arc<VerificationCache>,
     verdicts: Arc<VerdictCounters>,
+    /// The credentials `VerifyToken` was called with recently, and when
+    /// they expire.
+    verifier_credentials: Arc<verifiers::VerifierCredentials>,
     /// The buckets of [`SignInRates`], keyed `account:<username key>` and
     /// `address:<address key>`.
     password_checks: Arc<KeyedBuckets>,
@@ -147,10 +153,10 @@ impl VerdictCounters {
         }
     }
 
-    fn count(&self, verdict: &Verdict) {
-        match verdict {
-            Verdict::Active(_) => self.active.increment(1),
-            Verdict::Inactive(reason) => self.inactive[reason.index()].increment(1),
+    fn count(&self, verification: &Verification) {
+        match verification.reason() {
+            None => self.active.increment(1),
+            Some(reason) => self.inactive[reason.index()].increment(1),
         }
     }
 }
@@ -236,6 +242,33 @@ pub enum Verdict {
     Inactive(InactiveReason),
 }
 
+/// `VerifyToken`'s answer: the verdict, and for a valid credential refused
+/// for what a request required of it, what was missing.
+#[derive(Debug, Clone)]
+pub enum Verification {
+    /// Valid and carrying every required scope: who it speaks for.
+    Active(Arc<Principal>),
+    /// Not valid, and why (never [`InactiveReason::InsufficientScope`]: see
+    /// [`Self::MissingScopes`]).
+    Inactive(InactiveReason),
+    /// Valid, but without these of the required scopes (sorted, without
+    /// duplicates; never empty): the reason
+    /// [`InactiveReason::InsufficientScope`]. Only names the request gave,
+    /// never the credential's own scopes.
+    MissingScopes(Vec<String>),
+}
+
+impl Verification {
+    /// The reason the credential is refused; `None` when it is active.
+    pub fn reason(&self) -> Option<InactiveReason> {
+        match self {
+            Self::Active(_) => None,
+            Self::Inactive(reason) => Some(*reason),
+            Self::MissingScopes(_) => Some(InactiveReason::InsufficientScope),
+        }
+    }
+}
+
 /// How long the change channel may stay silent (it carries a heartbeat)
 /// before the cache is bypassed: the staleness bound should the channel die
 /// without its connection noticing.
@@ -272,6 +305,7 @@ impl Identity {
             uses: Arc::new(UseRecorder::default()),
             cache,
             verdicts: Arc::new(VerdictCounters::new()),
+            verifier_credentials: Arc::default(),
             password_checks: Arc::new(KeyedBuckets::new(2 * SignInRates::TRACKED)),
             token_creations: Arc::new(KeyedBuckets::new(TOKEN_CREATORS_TRACKED)),
             in_flight: Arc::new(super::throttle::InFlight::default()),
@@ -305,6 +339,13 @@ impl Identity {
                 }
             }
         });
+    }
+
+    /// Sets the gauge of the soonest expiry among the credentials that
+    /// called `VerifyToken` recently (for the metrics listener, at each
+    /// scrape).
+    pub fn sample_verifier_credentials(&self) {
+        self.verifier_credentials.publish(Timestamp::now());
     }
 
     /// The verification cache, for inspection.
@@ -392,8 +433,15 @@ impl Identity {
         credential: &str,
         required_scopes: &[S],
         client_address: &str,
-    ) -> Result<Verdict, DomainError> {
+    ) -> Result<Verification, DomainError> {
         policy::authorize_verifier(verifier)?;
+        if let Verifier::Caller(caller) = verifier {
+            self.verifier_credentials.note(
+                &caller.credential_id,
+                caller.expire_time,
+                Timestamp::now(),
+            );
+        }
         let mut violations = Violations::new();
         let required = violations.check(Scopes::parse("required_scopes", required_scopes));
         let client_address = violations.check(super::audit::parse_client_address(
@@ -401,17 +449,28 @@ impl Identity {
             client_address,
         ));
         let (required, client_address) = violations.complete(required.zip(client_address))?;
-        let verdict = match self.inspect(credential).await? {
+        let verification = match self.inspect(credential).await? {
             // An empty requirement asks for nothing; each named scope must be
-            // allowed (full access allows every scope).
+            // allowed (full access allows every scope). What is missing is
+            // listed only on this refusal path: an active answer allocates
+            // nothing for it.
             Verdict::Active(principal) if !required.names().all(|s| principal.scopes.allows(s)) => {
-                Verdict::Inactive(InactiveReason::InsufficientScope)
+                Verification::MissingScopes(
+                    required
+                        .names()
+                        .filter(|s| !principal.scopes.allows(s))
+                        .map(str::to_owned)
+                        .collect(),
+                )
             }
-            Verdict::Active(principal) => self.admit(principal, &client_address).await?,
-            inactive => inactive,
+            Verdict::Active(principal) => match self.admit(principal, &client_address).await? {
+                Verdict::Active(principal) => Verification::Active(principal),
+                Verdict::Inactive(reason) => Verification::Inactive(reason),
+            },
+            Verdict::Inactive(reason) => Verification::Inactive(reason),
         };
-        self.verdicts.count(&verdict);
-        Ok(verdict)
+        self.verdicts.count(&verification);
+        Ok(verification)
     }
 
     /// Looks a credential up and judges it: the core of both authentication

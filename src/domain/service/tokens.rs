@@ -498,9 +498,14 @@ impl Identity {
         if token.replaced_by.is_none() {
             return Ok(());
         }
+        // The attempt (a rotation with a secret already rotated out) is
+        // refused: the event's outcome is a failure. The family's
+        // revocation, its consequence, took effect; its descendants'
+        // `token.revoked` events say so.
         let event = AuditEvent::new(EventType::TokenReuseDetected, origin, None)
             .account(&account.id, account.username.as_str())
-            .credential(&token.id);
+            .credential(&token.id)
+            .failed();
         let store = Arc::clone(&self.store);
         let family = token.family_id.clone();
         // Exactly what was revoked: the family and its descendants, which
