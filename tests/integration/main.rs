@@ -15,6 +15,7 @@ mod cache_flood;
 mod change_feed;
 mod clients;
 mod faults;
+mod fleet;
 mod forwarded;
 mod grants;
 mod hashing;
