@@ -397,7 +397,10 @@ fn list_tokens(bytes: &[u8]) {
     let now = Timestamp::from_micros(1_800_000_000_000_000);
     match twice(|| fuzzing::list_tokens(&req, now)) {
         Ok((account, filter, p)) => {
-            canonical_account_id(&account, &req.account_id);
+            match &account {
+                None => assert!(req.account_id.is_empty()),
+                Some(id) => canonical_account_id(id, &req.account_id),
+            }
             assert_eq!(filter.now, now);
             assert_eq!(filter.states.len(), req.states.len());
             check_timestamp(req.expire_before.as_ref(), filter.expire_before);
@@ -487,18 +490,26 @@ fn list_audit_events(bytes: &[u8]) {
         return;
     };
     match twice(|| fuzzing::list_audit_events(&req)) {
-        Ok((account, types, p)) => {
-            match &account {
+        Ok((filter, p)) => {
+            match &filter.account {
                 None => assert!(req.account_id.is_empty()),
                 Some(id) => canonical_account_id(id, &req.account_id),
             }
             // AUDIT_EVENT_TYPE_UNSPECIFIED (0) is ignored, as documented.
-            assert_eq!(types.len(), req.types.iter().filter(|&&t| t != 0).count());
-            page(&p, req.page_size, &req.page_token);
+            assert_eq!(
+                filter.types.len(),
+                req.types.iter().filter(|&&t| t != 0).count()
+            );
+            check_timestamp(req.start_time.as_ref(), filter.start_time);
+            check_timestamp(req.end_time.as_ref(), filter.end_time);
+            if let (Some(start), Some(end)) = (filter.start_time, filter.end_time) {
+                assert!(start <= end);
+            }
+            assert_eq!(p.after.is_none(), req.page_token.is_empty());
         }
         Err(err) => rejected(
             err,
-            &["account_id", "page_size", "page_token"],
+            &["account_id", "start_time", "end_time", "page_size", "page_token"],
             &[("types", req.types.len())],
             &[],
         ),

@@ -7,9 +7,7 @@ use super::{
     pb::{self, audit_service_server::AuditService},
     status::to_status,
 };
-use crate::domain::{
-    Identity, account::AccountId, error::Violations, page::PageRequest, service::audit_listing,
-};
+use crate::domain::Identity;
 
 /// The audit service over the domain's use cases.
 #[derive(Clone)]
@@ -32,24 +30,11 @@ impl AuditService for AuditApi {
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        let req = request.into_inner();
-        let mut violations = Violations::new();
-        let account = if req.account_id.is_empty() {
-            Some(None)
-        } else {
-            violations.check(AccountId::parse("account_id", &req.account_id).map(Some))
-        };
-        let types = violations.check(convert::parse_event_types("types", &req.types));
-        let (account, types) = violations.complete(account.zip(types)).map_err(to_status)?;
-        let page = PageRequest::parse(
-            &audit_listing(account.as_ref()),
-            req.page_size,
-            &req.page_token,
-        )
-        .map_err(to_status)?;
+        let (filter, page) =
+            convert::list_audit_events_request(request.get_ref()).map_err(to_status)?;
         let (events, next_page_token) = self
             .identity
-            .list_audit_events(&caller, account, types, page)
+            .list_audit_events(&caller, filter, page)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ListAuditEventsResponse {

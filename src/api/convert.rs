@@ -6,15 +6,17 @@ use super::pb;
 use crate::domain::{
     DomainError,
     account::{Account, AccountId, AccountKind, Role},
-    audit::{AuditEvent, EventType, Outcome},
+    audit::{AuditEvent, AuditFilter, EventType, Outcome},
     credential::CredentialKind,
     error::Violations,
+    page::{PageRequest, tokens_listing},
     policy::Principal,
     scope::Scopes,
-    service::{InactiveReason, TokenRequest},
+    service::{InactiveReason, TokenRequest, audit_listing},
     time::Timestamp,
     token::{Token, TokenName, TokenState},
 };
+use crate::storage::TokenFilter;
 
 pub(super) fn timestamp(ts: Timestamp) -> prost_types::Timestamp {
     let (seconds, nanos) = ts.to_seconds_nanos();
@@ -64,6 +66,73 @@ pub(super) fn create_token_request(
             max_uses: req.max_uses,
         })
     })())
+}
+
+/// Parses `ListTokens`' request, judging states at `now`: the account
+/// (`None`, from an empty account_id, for every account's tokens), the
+/// filter, then the page (whose token belongs to that listing). Shared by
+/// the handler and the fuzz targets.
+pub(super) fn list_tokens_request(
+    req: &pb::ListTokensRequest,
+    now: Timestamp,
+) -> Result<(Option<AccountId>, TokenFilter, PageRequest), DomainError> {
+    let mut violations = Violations::new();
+    let account = if req.account_id.is_empty() {
+        Some(None)
+    } else {
+        violations.check(AccountId::parse("account_id", &req.account_id).map(Some))
+    };
+    let states = violations.check(parse_token_states("states", &req.states));
+    let expire_before = violations.check(parse_timestamp("expire_before", req.expire_before));
+    let last_used_before =
+        violations.check(parse_timestamp("last_used_before", req.last_used_before));
+    let (account, filter) = violations.complete((|| {
+        let filter = TokenFilter {
+            now,
+            states: states?,
+            expire_before: expire_before?,
+            last_used_before: last_used_before?,
+        };
+        Some((account?, filter))
+    })())?;
+    let page = PageRequest::parse(
+        &tokens_listing(account.as_ref()),
+        req.page_size,
+        &req.page_token,
+    )?;
+    Ok((account, filter, page))
+}
+
+/// Parses `ListAuditEvents`' request: the filter (an empty account_id for
+/// every account's events; the time range checked), then the page. Shared
+/// by the handler and the fuzz targets.
+pub(super) fn list_audit_events_request(
+    req: &pb::ListAuditEventsRequest,
+) -> Result<(AuditFilter, PageRequest), DomainError> {
+    let mut violations = Violations::new();
+    let account = if req.account_id.is_empty() {
+        Some(None)
+    } else {
+        violations.check(AccountId::parse("account_id", &req.account_id).map(Some))
+    };
+    let types = violations.check(parse_event_types("types", &req.types));
+    let start = violations.check(parse_timestamp("start_time", req.start_time));
+    let end = violations.check(parse_timestamp("end_time", req.end_time));
+    let filter = (|| {
+        let filter = AuditFilter {
+            account: account?,
+            types: types?,
+            ..AuditFilter::default()
+        };
+        violations.check(filter.with_time_range(("start_time", start?), ("end_time", end?)))
+    })();
+    let filter = violations.complete(filter)?;
+    let page = PageRequest::parse_timed(
+        &audit_listing(filter.account.as_ref()),
+        req.page_size,
+        &req.page_token,
+    )?;
+    Ok((filter, page))
 }
 
 /// Parses an optional lifetime into the instant it ends, counted from

@@ -18,13 +18,13 @@ use crate::{
     domain::{
         DomainError,
         account::{AccountId, AccountKind, Email, Username},
-        audit::{EventType, parse_client_address},
+        audit::{AuditFilter, parse_client_address},
         credential::{self, Malformed, ParsedCredential},
         error::Violations,
-        page::{ACCOUNTS_LISTING, PageRequest, tokens_listing},
+        page::{ACCOUNTS_LISTING, PageRequest},
         password::{Password, PasswordPolicy},
         scope::Scopes,
-        service::{AccountLookup, MAX_LEAKED_SECRETS, NewAccount, TokenRequest, audit_listing},
+        service::{AccountLookup, MAX_LEAKED_SECRETS, NewAccount, TokenRequest},
         time::Timestamp,
     },
     storage::TokenFilter,
@@ -125,32 +125,14 @@ pub fn create_token(
     convert::create_token_request(req, now)
 }
 
-/// `ListTokens`, with states judged at `now`: the account, the filter, then
-/// the page (whose token belongs to the account's listing).
+/// `ListTokens`, with states judged at `now`: the account (`None` for
+/// every account's tokens), the filter, then the page (whose token belongs
+/// to that listing).
 pub fn list_tokens(
     req: &pb::ListTokensRequest,
     now: Timestamp,
-) -> Result<(AccountId, TokenFilter, PageRequest), DomainError> {
-    let mut violations = Violations::new();
-    let account = violations.check(AccountId::parse("account_id", &req.account_id));
-    let states = violations.check(convert::parse_token_states("states", &req.states));
-    let expire_before =
-        violations.check(convert::parse_timestamp("expire_before", req.expire_before));
-    let last_used_before = violations.check(convert::parse_timestamp(
-        "last_used_before",
-        req.last_used_before,
-    ));
-    let (account, filter) = violations.complete((|| {
-        let filter = TokenFilter {
-            now,
-            states: states?,
-            expire_before: expire_before?,
-            last_used_before: last_used_before?,
-        };
-        Some((account?, filter))
-    })())?;
-    let page = PageRequest::parse(&tokens_listing(&account), req.page_size, &req.page_token)?;
-    Ok((account, filter, page))
+) -> Result<(Option<AccountId>, TokenFilter, PageRequest), DomainError> {
+    convert::list_tokens_request(req, now)
 }
 
 /// `VerifyToken`: what `Identity::verify` checks before any lookup (the
@@ -183,23 +165,10 @@ pub fn revoke_leaked_token(
         .collect())
 }
 
-/// `ListAuditEvents`: the account (empty for every account), the event
-/// types, then the page.
+/// `ListAuditEvents`: the filter (the account, empty for every account,
+/// the event types and the time range), then the page.
 pub fn list_audit_events(
     req: &pb::ListAuditEventsRequest,
-) -> Result<(Option<AccountId>, Vec<EventType>, PageRequest), DomainError> {
-    let mut violations = Violations::new();
-    let account = if req.account_id.is_empty() {
-        Some(None)
-    } else {
-        violations.check(AccountId::parse("account_id", &req.account_id).map(Some))
-    };
-    let types = violations.check(convert::parse_event_types("types", &req.types));
-    let (account, types) = violations.complete(account.zip(types))?;
-    let page = PageRequest::parse(
-        &audit_listing(account.as_ref()),
-        req.page_size,
-        &req.page_token,
-    )?;
-    Ok((account, types, page))
+) -> Result<(AuditFilter, PageRequest), DomainError> {
+    convert::list_audit_events_request(req)
 }

@@ -11,17 +11,9 @@ use super::{
     ratelimit::RateLimiter,
     status::to_status,
 };
-use crate::{
-    domain::{
-        DomainError, Identity,
-        account::AccountId,
-        error::Violations,
-        page::{PageRequest, tokens_listing},
-        service::Verification,
-        time::Timestamp,
-        token::TokenId,
-    },
-    storage::TokenFilter,
+use crate::domain::{
+    DomainError, Identity, error::Violations, service::Verification, time::Timestamp,
+    token::TokenId,
 };
 
 /// The tokens service over the domain's use cases.
@@ -97,33 +89,12 @@ impl TokensService for TokensApi {
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        let req = request.into_inner();
         let now = Timestamp::now();
-        let mut violations = Violations::new();
-        let account = violations.check(AccountId::parse("account_id", &req.account_id));
-        let states = violations.check(convert::parse_token_states("states", &req.states));
-        let expire_before =
-            violations.check(convert::parse_timestamp("expire_before", req.expire_before));
-        let last_used_before = violations.check(convert::parse_timestamp(
-            "last_used_before",
-            req.last_used_before,
-        ));
-        let (account, filter) = violations
-            .complete((|| {
-                let filter = TokenFilter {
-                    now,
-                    states: states?,
-                    expire_before: expire_before?,
-                    last_used_before: last_used_before?,
-                };
-                Some((account?, filter))
-            })())
-            .map_err(to_status)?;
-        let page = PageRequest::parse(&tokens_listing(&account), req.page_size, &req.page_token)
-            .map_err(to_status)?;
+        let (account, filter, page) =
+            convert::list_tokens_request(request.get_ref(), now).map_err(to_status)?;
         let (tokens, next_page_token) = self
             .identity
-            .list_tokens(&caller, &account, filter, page)
+            .list_tokens(&caller, account.as_ref(), filter, page)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::ListTokensResponse {

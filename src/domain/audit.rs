@@ -214,9 +214,34 @@ pub struct AuditFilter {
     pub account: Option<AccountId>,
     /// Only events of these types; empty for all.
     pub types: Vec<EventType>,
+    /// Only events at or after this instant (inclusive).
+    pub start_time: Option<Timestamp>,
+    /// Only events before this instant (exclusive).
+    pub end_time: Option<Timestamp>,
 }
 
 impl AuditFilter {
+    /// Sets the time range `[start, end)`, refusing an end before its start
+    /// (an end equal to the start is an empty range, not an error) with a
+    /// violation on each field, naming the other.
+    pub fn with_time_range(
+        mut self,
+        (start_field, start): (&str, Option<Timestamp>),
+        (end_field, end): (&str, Option<Timestamp>),
+    ) -> Result<Self, super::DomainError> {
+        if let (Some(start), Some(end)) = (start, end)
+            && end < start
+        {
+            return Err(super::DomainError::InvalidArgument(vec![
+                super::FieldViolation::new(start_field, format!("must not be after {end_field}")),
+                super::FieldViolation::new(end_field, format!("must not be before {start_field}")),
+            ]));
+        }
+        self.start_time = start;
+        self.end_time = end;
+        Ok(self)
+    }
+
     /// The types as the store matches them: `,a,b,` or empty for all.
     pub fn types_pattern(&self) -> String {
         if self.types.is_empty() {

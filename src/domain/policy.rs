@@ -68,8 +68,8 @@ pub enum Action<'a> {
     SignOut,
     /// Issue a token for an account.
     CreateToken(&'a AccountId),
-    /// Read an account's tokens.
-    ReadTokens(&'a AccountId),
+    /// Read an account's tokens, or every account's (`None`).
+    ReadTokens(Option<&'a AccountId>),
     /// Revoke one of an account's tokens.
     RevokeToken(&'a AccountId),
     /// Introspect a credential.
@@ -115,9 +115,14 @@ pub fn authorize(caller: &Principal, action: Action<'_>) -> Result<(), DomainErr
             require_scope(caller, scope::TOKENS_WRITE)?;
             require_owner(caller, target)
         }
+        // Reading every account's at once is an operator's view of the
+        // fleet, as for the audit log.
         Action::ReadTokens(target) => {
             require_scope(caller, scope::TOKENS_READ)?;
-            require_owner(caller, target)
+            match target {
+                Some(target) => require_owner(caller, target),
+                None => require_operator(caller),
+            }
         }
         // Named explicitly: full access (a session, an unscoped token) does
         // not include it.

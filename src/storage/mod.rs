@@ -34,6 +34,17 @@ pub mod sqlite;
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
+/// The listing statements as the stores run them, by name: one account's
+/// tokens, every account's tokens, and audit events. Exposed only for the
+/// tests and the benchmark that check their plans with `EXPLAIN` (that a
+/// page is an index range scan, whatever its depth); not an interface.
+#[doc(hidden)]
+pub const LISTING_QUERIES: &[(&str, &str)] = &[
+    ("LIST_TOKENS", sql::LIST_TOKENS),
+    ("LIST_ALL_TOKENS", sql::LIST_ALL_TOKENS),
+    ("LIST_EVENTS", sql::LIST_EVENTS),
+];
+
 /// A boxed error source, for the log.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -109,7 +120,7 @@ pub struct PoolUsage {
     pub max: u32,
 }
 
-/// Which tokens [`Store::list_tokens`] returns.
+/// Which tokens [`Store::list_tokens`] and [`Store::list_all_tokens`] return.
 #[derive(Debug, Clone)]
 pub struct TokenFilter {
     /// The instant states are judged at.
@@ -296,6 +307,16 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> Result<Vec<Token>, StorageError>;
 
+    /// Lists every account's tokens that pass `filter`, in id order (oldest
+    /// first, as [`Self::list_tokens`]), starting after `after`: a range of
+    /// the primary key, whatever the page's depth.
+    async fn list_all_tokens(
+        &self,
+        filter: &TokenFilter,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Token>, StorageError>;
+
     /// Revokes a token (recording `at`) unless it already is (one in a
     /// rotation's grace period is revoked too) and, if it is its family's
     /// live token (not rotated out) or `seen_live` (the caller read it as
@@ -414,12 +435,12 @@ pub trait Store: Send + Sync + 'static {
     /// Appends an event that records no change (such as a failed sign-in).
     async fn record_event(&self, event: &AuditEvent) -> Result<(), StorageError>;
 
-    /// Lists events that pass `filter`, newest first, starting before
-    /// `before`.
+    /// Lists events that pass `filter`, newest first (by time, then id),
+    /// starting after the event `before` names by its time and id.
     async fn list_events(
         &self,
         filter: &AuditFilter,
-        before: Option<&str>,
+        before: Option<(Timestamp, &str)>,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StorageError>;
 

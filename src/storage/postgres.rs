@@ -75,6 +75,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "credentials generation",
         include_str!("../../migrations/postgres/0008_credentials_generation.sql"),
     ),
+    (
+        9,
+        "fleet views",
+        include_str!("../../migrations/postgres/0009_fleet_views.sql"),
+    ),
 ];
 
 /// A [`super::Store`] on PostgreSQL.

@@ -52,14 +52,23 @@ pub(super) const INSERT_EVENT: &str = "INSERT INTO audit_events \
      subject_account_id, subject_credential_id, subject_username, source_address) \
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)";
 /// `$1`: account id or '' for all; `$2`: `,type,type,` or '' for all;
-/// `$3`: list events before this id, or '' for from the newest; `$4`: limit.
-/// (No sentinel id: under a non-C collation, punctuation may sort first.)
+/// `$3`, `$4`: list events before this time and id (newest first, by time
+/// then id); `$5`: limit; `$6`: the range's start (inclusive) and `$7` its
+/// end (exclusive), both always bound. The first page starts before (end,
+/// ''): every id sorts after the empty string, under any collation.
+///
+/// The keyset and the range are plain comparisons (a row comparison for the
+/// keyset), never `$n IS NULL OR ...`, so that a generic plan on PostgreSQL
+/// can still use them as bounds of a backward range scan of
+/// `audit_events_time_id_idx`, and a deep page costs what the first does.
 pub(super) const LIST_EVENTS: &str = "SELECT event_id, event_time, event_type, outcome, \
     actor_account_id, actor_credential_id, subject_account_id, subject_credential_id, \
     subject_username, source_address FROM audit_events \
     WHERE ($1 = '' OR actor_account_id = $1 OR subject_account_id = $1) \
     AND ($2 = '' OR $2 LIKE ('%,' || event_type || ',%')) \
-    AND ($3 = '' OR event_id < $3) ORDER BY event_id DESC LIMIT $4";
+    AND (event_time, event_id) < ($3, $4) \
+    AND event_time >= $6 AND event_time < $7 \
+    ORDER BY event_time DESC, event_id DESC LIMIT $5";
 
 pub(super) const INSERT_ACCOUNT: &str = "INSERT INTO accounts \
     (account_id, username, username_key, email, kind, role, password_hash, create_time, disable_time) \
@@ -186,18 +195,52 @@ pub(super) const TOKEN_BY_DIGEST: &str = concat!(
     account_cols!(),
     " FROM tokens t JOIN accounts a ON a.account_id = t.account_id WHERE t.digest = $1"
 );
-/// `$4`: `,state,state,` or '' for all; `$5`: now; `$6`: expire-before or
-/// NULL; `$7`: last-used-before or NULL.
+/// The filters of a token listing (`TokenFilter`), given the numbers of its
+/// parameters: `,state,state,` or '' for all; now; expire-before or NULL;
+/// last-used-before or NULL.
+macro_rules! token_filters {
+    ($states:literal, $now:literal, $expire:literal, $used:literal) => {
+        concat!(
+            " AND (",
+            $states,
+            " = '' OR ",
+            $states,
+            " LIKE ('%,' || ",
+            token_state!($now),
+            " || ',%'))",
+            " AND (",
+            $expire,
+            " IS NULL OR (t.expire_time IS NOT NULL AND t.expire_time < ",
+            $expire,
+            "))",
+            " AND (",
+            $used,
+            " IS NULL OR COALESCE(t.last_used_time, t.create_time) < ",
+            $used,
+            ")"
+        )
+    };
+}
+/// `$1`: the account; `$2`: after this id ('' from the start); `$3`:
+/// limit; `$4` to `$7`: the filters (`token_filters!`).
 pub(super) const LIST_TOKENS: &str = concat!(
     "SELECT ",
     token_cols!(),
     " FROM tokens t WHERE t.account_id = $1 AND t.token_id > $2",
-    " AND ($4 = '' OR $4 LIKE ('%,' || ",
-    token_state!("$5"),
-    " || ',%'))",
-    " AND ($6 IS NULL OR (t.expire_time IS NOT NULL AND t.expire_time < $6))",
-    " AND ($7 IS NULL OR COALESCE(t.last_used_time, t.create_time) < $7)",
+    token_filters!("$4", "$5", "$6", "$7"),
     " ORDER BY t.token_id LIMIT $3"
+);
+/// Every account's tokens, in the same order as `LIST_TOKENS`: a range
+/// scan of the primary key from `$1` (after this id, '' from the start);
+/// `$2`: limit; `$3` to `$6`: the filters (`token_filters!`). A separate
+/// statement rather than `($1 = '' OR account_id = $1)`, so that neither
+/// listing's plan is a compromise for the other's.
+pub(super) const LIST_ALL_TOKENS: &str = concat!(
+    "SELECT ",
+    token_cols!(),
+    " FROM tokens t WHERE t.token_id > $1",
+    token_filters!("$3", "$4", "$5", "$6"),
+    " ORDER BY t.token_id LIMIT $2"
 );
 /// The columns every revoking statement returns, one row per credential it
 /// revoked: its id, account and the account's username (for the audit log),
@@ -1081,6 +1124,25 @@ macro_rules! impl_store {
                 found.iter().map(rows::token).collect()
             }
 
+            async fn list_all_tokens(
+                &self,
+                filter: &TokenFilter,
+                after: Option<&str>,
+                limit: u32,
+            ) -> Result<Vec<Token>, StorageError> {
+                let found = sqlx::query(sql::LIST_ALL_TOKENS)
+                    .bind(after.unwrap_or(""))
+                    .bind(i64::from(limit))
+                    .bind(rows::states_pattern(&filter.states))
+                    .bind(filter.now.as_micros())
+                    .bind(filter.expire_before.map(Timestamp::as_micros))
+                    .bind(filter.last_used_before.map(Timestamp::as_micros))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(Self::classify)?;
+                found.iter().map(rows::token).collect()
+            }
+
             async fn revoke_token(
                 &self,
                 id: &TokenId,
@@ -1392,14 +1454,23 @@ macro_rules! impl_store {
             async fn list_events(
                 &self,
                 filter: &AuditFilter,
-                before: Option<&str>,
+                before: Option<(Timestamp, &str)>,
                 limit: u32,
             ) -> Result<Vec<AuditEvent>, StorageError> {
+                // No bound is a bound past every stored time (which the
+                // domain keeps within Timestamp::MIN..=MAX).
+                let start = filter.start_time.map_or(i64::MIN, Timestamp::as_micros);
+                let end = filter.end_time.map_or(i64::MAX, Timestamp::as_micros);
+                let (before_time, before_id) =
+                    before.map_or((end, ""), |(time, id)| (time.as_micros(), id));
                 let found = sqlx::query(sql::LIST_EVENTS)
                     .bind(filter.account.as_ref().map_or("", AccountId::as_str))
                     .bind(filter.types_pattern())
-                    .bind(before.unwrap_or(""))
+                    .bind(before_time)
+                    .bind(before_id)
                     .bind(i64::from(limit))
+                    .bind(start)
+                    .bind(end)
                     .fetch_all(&self.pool)
                     .await
                     .map_err(Self::classify)?;

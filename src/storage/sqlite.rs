@@ -78,6 +78,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "credentials generation",
         include_str!("../../migrations/sqlite/0007_credentials_generation.sql"),
     ),
+    (
+        8,
+        "fleet views",
+        include_str!("../../migrations/sqlite/0008_fleet_views.sql"),
+    ),
 ];
 
 /// A [`super::Store`] on SQLite.

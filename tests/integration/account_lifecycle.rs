@@ -281,7 +281,7 @@ on_both_backends! {
         let list = |caller: &str, account: &str, page_size: i32, page_token: String| {
             let mut client = audit_client(&app);
             let request = bearer(
-                pb::ListAuditEventsRequest { account_id: account.into(), types: vec![], page_size, page_token },
+                pb::ListAuditEventsRequest { account_id: account.into(), types: vec![], page_size, page_token, ..Default::default() },
                 caller,
             );
             async move { client.list_audit_events(request).await.map(tonic::Response::into_inner) }

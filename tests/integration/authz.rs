@@ -42,7 +42,8 @@ macro_rules! enum_with_all {
 
 enum_with_all! {
     /// Every method of the `identity.v1` services; the variant's name is the
-    /// method's name.
+    /// method's name, except for the fleet-wide forms of a method (what it
+    /// does without an account_id), which are rows of their own.
     enum Rpc {
         CreateAccount,
         GetAccount,
@@ -64,6 +65,10 @@ enum_with_all! {
         RenewToken,
         RevokeLeakedToken,
         GetCaller,
+        /// ListAuditEvents without an account_id: every account's events.
+        ListAllAuditEvents,
+        /// ListTokens without an account_id: every account's tokens.
+        ListAllTokens,
     }
 }
 
@@ -81,7 +86,7 @@ impl Rpc {
             | Rpc::DisableAccount
             | Rpc::EnableAccount
             | Rpc::DeleteAccount => "AccountsService",
-            Rpc::ListAuditEvents => "AuditService",
+            Rpc::ListAuditEvents | Rpc::ListAllAuditEvents => "AuditService",
             Rpc::CreateToken
             | Rpc::GetToken
             | Rpc::ListTokens
@@ -90,9 +95,15 @@ impl Rpc {
             | Rpc::RotateToken
             | Rpc::RenewToken
             | Rpc::RevokeLeakedToken
-            | Rpc::GetCaller => "TokensService",
+            | Rpc::GetCaller
+            | Rpc::ListAllTokens => "TokensService",
         };
-        format!("/identity.v1.{service}/{self:?}")
+        let method = match self {
+            Rpc::ListAllAuditEvents => "ListAuditEvents".to_owned(),
+            Rpc::ListAllTokens => "ListTokens".to_owned(),
+            _ => format!("{self:?}"),
+        };
+        format!("/identity.v1.{service}/{method}")
     }
 
     /// The built-in scope a personal access token needs for this RPC; `None`
@@ -105,7 +116,10 @@ impl Rpc {
             | Rpc::DisableAccount
             | Rpc::EnableAccount
             | Rpc::DeleteAccount => Some("accounts:write"),
-            Rpc::GetAccount | Rpc::ListAccounts | Rpc::ListAuditEvents => Some("accounts:read"),
+            Rpc::GetAccount
+            | Rpc::ListAccounts
+            | Rpc::ListAuditEvents
+            | Rpc::ListAllAuditEvents => Some("accounts:read"),
             Rpc::SignIn
             | Rpc::SignOut
             | Rpc::ChangePassword
@@ -114,7 +128,7 @@ impl Rpc {
             Rpc::CreateToken | Rpc::RevokeToken | Rpc::RotateToken | Rpc::RenewToken => {
                 Some("tokens:write")
             }
-            Rpc::GetToken | Rpc::ListTokens => Some("tokens:read"),
+            Rpc::GetToken | Rpc::ListTokens | Rpc::ListAllTokens => Some("tokens:read"),
             Rpc::VerifyToken => Some("tokens:verify"),
         }
     }
@@ -384,6 +398,21 @@ const ROWS: &[Row] = {
         row(ListAuditEvents, ExpiredToken, INVALID),
         row(ListAuditEvents, RevokedToken, INVALID),
         row(ListAuditEvents, SignedOutSession, INVALID),
+        // Every account's events: operators only; `accounts:read`.
+        row(ListAllAuditEvents, Anonymous, MISSING),
+        row(ListAllAuditEvents, Malformed, INVALID),
+        row(ListAllAuditEvents, NotBearer, INVALID),
+        row(ListAllAuditEvents, OwnSession, NOT_ALLOWED),
+        row(ListAllAuditEvents, OwnScopedToken, NOT_ALLOWED),
+        row(ListAllAuditEvents, OwnTokenWithoutScope, NO_SCOPE),
+        row(ListAllAuditEvents, OtherPerson, NOT_ALLOWED),
+        row(ListAllAuditEvents, RobotOnItself, NOT_ALLOWED),
+        row(ListAllAuditEvents, RobotOnPerson, NOT_ALLOWED),
+        row(ListAllAuditEvents, Operator, OK),
+        row(ListAllAuditEvents, OperatorScopedToken, OK),
+        row(ListAllAuditEvents, ExpiredToken, INVALID),
+        row(ListAllAuditEvents, RevokedToken, INVALID),
+        row(ListAllAuditEvents, SignedOutSession, INVALID),
         // Own account or operator; `tokens:write`.
         row(CreateToken, Anonymous, MISSING),
         row(CreateToken, Malformed, INVALID),
@@ -430,6 +459,22 @@ const ROWS: &[Row] = {
         row(ListTokens, ExpiredToken, INVALID),
         row(ListTokens, RevokedToken, INVALID),
         row(ListTokens, SignedOutSession, INVALID),
+        // Every account's tokens: operators only; `tokens:read`. Default
+        // deny: whoever may list their own tokens may not list everyone's.
+        row(ListAllTokens, Anonymous, MISSING),
+        row(ListAllTokens, Malformed, INVALID),
+        row(ListAllTokens, NotBearer, INVALID),
+        row(ListAllTokens, OwnSession, NOT_ALLOWED),
+        row(ListAllTokens, OwnScopedToken, NOT_ALLOWED),
+        row(ListAllTokens, OwnTokenWithoutScope, NO_SCOPE),
+        row(ListAllTokens, OtherPerson, NOT_ALLOWED),
+        row(ListAllTokens, RobotOnItself, NOT_ALLOWED),
+        row(ListAllTokens, RobotOnPerson, NOT_ALLOWED),
+        row(ListAllTokens, Operator, OK),
+        row(ListAllTokens, OperatorScopedToken, OK),
+        row(ListAllTokens, ExpiredToken, INVALID),
+        row(ListAllTokens, RevokedToken, INVALID),
+        row(ListAllTokens, SignedOutSession, INVALID),
         // Own tokens or operator; `tokens:write`. As GetToken.
         row(RevokeToken, Anonymous, MISSING),
         row(RevokeToken, Malformed, INVALID),
@@ -1010,6 +1055,15 @@ async fn perform(app: &TestApp, world: &World, n: usize, row: Row) -> Result<(),
                 },
                 auth,
             ))
+            .await
+            .map(drop),
+        Rpc::ListAllAuditEvents => AuditServiceClient::new(app.channel.clone())
+            .list_audit_events(request(pb::ListAuditEventsRequest::default(), auth))
+            .await
+            .map(drop),
+        Rpc::ListAllTokens => app
+            .tokens()
+            .list_tokens(request(pb::ListTokensRequest::default(), auth))
             .await
             .map(drop),
         Rpc::CreateToken => app

@@ -16,6 +16,7 @@ mod change_feed;
 mod clients;
 mod config_cli;
 mod faults;
+mod fleet;
 mod forwarded;
 mod grants;
 mod hashing;

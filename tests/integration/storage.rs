@@ -1136,7 +1136,7 @@ mod conformance {
             // Each descendant's revocation is in the audit log, with its
             // account's username.
             let events = store
-                .list_events(&AuditFilter { account: Some(bob.id.clone()), types: vec![EventType::TokenRevoked] }, None, 10)
+                .list_events(&AuditFilter { account: Some(bob.id.clone()), types: vec![EventType::TokenRevoked], ..Default::default() }, None, 10)
                 .await
                 .expect("list events");
             assert_eq!(events.len(), 1, "{events:?}");
@@ -1221,7 +1221,7 @@ mod conformance {
             // The reported credentials are recorded as leaked, the
             // descendant as revoked.
             let events = store
-                .list_events(&AuditFilter { account: Some(alice.id.clone()), types: vec![EventType::TokenLeaked, EventType::TokenRevoked] }, None, 10)
+                .list_events(&AuditFilter { account: Some(alice.id.clone()), types: vec![EventType::TokenLeaked, EventType::TokenRevoked], ..Default::default() }, None, 10)
                 .await
                 .expect("list events");
             let mut seen: Vec<(EventType, TokenId, String)> = events

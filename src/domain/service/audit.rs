@@ -4,29 +4,34 @@ use super::Identity;
 use crate::domain::{
     DomainError,
     account::AccountId,
-    audit::{AuditEvent, AuditFilter, EventType},
-    page::PageRequest,
+    audit::{AuditEvent, AuditFilter},
+    page::{PageRequest, split_time_key, time_key},
     policy::{self, Action, Principal},
 };
 
 impl Identity {
     /// `ListAuditEvents`, newest first. Non-operators must name their own
-    /// account.
+    /// account in `filter`. `page` must come from [`PageRequest::parse_timed`]
+    /// with the listing [`audit_listing`] names.
     pub async fn list_audit_events(
         &self,
         caller: &Principal,
-        account: Option<AccountId>,
-        types: Vec<EventType>,
+        filter: AuditFilter,
         page: PageRequest,
     ) -> Result<(Vec<AuditEvent>, String), DomainError> {
-        policy::authorize(caller, Action::ReadAudit(account.as_ref()))?;
-        let listing = audit_listing(account.as_ref());
-        let filter = AuditFilter { account, types };
+        policy::authorize(caller, Action::ReadAudit(filter.account.as_ref()))?;
+        let listing = audit_listing(filter.account.as_ref());
+        let before = match page.after.as_deref() {
+            None => None,
+            Some(key) => Some(split_time_key(key).ok_or_else(|| {
+                DomainError::invalid("page_token", "is not a page token of this listing")
+            })?),
+        };
         let found = self
             .store
-            .list_events(&filter, page.after.as_deref(), page.fetch_limit())
+            .list_events(&filter, before, page.fetch_limit())
             .await?;
-        Ok(page.finish(&listing, found, |e| e.id.as_str()))
+        Ok(page.finish_keyed(&listing, found, |e| time_key(e.time, &e.id)))
     }
 }
 

@@ -236,31 +236,41 @@ impl Identity {
     pub async fn get_token(&self, caller: &Principal, id: &TokenId) -> Result<Token, DomainError> {
         // Scope first, so that a caller without it learns nothing about
         // which ids exist.
-        policy::authorize(caller, Action::ReadTokens(&caller.account.id))?;
+        policy::authorize(caller, Action::ReadTokens(Some(&caller.account.id)))?;
         let token = self
             .store
             .token_by_id(id)
             .await?
             .ok_or(DomainError::TokenNotFound)?;
-        visible(caller, token, |account| Action::ReadTokens(account))
+        visible(caller, token, |account| Action::ReadTokens(Some(account)))
     }
 
-    /// `ListTokens`.
+    /// `ListTokens`: one account's tokens, or (`None`, operators only)
+    /// every account's, oldest first either way.
     pub async fn list_tokens(
         &self,
         caller: &Principal,
-        account: &AccountId,
+        account: Option<&AccountId>,
         filter: TokenFilter,
         page: PageRequest,
     ) -> Result<(Vec<Token>, String), DomainError> {
         policy::authorize(caller, Action::ReadTokens(account))?;
-        if caller.is_operator() && self.store.account_by_id(account).await?.is_none() {
-            return Err(DomainError::AccountNotFound);
-        }
-        let found = self
-            .store
-            .list_tokens(account, &filter, page.after.as_deref(), page.fetch_limit())
-            .await?;
+        let after = page.after.as_deref();
+        let found = match account {
+            Some(account) => {
+                if caller.is_operator() && self.store.account_by_id(account).await?.is_none() {
+                    return Err(DomainError::AccountNotFound);
+                }
+                self.store
+                    .list_tokens(account, &filter, after, page.fetch_limit())
+                    .await?
+            }
+            None => {
+                self.store
+                    .list_all_tokens(&filter, after, page.fetch_limit())
+                    .await?
+            }
+        };
         Ok(page.finish(&tokens_listing(account), found, |t| t.id.as_str()))
     }
 

@@ -364,7 +364,7 @@ impl TestApp {
                     account_id: account_id.into(),
                     types: types.iter().map(|t| *t as i32).collect(),
                     page_size: 1000,
-                    page_token: String::new(),
+                    ..Default::default()
                 },
                 &self.operator_token,
             ))
