@@ -348,7 +348,7 @@ start_replica() {
   pids+=("$pid")
   local addr=""
   for _ in $(seq 300); do
-    addr=$(grep -o 'serving addr=[0-9.:]*' "$logf" 2>/dev/null | head -n 1 | cut -d= -f2 || true)
+    addr=$(grep 'serving' "$logf" 2>/dev/null | grep -o ' addr=[0-9.:]*' | head -n 1 | cut -d= -f2 || true)
     [ -n "$addr" ] && break
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
