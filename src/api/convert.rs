@@ -3,6 +3,7 @@
 //! names, so the status mapping can list them.
 
 use super::pb;
+use crate::domain::store::TokenFilter;
 use crate::domain::{
     DomainError,
     account::{Account, AccountId, AccountKind, Role},
@@ -16,7 +17,6 @@ use crate::domain::{
     time::Timestamp,
     token::{Token, TokenName, TokenState},
 };
-use crate::storage::TokenFilter;
 
 pub(super) fn timestamp(ts: Timestamp) -> prost_types::Timestamp {
     let (seconds, nanos) = ts.to_seconds_nanos();

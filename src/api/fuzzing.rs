@@ -14,20 +14,18 @@
 //! authentication, so it cannot be used to skip a check the handlers make.
 
 use super::{convert, pb, pb::get_account_request::Lookup};
-use crate::{
-    domain::{
-        DomainError,
-        account::{AccountId, AccountKind, Email, Username},
-        audit::{AuditFilter, parse_client_address},
-        credential::{self, Malformed, ParsedCredential},
-        error::Violations,
-        page::{ACCOUNTS_LISTING, PageRequest},
-        password::{Password, PasswordPolicy},
-        scope::Scopes,
-        service::{AccountLookup, MAX_LEAKED_SECRETS, NewAccount, TokenRequest},
-        time::Timestamp,
-    },
-    storage::TokenFilter,
+use crate::domain::{
+    DomainError,
+    account::{AccountId, AccountKind, Email, Username},
+    audit::{AuditFilter, parse_client_address},
+    credential::{self, Malformed, ParsedCredential},
+    error::Violations,
+    page::{ACCOUNTS_LISTING, PageRequest},
+    password::{Password, PasswordPolicy},
+    scope::Scopes,
+    service::{AccountLookup, MAX_LEAKED_SECRETS, NewAccount, TokenRequest},
+    store::TokenFilter,
+    time::Timestamp,
 };
 
 /// `CreateAccount` (`accounts::parse_new_account`).

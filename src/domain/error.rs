@@ -2,7 +2,7 @@
 //! on, except `Internal`, whose cause is logged and never shown to a client.
 //! Messages never contain a secret.
 
-use crate::storage::StorageError;
+use crate::domain::store::StorageError;
 
 /// Why a use case failed.
 #[derive(Debug, thiserror::Error)]
@@ -137,8 +137,10 @@ impl From<StorageError> for DomainError {
     fn from(err: StorageError) -> Self {
         match err {
             StorageError::Unavailable(_) => Self::Unavailable(err),
-            StorageError::Conflict(crate::storage::Conflict::Username) => Self::UsernameTaken,
-            StorageError::Conflict(crate::storage::Conflict::TokenName) => Self::TokenNameTaken,
+            StorageError::Conflict(crate::domain::store::Conflict::Username) => Self::UsernameTaken,
+            StorageError::Conflict(crate::domain::store::Conflict::TokenName) => {
+                Self::TokenNameTaken
+            }
             StorageError::AccountGone => Self::AccountNotFound,
             StorageError::TooManyTokens(max) => Self::TokenLimitReached(max),
             StorageError::ParentRevoked => {

@@ -1,8 +1,10 @@
 //! The domain: what an account, a password, a credential and a scope are, who
 //! may do what, and the use cases that tie them together.
 //!
-//! This layer knows neither tonic nor sqlx. It talks to the database only
-//! through the [`crate::storage::Store`] trait, and reports failures as
+//! This layer knows neither tonic nor sqlx, nor any outer layer of the
+//! crate (`tests/integration/architecture.rs` keeps it so). It talks to the
+//! database only through its own port, the [`store::Store`] trait, which
+//! `crate::storage` implements, and reports failures as
 //! [`DomainError`], which the wire layer maps to gRPC status codes in one place.
 
 pub mod account;
@@ -17,6 +19,7 @@ pub mod rate;
 pub mod retention;
 pub mod scope;
 pub mod service;
+pub mod store;
 pub mod throttle;
 pub mod time;
 pub mod token;

@@ -9,6 +9,7 @@ mod support;
 mod account_lifecycle;
 mod account_races;
 mod accounts;
+mod architecture;
 mod authz;
 mod binary;
 mod cache_flood;

@@ -516,7 +516,7 @@ impl Identity {
 }
 
 /// A password check counted against the sign-in throttle (its claims, for
-/// [`crate::storage::Store::sign_in_succeeded`]), holding its place among
+/// [`crate::domain::store::Store::sign_in_succeeded`]), holding its place among
 /// the attempts in flight until its outcome is recorded.
 ///
 /// A check whose password was never verified gives its claim back when
@@ -530,7 +530,7 @@ impl Identity {
 struct ClaimedCheck {
     claims: [ThrottleClaim; 2],
     ticket: HashTicket,
-    store: Arc<dyn crate::storage::Store>,
+    store: Arc<dyn crate::domain::store::Store>,
     _in_flight: InFlightAttempt,
 }
 

@@ -27,7 +27,7 @@ use super::{
     time::Timestamp,
     token::{Session, Token, TokenId, TokenName, TokenState},
 };
-use crate::storage::{Store, TokenUse};
+use crate::domain::store::{Store, TokenUse};
 
 mod accounts;
 mod audit;
@@ -368,7 +368,7 @@ impl Identity {
     ) -> Result<T, DomainError>
     where
         T: Send + 'static,
-        W: Future<Output = Result<T, crate::storage::StorageError>> + Send + 'static,
+        W: Future<Output = Result<T, crate::domain::store::StorageError>> + Send + 'static,
         E: FnOnce(&VerificationCache, &T) + Send + 'static,
     {
         let cache = Arc::clone(&self.cache);
@@ -389,7 +389,7 @@ impl Identity {
 
     /// How the store's connection pool is used right now, if it has one
     /// (for tests: a call waiting for the database holds a connection).
-    pub fn pool_usage(&self) -> Option<crate::storage::PoolUsage> {
+    pub fn pool_usage(&self) -> Option<crate::domain::store::PoolUsage> {
         self.store.pool_usage()
     }
 

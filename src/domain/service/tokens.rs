@@ -4,20 +4,18 @@
 use std::{sync::Arc, time::Duration};
 
 use super::{Identity, visible};
-use crate::{
-    domain::{
-        DomainError, FieldViolation,
-        account::{Account, AccountId, AccountKind},
-        audit::{AuditEvent, EventType, Origin},
-        cache::Invalidation,
-        credential::{self, CredentialKind, Secret},
-        page::{PageRequest, tokens_listing},
-        policy::{self, Action, Grant, Principal, TokenGrant},
-        scope::Scopes,
-        time::Timestamp,
-        token::{NewToken, Token, TokenId, TokenName, TokenState},
-    },
-    storage::TokenFilter,
+use crate::domain::{
+    DomainError, FieldViolation,
+    account::{Account, AccountId, AccountKind},
+    audit::{AuditEvent, EventType, Origin},
+    cache::Invalidation,
+    credential::{self, CredentialKind, Secret},
+    page::{PageRequest, tokens_listing},
+    policy::{self, Action, Grant, Principal, TokenGrant},
+    scope::Scopes,
+    store::TokenFilter,
+    time::Timestamp,
+    token::{NewToken, Token, TokenId, TokenName, TokenState},
 };
 
 /// A validated request to issue a token.
