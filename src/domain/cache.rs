@@ -78,8 +78,8 @@ use std::{
 };
 
 use super::{
-    account::AccountId, credential::Digest, policy::Principal, service::InactiveReason,
-    time::Timestamp, token::TokenId,
+    account::AccountId, credential::Digest, policy::Principal, time::Timestamp, token::TokenId,
+    verdict::InactiveReason,
 };
 
 /// What changed, as announced by the store.

@@ -23,6 +23,7 @@ pub mod store;
 pub mod throttle;
 pub mod time;
 pub mod token;
+pub mod verdict;
 
 pub use error::{DomainError, FieldViolation};
 pub use service::{Identity, IdentitySettings};
