@@ -228,6 +228,50 @@ async fn the_verifier_credential_expiry_is_exported_and_warned_about_on(backend:
         "{after_month}"
     );
 
+    // A person's own `tokens:verify` token, a day from expiry, calls too:
+    // robots alone are watched, so it moves nothing and warns of nothing.
+    let mallory = accounts
+        .create_account(bearer(
+            pb::CreateAccountRequest {
+                username: "mallory".into(),
+                password: format!("mallory-{}-password", crate::binary::random_hex()),
+                kind: pb::AccountKind::Person as i32,
+                ..Default::default()
+            },
+            &operator,
+        ))
+        .await
+        .expect("create a person")
+        .into_inner()
+        .account
+        .expect("account");
+    let own = tokens
+        .create_token(bearer(
+            pb::CreateTokenRequest {
+                account_id: mallory.account_id.clone(),
+                name: "my-verifier".into(),
+                scopes: vec!["tokens:verify".into()],
+                expire_time: Some(days_from_now(1)),
+                ..Default::default()
+            },
+            &operator,
+        ))
+        .await
+        .expect("create the person's verifier token")
+        .into_inner();
+    secrets.token("the person's verifier", &own.secret);
+    let own_id = own.token.expect("token").token_id;
+    tokens
+        .verify_token(bearer(verify_request(&operator, &[]), &own.secret))
+        .await
+        .expect("a person's token may verify");
+    let after_person = scrape(metrics_addr).await;
+    assert_eq!(
+        gauge(&after_person, EXPIRY_GAUGE),
+        month_expiry,
+        "a person's token does not move the gauge:\n{after_person}"
+    );
+
     // The 3-day verifier calls, and is now the soonest.
     for _ in 0..3 {
         tokens
@@ -260,6 +304,10 @@ async fn the_verifier_credential_expiry_is_exported_and_warned_about_on(backend:
         stopped.stderr
     );
     assert!(warnings[0].contains("WARN"), "{}", warnings[0]);
+    assert!(
+        warnings.iter().all(|line| !line.contains(&own_id)),
+        "the person's token is not warned about: {warnings:?}"
+    );
     assert!(
         warnings[0].contains(&soon.token_id) && !warnings[0].contains(&month.token_id),
         "{}",

@@ -329,7 +329,12 @@ impl Identity {
         client_address: &str,
     ) -> Result<Verification, DomainError> {
         policy::authorize_verifier(verifier)?;
-        if let Verifier::Caller(caller) = verifier {
+        // Robots only: a verifier is a service, and robots are made by
+        // operators, so no ordinary user can move the gauge or raise the
+        // warning with a `tokens:verify` token of their own.
+        if let Verifier::Caller(caller) = verifier
+            && caller.account.kind == AccountKind::Robot
+        {
             self.verifier_credentials.note(
                 &caller.credential_id,
                 caller.expire_time,

@@ -15,8 +15,17 @@
 //! not seen before takes the write lock. Credentials that never expire are
 //! not tracked, and neither are services admitted by their client
 //! certificate alone (mutual TLS `client` mode): they present no credential
-//! that could expire. Sessions never get here: they cannot call
-//! `VerifyToken` (full access does not include `tokens:verify`).
+//! that could expire. Only robot accounts' tokens are noted (the caller
+//! checks): a person may grant a token of their own `tokens:verify`, and
+//! would otherwise move the gauge, raise the warning, or fill the table so
+//! that a real verifier goes untracked. Robots are made by operators.
+//! Sessions never get here: they cannot call `VerifyToken` (full access
+//! does not include `tokens:verify`).
+//!
+//! When the table is full, the credentials that aged out are forgotten at
+//! most once every [`REFRESH`], not on every call that finds it full, and a
+//! newcomer that still finds no room is counted in
+//! [`UNTRACKED_COUNTER`] instead of tracked.
 
 use std::{
     collections::HashMap,
@@ -44,6 +53,9 @@ pub const WARN_EVERY: i64 = 24 * 60 * 60;
 /// Most credentials remembered at once; past it, new ones are not tracked
 /// until old ones age out.
 pub const CAPACITY: usize = 10_000;
+/// Calls from verifier credentials that found the table full, and were not
+/// tracked.
+pub const UNTRACKED_COUNTER: &str = "identity_verifier_credentials_untracked_total";
 
 const MICROS: i64 = 1_000_000;
 
@@ -51,6 +63,8 @@ const MICROS: i64 = 1_000_000;
 #[derive(Debug, Default)]
 pub struct VerifierCredentials {
     seen: RwLock<HashMap<TokenId, Seen>>,
+    /// When the full table was last pruned, in Unix seconds.
+    pruned: AtomicI64,
 }
 
 /// One credential's entry. Atomics, so that a refresh needs only the read
@@ -92,10 +106,30 @@ impl VerifierCredentials {
                 return;
             }
         }
+        let last_prune = self.pruned.load(Relaxed);
+        if self
+            .seen
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+            >= CAPACITY
+            && secs - last_prune < REFRESH
+        {
+            // Full, and pruned moments ago: no write lock, no scan.
+            metrics::counter!(UNTRACKED_COUNTER).increment(1);
+            return;
+        }
         let mut seen = self.seen.write().unwrap_or_else(PoisonError::into_inner);
         if seen.len() >= CAPACITY && !seen.contains_key(id) {
-            seen.retain(|_, entry| secs - entry.refreshed.load(Relaxed) < RECENT);
+            if self
+                .pruned
+                .compare_exchange(last_prune, secs, Relaxed, Relaxed)
+                .is_ok()
+            {
+                seen.retain(|_, entry| secs - entry.refreshed.load(Relaxed) < RECENT);
+            }
             if seen.len() >= CAPACITY {
+                metrics::counter!(UNTRACKED_COUNTER).increment(1);
                 return;
             }
         }
