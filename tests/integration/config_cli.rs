@@ -510,6 +510,35 @@ async fn commands_name_their_database_and_bootstrap_needs_a_schema_on(backend: B
         "bootstrap-operator does not name {shown}:\n{text}"
     );
     assert!(!leaks(&issued), "{}", issued.stderr);
+
+    // A disabled operator gets no token it could not use.
+    let disable = "UPDATE accounts SET disable_time = 1 WHERE username = 'ops'";
+    if backend == Backend::Sqlite {
+        use sqlx::Connection as _;
+        let path = dir.path().join("identity.db");
+        let mut conn = sqlx::SqliteConnection::connect(&format!("sqlite:{}", path.display()))
+            .await
+            .expect("open");
+        sqlx::query(disable)
+            .execute(&mut conn)
+            .await
+            .expect("disable");
+    } else {
+        use sqlx::Connection as _;
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        sqlx::query(disable)
+            .execute(&mut conn)
+            .await
+            .expect("disable");
+    }
+    let refused = run(command(&["bootstrap-operator", "--username", "ops"])).await;
+    assert!(!refused.status.success(), "{}", refused.stderr);
+    assert_eq!(refused.stdout, "", "no token for a disabled operator");
+    assert!(
+        refused.stderr.contains("is disabled") && refused.stderr.contains("EnableAccount"),
+        "{}",
+        refused.stderr
+    );
 }
 
 mod commands_name_their_database_and_bootstrap_needs_a_schema {

@@ -497,6 +497,15 @@ impl Identity {
     pub async fn bootstrap_operator(&self, username: Username) -> Result<IssuedToken, DomainError> {
         let origin = Origin::new("bootstrap-operator");
         let account = match self.store.account_by_username(&username.key()).await? {
+            // The break-glass case: its tokens would be refused, so say so
+            // rather than print one.
+            Some(existing) if existing.role == Role::Operator && existing.is_disabled() => {
+                return Err(DomainError::NotAllowed(
+                    "the operator account with this username is disabled, and would refuse \
+                     any token issued for it: have another operator enable it \
+                     (EnableAccount), or bootstrap a different username",
+                ));
+            }
             Some(existing) if existing.role == Role::Operator => existing,
             Some(_) => {
                 return Err(DomainError::NotAllowed(
