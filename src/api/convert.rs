@@ -62,6 +62,11 @@ pub(super) fn create_token_request(
             name: name?,
             scopes: scopes?,
             expire_time: expire_time?,
+            expire_field: if req.ttl.is_some() {
+                "ttl"
+            } else {
+                "expire_time"
+            },
             never_expires: req.never_expires,
             max_uses: req.max_uses,
         })
@@ -149,18 +154,21 @@ pub(super) fn parse_ttl(
     if ttl.seconds < 0 || !(0..1_000_000_000).contains(&ttl.nanos) {
         return Err(DomainError::invalid(field, positive));
     }
+    let too_far = || DomainError::invalid(field, "must end before the year 10000");
     let micros = ttl
         .seconds
         .checked_mul(1_000_000)
         .and_then(|m| m.checked_add(i64::from(ttl.nanos / 1_000)))
-        .filter(|m| *m > 0)
-        .ok_or_else(|| DomainError::invalid(field, positive))?;
+        .ok_or_else(too_far)?;
+    if micros == 0 {
+        return Err(DomainError::invalid(field, positive));
+    }
     now.as_micros()
         .checked_add(micros)
         .map(Timestamp::from_micros)
         .filter(|end| *end <= Timestamp::MAX)
         .map(Some)
-        .ok_or_else(|| DomainError::invalid(field, "must end before the year 10000"))
+        .ok_or_else(too_far)
 }
 
 pub(super) fn account(a: Account) -> pb::Account {

@@ -472,9 +472,14 @@ on_both_backends! {
             let refused = assert_status(refused, Code::InvalidArgument, "ERROR_REASON_INVALID_ARGUMENT");
             assert!(refused.message().contains("positive duration"), "{refused:?}");
         }
-        // Over the server's maximum lifetime: refused as an expire_time would be.
+        // Over the server's maximum lifetime: refused as an expire_time would
+        // be, naming the field the caller set.
         let long = create("long", seconds(400 * 86_400), None).await;
-        assert_status(long, Code::InvalidArgument, "ERROR_REASON_TOKEN_LIFETIME");
+        let long = assert_status(long, Code::InvalidArgument, "ERROR_REASON_TOKEN_LIFETIME");
+        assert!(long.message().contains("lifetime: ttl:"), "{long:?}");
+        let huge = create("huge", seconds(i64::MAX), None).await;
+        let huge = assert_status(huge, Code::InvalidArgument, "ERROR_REASON_INVALID_ARGUMENT");
+        assert!(huge.message().contains("before the year 10000"), "{huge:?}");
     }
 }
 

@@ -541,6 +541,7 @@ impl Identity {
             account_id: account.id.clone(),
             scopes: Scopes::full(),
             expire_time: None,
+            expire_field: "expire_time",
             never_expires: true,
             max_uses: None,
         };

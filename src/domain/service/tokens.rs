@@ -29,6 +29,9 @@ pub struct TokenRequest {
     pub scopes: Scopes,
     /// When it stops working; `None` for the server's default lifetime.
     pub expire_time: Option<Timestamp>,
+    /// The request field `expire_time` came from (`expire_time`, or `ttl`),
+    /// for messages about it.
+    pub expire_field: &'static str,
     /// Ask for a token that never expires (robots, where allowed).
     pub never_expires: bool,
     /// Its use limit, if any.
@@ -103,6 +106,7 @@ impl Identity {
             &account,
             request.never_expires,
             request.expire_time,
+            request.expire_field,
             now,
         )?;
         policy::check_grant(
@@ -128,13 +132,14 @@ impl Identity {
         account: &Account,
         never_expires: bool,
         expire_time: Option<Timestamp>,
+        expire_field: &'static str,
         now: Timestamp,
     ) -> Result<Option<Timestamp>, DomainError> {
         let settings = &self.settings;
         match (never_expires, expire_time) {
             (true, Some(_)) => Err(DomainError::invalid(
                 "never_expires",
-                "cannot be combined with expire_time",
+                format!("cannot be combined with {expire_field}"),
             )),
             (true, None)
                 if account.kind == AccountKind::Robot
@@ -147,11 +152,11 @@ impl Identity {
                 "tokens without expiry are allowed only for robot accounts, and only where the server is configured to allow them",
             ))),
             (false, Some(expire)) if expire <= now => {
-                Err(DomainError::invalid("expire_time", "must be in the future"))
+                Err(DomainError::invalid(expire_field, "must be in the future"))
             }
             (false, Some(expire)) if expire > now.saturating_add(settings.token_max_ttl) => {
                 Err(DomainError::TokenLifetime(FieldViolation::new(
-                    "expire_time",
+                    expire_field,
                     format!(
                         "must be at most {} from now (the server's maximum token lifetime)",
                         describe(settings.token_max_ttl)
@@ -457,7 +462,14 @@ impl Identity {
             .account_by_id(&token.account_id)
             .await?
             .ok_or(DomainError::TokenNotFound)?;
-        let expire_time = self.lifetime(caller, &account, never_expires, expire_time, now)?;
+        let expire_time = self.lifetime(
+            caller,
+            &account,
+            never_expires,
+            expire_time,
+            "expire_time",
+            now,
+        )?;
         policy::check_grant(
             caller,
             &Grant::Token(TokenGrant {
