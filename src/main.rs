@@ -618,6 +618,20 @@ fn with_default_command(mut args: Vec<OsString>) -> Vec<OsString> {
             break;
         }
     }
+    // Settings before the command (`identity --log debug migrate`, as when
+    // every setting was global) move after it, where the command reads
+    // them (and refuses those it does not use).
+    let leading_flag = args
+        .get(i)
+        .is_some_and(|a| a.to_string_lossy().starts_with('-'));
+    if leading_flag
+        && let Some(at) = (i + 1..args.len()).find(|&j| {
+            let arg = args[j].to_string_lossy();
+            names.iter().any(|n| *n == arg)
+        })
+    {
+        args[i..=at].rotate_right(1);
+    }
     let first = args.get(i).map(|a| a.to_string_lossy().into_owned());
     let given = match first.as_deref() {
         Some("-h" | "--help" | "-V" | "--version") => true,

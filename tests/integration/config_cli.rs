@@ -428,6 +428,8 @@ async fn each_command_lists_only_the_settings_it_uses() {
     for args in [
         &["migrate", "--config", file][..],
         &["--config", file, "migrate"][..],
+        // Settings before the command are the command's.
+        &["--log", "info", "migrate", "--config", file][..],
         &["bootstrap-operator", "--username", "ops", "--config", file][..],
     ] {
         let finished = identity(dir.path(), args, &[]).await;
