@@ -131,13 +131,8 @@ impl App {
         let tls = check(&config, &crate::config::setting_name)?;
         // First, so that every metric handle made from here on is real.
         let metrics = bind_metrics(&config).await?;
-        let database_error = |source: StorageError| AppError::Database {
-            url: config.redacted_database_url(),
-            source,
-        };
-        let database = Database::connect(&config.database_url, &config.pool)
-            .await
-            .map_err(database_error)?;
+        let database_error = |source| database_error(&config, source);
+        let database = connect_database(&config).await?;
         let store = database.store();
         let readiness = Readiness::new();
         let prepared = match database.prepare(config.migrate).await {
@@ -505,13 +500,8 @@ async fn bind_metrics(config: &Config) -> Result<Option<(TcpListener, SocketAddr
 /// directory, or with a mistyped URL, must not quietly start a database
 /// of its own that the running server knows nothing about.
 pub async fn open_identity(config: &Config) -> Result<Identity, AppError> {
-    let database_error = |source: StorageError| AppError::Database {
-        url: config.redacted_database_url(),
-        source,
-    };
-    let database = Database::connect(&config.database_url, &config.pool)
-        .await
-        .map_err(database_error)?;
+    let database_error = |source| database_error(config, source);
+    let database = connect_database(config).await?;
     if !database.has_schema().await.map_err(database_error)? {
         return Err(AppError::NoSchema {
             url: config.redacted_database_url(),
@@ -731,4 +721,19 @@ async fn set_all(health: &HealthReporter, status: ServingStatus) {
             status,
         )
         .await;
+}
+
+/// A database failure, naming the database (redacted).
+fn database_error(config: &Config, source: StorageError) -> AppError {
+    AppError::Database {
+        url: config.redacted_database_url(),
+        source,
+    }
+}
+
+/// The configured database's pool, set up without connecting.
+async fn connect_database(config: &Config) -> Result<Database, AppError> {
+    Database::connect(&config.database_url, &config.pool)
+        .await
+        .map_err(|source| database_error(config, source))
 }

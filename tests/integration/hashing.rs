@@ -28,6 +28,27 @@ fn metric(text: &str, name: &str) -> f64 {
 
 const FLOOD: usize = 100;
 
+/// Creates the person `alice`, with a random password, which it returns.
+async fn create_alice(
+    accounts: &mut AccountsServiceClient<tonic::transport::Channel>,
+    operator: &str,
+) -> String {
+    let password = format!("right-{}-password", random_hex());
+    accounts
+        .create_account(bearer(
+            pb::CreateAccountRequest {
+                username: "alice".into(),
+                password: password.clone(),
+                kind: pb::AccountKind::Person as i32,
+                ..Default::default()
+            },
+            operator,
+        ))
+        .await
+        .expect("create alice");
+    password
+}
+
 async fn abandoned_sign_ins_are_skipped_and_delay_no_one(backend: Backend) {
     let db = TestDatabase::new(backend).await;
     let operator = printed_token(&bootstrap_operator(&db.url, "ops", &[]).await);
@@ -45,19 +66,7 @@ async fn abandoned_sign_ins_are_skipped_and_delay_no_one(backend: Backend) {
     .await;
     let metrics = server.metrics_addr.expect("metrics are on");
     let mut accounts = AccountsServiceClient::new(server.channel().await);
-    let password = format!("right-{}-password", random_hex());
-    accounts
-        .create_account(bearer(
-            pb::CreateAccountRequest {
-                username: "alice".into(),
-                password: password.clone(),
-                kind: pb::AccountKind::Person as i32,
-                ..Default::default()
-            },
-            &operator,
-        ))
-        .await
-        .expect("create alice");
+    let password = create_alice(&mut accounts, &operator).await;
     let before = scrape(metrics).await;
 
     // A hundred sign-ins at once, on twenty connections (five on each: one
@@ -194,19 +203,7 @@ async fn a_sign_in_refused_by_a_full_queue_is_not_counted(backend: Backend) {
     )
     .await;
     let mut accounts = AccountsServiceClient::new(server.channel().await);
-    let password = format!("right-{}-password", random_hex());
-    accounts
-        .create_account(bearer(
-            pb::CreateAccountRequest {
-                username: "alice".into(),
-                password: password.clone(),
-                kind: pb::AccountKind::Person as i32,
-                ..Default::default()
-            },
-            &operator,
-        ))
-        .await
-        .expect("create alice");
+    let password = create_alice(&mut accounts, &operator).await;
 
     // Wrong passwords for other usernames, forty at a time, until stopped:
     // more than the one thread and its queue of 32 hold.
