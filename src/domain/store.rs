@@ -404,9 +404,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Takes back an attempt whose password was never checked (the hashing
     /// queue refused it, or its call ended before a thread took it):
-    /// removes it from every counter of `claims`. A block its claim armed
-    /// stands.
-    async fn give_back_sign_in(&self, claims: &[ThrottleClaim]) -> Result<(), StorageError>;
+    /// removes it from every counter of `claims` whose current count it
+    /// was counted in (claimed at `claimed_at`, the `now` of its
+    /// [`Self::claim_sign_in`]): a count reset or restarted since began
+    /// after it and holds only later attempts, which stay counted. A block
+    /// its claim armed stands.
+    async fn give_back_sign_in(
+        &self,
+        claims: &[ThrottleClaim],
+        claimed_at: Timestamp,
+    ) -> Result<(), StorageError>;
 
     /// Clears the username key's counter (and with it any lock).
     async fn reset_sign_in_failures(&self, username_key: &str) -> Result<(), StorageError>;

@@ -80,6 +80,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "fleet views",
         include_str!("../../migrations/postgres/0009_fleet_views.sql"),
     ),
+    (
+        10,
+        "sign-in count start",
+        include_str!("../../migrations/postgres/0010_sign_in_count_since.sql"),
+    ),
 ];
 
 /// A [`super::Store`] on PostgreSQL.

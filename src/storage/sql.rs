@@ -486,13 +486,17 @@ macro_rules! throttle_delay {
 /// serialise on the row and each sees the others' counts. A count that arms
 /// no delay leaves `blocked_until` alone: setting it to "now" would refuse a
 /// concurrent attempt whose clock reading is a microsecond older. `$9`: the delay a
-/// first failure arms. Returns no row when refused.
+/// first failure arms. `count_since` says when the current count began:
+/// now for a new row or a forgotten count that restarts at one (see
+/// [`UNCOUNT_SIGN_IN`]). Returns no row when refused.
 pub(super) const CLAIM_SIGN_IN: &str = concat!(
     "INSERT INTO sign_in_throttle \
-     (scope, subject, failures, last_attempt, blocked_until, reported_until) \
-     VALUES ($1, $2, 1, $3, CASE WHEN $9 = 0 THEN 0 ELSE $3 + $9 END, 0) \
+     (scope, subject, failures, last_attempt, blocked_until, reported_until, count_since) \
+     VALUES ($1, $2, 1, $3, CASE WHEN $9 = 0 THEN 0 ELSE $3 + $9 END, 0, $3) \
      ON CONFLICT (scope, subject) DO UPDATE SET failures = ",
     throttle_next!(),
+    ", count_since = CASE WHEN sign_in_throttle.last_attempt < $8 THEN $3 \
+     ELSE sign_in_throttle.count_since END",
     ", last_attempt = $3, blocked_until = CASE WHEN ",
     throttle_delay!(),
     " = 0 THEN sign_in_throttle.blocked_until ELSE $3 + ",
@@ -509,8 +513,18 @@ pub(super) const REPORT_SIGN_IN_BLOCK: &str = "UPDATE sign_in_throttle \
     WHERE scope = $1 AND subject = $2 AND reported_until < blocked_until";
 pub(super) const RESET_SIGN_IN_ACCOUNT: &str =
     "DELETE FROM sign_in_throttle WHERE scope = 'account' AND subject = $1";
+/// Takes back one attempt claimed at `$3`, from the count it was counted in
+/// only: a count that began after the claim (the row was deleted by a reset
+/// and inserted again, or its count was forgotten and restarted at one)
+/// holds none of the claim's failure, and giving it back there would erase
+/// a later, checked guess. A later count's `count_since` is past `$3` by
+/// construction: it is the instant of a claim that followed the reset,
+/// itself after this claim (on one replica's clock; across replicas, up to
+/// their clock skew, which errs either way by at most the give-backs of
+/// claims made within that skew of a reset).
 pub(super) const UNCOUNT_SIGN_IN: &str = "UPDATE sign_in_throttle \
-    SET failures = failures - 1 WHERE scope = $1 AND subject = $2 AND failures > 0";
+    SET failures = failures - 1 \
+    WHERE scope = $1 AND subject = $2 AND failures > 0 AND count_since <= $3";
 pub(super) const UNCOUNT_SIGN_IN_ADDRESS: &str = "UPDATE sign_in_throttle \
     SET failures = failures - 1 WHERE scope = 'address' AND subject = $1 AND failures > 0";
 
@@ -1424,12 +1438,17 @@ macro_rules! impl_store {
                 tx.commit().await.map_err(Self::classify)
             }
 
-            async fn give_back_sign_in(&self, claims: &[ThrottleClaim]) -> Result<(), StorageError> {
+            async fn give_back_sign_in(
+                &self,
+                claims: &[ThrottleClaim],
+                claimed_at: Timestamp,
+            ) -> Result<(), StorageError> {
                 let mut tx = self.pool.begin().await.map_err(Self::classify)?;
                 for claim in claims {
                     sqlx::query(sql::UNCOUNT_SIGN_IN)
                         .bind(claim.scope.as_str())
                         .bind(claim.subject.as_str())
+                        .bind(claimed_at.as_micros())
                         .execute(&mut *tx)
                         .await
                         .map_err(Self::classify)?;

@@ -83,6 +83,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "fleet views",
         include_str!("../../migrations/sqlite/0008_fleet_views.sql"),
     ),
+    (
+        9,
+        "sign-in count start",
+        include_str!("../../migrations/sqlite/0009_sign_in_count_since.sql"),
+    ),
 ];
 
 /// A [`super::Store`] on SQLite.

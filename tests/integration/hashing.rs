@@ -309,3 +309,226 @@ mod a_sign_in_refused_by_a_full_queue_is_not_counted {
             .await;
     }
 }
+
+/// The address counter of the test's client, 127.0.0.1 (0 when it has none).
+async fn address_failures(url: &str) -> i64 {
+    use sqlx::Connection;
+    let query = "SELECT failures FROM sign_in_throttle WHERE scope = 'address' AND subject = $1";
+    let found: Option<i64> = if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("open");
+        sqlx::query_scalar(query)
+            .bind("127.0.0.1")
+            .fetch_optional(&mut conn)
+            .await
+            .expect("read the counter")
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+        sqlx::query_scalar(query)
+            .bind("127.0.0.1")
+            .fetch_optional(&mut conn)
+            .await
+            .expect("read the counter")
+    };
+    found.unwrap_or(0)
+}
+
+/// Stores `hash` as `username`'s password hash, behind the server's back.
+async fn store_password_hash(url: &str, username: &str, hash: &str) {
+    use sqlx::Connection;
+    let query = "UPDATE accounts SET password_hash = $1 WHERE username = $2";
+    let updated = if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("open");
+        sqlx::query(query)
+            .bind(hash)
+            .bind(username)
+            .execute(&mut conn)
+            .await
+            .expect("store the hash")
+            .rows_affected()
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+        sqlx::query(query)
+            .bind(hash)
+            .bind(username)
+            .execute(&mut conn)
+            .await
+            .expect("store the hash")
+            .rows_affected()
+    };
+    assert_eq!(updated, 1, "{username} has a row");
+}
+
+/// Polls `check` until it holds (at most a minute), saying `what` if not.
+async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A wrong sign-in for `username`, on a connection of its own, left running.
+fn wrong_sign_in(
+    accounts: &AccountsServiceClient<tonic::transport::Channel>,
+    username: &str,
+) -> tokio::task::JoinHandle<Result<(), tonic::Status>> {
+    let (mut accounts, username) = (accounts.clone(), username.to_owned());
+    tokio::spawn(async move {
+        let mut request = Request::new(pb::SignInRequest {
+            username,
+            password: "a wrong password, whatever".into(),
+        });
+        request.set_timeout(Duration::from_secs(600));
+        accounts.sign_in(request).await.map(drop)
+    })
+}
+
+/// A claim given back (its password never checked) undoes only its own
+/// count: claimed before an operator reset the username's counter, its
+/// give-back must not erase the wrong guesses counted since. Otherwise a
+/// guesser queues attempts behind a busy hashing queue, waits for the
+/// reset, guesses, and cancels the queued ones to uncount the guesses.
+///
+/// The interleaving is forced: the one hashing thread is held by a
+/// verification against a stored hash of thousands of passes (argon2 takes
+/// its cost from the stored hash), so every later job waits in the queue
+/// until its call is cancelled; each step waits for the gauges and the
+/// counters to say it happened.
+async fn a_give_back_spares_guesses_counted_after_a_reset(backend: Backend) {
+    const HELD: i64 = 5;
+    const GUESSES: i64 = 3;
+    let db = TestDatabase::new(backend).await;
+    let operator = printed_token(&bootstrap_operator(&db.url, "ops", &[]).await);
+    let server = Server::start(
+        &db.url,
+        &[
+            ("IDENTITY_HASH_CONCURRENCY", "1"),
+            ("IDENTITY_SIGN_IN_FREE_FAILURES", "100"),
+            ("IDENTITY_SIGN_IN_ADDRESS_FREE_FAILURES", "1000000"),
+            ("IDENTITY_SIGN_IN_ACCOUNT_PER_MINUTE", "1000000"),
+            ("IDENTITY_SIGN_IN_ADDRESS_PER_MINUTE", "1000000"),
+        ],
+    )
+    .await;
+    let metrics = server.metrics_addr.expect("metrics are on");
+    let gauge = |name: &'static str| async move { metric(&scrape(metrics).await, name) };
+    let mut accounts = AccountsServiceClient::new(server.channel().await);
+    let mut victim = None;
+    for username in ["hog", "pd"] {
+        let created = accounts
+            .create_account(bearer(
+                pb::CreateAccountRequest {
+                    username: username.into(),
+                    password: format!("right-{}-password", random_hex()),
+                    kind: pb::AccountKind::Person as i32,
+                    ..Default::default()
+                },
+                &operator,
+            ))
+            .await
+            .expect("create the account")
+            .into_inner();
+        victim = created.account.map(|a| a.account_id);
+    }
+    let victim = victim.expect("pd's account");
+    // Verifying any password against this hash takes far longer than the
+    // test: it holds the only hashing thread.
+    let slow = format!(
+        "$argon2id$v=19$m=19456,t=3000,p=1$c29tZXNhbHRzb21lc2FsdA${}",
+        "A".repeat(43)
+    );
+    store_password_hash(&db.url, "hog", &slow).await;
+    let hog = wrong_sign_in(&AccountsServiceClient::new(server.channel().await), "hog");
+    until("the hashing thread is busy", || async {
+        gauge("identity_password_hashes_running").await >= 1.0
+    })
+    .await;
+    let completed = gauge("identity_password_hashes_completed_total").await;
+
+    // Wrong sign-ins for pd, claimed (counted) and queued behind the hog.
+    let mut held = Vec::new();
+    for _ in 0..HELD {
+        let accounts = AccountsServiceClient::new(server.channel().await);
+        held.push(wrong_sign_in(&accounts, "pd"));
+    }
+    until("pd's sign-ins wait in the queue", || async {
+        gauge("identity_password_hashes_waiting").await >= HELD as f64
+    })
+    .await;
+    assert_eq!(account_failures(&db.url, "pd").await, HELD);
+
+    // The operator resets pd's counter.
+    accounts
+        .enable_account(bearer(
+            pb::EnableAccountRequest { account_id: victim },
+            &operator,
+        ))
+        .await
+        .expect("enable pd");
+    assert_eq!(account_failures(&db.url, "pd").await, 0);
+
+    // New guesses, counted after the reset (they queue too).
+    let mut guesses = Vec::new();
+    for _ in 0..GUESSES {
+        let accounts = AccountsServiceClient::new(server.channel().await);
+        guesses.push(wrong_sign_in(&accounts, "pd"));
+    }
+    until("the new guesses wait in the queue", || async {
+        gauge("identity_password_hashes_waiting").await >= (HELD + GUESSES) as f64
+    })
+    .await;
+    assert_eq!(account_failures(&db.url, "pd").await, GUESSES);
+
+    // The held sign-ins are cancelled before a thread took them: they give
+    // their claims back. Each give-back takes its attempt off the address
+    // counter too (whose count never restarted), in the same transaction:
+    // once it is down to the hog's and the new guesses', every give-back
+    // has committed.
+    for call in &held {
+        call.abort();
+    }
+    for call in held {
+        match call.await {
+            Err(aborted) if aborted.is_cancelled() => {}
+            other => panic!("a held sign-in ended with {other:?}"),
+        }
+    }
+    until("every held claim is given back", || async {
+        gauge("identity_sign_in_claims_given_back_total").await >= HELD as f64
+            && address_failures(&db.url).await == 1 + GUESSES
+    })
+    .await;
+    assert_eq!(
+        account_failures(&db.url, "pd").await,
+        GUESSES,
+        "the give-backs of claims made before the reset erased guesses counted after it"
+    );
+    // No sign-in of pd's was hashed: the hog's still runs.
+    assert_eq!(
+        gauge("identity_password_hashes_completed_total").await,
+        completed
+    );
+    for call in guesses.into_iter().chain([hog]) {
+        call.abort();
+    }
+    // Dropping the server kills it, hashing thread and all.
+    drop(server);
+}
+
+mod a_give_back_spares_guesses_counted_after_a_reset {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite() {
+        super::a_give_back_spares_guesses_counted_after_a_reset(crate::support::Backend::Sqlite)
+            .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres() {
+        super::a_give_back_spares_guesses_counted_after_a_reset(crate::support::Backend::Postgres)
+            .await;
+    }
+}

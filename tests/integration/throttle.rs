@@ -602,6 +602,87 @@ async fn concurrent_attempts_all_count_and_only_the_allowed_ones_pass(backend: B
 }
 on_both!(concurrent_attempts_all_count_and_only_the_allowed_ones_pass);
 
+/// The failures a counter holds (0 when it has no row), read behind the
+/// store's back.
+async fn stored_failures(url: &str, scope: &str, subject: &str) -> i64 {
+    use sqlx::Connection;
+    let query = "SELECT failures FROM sign_in_throttle WHERE scope = $1 AND subject = $2";
+    let found: Option<i64> = if url.starts_with("sqlite:") {
+        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("open");
+        sqlx::query_scalar(query)
+            .bind(scope)
+            .bind(subject)
+            .fetch_optional(&mut conn)
+            .await
+            .expect("read the counter")
+    } else {
+        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+        sqlx::query_scalar(query)
+            .bind(scope)
+            .bind(subject)
+            .fetch_optional(&mut conn)
+            .await
+            .expect("read the counter")
+    };
+    found.unwrap_or(0)
+}
+
+/// A claim given back undoes only the count it was counted in: not one an
+/// account reset started since, nor one the address's forgetting restarted
+/// at one. Within its own count, it is taken back.
+async fn a_give_back_undoes_only_its_own_count(backend: Backend) {
+    let db = TestDatabase::new(backend).await;
+    let store = db.store().await;
+    let settings = ThrottleSettings {
+        account_free_failures: 100,
+        address_free_failures: 100,
+        address_memory: Duration::from_secs(1),
+        ..ThrottleSettings::default()
+    };
+    let t0 = Timestamp::now();
+    let t1 = Timestamp::from_micros(t0.as_micros() + 5_000_000);
+    let (early, late) = (
+        settings.claims("mo", "10.0.0.7:1", t0),
+        settings.claims("mo", "10.0.0.7:1", t1),
+    );
+    let failures = |scope: &'static str, subject: &'static str| {
+        let url = db.url.clone();
+        async move { stored_failures(&url, scope, subject).await }
+    };
+    for _ in 0..2 {
+        assert_eq!(store.claim_sign_in(&early, t0).await.expect("claim"), None);
+    }
+    // Its own count: taken back from both counters.
+    store
+        .give_back_sign_in(&early, t0)
+        .await
+        .expect("give back");
+    assert_eq!(failures("account", "mo").await, 1);
+    assert_eq!(failures("address", "10.0.0.7").await, 1);
+    // The username's counter is reset and the address's forgotten (its
+    // last attempt is older than its memory): both restart at one.
+    store.reset_sign_in_failures("mo").await.expect("reset");
+    assert_eq!(store.claim_sign_in(&late, t1).await.expect("claim"), None);
+    assert_eq!(failures("account", "mo").await, 1);
+    assert_eq!(failures("address", "10.0.0.7").await, 1);
+    // The early claim's give-back finds neither of its counts.
+    store
+        .give_back_sign_in(&early, t0)
+        .await
+        .expect("give back");
+    assert_eq!(failures("account", "mo").await, 1, "the reset count stands");
+    assert_eq!(
+        failures("address", "10.0.0.7").await,
+        1,
+        "the restarted count stands"
+    );
+    // The late claim's own give-back still applies.
+    store.give_back_sign_in(&late, t1).await.expect("give back");
+    assert_eq!(failures("account", "mo").await, 0);
+    assert_eq!(failures("address", "10.0.0.7").await, 0);
+}
+on_both!(a_give_back_undoes_only_its_own_count);
+
 /// Applies the per-replica password-check rates (the harness otherwise
 /// sets them out of the way).
 fn rates(account_per_minute: u32, address_per_minute: u32) -> impl FnOnce(&mut Config) {

@@ -445,6 +445,7 @@ impl Identity {
                 attempt.resume();
                 return Ok(ClaimedCheck {
                     claims,
+                    claimed_at: now,
                     ticket: HashTicket::new(),
                     store: Arc::clone(&self.store),
                     _in_flight: attempt,
@@ -529,6 +530,9 @@ impl Identity {
 /// which happened, exactly once).
 struct ClaimedCheck {
     claims: [ThrottleClaim; 2],
+    /// When the claims were counted: a give-back undoes only a count that
+    /// began by then, never one a reset started since.
+    claimed_at: Timestamp,
     ticket: HashTicket,
     store: Arc<dyn crate::domain::store::Store>,
     _in_flight: InFlightAttempt,
@@ -545,9 +549,13 @@ impl Drop for ClaimedCheck {
             return;
         };
         metrics::counter!("identity_sign_in_claims_given_back_total").increment(1);
-        let (store, claims) = (Arc::clone(&self.store), self.claims.clone());
+        let (store, claims, at) = (
+            Arc::clone(&self.store),
+            self.claims.clone(),
+            self.claimed_at,
+        );
         runtime.spawn(async move {
-            if let Err(err) = store.give_back_sign_in(&claims).await {
+            if let Err(err) = store.give_back_sign_in(&claims, at).await {
                 tracing::warn!(error = %err, "could not give back an unchecked sign-in attempt");
             }
         });
