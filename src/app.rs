@@ -42,7 +42,7 @@ pub mod tls;
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     /// The listen address could not be bound.
-    #[error("cannot listen on {addr} (IDENTITY_LISTEN_ADDR): {source}")]
+    #[error("cannot serve gRPC on {addr} (IDENTITY_LISTEN_ADDR): {source}")]
     Bind {
         /// The address asked for.
         addr: SocketAddr,
@@ -461,10 +461,40 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 /// resolves and connects nothing. Returns the TLS loaded (`None` when off).
 pub fn check(config: &Config, name: &dyn Fn(&str) -> String) -> Result<Option<tls::Tls>, AppError> {
     config.check_tls_naming(name).map_err(AppError::Config)?;
-    let tls = tls::Tls::load(config)?;
+    config
+        .check_listeners_naming(name)
+        .map_err(AppError::Config)?;
+    let tls = tls::Tls::load(config).map_err(|err| tls_error(&err, name))?;
     crate::config::parse_database_url(&config.database_url)
         .map_err(|why| AppError::Config(format!("{}: {why}", name("database_url"))))?;
     Ok(tls)
+}
+
+/// A TLS loading error as a message naming the file's setting by
+/// `name(id)` (the variable, the flag or the file's key that gave it).
+fn tls_error(err: &tls::TlsError, name: &dyn Fn(&str) -> String) -> AppError {
+    let id = |setting: &str| match setting {
+        "IDENTITY_TLS_KEY" => "tls_key",
+        "IDENTITY_TLS_CLIENT_CA" => "tls_client_ca",
+        _ => "tls_cert",
+    };
+    AppError::Config(match err {
+        tls::TlsError::Read {
+            setting,
+            path,
+            source,
+        } => format!("TLS: {} ({}): {source}", name(id(setting)), path.display()),
+        tls::TlsError::Invalid {
+            setting,
+            path,
+            problem,
+        } => format!("TLS: {} ({}): {problem}", name(id(setting)), path.display()),
+        tls::TlsError::Certificate(source) => format!(
+            "TLS: {} and {}: {source}",
+            name("tls_cert"),
+            name("tls_key")
+        ),
+    })
 }
 
 /// Opens the configured store, migrating it if configured to.

@@ -172,6 +172,14 @@ impl ListenAddress {
     pub fn parse(raw: &str) -> Result<Self, String> {
         const EXPECTED: &str =
             "expected host:port, such as 127.0.0.1:50051, [::1]:50051 or localhost:50051";
+        // `SocketAddr` would parse `[fe80::1%1]` and the address alone be
+        // kept, binding another interface's address than the one meant.
+        if raw.contains('%') {
+            return Err(
+                "IPv6 zone ids (`%` after the address) are not supported: use an address without one, such as [::1]:50051 or [::]:50051"
+                    .to_owned(),
+            );
+        }
         if let Ok(addr) = raw.parse::<SocketAddr>() {
             return Ok(Self {
                 host: addr.ip().to_string(),
@@ -323,6 +331,30 @@ impl Config {
         Ok(())
     }
 
+    /// Checks that no two listeners (gRPC, metrics, plaintext health) would
+    /// take the same port: a message naming both settings by `name(id)`.
+    pub fn check_listeners_naming(&self, name: &dyn Fn(&str) -> String) -> Result<(), String> {
+        let listeners = [
+            ("listen_addr", Some(self.listen_addr)),
+            ("metrics_addr", self.metrics_addr),
+            ("health_listen_addr", self.health_listen_addr),
+        ];
+        for (i, (first, a)) in listeners.iter().enumerate() {
+            for (second, b) in &listeners[i + 1..] {
+                if let (Some(a), Some(b)) = (a, b)
+                    && listeners_collide(*a, *b)
+                {
+                    return Err(format!(
+                        "{} and {} would listen on the same port: give each its own",
+                        name(first),
+                        name(second)
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The database URL with any password replaced, for logs.
     pub fn redacted_database_url(&self) -> String {
         redact_url(&self.database_url)
@@ -333,6 +365,21 @@ impl Config {
     pub fn redact_database_secrets(&self, text: &str) -> String {
         redact_url_secrets(text, &self.database_url)
     }
+}
+
+/// Whether two listen addresses (resolved) cannot both be bound: the same
+/// port, not 0 (any free port), and addresses that overlap: equal, or
+/// either the unspecified address of the other's family. `[::]` overlaps
+/// every IPv4 address too, since an IPv6 socket bound to it also accepts
+/// IPv4 (the default on Linux).
+pub fn listeners_collide(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() == 0 || a.port() != b.port() {
+        return false;
+    }
+    let (a, b) = (a.ip(), b.ip());
+    a == b
+        || (a.is_unspecified() && (a.is_ipv6() || a.is_ipv4() == b.is_ipv4()))
+        || (b.is_unspecified() && (b.is_ipv6() || a.is_ipv4() == b.is_ipv4()))
 }
 
 /// One argon2 hash per core but one: hashing is CPU-bound, and a flood of
@@ -366,7 +413,54 @@ pub fn parse_database_url(raw: &str) -> Result<String, String> {
         }
         redact_url_secrets(&format!("cannot be used: {why}"), raw)
     })?;
+    check_url_files(raw)?;
     Ok(raw.to_owned())
+}
+
+/// The query parameters of a PostgreSQL URL that name files the driver
+/// reads when it connects.
+const FILE_URL_PARAMETERS: &[&str] = &["sslrootcert", "sslcert", "sslkey"];
+
+/// Checks that every file a PostgreSQL URL names (`sslrootcert`,
+/// `sslcert`, `sslkey`) can be opened for reading; their contents are left
+/// to the driver. The message names the parameter, never the URL.
+fn check_url_files(raw: &str) -> Result<(), String> {
+    if raw.starts_with("sqlite:") {
+        return Ok(());
+    }
+    let before_fragment = raw.split('#').next().unwrap_or(raw);
+    let query = before_fragment.split_once('?').map_or("", |(_, q)| q);
+    for pair in query.split('&') {
+        let Some((key, value)) = pair.split_once('=') else {
+            continue;
+        };
+        let key = percent_decode(key).to_ascii_lowercase();
+        if !FILE_URL_PARAMETERS.contains(&key.as_str()) {
+            continue;
+        }
+        let path = percent_decode(&value.replace('+', " "));
+        // libpq's `sslrootcert=system`: the system's trust store.
+        if key == "sslrootcert" && path == "system" {
+            continue;
+        }
+        if let Err(err) = std::fs::File::open(&path) {
+            return Err(format!(
+                "the file named by the URL's {key} parameter cannot be read: {}",
+                io_reason(&err)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An I/O error's reason without any path (the standard library's message
+/// holds none, but its `Display` adds the OS error code).
+fn io_reason(err: &std::io::Error) -> String {
+    match err.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_owned(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_owned(),
+        _ => err.kind().to_string(),
+    }
 }
 
 /// Parses a retention: a positive duration (see [`parse_duration`]), or
@@ -559,6 +653,31 @@ mod tests {
         for bad in ["", "12", "h", "1.5h", "-1s", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn listeners_collide_on_one_port_and_overlapping_addresses() {
+        let at = |raw: &str| raw.parse::<SocketAddr>().expect("address");
+        for (a, b) in [
+            ("127.0.0.1:5", "127.0.0.1:5"),
+            ("0.0.0.0:5", "127.0.0.1:5"),
+            ("127.0.0.1:5", "0.0.0.0:5"),
+            ("[::]:5", "[::1]:5"),
+            ("[::]:5", "127.0.0.1:5"),
+        ] {
+            assert!(listeners_collide(at(a), at(b)), "{a} {b}");
+        }
+        for (a, b) in [
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            ("127.0.0.1:5", "127.0.0.1:6"),
+            ("127.0.0.1:5", "127.0.0.2:5"),
+            ("[::1]:5", "127.0.0.1:5"),
+            ("0.0.0.0:5", "[::1]:5"),
+        ] {
+            assert!(!listeners_collide(at(a), at(b)), "{a} {b}");
+        }
+        assert!(ListenAddress::parse("[fe80::1%1]:50077").is_err());
+        assert!(ListenAddress::parse("[fe80::1%eth0]:50077").is_err());
     }
 
     #[test]

@@ -297,7 +297,7 @@ struct ServeSettings {
     verify_auth: VerifyAuth,
     /// Client certificate names (DNS or URI SANs, comma-separated) allowed
     /// to call VerifyToken when --verify-auth is client or client-and-scope.
-    #[arg(long, env = "IDENTITY_VERIFY_CLIENTS", default_value = "", value_parser = VerifyClients::parse)]
+    #[arg(long, env = "IDENTITY_VERIFY_CLIENTS", default_value = "", value_parser = parse_verify_clients)]
     verify_clients: VerifyClients,
     /// Address to serve Prometheus metrics on (HTTP, /metrics), or off;
     /// the host an IP address or a name.
@@ -359,6 +359,21 @@ fn parse_metrics_addr(raw: &str) -> Result<MetricsAddr, String> {
             .map(|addr| MetricsAddr(Some(addr)))
             .map_err(|why| format!("{why}; or off")),
     }
+}
+
+/// `--verify-clients`: [`VerifyClients::parse`], its refusal naming the bad
+/// entry by its position (1 for the first, counting every comma) rather
+/// than repeating it.
+fn parse_verify_clients(raw: &str) -> Result<VerifyClients, String> {
+    for (i, entry) in raw.split(',').enumerate() {
+        if VerifyClients::parse(entry).is_err() {
+            return Err(format!(
+                "entry {} must be a client name of printable ASCII without spaces",
+                i + 1
+            ));
+        }
+    }
+    VerifyClients::parse(raw).map_err(|_| "the list cannot be used".to_owned())
 }
 
 /// How a message names a setting: by where its value came from (see
@@ -594,7 +609,7 @@ fn checked(
     };
     // Every command logs as configured, not only `serve`.
     config.log_format = logging.log_format;
-    app::check(&config, origin).map_err(|err| describe(&err, &config))?;
+    app::check(&config, origin).map_err(|err| describe(&err, &config, origin))?;
     let filter = logging.filter(origin)?;
     Ok((job, config, filter, threads))
 }
@@ -711,7 +726,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            let message = describe(&err, &redactor);
+            let message = describe(&err, &redactor, &origin);
             tracing::error!(error = %message, "exiting");
             eprintln!("error: {message}");
             ExitCode::FAILURE
@@ -723,8 +738,27 @@ fn main() -> ExitCode {
 /// certificate"), every secret of the database URL redacted. sqlx's errors
 /// carry neither the URL nor its password, but the message is redacted all
 /// the same, so that no driver's wording can leak one.
-fn describe(err: &app::AppError, config: &Config) -> String {
+fn describe(err: &app::AppError, config: &Config, origin: &Origin<'_>) -> String {
     let mut message = err.to_string();
+    // The variants that name their setting by its variable: by where its
+    // value came from instead, when that was not the default.
+    let setting = match err {
+        app::AppError::Bind { .. } => Some(("listen_addr", "IDENTITY_LISTEN_ADDR")),
+        app::AppError::HealthBind { .. } => {
+            Some(("health_listen_addr", "IDENTITY_HEALTH_LISTEN_ADDR"))
+        }
+        app::AppError::MetricsBind { .. } => Some(("metrics_addr", "IDENTITY_METRICS_ADDR")),
+        app::AppError::Database { .. } | app::AppError::NoSchema { .. } => {
+            Some(("database_url", "DATABASE_URL"))
+        }
+        _ => None,
+    };
+    if let Some((id, env)) = setting {
+        let named = origin(id);
+        if named != config::setting_name(id) {
+            message = message.replacen(&format!("({env})"), &format!("({named})"), 1);
+        }
+    }
     let mut cause = std::error::Error::source(err);
     while let Some(inner) = cause {
         let text = inner.to_string();

@@ -298,6 +298,12 @@ fn setting_error(
         };
     }
     let Some(ContextValue::String(shown)) = err.get(ContextKind::InvalidArg) else {
+        // clap does not say which value is not UTF-8: find it.
+        if err.kind() == ErrorKind::InvalidUtf8
+            && let Some(name) = non_utf8_setting(command, args)
+        {
+            return LayerError::Setting(format!("{name}: the value is not valid UTF-8"));
+        }
         return LayerError::Clap(err);
     };
     // "--cache-ttl <CACHE_TTL>"
@@ -332,6 +338,38 @@ fn setting_error(
     LayerError::Setting(format!("{name}: {reason}"))
 }
 
+/// Where a value that is not UTF-8 was given: the flag (`--long VALUE` or
+/// `--long=VALUE`) of `args`, else the environment variable of a setting
+/// of `command` (or a subcommand).
+fn non_utf8_setting(command: &Command, args: &[OsString]) -> Option<String> {
+    for (i, arg) in args.iter().enumerate().skip(1) {
+        if arg.to_str().is_some() {
+            continue;
+        }
+        let bytes = arg.as_encoded_bytes();
+        if bytes.starts_with(b"--")
+            && let Some(eq) = bytes.iter().position(|&b| b == b'=')
+        {
+            return Some(String::from_utf8_lossy(&bytes[..eq]).into_owned());
+        }
+        if let Some(flag) = args.get(i - 1).and_then(|a| a.to_str())
+            && flag.starts_with("--")
+        {
+            return Some(flag.to_owned());
+        }
+        return Some("an argument".to_owned());
+    }
+    fn from_env(command: &Command) -> Option<String> {
+        command
+            .get_arguments()
+            .filter_map(clap::Arg::get_env)
+            .find(|env| std::env::var_os(env).is_some_and(|v| v.to_str().is_none()))
+            .map(|env| env.to_string_lossy().into_owned())
+            .or_else(|| command.get_subcommands().find_map(from_env))
+    }
+    from_env(command)
+}
+
 /// The argument whose flag is `--long`, in `command` or a subcommand.
 fn find_arg<'a>(command: &'a Command, long: &str) -> Option<&'a clap::Arg> {
     command
@@ -355,7 +393,14 @@ fn reason(err: &clap::Error) -> String {
         return "the value is not valid UTF-8".to_owned();
     }
     if let Some(ContextValue::Strings(allowed)) = err.get(ContextKind::ValidValue) {
+        // clap's path parser refuses an empty value with no list at all.
+        if allowed.is_empty() || value.is_empty() {
+            return "must not be empty".to_owned();
+        }
         return format!("expected one of {}", allowed.join(", "));
+    }
+    if value.is_empty() && err.kind() == ErrorKind::InvalidValue {
+        return "must not be empty".to_owned();
     }
     let Some(source) = std::error::Error::source(err) else {
         return "the value cannot be used".to_owned();

@@ -2,6 +2,7 @@
 //! `config check` refuses exactly what `serve` refuses, with the same
 //! message; a bad value is reported by where it came from (variable, flag
 //! or file key) and never repeated; listen addresses may be host names;
+//! empty, non-UTF-8 and listed values are named without being repeated;
 //! each command's `--help` lists only what it uses; and the commands that
 //! act on the database say which one (redacted), `bootstrap-operator`
 //! refusing one nobody migrated without creating anything.
@@ -50,6 +51,17 @@ async fn config_check_refuses_what_serve_refuses_with_the_same_message() {
     let notaport = format!("postgres://app:{password}@127.0.0.1:notaport/identity");
     let bogus_sslmode = format!("postgres://app:{password}@127.0.0.1/identity?sslmode=bogus");
     let mysql = format!("mysql://app:{password}@127.0.0.1/identity");
+    let db_files: Vec<(&str, String)> = ["sslrootcert", "sslcert", "sslkey"]
+        .into_iter()
+        .map(|parameter| {
+            (
+                parameter,
+                format!(
+                    "postgres://app:{password}@127.0.0.1/identity?sslmode=verify-full&{parameter}=/nonexistent/{parameter}.pem"
+                ),
+            )
+        })
+        .collect();
     let missing = [
         ("IDENTITY_TLS_CERT", "/nonexistent/tls.crt"),
         ("IDENTITY_TLS_KEY", "/nonexistent/tls.key"),
@@ -101,6 +113,54 @@ async fn config_check_refuses_what_serve_refuses_with_the_same_message() {
         ),
         ("an unknown sslmode", vec![("DATABASE_URL", &bogus_sslmode)]),
         ("an unsupported database", vec![("DATABASE_URL", &mysql)]),
+        (
+            "a database root certificate that does not exist",
+            vec![("DATABASE_URL", &db_files[0].1)],
+        ),
+        (
+            "a database client certificate that does not exist",
+            vec![("DATABASE_URL", &db_files[1].1)],
+        ),
+        (
+            "a database client key that does not exist",
+            vec![("DATABASE_URL", &db_files[2].1)],
+        ),
+        (
+            "metrics on the gRPC address",
+            vec![
+                ("IDENTITY_LISTEN_ADDR", "127.0.0.1:50095"),
+                ("IDENTITY_METRICS_ADDR", "127.0.0.1:50095"),
+            ],
+        ),
+        (
+            "health on the gRPC address",
+            vec![
+                ("IDENTITY_LISTEN_ADDR", "127.0.0.1:50095"),
+                ("IDENTITY_HEALTH_LISTEN_ADDR", "127.0.0.1:50095"),
+            ],
+        ),
+        (
+            "health on a port gRPC takes on every interface",
+            vec![
+                ("IDENTITY_LISTEN_ADDR", "0.0.0.0:50095"),
+                ("IDENTITY_HEALTH_LISTEN_ADDR", "127.0.0.1:50095"),
+            ],
+        ),
+        (
+            "metrics on the address localhost resolves to",
+            vec![
+                ("IDENTITY_LISTEN_ADDR", "localhost:50095"),
+                ("IDENTITY_METRICS_ADDR", "127.0.0.1:50095"),
+            ],
+        ),
+        (
+            "an IPv6 zone id",
+            vec![("IDENTITY_LISTEN_ADDR", "[fe80::1%1]:50077")],
+        ),
+        (
+            "an empty TLS certificate path",
+            vec![("IDENTITY_TLS_CERT", "")],
+        ),
         (
             "a default token lifetime beyond the longest",
             vec![("IDENTITY_TOKEN_DEFAULT_TTL", "400d")],
@@ -189,6 +249,19 @@ async fn config_check_refuses_what_serve_refuses_with_the_same_message() {
             failures.push(format!(
                 "{what}: config check says {checked:?}, serve says {served:?}"
             ));
+        }
+        // A rule between settings names each of them.
+        for (name, _) in env.iter().filter(|(_, value)| !value.is_empty()) {
+            if what.contains(" on ") && !checked.concat().contains(name) {
+                failures.push(format!("{what}: does not name {name}: {checked:?}"));
+            }
+        }
+    }
+    for (parameter, url) in &db_files {
+        let checked = identity(dir.path(), &["config", "check"], &[("DATABASE_URL", url)]).await;
+        let errors = error_lines(&checked).concat();
+        if !errors.contains(parameter) || !errors.contains("DATABASE_URL") {
+            failures.push(format!("{parameter}: not named: {errors}"));
         }
     }
     // Nothing was created in the working directory's place of the database.
@@ -318,6 +391,191 @@ async fn a_bad_value_is_named_by_where_it_came_from_and_never_repeated() {
             }
         }
     }
+    assert!(
+        failures.is_empty(),
+        "{} message(s) wrong:\n\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+}
+
+/// Values a listed check cannot hold: an empty path, a value that is not
+/// UTF-8, a list with one bad entry, a TLS file and a listener given by
+/// flag or file. Each is named by where it was given, the list's entry by
+/// its position, and no value is repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_non_utf8_and_listed_values_are_named_where_they_were_given() {
+    use std::{ffi::OsStr, os::unix::ffi::OsStrExt as _};
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write the config file");
+        path.to_str().expect("UTF-8 path").to_owned()
+    };
+    let empty_cert = file("empty-cert.toml", "tls_cert = \"\"\n");
+    let missing_tls = file(
+        "missing-tls.toml",
+        "tls_cert = \"/nonexistent/7q.crt\"\ntls_key = \"/nonexistent/7q.key\"\n",
+    );
+    let missing_tls_file = format!("`tls_cert` in config file {missing_tls}");
+    // (what, environment, flags, what the message must name, what it
+    // must not contain)
+    let cases: Vec<Way<'_>> = vec![
+        (
+            "an empty certificate variable",
+            vec![("IDENTITY_TLS_CERT", "")],
+            vec![],
+            "IDENTITY_TLS_CERT: must not be empty",
+            vec!["expected one of"],
+        ),
+        (
+            "an empty key variable",
+            vec![("IDENTITY_TLS_KEY", "")],
+            vec![],
+            "IDENTITY_TLS_KEY: must not be empty",
+            vec!["expected one of"],
+        ),
+        (
+            "an empty client CA variable",
+            vec![("IDENTITY_TLS_CLIENT_CA", "")],
+            vec![],
+            "IDENTITY_TLS_CLIENT_CA: must not be empty",
+            vec!["expected one of"],
+        ),
+        (
+            "an empty config variable",
+            vec![("IDENTITY_CONFIG", "")],
+            vec![],
+            "IDENTITY_CONFIG: must not be empty",
+            vec!["expected one of"],
+        ),
+        (
+            "an empty certificate flag",
+            vec![],
+            vec!["--tls-cert", ""],
+            "--tls-cert: must not be empty",
+            vec!["expected one of"],
+        ),
+        (
+            "an empty config flag",
+            vec![],
+            vec!["--config", ""],
+            "--config: must not be empty",
+            vec!["expected one of"],
+        ),
+        (
+            "an empty certificate in the file",
+            vec![],
+            vec!["--config", &empty_cert],
+            "setting `tls_cert`: must not be empty",
+            vec!["expected one of"],
+        ),
+        (
+            "a bad entry in the client names",
+            vec![("IDENTITY_VERIFY_CLIENTS", "good.example,bad entry 7q")],
+            vec![],
+            "IDENTITY_VERIFY_CLIENTS: entry 2",
+            vec!["bad entry", "7q"],
+        ),
+        (
+            "TLS files given by flag",
+            vec![],
+            vec![
+                "--tls-cert",
+                "/nonexistent/7q.crt",
+                "--tls-key",
+                "/nonexistent/7q.key",
+            ],
+            "TLS: --tls-cert (",
+            vec!["IDENTITY_TLS_CERT"],
+        ),
+        (
+            "TLS files given by the file",
+            vec![],
+            vec!["--config", &missing_tls],
+            &missing_tls_file,
+            vec!["IDENTITY_TLS_CERT"],
+        ),
+        (
+            "listeners sharing a port, by flag",
+            vec![],
+            vec![
+                "--listen-addr",
+                "127.0.0.1:50095",
+                "--metrics-addr",
+                "127.0.0.1:50095",
+            ],
+            "--listen-addr and --metrics-addr would listen on the same port",
+            vec!["IDENTITY_"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, env, flags, named, unnamed) in &cases {
+        for command_name in ["config check", "serve"] {
+            let mut args: Vec<&str> = command_name.split(' ').collect();
+            args.extend(flags.iter().copied());
+            let finished = identity(dir.path(), &args, env).await;
+            let errors = error_lines(&finished).join("\n");
+            if finished.status.success() || !errors.contains(named) {
+                failures.push(format!(
+                    "{what} ({command_name}): does not say {named:?}:\n{}",
+                    finished.stderr
+                ));
+            }
+            for other in unnamed {
+                if errors.contains(other) {
+                    failures.push(format!("{what} ({command_name}): says {other:?}: {errors}"));
+                }
+            }
+        }
+    }
+
+    // A value that is not UTF-8, by variable and by flag.
+    let not_utf8 = OsStr::from_bytes(b"\xff7q");
+    let mut by_env = crate::binary::identity_command(&format!(
+        "sqlite:{}",
+        dir.path().join("identity.db").display()
+    ));
+    by_env
+        .env("IDENTITY_LISTEN_ADDR", "127.0.0.1:0")
+        .env("IDENTITY_CACHE_TTL", not_utf8)
+        .args(["config", "check"]);
+    let mut by_flag = crate::binary::identity_command(&format!(
+        "sqlite:{}",
+        dir.path().join("identity.db").display()
+    ));
+    by_flag.env("IDENTITY_LISTEN_ADDR", "127.0.0.1:0").args([
+        OsStr::new("config"),
+        OsStr::new("check"),
+        OsStr::new("--cache-ttl"),
+        not_utf8,
+    ]);
+    for (named, command) in [("IDENTITY_CACHE_TTL", by_env), ("--cache-ttl", by_flag)] {
+        let finished = run(command).await;
+        let errors = error_lines(&finished).join("\n");
+        let expected = format!("{named}: the value is not valid UTF-8");
+        if finished.status.success() || !errors.contains(&expected) {
+            failures.push(format!(
+                "not UTF-8 by {named}: does not say {expected:?}:\n{}",
+                finished.stderr
+            ));
+        }
+    }
+
+    // A listener that cannot be bound is named by where it was given.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a port");
+    let taken_addr = taken.local_addr().expect("local address").to_string();
+    let served = identity(dir.path(), &["serve", "--listen-addr", &taken_addr], &[]).await;
+    let errors = error_lines(&served).join("\n");
+    let expected = format!("cannot serve gRPC on {taken_addr} (--listen-addr)");
+    if served.status.success() || !errors.contains(&expected) {
+        failures.push(format!(
+            "a taken port: does not say {expected:?}:\n{}",
+            served.stderr
+        ));
+    }
+    drop(taken);
     assert!(
         failures.is_empty(),
         "{} message(s) wrong:\n\n{}",
