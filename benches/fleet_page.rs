@@ -46,6 +46,14 @@ fn summary(mut samples: Vec<Duration>) -> (f64, f64) {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Error> {
+    // `cargo test --all-targets` runs this too, with nothing set up: only
+    // `benches/fleet_page.sh`, which sets BENCH_TARGET, asks for a run.
+    if std::env::var_os("BENCH_TARGET").is_none() {
+        eprintln!(
+            "fleet_page: nothing to do (BENCH_TARGET unset); run `bash benches/fleet_page.sh`"
+        );
+        return Ok(());
+    }
     let target = env("BENCH_TARGET")?;
     let ops = env("BENCH_OPERATOR_TOKEN")?;
     let account = env("BENCH_ACCOUNT")?;
