@@ -165,24 +165,7 @@ mod abandoned_sign_ins_are_skipped_and_delay_no_one {
 
 /// The username counter of `username_key` (0 when it has none).
 async fn account_failures(url: &str, username_key: &str) -> i64 {
-    use sqlx::Connection;
-    let query = "SELECT failures FROM sign_in_throttle WHERE scope = 'account' AND subject = $1";
-    let found: Option<i64> = if url.starts_with("sqlite:") {
-        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("open");
-        sqlx::query_scalar(query)
-            .bind(username_key)
-            .fetch_optional(&mut conn)
-            .await
-            .expect("read the counter")
-    } else {
-        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
-        sqlx::query_scalar(query)
-            .bind(username_key)
-            .fetch_optional(&mut conn)
-            .await
-            .expect("read the counter")
-    };
-    found.unwrap_or(0)
+    crate::throttle::stored_failures(url, "account", username_key).await
 }
 
 /// A sign-in whose password was never checked, because a flood filled the
@@ -312,24 +295,7 @@ mod a_sign_in_refused_by_a_full_queue_is_not_counted {
 
 /// The address counter of the test's client, 127.0.0.1 (0 when it has none).
 async fn address_failures(url: &str) -> i64 {
-    use sqlx::Connection;
-    let query = "SELECT failures FROM sign_in_throttle WHERE scope = 'address' AND subject = $1";
-    let found: Option<i64> = if url.starts_with("sqlite:") {
-        let mut conn = sqlx::SqliteConnection::connect(url).await.expect("open");
-        sqlx::query_scalar(query)
-            .bind("127.0.0.1")
-            .fetch_optional(&mut conn)
-            .await
-            .expect("read the counter")
-    } else {
-        let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
-        sqlx::query_scalar(query)
-            .bind("127.0.0.1")
-            .fetch_optional(&mut conn)
-            .await
-            .expect("read the counter")
-    };
-    found.unwrap_or(0)
+    crate::throttle::stored_failures(url, "address", "127.0.0.1").await
 }
 
 /// Stores `hash` as `username`'s password hash, behind the server's back.

@@ -604,7 +604,7 @@ on_both!(concurrent_attempts_all_count_and_only_the_allowed_ones_pass);
 
 /// The failures a counter holds (0 when it has no row), read behind the
 /// store's back.
-async fn stored_failures(url: &str, scope: &str, subject: &str) -> i64 {
+pub(crate) async fn stored_failures(url: &str, scope: &str, subject: &str) -> i64 {
     use sqlx::Connection;
     let query = "SELECT failures FROM sign_in_throttle WHERE scope = $1 AND subject = $2";
     let found: Option<i64> = if url.starts_with("sqlite:") {
