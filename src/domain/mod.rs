@@ -16,6 +16,7 @@ pub mod page;
 pub mod password;
 pub mod policy;
 pub mod rate;
+pub mod resource;
 pub mod retention;
 pub mod scope;
 pub mod service;
