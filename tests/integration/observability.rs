@@ -14,8 +14,8 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::{Code, Request, metadata::MetadataValue};
 
 use crate::{
-    binary::{Secrets, Server, bootstrap_operator, printed_token, random_hex},
     both_backends,
+    support::binary::{Secrets, Server, bootstrap_operator, printed_token, random_hex},
     support::{Backend, PASSWORD, TestApp, TestDatabase, bearer, pb},
 };
 
@@ -803,7 +803,7 @@ async fn the_build_and_the_process_are_in_the_log_and_the_metrics() {
     let serving = finished
         .stderr
         .lines()
-        .map(crate::binary::strip_ansi)
+        .map(crate::support::binary::strip_ansi)
         .find(|line| line.contains(" serving "))
         .expect("a serving line");
     let field = |name: &str| {

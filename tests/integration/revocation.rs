@@ -14,7 +14,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::binary::Server;
+use crate::support::binary::Server;
 use crate::support::{TestApp, TestDatabase, bearer, pb, plaintext, postgres};
 
 /// libfaketime, as Debian's `faketime` package installs it.

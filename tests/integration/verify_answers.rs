@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::Code;
 
 use crate::{
-    binary::{Secrets, Server, bootstrap_operator, printed_token},
     both_backends,
     observability::scrape,
+    support::binary::{Secrets, Server, bootstrap_operator, printed_token},
     support::{Backend, TestApp, TestDatabase, assert_status, bearer, pb},
 };
 
@@ -280,7 +280,7 @@ async fn the_verifier_credential_expiry_is_exported_and_warned_about_on(backend:
         .create_account(bearer(
             pb::CreateAccountRequest {
                 username: "mallory".into(),
-                password: format!("mallory-{}-password", crate::binary::random_hex()),
+                password: format!("mallory-{}-password", crate::support::binary::random_hex()),
                 kind: pb::AccountKind::Person as i32,
                 ..Default::default()
             },
