@@ -14,8 +14,8 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use crate::{
     support::Backend,
     support::binary::{
-        Finished, Server, identity_command, random_hex, run, sqlite_file, strip_ansi,
-        with_database_password,
+        Finished, Server, identity_command, random_hex, run, serving_field, sqlite_file,
+        strip_ansi, with_database_password,
     },
 };
 
@@ -609,14 +609,10 @@ async fn listen_addresses_may_be_host_names() {
     drop(health);
     let finished = server.terminate().await;
     assert!(finished.status.success(), "{}", finished.stderr);
-    let health_addr = strip_ansi(&finished.stderr)
+    let health_addr = finished
+        .stderr
         .lines()
-        .find(|line| line.contains(" serving "))
-        .and_then(|line| {
-            line.split_whitespace()
-                .find_map(|word| word.strip_prefix("health_addr="))
-                .map(str::to_owned)
-        })
+        .find_map(|line| serving_field(line, "health_addr"))
         .expect("the serving line names the health address");
     let health_addr: std::net::SocketAddr = health_addr.parse().expect("an address");
     assert!(health_addr.ip().is_loopback(), "{health_addr}");

@@ -15,7 +15,9 @@ use tonic::{Code, Request, metadata::MetadataValue};
 
 use crate::{
     both_backends,
-    support::binary::{Secrets, Server, bootstrap_operator, printed_token, random_hex},
+    support::binary::{
+        Secrets, Server, bootstrap_operator, printed_token, random_hex, serving_field, strip_ansi,
+    },
     support::{Backend, PASSWORD, TestApp, TestDatabase, bearer, pb},
 };
 
@@ -803,14 +805,11 @@ async fn the_build_and_the_process_are_in_the_log_and_the_metrics() {
     let serving = finished
         .stderr
         .lines()
-        .map(crate::support::binary::strip_ansi)
-        .find(|line| line.contains(" serving "))
+        .find(|line| serving_field(line, "addr").is_some())
+        .map(strip_ansi)
         .expect("a serving line");
     let field = |name: &str| {
-        serving
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")).map(str::to_owned))
-            .unwrap_or_else(|| panic!("no {name} in {serving}"))
+        serving_field(&serving, name).unwrap_or_else(|| panic!("no {name} in {serving}"))
     };
     assert_eq!(field("version"), env!("CARGO_PKG_VERSION"));
     let commit = field("commit");
