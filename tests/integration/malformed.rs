@@ -95,68 +95,6 @@ async fn snapshot(app: &TestApp) -> Snapshot {
     }
 }
 
-/// Runs `call` (a future not yet started) and asserts that it changed
-/// nothing stored.
-async fn unchanged<T>(app: &TestApp, label: &str, call: impl Future<Output = T>) -> T {
-    let before = snapshot(app).await;
-    let out = call.await;
-    assert_eq!(
-        snapshot(app).await,
-        before,
-        "{label}: the request changed stored data"
-    );
-    out
-}
-
-/// Asserts that `result` is INVALID_ARGUMENT with `expected_reason`, that its
-/// BadRequest names each of `fields`, and that its message does not echo a
-/// huge input.
-#[track_caller]
-fn assert_refused<T: std::fmt::Debug>(
-    label: &str,
-    result: Result<T, Status>,
-    expected_reason: &str,
-    fields: &[&str],
-) -> Status {
-    let status = match result {
-        Ok(value) => panic!("{label}: should have failed, got {value:?}"),
-        Err(status) => status,
-    };
-    assert_eq!(
-        status.code(),
-        Code::InvalidArgument,
-        "{label}: unexpected status {status:?}"
-    );
-    assert_eq!(
-        reason(&status),
-        expected_reason,
-        "{label}: unexpected reason in {status:?}"
-    );
-    let named = violated_fields(&status);
-    for field in fields {
-        assert!(
-            named.iter().any(|f| f == field),
-            "{label}: BadRequest should name {field:?}, names {named:?} ({status:?})"
-        );
-    }
-    assert!(
-        status.message().len() < 2_000,
-        "{label}: the message must not echo the input ({} bytes)",
-        status.message().len()
-    );
-    status
-}
-
-/// [`assert_refused`] with the plain INVALID_ARGUMENT reason.
-#[track_caller]
-fn assert_invalid<T: std::fmt::Debug>(
-    label: &str,
-    result: Result<T, Status>,
-    fields: &[&str],
-) -> Status {
-    assert_refused(label, result, "ERROR_REASON_INVALID_ARGUMENT", fields)
-}
-
 /// The fields a status's BadRequest detail names.
 fn violated_fields(status: &Status) -> Vec<String> {
     status
@@ -174,6 +112,226 @@ fn now_seconds() -> i64 {
             .as_secs(),
     )
     .expect("fits")
+}
+
+/// An audit client.
+fn audit_client(
+    app: &TestApp,
+) -> pb::audit_service_client::AuditServiceClient<tonic::transport::Channel> {
+    pb::audit_service_client::AuditServiceClient::new(app.channel.clone())
+}
+
+// ---------------------------------------------------------------------------
+// The table: a row is one malformed request and what it must get.
+
+/// What a row's request must get.
+#[derive(Debug)]
+enum Expect {
+    /// INVALID_ARGUMENT with this ErrorInfo reason, a BadRequest naming each
+    /// field (and, if given, no more than this many violations), and a
+    /// message that does not echo a huge input.
+    Refused {
+        reason: &'static str,
+        fields: Vec<String>,
+        most_violations: Option<usize>,
+    },
+    /// RESOURCE_EXHAUSTED (MESSAGE_TOO_LARGE) naming this limit.
+    TooLarge(usize),
+    /// A failure with this code and ErrorInfo reason.
+    Status(Code, &'static str),
+    /// A failure with this code.
+    Code(Code),
+    /// Served.
+    Served,
+    /// A VerifyToken answer: not active, for this reason.
+    Inactive(pb::InactiveReason),
+}
+
+/// [`Expect::Refused`] with the plain INVALID_ARGUMENT reason, naming
+/// `fields`.
+fn invalid(fields: &[&str]) -> Expect {
+    refused("ERROR_REASON_INVALID_ARGUMENT", fields)
+}
+
+/// [`Expect::Refused`] with `reason`, naming `fields`.
+fn refused(reason: &'static str, fields: &[&str]) -> Expect {
+    Expect::Refused {
+        reason,
+        fields: fields.iter().map(|f| (*f).to_owned()).collect(),
+        most_violations: None,
+    }
+}
+
+/// [`invalid`], with at most `most` violations in the BadRequest.
+fn invalid_at_most(fields: &[&str], most: usize) -> Expect {
+    Expect::Refused {
+        reason: "ERROR_REASON_INVALID_ARGUMENT",
+        fields: fields.iter().map(|f| (*f).to_owned()).collect(),
+        most_violations: Some(most),
+    }
+}
+
+/// What a row's call answered: the VerifyToken answer, if it was one.
+type Answer = Result<Option<pb::VerifyTokenResponse>, Status>;
+
+/// One malformed request: the RPC, a label saying what is wrong with it,
+/// the call (not yet started) and what it must get.
+struct Row<'a> {
+    rpc: &'static str,
+    label: String,
+    call: std::pin::Pin<Box<dyn Future<Output = Answer> + 'a>>,
+    expect: Expect,
+}
+
+/// A row whose call answers `Result<T, Status>`.
+fn row<'a, T: 'a>(
+    rpc: &'static str,
+    label: impl Into<String>,
+    call: impl Future<Output = Result<T, Status>> + 'a,
+    expect: Expect,
+) -> Row<'a> {
+    Row {
+        rpc,
+        label: label.into(),
+        call: Box::pin(async move { call.await.map(|_| None) }),
+        expect,
+    }
+}
+
+/// A VerifyToken row, whose answer is checked too.
+fn verify_row<'a>(
+    label: impl Into<String>,
+    call: impl Future<Output = Result<tonic::Response<pb::VerifyTokenResponse>, Status>> + 'a,
+    expect: Expect,
+) -> Row<'a> {
+    Row {
+        rpc: "VerifyToken",
+        label: label.into(),
+        call: Box::pin(async move { call.await.map(|r| Some(r.into_inner())) }),
+        expect,
+    }
+}
+
+/// A row whose call answers with a bare status (`Code::Ok` when served),
+/// as [`raw_http`] does.
+fn status_row<'a>(
+    rpc: &'static str,
+    label: impl Into<String>,
+    call: impl Future<Output = Status> + 'a,
+    expect: Expect,
+) -> Row<'a> {
+    Row {
+        rpc,
+        label: label.into(),
+        call: Box::pin(async move {
+            let status = call.await;
+            if status.code() == Code::Ok {
+                Ok(None)
+            } else {
+                Err(status)
+            }
+        }),
+        expect,
+    }
+}
+
+/// How `answer` differs from `expect`, if it does.
+fn mismatch(expect: &Expect, answer: &Answer) -> Option<String> {
+    let status = match (expect, answer) {
+        (Expect::Served, Ok(_)) => return None,
+        (Expect::Inactive(reason), Ok(verdict)) => {
+            let verdict = verdict.as_ref().expect("a VerifyToken row");
+            return (verdict.active || verdict.reason != *reason as i32)
+                .then(|| format!("expected inactive, {reason:?}; got {verdict:?}"));
+        }
+        (expect, Ok(_)) => return Some(format!("expected {expect:?}, got OK")),
+        (Expect::Served | Expect::Inactive(_), Err(status)) => {
+            return Some(format!("expected an answer, got {status:?}"));
+        }
+        (_, Err(status)) => status,
+    };
+    let got = format!("{:?}/{}", status.code(), reason(status));
+    match expect {
+        Expect::Refused {
+            reason: expected,
+            fields,
+            most_violations,
+        } => {
+            let mut problems = Vec::new();
+            if status.code() != Code::InvalidArgument || reason(status) != *expected {
+                problems.push(format!("expected InvalidArgument/{expected}, got {got}"));
+            }
+            let named = violated_fields(status);
+            for field in fields {
+                if !named.contains(field) {
+                    problems.push(format!("BadRequest should name {field:?}, names {named:?}"));
+                }
+            }
+            if let Some(most) = most_violations
+                && named.len() > *most
+            {
+                problems.push(format!("{} violations, at most {most}", named.len()));
+            }
+            if status.message().len() >= 2_000 {
+                problems.push(format!(
+                    "the message must not echo the input ({} bytes)",
+                    status.message().len()
+                ));
+            }
+            (!problems.is_empty()).then(|| format!("{} ({status:?})", problems.join("; ")))
+        }
+        Expect::TooLarge(limit) => {
+            let max_bytes = status
+                .get_error_details()
+                .error_info()
+                .and_then(|info| info.metadata.get("max_bytes").cloned());
+            (status.code() != Code::ResourceExhausted
+                || reason(status) != "ERROR_REASON_MESSAGE_TOO_LARGE"
+                || max_bytes != Some(limit.to_string()))
+            .then(|| {
+                format!(
+                    "expected ResourceExhausted/ERROR_REASON_MESSAGE_TOO_LARGE naming \
+                     {limit}, got {got} naming {max_bytes:?} ({status:?})"
+                )
+            })
+        }
+        Expect::Status(code, expected) => (status.code() != *code || reason(status) != *expected)
+            .then(|| format!("expected {code:?}/{expected}, got {got} ({status:?})")),
+        Expect::Code(code) => {
+            (status.code() != *code).then(|| format!("expected {code:?}, got {got} ({status:?})"))
+        }
+        Expect::Served | Expect::Inactive(_) => unreachable!("matched above"),
+    }
+}
+
+/// Runs `rows` in order, each checked against what it must get and to have
+/// changed nothing stored, and fails listing every row that did otherwise.
+async fn check(app: &TestApp, rows: Vec<Row<'_>>) {
+    let total = rows.len();
+    let mut failures = Vec::new();
+    for row in rows {
+        let before = snapshot(app).await;
+        let answer = row.call.await;
+        let mut problems = Vec::new();
+        if snapshot(app).await != before {
+            problems.push("the request changed stored data".to_owned());
+        }
+        problems.extend(mismatch(&row.expect, &answer));
+        if !problems.is_empty() {
+            failures.push(format!(
+                "{} {}: {}",
+                row.rpc,
+                row.label,
+                problems.join("; ")
+            ));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {total} rows answered otherwise:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -295,28 +453,42 @@ const NOT_UTF8: &[&[u8]] = &[
 // Bytes that are not a valid message.
 
 async fn undecodable_requests_are_invalid_argument_and_change_nothing(app: TestApp) {
+    let app = &app;
     let robot = app.robot("ci-bot").await;
     let ops = Some(app.operator_token.as_str());
     let robot_kind = varint_field(4, pb::AccountKind::Robot as u64);
+    let mut rows = Vec::new();
     for bad in NOT_UTF8 {
         let label = format!("{bad:x?}");
         // CreateAccountRequest.username, then .email.
         let body = [delimited(1, bad), robot_kind.clone()].concat();
-        let result = unchanged(&app, &label, raw_call(&app, CREATE_ACCOUNT, body, ops)).await;
-        assert_invalid(&format!("username {label}"), result, &["username"]);
+        rows.push(row(
+            "CreateAccount",
+            format!("username {label}"),
+            raw_call(app, CREATE_ACCOUNT, body, ops),
+            invalid(&["username"]),
+        ));
         let body = [
             delimited(1, b"robot2"),
             delimited(3, bad),
             robot_kind.clone(),
         ]
         .concat();
-        let result = unchanged(&app, &label, raw_call(&app, CREATE_ACCOUNT, body, ops)).await;
-        assert_invalid(&format!("email {label}"), result, &["email"]);
+        rows.push(row(
+            "CreateAccount",
+            format!("email {label}"),
+            raw_call(app, CREATE_ACCOUNT, body, ops),
+            invalid(&["email"]),
+        ));
         // CreateTokenRequest.name, then one of its scopes.
         let account = delimited(1, robot.account_id.as_bytes());
         let body = [account.clone(), delimited(2, bad)].concat();
-        let result = unchanged(&app, &label, raw_call(&app, CREATE_TOKEN, body, ops)).await;
-        assert_invalid(&format!("name {label}"), result, &["name"]);
+        rows.push(row(
+            "CreateToken",
+            format!("name {label}"),
+            raw_call(app, CREATE_TOKEN, body, ops),
+            invalid(&["name"]),
+        ));
         let body = [
             account,
             delimited(2, b"ci"),
@@ -324,31 +496,53 @@ async fn undecodable_requests_are_invalid_argument_and_change_nothing(app: TestA
             delimited(3, bad),
         ]
         .concat();
-        let result = unchanged(&app, &label, raw_call(&app, CREATE_TOKEN, body, ops)).await;
-        assert_invalid(&format!("scopes {label}"), result, &["scopes"]);
+        rows.push(row(
+            "CreateToken",
+            format!("scopes {label}"),
+            raw_call(app, CREATE_TOKEN, body, ops),
+            invalid(&["scopes"]),
+        ));
         // SignIn needs no credential: its username, then its password.
         let body = [delimited(1, bad), delimited(2, PASSWORD.as_bytes())].concat();
-        let result = unchanged(&app, &label, raw_call(&app, SIGN_IN, body, None)).await;
-        assert_invalid(&format!("sign-in username {label}"), result, &["username"]);
+        rows.push(row(
+            "SignIn",
+            format!("sign-in username {label}"),
+            raw_call(app, SIGN_IN, body, None),
+            invalid(&["username"]),
+        ));
         let body = [delimited(1, b"ci-bot"), delimited(2, bad)].concat();
-        let result = unchanged(&app, &label, raw_call(&app, SIGN_IN, body, None)).await;
-        assert_invalid(&format!("sign-in password {label}"), result, &["password"]);
+        rows.push(row(
+            "SignIn",
+            format!("sign-in password {label}"),
+            raw_call(app, SIGN_IN, body, None),
+            invalid(&["password"]),
+        ));
         // The credential VerifyToken checks.
-        let body = delimited(1, bad);
-        let result = unchanged(&app, &label, raw_call(&app, VERIFY_TOKEN, body, ops)).await;
-        assert_invalid(&format!("verify {label}"), result, &["token"]);
+        rows.push(row(
+            "VerifyToken",
+            format!("verify {label}"),
+            raw_call(app, VERIFY_TOKEN, delimited(1, bad), ops),
+            invalid(&["token"]),
+        ));
         // A page token.
-        let body = delimited(4, bad);
-        let result = unchanged(&app, &label, raw_call(&app, LIST_AUDIT_EVENTS, body, ops)).await;
-        assert_invalid(&format!("page_token {label}"), result, &["page_token"]);
+        rows.push(row(
+            "ListAuditEvents",
+            format!("page_token {label}"),
+            raw_call(app, LIST_AUDIT_EVENTS, delimited(4, bad), ops),
+            invalid(&["page_token"]),
+        ));
     }
     // A leak report (anonymous) with one undecodable secret.
     let body = [delimited(1, b"idpat_whatever"), delimited(1, NOT_UTF8[0])].concat();
-    let result = unchanged(&app, "leak", raw_call(&app, REVOKE_LEAKED, body, None)).await;
-    assert_invalid("leak report", result, &["secrets"]);
+    rows.push(row(
+        "RevokeLeakedToken",
+        "leak report",
+        raw_call(app, REVOKE_LEAKED, body, None),
+        invalid(&["secrets"]),
+    ));
 
     // Broken framing inside the message, and a broken nested message.
-    let structural: &[(&str, Vec<u8>, &[&str])] = &[
+    let structural: Vec<(&str, Vec<u8>, &[&str])> = vec![
         ("truncated varint", vec![0x20, 0xff], &["kind"]),
         ("length past the end", vec![0x0a, 0x10, b'a'], &["username"]),
         (
@@ -363,13 +557,12 @@ async fn undecodable_requests_are_invalid_argument_and_change_nothing(app: TestA
         ("a lone key", vec![0x0a], &[]),
     ];
     for (label, body, fields) in structural {
-        let result = unchanged(
-            &app,
+        rows.push(row(
+            "CreateAccount",
             label,
-            raw_call(&app, CREATE_ACCOUNT, body.clone(), ops),
-        )
-        .await;
-        assert_invalid(label, result, fields);
+            raw_call(app, CREATE_ACCOUNT, body, ops),
+            invalid(fields),
+        ));
     }
     let expire_time = delimited(4, &[0x08, 0xff]);
     let body = [
@@ -378,12 +571,13 @@ async fn undecodable_requests_are_invalid_argument_and_change_nothing(app: TestA
         expire_time,
     ]
     .concat();
-    let result = unchanged(&app, "nested", raw_call(&app, CREATE_TOKEN, body, ops)).await;
-    assert_invalid(
+    rows.push(row(
+        "CreateToken",
         "truncated Timestamp inside CreateTokenRequest",
-        result,
-        &["expire_time.seconds"],
-    );
+        raw_call(app, CREATE_TOKEN, body, ops),
+        invalid(&["expire_time.seconds"]),
+    ));
+    check(app, rows).await;
 
     // The server is unharmed: a well-formed request still works.
     let ok = pb::CreateAccountRequest {
@@ -391,10 +585,11 @@ async fn undecodable_requests_are_invalid_argument_and_change_nothing(app: TestA
         kind: pb::AccountKind::Robot as i32,
         ..Default::default()
     };
-    raw_call(&app, CREATE_ACCOUNT, ok.encode_to_vec(), ops)
+    raw_call(app, CREATE_ACCOUNT, ok.encode_to_vec(), ops)
         .await
         .expect("a valid message is accepted");
 }
+
 both_backends!(undecodable_requests_are_invalid_argument_and_change_nothing);
 
 // ---------------------------------------------------------------------------
@@ -461,6 +656,7 @@ fn framed(flag: u8, len: u32, message: &[u8]) -> Vec<u8> {
 }
 
 async fn broken_grpc_framing_is_invalid_argument(app: TestApp) {
+    let app = &app;
     let robot = pb::CreateAccountRequest {
         username: "framed".into(),
         kind: pb::AccountKind::Robot as i32,
@@ -479,27 +675,28 @@ async fn broken_grpc_framing_is_invalid_argument(app: TestApp) {
         ("compression flag 2", framed(2, len, &robot)),
         ("compression flag 255", framed(255, len, &robot)),
     ];
+    let mut rows = Vec::new();
     for (label, body) in cases {
-        let status = unchanged(&app, label, raw_http(&app, CREATE_ACCOUNT, body)).await;
-        assert_eq!(status.code(), Code::InvalidArgument, "{label}: {status:?}");
-        assert_eq!(reason(&status), "ERROR_REASON_INVALID_ARGUMENT", "{label}");
+        rows.push(status_row(
+            "CreateAccount",
+            label,
+            raw_http(app, CREATE_ACCOUNT, body),
+            Expect::Status(Code::InvalidArgument, "ERROR_REASON_INVALID_ARGUMENT"),
+        ));
     }
     // Over the limit, by the prefix alone.
-    let status = unchanged(
-        &app,
+    rows.push(status_row(
+        "CreateAccount",
         "prefix over the limit",
-        raw_http(&app, CREATE_ACCOUNT, framed(0, u32::MAX, &robot)),
-    )
-    .await;
-    assert_too_large(
-        "prefix over the limit",
-        Err::<(), _>(status),
-        identity::config::Config::DEFAULT_MAX_MESSAGE_BYTES,
-    );
+        raw_http(app, CREATE_ACCOUNT, framed(0, u32::MAX, &robot)),
+        Expect::TooLarge(identity::config::Config::DEFAULT_MAX_MESSAGE_BYTES),
+    ));
+    check(app, rows).await;
     // The same bytes, framed properly, are served.
-    let status = raw_http(&app, CREATE_ACCOUNT, framed(0, len, &robot)).await;
+    let status = raw_http(app, CREATE_ACCOUNT, framed(0, len, &robot)).await;
     assert_eq!(status.code(), Code::Ok, "{status:?}");
 }
+
 both_backends!(broken_grpc_framing_is_invalid_argument);
 
 // ---------------------------------------------------------------------------
@@ -527,56 +724,47 @@ fn create_account_of_len(len: usize) -> Vec<u8> {
     body
 }
 
-#[track_caller]
-fn assert_too_large<T: std::fmt::Debug>(label: &str, result: Result<T, Status>, limit: usize) {
-    let status = match result {
-        Ok(value) => panic!("{label}: should have failed, got {value:?}"),
-        Err(status) => status,
-    };
-    assert_eq!(
-        status.code(),
-        Code::ResourceExhausted,
-        "{label}: unexpected status {status:?}"
-    );
-    assert_eq!(reason(&status), "ERROR_REASON_MESSAGE_TOO_LARGE", "{label}");
-    let info = status
-        .get_error_details()
-        .error_info()
-        .cloned()
-        .expect("ErrorInfo");
-    assert_eq!(
-        info.metadata.get("max_bytes"),
-        Some(&limit.to_string()),
-        "{label}"
-    );
-}
-
 async fn oversize_requests_are_resource_exhausted_and_the_largest_legitimate_one_passes(
     app: TestApp,
 ) {
+    let app = &app;
     let limit = identity::config::Config::DEFAULT_MAX_MESSAGE_BYTES;
     let ops = Some(app.operator_token.as_str());
 
-    // One byte over the limit is refused before it is decoded...
-    let body = create_account_of_len(limit + 1);
-    let result = unchanged(&app, "limit + 1", raw_call(&app, CREATE_ACCOUNT, body, ops)).await;
-    assert_too_large("limit + 1", result, limit);
-    // ...and so is far more, on a method that needs no credential.
-    let body = delimited(1, &vec![b'a'; 8 << 20]);
-    let result = unchanged(&app, "8 MiB", raw_call(&app, REVOKE_LEAKED, body, None)).await;
-    assert_too_large("8 MiB", result, limit);
-    let result = unchanged(
-        &app,
-        "8 MiB",
-        raw_call(&app, SIGN_IN, delimited(2, &vec![b'p'; 8 << 20]), None),
+    check(
+        app,
+        vec![
+            // One byte over the limit is refused before it is decoded...
+            row(
+                "CreateAccount",
+                "limit + 1",
+                raw_call(app, CREATE_ACCOUNT, create_account_of_len(limit + 1), ops),
+                Expect::TooLarge(limit),
+            ),
+            // ...and so is far more, on a method that needs no credential.
+            row(
+                "RevokeLeakedToken",
+                "8 MiB",
+                raw_call(app, REVOKE_LEAKED, delimited(1, &vec![b'a'; 8 << 20]), None),
+                Expect::TooLarge(limit),
+            ),
+            row(
+                "SignIn",
+                "8 MiB sign-in",
+                raw_call(app, SIGN_IN, delimited(2, &vec![b'p'; 8 << 20]), None),
+                Expect::TooLarge(limit),
+            ),
+            // Exactly the limit is decoded, and then judged on its merits
+            // (the email is far too long).
+            row(
+                "CreateAccount",
+                "exactly the limit",
+                raw_call(app, CREATE_ACCOUNT, create_account_of_len(limit), ops),
+                invalid(&["email"]),
+            ),
+        ],
     )
     .await;
-    assert_too_large("8 MiB sign-in", result, limit);
-    // Exactly the limit is decoded, and then judged on its merits (the
-    // email is far too long).
-    let body = create_account_of_len(limit);
-    let result = unchanged(&app, "limit", raw_call(&app, CREATE_ACCOUNT, body, ops)).await;
-    assert_invalid("exactly the limit", result, &["email"]);
 
     // The largest legitimate request: a leak report of 1000 well-formed
     // credentials, one of them live. It is accepted and acted on.
@@ -616,6 +804,7 @@ async fn oversize_requests_are_resource_exhausted_and_the_largest_legitimate_one
         "the live one was revoked"
     );
 }
+
 both_backends!(oversize_requests_are_resource_exhausted_and_the_largest_legitimate_one_passes);
 
 /// The limit follows `IDENTITY_MAX_MESSAGE_BYTES` (here set through the
@@ -629,13 +818,32 @@ async fn the_message_limit_follows_the_setting() {
     })
     .await;
     let ops = Some(app.operator_token.as_str());
-    let result = raw_call(&app, CREATE_ACCOUNT, create_account_of_len(limit + 1), ops).await;
-    assert_too_large("limit + 1", result, limit);
-    let result = raw_call(&app, CREATE_ACCOUNT, create_account_of_len(limit), ops).await;
-    assert_invalid("exactly the limit", result, &["email"]);
-    // A request the default would accept is refused under this limit.
-    let result = raw_call(&app, CREATE_ACCOUNT, create_account_of_len(100_000), ops).await;
-    assert_too_large("100 kB", result, limit);
+    check(
+        &app,
+        vec![
+            row(
+                "CreateAccount",
+                "limit + 1",
+                raw_call(&app, CREATE_ACCOUNT, create_account_of_len(limit + 1), ops),
+                Expect::TooLarge(limit),
+            ),
+            row(
+                "CreateAccount",
+                "exactly the limit",
+                raw_call(&app, CREATE_ACCOUNT, create_account_of_len(limit), ops),
+                invalid(&["email"]),
+            ),
+            // A request the default would accept is refused under this
+            // limit.
+            row(
+                "CreateAccount",
+                "100 kB",
+                raw_call(&app, CREATE_ACCOUNT, create_account_of_len(100_000), ops),
+                Expect::TooLarge(limit),
+            ),
+        ],
+    )
+    .await;
     app.robot("still-works").await;
     app.stop().await;
 }
@@ -644,6 +852,7 @@ async fn the_message_limit_follows_the_setting() {
 // Empty and huge fields.
 
 async fn empty_and_huge_fields_are_invalid_argument(app: TestApp) {
+    let app = &app;
     let (alice, session) = app.person("alice").await;
     let ops = &app.operator_token;
     let huge = "a".repeat(60_000);
@@ -701,14 +910,15 @@ async fn empty_and_huge_fields_are_invalid_argument(app: TestApp) {
         ),
         ("huge password", person("bob", &huge), &["password"]),
     ];
+    let mut rows = Vec::new();
     for (label, request, fields) in create {
-        let result = unchanged(
-            &app,
+        let request = bearer(request, ops);
+        rows.push(row(
+            "CreateAccount",
             label,
-            app.accounts().create_account(bearer(request, ops)),
-        )
-        .await;
-        assert_invalid(label, result, fields);
+            async move { app.accounts().create_account(request).await },
+            invalid(fields),
+        ));
     }
 
     use pb::get_account_request::Lookup;
@@ -737,8 +947,12 @@ async fn empty_and_huge_fields_are_invalid_argument(app: TestApp) {
     ];
     for (label, lookup, field) in lookups {
         let request = bearer(pb::GetAccountRequest { lookup }, ops);
-        let result = unchanged(&app, label, app.accounts().get_account(request)).await;
-        assert_invalid(label, result, &[field]);
+        rows.push(row(
+            "GetAccount",
+            label,
+            async move { app.accounts().get_account(request).await },
+            invalid(&[field]),
+        ));
     }
 
     let sign_ins = [
@@ -763,8 +977,12 @@ async fn empty_and_huge_fields_are_invalid_argument(app: TestApp) {
     ];
     for (label, username, password, fields) in sign_ins {
         let request = pb::SignInRequest { username, password };
-        let result = unchanged(&app, label, app.accounts().sign_in(request)).await;
-        assert_invalid(label, result, fields);
+        rows.push(row(
+            "SignIn",
+            label,
+            async move { app.accounts().sign_in(request).await },
+            invalid(fields),
+        ));
     }
 
     let changes = [
@@ -795,128 +1013,104 @@ async fn empty_and_huge_fields_are_invalid_argument(app: TestApp) {
             },
             &session,
         );
-        let result = unchanged(&app, label, app.accounts().change_password(request)).await;
-        assert_invalid(label, result, fields);
+        rows.push(row(
+            "ChangePassword",
+            label,
+            async move { app.accounts().change_password(request).await },
+            invalid(fields),
+        ));
     }
 
     for id in [String::new(), huge.clone()] {
         let label = format!("account id of {} bytes", id.len());
-        let result = unchanged(
-            &app,
+        let account_id = id.clone();
+        let request = bearer(pb::DisableAccountRequest { account_id }, ops);
+        rows.push(row(
+            "DisableAccount",
             &label,
-            app.accounts().disable_account(bearer(
-                pb::DisableAccountRequest {
-                    account_id: id.clone(),
-                },
-                ops,
-            )),
-        )
-        .await;
-        assert_invalid(&label, result, &["account_id"]);
-        let result = unchanged(
-            &app,
+            async move { app.accounts().disable_account(request).await },
+            invalid(&["account_id"]),
+        ));
+        let account_id = id.clone();
+        let request = bearer(pb::EnableAccountRequest { account_id }, ops);
+        rows.push(row(
+            "EnableAccount",
             &label,
-            app.accounts().enable_account(bearer(
-                pb::EnableAccountRequest {
-                    account_id: id.clone(),
-                },
-                ops,
-            )),
-        )
-        .await;
-        assert_invalid(&label, result, &["account_id"]);
-        let result = unchanged(
-            &app,
+            async move { app.accounts().enable_account(request).await },
+            invalid(&["account_id"]),
+        ));
+        let account_id = id.clone();
+        let request = bearer(pb::DeleteAccountRequest { account_id }, ops);
+        rows.push(row(
+            "DeleteAccount",
             &label,
-            app.accounts().delete_account(bearer(
-                pb::DeleteAccountRequest {
-                    account_id: id.clone(),
-                },
-                ops,
-            )),
-        )
-        .await;
-        assert_invalid(&label, result, &["account_id"]);
-        let result = unchanged(
-            &app,
+            async move { app.accounts().delete_account(request).await },
+            invalid(&["account_id"]),
+        ));
+        let account_id = id.clone();
+        let request = bearer(pb::SignOutEverywhereRequest { account_id }, ops);
+        rows.push(row(
+            "SignOutEverywhere",
             &label,
-            app.accounts().sign_out_everywhere(bearer(
-                pb::SignOutEverywhereRequest {
-                    account_id: id.clone(),
-                },
-                ops,
-            )),
-        )
-        .await;
-        assert_invalid(&label, result, &["account_id"]);
-        let result = unchanged(
-            &app,
+            async move { app.accounts().sign_out_everywhere(request).await },
+            invalid(&["account_id"]),
+        ));
+        let token_id = id.clone();
+        let request = bearer(pb::GetTokenRequest { token_id }, ops);
+        rows.push(row(
+            "GetToken",
             &label,
-            app.tokens().get_token(bearer(
-                pb::GetTokenRequest {
-                    token_id: id.clone(),
-                },
-                ops,
-            )),
-        )
-        .await;
-        assert_invalid(&label, result, &["token_id"]);
-        let result = unchanged(
-            &app,
+            async move { app.tokens().get_token(request).await },
+            invalid(&["token_id"]),
+        ));
+        let token_id = id.clone();
+        let request = bearer(pb::RevokeTokenRequest { token_id }, ops);
+        rows.push(row(
+            "RevokeToken",
             &label,
-            app.tokens().revoke_token(bearer(
-                pb::RevokeTokenRequest {
-                    token_id: id.clone(),
-                },
-                ops,
-            )),
-        )
-        .await;
-        assert_invalid(&label, result, &["token_id"]);
-        let result = unchanged(
-            &app,
+            async move { app.tokens().revoke_token(request).await },
+            invalid(&["token_id"]),
+        ));
+        let token_id = id.clone();
+        let request = bearer(pb::RotateTokenRequest { token_id }, ops);
+        rows.push(row(
+            "RotateToken",
             &label,
-            app.tokens().rotate_token(bearer(
-                pb::RotateTokenRequest {
-                    token_id: id.clone(),
-                },
-                ops,
-            )),
-        )
-        .await;
-        assert_invalid(&label, result, &["token_id"]);
-        let result = unchanged(
-            &app,
-            &label,
-            app.tokens().list_tokens(bearer(
-                pb::ListTokensRequest {
-                    account_id: id.clone(),
-                    ..Default::default()
-                },
-                ops,
-            )),
-        )
-        .await;
+            async move { app.tokens().rotate_token(request).await },
+            invalid(&["token_id"]),
+        ));
+        let request = bearer(
+            pb::ListTokensRequest {
+                account_id: id.clone(),
+                ..Default::default()
+            },
+            ops,
+        );
         // Without an account, ListTokens is the operators' listing of
         // every account's tokens (fleet.rs).
-        if id.is_empty() {
-            result.expect("every account's tokens, for an operator");
+        let expect = if id.is_empty() {
+            Expect::Served
         } else {
-            assert_invalid(&label, result, &["account_id"]);
-        }
+            invalid(&["account_id"])
+        };
+        rows.push(row(
+            "ListTokens",
+            &label,
+            async move { app.tokens().list_tokens(request).await },
+            expect,
+        ));
     }
     let audit = pb::ListAuditEventsRequest {
         account_id: huge.clone(),
         ..Default::default()
     };
-    let result = unchanged(
-        &app,
-        "audit",
-        pb::audit_service_client::AuditServiceClient::new(app.channel.clone())
-            .list_audit_events(bearer(audit, ops)),
-    )
-    .await;
-    assert_invalid("huge audit account id", result, &["account_id"]);
+    let request = bearer(audit, ops);
+    rows.push(row(
+        "ListAuditEvents",
+        "huge audit account id",
+        async move { audit_client(app).list_audit_events(request).await },
+        invalid(&["account_id"]),
+    ));
 
     let token = |name: &str, scopes: Vec<String>| pb::CreateTokenRequest {
         account_id: alice.account_id.clone(),
@@ -954,9 +1148,15 @@ async fn empty_and_huge_fields_are_invalid_argument(app: TestApp) {
         ),
     ];
     for (label, request, fields) in creates {
-        let result = unchanged(&app, label, app.tokens().create_token(bearer(request, ops))).await;
-        assert_invalid(label, result, fields);
+        let request = bearer(request, ops);
+        rows.push(row(
+            "CreateToken",
+            label,
+            async move { app.tokens().create_token(request).await },
+            invalid(fields),
+        ));
     }
+    check(app, rows).await;
 
     // VerifyToken: a credential that is empty or huge is an answer (not
     // well-formed), not an error; the caller's own fields are checked.
@@ -964,20 +1164,22 @@ async fn empty_and_huge_fields_are_invalid_argument(app: TestApp) {
     // once) before the calls that must change nothing.
     let verifier = app.verifier_token().await;
     app.verify("x", &[]).await;
+    let verifier = &verifier;
+    let mut rows = Vec::new();
     for credential in [String::new(), huge.clone()] {
+        let label = format!("a credential of {} bytes", credential.len());
         let request = bearer(
             pb::VerifyTokenRequest {
                 token: credential,
                 ..Default::default()
             },
-            &verifier,
+            verifier,
         );
-        let verdict = unchanged(&app, "verify", app.tokens().verify_token(request))
-            .await
-            .expect("an answer")
-            .into_inner();
-        assert!(!verdict.active);
-        assert_eq!(verdict.reason, pb::InactiveReason::Malformed as i32);
+        rows.push(verify_row(
+            label,
+            async move { app.tokens().verify_token(request).await },
+            Expect::Inactive(pb::InactiveReason::Malformed),
+        ));
     }
     let verifies: Vec<(&str, pb::VerifyTokenRequest, &str)> = vec![
         (
@@ -1009,36 +1211,35 @@ async fn empty_and_huge_fields_are_invalid_argument(app: TestApp) {
         ),
     ];
     for (label, request, field) in verifies {
-        let result = unchanged(
-            &app,
+        let request = bearer(request, verifier);
+        rows.push(verify_row(
             label,
-            app.tokens().verify_token(bearer(request, &verifier)),
-        )
-        .await;
-        assert_invalid(label, result, &[field]);
+            async move { app.tokens().verify_token(request).await },
+            invalid(&[field]),
+        ));
     }
 
     // A leak report of nothing is refused; of empty or huge strings,
     // accepted and ignored.
-    let result = unchanged(
-        &app,
+    let request = pb::RevokeLeakedTokenRequest { secrets: vec![] };
+    rows.push(row(
+        "RevokeLeakedToken",
         "no secrets",
-        app.tokens()
-            .revoke_leaked_token(pb::RevokeLeakedTokenRequest { secrets: vec![] }),
-    )
-    .await;
-    assert_invalid("no secrets", result, &["secrets"]);
+        async move { app.tokens().revoke_leaked_token(request).await },
+        invalid(&["secrets"]),
+    ));
     let request = pb::RevokeLeakedTokenRequest {
         secrets: vec![String::new(), huge.clone()],
     };
-    unchanged(
-        &app,
+    rows.push(row(
+        "RevokeLeakedToken",
         "junk secrets",
-        app.tokens().revoke_leaked_token(request),
-    )
-    .await
-    .expect("junk is ignored");
+        async move { app.tokens().revoke_leaked_token(request).await },
+        Expect::Served,
+    ));
+    check(app, rows).await;
 }
+
 both_backends!(empty_and_huge_fields_are_invalid_argument);
 
 // ---------------------------------------------------------------------------
@@ -1066,6 +1267,7 @@ const SQL_NASTIES: &[&str] = &[
 ];
 
 async fn sql_metacharacters_are_plain_text_in_every_field(app: TestApp) {
+    let app = &app;
     let (alice, _) = app.person("alice").await;
     let robot = app.robot("ci-bot").await;
     let ops = &app.operator_token;
@@ -1165,18 +1367,22 @@ async fn sql_metacharacters_are_plain_text_in_every_field(app: TestApp) {
     );
 
     // `_` is a legal username character, never a wildcard.
-    let result = unchanged(
-        &app,
-        "a_ice",
-        app.accounts().get_account(bearer(
-            pb::GetAccountRequest {
-                lookup: Some(pb::get_account_request::Lookup::Username("a_ice".into())),
-            },
-            ops,
-        )),
+    let request = bearer(
+        pb::GetAccountRequest {
+            lookup: Some(pb::get_account_request::Lookup::Username("a_ice".into())),
+        },
+        ops,
+    );
+    check(
+        app,
+        vec![row(
+            "GetAccount",
+            "a_ice",
+            async move { app.accounts().get_account(request).await },
+            Expect::Code(Code::NotFound),
+        )],
     )
     .await;
-    assert_eq!(result.expect_err("no such account").code(), Code::NotFound);
     // (A failed sign-in is audited, so this one changes the log.)
     let result = app
         .accounts()
@@ -1198,166 +1404,158 @@ async fn sql_metacharacters_are_plain_text_in_every_field(app: TestApp) {
         "\0".to_owned(),
         "a\0' OR 1=1 --".to_owned(),
     ]);
+    let mut rows = Vec::new();
     for nasty in &nasties {
         let label = format!("{nasty:?}");
         // (`alice_` is a fine username.)
         if nasty != "_" {
             let with_name = format!("alice{nasty}");
-            let result = unchanged(
-                &app,
-                &label,
-                app.accounts().create_account(bearer(
-                    pb::CreateAccountRequest {
-                        username: with_name.clone(),
-                        kind: pb::AccountKind::Robot as i32,
-                        ..Default::default()
-                    },
-                    ops,
-                )),
-            )
-            .await;
-            assert_invalid(&label, result, &["username"]);
-            let result = unchanged(
-                &app,
-                &label,
-                app.accounts().get_account(bearer(
-                    pb::GetAccountRequest {
-                        lookup: Some(pb::get_account_request::Lookup::Username(with_name.clone())),
-                    },
-                    ops,
-                )),
-            )
-            .await;
-            assert_invalid(&label, result, &["username"]);
-            let result = unchanged(
-                &app,
-                &label,
-                app.accounts().sign_in(pb::SignInRequest {
+            let request = bearer(
+                pb::CreateAccountRequest {
                     username: with_name.clone(),
-                    password: PASSWORD.into(),
-                }),
-            )
-            .await;
-            assert_invalid(&label, result, &["username"]);
-        }
-        let result = unchanged(
-            &app,
-            &label,
-            app.accounts().get_account(bearer(
-                pb::GetAccountRequest {
-                    lookup: Some(pb::get_account_request::Lookup::AccountId(format!(
-                        "{}{nasty}",
-                        alice.account_id
-                    ))),
-                },
-                ops,
-            )),
-        )
-        .await;
-        assert_invalid(&label, result, &["account_id"]);
-        let result = unchanged(
-            &app,
-            &label,
-            app.tokens().list_tokens(bearer(
-                pb::ListTokensRequest {
-                    account_id: alice.account_id.clone(),
-                    page_token: nasty.clone(),
+                    kind: pb::AccountKind::Robot as i32,
                     ..Default::default()
                 },
                 ops,
-            )),
-        )
-        .await;
-        assert_invalid(&label, result, &["page_token"]);
+            );
+            rows.push(row(
+                "CreateAccount",
+                &label,
+                async move { app.accounts().create_account(request).await },
+                invalid(&["username"]),
+            ));
+            let lookup = pb::get_account_request::Lookup::Username(with_name.clone());
+            let request = bearer(
+                pb::GetAccountRequest {
+                    lookup: Some(lookup),
+                },
+                ops,
+            );
+            rows.push(row(
+                "GetAccount",
+                &label,
+                async move { app.accounts().get_account(request).await },
+                invalid(&["username"]),
+            ));
+            let request = pb::SignInRequest {
+                username: with_name.clone(),
+                password: PASSWORD.into(),
+            };
+            rows.push(row(
+                "SignIn",
+                &label,
+                async move { app.accounts().sign_in(request).await },
+                invalid(&["username"]),
+            ));
+        }
+        let lookup =
+            pb::get_account_request::Lookup::AccountId(format!("{}{nasty}", alice.account_id));
+        let request = bearer(
+            pb::GetAccountRequest {
+                lookup: Some(lookup),
+            },
+            ops,
+        );
+        rows.push(row(
+            "GetAccount",
+            &label,
+            async move { app.accounts().get_account(request).await },
+            invalid(&["account_id"]),
+        ));
+        let request = bearer(
+            pb::ListTokensRequest {
+                account_id: alice.account_id.clone(),
+                page_token: nasty.clone(),
+                ..Default::default()
+            },
+            ops,
+        );
+        rows.push(row(
+            "ListTokens",
+            &label,
+            async move { app.tokens().list_tokens(request).await },
+            invalid(&["page_token"]),
+        ));
         let audit = pb::ListAuditEventsRequest {
             account_id: nasty.clone(),
             ..Default::default()
         };
-        let result = unchanged(
-            &app,
+        let request = bearer(audit, ops);
+        rows.push(row(
+            "ListAuditEvents",
             &label,
-            pb::audit_service_client::AuditServiceClient::new(app.channel.clone())
-                .list_audit_events(bearer(audit, ops)),
-        )
-        .await;
-        assert_invalid(&label, result, &["account_id"]);
-        let result = unchanged(
-            &app,
+            async move { audit_client(app).list_audit_events(request).await },
+            invalid(&["account_id"]),
+        ));
+        let request = bearer(
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "scoped".into(),
+                scopes: vec![format!("project:{nasty}")],
+                ..Default::default()
+            },
+            ops,
+        );
+        rows.push(row(
+            "CreateToken",
             &label,
-            app.tokens().create_token(bearer(
-                pb::CreateTokenRequest {
-                    account_id: alice.account_id.clone(),
-                    name: "scoped".into(),
-                    scopes: vec![format!("project:{nasty}")],
-                    ..Default::default()
-                },
-                ops,
-            )),
-        )
-        .await;
-        assert_invalid(&label, result, &["scopes[0]"]);
+            async move { app.tokens().create_token(request).await },
+            invalid(&["scopes[0]"]),
+        ));
         let verify = pb::VerifyTokenRequest {
             token: format!("idpat_{nasty}"),
             required_scopes: vec![nasty.clone()],
             client_address: format!("127.0.0.1{nasty}"),
         };
-        let result = unchanged(
-            &app,
+        let request = bearer(verify, &verifier);
+        rows.push(verify_row(
             &label,
-            app.tokens().verify_token(bearer(verify, &verifier)),
-        )
-        .await;
-        assert_invalid(&label, result, &["required_scopes[0]", "client_address"]);
+            async move { app.tokens().verify_token(request).await },
+            invalid(&["required_scopes[0]", "client_address"]),
+        ));
         let verify = pb::VerifyTokenRequest {
             token: format!("idpat_{nasty}"),
             ..Default::default()
         };
-        let verdict = unchanged(
-            &app,
+        let request = bearer(verify, &verifier);
+        rows.push(verify_row(
             &label,
-            app.tokens().verify_token(bearer(verify, &verifier)),
-        )
-        .await
-        .expect("an answer")
-        .into_inner();
-        assert_eq!(
-            verdict.reason,
-            pb::InactiveReason::Malformed as i32,
-            "{label}"
-        );
+            async move { app.tokens().verify_token(request).await },
+            Expect::Inactive(pb::InactiveReason::Malformed),
+        ));
     }
     // Only control characters are refused in token names and emails.
     for nul in ["ci\0", "\0", "ci\0'; --"] {
         let label = format!("{nul:?}");
-        let result = unchanged(
-            &app,
+        let request = bearer(
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: nul.into(),
+                ..Default::default()
+            },
+            ops,
+        );
+        rows.push(row(
+            "CreateToken",
             &label,
-            app.tokens().create_token(bearer(
-                pb::CreateTokenRequest {
-                    account_id: alice.account_id.clone(),
-                    name: nul.into(),
-                    ..Default::default()
-                },
-                ops,
-            )),
-        )
-        .await;
-        assert_invalid(&label, result, &["name"]);
-        let result = unchanged(
-            &app,
+            async move { app.tokens().create_token(request).await },
+            invalid(&["name"]),
+        ));
+        let request = bearer(
+            pb::CreateAccountRequest {
+                username: "nul".into(),
+                email: format!("{nul}@example.com"),
+                kind: pb::AccountKind::Robot as i32,
+                ..Default::default()
+            },
+            ops,
+        );
+        rows.push(row(
+            "CreateAccount",
             &label,
-            app.accounts().create_account(bearer(
-                pb::CreateAccountRequest {
-                    username: "nul".into(),
-                    email: format!("{nul}@example.com"),
-                    kind: pb::AccountKind::Robot as i32,
-                    ..Default::default()
-                },
-                ops,
-            )),
-        )
-        .await;
-        assert_invalid(&label, result, &["email"]);
+            async move { app.accounts().create_account(request).await },
+            invalid(&["email"]),
+        ));
     }
     // A leak report of nasty strings is accepted and revokes nothing.
     let request = pb::RevokeLeakedTokenRequest {
@@ -1366,14 +1564,15 @@ async fn sql_metacharacters_are_plain_text_in_every_field(app: TestApp) {
             .flat_map(|n| [n.clone(), format!("idpat_{n}"), format!("idses_{n}")])
             .collect(),
     };
-    unchanged(
-        &app,
+    rows.push(row(
+        "RevokeLeakedToken",
         "leak report",
-        app.tokens().revoke_leaked_token(request),
-    )
-    .await
-    .expect("accepted");
+        async move { app.tokens().revoke_leaked_token(request).await },
+        Expect::Served,
+    ));
+    check(app, rows).await;
 }
+
 both_backends!(sql_metacharacters_are_plain_text_in_every_field);
 
 // ---------------------------------------------------------------------------
@@ -1408,24 +1607,31 @@ const ALICE_LOOKALIKES: &[&str] = &[
 ];
 
 async fn visually_identical_usernames_can_never_be_two_accounts(app: TestApp) {
+    let app = &app;
     let (alice, _) = app.person("alice").await;
     let ops = &app.operator_token;
 
     // Case is folded: these are alice, and cannot be created again.
-    for same in ["ALICE", "Alice", "aLiCe"] {
-        let request = pb::CreateAccountRequest {
-            username: same.into(),
-            kind: pb::AccountKind::Robot as i32,
-            ..Default::default()
-        };
-        let result = unchanged(
-            &app,
+    let same_names = ["ALICE", "Alice", "aLiCe"];
+    let mut rows = Vec::new();
+    for same in same_names {
+        let request = bearer(
+            pb::CreateAccountRequest {
+                username: same.into(),
+                kind: pb::AccountKind::Robot as i32,
+                ..Default::default()
+            },
+            ops,
+        );
+        rows.push(row(
+            "CreateAccount",
             same,
-            app.accounts().create_account(bearer(request, ops)),
-        )
-        .await;
-        let status = result.expect_err("taken");
-        assert_eq!(status.code(), Code::AlreadyExists, "{same}: {status:?}");
+            async move { app.accounts().create_account(request).await },
+            Expect::Code(Code::AlreadyExists),
+        ));
+    }
+    check(app, rows).await;
+    for same in same_names {
         let found = app
             .accounts()
             .get_account(bearer(
@@ -1444,6 +1650,7 @@ async fn visually_identical_usernames_can_never_be_two_accounts(app: TestApp) {
     // Everything outside ASCII letters, digits, `.`, `_` and `-` is
     // refused: no account can be created under it, looked up by it, or
     // signed in with it.
+    let mut rows = Vec::new();
     for lookalike in ALICE_LOOKALIKES {
         let label = format!("{lookalike:?}");
         for kind in [pb::AccountKind::Robot, pb::AccountKind::Person] {
@@ -1458,53 +1665,59 @@ async fn visually_identical_usernames_can_never_be_two_accounts(app: TestApp) {
                 kind: kind as i32,
                 ..Default::default()
             };
-            let result = unchanged(
-                &app,
-                &label,
-                app.accounts().create_account(bearer(request, ops)),
-            )
-            .await;
-            assert_invalid(&label, result, &["username"]);
+            let request = bearer(request, ops);
+            rows.push(row(
+                "CreateAccount",
+                format!("{label} as a {kind:?}"),
+                async move { app.accounts().create_account(request).await },
+                invalid(&["username"]),
+            ));
         }
         let request = pb::GetAccountRequest {
             lookup: Some(pb::get_account_request::Lookup::Username(
                 (*lookalike).into(),
             )),
         };
-        let result = unchanged(
-            &app,
+        let request = bearer(request, ops);
+        rows.push(row(
+            "GetAccount",
             &label,
-            app.accounts().get_account(bearer(request, ops)),
-        )
-        .await;
-        assert_invalid(&label, result, &["username"]);
+            async move { app.accounts().get_account(request).await },
+            invalid(&["username"]),
+        ));
         let request = pb::SignInRequest {
             username: (*lookalike).into(),
             password: PASSWORD.into(),
         };
-        let result = unchanged(&app, &label, app.accounts().sign_in(request)).await;
-        assert_invalid(&label, result, &["username"]);
+        rows.push(row(
+            "SignIn",
+            &label,
+            async move { app.accounts().sign_in(request).await },
+            invalid(&["username"]),
+        ));
     }
+    check(app, rows).await;
     // Lookalikes of other letters: Kelvin sign K, long s, Roman numeral
     // one; none may stand beside the ASCII name.
     app.robot("kim").await;
     app.robot("sam").await;
     app.robot("ivy").await;
+    let mut rows = Vec::new();
     for lookalike in ["\u{212a}im", "\u{017f}am", "\u{2160}vy", "K\u{0131}m"] {
-        let label = format!("{lookalike:?}");
         let request = pb::CreateAccountRequest {
             username: lookalike.into(),
             kind: pb::AccountKind::Robot as i32,
             ..Default::default()
         };
-        let result = unchanged(
-            &app,
-            &label,
-            app.accounts().create_account(bearer(request, ops)),
-        )
-        .await;
-        assert_invalid(&label, result, &["username"]);
+        let request = bearer(request, ops);
+        rows.push(row(
+            "CreateAccount",
+            format!("{lookalike:?}"),
+            async move { app.accounts().create_account(request).await },
+            invalid(&["username"]),
+        ));
     }
+    check(app, rows).await;
     let accounts = app
         .accounts()
         .list_accounts(bearer(
@@ -1525,6 +1738,7 @@ async fn visually_identical_usernames_can_never_be_two_accounts(app: TestApp) {
     // characters too, so `ci-deploy` has no invisible twin among the
     // account's token names, and an email cannot hide a reversed part.
     app.token(ops, &alice.account_id, "ci-deploy", &[]).await;
+    let mut rows = Vec::new();
     for invisible in [
         "\u{200b}",
         "\u{200d}",
@@ -1542,34 +1756,37 @@ async fn visually_identical_usernames_can_never_be_two_accounts(app: TestApp) {
             name,
             ..Default::default()
         };
-        let result = unchanged(
-            &app,
+        let request = bearer(request, ops);
+        rows.push(row(
+            "CreateToken",
             &label,
-            app.tokens().create_token(bearer(request, ops)),
-        )
-        .await;
-        assert_invalid(&label, result, &["name"]);
+            async move { app.tokens().create_token(request).await },
+            invalid(&["name"]),
+        ));
         let request = pb::CreateAccountRequest {
             username: "bob".into(),
             email: format!("bob{invisible}@example.com"),
             kind: pb::AccountKind::Robot as i32,
             ..Default::default()
         };
-        let result = unchanged(
-            &app,
+        let request = bearer(request, ops);
+        rows.push(row(
+            "CreateAccount",
             &label,
-            app.accounts().create_account(bearer(request, ops)),
-        )
-        .await;
-        assert_invalid(&label, result, &["email"]);
+            async move { app.accounts().create_account(request).await },
+            invalid(&["email"]),
+        ));
     }
+    check(app, rows).await;
 }
+
 both_backends!(visually_identical_usernames_can_never_be_two_accounts);
 
 // ---------------------------------------------------------------------------
 // Timestamps.
 
 async fn out_of_range_timestamps_are_invalid_argument(app: TestApp) {
+    let app = &app;
     let robot = app.robot("ci-bot").await;
     let ops = &app.operator_token;
     let now = now_seconds();
@@ -1592,6 +1809,7 @@ async fn out_of_range_timestamps_are_invalid_argument(app: TestApp) {
         ("year 1", ts(year_0 + 1, 0)),
         ("a second ago", ts(now - 1, 0)),
     ];
+    let mut rows = Vec::new();
     for (label, expire_time) in never_valid.iter().chain(&in_the_past) {
         let request = pb::CreateTokenRequest {
             account_id: robot.account_id.clone(),
@@ -1599,8 +1817,13 @@ async fn out_of_range_timestamps_are_invalid_argument(app: TestApp) {
             expire_time: *expire_time,
             ..Default::default()
         };
-        let result = unchanged(&app, label, app.tokens().create_token(bearer(request, ops))).await;
-        assert_invalid(label, result, &["expire_time"]);
+        let request = bearer(request, ops);
+        rows.push(row(
+            "CreateToken",
+            *label,
+            async move { app.tokens().create_token(request).await },
+            invalid(&["expire_time"]),
+        ));
     }
     // Valid, but beyond the server's longest token lifetime.
     let request = pb::CreateTokenRequest {
@@ -1609,18 +1832,13 @@ async fn out_of_range_timestamps_are_invalid_argument(app: TestApp) {
         expire_time: ts(year_10000 - 1, 999_999_999),
         ..Default::default()
     };
-    let result = unchanged(
-        &app,
+    let request = bearer(request, ops);
+    rows.push(row(
+        "CreateToken",
         "9999-12-31",
-        app.tokens().create_token(bearer(request, ops)),
-    )
-    .await;
-    assert_refused(
-        "9999-12-31",
-        result,
-        "ERROR_REASON_TOKEN_LIFETIME",
-        &["expire_time"],
-    );
+        async move { app.tokens().create_token(request).await },
+        refused("ERROR_REASON_TOKEN_LIFETIME", &["expire_time"]),
+    ));
 
     // As filters, the invalid ones are refused and each field named.
     for (label, bad) in never_valid {
@@ -1630,9 +1848,15 @@ async fn out_of_range_timestamps_are_invalid_argument(app: TestApp) {
             last_used_before: bad,
             ..Default::default()
         };
-        let result = unchanged(&app, label, app.tokens().list_tokens(bearer(request, ops))).await;
-        assert_invalid(label, result, &["expire_before", "last_used_before"]);
+        let request = bearer(request, ops);
+        rows.push(row(
+            "ListTokens",
+            label,
+            async move { app.tokens().list_tokens(request).await },
+            invalid(&["expire_before", "last_used_before"]),
+        ));
     }
+    check(app, rows).await;
     // The extremes of the valid range, and the past, are fine filters.
     app.token(ops, &robot.account_id, "ci", &[]).await;
     for (expire_before, expected) in [
@@ -1656,14 +1880,17 @@ async fn out_of_range_timestamps_are_invalid_argument(app: TestApp) {
         assert_eq!(listed.len(), expected, "{expire_before:?}");
     }
 }
+
 both_backends!(out_of_range_timestamps_are_invalid_argument);
 
 // ---------------------------------------------------------------------------
 // Enums.
 
 async fn unknown_enum_values_are_invalid_argument(app: TestApp) {
+    let app = &app;
     let robot = app.robot("ci-bot").await;
     let ops = &app.operator_token;
+    let mut rows = Vec::new();
     for (label, kind, role, fields) in [
         ("unspecified kind", 0, 0, &["kind"][..]),
         ("kind 3", 3, 0, &["kind"][..]),
@@ -1679,13 +1906,13 @@ async fn unknown_enum_values_are_invalid_argument(app: TestApp) {
             role,
             ..Default::default()
         };
-        let result = unchanged(
-            &app,
+        let request = bearer(request, ops);
+        rows.push(row(
+            "CreateAccount",
             label,
-            app.accounts().create_account(bearer(request, ops)),
-        )
-        .await;
-        assert_invalid(label, result, fields);
+            async move { app.accounts().create_account(request).await },
+            invalid(fields),
+        ));
     }
     for (label, states, field) in [
         ("unspecified", vec![0], "states[0]"),
@@ -1697,10 +1924,14 @@ async fn unknown_enum_values_are_invalid_argument(app: TestApp) {
             states,
             ..Default::default()
         };
-        let result = unchanged(&app, label, app.tokens().list_tokens(bearer(request, ops))).await;
-        assert_invalid(label, result, &[field]);
+        let request = bearer(request, ops);
+        rows.push(row(
+            "ListTokens",
+            label,
+            async move { app.tokens().list_tokens(request).await },
+            invalid(&[field]),
+        ));
     }
-    let mut audit = pb::audit_service_client::AuditServiceClient::new(app.channel.clone());
     for (label, types, field) in [
         ("1000", vec![1000], "types[0]"),
         ("-1", vec![1, -1], "types[1]"),
@@ -1710,9 +1941,16 @@ async fn unknown_enum_values_are_invalid_argument(app: TestApp) {
             types,
             ..Default::default()
         };
-        let result = unchanged(&app, label, audit.list_audit_events(bearer(request, ops))).await;
-        assert_invalid(label, result, &[field]);
+        let request = bearer(request, ops);
+        rows.push(row(
+            "ListAuditEvents",
+            label,
+            async move { audit_client(app).list_audit_events(request).await },
+            invalid(&[field]),
+        ));
     }
+    check(app, rows).await;
+    let mut audit = audit_client(app);
     // As documented, AUDIT_EVENT_TYPE_UNSPECIFIED in the filter is
     // ignored.
     let all = audit
@@ -1760,35 +1998,32 @@ async fn unknown_enum_values_are_invalid_argument(app: TestApp) {
         states: vec![99; 20_000],
         ..Default::default()
     };
-    let result = unchanged(
-        &app,
-        "20000 states",
-        app.tokens().list_tokens(bearer(request, ops)),
-    )
-    .await;
-    let status = assert_invalid("20000 states", result, &["states"]);
-    assert!(
-        violated_fields(&status).len() <= 32,
-        "{} violations",
-        violated_fields(&status).len()
-    );
+    let tokens = bearer(request, ops);
     let request = pb::ListAuditEventsRequest {
         types: vec![99; 20_000],
         ..Default::default()
     };
-    let result = unchanged(
-        &app,
-        "20000 types",
-        audit.list_audit_events(bearer(request, ops)),
+    let events = bearer(request, ops);
+    check(
+        app,
+        vec![
+            row(
+                "ListTokens",
+                "20000 states",
+                async move { app.tokens().list_tokens(tokens).await },
+                invalid_at_most(&["states"], 32),
+            ),
+            row(
+                "ListAuditEvents",
+                "20000 types",
+                async move { audit_client(app).list_audit_events(events).await },
+                invalid_at_most(&["types"], 32),
+            ),
+        ],
     )
     .await;
-    let status = assert_invalid("20000 types", result, &["types"]);
-    assert!(
-        violated_fields(&status).len() <= 32,
-        "{} violations",
-        violated_fields(&status).len()
-    );
 }
+
 both_backends!(unknown_enum_values_are_invalid_argument);
 
 // ---------------------------------------------------------------------------
@@ -1800,6 +2035,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 async fn bad_page_sizes_and_garbage_page_tokens_are_invalid_argument(app: TestApp) {
+    let app = &app;
     let ops = &app.operator_token;
     let alice = app.robot("alice").await;
     let bob = app.robot("bob").await;
@@ -1807,7 +2043,7 @@ async fn bad_page_sizes_and_garbage_page_tokens_are_invalid_argument(app: TestAp
         app.token(ops, &alice.account_id, name, &[]).await;
         app.token(ops, &bob.account_id, name, &[]).await;
     }
-    let mut audit = pb::audit_service_client::AuditServiceClient::new(app.channel.clone());
+    let mut audit = audit_client(app);
     let list_accounts = |page_size: i32, page_token: &str| {
         bearer(
             pb::ListAccountsRequest {
@@ -1840,25 +2076,32 @@ async fn bad_page_sizes_and_garbage_page_tokens_are_invalid_argument(app: TestAp
     };
 
     // Sizes: negative is refused, huge is clamped.
+    let mut rows = Vec::new();
     for size in [-1, i32::MIN] {
         let label = format!("page_size {size}");
-        let result = unchanged(
-            &app,
+        let request = list_accounts(size, "");
+        rows.push(row(
+            "ListAccounts",
             &label,
-            app.accounts().list_accounts(list_accounts(size, "")),
-        )
-        .await;
-        assert_invalid(&label, result, &["page_size"]);
-        let result = unchanged(
-            &app,
+            async move { app.accounts().list_accounts(request).await },
+            invalid(&["page_size"]),
+        ));
+        let request = list_tokens(&alice, size, "");
+        rows.push(row(
+            "ListTokens",
             &label,
-            app.tokens().list_tokens(list_tokens(&alice, size, "")),
-        )
-        .await;
-        assert_invalid(&label, result, &["page_size"]);
-        let result = unchanged(&app, &label, audit.list_audit_events(list_events(size, ""))).await;
-        assert_invalid(&label, result, &["page_size"]);
+            async move { app.tokens().list_tokens(request).await },
+            invalid(&["page_size"]),
+        ));
+        let request = list_events(size, "");
+        rows.push(row(
+            "ListAuditEvents",
+            &label,
+            async move { audit_client(app).list_audit_events(request).await },
+            invalid(&["page_size"]),
+        ));
     }
+    check(app, rows).await;
     let accounts = app
         .accounts()
         .list_accounts(list_accounts(i32::MAX, ""))
@@ -1918,75 +2161,84 @@ async fn bad_page_sizes_and_garbage_page_tokens_are_invalid_argument(app: TestAp
         hex(format!("accounts\0\n{id}").as_bytes()),
         hex(format!("tokens/{}\n{id}", bob.account_id).as_bytes()),
     ];
+    let mut rows = Vec::new();
     for token in &garbage {
         let label = format!("page token {:?}", &token[..token.len().min(40)]);
-        let result = unchanged(
-            &app,
+        let request = list_accounts(1, token);
+        rows.push(row(
+            "ListAccounts",
             &label,
-            app.accounts().list_accounts(list_accounts(1, token)),
-        )
-        .await;
-        assert_invalid(&label, result, &["page_token"]);
-        let result = unchanged(
-            &app,
+            async move { app.accounts().list_accounts(request).await },
+            invalid(&["page_token"]),
+        ));
+        let request = list_tokens(&alice, 1, token);
+        rows.push(row(
+            "ListTokens",
             &label,
-            app.tokens().list_tokens(list_tokens(&alice, 1, token)),
-        )
-        .await;
-        assert_invalid(&label, result, &["page_token"]);
-        let result = unchanged(&app, &label, audit.list_audit_events(list_events(1, token))).await;
-        assert_invalid(&label, result, &["page_token"]);
+            async move { app.tokens().list_tokens(request).await },
+            invalid(&["page_token"]),
+        ));
+        let request = list_events(1, token);
+        rows.push(row(
+            "ListAuditEvents",
+            &label,
+            async move { audit_client(app).list_audit_events(request).await },
+            invalid(&["page_token"]),
+        ));
     }
     // A real token only works in its own listing.
-    let result = unchanged(
-        &app,
+    let request = list_tokens(&bob, 1, &alice_token);
+    rows.push(row(
+        "ListTokens",
         "alice's token for bob",
-        app.tokens().list_tokens(list_tokens(&bob, 1, &alice_token)),
-    )
-    .await;
-    assert_invalid("alice's token for bob", result, &["page_token"]);
+        async move { app.tokens().list_tokens(request).await },
+        invalid(&["page_token"]),
+    ));
     for foreign in [&alice_token, &events_token] {
-        let result = unchanged(
-            &app,
-            "foreign",
-            app.accounts().list_accounts(list_accounts(1, foreign)),
-        )
-        .await;
-        assert_invalid("foreign token for accounts", result, &["page_token"]);
+        let request = list_accounts(1, foreign);
+        rows.push(row(
+            "ListAccounts",
+            "foreign token for accounts",
+            async move { app.accounts().list_accounts(request).await },
+            invalid(&["page_token"]),
+        ));
     }
     for foreign in [&alice_token, &accounts_token] {
-        let result = unchanged(
-            &app,
-            "foreign",
-            audit.list_audit_events(list_events(1, foreign)),
-        )
-        .await;
-        assert_invalid("foreign token for events", result, &["page_token"]);
+        let request = list_events(1, foreign);
+        rows.push(row(
+            "ListAuditEvents",
+            "foreign token for events",
+            async move { audit_client(app).list_audit_events(request).await },
+            invalid(&["page_token"]),
+        ));
     }
-    let result = unchanged(
-        &app,
-        "foreign",
-        app.tokens()
-            .list_tokens(list_tokens(&alice, 1, &accounts_token)),
-    )
-    .await;
-    assert_invalid("foreign token for tokens", result, &["page_token"]);
+    let request = list_tokens(&alice, 1, &accounts_token);
+    rows.push(row(
+        "ListTokens",
+        "foreign token for tokens",
+        async move { app.tokens().list_tokens(request).await },
+        invalid(&["page_token"]),
+    ));
+    check(app, rows).await;
     app.tokens()
         .list_tokens(list_tokens(&alice, 1, &alice_token))
         .await
         .expect("its own listing");
 }
+
 both_backends!(bad_page_sizes_and_garbage_page_tokens_are_invalid_argument);
 
 // ---------------------------------------------------------------------------
 // Too many scopes and secrets.
 
 async fn too_many_scopes_or_secrets_are_invalid_argument(app: TestApp) {
+    let app = &app;
     let robot = app.robot("ci-bot").await;
     let ops = &app.operator_token;
     let verifier = app.verifier_token().await;
     app.verify("x", &[]).await;
     let scopes = |n: usize| (0..n).map(|i| format!("project:s{i}")).collect::<Vec<_>>();
+    let mut rows = Vec::new();
     for (label, scopes) in [
         ("33 scopes", scopes(33)),
         (
@@ -2001,26 +2253,27 @@ async fn too_many_scopes_or_secrets_are_invalid_argument(app: TestApp) {
             scopes: scopes.clone(),
             ..Default::default()
         };
-        let result = unchanged(&app, label, app.tokens().create_token(bearer(request, ops))).await;
-        let status = assert_invalid(label, result, &["scopes"]);
-        assert_eq!(
-            violated_fields(&status).len(),
-            1,
-            "{label}: one violation, not one per scope"
-        );
+        let request = bearer(request, ops);
+        // One violation, not one per scope.
+        rows.push(row(
+            "CreateToken",
+            label,
+            async move { app.tokens().create_token(request).await },
+            invalid_at_most(&["scopes"], 1),
+        ));
         let request = pb::VerifyTokenRequest {
             token: "x".into(),
             required_scopes: scopes,
             ..Default::default()
         };
-        let result = unchanged(
-            &app,
+        let request = bearer(request, &verifier);
+        rows.push(verify_row(
             label,
-            app.tokens().verify_token(bearer(request, &verifier)),
-        )
-        .await;
-        assert_invalid(label, result, &["required_scopes"]);
+            async move { app.tokens().verify_token(request).await },
+            invalid(&["required_scopes"]),
+        ));
     }
+    check(app, rows).await;
     let (token, secret) = app
         .token(
             ops,
@@ -2041,13 +2294,17 @@ async fn too_many_scopes_or_secrets_are_invalid_argument(app: TestApp) {
     let request = pb::RevokeLeakedTokenRequest {
         secrets: vec![secret.clone(); 1001],
     };
-    let result = unchanged(
-        &app,
-        "1001 secrets",
-        app.tokens().revoke_leaked_token(request),
+    check(
+        app,
+        vec![row(
+            "RevokeLeakedToken",
+            "1001 secrets",
+            async move { app.tokens().revoke_leaked_token(request).await },
+            invalid(&["secrets"]),
+        )],
     )
     .await;
-    assert_invalid("1001 secrets", result, &["secrets"]);
     assert!(app.verify(&secret, &[]).await.active, "nothing was revoked");
 }
+
 both_backends!(too_many_scopes_or_secrets_are_invalid_argument);
