@@ -343,67 +343,77 @@ async fn a_token_creation_racing_its_accounts_deletion_fails_cleanly() {
     }
 }
 
-crate::on_both_backends! {
-    /// A credential looping CreateToken does not keep its account from
-    /// being deleted: the deletion succeeds, every creation succeeds or is
-    /// NOT_FOUND (never INTERNAL), and no token created verifies afterwards.
-    async fn deleting_an_account_while_its_tokens_are_being_created_succeeds(app: TestApp) {
-        let robot = app.robot("ci").await;
-        let looping = {
-            let client = app.tokens();
-            let account_id = robot.account_id.clone();
-            let operator = app.operator_token.clone();
-            tokio::spawn(async move {
-                let mut secrets = Vec::new();
-                for i in 0..300 {
-                    let request = bearer(
-                        pb::CreateTokenRequest {
-                            account_id: account_id.clone(),
-                            name: format!("loop-{i}"),
-                            ..Default::default()
-                        },
-                        &operator,
-                    );
-                    match client.clone().create_token(request).await {
-                        Ok(response) => secrets.push(response.into_inner().secret),
-                        Err(status) if status.code() == Code::NotFound => return (secrets, true),
-                        Err(status) => panic!("creation {i} failed: {status:?}"),
-                    }
+/// A credential looping CreateToken does not keep its account from
+/// being deleted: the deletion succeeds, every creation succeeds or is
+/// NOT_FOUND (never INTERNAL), and no token created verifies afterwards.
+async fn deleting_an_account_while_its_tokens_are_being_created_succeeds(app: TestApp) {
+    let robot = app.robot("ci").await;
+    let looping = {
+        let client = app.tokens();
+        let account_id = robot.account_id.clone();
+        let operator = app.operator_token.clone();
+        tokio::spawn(async move {
+            let mut secrets = Vec::new();
+            for i in 0..300 {
+                let request = bearer(
+                    pb::CreateTokenRequest {
+                        account_id: account_id.clone(),
+                        name: format!("loop-{i}"),
+                        ..Default::default()
+                    },
+                    &operator,
+                );
+                match client.clone().create_token(request).await {
+                    Ok(response) => secrets.push(response.into_inner().secret),
+                    Err(status) if status.code() == Code::NotFound => return (secrets, true),
+                    Err(status) => panic!("creation {i} failed: {status:?}"),
                 }
-                (secrets, false)
-            })
-        };
-        // Let the loop get going, then delete under it.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
-            let listed = app
-                .tokens()
-                .list_tokens(bearer(
-                    pb::ListTokensRequest { account_id: robot.account_id.clone(), ..Default::default() },
-                    &app.operator_token,
-                ))
-                .await
-                .expect("list")
-                .into_inner()
-                .tokens
-                .len();
-            if listed >= 3 {
-                break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "the loop never created tokens");
-            tokio::task::yield_now().await;
-        }
-        app.accounts()
-            .delete_account(bearer(
-                pb::DeleteAccountRequest { account_id: robot.account_id.clone() },
+            (secrets, false)
+        })
+    };
+    // Let the loop get going, then delete under it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = app
+            .tokens()
+            .list_tokens(bearer(
+                pb::ListTokensRequest {
+                    account_id: robot.account_id.clone(),
+                    ..Default::default()
+                },
                 &app.operator_token,
             ))
             .await
-            .expect("the deletion succeeds while tokens are being created");
-        let (secrets, refused) = looping.await.expect("the loop never failed otherwise");
-        assert!(refused, "the loop finished before the deletion");
-        for secret in &secrets {
-            assert!(!app.verify(secret, &[]).await.active, "a token of a deleted account verifies");
+            .expect("list")
+            .into_inner()
+            .tokens
+            .len();
+        if listed >= 3 {
+            break;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the loop never created tokens"
+        );
+        tokio::task::yield_now().await;
+    }
+    app.accounts()
+        .delete_account(bearer(
+            pb::DeleteAccountRequest {
+                account_id: robot.account_id.clone(),
+            },
+            &app.operator_token,
+        ))
+        .await
+        .expect("the deletion succeeds while tokens are being created");
+    let (secrets, refused) = looping.await.expect("the loop never failed otherwise");
+    assert!(refused, "the loop finished before the deletion");
+    for secret in &secrets {
+        assert!(
+            !app.verify(secret, &[]).await.active,
+            "a token of a deleted account verifies"
+        );
     }
 }
+crate::both_backends!(deleting_an_account_while_its_tokens_are_being_created_succeeds);

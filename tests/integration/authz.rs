@@ -20,7 +20,7 @@ use prost::Message as _;
 use tonic::{Code, Request, Status, metadata::MetadataValue};
 use tonic_types::StatusExt as _;
 
-use crate::on_both_backends;
+use crate::both_backends;
 use crate::support::{PASSWORD, TestApp, bearer, pb};
 use pb::{ErrorReason, audit_service_client::AuditServiceClient};
 
@@ -1237,34 +1237,33 @@ fn panic_message(err: tokio::task::JoinError) -> String {
     }
 }
 
-on_both_backends! {
-    async fn every_rpc_answers_every_kind_of_caller_as_the_policy_says(app: TestApp) {
-        assert_the_matrix_covers_the_api();
-        let world = Arc::new(World::build(&app).await);
-        let app = Arc::new(app);
-        let mut failures = Vec::new();
-        for (n, &row) in ROWS.iter().enumerate() {
-            // A task per row, so that a row that panics (say, because an
-            // earlier call that should have been refused deleted Alice) is
-            // reported with the others instead of hiding them.
-            let task = tokio::spawn({
-                let (app, world) = (Arc::clone(&app), Arc::clone(&world));
-                async move { perform(&app, &world, n, row).await }
-            });
-            let problem = match task.await {
-                Ok(result) => mismatch(row, &result),
-                Err(err) => Some(format!("the row panicked: {}", panic_message(err))),
-            };
-            if let Some(problem) = problem {
-                failures.push(format!("{:?} by {:?}: {problem}", row.rpc, row.caller));
-            }
+async fn every_rpc_answers_every_kind_of_caller_as_the_policy_says(app: TestApp) {
+    assert_the_matrix_covers_the_api();
+    let world = Arc::new(World::build(&app).await);
+    let app = Arc::new(app);
+    let mut failures = Vec::new();
+    for (n, &row) in ROWS.iter().enumerate() {
+        // A task per row, so that a row that panics (say, because an
+        // earlier call that should have been refused deleted Alice) is
+        // reported with the others instead of hiding them.
+        let task = tokio::spawn({
+            let (app, world) = (Arc::clone(&app), Arc::clone(&world));
+            async move { perform(&app, &world, n, row).await }
+        });
+        let problem = match task.await {
+            Ok(result) => mismatch(row, &result),
+            Err(err) => Some(format!("the row panicked: {}", panic_message(err))),
+        };
+        if let Some(problem) = problem {
+            failures.push(format!("{:?} by {:?}: {problem}", row.rpc, row.caller));
         }
-        assert!(
-            failures.is_empty(),
-            "{} of {} cells answered otherwise:\n{}",
-            failures.len(),
-            ROWS.len(),
-            failures.join("\n")
-        );
     }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cells answered otherwise:\n{}",
+        failures.len(),
+        ROWS.len(),
+        failures.join("\n")
+    );
 }
+both_backends!(every_rpc_answers_every_kind_of_caller_as_the_policy_says);

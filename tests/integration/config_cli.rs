@@ -12,11 +12,11 @@ use std::path::Path;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 use crate::{
-    binary::{
-        Finished, Server, identity_command, random_hex, run, sqlite_file, strip_ansi,
-        with_database_password,
-    },
     support::Backend,
+    support::binary::{
+        Finished, Server, identity_command, random_hex, run, serving_field, sqlite_file,
+        strip_ansi, with_database_password,
+    },
 };
 
 /// The `error:` lines of a run's stderr, colours removed.
@@ -533,7 +533,7 @@ async fn empty_non_utf8_and_listed_values_are_named_where_they_were_given() {
 
     // A value that is not UTF-8, by variable and by flag.
     let not_utf8 = OsStr::from_bytes(b"\xff7q");
-    let mut by_env = crate::binary::identity_command(&format!(
+    let mut by_env = crate::support::binary::identity_command(&format!(
         "sqlite:{}",
         dir.path().join("identity.db").display()
     ));
@@ -541,7 +541,7 @@ async fn empty_non_utf8_and_listed_values_are_named_where_they_were_given() {
         .env("IDENTITY_LISTEN_ADDR", "127.0.0.1:0")
         .env("IDENTITY_CACHE_TTL", not_utf8)
         .args(["config", "check"]);
-    let mut by_flag = crate::binary::identity_command(&format!(
+    let mut by_flag = crate::support::binary::identity_command(&format!(
         "sqlite:{}",
         dir.path().join("identity.db").display()
     ));
@@ -609,14 +609,10 @@ async fn listen_addresses_may_be_host_names() {
     drop(health);
     let finished = server.terminate().await;
     assert!(finished.status.success(), "{}", finished.stderr);
-    let health_addr = strip_ansi(&finished.stderr)
+    let health_addr = finished
+        .stderr
         .lines()
-        .find(|line| line.contains(" serving "))
-        .and_then(|line| {
-            line.split_whitespace()
-                .find_map(|word| word.strip_prefix("health_addr="))
-                .map(str::to_owned)
-        })
+        .find_map(|line| serving_field(line, "health_addr"))
         .expect("the serving line names the health address");
     let health_addr: std::net::SocketAddr = health_addr.parse().expect("an address");
     assert!(health_addr.ip().is_loopback(), "{health_addr}");

@@ -33,7 +33,7 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    binary::{Server, bootstrap_operator, printed_token, sqlite_file},
+    support::binary::{Server, bootstrap_operator, printed_token, sqlite_file},
     support::{
         Backend, PASSWORD, TestApp, TestDatabase, bearer,
         pb::{

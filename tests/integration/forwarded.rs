@@ -14,7 +14,7 @@ use tonic::{Code, Request, metadata::MetadataValue};
 use crate::support::{Backend, PASSWORD, TestApp, assert_status, bearer, pb};
 
 /// Runs `$name(backend)` once per backend (these tests need their own
-/// settings, so they cannot use `on_both_backends!`).
+/// settings, so they cannot use `both_backends!`).
 macro_rules! on_both {
     ($name:ident) => {
         mod $name {

@@ -24,7 +24,7 @@ use std::{
 use tonic::{Code, Status, transport::Channel};
 
 use crate::authz::{Caller, Rpc, World};
-use crate::on_both_backends;
+use crate::both_backends;
 use crate::support::{PASSWORD, TestApp, bearer, pb, reason};
 use pb::tokens_service_client::TokensServiceClient;
 
@@ -832,306 +832,426 @@ async fn run_all(app: &Arc<TestApp>, cases: Vec<Case>) -> Vec<String> {
     problems
 }
 
-on_both_backends! {
-    async fn nothing_created_with_a_credential_holds_more_than_the_credential(app: TestApp) {
-        let world = World::build(&app).await;
-        let alice_session = world
-            .authorization(&app, Rpc::CreateToken, Caller::OwnSession)
-            .await
-            .expect("a session")
-            .trim_start_matches("Bearer ")
-            .to_owned();
-        let extras = extras(&app, &world, &alice_session).await;
-        let ops = ops_account(&app).await;
-        // A person and an operator to enable again (both enabled already:
-        // enabling is idempotent, and its rule applies all the same).
-        let (carol, _) = app.person("carol").await;
-        let targets = [
-            (String::new(), false),
-            (carol.account_id.clone(), false),
-            (ops.account_id.clone(), true),
-        ];
+async fn nothing_created_with_a_credential_holds_more_than_the_credential(app: TestApp) {
+    let world = World::build(&app).await;
+    let alice_session = world
+        .authorization(&app, Rpc::CreateToken, Caller::OwnSession)
+        .await
+        .expect("a session")
+        .trim_start_matches("Bearer ")
+        .to_owned();
+    let extras = extras(&app, &world, &alice_session).await;
+    let ops = ops_account(&app).await;
+    // A person and an operator to enable again (both enabled already:
+    // enabling is idempotent, and its rule applies all the same).
+    let (carol, _) = app.person("carol").await;
+    let targets = [
+        (String::new(), false),
+        (carol.account_id.clone(), false),
+        (ops.account_id.clone(), true),
+    ];
 
-        let mut whos: Vec<Who> = Caller::ALL.iter().map(|&c| Who::Matrix(c)).collect();
-        whos.extend([
-            Who::LimitedToken,
-            Who::ShortLivedToken,
-            Who::OperatorSession,
-            Who::OperatorLimitedToken,
-        ]);
-        let mut cases = Vec::new();
-        for (w, &who) in whos.iter().enumerate() {
-            cases.extend(cases_for(&app, &world, &extras, who, &targets, &format!("w{w}")).await);
-        }
-
-        // Tokens rotating and renewing themselves: the renewal is refused,
-        // the rotation keeps expiry and uses.
-        let hours = |h: u64| SystemTime::now() + Duration::from_secs(h * 60 * 60);
-        let mut selves = Vec::new();
-        for (i, (scopes, max_uses)) in [
-            (&[][..], None),
-            (&["tokens:write"][..], None),
-            (&["tokens:write"][..], Some(5)),
-            (&[][..], Some(5)),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let name = format!("self-{i}");
-            let secret =
-                alice_token(&app, &world, &alice_session, &name, scopes, Some(hours(3)), max_uses)
-                    .await;
-            let verdict = app.verify(&secret, &[]).await;
-            let p = verdict.principal.expect("live");
-            let token = pb::Token {
-                token_id: p.token_id.clone(),
-                account_id: p.account_id.clone(),
-                scopes: p.scopes.clone(),
-                expire_time: p.expire_time,
-                max_uses,
-                uses_remaining: p.uses_remaining,
-                ..Default::default()
-            };
-            let power = Power {
-                account_id: p.account_id,
-                operator: false,
-                session: false,
-                token_id: p.token_id,
-                scopes: (!p.scopes.is_empty()).then(|| p.scopes.into_iter().collect()),
-                expire: time(p.expire_time.as_ref()),
-                uses: p.uses_remaining,
-            };
-            let auth = Some(format!("Bearer {secret}"));
-            selves.push(Case {
-                who: Who::Matrix(Caller::OwnScopedToken),
-                auth: auth.clone(),
-                power: Some(power.clone()),
-                act: Act::Renew { victim: token.clone(), operator_account: false, expiry: Expiry::At(hours(1)) },
-            });
-            selves.push(Case {
-                who: Who::Matrix(Caller::OwnScopedToken),
-                auth,
-                power: Some(power),
-                act: Act::Rotate { victim: token, operator_account: false },
-            });
-        }
-
-        let total = cases.len() + selves.len();
-        let app = Arc::new(app);
-        let mut problems = run_all(&app, cases).await;
-        // One at a time, in order: the renewal before the rotation.
-        for (n, case) in selves.iter().enumerate() {
-            problems.extend(try_case(&app, 1_000_000 + n, case).await);
-        }
-        assert!(
-            problems.is_empty(),
-            "{} of {total} cases answered otherwise:\n{}",
-            problems.len(),
-            problems.join("\n")
-        );
+    let mut whos: Vec<Who> = Caller::ALL.iter().map(|&c| Who::Matrix(c)).collect();
+    whos.extend([
+        Who::LimitedToken,
+        Who::ShortLivedToken,
+        Who::OperatorSession,
+        Who::OperatorLimitedToken,
+    ]);
+    let mut cases = Vec::new();
+    for (w, &who) in whos.iter().enumerate() {
+        cases.extend(cases_for(&app, &world, &extras, who, &targets, &format!("w{w}")).await);
     }
+
+    // Tokens rotating and renewing themselves: the renewal is refused,
+    // the rotation keeps expiry and uses.
+    let hours = |h: u64| SystemTime::now() + Duration::from_secs(h * 60 * 60);
+    let mut selves = Vec::new();
+    for (i, (scopes, max_uses)) in [
+        (&[][..], None),
+        (&["tokens:write"][..], None),
+        (&["tokens:write"][..], Some(5)),
+        (&[][..], Some(5)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("self-{i}");
+        let secret = alice_token(
+            &app,
+            &world,
+            &alice_session,
+            &name,
+            scopes,
+            Some(hours(3)),
+            max_uses,
+        )
+        .await;
+        let verdict = app.verify(&secret, &[]).await;
+        let p = verdict.principal.expect("live");
+        let token = pb::Token {
+            token_id: p.token_id.clone(),
+            account_id: p.account_id.clone(),
+            scopes: p.scopes.clone(),
+            expire_time: p.expire_time,
+            max_uses,
+            uses_remaining: p.uses_remaining,
+            ..Default::default()
+        };
+        let power = Power {
+            account_id: p.account_id,
+            operator: false,
+            session: false,
+            token_id: p.token_id,
+            scopes: (!p.scopes.is_empty()).then(|| p.scopes.into_iter().collect()),
+            expire: time(p.expire_time.as_ref()),
+            uses: p.uses_remaining,
+        };
+        let auth = Some(format!("Bearer {secret}"));
+        selves.push(Case {
+            who: Who::Matrix(Caller::OwnScopedToken),
+            auth: auth.clone(),
+            power: Some(power.clone()),
+            act: Act::Renew {
+                victim: token.clone(),
+                operator_account: false,
+                expiry: Expiry::At(hours(1)),
+            },
+        });
+        selves.push(Case {
+            who: Who::Matrix(Caller::OwnScopedToken),
+            auth,
+            power: Some(power),
+            act: Act::Rotate {
+                victim: token,
+                operator_account: false,
+            },
+        });
+    }
+
+    let total = cases.len() + selves.len();
+    let app = Arc::new(app);
+    let mut problems = run_all(&app, cases).await;
+    // One at a time, in order: the renewal before the rotation.
+    for (n, case) in selves.iter().enumerate() {
+        problems.extend(try_case(&app, 1_000_000 + n, case).await);
+    }
+    assert!(
+        problems.is_empty(),
+        "{} of {total} cases answered otherwise:\n{}",
+        problems.len(),
+        problems.join("\n")
+    );
 }
+both_backends!(nothing_created_with_a_credential_holds_more_than_the_credential);
 
 // ---------------------------------------------------------------------------
 // The review's reproductions, one by one.
 
-on_both_backends! {
-    async fn a_scoped_operator_token_cannot_make_an_operator(app: TestApp) {
-        let ops = ops_account(&app).await;
-        let (_, scoped) = app.token(&app.operator_token, &ops.account_id, "accounts-only", &["accounts:write"]).await;
-        let create = |token: String, username: &str| {
-            let mut accounts = app.accounts();
-            let request = bearer(
-                pb::CreateAccountRequest {
-                    username: username.into(),
-                    password: PASSWORD.into(),
-                    kind: pb::AccountKind::Person as i32,
-                    role: pb::AccountRole::Operator as i32,
-                    ..Default::default()
-                },
-                &token,
-            );
-            async move { accounts.create_account(request).await }
-        };
-        crate::support::assert_status(
-            create(scoped.clone(), "mallory").await,
-            Code::PermissionDenied,
-            "ERROR_REASON_ESCALATION",
+async fn a_scoped_operator_token_cannot_make_an_operator(app: TestApp) {
+    let ops = ops_account(&app).await;
+    let (_, scoped) = app
+        .token(
+            &app.operator_token,
+            &ops.account_id,
+            "accounts-only",
+            &["accounts:write"],
+        )
+        .await;
+    let create = |token: String, username: &str| {
+        let mut accounts = app.accounts();
+        let request = bearer(
+            pb::CreateAccountRequest {
+                username: username.into(),
+                password: PASSWORD.into(),
+                kind: pb::AccountKind::Person as i32,
+                role: pb::AccountRole::Operator as i32,
+                ..Default::default()
+            },
+            &token,
         );
-        // Nothing was created: there is no one to sign in as.
-        crate::support::assert_status(
-            crate::support::sign_in(&app, "mallory", PASSWORD).await,
-            Code::Unauthenticated,
-            "ERROR_REASON_SIGN_IN_FAILED",
-        );
-        // The same token may still make users; a full-access one, operators.
+        async move { accounts.create_account(request).await }
+    };
+    crate::support::assert_status(
+        create(scoped.clone(), "mallory").await,
+        Code::PermissionDenied,
+        "ERROR_REASON_ESCALATION",
+    );
+    // Nothing was created: there is no one to sign in as.
+    crate::support::assert_status(
+        crate::support::sign_in(&app, "mallory", PASSWORD).await,
+        Code::Unauthenticated,
+        "ERROR_REASON_SIGN_IN_FAILED",
+    );
+    // The same token may still make users; a full-access one, operators.
+    app.accounts()
+        .create_account(bearer(
+            pb::CreateAccountRequest {
+                username: "user".into(),
+                kind: pb::AccountKind::Robot as i32,
+                ..Default::default()
+            },
+            &scoped,
+        ))
+        .await
+        .expect("a scoped operator token creates a user");
+    let root = create(app.operator_token.clone(), "root")
+        .await
+        .expect("a full-access operator token creates an operator")
+        .into_inner()
+        .account
+        .expect("account");
+
+    // Enabling a disabled operator gives its power back: the same rule.
+    app.accounts()
+        .disable_account(bearer(
+            pb::DisableAccountRequest {
+                account_id: root.account_id.clone(),
+            },
+            &scoped,
+        ))
+        .await
+        .expect("disable");
+    crate::support::assert_status(
         app.accounts()
-            .create_account(bearer(
-                pb::CreateAccountRequest {
-                    username: "user".into(),
-                    kind: pb::AccountKind::Robot as i32,
-                    ..Default::default()
+            .enable_account(bearer(
+                pb::EnableAccountRequest {
+                    account_id: root.account_id.clone(),
                 },
                 &scoped,
             ))
+            .await,
+        Code::PermissionDenied,
+        "ERROR_REASON_ESCALATION",
+    );
+    assert!(
+        crate::support::sign_in(&app, "root", PASSWORD)
             .await
-            .expect("a scoped operator token creates a user");
-        let root = create(app.operator_token.clone(), "root")
-            .await
-            .expect("a full-access operator token creates an operator")
-            .into_inner()
-            .account
-            .expect("account");
-
-        // Enabling a disabled operator gives its power back: the same rule.
-        app.accounts()
-            .disable_account(bearer(pb::DisableAccountRequest { account_id: root.account_id.clone() }, &scoped))
-            .await
-            .expect("disable");
-        crate::support::assert_status(
-            app.accounts()
-                .enable_account(bearer(pb::EnableAccountRequest { account_id: root.account_id.clone() }, &scoped))
-                .await,
-            Code::PermissionDenied,
-            "ERROR_REASON_ESCALATION",
-        );
-        assert!(crate::support::sign_in(&app, "root", PASSWORD).await.is_err(), "root stays disabled");
-        app.accounts()
-            .enable_account(bearer(pb::EnableAccountRequest { account_id: root.account_id.clone() }, &app.operator_token))
-            .await
-            .expect("a full-access operator token enables an operator");
-        let session = crate::support::sign_in(&app, "root", PASSWORD).await.expect("root is back");
-        app.accounts()
-            .disable_account(bearer(pb::DisableAccountRequest { account_id: root.account_id.clone() }, &app.operator_token))
-            .await
-            .expect("disable again");
-        app.accounts()
-            .enable_account(bearer(pb::EnableAccountRequest { account_id: root.account_id }, &session))
-            .await
-            .expect_err("a disabled account's session is dead");
-    }
+            .is_err(),
+        "root stays disabled"
+    );
+    app.accounts()
+        .enable_account(bearer(
+            pb::EnableAccountRequest {
+                account_id: root.account_id.clone(),
+            },
+            &app.operator_token,
+        ))
+        .await
+        .expect("a full-access operator token enables an operator");
+    let session = crate::support::sign_in(&app, "root", PASSWORD)
+        .await
+        .expect("root is back");
+    app.accounts()
+        .disable_account(bearer(
+            pb::DisableAccountRequest {
+                account_id: root.account_id.clone(),
+            },
+            &app.operator_token,
+        ))
+        .await
+        .expect("disable again");
+    app.accounts()
+        .enable_account(bearer(
+            pb::EnableAccountRequest {
+                account_id: root.account_id,
+            },
+            &session,
+        ))
+        .await
+        .expect_err("a disabled account's session is dead");
 }
+both_backends!(a_scoped_operator_token_cannot_make_an_operator);
 
-on_both_backends! {
-    async fn a_limited_use_token_mints_nothing_and_rotation_keeps_its_uses_and_expiry(app: TestApp) {
-        let (alice, session) = app.person("alice").await;
-        let ten_minutes = SystemTime::now() + Duration::from_secs(10 * 60);
-        let limited = |name: &str, max_uses: i64| pb::CreateTokenRequest {
-            account_id: alice.account_id.clone(),
-            name: name.into(),
-            scopes: vec!["tokens:write".into()],
-            expire_time: Some(timestamp(ten_minutes)),
-            max_uses: Some(max_uses),
-            never_expires: false,
-            ttl: None,
-        };
-        let one_time = app.tokens().create_token(bearer(limited("one-time", 1), &session)).await.expect("create").into_inner();
-        crate::support::assert_status(
-            app.tokens()
-                .create_token(bearer(
-                    pb::CreateTokenRequest {
-                        account_id: alice.account_id.clone(),
-                        name: "child".into(),
-                        scopes: vec!["tokens:write".into()],
-                        ..Default::default()
-                    },
-                    &one_time.secret,
-                ))
-                .await,
-            Code::PermissionDenied,
-            "ERROR_REASON_ESCALATION",
-        );
-
-        // A 4-use, 10-minute token rotates itself again and again: each
-        // successor has the uses left and the same absolute expiry.
-        let created = app.tokens().create_token(bearer(limited("ci", 4), &session)).await.expect("create").into_inner();
-        let first = created.token.expect("token");
-        let (mut secret, mut id) = (created.secret, first.token_id.clone());
-        let mut left = Vec::new();
-        loop {
-            let rotated = app.tokens().rotate_token(bearer(pb::RotateTokenRequest { token_id: id.clone() }, &secret)).await;
-            let Ok(rotated) = rotated else {
-                // Its last use admits the call, which then finds the token
-                // exhausted; after that it is refused at the door.
-                let status = rotated.expect_err("refused");
-                assert!(
-                    matches!(status.code(), Code::FailedPrecondition | Code::Unauthenticated),
-                    "the uses ran out: {status:?}"
-                );
-                break;
-            };
-            let rotated = rotated.into_inner();
-            let successor = rotated.token.expect("token");
-            assert_eq!(successor.expire_time, first.expire_time, "no fresh lifetime");
-            assert_eq!(successor.max_uses, Some(4));
-            // The uses move: the old secret keeps none.
-            assert_eq!(rotated.previous.expect("previous").uses_remaining, Some(0));
-            left.push(successor.uses_remaining.expect("limited"));
-            (secret, id) = (rotated.secret, successor.token_id);
-            assert!(left.len() < 10, "rotation refilled the uses: {left:?}");
-        }
-        assert_eq!(left, [3, 2, 1], "each rotation spends one use and passes on the rest");
-    }
-}
-
-on_both_backends! {
-    async fn renewal_needs_a_credential_that_may_create_the_token_never_the_token_itself(app: TestApp) {
-        let (alice, session) = app.person("alice").await;
-        let hours = |h: u64| SystemTime::now() + Duration::from_secs(h * 60 * 60);
-        let created = app
-            .tokens()
+async fn a_limited_use_token_mints_nothing_and_rotation_keeps_its_uses_and_expiry(app: TestApp) {
+    let (alice, session) = app.person("alice").await;
+    let ten_minutes = SystemTime::now() + Duration::from_secs(10 * 60);
+    let limited = |name: &str, max_uses: i64| pb::CreateTokenRequest {
+        account_id: alice.account_id.clone(),
+        name: name.into(),
+        scopes: vec!["tokens:write".into()],
+        expire_time: Some(timestamp(ten_minutes)),
+        max_uses: Some(max_uses),
+        never_expires: false,
+        ttl: None,
+    };
+    let one_time = app
+        .tokens()
+        .create_token(bearer(limited("one-time", 1), &session))
+        .await
+        .expect("create")
+        .into_inner();
+    crate::support::assert_status(
+        app.tokens()
             .create_token(bearer(
                 pb::CreateTokenRequest {
                     account_id: alice.account_id.clone(),
-                    name: "ci".into(),
-                    scopes: vec!["tokens:write".into(), "project:publish".into()],
-                    expire_time: Some(timestamp(hours(1))),
+                    name: "child".into(),
+                    scopes: vec!["tokens:write".into()],
                     ..Default::default()
                 },
-                &session,
+                &one_time.secret,
             ))
-            .await
-            .expect("create")
-            .into_inner();
-        let token = created.token.expect("token");
-        let renew = |caller: String, expire: SystemTime| {
-            let mut tokens = app.tokens();
-            let request = bearer(
-                pb::RenewTokenRequest { token_id: token.token_id.clone(), expire_time: Some(timestamp(expire)), never_expires: false },
-                &caller,
+            .await,
+        Code::PermissionDenied,
+        "ERROR_REASON_ESCALATION",
+    );
+
+    // A 4-use, 10-minute token rotates itself again and again: each
+    // successor has the uses left and the same absolute expiry.
+    let created = app
+        .tokens()
+        .create_token(bearer(limited("ci", 4), &session))
+        .await
+        .expect("create")
+        .into_inner();
+    let first = created.token.expect("token");
+    let (mut secret, mut id) = (created.secret, first.token_id.clone());
+    let mut left = Vec::new();
+    loop {
+        let rotated = app
+            .tokens()
+            .rotate_token(bearer(
+                pb::RotateTokenRequest {
+                    token_id: id.clone(),
+                },
+                &secret,
+            ))
+            .await;
+        let Ok(rotated) = rotated else {
+            // Its last use admits the call, which then finds the token
+            // exhausted; after that it is refused at the door.
+            let status = rotated.expect_err("refused");
+            assert!(
+                matches!(
+                    status.code(),
+                    Code::FailedPrecondition | Code::Unauthenticated
+                ),
+                "the uses ran out: {status:?}"
             );
-            async move { tokens.renew_token(request).await }
+            break;
         };
-        crate::support::assert_status(renew(created.secret.clone(), hours(2)).await, Code::PermissionDenied, "ERROR_REASON_NOT_ALLOWED");
-        // Another token of Alice's without `project:publish` holds less.
-        let (_, writer) = app.token(&session, &alice.account_id, "writer", &["tokens:write"]).await;
-        crate::support::assert_status(renew(writer, hours(2)).await, Code::PermissionDenied, "ERROR_REASON_ESCALATION");
-        // A short-lived token that holds the scopes cannot extend it beyond itself.
-        let short = app
-            .tokens()
-            .create_token(bearer(
-                pb::CreateTokenRequest {
-                    account_id: alice.account_id.clone(),
-                    name: "short".into(),
-                    scopes: vec!["tokens:write".into(), "project:publish".into()],
-                    expire_time: Some(timestamp(hours(3))),
-                    ..Default::default()
-                },
-                &session,
-            ))
-            .await
-            .expect("create")
-            .into_inner()
-            .secret;
-        crate::support::assert_status(renew(short.clone(), hours(4)).await, Code::PermissionDenied, "ERROR_REASON_ESCALATION");
-        let within = renew(short, hours(2)).await.expect("within its own expiry").into_inner().token.expect("token");
-        assert_eq!(time(within.expire_time.as_ref()).map(|t| t > hours(1)), Some(true));
-        // Her session gives it a new lifetime; the secret stays the same.
-        let renewed = renew(session.clone(), hours(24 * 30)).await.expect("renew").into_inner().token.expect("token");
-        assert_eq!((renewed.token_id.as_str(), renewed.scopes.clone()), (token.token_id.as_str(), token.scopes.clone()));
-        assert!(time(renewed.expire_time.as_ref()) > time(token.expire_time.as_ref()));
-        assert_eq!(app.verify(&created.secret, &[]).await.principal.expect("active").expire_time, renewed.expire_time);
-        let events = app.audit(&alice.account_id, &[pb::AuditEventType::TokenRenewed]).await;
-        assert_eq!(events.len(), 2, "{events:?}");
+        let rotated = rotated.into_inner();
+        let successor = rotated.token.expect("token");
+        assert_eq!(
+            successor.expire_time, first.expire_time,
+            "no fresh lifetime"
+        );
+        assert_eq!(successor.max_uses, Some(4));
+        // The uses move: the old secret keeps none.
+        assert_eq!(rotated.previous.expect("previous").uses_remaining, Some(0));
+        left.push(successor.uses_remaining.expect("limited"));
+        (secret, id) = (rotated.secret, successor.token_id);
+        assert!(left.len() < 10, "rotation refilled the uses: {left:?}");
     }
+    assert_eq!(
+        left,
+        [3, 2, 1],
+        "each rotation spends one use and passes on the rest"
+    );
 }
+both_backends!(a_limited_use_token_mints_nothing_and_rotation_keeps_its_uses_and_expiry);
+
+async fn renewal_needs_a_credential_that_may_create_the_token_never_the_token_itself(app: TestApp) {
+    let (alice, session) = app.person("alice").await;
+    let hours = |h: u64| SystemTime::now() + Duration::from_secs(h * 60 * 60);
+    let created = app
+        .tokens()
+        .create_token(bearer(
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "ci".into(),
+                scopes: vec!["tokens:write".into(), "project:publish".into()],
+                expire_time: Some(timestamp(hours(1))),
+                ..Default::default()
+            },
+            &session,
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let token = created.token.expect("token");
+    let renew = |caller: String, expire: SystemTime| {
+        let mut tokens = app.tokens();
+        let request = bearer(
+            pb::RenewTokenRequest {
+                token_id: token.token_id.clone(),
+                expire_time: Some(timestamp(expire)),
+                never_expires: false,
+            },
+            &caller,
+        );
+        async move { tokens.renew_token(request).await }
+    };
+    crate::support::assert_status(
+        renew(created.secret.clone(), hours(2)).await,
+        Code::PermissionDenied,
+        "ERROR_REASON_NOT_ALLOWED",
+    );
+    // Another token of Alice's without `project:publish` holds less.
+    let (_, writer) = app
+        .token(&session, &alice.account_id, "writer", &["tokens:write"])
+        .await;
+    crate::support::assert_status(
+        renew(writer, hours(2)).await,
+        Code::PermissionDenied,
+        "ERROR_REASON_ESCALATION",
+    );
+    // A short-lived token that holds the scopes cannot extend it beyond itself.
+    let short = app
+        .tokens()
+        .create_token(bearer(
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "short".into(),
+                scopes: vec!["tokens:write".into(), "project:publish".into()],
+                expire_time: Some(timestamp(hours(3))),
+                ..Default::default()
+            },
+            &session,
+        ))
+        .await
+        .expect("create")
+        .into_inner()
+        .secret;
+    crate::support::assert_status(
+        renew(short.clone(), hours(4)).await,
+        Code::PermissionDenied,
+        "ERROR_REASON_ESCALATION",
+    );
+    let within = renew(short, hours(2))
+        .await
+        .expect("within its own expiry")
+        .into_inner()
+        .token
+        .expect("token");
+    assert_eq!(
+        time(within.expire_time.as_ref()).map(|t| t > hours(1)),
+        Some(true)
+    );
+    // Her session gives it a new lifetime; the secret stays the same.
+    let renewed = renew(session.clone(), hours(24 * 30))
+        .await
+        .expect("renew")
+        .into_inner()
+        .token
+        .expect("token");
+    assert_eq!(
+        (renewed.token_id.as_str(), renewed.scopes.clone()),
+        (token.token_id.as_str(), token.scopes.clone())
+    );
+    assert!(time(renewed.expire_time.as_ref()) > time(token.expire_time.as_ref()));
+    assert_eq!(
+        app.verify(&created.secret, &[])
+            .await
+            .principal
+            .expect("active")
+            .expire_time,
+        renewed.expire_time
+    );
+    let events = app
+        .audit(&alice.account_id, &[pb::AuditEventType::TokenRenewed])
+        .await;
+    assert_eq!(events.len(), 2, "{events:?}");
+}
+both_backends!(renewal_needs_a_credential_that_may_create_the_token_never_the_token_itself);

@@ -9,8 +9,8 @@ use std::time::Duration;
 use tonic::{Code, Request};
 
 use crate::{
-    binary::{Server, bootstrap_operator, printed_token, random_hex},
     observability::scrape,
+    support::binary::{Server, bootstrap_operator, printed_token, random_hex},
     support::{
         Backend, TestDatabase, bearer, pb, pb::accounts_service_client::AccountsServiceClient,
     },

@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use crate::on_both_backends;
+use crate::both_backends;
 use crate::support::{Backend, TestApp, bearer, pb};
 
 /// Revokes `token_id` with `credential`.
@@ -89,144 +89,192 @@ async fn family_tree(app: &TestApp) -> (String, [(pb::Token, String); 3]) {
     (session, [parent, child, grandchild])
 }
 
-on_both_backends! {
-    async fn revoking_a_token_revokes_its_children_and_grandchildren(app: TestApp) {
-        let (session, [parent, child, grandchild]) = family_tree(&app).await;
-        let (unrelated, unrelated_secret) = app
-            .token(&session, &parent.0.account_id, "unrelated", &[])
-            .await;
-        revoke(&app, &session, &parent.0.token_id).await;
-        // At once, on the replica that revoked (whose cache held them).
-        for (what, secret) in [("parent", &parent.1), ("child", &child.1), ("grandchild", &grandchild.1)] {
-            assert_reason(&app.verify(secret, &[]).await, pb::InactiveReason::Revoked, what);
-        }
-        assert!(app.verify(&unrelated_secret, &[]).await.active, "{unrelated:?}");
-    }
-}
-
-on_both_backends! {
-    async fn a_rotated_creator_keeps_its_children_under_its_successor(app: TestApp) {
-        let (_, [parent, child, _]) = family_tree(&app).await;
-        let rotated = rotate(&app, &parent.1, &parent.0.token_id).await;
-        assert!(app.verify(&child.1, &[]).await.active, "rotation kept the child");
-        let successor = rotated.token.expect("successor");
-        revoke(&app, &rotated.secret, &successor.token_id).await;
-        assert_reason(&app.verify(&child.1, &[]).await, pb::InactiveReason::Revoked, "child");
-    }
-}
-
-on_both_backends! {
-    async fn signing_out_leaves_the_tokens_of_the_session_working(app: TestApp) {
-        let (session, [parent, child, grandchild]) = family_tree(&app).await;
-        app.accounts()
-            .sign_out(bearer(pb::SignOutRequest {}, &session))
-            .await
-            .expect("sign out");
-        for (what, secret) in [("parent", &parent.1), ("child", &child.1), ("grandchild", &grandchild.1)] {
-            assert!(app.verify(secret, &[]).await.active, "{what} ended with the session");
-        }
-    }
-}
-
-on_both_backends! {
-    async fn a_leak_report_of_a_parent_revokes_its_children(app: TestApp) {
-        let (_, [parent, child, grandchild]) = family_tree(&app).await;
-        report_leaked(&app, &[&parent.1]).await;
-        for (what, secret) in [("parent", &parent.1), ("child", &child.1), ("grandchild", &grandchild.1)] {
-            assert_reason(&app.verify(secret, &[]).await, pb::InactiveReason::Revoked, what);
-        }
-    }
-}
-
-on_both_backends! {
-    async fn reuse_detection_revokes_the_descendants_of_the_family(app: TestApp) {
-        let (_, [parent, child, grandchild]) = family_tree(&app).await;
-        let rotated = rotate(&app, &parent.1, &parent.0.token_id).await;
-        // The old secret, presented again: theft.
-        let reused = app
-            .tokens()
-            .rotate_token(bearer(
-                pb::RotateTokenRequest { token_id: parent.0.token_id.clone() },
-                &parent.1,
-            ))
-            .await;
-        assert!(reused.is_err(), "{reused:?}");
-        for (what, secret) in [("successor", &rotated.secret), ("child", &child.1), ("grandchild", &grandchild.1)] {
-            assert_reason(&app.verify(secret, &[]).await, pb::InactiveReason::Revoked, what);
-        }
-    }
-}
-
-on_both_backends! {
-    async fn a_leak_report_keeps_unrelated_cached_verdicts(app: TestApp) {
-        until_cache_in_use(&app).await;
-        let (alice, alice_session) = app.person("alice").await;
-        let (bob, bob_session) = app.person("bob").await;
-        let (_, throwaway) = app.token(&alice_session, &alice.account_id, "throwaway", &[]).await;
-        let (_, bobs) = app.token(&bob_session, &bob.account_id, "bobs", &[]).await;
-        // Warm the cache: Bob's verdict, and the operator's own (each
-        // verification authenticates the operator).
-        assert!(app.verify(&bobs, &[]).await.active);
-        assert!(app.verify(&bobs, &[]).await.active);
-        let (_, misses) = app.identity.cache().stats();
-
-        report_leaked(&app, &[&throwaway]).await;
-        assert!(app.verify(&bobs, &[]).await.active);
-        let (_, misses_after) = app.identity.cache().stats();
-        assert_eq!(
-            misses_after, misses,
-            "a leak report of Alice's token emptied the cache of other verdicts"
+async fn revoking_a_token_revokes_its_children_and_grandchildren(app: TestApp) {
+    let (session, [parent, child, grandchild]) = family_tree(&app).await;
+    let (unrelated, unrelated_secret) = app
+        .token(&session, &parent.0.account_id, "unrelated", &[])
+        .await;
+    revoke(&app, &session, &parent.0.token_id).await;
+    // At once, on the replica that revoked (whose cache held them).
+    for (what, secret) in [
+        ("parent", &parent.1),
+        ("child", &child.1),
+        ("grandchild", &grandchild.1),
+    ] {
+        assert_reason(
+            &app.verify(secret, &[]).await,
+            pb::InactiveReason::Revoked,
+            what,
         );
-        assert_reason(&app.verify(&throwaway, &[]).await, pb::InactiveReason::Revoked, "the throwaway");
     }
+    assert!(
+        app.verify(&unrelated_secret, &[]).await.active,
+        "{unrelated:?}"
+    );
 }
+both_backends!(revoking_a_token_revokes_its_children_and_grandchildren);
 
-on_both_backends! {
-    async fn a_revoked_limited_use_token_is_refused(app: TestApp) {
-        let (alice, session) = app.person("alice").await;
-        let created = app
-            .tokens()
-            .create_token(bearer(
-                pb::CreateTokenRequest {
-                    account_id: alice.account_id.clone(),
-                    name: "three".into(),
-                    max_uses: Some(3),
-                    ..Default::default()
-                },
-                &session,
-            ))
-            .await
-            .expect("create")
-            .into_inner();
-        let token = created.token.expect("token");
-        assert!(app.verify(&created.secret, &[]).await.active);
-        revoke(&app, &session, &token.token_id).await;
-        assert_reason(&app.verify(&created.secret, &[]).await, pb::InactiveReason::Revoked, "the token");
-    }
+async fn a_rotated_creator_keeps_its_children_under_its_successor(app: TestApp) {
+    let (_, [parent, child, _]) = family_tree(&app).await;
+    let rotated = rotate(&app, &parent.1, &parent.0.token_id).await;
+    assert!(
+        app.verify(&child.1, &[]).await.active,
+        "rotation kept the child"
+    );
+    let successor = rotated.token.expect("successor");
+    revoke(&app, &rotated.secret, &successor.token_id).await;
+    assert_reason(
+        &app.verify(&child.1, &[]).await,
+        pb::InactiveReason::Revoked,
+        "child",
+    );
 }
+both_backends!(a_rotated_creator_keeps_its_children_under_its_successor);
 
-on_both_backends! {
-    async fn revocation_and_rotation_events_name_their_subject(app: TestApp) {
-        let (alice, session) = app.person("alice").await;
-        let (first, _) = app.token(&session, &alice.account_id, "first", &[]).await;
-        let (second, _) = app.token(&session, &alice.account_id, "second", &[]).await;
-        revoke(&app, &session, &first.token_id).await;
-        rotate(&app, &session, &second.token_id).await;
-        // And by an operator, for another account.
-        let (third, _) = app.token(&session, &alice.account_id, "third", &[]).await;
-        revoke(&app, &app.operator_token, &third.token_id).await;
-        let events = app
-            .audit(
-                &alice.account_id,
-                &[pb::AuditEventType::TokenRevoked, pb::AuditEventType::TokenRotated],
-            )
-            .await;
-        assert_eq!(events.len(), 3, "{events:?}");
-        for event in &events {
-            assert_eq!(event.subject_username, "alice", "{event:?}");
-        }
+async fn signing_out_leaves_the_tokens_of_the_session_working(app: TestApp) {
+    let (session, [parent, child, grandchild]) = family_tree(&app).await;
+    app.accounts()
+        .sign_out(bearer(pb::SignOutRequest {}, &session))
+        .await
+        .expect("sign out");
+    for (what, secret) in [
+        ("parent", &parent.1),
+        ("child", &child.1),
+        ("grandchild", &grandchild.1),
+    ] {
+        assert!(
+            app.verify(secret, &[]).await.active,
+            "{what} ended with the session"
+        );
     }
 }
+both_backends!(signing_out_leaves_the_tokens_of_the_session_working);
+
+async fn a_leak_report_of_a_parent_revokes_its_children(app: TestApp) {
+    let (_, [parent, child, grandchild]) = family_tree(&app).await;
+    report_leaked(&app, &[&parent.1]).await;
+    for (what, secret) in [
+        ("parent", &parent.1),
+        ("child", &child.1),
+        ("grandchild", &grandchild.1),
+    ] {
+        assert_reason(
+            &app.verify(secret, &[]).await,
+            pb::InactiveReason::Revoked,
+            what,
+        );
+    }
+}
+both_backends!(a_leak_report_of_a_parent_revokes_its_children);
+
+async fn reuse_detection_revokes_the_descendants_of_the_family(app: TestApp) {
+    let (_, [parent, child, grandchild]) = family_tree(&app).await;
+    let rotated = rotate(&app, &parent.1, &parent.0.token_id).await;
+    // The old secret, presented again: theft.
+    let reused = app
+        .tokens()
+        .rotate_token(bearer(
+            pb::RotateTokenRequest {
+                token_id: parent.0.token_id.clone(),
+            },
+            &parent.1,
+        ))
+        .await;
+    assert!(reused.is_err(), "{reused:?}");
+    for (what, secret) in [
+        ("successor", &rotated.secret),
+        ("child", &child.1),
+        ("grandchild", &grandchild.1),
+    ] {
+        assert_reason(
+            &app.verify(secret, &[]).await,
+            pb::InactiveReason::Revoked,
+            what,
+        );
+    }
+}
+both_backends!(reuse_detection_revokes_the_descendants_of_the_family);
+
+async fn a_leak_report_keeps_unrelated_cached_verdicts(app: TestApp) {
+    until_cache_in_use(&app).await;
+    let (alice, alice_session) = app.person("alice").await;
+    let (bob, bob_session) = app.person("bob").await;
+    let (_, throwaway) = app
+        .token(&alice_session, &alice.account_id, "throwaway", &[])
+        .await;
+    let (_, bobs) = app.token(&bob_session, &bob.account_id, "bobs", &[]).await;
+    // Warm the cache: Bob's verdict, and the operator's own (each
+    // verification authenticates the operator).
+    assert!(app.verify(&bobs, &[]).await.active);
+    assert!(app.verify(&bobs, &[]).await.active);
+    let (_, misses) = app.identity.cache().stats();
+
+    report_leaked(&app, &[&throwaway]).await;
+    assert!(app.verify(&bobs, &[]).await.active);
+    let (_, misses_after) = app.identity.cache().stats();
+    assert_eq!(
+        misses_after, misses,
+        "a leak report of Alice's token emptied the cache of other verdicts"
+    );
+    assert_reason(
+        &app.verify(&throwaway, &[]).await,
+        pb::InactiveReason::Revoked,
+        "the throwaway",
+    );
+}
+both_backends!(a_leak_report_keeps_unrelated_cached_verdicts);
+
+async fn a_revoked_limited_use_token_is_refused(app: TestApp) {
+    let (alice, session) = app.person("alice").await;
+    let created = app
+        .tokens()
+        .create_token(bearer(
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "three".into(),
+                max_uses: Some(3),
+                ..Default::default()
+            },
+            &session,
+        ))
+        .await
+        .expect("create")
+        .into_inner();
+    let token = created.token.expect("token");
+    assert!(app.verify(&created.secret, &[]).await.active);
+    revoke(&app, &session, &token.token_id).await;
+    assert_reason(
+        &app.verify(&created.secret, &[]).await,
+        pb::InactiveReason::Revoked,
+        "the token",
+    );
+}
+both_backends!(a_revoked_limited_use_token_is_refused);
+
+async fn revocation_and_rotation_events_name_their_subject(app: TestApp) {
+    let (alice, session) = app.person("alice").await;
+    let (first, _) = app.token(&session, &alice.account_id, "first", &[]).await;
+    let (second, _) = app.token(&session, &alice.account_id, "second", &[]).await;
+    revoke(&app, &session, &first.token_id).await;
+    rotate(&app, &session, &second.token_id).await;
+    // And by an operator, for another account.
+    let (third, _) = app.token(&session, &alice.account_id, "third", &[]).await;
+    revoke(&app, &app.operator_token, &third.token_id).await;
+    let events = app
+        .audit(
+            &alice.account_id,
+            &[
+                pb::AuditEventType::TokenRevoked,
+                pb::AuditEventType::TokenRotated,
+            ],
+        )
+        .await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    for event in &events {
+        assert_eq!(event.subject_username, "alice", "{event:?}");
+    }
+}
+both_backends!(revocation_and_rotation_events_name_their_subject);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_token_reports_a_scheduled_revocation_as_the_expiry() {
@@ -463,43 +511,51 @@ async fn a_limited_use_token_revoked_while_being_verified_is_refused() {
     );
 }
 
-on_both_backends! {
-    /// Deleting an account deletes its tokens, and revokes what they created
-    /// in other accounts (an operator's tokens may create tokens for anyone).
-    async fn deleting_an_account_revokes_what_its_tokens_created_elsewhere(app: TestApp) {
-        let op3 = app
-            .accounts()
-            .create_account(bearer(
-                pb::CreateAccountRequest {
-                    username: "op3".into(),
-                    kind: pb::AccountKind::Robot as i32,
-                    role: pb::AccountRole::Operator as i32,
-                    ..Default::default()
-                },
-                &app.operator_token,
-            ))
-            .await
-            .expect("create an operator")
-            .into_inner()
-            .account
-            .expect("account");
-        let (_, op3_token) = app
-            .token(&app.operator_token, &op3.account_id, "op3", &["tokens:write"])
-            .await;
-        let robot = app.robot("ci").await;
-        let (_, child) = app.token(&op3_token, &robot.account_id, "from-op3", &["tokens:write"]).await;
-        assert!(app.verify(&child, &[]).await.active, "cached as active");
-        app.accounts()
-            .delete_account(bearer(
-                pb::DeleteAccountRequest { account_id: op3.account_id.clone() },
-                &app.operator_token,
-            ))
-            .await
-            .expect("delete the operator");
-        assert_eq!(
-            app.verify(&child, &[]).await.reason,
-            pb::InactiveReason::Revoked as i32,
-            "a token made by a deleted account's token"
-        );
-    }
+/// Deleting an account deletes its tokens, and revokes what they created
+/// in other accounts (an operator's tokens may create tokens for anyone).
+async fn deleting_an_account_revokes_what_its_tokens_created_elsewhere(app: TestApp) {
+    let op3 = app
+        .accounts()
+        .create_account(bearer(
+            pb::CreateAccountRequest {
+                username: "op3".into(),
+                kind: pb::AccountKind::Robot as i32,
+                role: pb::AccountRole::Operator as i32,
+                ..Default::default()
+            },
+            &app.operator_token,
+        ))
+        .await
+        .expect("create an operator")
+        .into_inner()
+        .account
+        .expect("account");
+    let (_, op3_token) = app
+        .token(
+            &app.operator_token,
+            &op3.account_id,
+            "op3",
+            &["tokens:write"],
+        )
+        .await;
+    let robot = app.robot("ci").await;
+    let (_, child) = app
+        .token(&op3_token, &robot.account_id, "from-op3", &["tokens:write"])
+        .await;
+    assert!(app.verify(&child, &[]).await.active, "cached as active");
+    app.accounts()
+        .delete_account(bearer(
+            pb::DeleteAccountRequest {
+                account_id: op3.account_id.clone(),
+            },
+            &app.operator_token,
+        ))
+        .await
+        .expect("delete the operator");
+    assert_eq!(
+        app.verify(&child, &[]).await.reason,
+        pb::InactiveReason::Revoked as i32,
+        "a token made by a deleted account's token"
+    );
 }
+both_backends!(deleting_an_account_revokes_what_its_tokens_created_elsewhere);

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use tonic::Code;
 
-use crate::on_both_backends;
+use crate::both_backends;
 use crate::support::{Backend, TestApp, assert_status, bearer, pb};
 
 fn in_the_future(after: Duration) -> prost_types::Timestamp {
@@ -68,54 +68,76 @@ async fn rotate(
         .map(tonic::Response::into_inner)
 }
 
-on_both_backends! {
-    async fn tokens_get_the_default_lifetime_and_no_more_than_the_maximum(app: TestApp) {
-        let (alice, session) = app.person("alice").await;
-        let created = create(&app, &session, pb::CreateTokenRequest {
+async fn tokens_get_the_default_lifetime_and_no_more_than_the_maximum(app: TestApp) {
+    let (alice, session) = app.person("alice").await;
+    let created = create(
+        &app,
+        &session,
+        pb::CreateTokenRequest {
             account_id: alice.account_id.clone(),
             name: "default".into(),
             ..Default::default()
-        })
-        .await
-        .expect("create");
-        let expiry = created.token.expect("token").expire_time.expect("a default expiry");
-        let days = seconds_from_now(&expiry) / 86_400;
-        assert!((89..=90).contains(&days), "default lifetime is 90 days, got {days}");
+        },
+    )
+    .await
+    .expect("create");
+    let expiry = created
+        .token
+        .expect("token")
+        .expire_time
+        .expect("a default expiry");
+    let days = seconds_from_now(&expiry) / 86_400;
+    assert!(
+        (89..=90).contains(&days),
+        "default lifetime is 90 days, got {days}"
+    );
 
-        use tonic_types::StatusExt as _;
-        let too_long = create(&app, &session, pb::CreateTokenRequest {
+    use tonic_types::StatusExt as _;
+    let too_long = create(
+        &app,
+        &session,
+        pb::CreateTokenRequest {
             account_id: alice.account_id.clone(),
             name: "too-long".into(),
             expire_time: Some(in_the_future(Duration::from_secs(400 * 86_400))),
             ..Default::default()
-        })
-        .await;
-        let status = assert_status(too_long, Code::InvalidArgument, "ERROR_REASON_TOKEN_LIFETIME");
-        let fields: Vec<_> = status
-            .get_error_details()
-            .bad_request()
-            .expect("BadRequest")
-            .field_violations
-            .iter()
-            .map(|v| v.field.clone())
-            .collect();
-        assert_eq!(fields, ["expire_time"]);
+        },
+    )
+    .await;
+    let status = assert_status(
+        too_long,
+        Code::InvalidArgument,
+        "ERROR_REASON_TOKEN_LIFETIME",
+    );
+    let fields: Vec<_> = status
+        .get_error_details()
+        .bad_request()
+        .expect("BadRequest")
+        .field_violations
+        .iter()
+        .map(|v| v.field.clone())
+        .collect();
+    assert_eq!(fields, ["expire_time"]);
 
-        // Tokens without expiry: not for people, and not for robots unless
-        // the server allows it (it does not by default).
-        let robot = app.robot("ci").await;
-        for account in [&alice.account_id, &robot.account_id] {
-            let never = create(&app, &app.operator_token, pb::CreateTokenRequest {
+    // Tokens without expiry: not for people, and not for robots unless
+    // the server allows it (it does not by default).
+    let robot = app.robot("ci").await;
+    for account in [&alice.account_id, &robot.account_id] {
+        let never = create(
+            &app,
+            &app.operator_token,
+            pb::CreateTokenRequest {
                 account_id: account.clone(),
                 name: "never".into(),
                 never_expires: true,
                 ..Default::default()
-            })
-            .await;
-            assert_status(never, Code::InvalidArgument, "ERROR_REASON_TOKEN_LIFETIME");
-        }
+            },
+        )
+        .await;
+        assert_status(never, Code::InvalidArgument, "ERROR_REASON_TOKEN_LIFETIME");
     }
 }
+both_backends!(tokens_get_the_default_lifetime_and_no_more_than_the_maximum);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn robots_get_tokens_without_expiry_only_where_configured() {
@@ -165,152 +187,228 @@ async fn robots_get_tokens_without_expiry_only_where_configured() {
     assert_status(both, Code::InvalidArgument, "ERROR_REASON_INVALID_ARGUMENT");
 }
 
-on_both_backends! {
-    async fn a_limited_use_token_answers_active_exactly_k_times_under_concurrency(app: TestApp) {
-        let robot = app.robot("deployer").await;
-        let created = create(&app, &app.operator_token, pb::CreateTokenRequest {
+async fn a_limited_use_token_answers_active_exactly_k_times_under_concurrency(app: TestApp) {
+    let robot = app.robot("deployer").await;
+    let created = create(
+        &app,
+        &app.operator_token,
+        pb::CreateTokenRequest {
             account_id: robot.account_id.clone(),
             name: "five-uses".into(),
             max_uses: Some(5),
             ..Default::default()
+        },
+    )
+    .await
+    .expect("create");
+    let token = created.token.expect("token");
+    assert_eq!((token.max_uses, token.uses_remaining), (Some(5), Some(5)));
+
+    let verifier = app.verifier_token().await;
+    let attempts: Vec<_> = (0..40)
+        .map(|_| {
+            let mut client = app.tokens();
+            let request = bearer(
+                pb::VerifyTokenRequest {
+                    token: created.secret.clone(),
+                    ..Default::default()
+                },
+                &verifier,
+            );
+            tokio::spawn(async move { client.verify_token(request).await })
         })
-        .await
-        .expect("create");
-        let token = created.token.expect("token");
-        assert_eq!((token.max_uses, token.uses_remaining), (Some(5), Some(5)));
-
-        let verifier = app.verifier_token().await;
-        let attempts: Vec<_> = (0..40)
-            .map(|_| {
-                let mut client = app.tokens();
-                let request = bearer(
-                    pb::VerifyTokenRequest { token: created.secret.clone(), ..Default::default() },
-                    &verifier,
-                );
-                tokio::spawn(async move { client.verify_token(request).await })
-            })
-            .collect();
-        let mut active = 0;
-        let mut remaining_seen = Vec::new();
-        for attempt in attempts {
-            let verdict = attempt.await.expect("task").expect("verify").into_inner();
-            if verdict.active {
-                active += 1;
-                remaining_seen.push(verdict.principal.expect("principal").uses_remaining.expect("limited"));
-            } else {
-                assert_eq!(verdict.reason, pb::InactiveReason::Exhausted as i32);
-            }
+        .collect();
+    let mut active = 0;
+    let mut remaining_seen = Vec::new();
+    for attempt in attempts {
+        let verdict = attempt.await.expect("task").expect("verify").into_inner();
+        if verdict.active {
+            active += 1;
+            remaining_seen.push(
+                verdict
+                    .principal
+                    .expect("principal")
+                    .uses_remaining
+                    .expect("limited"),
+            );
+        } else {
+            assert_eq!(verdict.reason, pb::InactiveReason::Exhausted as i32);
         }
-        assert_eq!(active, 5, "exactly K verifications succeed");
-        remaining_seen.sort_unstable();
-        assert_eq!(remaining_seen, [0, 1, 2, 3, 4], "each use saw its own count");
+    }
+    assert_eq!(active, 5, "exactly K verifications succeed");
+    remaining_seen.sort_unstable();
+    assert_eq!(
+        remaining_seen,
+        [0, 1, 2, 3, 4],
+        "each use saw its own count"
+    );
 
-        let after = get(&app, &token.token_id).await;
-        assert_eq!(after.uses_remaining, Some(0));
-        assert_eq!(after.state, pb::TokenState::Exhausted as i32);
+    let after = get(&app, &token.token_id).await;
+    assert_eq!(after.uses_remaining, Some(0));
+    assert_eq!(after.state, pb::TokenState::Exhausted as i32);
 
-        // A failed check (missing scope) spends nothing.
-        let one = create(&app, &app.operator_token, pb::CreateTokenRequest {
+    // A failed check (missing scope) spends nothing.
+    let one = create(
+        &app,
+        &app.operator_token,
+        pb::CreateTokenRequest {
             account_id: robot.account_id.clone(),
             name: "one-time".into(),
             scopes: vec!["project:read".into()],
             max_uses: Some(1),
             ..Default::default()
-        })
-        .await
-        .expect("create");
-        let refused = app.verify(&one.secret, &["project:write"]).await;
-        assert_eq!(refused.reason, pb::InactiveReason::InsufficientScope as i32);
-        assert!(app.verify(&one.secret, &["project:read"]).await.active, "the one use is still there");
-        assert_eq!(app.verify(&one.secret, &[]).await.reason, pb::InactiveReason::Exhausted as i32);
+        },
+    )
+    .await
+    .expect("create");
+    let refused = app.verify(&one.secret, &["project:write"]).await;
+    assert_eq!(refused.reason, pb::InactiveReason::InsufficientScope as i32);
+    assert!(
+        app.verify(&one.secret, &["project:read"]).await.active,
+        "the one use is still there"
+    );
+    assert_eq!(
+        app.verify(&one.secret, &[]).await.reason,
+        pb::InactiveReason::Exhausted as i32
+    );
 
-        for bad in [0, -1, 1_000_001] {
-            let refused = create(&app, &app.operator_token, pb::CreateTokenRequest {
+    for bad in [0, -1, 1_000_001] {
+        let refused = create(
+            &app,
+            &app.operator_token,
+            pb::CreateTokenRequest {
                 account_id: robot.account_id.clone(),
                 name: format!("bad-{bad}"),
                 max_uses: Some(bad),
                 ..Default::default()
-            })
-            .await;
-            assert_status(refused, Code::InvalidArgument, "ERROR_REASON_INVALID_ARGUMENT");
-        }
+            },
+        )
+        .await;
+        assert_status(
+            refused,
+            Code::InvalidArgument,
+            "ERROR_REASON_INVALID_ARGUMENT",
+        );
     }
 }
+both_backends!(a_limited_use_token_answers_active_exactly_k_times_under_concurrency);
 
-on_both_backends! {
-    async fn rotation_issues_a_new_secret_and_revokes_the_old_one_only(app: TestApp) {
-        let (alice, session) = app.person("alice").await;
-        let created = create(&app, &session, pb::CreateTokenRequest {
+async fn rotation_issues_a_new_secret_and_revokes_the_old_one_only(app: TestApp) {
+    let (alice, session) = app.person("alice").await;
+    let created = create(
+        &app,
+        &session,
+        pb::CreateTokenRequest {
             account_id: alice.account_id.clone(),
             name: "ci".into(),
             scopes: vec!["tokens:write".into(), "project:publish".into()],
             expire_time: Some(in_the_future(Duration::from_secs(3600))),
             max_uses: Some(100),
             ..Default::default()
-        })
+        },
+    )
+    .await
+    .expect("create");
+    let old = created.token.expect("token");
+    // The token rotates itself, as a CI system would.
+    let rotated = rotate(&app, &created.secret, &old.token_id)
         .await
-        .expect("create");
-        let old = created.token.expect("token");
-        // The token rotates itself, as a CI system would.
-        let rotated = rotate(&app, &created.secret, &old.token_id).await.expect("rotate");
-        let new = rotated.token.expect("token");
-        assert_ne!(rotated.secret, created.secret);
-        assert_eq!(new.name, "ci");
-        assert_eq!(new.scopes, old.scopes);
-        assert_eq!(new.family_id, old.family_id);
-        assert_eq!(new.family_id, old.token_id);
-        // The rotating call spent one use; the others carry over, as does
-        // the absolute expiry: rotation gives no fresh uses or lifetime.
-        assert_eq!((new.max_uses, new.uses_remaining), (Some(100), Some(99)));
-        assert_eq!(new.expire_time, old.expire_time, "the same absolute expiry");
-        let previous = rotated.previous.expect("previous");
-        assert_eq!(previous.replaced_by_token_id, new.token_id);
-        assert_eq!(previous.state, pb::TokenState::Revoked as i32, "no grace period by default");
+        .expect("rotate");
+    let new = rotated.token.expect("token");
+    assert_ne!(rotated.secret, created.secret);
+    assert_eq!(new.name, "ci");
+    assert_eq!(new.scopes, old.scopes);
+    assert_eq!(new.family_id, old.family_id);
+    assert_eq!(new.family_id, old.token_id);
+    // The rotating call spent one use; the others carry over, as does
+    // the absolute expiry: rotation gives no fresh uses or lifetime.
+    assert_eq!((new.max_uses, new.uses_remaining), (Some(100), Some(99)));
+    assert_eq!(new.expire_time, old.expire_time, "the same absolute expiry");
+    let previous = rotated.previous.expect("previous");
+    assert_eq!(previous.replaced_by_token_id, new.token_id);
+    assert_eq!(
+        previous.state,
+        pb::TokenState::Revoked as i32,
+        "no grace period by default"
+    );
 
-        assert!(app.verify(&rotated.secret, &[]).await.active);
-        assert_eq!(app.verify(&created.secret, &[]).await.reason, pb::InactiveReason::Revoked as i32);
-        assert!(app.verify(&session, &[]).await.active, "sessions are untouched");
+    assert!(app.verify(&rotated.secret, &[]).await.active);
+    assert_eq!(
+        app.verify(&created.secret, &[]).await.reason,
+        pb::InactiveReason::Revoked as i32
+    );
+    assert!(
+        app.verify(&session, &[]).await.active,
+        "sessions are untouched"
+    );
 
-        // Rotating the old token again is refused (its successor rotates).
-        assert_status(
-            rotate(&app, &session, &old.token_id).await,
-            Code::FailedPrecondition,
-            "ERROR_REASON_TOKEN_ALREADY_ROTATED",
-        );
-        // A scoped token cannot rotate a broader one into its hands.
-        let (broad, _) = app.token(&session, &alice.account_id, "broad", &[]).await;
-        let (_, narrow) = app.token(&session, &alice.account_id, "narrow", &["tokens:write"]).await;
-        assert_status(rotate(&app, &narrow, &broad.token_id).await, Code::PermissionDenied, "ERROR_REASON_ESCALATION");
-        // A revoked token cannot be rotated.
-        app.tokens()
-            .revoke_token(bearer(pb::RevokeTokenRequest { token_id: broad.token_id.clone() }, &session))
-            .await
-            .expect("revoke");
-        assert_status(rotate(&app, &session, &broad.token_id).await, Code::FailedPrecondition, "ERROR_REASON_TOKEN_INACTIVE");
-    }
+    // Rotating the old token again is refused (its successor rotates).
+    assert_status(
+        rotate(&app, &session, &old.token_id).await,
+        Code::FailedPrecondition,
+        "ERROR_REASON_TOKEN_ALREADY_ROTATED",
+    );
+    // A scoped token cannot rotate a broader one into its hands.
+    let (broad, _) = app.token(&session, &alice.account_id, "broad", &[]).await;
+    let (_, narrow) = app
+        .token(&session, &alice.account_id, "narrow", &["tokens:write"])
+        .await;
+    assert_status(
+        rotate(&app, &narrow, &broad.token_id).await,
+        Code::PermissionDenied,
+        "ERROR_REASON_ESCALATION",
+    );
+    // A revoked token cannot be rotated.
+    app.tokens()
+        .revoke_token(bearer(
+            pb::RevokeTokenRequest {
+                token_id: broad.token_id.clone(),
+            },
+            &session,
+        ))
+        .await
+        .expect("revoke");
+    assert_status(
+        rotate(&app, &session, &broad.token_id).await,
+        Code::FailedPrecondition,
+        "ERROR_REASON_TOKEN_INACTIVE",
+    );
 }
+both_backends!(rotation_issues_a_new_secret_and_revokes_the_old_one_only);
 
-on_both_backends! {
-    async fn presenting_a_rotated_token_again_revokes_its_whole_family(app: TestApp) {
-        let robot = app.robot("ci").await;
-        let (first, first_secret) = app.token(&app.operator_token, &robot.account_id, "ci", &[]).await;
-        let second = rotate(&app, &first_secret, &first.token_id).await.expect("first rotation");
-        let second_token = second.token.expect("token");
-        let third = rotate(&app, &second.secret, &second_token.token_id).await.expect("second rotation");
-        assert!(app.verify(&third.secret, &[]).await.active);
+async fn presenting_a_rotated_token_again_revokes_its_whole_family(app: TestApp) {
+    let robot = app.robot("ci").await;
+    let (first, first_secret) = app
+        .token(&app.operator_token, &robot.account_id, "ci", &[])
+        .await;
+    let second = rotate(&app, &first_secret, &first.token_id)
+        .await
+        .expect("first rotation");
+    let second_token = second.token.expect("token");
+    let third = rotate(&app, &second.secret, &second_token.token_id)
+        .await
+        .expect("second rotation");
+    assert!(app.verify(&third.secret, &[]).await.active);
 
-        // The stolen first secret is presented to rotate the live token.
-        let third_id = third.token.as_ref().expect("token").token_id.clone();
-        assert_status(rotate(&app, &first_secret, &third_id).await, Code::Unauthenticated, "ERROR_REASON_CREDENTIAL_REUSED");
-        assert_eq!(app.verify(&third.secret, &[]).await.reason, pb::InactiveReason::Revoked as i32);
+    // The stolen first secret is presented to rotate the live token.
+    let third_id = third.token.as_ref().expect("token").token_id.clone();
+    assert_status(
+        rotate(&app, &first_secret, &third_id).await,
+        Code::Unauthenticated,
+        "ERROR_REASON_CREDENTIAL_REUSED",
+    );
+    assert_eq!(
+        app.verify(&third.secret, &[]).await.reason,
+        pb::InactiveReason::Revoked as i32
+    );
 
-        let events = app
-            .audit(&robot.account_id, &[pb::AuditEventType::TokenReuseDetected])
-            .await;
-        assert_eq!(events.len(), 1);
-        assert_eq!(events[0].subject_credential_id, first.token_id);
-    }
+    let events = app
+        .audit(&robot.account_id, &[pb::AuditEventType::TokenReuseDetected])
+        .await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].subject_credential_id, first.token_id);
 }
+both_backends!(presenting_a_rotated_token_again_revokes_its_whole_family);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_grace_period_keeps_the_old_secret_working_briefly() {
@@ -443,75 +541,113 @@ async fn revoking_a_rotated_token_ends_its_predecessors_grace_too() {
     }
 }
 
-on_both_backends! {
-    async fn the_last_use_is_recorded_with_the_client_address(app: TestApp) {
-        let robot = app.robot("ci").await;
-        let (token, secret) = app.token(&app.operator_token, &robot.account_id, "ci", &[]).await;
-        assert!(token.last_used_time.is_none());
-        let verdict = app
-            .tokens()
+async fn the_last_use_is_recorded_with_the_client_address(app: TestApp) {
+    let robot = app.robot("ci").await;
+    let (token, secret) = app
+        .token(&app.operator_token, &robot.account_id, "ci", &[])
+        .await;
+    assert!(token.last_used_time.is_none());
+    let verdict = app
+        .tokens()
+        .verify_token(bearer(
+            pb::VerifyTokenRequest {
+                token: secret.clone(),
+                client_address: "203.0.113.7:4431".into(),
+                ..Default::default()
+            },
+            &app.verifier_token().await,
+        ))
+        .await
+        .expect("verify")
+        .into_inner();
+    assert!(verdict.active);
+    // The write happens in the background so verification never waits
+    // for it: poll until it lands.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let recorded = loop {
+        let now = get(&app, &token.token_id).await;
+        if now.last_used_time.is_some() {
+            break now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "last use never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(recorded.last_used_address, "203.0.113.7:4431");
+
+    assert_status(
+        app.tokens()
             .verify_token(bearer(
-                pb::VerifyTokenRequest { token: secret.clone(), client_address: "203.0.113.7:4431".into(), ..Default::default() },
+                pb::VerifyTokenRequest {
+                    token: secret,
+                    client_address: "not an address".into(),
+                    ..Default::default()
+                },
                 &app.verifier_token().await,
             ))
-            .await
-            .expect("verify")
-            .into_inner();
-        assert!(verdict.active);
-        // The write happens in the background so verification never waits
-        // for it: poll until it lands.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        let recorded = loop {
-            let now = get(&app, &token.token_id).await;
-            if now.last_used_time.is_some() {
-                break now;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "last use never recorded");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert_eq!(recorded.last_used_address, "203.0.113.7:4431");
-
-        assert_status(
-            app.tokens()
-                .verify_token(bearer(
-                    pb::VerifyTokenRequest { token: secret, client_address: "not an address".into(), ..Default::default() },
-                    &app.verifier_token().await,
-                ))
-                .await,
-            Code::InvalidArgument,
-            "ERROR_REASON_INVALID_ARGUMENT",
-        );
-    }
+            .await,
+        Code::InvalidArgument,
+        "ERROR_REASON_INVALID_ARGUMENT",
+    );
 }
+both_backends!(the_last_use_is_recorded_with_the_client_address);
 
-on_both_backends! {
-    async fn leaked_credentials_are_revoked_and_the_answer_reveals_nothing(app: TestApp) {
-        let (alice, session) = app.person("alice").await;
-        let (_, pat) = app.token(&session, &alice.account_id, "leaky", &[]).await;
-        let unknown = identity::domain::credential::Secret::generate(
-            identity::domain::credential::CredentialKind::PersonalAccessToken,
-        );
-        let report = |secrets: Vec<String>| {
-            let mut client = app.tokens();
-            async move { client.revoke_leaked_token(pb::RevokeLeakedTokenRequest { secrets }).await }
-        };
-        let live = report(vec![pat.clone(), session.clone(), "garbage".into(), unknown.expose().to_owned()])
-            .await
-            .expect("anyone may report, without credentials");
-        let nothing = report(vec!["garbage".into()]).await.expect("garbage is answered the same way");
-        assert_eq!(live.metadata().len(), nothing.metadata().len());
-        assert_eq!(live.into_inner(), nothing.into_inner());
+async fn leaked_credentials_are_revoked_and_the_answer_reveals_nothing(app: TestApp) {
+    let (alice, session) = app.person("alice").await;
+    let (_, pat) = app.token(&session, &alice.account_id, "leaky", &[]).await;
+    let unknown = identity::domain::credential::Secret::generate(
+        identity::domain::credential::CredentialKind::PersonalAccessToken,
+    );
+    let report = |secrets: Vec<String>| {
+        let mut client = app.tokens();
+        async move {
+            client
+                .revoke_leaked_token(pb::RevokeLeakedTokenRequest { secrets })
+                .await
+        }
+    };
+    let live = report(vec![
+        pat.clone(),
+        session.clone(),
+        "garbage".into(),
+        unknown.expose().to_owned(),
+    ])
+    .await
+    .expect("anyone may report, without credentials");
+    let nothing = report(vec!["garbage".into()])
+        .await
+        .expect("garbage is answered the same way");
+    assert_eq!(live.metadata().len(), nothing.metadata().len());
+    assert_eq!(live.into_inner(), nothing.into_inner());
 
-        assert_eq!(app.verify(&pat, &[]).await.reason, pb::InactiveReason::Revoked as i32);
-        assert_eq!(app.verify(&session, &[]).await.reason, pb::InactiveReason::Revoked as i32);
-        let leaked = app.audit(&alice.account_id, &[pb::AuditEventType::TokenLeaked]).await;
-        assert_eq!(leaked.len(), 2, "one event per live credential: {leaked:?}");
-        assert!(leaked.iter().all(|e| e.actor_account_id.is_empty()));
+    assert_eq!(
+        app.verify(&pat, &[]).await.reason,
+        pb::InactiveReason::Revoked as i32
+    );
+    assert_eq!(
+        app.verify(&session, &[]).await.reason,
+        pb::InactiveReason::Revoked as i32
+    );
+    let leaked = app
+        .audit(&alice.account_id, &[pb::AuditEventType::TokenLeaked])
+        .await;
+    assert_eq!(leaked.len(), 2, "one event per live credential: {leaked:?}");
+    assert!(leaked.iter().all(|e| e.actor_account_id.is_empty()));
 
-        assert_status(report(vec![]).await, Code::InvalidArgument, "ERROR_REASON_INVALID_ARGUMENT");
-        assert_status(report(vec!["x".into(); 1001]).await, Code::InvalidArgument, "ERROR_REASON_INVALID_ARGUMENT");
-    }
+    assert_status(
+        report(vec![]).await,
+        Code::InvalidArgument,
+        "ERROR_REASON_INVALID_ARGUMENT",
+    );
+    assert_status(
+        report(vec!["x".into(); 1001]).await,
+        Code::InvalidArgument,
+        "ERROR_REASON_INVALID_ARGUMENT",
+    );
 }
+both_backends!(leaked_credentials_are_revoked_and_the_answer_reveals_nothing);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leak_reports_are_rate_limited_per_client() {
@@ -547,97 +683,156 @@ async fn leak_reports_are_rate_limited_per_client() {
     );
 }
 
-on_both_backends! {
-    async fn list_tokens_filters_by_state_expiry_and_staleness(app: TestApp) {
-        let robot = app.robot("ci").await;
-        let ops = app.operator_token.clone();
-        let (active, _) = app.token(&ops, &robot.account_id, "active", &[]).await;
-        let (revoked, _) = app.token(&ops, &robot.account_id, "revoked", &[]).await;
-        app.tokens()
-            .revoke_token(bearer(pb::RevokeTokenRequest { token_id: revoked.token_id.clone() }, &ops))
-            .await
-            .expect("revoke");
-        let soon = create(&app, &ops, pb::CreateTokenRequest {
+async fn list_tokens_filters_by_state_expiry_and_staleness(app: TestApp) {
+    let robot = app.robot("ci").await;
+    let ops = app.operator_token.clone();
+    let (active, _) = app.token(&ops, &robot.account_id, "active", &[]).await;
+    let (revoked, _) = app.token(&ops, &robot.account_id, "revoked", &[]).await;
+    app.tokens()
+        .revoke_token(bearer(
+            pb::RevokeTokenRequest {
+                token_id: revoked.token_id.clone(),
+            },
+            &ops,
+        ))
+        .await
+        .expect("revoke");
+    let soon = create(
+        &app,
+        &ops,
+        pb::CreateTokenRequest {
             account_id: robot.account_id.clone(),
             name: "expiring-soon".into(),
             expire_time: Some(in_the_future(Duration::from_secs(2))),
             ..Default::default()
-        })
-        .await
-        .expect("create")
-        .token
-        .expect("token");
-        let exhausted = create(&app, &ops, pb::CreateTokenRequest {
+        },
+    )
+    .await
+    .expect("create")
+    .token
+    .expect("token");
+    let exhausted = create(
+        &app,
+        &ops,
+        pb::CreateTokenRequest {
             account_id: robot.account_id.clone(),
             name: "one-time".into(),
             max_uses: Some(1),
             ..Default::default()
-        })
-        .await
-        .expect("create");
-        assert!(app.verify(&exhausted.secret, &[]).await.active);
-        let exhausted = exhausted.token.expect("token");
+        },
+    )
+    .await
+    .expect("create");
+    assert!(app.verify(&exhausted.secret, &[]).await.active);
+    let exhausted = exhausted.token.expect("token");
 
-        let list = |states: Vec<pb::TokenState>, expire_before: Option<prost_types::Timestamp>, last_used_before: Option<prost_types::Timestamp>| {
-            let mut client = app.tokens();
-            let request = bearer(
+    let list = |states: Vec<pb::TokenState>,
+                expire_before: Option<prost_types::Timestamp>,
+                last_used_before: Option<prost_types::Timestamp>| {
+        let mut client = app.tokens();
+        let request = bearer(
+            pb::ListTokensRequest {
+                account_id: robot.account_id.clone(),
+                states: states.into_iter().map(|s| s as i32).collect(),
+                expire_before,
+                last_used_before,
+                ..Default::default()
+            },
+            &ops,
+        );
+        async move {
+            let mut ids: Vec<String> = client
+                .list_tokens(request)
+                .await
+                .expect("list")
+                .into_inner()
+                .tokens
+                .into_iter()
+                .map(|t| t.token_id)
+                .collect();
+            ids.sort();
+            ids
+        }
+    };
+    let sorted = |mut ids: Vec<String>| {
+        ids.sort();
+        ids
+    };
+    assert_eq!(
+        list(vec![pb::TokenState::Revoked], None, None).await,
+        vec![revoked.token_id.clone()]
+    );
+    assert_eq!(
+        list(vec![pb::TokenState::Exhausted], None, None).await,
+        vec![exhausted.token_id.clone()]
+    );
+    assert_eq!(
+        list(
+            vec![pb::TokenState::Revoked, pb::TokenState::Exhausted],
+            None,
+            None
+        )
+        .await,
+        sorted(vec![revoked.token_id.clone(), exhausted.token_id.clone()])
+    );
+    // About to expire: within the next hour.
+    assert_eq!(
+        list(
+            vec![pb::TokenState::Active],
+            Some(in_the_future(Duration::from_secs(3600))),
+            None
+        )
+        .await,
+        vec![soon.token_id.clone()]
+    );
+    // Stale as of five seconds from now: every active token, used or not.
+    let stale = list(
+        vec![pb::TokenState::Active],
+        None,
+        Some(in_the_future(Duration::from_secs(5))),
+    )
+    .await;
+    assert_eq!(
+        stale,
+        sorted(vec![active.token_id.clone(), soon.token_id.clone()])
+    );
+    assert!(
+        list(
+            vec![],
+            None,
+            Some(prost_types::Timestamp {
+                seconds: 1,
+                nanos: 0
+            })
+        )
+        .await
+        .is_empty()
+    );
+
+    // Wait for the expiry itself.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(
+        list(vec![pb::TokenState::Expired], None, None).await,
+        vec![soon.token_id.clone()]
+    );
+    assert_eq!(
+        list(vec![pb::TokenState::Active], None, None).await,
+        vec![active.token_id.clone()]
+    );
+
+    assert_status(
+        app.tokens()
+            .list_tokens(bearer(
                 pb::ListTokensRequest {
                     account_id: robot.account_id.clone(),
-                    states: states.into_iter().map(|s| s as i32).collect(),
-                    expire_before,
-                    last_used_before,
+                    states: vec![42],
                     ..Default::default()
                 },
                 &ops,
-            );
-            async move {
-                let mut ids: Vec<String> = client
-                    .list_tokens(request)
-                    .await
-                    .expect("list")
-                    .into_inner()
-                    .tokens
-                    .into_iter()
-                    .map(|t| t.token_id)
-                    .collect();
-                ids.sort();
-                ids
-            }
-        };
-        let sorted = |mut ids: Vec<String>| {
-            ids.sort();
-            ids
-        };
-        assert_eq!(list(vec![pb::TokenState::Revoked], None, None).await, vec![revoked.token_id.clone()]);
-        assert_eq!(list(vec![pb::TokenState::Exhausted], None, None).await, vec![exhausted.token_id.clone()]);
-        assert_eq!(
-            list(vec![pb::TokenState::Revoked, pb::TokenState::Exhausted], None, None).await,
-            sorted(vec![revoked.token_id.clone(), exhausted.token_id.clone()])
-        );
-        // About to expire: within the next hour.
-        assert_eq!(
-            list(vec![pb::TokenState::Active], Some(in_the_future(Duration::from_secs(3600))), None).await,
-            vec![soon.token_id.clone()]
-        );
-        // Stale as of five seconds from now: every active token, used or not.
-        let stale = list(vec![pb::TokenState::Active], None, Some(in_the_future(Duration::from_secs(5)))).await;
-        assert_eq!(stale, sorted(vec![active.token_id.clone(), soon.token_id.clone()]));
-        assert!(list(vec![], None, Some(prost_types::Timestamp { seconds: 1, nanos: 0 })).await.is_empty());
-
-        // Wait for the expiry itself.
-        tokio::time::sleep(Duration::from_millis(2100)).await;
-        assert_eq!(list(vec![pb::TokenState::Expired], None, None).await, vec![soon.token_id.clone()]);
-        assert_eq!(list(vec![pb::TokenState::Active], None, None).await, vec![active.token_id.clone()]);
-
-        assert_status(
-            app.tokens()
-                .list_tokens(bearer(
-                    pb::ListTokensRequest { account_id: robot.account_id.clone(), states: vec![42], ..Default::default() },
-                    &ops,
-                ))
-                .await,
-            Code::InvalidArgument,
-            "ERROR_REASON_INVALID_ARGUMENT",
-        );
-    }
+            ))
+            .await,
+        Code::InvalidArgument,
+        "ERROR_REASON_INVALID_ARGUMENT",
+    );
 }
+both_backends!(list_tokens_filters_by_state_expiry_and_staleness);

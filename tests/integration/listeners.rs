@@ -487,40 +487,39 @@ async fn h2_call(
     Code::from_bytes(status.as_bytes())
 }
 
-crate::on_both_backends!(
-    async fn request_trailers_and_second_messages_are_refused(app: TestApp) {
-        const LIST: &str = "/identity.v1.AccountsService/ListAccounts";
-        let valid = || ("authorization", format!("Bearer {}", app.operator_token));
-        let garbage = ("authorization", "Bearer garbage".to_owned());
-        let message = prost::Message::encode_to_vec(&pb::ListAccountsRequest::default());
-        let one = std::slice::from_ref(&message);
+async fn request_trailers_and_second_messages_are_refused(app: TestApp) {
+    const LIST: &str = "/identity.v1.AccountsService/ListAccounts";
+    let valid = || ("authorization", format!("Bearer {}", app.operator_token));
+    let garbage = ("authorization", "Bearer garbage".to_owned());
+    let message = prost::Message::encode_to_vec(&pb::ListAccountsRequest::default());
+    let one = std::slice::from_ref(&message);
 
-        // The credential in the headers: served.
-        let served = h2_call(app.addr, LIST, &[valid()], one, &[]).await;
-        assert_eq!(served, Code::Ok);
-        // A garbage credential in the headers, a valid one in a trailer.
-        let overridden = h2_call(app.addr, LIST, &[garbage], one, &[valid()]).await;
-        assert_eq!(overridden, Code::InvalidArgument);
-        // No credential in the headers, a valid one in a trailer.
-        let smuggled = h2_call(app.addr, LIST, &[], one, &[valid()]).await;
-        assert_eq!(smuggled, Code::InvalidArgument);
-        // Any trailer at all.
-        let trailer = h2_call(
-            app.addr,
-            LIST,
-            &[valid()],
-            one,
-            &[("x-note", "hello".to_owned())],
-        )
-        .await;
-        assert_eq!(trailer, Code::InvalidArgument);
-        // Two messages on a unary call.
-        let two = [message.clone(), message.clone()];
-        let second = h2_call(app.addr, LIST, &[valid()], &two, &[]).await;
-        assert_eq!(second, Code::InvalidArgument);
-        app.stop().await;
-    }
-);
+    // The credential in the headers: served.
+    let served = h2_call(app.addr, LIST, &[valid()], one, &[]).await;
+    assert_eq!(served, Code::Ok);
+    // A garbage credential in the headers, a valid one in a trailer.
+    let overridden = h2_call(app.addr, LIST, &[garbage], one, &[valid()]).await;
+    assert_eq!(overridden, Code::InvalidArgument);
+    // No credential in the headers, a valid one in a trailer.
+    let smuggled = h2_call(app.addr, LIST, &[], one, &[valid()]).await;
+    assert_eq!(smuggled, Code::InvalidArgument);
+    // Any trailer at all.
+    let trailer = h2_call(
+        app.addr,
+        LIST,
+        &[valid()],
+        one,
+        &[("x-note", "hello".to_owned())],
+    )
+    .await;
+    assert_eq!(trailer, Code::InvalidArgument);
+    // Two messages on a unary call.
+    let two = [message.clone(), message.clone()];
+    let second = h2_call(app.addr, LIST, &[valid()], &two, &[]).await;
+    assert_eq!(second, Code::InvalidArgument);
+    app.stop().await;
+}
+crate::both_backends!(request_trailers_and_second_messages_are_refused);
 
 fn new_person(name: &str) -> pb::CreateAccountRequest {
     pb::CreateAccountRequest {

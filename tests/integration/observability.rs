@@ -14,9 +14,11 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::{Code, Request, metadata::MetadataValue};
 
 use crate::{
-    binary::{Secrets, Server, bootstrap_operator, printed_token, random_hex},
-    on_both_backends,
-    support::{Backend, PASSWORD, TestDatabase, bearer, pb},
+    both_backends,
+    support::binary::{
+        Secrets, Server, bootstrap_operator, printed_token, random_hex, serving_field, strip_ansi,
+    },
+    support::{Backend, PASSWORD, TestApp, TestDatabase, bearer, pb},
 };
 
 const ACCOUNTS: &str = "identity.v1.AccountsService";
@@ -151,130 +153,215 @@ fn malformed_traceparents() -> Vec<String> {
 // In process: the shared registry
 // ---------------------------------------------------------------------------
 
-on_both_backends! {
-    async fn calls_appear_in_the_metrics_by_rpc_code_verdict_and_cache_result(app: TestApp) {
-        let addr = app.metrics_addr.expect("test servers serve metrics");
-        let (alice, session) = app.person("alice").await;
-        let (_, pat) = app.token(&session, &alice.account_id, "ci", &["project:read"]).await;
-        // Prime the cache with the token, so the next lookups of it hit.
-        assert!(app.verify(&pat, &[]).await.active);
-        let before = scrape(addr).await;
+async fn calls_appear_in_the_metrics_by_rpc_code_verdict_and_cache_result(app: TestApp) {
+    let addr = app.metrics_addr.expect("test servers serve metrics");
+    let (alice, session) = app.person("alice").await;
+    let (_, pat) = app
+        .token(&session, &alice.account_id, "ci", &["project:read"])
+        .await;
+    // Prime the cache with the token, so the next lookups of it hit.
+    assert!(app.verify(&pat, &[]).await.active);
+    let before = scrape(addr).await;
 
-        let mut accounts = app.accounts();
-        for _ in 0..2 {
-            accounts
-                .get_account(bearer(by_username("alice"), &app.operator_token))
-                .await
-                .expect("get alice");
-        }
-        let missing = accounts.get_account(bearer(by_username("nobody-here"), &app.operator_token)).await;
-        assert_eq!(missing.expect_err("no such account").code(), Code::NotFound);
-        let anonymous = accounts.get_account(Request::new(by_username("alice"))).await;
-        assert_eq!(anonymous.expect_err("no credential").code(), Code::Unauthenticated);
-        for _ in 0..3 {
-            assert!(app.verify(&pat, &["project:read"]).await.active);
-        }
-        assert!(!app.verify(&pat, &["project:write"]).await.active);
-        assert!(!app.verify("not-a-token", &[]).await.active);
-
-        let after = scrape(addr).await;
-        let grew = |name: &str, labels: &[(&str, &str)], at_least: f64| {
-            let grown = delta(&before, &after, name, labels);
-            assert!(grown >= at_least, "{name} {labels:?} grew by {grown}, expected at least {at_least}:\n{after}");
-        };
-        grew(REQUESTS, &[("service", ACCOUNTS), ("method", "GetAccount"), ("code", "OK")], 2.0);
-        grew(REQUESTS, &[("service", ACCOUNTS), ("method", "GetAccount"), ("code", "NOT_FOUND")], 1.0);
-        grew(REQUESTS, &[("service", ACCOUNTS), ("method", "GetAccount"), ("code", "UNAUTHENTICATED")], 1.0);
-        grew(REQUESTS, &[("service", TOKENS), ("method", "VerifyToken"), ("code", "OK")], 5.0);
-        grew("identity_grpc_request_duration_seconds_count", &[("method", "GetAccount"), ("code", "OK")], 2.0);
-        grew("identity_grpc_request_duration_seconds_bucket", &[("method", "GetAccount"), ("code", "OK"), ("le", "+Inf")], 2.0);
-        grew(VERDICTS, &[("verdict", "active")], 3.0);
-        grew(VERDICTS, &[("verdict", "insufficient_scope")], 1.0);
-        grew(VERDICTS, &[("verdict", "malformed")], 1.0);
-        // Four verifications of the primed token and eight authentications
-        // of the operator, every one counted: all cached on SQLite; on
-        // PostgreSQL bypassing the cache until the change channel proves
-        // itself current, and a miss once after each time it did not (the
-        // cache starts empty again), which a loaded machine makes happen.
-        let lookups = delta(&before, &after, CACHE, &[("result", "hit")])
-            + delta(&before, &after, CACHE, &[("result", "bypassed")])
-            + delta(&before, &after, CACHE, &[("result", "miss")]);
-        assert!(lookups >= 12.0, "cache lookups grew by {lookups}:\n{after}");
-        if app.db.url.starts_with("sqlite:") {
-            grew(CACHE, &[("result", "hit")], 12.0);
-        }
-        for (name, help) in [
-            (REQUESTS, "# TYPE identity_grpc_requests_total counter"),
-            ("identity_grpc_request_duration_seconds", "# TYPE identity_grpc_request_duration_seconds histogram"),
-            (VERDICTS, "# HELP identity_verify_token_verdicts_total"),
-            ("identity_db_pool_max_connections", "# TYPE identity_db_pool_max_connections gauge"),
-        ] {
-            assert!(after.contains(help), "{name}: no {help:?} in\n{after}");
-        }
-        // Sub-millisecond buckets exist.
-        assert!(after.contains("le=\"0.0001\""), "{after}");
-
-        // Nothing a client chose is a label: no username, no secret.
-        for secret in [&pat, &session, &app.operator_token, "alice", "nobody-here", "not-a-token", PASSWORD] {
-            assert!(!after.contains(secret), "{secret:?} is in the metrics");
-        }
-
-        let (head, _) = get(addr, "/elsewhere").await;
-        assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    let mut accounts = app.accounts();
+    for _ in 0..2 {
+        accounts
+            .get_account(bearer(by_username("alice"), &app.operator_token))
+            .await
+            .expect("get alice");
     }
-}
+    let missing = accounts
+        .get_account(bearer(by_username("nobody-here"), &app.operator_token))
+        .await;
+    assert_eq!(missing.expect_err("no such account").code(), Code::NotFound);
+    let anonymous = accounts
+        .get_account(Request::new(by_username("alice")))
+        .await;
+    assert_eq!(
+        anonymous.expect_err("no credential").code(),
+        Code::Unauthenticated
+    );
+    for _ in 0..3 {
+        assert!(app.verify(&pat, &["project:read"]).await.active);
+    }
+    assert!(!app.verify(&pat, &["project:write"]).await.active);
+    assert!(!app.verify("not-a-token", &[]).await.active);
 
-on_both_backends! {
-    async fn a_valid_traceparent_is_continued_and_a_malformed_one_ignored(app: TestApp) {
-        let mut accounts = app.accounts();
-        let (traceparent, trace_id) = new_traceparent();
-        let parent_id = &traceparent[36..52];
+    let after = scrape(addr).await;
+    let grew = |name: &str, labels: &[(&str, &str)], at_least: f64| {
+        let grown = delta(&before, &after, name, labels);
+        assert!(
+            grown >= at_least,
+            "{name} {labels:?} grew by {grown}, expected at least {at_least}:\n{after}"
+        );
+    };
+    grew(
+        REQUESTS,
+        &[
+            ("service", ACCOUNTS),
+            ("method", "GetAccount"),
+            ("code", "OK"),
+        ],
+        2.0,
+    );
+    grew(
+        REQUESTS,
+        &[
+            ("service", ACCOUNTS),
+            ("method", "GetAccount"),
+            ("code", "NOT_FOUND"),
+        ],
+        1.0,
+    );
+    grew(
+        REQUESTS,
+        &[
+            ("service", ACCOUNTS),
+            ("method", "GetAccount"),
+            ("code", "UNAUTHENTICATED"),
+        ],
+        1.0,
+    );
+    grew(
+        REQUESTS,
+        &[
+            ("service", TOKENS),
+            ("method", "VerifyToken"),
+            ("code", "OK"),
+        ],
+        5.0,
+    );
+    grew(
+        "identity_grpc_request_duration_seconds_count",
+        &[("method", "GetAccount"), ("code", "OK")],
+        2.0,
+    );
+    grew(
+        "identity_grpc_request_duration_seconds_bucket",
+        &[("method", "GetAccount"), ("code", "OK"), ("le", "+Inf")],
+        2.0,
+    );
+    grew(VERDICTS, &[("verdict", "active")], 3.0);
+    grew(VERDICTS, &[("verdict", "insufficient_scope")], 1.0);
+    grew(VERDICTS, &[("verdict", "malformed")], 1.0);
+    // Four verifications of the primed token and eight authentications
+    // of the operator, every one counted: all cached on SQLite; on
+    // PostgreSQL bypassing the cache until the change channel proves
+    // itself current, and a miss once after each time it did not (the
+    // cache starts empty again), which a loaded machine makes happen.
+    let lookups = delta(&before, &after, CACHE, &[("result", "hit")])
+        + delta(&before, &after, CACHE, &[("result", "bypassed")])
+        + delta(&before, &after, CACHE, &[("result", "miss")]);
+    assert!(lookups >= 12.0, "cache lookups grew by {lookups}:\n{after}");
+    if app.db.url.starts_with("sqlite:") {
+        grew(CACHE, &[("result", "hit")], 12.0);
+    }
+    for (name, help) in [
+        (REQUESTS, "# TYPE identity_grpc_requests_total counter"),
+        (
+            "identity_grpc_request_duration_seconds",
+            "# TYPE identity_grpc_request_duration_seconds histogram",
+        ),
+        (VERDICTS, "# HELP identity_verify_token_verdicts_total"),
+        (
+            "identity_db_pool_max_connections",
+            "# TYPE identity_db_pool_max_connections gauge",
+        ),
+    ] {
+        assert!(after.contains(help), "{name}: no {help:?} in\n{after}");
+    }
+    // Sub-millisecond buckets exist.
+    assert!(after.contains("le=\"0.0001\""), "{after}");
+
+    // Nothing a client chose is a label: no username, no secret.
+    for secret in [
+        &pat,
+        &session,
+        &app.operator_token,
+        "alice",
+        "nobody-here",
+        "not-a-token",
+        PASSWORD,
+    ] {
+        assert!(!after.contains(secret), "{secret:?} is in the metrics");
+    }
+
+    let (head, _) = get(addr, "/elsewhere").await;
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+}
+both_backends!(calls_appear_in_the_metrics_by_rpc_code_verdict_and_cache_result);
+
+async fn a_valid_traceparent_is_continued_and_a_malformed_one_ignored(app: TestApp) {
+    let mut accounts = app.accounts();
+    let (traceparent, trace_id) = new_traceparent();
+    let parent_id = &traceparent[36..52];
+    let answered = accounts
+        .get_account(traced(
+            by_username("ops"),
+            Some(&app.operator_token),
+            &traceparent,
+        ))
+        .await
+        .expect("a traced call succeeds");
+    let response = answered
+        .metadata()
+        .get("traceresponse")
+        .expect("a traceresponse")
+        .to_str()
+        .expect("ASCII")
+        .to_owned();
+    let parts: Vec<&str> = response.split('-').collect();
+    assert_eq!(parts.len(), 4, "{response}");
+    assert_eq!(parts[0], "00", "{response}");
+    assert_eq!(parts[1], trace_id, "the trace continues: {response}");
+    assert_eq!(parts[2].len(), 16, "{response}");
+    assert!(
+        parts[2]
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+        "{response}"
+    );
+    assert_ne!(parts[2], "0000000000000000", "{response}");
+    assert_ne!(
+        parts[2], parent_id,
+        "this service's own span id: {response}"
+    );
+    assert_eq!(parts[3], "01", "the flags are kept: {response}");
+
+    // An error answer (trailers-only) carries it too.
+    let refused = accounts
+        .get_account(traced(by_username("ops"), None, &traceparent))
+        .await
+        .expect_err("no credential");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert!(
+        refused.metadata().get("traceresponse").is_some(),
+        "{refused:?}"
+    );
+
+    for bad in malformed_traceparents() {
         let answered = accounts
-            .get_account(traced(by_username("ops"), Some(&app.operator_token), &traceparent))
+            .get_account(traced(by_username("ops"), Some(&app.operator_token), &bad))
             .await
-            .expect("a traced call succeeds");
-        let response = answered
-            .metadata()
-            .get("traceresponse")
-            .expect("a traceresponse")
-            .to_str()
-            .expect("ASCII")
-            .to_owned();
-        let parts: Vec<&str> = response.split('-').collect();
-        assert_eq!(parts.len(), 4, "{response}");
-        assert_eq!(parts[0], "00", "{response}");
-        assert_eq!(parts[1], trace_id, "the trace continues: {response}");
-        assert_eq!(parts[2].len(), 16, "{response}");
-        assert!(parts[2].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()), "{response}");
-        assert_ne!(parts[2], "0000000000000000", "{response}");
-        assert_ne!(parts[2], parent_id, "this service's own span id: {response}");
-        assert_eq!(parts[3], "01", "the flags are kept: {response}");
-
-        // An error answer (trailers-only) carries it too.
-        let refused = accounts
-            .get_account(traced(by_username("ops"), None, &traceparent))
-            .await
-            .expect_err("no credential");
-        assert_eq!(refused.code(), Code::Unauthenticated);
-        assert!(refused.metadata().get("traceresponse").is_some(), "{refused:?}");
-
-        for bad in malformed_traceparents() {
-            let answered = accounts
-                .get_account(traced(by_username("ops"), Some(&app.operator_token), &bad))
-                .await
-                .unwrap_or_else(|e| panic!("traceparent {bad:?} broke the call: {e}"));
-            assert!(
-                answered.metadata().get("traceresponse").is_none(),
-                "traceparent {bad:?} was not ignored"
-            );
-        }
-        // Two traceparents are ambiguous: ignored as well.
-        let mut twice = traced(by_username("ops"), Some(&app.operator_token), &traceparent);
-        twice.metadata_mut().append("traceparent", MetadataValue::try_from(traceparent.as_str()).expect("ASCII"));
-        let answered = accounts.get_account(twice).await.expect("two traceparents are ignored");
-        assert!(answered.metadata().get("traceresponse").is_none());
+            .unwrap_or_else(|e| panic!("traceparent {bad:?} broke the call: {e}"));
+        assert!(
+            answered.metadata().get("traceresponse").is_none(),
+            "traceparent {bad:?} was not ignored"
+        );
     }
+    // Two traceparents are ambiguous: ignored as well.
+    let mut twice = traced(by_username("ops"), Some(&app.operator_token), &traceparent);
+    twice.metadata_mut().append(
+        "traceparent",
+        MetadataValue::try_from(traceparent.as_str()).expect("ASCII"),
+    );
+    let answered = accounts
+        .get_account(twice)
+        .await
+        .expect("two traceparents are ignored");
+    assert!(answered.metadata().get("traceresponse").is_none());
 }
+both_backends!(a_valid_traceparent_is_continued_and_a_malformed_one_ignored);
 
 // ---------------------------------------------------------------------------
 // The real binary: exact counts and JSON logs
@@ -718,14 +805,11 @@ async fn the_build_and_the_process_are_in_the_log_and_the_metrics() {
     let serving = finished
         .stderr
         .lines()
-        .map(crate::binary::strip_ansi)
-        .find(|line| line.contains(" serving "))
+        .find(|line| serving_field(line, "addr").is_some())
+        .map(strip_ansi)
         .expect("a serving line");
     let field = |name: &str| {
-        serving
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")).map(str::to_owned))
-            .unwrap_or_else(|| panic!("no {name} in {serving}"))
+        serving_field(&serving, name).unwrap_or_else(|| panic!("no {name} in {serving}"))
     };
     assert_eq!(field("version"), env!("CARGO_PKG_VERSION"));
     let commit = field("commit");

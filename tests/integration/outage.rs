@@ -16,7 +16,7 @@ use tonic_health::pb::{
 };
 
 use crate::{
-    binary::{Server, bootstrap_operator, printed_token},
+    support::binary::{Server, bootstrap_operator, printed_token},
     support::{
         TestApp, TestDatabase, bearer,
         pb::{self, accounts_service_client::AccountsServiceClient},

@@ -2,7 +2,7 @@
 //! key's `sslpassword=…`) is a secret like the userinfo password: `config
 //! check`, the start-up log and database errors show `***` in its place.
 
-use crate::binary::{Server, identity_command, random_hex, run};
+use crate::support::binary::{Server, identity_command, random_hex, run};
 
 /// The URL with both query secrets appended.
 fn with_query_secrets(url: &str, password: &str, key_password: &str) -> String {

@@ -19,8 +19,8 @@ use sqlx::Connection as _;
 use tonic::Code;
 
 use crate::{
-    binary::{Server, bootstrap_operator, printed_token},
     observability::scrape,
+    support::binary::{Server, bootstrap_operator, printed_token},
     support::{Backend, PASSWORD, TestApp, bearer, pb, sign_in},
 };
 

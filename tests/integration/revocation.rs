@@ -14,7 +14,7 @@ use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };
 
-use crate::binary::Server;
+use crate::support::binary::Server;
 use crate::support::{TestApp, TestDatabase, bearer, pb, plaintext, postgres};
 
 /// libfaketime, as Debian's `faketime` package installs it.
@@ -230,16 +230,15 @@ async fn rotation_races_revocation(app: &TestApp, rotate_first: bool) {
     }
 }
 
-crate::on_both_backends! {
-    /// A rotation and a revocation of one token, queued behind another
-    /// writer in either order, leave no secret of it working: a rotation
-    /// that waits behind the revocation fails, and one that commits first
-    /// is revoked with its token.
-    async fn a_rotation_racing_a_revocation_leaves_nothing_active(app: TestApp) {
-        rotation_races_revocation(&app, true).await;
-        rotation_races_revocation(&app, false).await;
-    }
+/// A rotation and a revocation of one token, queued behind another
+/// writer in either order, leave no secret of it working: a rotation
+/// that waits behind the revocation fails, and one that commits first
+/// is revoked with its token.
+async fn a_rotation_racing_a_revocation_leaves_nothing_active(app: TestApp) {
+    rotation_races_revocation(&app, true).await;
+    rotation_races_revocation(&app, false).await;
 }
+crate::both_backends!(a_rotation_racing_a_revocation_leaves_nothing_active);
 
 /// The environment that runs a replica under libfaketime, its wall clock
 /// (not its monotonic one) `offset` (such as `-5s`) from the real time.
@@ -626,34 +625,32 @@ async fn leak_report_races_rotation(app: &TestApp) {
     }
 }
 
-crate::on_both_backends! {
-    async fn a_leak_report_racing_a_rotation_leaves_no_successor(app: TestApp) {
-        leak_report_races_rotation(&app).await;
-    }
+async fn a_leak_report_racing_a_rotation_leaves_no_successor(app: TestApp) {
+    leak_report_races_rotation(&app).await;
 }
+crate::both_backends!(a_leak_report_racing_a_rotation_leaves_no_successor);
 
-crate::on_both_backends! {
-    async fn reporting_a_rotated_out_secret_revokes_its_successor(app: TestApp) {
-        let (alice, session) = app.person("alice").await;
-        let (token, old) = app.token(&session, &alice.account_id, "ci", &[]).await;
-        let new = app
-            .tokens()
-            .rotate_token(rotate_request(&token.token_id, &session))
-            .await
-            .expect("rotate")
-            .into_inner()
-            .secret;
-        assert!(app.verify(&new, &[]).await.active);
-        app.tokens()
-            .revoke_leaked_token(pb::RevokeLeakedTokenRequest { secrets: vec![old] })
-            .await
-            .expect("report");
-        assert!(
-            !app.verify(&new, &[]).await.active,
-            "whoever holds the old secret may have rotated: the family goes"
-        );
-    }
+async fn reporting_a_rotated_out_secret_revokes_its_successor(app: TestApp) {
+    let (alice, session) = app.person("alice").await;
+    let (token, old) = app.token(&session, &alice.account_id, "ci", &[]).await;
+    let new = app
+        .tokens()
+        .rotate_token(rotate_request(&token.token_id, &session))
+        .await
+        .expect("rotate")
+        .into_inner()
+        .secret;
+    assert!(app.verify(&new, &[]).await.active);
+    app.tokens()
+        .revoke_leaked_token(pb::RevokeLeakedTokenRequest { secrets: vec![old] })
+        .await
+        .expect("report");
+    assert!(
+        !app.verify(&new, &[]).await.active,
+        "whoever holds the old secret may have rotated: the family goes"
+    );
 }
+crate::both_backends!(reporting_a_rotated_out_secret_revokes_its_successor);
 
 /// An account's deletion racing a rotation of one of its tokens, the
 /// rotation queued first behind a lock on the token's row: they take the

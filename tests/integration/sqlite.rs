@@ -2,7 +2,7 @@
 //! on a fresh file both succeed, and a revocation whose caller gave up while
 //! it waited for its commit is still evicted from this replica's cache.
 
-use crate::binary::{identity_command, run, sqlite_file};
+use crate::support::binary::{identity_command, run, sqlite_file};
 
 /// Two `identity migrate` processes of the real binary, started together
 /// against a fresh database file, both succeed; a few times, since the race

@@ -25,7 +25,7 @@ use crate::support::{
 
 /// Runs `$name(backend)` once per backend, as `$name::sqlite` and
 /// `$name::postgres` (these tests need their own settings, so they cannot use
-/// `on_both_backends!`).
+/// `both_backends!`).
 macro_rules! on_both {
     ($name:ident) => {
         mod $name {

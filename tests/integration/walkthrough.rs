@@ -4,7 +4,8 @@
 
 use std::{path::Path, process::Command};
 
-use crate::on_both_backends;
+use crate::both_backends;
+use crate::support::TestApp;
 
 /// The shell blocks of the README's walk-through section, in order.
 fn walkthrough_script() -> String {
@@ -44,42 +45,67 @@ fn require(tool: &str) {
     );
 }
 
-on_both_backends! {
-    async fn the_readme_walkthrough_works_as_written(app: TestApp) {
-        require("grpcurl");
-        require("jq");
-        let binary_dir = Path::new(env!("CARGO_BIN_EXE_identity")).parent().expect("bin dir");
-        let path = format!("{}:{}", binary_dir.display(), std::env::var("PATH").unwrap_or_default());
-        let script = walkthrough_script();
-        let addr = app.addr.to_string();
-        let db_url = app.db.url.clone();
-        let output = tokio::task::spawn_blocking(move || {
-            Command::new("bash")
-                .args(["-c", &script])
-                .env("PATH", path)
-                .env("ADDR", addr)
-                .env("DATABASE_URL", db_url)
-                .output()
-                .expect("run bash")
-        })
-        .await
-        .expect("join");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "the walk-through failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-        assert!(stdout.contains("\"status\": \"SERVING\""), "{stdout}");
-        assert!(stdout.contains("\"active\": true"), "{stdout}");
-        assert!(stdout.contains("\"credentialKind\": \"CREDENTIAL_KIND_PERSONAL_ACCESS_TOKEN\""), "{stdout}");
-        assert!(stdout.contains("\"state\": \"TOKEN_STATE_REVOKED\""), "{stdout}");
-        assert_eq!(stdout.matches("INACTIVE_REASON_REVOKED").count(), 2, "{stdout}");
-        assert!(stdout.contains("\"previous\": \"TOKEN_STATE_REVOKED\""), "{stdout}");
-        for event in ["AUDIT_EVENT_TYPE_TOKEN_ROTATED", "AUDIT_EVENT_TYPE_TOKEN_LEAKED", "AUDIT_EVENT_TYPE_ACCOUNT_CREATED"] {
-            assert!(stdout.contains(event), "{event} missing from\n{stdout}");
-        }
-        assert!(stderr.contains("ERROR_REASON_INVALID_ARGUMENT"), "{stderr}");
-        assert!(stderr.contains("\"field\":\"username\""), "{stderr}");
+async fn the_readme_walkthrough_works_as_written(app: TestApp) {
+    require("grpcurl");
+    require("jq");
+    let binary_dir = Path::new(env!("CARGO_BIN_EXE_identity"))
+        .parent()
+        .expect("bin dir");
+    let path = format!(
+        "{}:{}",
+        binary_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let script = walkthrough_script();
+    let addr = app.addr.to_string();
+    let db_url = app.db.url.clone();
+    let output = tokio::task::spawn_blocking(move || {
+        Command::new("bash")
+            .args(["-c", &script])
+            .env("PATH", path)
+            .env("ADDR", addr)
+            .env("DATABASE_URL", db_url)
+            .output()
+            .expect("run bash")
+    })
+    .await
+    .expect("join");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "the walk-through failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stdout.contains("\"status\": \"SERVING\""), "{stdout}");
+    assert!(stdout.contains("\"active\": true"), "{stdout}");
+    assert!(
+        stdout.contains("\"credentialKind\": \"CREDENTIAL_KIND_PERSONAL_ACCESS_TOKEN\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"state\": \"TOKEN_STATE_REVOKED\""),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("INACTIVE_REASON_REVOKED").count(),
+        2,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"previous\": \"TOKEN_STATE_REVOKED\""),
+        "{stdout}"
+    );
+    for event in [
+        "AUDIT_EVENT_TYPE_TOKEN_ROTATED",
+        "AUDIT_EVENT_TYPE_TOKEN_LEAKED",
+        "AUDIT_EVENT_TYPE_ACCOUNT_CREATED",
+    ] {
+        assert!(stdout.contains(event), "{event} missing from\n{stdout}");
     }
+    assert!(stderr.contains("ERROR_REASON_INVALID_ARGUMENT"), "{stderr}");
+    assert!(stderr.contains("\"field\":\"username\""), "{stderr}");
 }
+both_backends!(the_readme_walkthrough_works_as_written);
 
 /// Reflection is off: grpcurl cannot list services, but works from the
 /// `.proto` files as the README shows. (Reflection does not touch storage:

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod postgres;
 
 use std::{net::SocketAddr, time::Duration};
@@ -431,26 +432,23 @@ pub fn assert_status<T: std::fmt::Debug>(
     status
 }
 
-/// Defines one test per backend: `name::sqlite` and `name::postgres`, each
-/// running `body` with a fresh server.
+/// Runs the test `async fn $name(app: TestApp)` of the calling module once
+/// per backend, as `$name::sqlite` and `$name::postgres`, each with a fresh
+/// server: `both_backends!(name);` after the function.
 #[macro_export]
-macro_rules! on_both_backends {
-    ($(#[$meta:meta])* async fn $name:ident($app:ident: TestApp) $body:block) => {
-        $(#[$meta])*
+macro_rules! both_backends {
+    ($name:ident) => {
         mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-
-            async fn run($app: $crate::support::TestApp) $body
+            use $crate::support::{Backend, TestApp};
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sqlite() {
-                run($crate::support::TestApp::spawn($crate::support::Backend::Sqlite).await).await;
+                super::$name(TestApp::spawn(Backend::Sqlite).await).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn postgres() {
-                run($crate::support::TestApp::spawn($crate::support::Backend::Postgres).await).await;
+                super::$name(TestApp::spawn(Backend::Postgres).await).await;
             }
         }
     };
