@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{
+use crate::api::{
     auth, convert,
     pb::{self, tokens_service_server::TokensService},
     ratelimit::RateLimiter,

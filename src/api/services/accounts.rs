@@ -3,7 +3,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{
+use crate::api::{
     auth::{self, Presented},
     convert,
     pb::{self, accounts_service_server::AccountsService, get_account_request::Lookup},

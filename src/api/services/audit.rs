@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{
+use crate::api::{
     auth, convert,
     pb::{self, audit_service_server::AuditService},
     status::to_status,
