@@ -5,6 +5,7 @@
 pub mod deadline;
 pub mod forwarded;
 pub mod guard;
+pub mod message_limit;
 pub mod observe;
 pub mod ready;
 pub mod shed;
