@@ -6,17 +6,16 @@
 //! - [`services`]: the tonic service impls, one per proto service;
 //! - [`layers`]: the tower layers wrapped around every call;
 //! - the translation between the wire and the domain: [`auth`] (who is
-//!   calling), [`codec`] (bytes to messages), `convert` (domain values to
-//!   messages), [`status`] (domain errors to statuses) and `redact` (`Debug`
+//!   calling), [`codec`] (bytes to messages), [`parse`] (one parser per
+//!   request message, which the fuzz targets call too), `convert` (domain
+//!   values to messages), [`status`] (domain errors to statuses) and `redact` (`Debug`
 //!   without secrets).
 
 pub mod auth;
 pub mod codec;
 mod convert;
-/// Pure request-parsing entry points for the fuzz targets in `fuzz/`.
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod layers;
+pub mod parse;
 pub mod ratelimit;
 mod redact;
 pub mod services;

@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use crate::api::{
-    auth, convert,
+    auth, convert, parse,
     pb::{self, audit_service_server::AuditService},
     status::to_status,
 };
@@ -30,8 +30,7 @@ impl AuditService for AuditApi {
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        let (filter, page) =
-            convert::list_audit_events_request(request.get_ref()).map_err(to_status)?;
+        let (filter, page) = parse::list_audit_events(request.get_ref()).map_err(to_status)?;
         let (events, next_page_token) = self
             .identity
             .list_audit_events(&caller, filter, page)

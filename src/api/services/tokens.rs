@@ -6,15 +6,12 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use crate::api::{
-    auth, convert,
+    auth, convert, parse,
     pb::{self, tokens_service_server::TokensService},
     ratelimit::RateLimiter,
     status::to_status,
 };
-use crate::domain::{
-    DomainError, Identity, error::Violations, service::Verification, time::Timestamp,
-    token::TokenId,
-};
+use crate::domain::{DomainError, Identity, service::Verification, time::Timestamp};
 
 /// The tokens service over the domain's use cases.
 #[derive(Clone)]
@@ -52,8 +49,8 @@ impl TokensService for TokensApi {
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let request = convert::create_token_request(request.into_inner(), Timestamp::now())
-            .map_err(to_status)?;
+        let request =
+            parse::create_token(request.into_inner(), Timestamp::now()).map_err(to_status)?;
         let issued = self
             .identity
             .create_token(&caller, &origin, request)
@@ -72,7 +69,7 @@ impl TokensService for TokensApi {
         request: Request<pb::GetTokenRequest>,
     ) -> Result<Response<pb::GetTokenResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        let id = TokenId::parse("token_id", &request.get_ref().token_id).map_err(to_status)?;
+        let id = parse::get_token(request.get_ref()).map_err(to_status)?;
         let token = self
             .identity
             .get_token(&caller, &id)
@@ -91,7 +88,7 @@ impl TokensService for TokensApi {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
         let now = Timestamp::now();
         let (account, filter, page) =
-            convert::list_tokens_request(request.get_ref(), now).map_err(to_status)?;
+            parse::list_tokens(request.get_ref(), now).map_err(to_status)?;
         let (tokens, next_page_token) = self
             .identity
             .list_tokens(&caller, account.as_ref(), filter, page)
@@ -109,7 +106,7 @@ impl TokensService for TokensApi {
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let id = TokenId::parse("token_id", &request.get_ref().token_id).map_err(to_status)?;
+        let id = parse::revoke_token(request.get_ref()).map_err(to_status)?;
         let token = self
             .identity
             .revoke_token(&caller, &origin, &id)
@@ -134,15 +131,16 @@ impl TokensService for TokensApi {
         request: Request<pb::VerifyTokenRequest>,
     ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
         let caller = auth::verifier(&self.identity, &self.verifiers, &request).await?;
-        let req = request.into_inner();
+        // Refuse before parsing: a caller that may not verify learns nothing
+        // of its request.
+        self.identity
+            .admit_verifier(caller.as_verifier())
+            .map_err(to_status)?;
+        let (credential, required, client) =
+            parse::verify_token(request.get_ref()).map_err(to_status)?;
         let verification = self
             .identity
-            .verify(
-                caller.as_verifier(),
-                &req.token,
-                &req.required_scopes,
-                &req.client_address,
-            )
+            .verify(caller.as_verifier(), credential, &required, &client)
             .await
             .map_err(to_status)?;
         Ok(Response::new(match verification {
@@ -177,7 +175,7 @@ impl TokensService for TokensApi {
         // already-rotated token here must trigger reuse detection, not a
         // plain authentication failure.
         let presented = auth::presented(request.metadata()).credential();
-        let id = TokenId::parse("token_id", &request.get_ref().token_id).map_err(to_status)?;
+        let id = parse::rotate_token(request.get_ref()).map_err(to_status)?;
         let rotated = self
             .identity
             .rotate_token(presented, &origin, &id)
@@ -202,17 +200,11 @@ impl TokensService for TokensApi {
         request: Request<pb::RenewTokenRequest>,
     ) -> Result<Response<pb::RenewTokenResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let req = request.into_inner();
-        let mut violations = Violations::new();
-        let id = violations.check(TokenId::parse("token_id", &req.token_id));
-        let expire_time =
-            violations.check(convert::parse_timestamp("expire_time", req.expire_time));
-        let (id, expire_time) = violations
-            .complete((|| Some((id?, expire_time?)))())
-            .map_err(to_status)?;
+        let (id, expire_time, never_expires) =
+            parse::renew_token(request.get_ref()).map_err(to_status)?;
         let token = self
             .identity
-            .renew_token(&caller, &origin, &id, expire_time, req.never_expires)
+            .renew_token(&caller, &origin, &id, expire_time, never_expires)
             .await
             .map_err(to_status)?;
         tracing::info!(token_id = token.id.as_str(), "token renewed");
@@ -230,9 +222,9 @@ impl TokensService for TokensApi {
         self.leak_reports
             .check(auth::client_address(&request).map(|a| a.ip))
             .map_err(|wait| to_status(DomainError::RateLimited(wait)))?;
-        let secrets = request.into_inner().secrets;
+        let leaked = parse::revoke_leaked_token(request.get_ref()).map_err(to_status)?;
         self.identity
-            .revoke_leaked(&origin, &secrets)
+            .revoke_leaked(&origin, leaked)
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::RevokeLeakedTokenResponse {}))
