@@ -172,8 +172,7 @@ pub async fn caller<T>(
     let origin = origin(request);
     let principal = identity
         .authenticate(presented(request.metadata()).credential(), &origin)
-        .await
-        .map_err(super::status::to_status)?;
+        .await?;
     tracing::Span::current().record("caller", principal.account.id.as_str());
     if let Some(call) = request
         .extensions()
@@ -326,7 +325,7 @@ pub async fn verifier<T>(
                 tracing::Span::current().record("client", tracing::field::display(names));
             }
             _ => {
-                return Err(super::status::to_status(DomainError::NotAllowed(
+                return Err(tonic::Status::from(DomainError::NotAllowed(
                     "VerifyToken needs a client certificate the server allows",
                 )));
             }

@@ -7,7 +7,6 @@ use crate::api::{
     auth::{self, Presented},
     convert, parse,
     pb::{self, accounts_service_server::AccountsService},
-    status::to_status,
 };
 use crate::domain::{
     DomainError, Identity,
@@ -37,14 +36,10 @@ impl AccountsService for AccountsApi {
     ) -> Result<Response<pb::CreateAccountResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
         // The rule does not depend on the request: refuse before parsing.
-        policy::authorize(&caller, Action::CreateAccount).map_err(to_status)?;
+        policy::authorize(&caller, Action::CreateAccount)?;
         let policy = &self.identity.settings().password_policy;
-        let new = parse::create_account(request.into_inner(), policy).map_err(to_status)?;
-        let account = self
-            .identity
-            .create_account(&caller, &origin, new)
-            .await
-            .map_err(to_status)?;
+        let new = parse::create_account(request.into_inner(), policy)?;
+        let account = self.identity.create_account(&caller, &origin, new).await?;
         tracing::info!(account_id = account.id.as_str(), "account created");
         Ok(Response::new(pb::CreateAccountResponse {
             account: Some(convert::account(account)),
@@ -57,12 +52,8 @@ impl AccountsService for AccountsApi {
         request: Request<pb::GetAccountRequest>,
     ) -> Result<Response<pb::GetAccountResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        let lookup = parse::get_account(request.into_inner()).map_err(to_status)?;
-        let account = self
-            .identity
-            .get_account(&caller, lookup)
-            .await
-            .map_err(to_status)?;
+        let lookup = parse::get_account(request.into_inner())?;
+        let account = self.identity.get_account(&caller, lookup).await?;
         Ok(Response::new(pb::GetAccountResponse {
             account: Some(convert::account(account)),
         }))
@@ -74,13 +65,9 @@ impl AccountsService for AccountsApi {
         request: Request<pb::ListAccountsRequest>,
     ) -> Result<Response<pb::ListAccountsResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        policy::authorize(&caller, Action::ListAccounts).map_err(to_status)?;
-        let page = parse::list_accounts(request.get_ref()).map_err(to_status)?;
-        let (accounts, next_page_token) = self
-            .identity
-            .list_accounts(&caller, page)
-            .await
-            .map_err(to_status)?;
+        policy::authorize(&caller, Action::ListAccounts)?;
+        let page = parse::list_accounts(request.get_ref())?;
+        let (accounts, next_page_token) = self.identity.list_accounts(&caller, page).await?;
         Ok(Response::new(pb::ListAccountsResponse {
             accounts: accounts.into_iter().map(convert::account).collect(),
             next_page_token,
@@ -97,17 +84,12 @@ impl AccountsService for AccountsApi {
         if let Presented::Bearer(raw) = auth::presented(request.metadata())
             && raw.starts_with(CredentialKind::PersonalAccessToken.prefix())
         {
-            return Err(to_status(DomainError::SessionRequired));
+            return Err(DomainError::SessionRequired.into());
         }
         let origin = auth::origin(&request);
         let policy = &self.identity.settings().password_policy;
-        let (username, password) =
-            parse::sign_in(request.into_inner(), policy).map_err(to_status)?;
-        let signed_in = self
-            .identity
-            .sign_in(&origin, &username, password)
-            .await
-            .map_err(to_status)?;
+        let (username, password) = parse::sign_in(request.into_inner(), policy)?;
+        let signed_in = self.identity.sign_in(&origin, &username, password).await?;
         tracing::info!(
             account_id = signed_in.account.id.as_str(),
             session_id = signed_in.session.id.as_str(),
@@ -127,10 +109,7 @@ impl AccountsService for AccountsApi {
         request: Request<pb::SignOutRequest>,
     ) -> Result<Response<pb::SignOutResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        self.identity
-            .sign_out(&caller, &origin)
-            .await
-            .map_err(to_status)?;
+        self.identity.sign_out(&caller, &origin).await?;
         Ok(Response::new(pb::SignOutResponse {}))
     }
 
@@ -140,19 +119,17 @@ impl AccountsService for AccountsApi {
         request: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        policy::authorize(&caller, Action::ChangePassword).map_err(to_status)?;
+        policy::authorize(&caller, Action::ChangePassword)?;
         let policy = &self.identity.settings().password_policy;
         let (current, new) = parse::change_password(
             request.into_inner(),
             policy,
             caller.account.username.as_str(),
-        )
-        .map_err(to_status)?;
+        )?;
         let ended_sessions = self
             .identity
             .change_password(&caller, &origin, current, new)
-            .await
-            .map_err(to_status)?;
+            .await?;
         tracing::info!(ended_sessions, "password changed");
         Ok(Response::new(pb::ChangePasswordResponse {
             ended_sessions: i64::try_from(ended_sessions).unwrap_or(i64::MAX),
@@ -165,12 +142,11 @@ impl AccountsService for AccountsApi {
         request: Request<pb::SignOutEverywhereRequest>,
     ) -> Result<Response<pb::SignOutEverywhereResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let id = parse::sign_out_everywhere(request.get_ref()).map_err(to_status)?;
+        let id = parse::sign_out_everywhere(request.get_ref())?;
         let ended_sessions = self
             .identity
             .sign_out_everywhere(&caller, &origin, &id)
-            .await
-            .map_err(to_status)?;
+            .await?;
         Ok(Response::new(pb::SignOutEverywhereResponse {
             ended_sessions: i64::try_from(ended_sessions).unwrap_or(i64::MAX),
         }))
@@ -182,12 +158,11 @@ impl AccountsService for AccountsApi {
         request: Request<pb::DisableAccountRequest>,
     ) -> Result<Response<pb::DisableAccountResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let id = parse::disable_account(request.get_ref()).map_err(to_status)?;
+        let id = parse::disable_account(request.get_ref())?;
         let account = self
             .identity
             .set_account_disabled(&caller, &origin, &id, true)
-            .await
-            .map_err(to_status)?;
+            .await?;
         tracing::info!(account_id = account.id.as_str(), "account disabled");
         Ok(Response::new(pb::DisableAccountResponse {
             account: Some(convert::account(account)),
@@ -200,12 +175,11 @@ impl AccountsService for AccountsApi {
         request: Request<pb::EnableAccountRequest>,
     ) -> Result<Response<pb::EnableAccountResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let id = parse::enable_account(request.get_ref()).map_err(to_status)?;
+        let id = parse::enable_account(request.get_ref())?;
         let account = self
             .identity
             .set_account_disabled(&caller, &origin, &id, false)
-            .await
-            .map_err(to_status)?;
+            .await?;
         tracing::info!(account_id = account.id.as_str(), "account enabled");
         Ok(Response::new(pb::EnableAccountResponse {
             account: Some(convert::account(account)),
@@ -218,11 +192,8 @@ impl AccountsService for AccountsApi {
         request: Request<pb::DeleteAccountRequest>,
     ) -> Result<Response<pb::DeleteAccountResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let id = parse::delete_account(request.get_ref()).map_err(to_status)?;
-        self.identity
-            .delete_account(&caller, &origin, &id)
-            .await
-            .map_err(to_status)?;
+        let id = parse::delete_account(request.get_ref())?;
+        self.identity.delete_account(&caller, &origin, &id).await?;
         tracing::info!(account_id = id.as_str(), "account deleted");
         Ok(Response::new(pb::DeleteAccountResponse {}))
     }

@@ -9,7 +9,6 @@ use crate::api::{
     auth, convert, parse,
     pb::{self, tokens_service_server::TokensService},
     ratelimit::RateLimiter,
-    status::to_status,
 };
 use crate::domain::{DomainError, Identity, service::Verification, time::Timestamp};
 
@@ -49,13 +48,11 @@ impl TokensService for TokensApi {
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let request =
-            parse::create_token(request.into_inner(), Timestamp::now()).map_err(to_status)?;
+        let request = parse::create_token(request.into_inner(), Timestamp::now())?;
         let issued = self
             .identity
             .create_token(&caller, &origin, request)
-            .await
-            .map_err(to_status)?;
+            .await?;
         tracing::info!(token_id = issued.token.id.as_str(), "token created");
         Ok(Response::new(pb::CreateTokenResponse {
             secret: issued.secret.expose().to_owned(),
@@ -69,12 +66,8 @@ impl TokensService for TokensApi {
         request: Request<pb::GetTokenRequest>,
     ) -> Result<Response<pb::GetTokenResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        let id = parse::get_token(request.get_ref()).map_err(to_status)?;
-        let token = self
-            .identity
-            .get_token(&caller, &id)
-            .await
-            .map_err(to_status)?;
+        let id = parse::get_token(request.get_ref())?;
+        let token = self.identity.get_token(&caller, &id).await?;
         Ok(Response::new(pb::GetTokenResponse {
             token: Some(convert::token(token, Timestamp::now())),
         }))
@@ -87,13 +80,11 @@ impl TokensService for TokensApi {
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
         let now = Timestamp::now();
-        let (account, filter, page) =
-            parse::list_tokens(request.get_ref(), now).map_err(to_status)?;
+        let (account, filter, page) = parse::list_tokens(request.get_ref(), now)?;
         let (tokens, next_page_token) = self
             .identity
             .list_tokens(&caller, account.as_ref(), filter, page)
-            .await
-            .map_err(to_status)?;
+            .await?;
         Ok(Response::new(pb::ListTokensResponse {
             tokens: tokens.into_iter().map(|t| convert::token(t, now)).collect(),
             next_page_token,
@@ -106,12 +97,8 @@ impl TokensService for TokensApi {
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let id = parse::revoke_token(request.get_ref()).map_err(to_status)?;
-        let token = self
-            .identity
-            .revoke_token(&caller, &origin, &id)
-            .await
-            .map_err(to_status)?;
+        let id = parse::revoke_token(request.get_ref())?;
+        let token = self.identity.revoke_token(&caller, &origin, &id).await?;
         tracing::info!(token_id = token.id.as_str(), "token revoked");
         Ok(Response::new(pb::RevokeTokenResponse {
             token: Some(convert::token(token, Timestamp::now())),
@@ -133,16 +120,12 @@ impl TokensService for TokensApi {
         let caller = auth::verifier(&self.identity, &self.verifiers, &request).await?;
         // Refuse before parsing: a caller that may not verify learns nothing
         // of its request.
-        self.identity
-            .admit_verifier(caller.as_verifier())
-            .map_err(to_status)?;
-        let (credential, required, client) =
-            parse::verify_token(request.get_ref()).map_err(to_status)?;
+        self.identity.admit_verifier(caller.as_verifier())?;
+        let (credential, required, client) = parse::verify_token(request.get_ref())?;
         let verification = self
             .identity
             .verify(caller.as_verifier(), credential, &required, &client)
-            .await
-            .map_err(to_status)?;
+            .await?;
         Ok(Response::new(match verification {
             Verification::Active(principal) => pb::VerifyTokenResponse {
                 active: true,
@@ -175,12 +158,8 @@ impl TokensService for TokensApi {
         // already-rotated token here must trigger reuse detection, not a
         // plain authentication failure.
         let presented = auth::presented(request.metadata()).credential();
-        let id = parse::rotate_token(request.get_ref()).map_err(to_status)?;
-        let rotated = self
-            .identity
-            .rotate_token(presented, &origin, &id)
-            .await
-            .map_err(to_status)?;
+        let id = parse::rotate_token(request.get_ref())?;
+        let rotated = self.identity.rotate_token(presented, &origin, &id).await?;
         tracing::info!(
             token_id = rotated.issued.token.id.as_str(),
             previous = rotated.previous.id.as_str(),
@@ -200,13 +179,11 @@ impl TokensService for TokensApi {
         request: Request<pb::RenewTokenRequest>,
     ) -> Result<Response<pb::RenewTokenResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let (id, expire_time, never_expires) =
-            parse::renew_token(request.get_ref()).map_err(to_status)?;
+        let (id, expire_time, never_expires) = parse::renew_token(request.get_ref())?;
         let token = self
             .identity
             .renew_token(&caller, &origin, &id, expire_time, never_expires)
-            .await
-            .map_err(to_status)?;
+            .await?;
         tracing::info!(token_id = token.id.as_str(), "token renewed");
         Ok(Response::new(pb::RenewTokenResponse {
             token: Some(convert::token(token, Timestamp::now())),
@@ -221,12 +198,9 @@ impl TokensService for TokensApi {
         let origin = auth::origin(&request);
         self.leak_reports
             .check(auth::client_address(&request).map(|a| a.ip))
-            .map_err(|wait| to_status(DomainError::RateLimited(wait)))?;
-        let leaked = parse::revoke_leaked_token(request.get_ref()).map_err(to_status)?;
-        self.identity
-            .revoke_leaked(&origin, leaked)
-            .await
-            .map_err(to_status)?;
+            .map_err(DomainError::RateLimited)?;
+        let leaked = parse::revoke_leaked_token(request.get_ref())?;
+        self.identity.revoke_leaked(&origin, leaked).await?;
         Ok(Response::new(pb::RevokeLeakedTokenResponse {}))
     }
 
@@ -236,7 +210,7 @@ impl TokensService for TokensApi {
         request: Request<pb::GetCallerRequest>,
     ) -> Result<Response<pb::GetCallerResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        let principal = self.identity.get_caller(&caller).map_err(to_status)?;
+        let principal = self.identity.get_caller(&caller)?;
         Ok(Response::new(pb::GetCallerResponse {
             principal: Some(convert::principal(&principal)),
         }))
