@@ -1,7 +1,6 @@
 //! The request conversion layer: arbitrary bytes decoded (with prost, as
-//! tonic does) as each request message, then parsed as its handler parses it
-//! (`api::fuzzing` mirrors the handlers; single-parser requests call that
-//! parser here).
+//! tonic does) as each request message, then parsed by the very function its
+//! handler calls (`api::parse`, one parser per request message).
 //!
 //! Input: one byte choosing the message, then its encoding. Properties:
 //! nothing panics; conversion is deterministic; a rejected request is
@@ -17,15 +16,15 @@
 use std::fmt::Debug;
 
 use identity::{
-    api::{fuzzing, pb},
+    api::{parse, pb},
     domain::{
         DomainError,
         account::{AccountId, AccountKind, Role},
-        credential,
+        credential::{self, MAX_LEAKED_SECRETS},
         page::{MAX_PAGE_SIZE, PageRequest},
         password::PasswordPolicy,
         scope::Scopes,
-        service::{AccountLookup, MAX_LEAKED_SECRETS},
+        service::AccountLookup,
         time::Timestamp,
         token::TokenId,
     },
@@ -44,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let policy = PasswordPolicy::default();
-    match selector % 18 {
+    match selector % 20 {
         0 => create_account(bytes, &policy),
         1 => get_account(bytes),
         2 => list_accounts(bytes),
@@ -54,18 +53,23 @@ fuzz_target!(|data: &[u8]| {
             let _ = pb::SignOutRequest::decode(bytes);
         }
         5 => change_password(bytes, &policy),
-        6 => by_account_id::<pb::SignOutEverywhereRequest>(bytes, |r| &r.account_id),
-        7 => by_account_id::<pb::DisableAccountRequest>(bytes, |r| &r.account_id),
-        8 => by_account_id::<pb::EnableAccountRequest>(bytes, |r| &r.account_id),
-        9 => by_account_id::<pb::DeleteAccountRequest>(bytes, |r| &r.account_id),
+        6 => by_account_id(bytes, parse::sign_out_everywhere, |r| &r.account_id),
+        7 => by_account_id(bytes, parse::disable_account, |r| &r.account_id),
+        8 => by_account_id(bytes, parse::enable_account, |r| &r.account_id),
+        9 => by_account_id(bytes, parse::delete_account, |r| &r.account_id),
         10 => create_token(bytes),
-        11 => by_token_id::<pb::GetTokenRequest>(bytes, |r| &r.token_id),
+        11 => by_token_id(bytes, parse::get_token, |r| &r.token_id),
         12 => list_tokens(bytes),
-        13 => by_token_id::<pb::RevokeTokenRequest>(bytes, |r| &r.token_id),
+        13 => by_token_id(bytes, parse::revoke_token, |r| &r.token_id),
         14 => verify_token(bytes),
-        15 => by_token_id::<pb::RotateTokenRequest>(bytes, |r| &r.token_id),
+        15 => by_token_id(bytes, parse::rotate_token, |r| &r.token_id),
         16 => revoke_leaked_token(bytes),
-        _ => list_audit_events(bytes),
+        17 => list_audit_events(bytes),
+        18 => renew_token(bytes),
+        _ => {
+            // No fields: anything that decodes is accepted.
+            let _ = pb::GetCallerRequest::decode(bytes);
+        }
     }
 });
 
@@ -213,7 +217,7 @@ fn create_account(bytes: &[u8], policy: &PasswordPolicy) {
             ..req.clone()
         },
     );
-    match twice(|| fuzzing::create_account(req.clone(), policy)) {
+    match twice(|| parse::create_account(req.clone(), policy)) {
         Ok(new) => {
             assert_eq!(new.username.as_str(), req.username);
             assert_eq!(new.email.as_str(), req.email);
@@ -249,7 +253,7 @@ fn get_account(bytes: &[u8]) {
     let Ok(req) = pb::GetAccountRequest::decode(bytes) else {
         return;
     };
-    match twice(|| fuzzing::get_account(req.clone())) {
+    match twice(|| parse::get_account(req.clone())) {
         Ok(AccountLookup::Id(id)) => {
             let Some(Lookup::AccountId(sent)) = &req.lookup else {
                 panic!("an id lookup from {:?}", req.lookup)
@@ -267,7 +271,7 @@ fn list_accounts(bytes: &[u8]) {
     let Ok(req) = pb::ListAccountsRequest::decode(bytes) else {
         return;
     };
-    match twice(|| fuzzing::list_accounts(&req)) {
+    match twice(|| parse::list_accounts(&req)) {
         Ok(p) => page(&p, req.page_size, &req.page_token),
         Err(err) => rejected(err, &["page_size", "page_token"], &[], &[]),
     }
@@ -284,9 +288,9 @@ fn sign_in(bytes: &[u8], policy: &PasswordPolicy) {
             ..req.clone()
         },
     );
-    match twice(|| fuzzing::sign_in(req.clone(), policy)) {
-        Ok(password) => {
-            assert!(!req.username.is_empty() && req.username.len() <= 256);
+    match twice(|| parse::sign_in(req.clone(), policy)) {
+        Ok((username, password)) => {
+            assert_eq!(username.as_str(), req.username);
             assert_eq!(format!("{password:?}"), "Password([redacted])");
         }
         Err(err) => rejected(err, &["username", "password"], &[], &["password"]),
@@ -298,7 +302,7 @@ fn change_password(bytes: &[u8], policy: &PasswordPolicy) {
         return;
     };
     redacted(&req, &pb::ChangePasswordRequest::default());
-    match twice(|| fuzzing::change_password(req.clone(), policy, CALLER)) {
+    match twice(|| parse::change_password(req.clone(), policy, CALLER)) {
         Ok(_) => assert!(!req.new_password.eq_ignore_ascii_case(CALLER)),
         Err(err) => rejected(
             err,
@@ -309,24 +313,37 @@ fn change_password(bytes: &[u8], policy: &PasswordPolicy) {
     }
 }
 
-fn by_account_id<M: Message + Default>(bytes: &[u8], field: impl Fn(&M) -> &String) {
+/// A request whose one field is an account id, parsed by `parse` (the
+/// handler's parser); `field` reads what was sent.
+fn by_account_id<M: Message + Default>(
+    bytes: &[u8],
+    parse: fn(&M) -> Result<AccountId, DomainError>,
+    field: impl Fn(&M) -> &String,
+) {
     let Ok(req) = M::decode(bytes) else {
         return;
     };
     let sent = field(&req);
-    match twice(|| AccountId::parse("account_id", sent)) {
+    match twice(|| parse(&req)) {
         Ok(id) => canonical_account_id(&id, sent),
         Err(err) => rejected(err, &["account_id"], &[], &[]),
     }
 }
 
-fn by_token_id<M: Message + Default>(bytes: &[u8], field: impl Fn(&M) -> &String) {
+/// A request whose one field is a token id, parsed by `parse` (the
+/// handler's parser); `field` reads what was sent.
+fn by_token_id<M: Message + Default>(
+    bytes: &[u8],
+    parse: fn(&M) -> Result<TokenId, DomainError>,
+    field: impl Fn(&M) -> &String,
+) {
     let Ok(req) = M::decode(bytes) else {
         return;
     };
     let sent = field(&req);
-    match twice(|| TokenId::parse("token_id", sent)) {
+    match twice(|| parse(&req)) {
         Ok(id) => {
+            assert!(!sent.is_empty());
             assert_eq!(id.as_str().len(), 36);
             let again = TokenId::parse("token_id", id.as_str()).expect("canonical id parses");
             assert_eq!(again, id);
@@ -357,7 +374,7 @@ fn create_token(bytes: &[u8]) {
         (valid && micros > 0 && end <= i128::from(Timestamp::MAX.as_micros()))
             .then(|| Timestamp::from_micros(end as i64))
     });
-    match twice(|| fuzzing::create_token(req.clone(), now)) {
+    match twice(|| parse::create_token(req.clone(), now)) {
         Ok(token) => {
             canonical_account_id(&token.account_id, &req.account_id);
             assert_eq!(token.name.as_str(), req.name);
@@ -365,7 +382,10 @@ fn create_token(bytes: &[u8]) {
             match ttl_end {
                 None => check_timestamp(req.expire_time.as_ref(), token.expire_time),
                 Some(end) => {
-                    assert!(req.expire_time.is_none(), "expire_time and ttl both accepted");
+                    assert!(
+                        req.expire_time.is_none(),
+                        "expire_time and ttl both accepted"
+                    );
                     assert_eq!(token.expire_time, Some(end.expect("accepted ttl")));
                 }
             }
@@ -385,7 +405,12 @@ fn create_token(bytes: &[u8]) {
                 Some(None) => true,
                 Some(Some(_)) => req.expire_time.is_some(),
             };
-            assert_eq!(fields.iter().any(|f| f == "ttl"), ttl_bad, "ttl: {:?}", req.ttl);
+            assert_eq!(
+                fields.iter().any(|f| f == "ttl"),
+                ttl_bad,
+                "ttl: {:?}",
+                req.ttl
+            );
         }
     }
 }
@@ -395,7 +420,7 @@ fn list_tokens(bytes: &[u8]) {
         return;
     };
     let now = Timestamp::from_micros(1_800_000_000_000_000);
-    match twice(|| fuzzing::list_tokens(&req, now)) {
+    match twice(|| parse::list_tokens(&req, now)) {
         Ok((account, filter, p)) => {
             match &account {
                 None => assert!(req.account_id.is_empty()),
@@ -440,10 +465,10 @@ fn verify_token(bytes: &[u8]) {
             ..req.clone()
         },
     );
-    match twice(|| fuzzing::verify_token(&req)) {
-        Ok((required, address, parsed)) => {
+    match twice(|| parse::verify_token(&req)) {
+        Ok((parsed, required, client)) => {
             scopes_normalised(&required, &req.required_scopes);
-            assert_eq!(address, req.client_address);
+            assert_eq!(client.address, req.client_address);
             assert_eq!(parsed, credential::parse(&req.token));
             if let Ok(parsed) = parsed {
                 assert!(req.token.starts_with(parsed.kind.prefix()));
@@ -468,11 +493,20 @@ fn revoke_leaked_token(bytes: &[u8]) {
             secrets: vec![String::new(); req.secrets.len()],
         },
     );
-    match twice(|| fuzzing::revoke_leaked_token(&req)) {
-        Ok(parsed) => {
+    match twice(|| parse::revoke_leaked_token(&req)) {
+        Ok(leaked) => {
             assert!(!req.secrets.is_empty());
+            assert_eq!(leaked.reported(), req.secrets.len());
+            let parsed = leaked.credentials();
             assert!(parsed.len() <= req.secrets.len());
-            for p in &parsed {
+            assert!(
+                parsed
+                    .iter()
+                    .enumerate()
+                    .all(|(i, p)| !parsed[..i].contains(p)),
+                "a credential kept twice"
+            );
+            for p in parsed {
                 assert!(req.secrets.iter().any(|s| {
                     let digest: [u8; 32] = Sha256::digest(s.as_bytes()).into();
                     &digest == p.digest.as_bytes()
@@ -489,7 +523,7 @@ fn list_audit_events(bytes: &[u8]) {
     let Ok(req) = pb::ListAuditEventsRequest::decode(bytes) else {
         return;
     };
-    match twice(|| fuzzing::list_audit_events(&req)) {
+    match twice(|| parse::list_audit_events(&req)) {
         Ok((filter, p)) => {
             match &filter.account {
                 None => assert!(req.account_id.is_empty()),
@@ -509,9 +543,33 @@ fn list_audit_events(bytes: &[u8]) {
         }
         Err(err) => rejected(
             err,
-            &["account_id", "start_time", "end_time", "page_size", "page_token"],
+            &[
+                "account_id",
+                "start_time",
+                "end_time",
+                "page_size",
+                "page_token",
+            ],
             &[("types", req.types.len())],
             &[],
         ),
+    }
+}
+
+fn renew_token(bytes: &[u8]) {
+    let Ok(req) = pb::RenewTokenRequest::decode(bytes) else {
+        return;
+    };
+    match twice(|| parse::renew_token(&req)) {
+        Ok((id, expire_time, never_expires)) => {
+            let again = TokenId::parse("token_id", id.as_str()).expect("canonical id parses");
+            assert_eq!(again, id);
+            check_timestamp(req.expire_time.as_ref(), expire_time);
+            assert_eq!(never_expires, req.never_expires);
+        }
+        Err(err) => {
+            let fields = rejected_fields(err, &["token_id", "expire_time"], &[], &[]);
+            timestamp_reported(&fields, "expire_time", req.expire_time.as_ref());
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Who is calling: the caller's credential from request metadata, the peer
 //! (its address, and over mutual TLS the names of its verified client
 //! certificate), the client address ([`client_address`]: the peer, or behind
-//! a trusted proxy the client it forwards for, see [`super::forwarded`]),
+//! a trusted proxy the client it forwards for, see [`super::layers::forwarded`]),
 //! and who may call `VerifyToken`.
 //!
 //! Callers send `authorization: Bearer <token>`. The scheme is matched
@@ -17,7 +17,7 @@ use std::{collections::BTreeSet, fmt, net::SocketAddr, str::FromStr, sync::Arc};
 
 use tonic::metadata::MetadataMap;
 
-use super::forwarded::ClientAddress;
+use super::layers::forwarded::ClientAddress;
 use crate::domain::{
     DomainError, Identity,
     audit::Origin,
@@ -138,7 +138,7 @@ pub fn client_names<T>(request: &tonic::Request<T>) -> Option<&ClientNames> {
         .filter(|names| !names.is_empty())
 }
 
-/// The client's address: as [`super::forwarded::ClientAddressLayer`]
+/// The client's address: as [`super::layers::forwarded::ClientAddressLayer`]
 /// resolved it (the peer, or behind a trusted proxy the address it forwards
 /// for), or, on a request that did not pass that layer, the peer itself.
 /// `None` when unknown.
@@ -172,10 +172,12 @@ pub async fn caller<T>(
     let origin = origin(request);
     let principal = identity
         .authenticate(presented(request.metadata()).credential(), &origin)
-        .await
-        .map_err(super::status::to_status)?;
+        .await?;
     tracing::Span::current().record("caller", principal.account.id.as_str());
-    if let Some(call) = request.extensions().get::<super::observe::CallSpan>() {
+    if let Some(call) = request
+        .extensions()
+        .get::<super::layers::observe::CallSpan>()
+    {
         call.record_caller(
             principal.account.id.as_str(),
             principal.credential_id.as_str(),
@@ -323,7 +325,7 @@ pub async fn verifier<T>(
                 tracing::Span::current().record("client", tracing::field::display(names));
             }
             _ => {
-                return Err(super::status::to_status(DomainError::NotAllowed(
+                return Err(tonic::Status::from(DomainError::NotAllowed(
                     "VerifyToken needs a client certificate the server allows",
                 )));
             }

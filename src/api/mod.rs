@@ -2,25 +2,30 @@
 //! reading of credentials from metadata, and the one mapping from domain
 //! errors to gRPC statuses ([`status`]). The only module that knows tonic or
 //! prost; it holds no business rule of its own.
+//!
+//! - [`services`]: the tonic service impls, one per proto service;
+//! - [`layers`]: the tower layers wrapped around every call;
+//! - the translation between the wire and the domain: [`auth`] (who is
+//!   calling), [`codec`] (bytes to messages), [`parse`] (one parser per
+//!   request message, which the fuzz targets call too), `convert` (domain
+//!   values to messages), [`status`] (domain errors to statuses) and `redact` (`Debug`
+//!   without secrets).
 
-pub mod accounts;
-pub mod audit;
 pub mod auth;
 pub mod codec;
 mod convert;
-pub mod deadline;
-pub mod forwarded;
-/// Pure request-parsing entry points for the fuzz targets in `fuzz/`.
-#[doc(hidden)]
-pub mod fuzzing;
-pub mod guard;
-pub mod observe;
+pub mod layers;
+pub mod parse;
 pub mod ratelimit;
-pub mod ready;
 mod redact;
-pub mod shed;
+pub mod services;
 pub mod status;
-pub mod tokens;
+
+// The paths the binary (`app.rs`, `config.rs`, `main.rs`) and the tests
+// name these modules by, from before they moved into `services/` and
+// `layers/`.
+pub use layers::{deadline, forwarded, guard, observe, ready, shed};
+pub use services::{accounts, audit, tokens};
 
 /// The generated protobuf types, clients and servers of `identity.v1`.
 pub mod pb {

@@ -15,6 +15,13 @@ use tonic_types::{ErrorDetails, StatusExt as _};
 use super::{ERROR_DOMAIN, pb::ErrorReason};
 use crate::domain::DomainError;
 
+/// Lets handlers end a domain call with `?`: the status is [`to_status`]'s.
+impl From<DomainError> for Status {
+    fn from(err: DomainError) -> Self {
+        to_status(err)
+    }
+}
+
 /// Converts a domain error into the status sent to the client.
 pub fn to_status(err: DomainError) -> Status {
     let (code, reason) = classify(&err);

@@ -112,6 +112,51 @@ pub struct ParsedCredential {
     pub digest: Digest,
 }
 
+/// The most secrets one leak report may carry.
+pub const MAX_LEAKED_SECRETS: usize = 1000;
+
+/// What a leak report (`RevokeLeakedToken`) names: 1 to
+/// [`MAX_LEAKED_SECRETS`] secrets, of which only those that are credentials
+/// are kept (each once). The others are ignored, so the answer says nothing
+/// about them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeakedCredentials {
+    credentials: Vec<ParsedCredential>,
+    reported: usize,
+}
+
+impl LeakedCredentials {
+    /// Parses the secrets of a report, sent in the field `field`.
+    pub fn parse<S: AsRef<str>>(field: &str, secrets: &[S]) -> Result<Self, super::DomainError> {
+        if secrets.is_empty() || secrets.len() > MAX_LEAKED_SECRETS {
+            return Err(super::DomainError::invalid(
+                field,
+                format!("must hold 1 to {MAX_LEAKED_SECRETS} credentials"),
+            ));
+        }
+        let mut credentials: Vec<ParsedCredential> = Vec::new();
+        for parsed in secrets.iter().filter_map(|s| parse(s.as_ref()).ok()) {
+            if !credentials.contains(&parsed) {
+                credentials.push(parsed);
+            }
+        }
+        Ok(Self {
+            credentials,
+            reported: secrets.len(),
+        })
+    }
+
+    /// The distinct credentials among the secrets, in the order sent.
+    pub fn credentials(&self) -> &[ParsedCredential] {
+        &self.credentials
+    }
+
+    /// How many secrets the report carried, credentials or not.
+    pub fn reported(&self) -> usize {
+        self.reported
+    }
+}
+
 /// Why a string is not a credential. Deliberately coarse: the caller learns
 /// only that it is malformed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +233,54 @@ fn push_base62_fixed(out: &mut String, value: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_leak_report_keeps_each_credential_once_and_ignores_the_rest() {
+        let pat = Secret::generate(CredentialKind::PersonalAccessToken);
+        let session = Secret::generate(CredentialKind::Session);
+        let sent = [
+            pat.expose(),
+            "not a credential",
+            session.expose(),
+            pat.expose(),
+        ];
+        let leaked = LeakedCredentials::parse("secrets", &sent).expect("a valid report");
+        assert_eq!(leaked.reported(), 4);
+        let kept: Vec<_> = leaked
+            .credentials()
+            .iter()
+            .map(|c| (c.kind, c.digest))
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                (CredentialKind::PersonalAccessToken, pat.digest()),
+                (CredentialKind::Session, session.digest()),
+            ]
+        );
+        let nothing = LeakedCredentials::parse("secrets", &["x"]).expect("valid, if useless");
+        assert!(nothing.credentials().is_empty());
+    }
+
+    #[test]
+    fn a_leak_report_holds_one_to_the_most_secrets() {
+        let empty: [&str; 0] = [];
+        let too_many = vec!["x"; MAX_LEAKED_SECRETS + 1];
+        for secrets in [&empty[..], &too_many[..]] {
+            let Err(super::super::DomainError::InvalidArgument(violations)) =
+                LeakedCredentials::parse("secrets", secrets)
+            else {
+                panic!("{} secrets accepted", secrets.len());
+            };
+            assert_eq!(violations[0].field, "secrets");
+            assert_eq!(
+                violations[0].description,
+                format!("must hold 1 to {MAX_LEAKED_SECRETS} credentials")
+            );
+        }
+        let most = vec!["x"; MAX_LEAKED_SECRETS];
+        assert!(LeakedCredentials::parse("secrets", &most).is_ok());
+    }
 
     #[test]
     fn generated_credentials_parse_back_with_their_kind_and_digest() {

@@ -199,6 +199,31 @@ fn each_layer_imports_only_what_points_inward() {
     );
 }
 
+/// A request is parsed once, by its function in `api/parse.rs`, which the
+/// fuzz targets call too: a handler in `api/services/` that parsed a field
+/// itself (a validated type's `parse`, a `Violations` of its own) would be
+/// parsing that the fuzz targets never reach.
+#[test]
+fn handlers_parse_requests_only_through_api_parse() {
+    let services = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/api/services");
+    let files = sources(&services);
+    assert!(!files.is_empty(), "no sources under src/api/services");
+    let mut broken = Vec::new();
+    for file in files {
+        let code = without_comments(&std::fs::read_to_string(&file).expect("read a source"));
+        for needle in ["::parse(", "Violations"] {
+            if code.contains(needle) {
+                broken.push(format!("{} uses {needle}", file.display()));
+            }
+        }
+    }
+    assert!(
+        broken.is_empty(),
+        "handlers parsing outside api::parse:\n{}",
+        broken.join("\n")
+    );
+}
+
 /// The reader sees what the rule must catch, however it is written (so the
 /// test above cannot pass by seeing nothing).
 #[test]

@@ -17,8 +17,7 @@ use super::{
     account::{Account, AccountKind, Email, Role, Username},
     audit::Origin,
     cache::{Cached, InvalidationSink, VerificationCache},
-    credential::{self, CredentialKind, ParsedCredential},
-    error::Violations,
+    credential::{self, CredentialKind, Malformed, ParsedCredential},
     password::{PasswordHasher, PasswordPolicy},
     policy::{self, Action, Principal, Verifier},
     rate::KeyedBuckets,
@@ -307,7 +306,7 @@ impl Identity {
         origin: &Origin,
     ) -> Result<Arc<Principal>, DomainError> {
         let raw = credential.ok_or(DomainError::CredentialMissing)?;
-        let verdict = match self.inspect(raw).await? {
+        let verdict = match self.inspect(credential::parse(raw)).await? {
             Verdict::Active(principal) => self.admit(principal, &origin.address).await?,
             inactive => inactive,
         };
@@ -317,17 +316,13 @@ impl Identity {
         }
     }
 
-    /// `VerifyToken`: the verdict on `credential` for a verifier allowed to
-    /// ask, requiring the `required_scopes` (checked once the verifier is
-    /// allowed). An active verdict is a use of the credential, from
-    /// `client_address`.
-    pub async fn verify<S: AsRef<str>>(
-        &self,
-        verifier: Verifier<'_>,
-        credential: &str,
-        required_scopes: &[S],
-        client_address: &str,
-    ) -> Result<Verification, DomainError> {
+    /// Whether `verifier` may ask `VerifyToken` (the rule is
+    /// [`policy::authorize_verifier`]); an allowed robot's credential is
+    /// noted for the verifier-expiry gauge. The handler asks before it
+    /// parses the request, so a caller that may not verify learns nothing
+    /// of what its request would have been refused for; [`Self::verify`]
+    /// asks again.
+    pub fn admit_verifier(&self, verifier: Verifier<'_>) -> Result<(), DomainError> {
         policy::authorize_verifier(verifier)?;
         // Robots only: a verifier is a service, and robots are made by
         // operators, so no ordinary user can move the gauge or raise the
@@ -341,13 +336,21 @@ impl Identity {
                 Timestamp::now(),
             );
         }
-        let mut violations = Violations::new();
-        let required = violations.check(Scopes::parse("required_scopes", required_scopes));
-        let client_address = violations.check(super::audit::parse_client_address(
-            "client_address",
-            client_address,
-        ));
-        let (required, client_address) = violations.complete(required.zip(client_address))?;
+        Ok(())
+    }
+
+    /// `VerifyToken`: the verdict on `credential` (as parsed; a malformed
+    /// one is an inactive verdict) for a verifier allowed to ask, requiring
+    /// the `required` scopes. An active verdict is a use of the credential,
+    /// from `client`.
+    pub async fn verify(
+        &self,
+        verifier: Verifier<'_>,
+        credential: Result<ParsedCredential, Malformed>,
+        required: &Scopes,
+        client: &Origin,
+    ) -> Result<Verification, DomainError> {
+        policy::authorize_verifier(verifier)?;
         let verification = match self.inspect(credential).await? {
             // An empty requirement asks for nothing; each named scope must be
             // allowed (full access allows every scope). What is missing is
@@ -362,7 +365,7 @@ impl Identity {
                         .collect(),
                 )
             }
-            Verdict::Active(principal) => match self.admit(principal, &client_address).await? {
+            Verdict::Active(principal) => match self.admit(principal, &client.address).await? {
                 Verdict::Active(principal) => Verification::Active(principal),
                 Verdict::Inactive(reason) => Verification::Inactive(reason),
             },
@@ -375,8 +378,11 @@ impl Identity {
     /// Looks a credential up and judges it: the core of both authentication
     /// and `VerifyToken`. A malformed credential costs no I/O; a cached one
     /// usually costs none either. Changes nothing: see [`Self::admit`].
-    async fn inspect(&self, raw: &str) -> Result<Verdict, DomainError> {
-        let Ok(ParsedCredential { kind, digest }) = credential::parse(raw) else {
+    async fn inspect(
+        &self,
+        credential: Result<ParsedCredential, Malformed>,
+    ) -> Result<Verdict, DomainError> {
+        let Ok(ParsedCredential { kind, digest }) = credential else {
             return Ok(Verdict::Inactive(InactiveReason::Malformed));
         };
         let now = Timestamp::now();

@@ -9,7 +9,7 @@ use crate::domain::{
     account::{Account, AccountId, AccountKind},
     audit::{AuditEvent, EventType, Origin},
     cache::Invalidation,
-    credential::{self, CredentialKind, Secret},
+    credential::{self, CredentialKind, LeakedCredentials, Secret},
     page::{PageRequest, tokens_listing},
     policy::{self, Action, Grant, Principal, TokenGrant},
     scope::Scopes,
@@ -56,8 +56,7 @@ pub struct Rotated {
     pub previous: Token,
 }
 
-/// The most secrets one leak report may carry.
-pub const MAX_LEAKED_SECRETS: usize = 1000;
+pub use crate::domain::credential::MAX_LEAKED_SECRETS;
 
 /// The largest use limit accepted.
 pub const MAX_USES: i64 = 1_000_000;
@@ -546,28 +545,19 @@ impl Identity {
         Err(DomainError::CredentialReused)
     }
 
-    /// `RevokeLeakedToken`: revokes whichever of `secrets` are live
-    /// credentials, and says nothing about which were.
+    /// `RevokeLeakedToken`: revokes whichever of the `leaked` credentials
+    /// are live, and says nothing about which were.
     pub async fn revoke_leaked(
         &self,
         origin: &Origin,
-        secrets: &[String],
+        leaked: LeakedCredentials,
     ) -> Result<(), DomainError> {
-        if secrets.is_empty() || secrets.len() > MAX_LEAKED_SECRETS {
-            return Err(DomainError::invalid(
-                "secrets",
-                format!("must hold 1 to {MAX_LEAKED_SECRETS} credentials"),
-            ));
-        }
         let mut tokens = Vec::new();
         let mut sessions = Vec::new();
-        for parsed in secrets.iter().filter_map(|s| credential::parse(s).ok()) {
-            let list = match parsed.kind {
-                CredentialKind::PersonalAccessToken => &mut tokens,
-                CredentialKind::Session => &mut sessions,
-            };
-            if !list.contains(&parsed.digest) {
-                list.push(parsed.digest);
+        for parsed in leaked.credentials() {
+            match parsed.kind {
+                CredentialKind::PersonalAccessToken => tokens.push(parsed.digest),
+                CredentialKind::Session => sessions.push(parsed.digest),
             }
         }
         let template = AuditEvent::new(EventType::TokenLeaked, origin, None);
@@ -585,7 +575,7 @@ impl Identity {
             )
             .await?;
         tracing::info!(
-            reported = secrets.len(),
+            reported = leaked.reported(),
             revoked = revoked.len(),
             "leak report processed"
         );

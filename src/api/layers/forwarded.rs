@@ -20,7 +20,7 @@
 //!
 //! [`ClientAddressLayer`] resolves the address once per call, before any
 //! handler, and leaves it in the request's extensions for
-//! [`super::auth::client_address`]; the sign-in throttle, the leak-report
+//! [`crate::api::auth::client_address`]; the sign-in throttle, the leak-report
 //! limiter, the audit log's `source_address` and a token's
 //! `last_used_address` all read it from there.
 
@@ -34,7 +34,7 @@ use std::{
 use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 
-use super::auth::TlsPeer;
+use crate::api::auth::TlsPeer;
 
 /// The metadata key proxies append the address they received from to.
 pub const X_FORWARDED_FOR: &str = "x-forwarded-for";

@@ -99,8 +99,9 @@ where
                 permit: Some(permit),
             },
             Err(_) => {
-                let status =
-                    super::status::to_status(DomainError::RateLimited(Duration::from_millis(50)));
+                let status = crate::api::status::to_status(DomainError::RateLimited(
+                    Duration::from_millis(50),
+                ));
                 ShedFuture::Shed {
                     response: Some(status.into_http()),
                 }

@@ -104,7 +104,7 @@ where
         let path = request.uri().path();
         if is_ours(path) && rule(path).is_none() {
             tracing::warn!(path, "refused a method that has no authorization rule");
-            let status = super::status::to_status(crate::domain::DomainError::NotAllowed(
+            let status = crate::api::status::to_status(crate::domain::DomainError::NotAllowed(
                 "this method has no authorization rule",
             ));
             return GuardFuture::Refused {

@@ -110,7 +110,7 @@ where
                 inner: self.inner.call(request),
             };
         }
-        let status = super::status::store_unreachable(self.retry_after);
+        let status = crate::api::status::store_unreachable(self.retry_after);
         ReadyFuture::Refused {
             response: Some(status.into_http()),
         }

@@ -3,21 +3,15 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{
+use crate::api::{
     auth::{self, Presented},
-    convert,
-    pb::{self, accounts_service_server::AccountsService, get_account_request::Lookup},
-    status::to_status,
+    convert, parse,
+    pb::{self, accounts_service_server::AccountsService},
 };
 use crate::domain::{
     DomainError, Identity,
-    account::{AccountId, AccountKind, Email, Username},
     credential::CredentialKind,
-    error::Violations,
-    page::{ACCOUNTS_LISTING, PageRequest},
-    password::Password,
     policy::{self, Action},
-    service::{AccountLookup, NewAccount},
 };
 
 /// The accounts service over the domain's use cases.
@@ -42,13 +36,10 @@ impl AccountsService for AccountsApi {
     ) -> Result<Response<pb::CreateAccountResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
         // The rule does not depend on the request: refuse before parsing.
-        policy::authorize(&caller, Action::CreateAccount).map_err(to_status)?;
-        let new = parse_new_account(request.into_inner(), &self.identity).map_err(to_status)?;
-        let account = self
-            .identity
-            .create_account(&caller, &origin, new)
-            .await
-            .map_err(to_status)?;
+        policy::authorize(&caller, Action::CreateAccount)?;
+        let policy = &self.identity.settings().password_policy;
+        let new = parse::create_account(request.into_inner(), policy)?;
+        let account = self.identity.create_account(&caller, &origin, new).await?;
         tracing::info!(account_id = account.id.as_str(), "account created");
         Ok(Response::new(pb::CreateAccountResponse {
             account: Some(convert::account(account)),
@@ -61,21 +52,8 @@ impl AccountsService for AccountsApi {
         request: Request<pb::GetAccountRequest>,
     ) -> Result<Response<pb::GetAccountResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        let lookup = match request.into_inner().lookup {
-            Some(Lookup::AccountId(id)) => {
-                AccountId::parse("account_id", &id).map(AccountLookup::Id)
-            }
-            Some(Lookup::Username(name)) => {
-                Username::parse("username", &name).map(AccountLookup::Username)
-            }
-            None => Err(DomainError::invalid("lookup", "set account_id or username")),
-        }
-        .map_err(to_status)?;
-        let account = self
-            .identity
-            .get_account(&caller, lookup)
-            .await
-            .map_err(to_status)?;
+        let lookup = parse::get_account(request.into_inner())?;
+        let account = self.identity.get_account(&caller, lookup).await?;
         Ok(Response::new(pb::GetAccountResponse {
             account: Some(convert::account(account)),
         }))
@@ -87,15 +65,9 @@ impl AccountsService for AccountsApi {
         request: Request<pb::ListAccountsRequest>,
     ) -> Result<Response<pb::ListAccountsResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        policy::authorize(&caller, Action::ListAccounts).map_err(to_status)?;
-        let req = request.into_inner();
-        let page = PageRequest::parse(ACCOUNTS_LISTING, req.page_size, &req.page_token)
-            .map_err(to_status)?;
-        let (accounts, next_page_token) = self
-            .identity
-            .list_accounts(&caller, page)
-            .await
-            .map_err(to_status)?;
+        policy::authorize(&caller, Action::ListAccounts)?;
+        let page = parse::list_accounts(request.get_ref())?;
+        let (accounts, next_page_token) = self.identity.list_accounts(&caller, page).await?;
         Ok(Response::new(pb::ListAccountsResponse {
             accounts: accounts.into_iter().map(convert::account).collect(),
             next_page_token,
@@ -112,24 +84,12 @@ impl AccountsService for AccountsApi {
         if let Presented::Bearer(raw) = auth::presented(request.metadata())
             && raw.starts_with(CredentialKind::PersonalAccessToken.prefix())
         {
-            return Err(to_status(DomainError::SessionRequired));
+            return Err(DomainError::SessionRequired.into());
         }
         let origin = auth::origin(&request);
-        let req = request.into_inner();
         let policy = &self.identity.settings().password_policy;
-        let mut violations = Violations::new();
-        // A name that breaks the username rules belongs to no account; saying
-        // so reveals nothing about which accounts exist.
-        let username = violations.check(Username::parse("username", &req.username));
-        let password = violations.check(Password::offered("password", req.password, policy));
-        let (username, password) = violations
-            .complete(username.zip(password))
-            .map_err(to_status)?;
-        let signed_in = self
-            .identity
-            .sign_in(&origin, &username, password)
-            .await
-            .map_err(to_status)?;
+        let (username, password) = parse::sign_in(request.into_inner(), policy)?;
+        let signed_in = self.identity.sign_in(&origin, &username, password).await?;
         tracing::info!(
             account_id = signed_in.account.id.as_str(),
             session_id = signed_in.session.id.as_str(),
@@ -149,10 +109,7 @@ impl AccountsService for AccountsApi {
         request: Request<pb::SignOutRequest>,
     ) -> Result<Response<pb::SignOutResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        self.identity
-            .sign_out(&caller, &origin)
-            .await
-            .map_err(to_status)?;
+        self.identity.sign_out(&caller, &origin).await?;
         Ok(Response::new(pb::SignOutResponse {}))
     }
 
@@ -162,27 +119,17 @@ impl AccountsService for AccountsApi {
         request: Request<pb::ChangePasswordRequest>,
     ) -> Result<Response<pb::ChangePasswordResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        policy::authorize(&caller, Action::ChangePassword).map_err(to_status)?;
-        let req = request.into_inner();
+        policy::authorize(&caller, Action::ChangePassword)?;
         let policy = &self.identity.settings().password_policy;
-        let mut violations = Violations::new();
-        let current = violations.check(Password::offered(
-            "current_password",
-            req.current_password,
-            policy,
-        ));
-        let new = violations.check(Password::new_checked(
-            "new_password",
-            req.new_password,
+        let (current, new) = parse::change_password(
+            request.into_inner(),
             policy,
             caller.account.username.as_str(),
-        ));
-        let (current, new) = violations.complete(current.zip(new)).map_err(to_status)?;
+        )?;
         let ended_sessions = self
             .identity
             .change_password(&caller, &origin, current, new)
-            .await
-            .map_err(to_status)?;
+            .await?;
         tracing::info!(ended_sessions, "password changed");
         Ok(Response::new(pb::ChangePasswordResponse {
             ended_sessions: i64::try_from(ended_sessions).unwrap_or(i64::MAX),
@@ -195,13 +142,11 @@ impl AccountsService for AccountsApi {
         request: Request<pb::SignOutEverywhereRequest>,
     ) -> Result<Response<pb::SignOutEverywhereResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let id =
-            AccountId::parse("account_id", &request.get_ref().account_id).map_err(to_status)?;
+        let id = parse::sign_out_everywhere(request.get_ref())?;
         let ended_sessions = self
             .identity
             .sign_out_everywhere(&caller, &origin, &id)
-            .await
-            .map_err(to_status)?;
+            .await?;
         Ok(Response::new(pb::SignOutEverywhereResponse {
             ended_sessions: i64::try_from(ended_sessions).unwrap_or(i64::MAX),
         }))
@@ -213,13 +158,11 @@ impl AccountsService for AccountsApi {
         request: Request<pb::DisableAccountRequest>,
     ) -> Result<Response<pb::DisableAccountResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let id =
-            AccountId::parse("account_id", &request.get_ref().account_id).map_err(to_status)?;
+        let id = parse::disable_account(request.get_ref())?;
         let account = self
             .identity
             .set_account_disabled(&caller, &origin, &id, true)
-            .await
-            .map_err(to_status)?;
+            .await?;
         tracing::info!(account_id = account.id.as_str(), "account disabled");
         Ok(Response::new(pb::DisableAccountResponse {
             account: Some(convert::account(account)),
@@ -232,13 +175,11 @@ impl AccountsService for AccountsApi {
         request: Request<pb::EnableAccountRequest>,
     ) -> Result<Response<pb::EnableAccountResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let id =
-            AccountId::parse("account_id", &request.get_ref().account_id).map_err(to_status)?;
+        let id = parse::enable_account(request.get_ref())?;
         let account = self
             .identity
             .set_account_disabled(&caller, &origin, &id, false)
-            .await
-            .map_err(to_status)?;
+            .await?;
         tracing::info!(account_id = account.id.as_str(), "account enabled");
         Ok(Response::new(pb::EnableAccountResponse {
             account: Some(convert::account(account)),
@@ -251,51 +192,9 @@ impl AccountsService for AccountsApi {
         request: Request<pb::DeleteAccountRequest>,
     ) -> Result<Response<pb::DeleteAccountResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let id =
-            AccountId::parse("account_id", &request.get_ref().account_id).map_err(to_status)?;
-        self.identity
-            .delete_account(&caller, &origin, &id)
-            .await
-            .map_err(to_status)?;
+        let id = parse::delete_account(request.get_ref())?;
+        self.identity.delete_account(&caller, &origin, &id).await?;
         tracing::info!(account_id = id.as_str(), "account deleted");
         Ok(Response::new(pb::DeleteAccountResponse {}))
     }
-}
-
-/// Parses every field of a `CreateAccountRequest`, reporting all bad fields
-/// at once.
-fn parse_new_account(
-    req: pb::CreateAccountRequest,
-    identity: &Identity,
-) -> Result<NewAccount, DomainError> {
-    let mut violations = Violations::new();
-    let username = violations.check(Username::parse("username", &req.username));
-    let email = violations.check(Email::parse("email", &req.email));
-    let kind = violations.check(convert::parse_account_kind("kind", req.kind));
-    let role = violations.check(convert::parse_role("role", req.role));
-    let password = match kind {
-        Some(AccountKind::Robot) if !req.password.is_empty() => {
-            violations.push(
-                "password",
-                "must be empty for robot accounts, which never sign in",
-            );
-            None
-        }
-        Some(AccountKind::Robot) | None => None,
-        Some(AccountKind::Person) => violations.check(Password::new_checked(
-            "password",
-            req.password,
-            &identity.settings().password_policy,
-            &req.username,
-        )),
-    };
-    violations.complete((|| {
-        Some(NewAccount {
-            username: username?,
-            password,
-            email: email?,
-            kind: kind?,
-            role: role?,
-        })
-    })())
 }

@@ -5,16 +5,12 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{
-    auth, convert,
+use crate::api::{
+    auth, convert, parse,
     pb::{self, tokens_service_server::TokensService},
     ratelimit::RateLimiter,
-    status::to_status,
 };
-use crate::domain::{
-    DomainError, Identity, error::Violations, service::Verification, time::Timestamp,
-    token::TokenId,
-};
+use crate::domain::{DomainError, Identity, service::Verification, time::Timestamp};
 
 /// The tokens service over the domain's use cases.
 #[derive(Clone)]
@@ -52,13 +48,11 @@ impl TokensService for TokensApi {
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let request = convert::create_token_request(request.into_inner(), Timestamp::now())
-            .map_err(to_status)?;
+        let request = parse::create_token(request.into_inner(), Timestamp::now())?;
         let issued = self
             .identity
             .create_token(&caller, &origin, request)
-            .await
-            .map_err(to_status)?;
+            .await?;
         tracing::info!(token_id = issued.token.id.as_str(), "token created");
         Ok(Response::new(pb::CreateTokenResponse {
             secret: issued.secret.expose().to_owned(),
@@ -72,12 +66,8 @@ impl TokensService for TokensApi {
         request: Request<pb::GetTokenRequest>,
     ) -> Result<Response<pb::GetTokenResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        let id = TokenId::parse("token_id", &request.get_ref().token_id).map_err(to_status)?;
-        let token = self
-            .identity
-            .get_token(&caller, &id)
-            .await
-            .map_err(to_status)?;
+        let id = parse::get_token(request.get_ref())?;
+        let token = self.identity.get_token(&caller, &id).await?;
         Ok(Response::new(pb::GetTokenResponse {
             token: Some(convert::token(token, Timestamp::now())),
         }))
@@ -90,13 +80,11 @@ impl TokensService for TokensApi {
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
         let now = Timestamp::now();
-        let (account, filter, page) =
-            convert::list_tokens_request(request.get_ref(), now).map_err(to_status)?;
+        let (account, filter, page) = parse::list_tokens(request.get_ref(), now)?;
         let (tokens, next_page_token) = self
             .identity
             .list_tokens(&caller, account.as_ref(), filter, page)
-            .await
-            .map_err(to_status)?;
+            .await?;
         Ok(Response::new(pb::ListTokensResponse {
             tokens: tokens.into_iter().map(|t| convert::token(t, now)).collect(),
             next_page_token,
@@ -109,12 +97,8 @@ impl TokensService for TokensApi {
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let id = TokenId::parse("token_id", &request.get_ref().token_id).map_err(to_status)?;
-        let token = self
-            .identity
-            .revoke_token(&caller, &origin, &id)
-            .await
-            .map_err(to_status)?;
+        let id = parse::revoke_token(request.get_ref())?;
+        let token = self.identity.revoke_token(&caller, &origin, &id).await?;
         tracing::info!(token_id = token.id.as_str(), "token revoked");
         Ok(Response::new(pb::RevokeTokenResponse {
             token: Some(convert::token(token, Timestamp::now())),
@@ -134,17 +118,14 @@ impl TokensService for TokensApi {
         request: Request<pb::VerifyTokenRequest>,
     ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
         let caller = auth::verifier(&self.identity, &self.verifiers, &request).await?;
-        let req = request.into_inner();
+        // Refuse before parsing: a caller that may not verify learns nothing
+        // of its request.
+        self.identity.admit_verifier(caller.as_verifier())?;
+        let (credential, required, client) = parse::verify_token(request.get_ref())?;
         let verification = self
             .identity
-            .verify(
-                caller.as_verifier(),
-                &req.token,
-                &req.required_scopes,
-                &req.client_address,
-            )
-            .await
-            .map_err(to_status)?;
+            .verify(caller.as_verifier(), credential, &required, &client)
+            .await?;
         Ok(Response::new(match verification {
             Verification::Active(principal) => pb::VerifyTokenResponse {
                 active: true,
@@ -177,12 +158,8 @@ impl TokensService for TokensApi {
         // already-rotated token here must trigger reuse detection, not a
         // plain authentication failure.
         let presented = auth::presented(request.metadata()).credential();
-        let id = TokenId::parse("token_id", &request.get_ref().token_id).map_err(to_status)?;
-        let rotated = self
-            .identity
-            .rotate_token(presented, &origin, &id)
-            .await
-            .map_err(to_status)?;
+        let id = parse::rotate_token(request.get_ref())?;
+        let rotated = self.identity.rotate_token(presented, &origin, &id).await?;
         tracing::info!(
             token_id = rotated.issued.token.id.as_str(),
             previous = rotated.previous.id.as_str(),
@@ -202,19 +179,11 @@ impl TokensService for TokensApi {
         request: Request<pb::RenewTokenRequest>,
     ) -> Result<Response<pb::RenewTokenResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let req = request.into_inner();
-        let mut violations = Violations::new();
-        let id = violations.check(TokenId::parse("token_id", &req.token_id));
-        let expire_time =
-            violations.check(convert::parse_timestamp("expire_time", req.expire_time));
-        let (id, expire_time) = violations
-            .complete((|| Some((id?, expire_time?)))())
-            .map_err(to_status)?;
+        let (id, expire_time, never_expires) = parse::renew_token(request.get_ref())?;
         let token = self
             .identity
-            .renew_token(&caller, &origin, &id, expire_time, req.never_expires)
-            .await
-            .map_err(to_status)?;
+            .renew_token(&caller, &origin, &id, expire_time, never_expires)
+            .await?;
         tracing::info!(token_id = token.id.as_str(), "token renewed");
         Ok(Response::new(pb::RenewTokenResponse {
             token: Some(convert::token(token, Timestamp::now())),
@@ -229,12 +198,9 @@ impl TokensService for TokensApi {
         let origin = auth::origin(&request);
         self.leak_reports
             .check(auth::client_address(&request).map(|a| a.ip))
-            .map_err(|wait| to_status(DomainError::RateLimited(wait)))?;
-        let secrets = request.into_inner().secrets;
-        self.identity
-            .revoke_leaked(&origin, &secrets)
-            .await
-            .map_err(to_status)?;
+            .map_err(DomainError::RateLimited)?;
+        let leaked = parse::revoke_leaked_token(request.get_ref())?;
+        self.identity.revoke_leaked(&origin, leaked).await?;
         Ok(Response::new(pb::RevokeLeakedTokenResponse {}))
     }
 
@@ -244,7 +210,7 @@ impl TokensService for TokensApi {
         request: Request<pb::GetCallerRequest>,
     ) -> Result<Response<pb::GetCallerResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        let principal = self.identity.get_caller(&caller).map_err(to_status)?;
+        let principal = self.identity.get_caller(&caller)?;
         Ok(Response::new(pb::GetCallerResponse {
             principal: Some(convert::principal(&principal)),
         }))

@@ -2,10 +2,9 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{
-    auth, convert,
+use crate::api::{
+    auth, convert, parse,
     pb::{self, audit_service_server::AuditService},
-    status::to_status,
 };
 use crate::domain::Identity;
 
@@ -30,13 +29,11 @@ impl AuditService for AuditApi {
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        let (filter, page) =
-            convert::list_audit_events_request(request.get_ref()).map_err(to_status)?;
+        let (filter, page) = parse::list_audit_events(request.get_ref())?;
         let (events, next_page_token) = self
             .identity
             .list_audit_events(&caller, filter, page)
-            .await
-            .map_err(to_status)?;
+            .await?;
         Ok(Response::new(pb::ListAuditEventsResponse {
             events: events.into_iter().map(convert::audit_event).collect(),
             next_page_token,

@@ -1,6 +1,6 @@
 //! Observing every call: one tower layer, outermost, that gives each call a
 //! tracing span (the RPC, the W3C trace it belongs to, and once
-//! [`super::auth`] has resolved the caller, its account and token ids),
+//! [`crate::api::auth`] has resolved the caller, its account and token ids),
 //! counts it by RPC and gRPC status code, records its latency, and logs one
 //! `finished` event with the code and the latency when it ends.
 //!

@@ -20,7 +20,7 @@ use std::{
 
 use tower::{Layer, Service};
 
-use super::status;
+use crate::api::status;
 
 /// A tower layer that ends calls at their deadline; see the module.
 #[derive(Debug, Clone, Copy)]
