@@ -1,11 +1,14 @@
 //! Storage: the only code that speaks SQL.
 //!
 //! [`Store`], the one interface the domain uses, is the domain's own port
-//! (`crate::domain::store`, re-exported here). [`postgres::PgStore`] (the
-//! production store) and [`sqlite::SqliteStore`] (the embedded default)
-//! implement it, with the queries written once in [`sql`] and each backend's
-//! differences (connection, migrations, error classification) kept in its own
-//! module. Both pass the same conformance suite (`tests/integration/storage.rs`).
+//! (`crate::domain::store`, re-exported here). One generic store,
+//! [`sql::SqlStore`], implements it over a [`backend::Backend`]: the queries
+//! and transactions are written once, in [`sql`] and its area modules, and
+//! each backend's differences (connection, migrations, error classification,
+//! change announcements, the last-use write) are kept in its own module.
+//! [`postgres::PgStore`] (the production store) and [`sqlite::SqliteStore`]
+//! (the embedded default) are that store on each backend. Both pass the same
+//! conformance suite (`tests/integration/storage.rs`).
 //!
 //! Row types never leave this module: the trait speaks domain types. Database
 //! errors are translated here, where the SQL runs: a unique violation becomes
@@ -13,6 +16,7 @@
 
 use std::{borrow::Cow, sync::Arc};
 
+mod backend;
 pub mod postgres;
 mod rows;
 mod sql;

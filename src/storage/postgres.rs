@@ -15,24 +15,17 @@ use std::{
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use super::{
-    ClockOffset, Conflict, PoolOptions, StorageError, TokenFilter, WithAccount, rows, sql,
+    ClockOffset, Conflict, PoolOptions, StorageError, TokenUse,
+    backend::{Backend, Query},
+    sql::{self, SqlStore},
 };
 use crate::domain::{
-    account::{Account, AccountId},
-    audit::{AuditEvent, AuditFilter},
+    account::AccountId,
     cache::{Invalidation, InvalidationSink},
     credential::Digest,
-    password::PasswordHash,
-    retention::{PurgeCutoffs, Purged},
-    throttle::{ThrottleClaim, ThrottleCounter},
     time::Timestamp,
-    token::{NewToken, Session, Token, TokenId},
+    token::TokenId,
 };
-
-/// Inserts a session if its account's credentials are still current.
-const INSERT_SESSION: &str = sql::PG_INSERT_SESSION;
-/// Locks an account about to be deleted.
-const LOCK_ACCOUNT_FOR_DELETE: &str = sql::PG_LOCK_ACCOUNT_FOR_DELETE;
 
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (
@@ -88,9 +81,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 ];
 
 /// A [`super::Store`] on PostgreSQL.
+pub type PgStore = SqlStore<PgBackend>;
+
+/// What the PostgreSQL store keeps beside its query pool.
 #[derive(Debug, Clone)]
-pub struct PgStore {
-    pool: PgPool,
+pub struct PgBackend {
     /// One connection of its own for `LISTEN`, outside `pool`: a listener
     /// holds its connection for good, and taken from `pool` it would leave
     /// one connection fewer for queries than configured (none at all with
@@ -171,8 +166,10 @@ impl PgStore {
             .connect_lazy_with(connect);
         Ok(Self {
             pool,
-            listen_pool,
-            losses,
+            backend: PgBackend {
+                listen_pool,
+                losses,
+            },
         })
     }
 
@@ -183,60 +180,58 @@ impl PgStore {
         PgConnectOptions::from_str(&known_parameters_only(url))
             .map_err(|e| StorageError::Other(Box::new(e)))
     }
+}
 
-    /// Translates a sqlx error by SQLSTATE and constraint name.
-    fn classify(err: sqlx::Error) -> StorageError {
-        if matches!(err, sqlx::Error::PoolTimedOut) {
-            metrics::counter!("identity_db_pool_timeouts_total").increment(1);
-        }
-        match &err {
-            sqlx::Error::Database(db) => {
-                let code = db.code().unwrap_or_default();
-                if code == "23505" {
-                    let conflict = match db.constraint() {
-                        Some("accounts_username_key_unique") => Some(Conflict::Username),
-                        Some("tokens_live_name_unique") => Some(Conflict::TokenName),
-                        Some("tokens_digest_unique" | "sessions_digest_unique") => {
-                            Some(Conflict::Digest)
-                        }
-                        Some("accounts_pkey" | "tokens_pkey" | "sessions_pkey") => {
-                            Some(Conflict::Id)
-                        }
-                        _ => None,
-                    };
-                    if let Some(conflict) = conflict {
-                        return StorageError::Conflict(conflict);
+/// Translates a sqlx error by SQLSTATE and constraint name.
+fn classify(err: sqlx::Error) -> StorageError {
+    if matches!(err, sqlx::Error::PoolTimedOut) {
+        metrics::counter!("identity_db_pool_timeouts_total").increment(1);
+    }
+    match &err {
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            if code == "23505" {
+                let conflict = match db.constraint() {
+                    Some("accounts_username_key_unique") => Some(Conflict::Username),
+                    Some("tokens_live_name_unique") => Some(Conflict::TokenName),
+                    Some("tokens_digest_unique" | "sessions_digest_unique") => {
+                        Some(Conflict::Digest)
                     }
-                }
-                // A foreign-key violation: every foreign key names an
-                // account, which was deleted under a creation that did not
-                // lock it first (the creations that can race a deletion
-                // do lock it; this is the backstop).
-                if code == "23503" {
-                    return StorageError::AccountGone;
-                }
-                // Class 08: connection exceptions; 53: insufficient resources;
-                // 57P0x: the server is shutting down or restarting; 40001 and
-                // 40P01: serialization failure and deadlock, both retryable.
-                if code.starts_with("08")
-                    || code.starts_with("53")
-                    || code.starts_with("57P0")
-                    || code == "40001"
-                    || code == "40P01"
-                {
-                    StorageError::Unavailable(Box::new(err))
-                } else {
-                    StorageError::Other(Box::new(err))
+                    Some("accounts_pkey" | "tokens_pkey" | "sessions_pkey") => Some(Conflict::Id),
+                    _ => None,
+                };
+                if let Some(conflict) = conflict {
+                    return StorageError::Conflict(conflict);
                 }
             }
-            sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_)
-            | sqlx::Error::Protocol(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => StorageError::Unavailable(Box::new(err)),
-            _ => StorageError::Other(Box::new(err)),
+            // A foreign-key violation: every foreign key names an
+            // account, which was deleted under a creation that did not
+            // lock it first (the creations that can race a deletion
+            // do lock it; this is the backstop).
+            if code == "23503" {
+                return StorageError::AccountGone;
+            }
+            // Class 08: connection exceptions; 53: insufficient resources;
+            // 57P0x: the server is shutting down or restarting; 40001 and
+            // 40P01: serialization failure and deadlock, both retryable.
+            if code.starts_with("08")
+                || code.starts_with("53")
+                || code.starts_with("57P0")
+                || code == "40001"
+                || code == "40P01"
+            {
+                StorageError::Unavailable(Box::new(err))
+            } else {
+                StorageError::Other(Box::new(err))
+            }
         }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => StorageError::Unavailable(Box::new(err)),
+        _ => StorageError::Other(Box::new(err)),
     }
 }
 
@@ -304,20 +299,12 @@ fn known_parameters_only(url: &str) -> String {
     }
 }
 
-/// The channel replicas announce changes on.
 /// Whether the migrations table exists (it does once anything was migrated).
 const SCHEMA_TABLE_EXISTS: &str = "SELECT count(*) FROM pg_catalog.pg_tables \
      WHERE tablename = '_sqlx_migrations' AND schemaname = current_schema()";
 
+/// The channel replicas announce changes on.
 const CHANNEL: &str = "identity_invalidation";
-/// Revokes the tokens of a leak report (and their descendants).
-const LEAK_TOKENS: &str = sql::PG_LEAK_TOKENS;
-/// Signs out the sessions of a leak report.
-const LEAK_SESSIONS: &str = sql::PG_LEAK_SESSIONS;
-/// The confirming pass of a leak report.
-const LEAK_DESCENDANTS: &str = sql::PG_LEAK_DESCENDANTS;
-/// The live token of a new child's parent family.
-const PARENT_LIVE: &str = sql::PG_PARENT_LIVE;
 /// The payload prefix of a heartbeat: `heartbeat:<replica>:<sequence>`.
 const HEARTBEAT: &str = "heartbeat";
 /// How often each replica sends its heartbeat. Only its own proves its
@@ -390,9 +377,46 @@ impl Heartbeats {
     }
 }
 
-impl PgStore {
+/// Records a batch of uses in one statement. The rows are locked first, in
+/// `token_id` order: replicas flush the uses they saw in arrival order, and
+/// two batches locking the same rows in different orders deadlock
+/// (PostgreSQL then aborts one after `deadlock_timeout`, and a revocation of
+/// those tokens waits meanwhile). A row is only updated once the
+/// materialised, ordered `locked` has locked it.
+const RECORD_USES: &str = "WITH u AS (\
+        SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[]) AS u(token_id, at, address)), \
+    locked AS MATERIALIZED (\
+        SELECT t.token_id FROM tokens t JOIN u ON u.token_id = t.token_id \
+        WHERE t.last_used_time IS NULL OR t.last_used_time <= u.at - $4 \
+        ORDER BY t.token_id FOR UPDATE OF t) \
+    UPDATE tokens t SET last_used_time = u.at, last_used_address = u.address \
+    FROM u WHERE t.token_id = u.token_id AND t.token_id IN (SELECT token_id FROM locked) \
+    AND (t.last_used_time IS NULL OR t.last_used_time <= u.at - $4)";
+
+/// The advisory lock key under which one replica at a time purges (any
+/// fixed number; migrations use sqlx's own key).
+const RETENTION_LOCK: i64 = 0x6964_5f72_6574_6e31; // "id_retn1"
+
+impl Backend for PgBackend {
+    type Db = sqlx::Postgres;
+    type Connection = sqlx::PgConnection;
+    type Row = sqlx::postgres::PgRow;
+    type Arguments<'q> = sqlx::postgres::PgArguments;
+
     /// Many replicas share one database.
     const SHARED: bool = true;
+    const MIGRATIONS: &'static [(i64, &'static str, &'static str)] = MIGRATIONS;
+    const SCHEMA_TABLE_EXISTS: &'static str = SCHEMA_TABLE_EXISTS;
+    const INSERT_SESSION: &'static str = sql::PG_INSERT_SESSION;
+    const LOCK_ACCOUNT_FOR_DELETE: &'static str = sql::PG_LOCK_ACCOUNT_FOR_DELETE;
+    const PARENT_LIVE: &'static str = sql::PG_PARENT_LIVE;
+    const LEAK_TOKENS: &'static str = sql::PG_LEAK_TOKENS;
+    const LEAK_SESSIONS: &'static str = sql::PG_LEAK_SESSIONS;
+    const LEAK_DESCENDANTS: &'static str = sql::PG_LEAK_DESCENDANTS;
+
+    fn classify(err: sqlx::Error) -> StorageError {
+        classify(err)
+    }
 
     /// Announces a change to every replica, delivered when (and only if)
     /// the caller's transaction commits.
@@ -433,8 +457,16 @@ impl PgStore {
     }
 
     /// Digests as `LEAK_TOKENS` and `LEAK_SESSIONS` bind them: a `BYTEA[]`.
-    fn digest_list(digests: &[Digest]) -> Vec<Vec<u8>> {
-        digests.iter().map(|d| d.as_bytes().to_vec()).collect()
+    fn bind_digests<'q>(
+        query: Query<'q, sqlx::Postgres>,
+        digests: &[Digest],
+    ) -> Query<'q, sqlx::Postgres> {
+        query.bind(
+            digests
+                .iter()
+                .map(|d| d.as_bytes().to_vec())
+                .collect::<Vec<_>>(),
+        )
     }
 
     /// Listens for announcements on a dedicated connection and hands them to
@@ -447,12 +479,12 @@ impl PgStore {
     /// order, so every change committed before the heartbeat was sent has
     /// been applied by then. Other replicas' heartbeats and the changes
     /// themselves prove delivery, not currency, and count for nothing.
-    fn watch_changes(&self, sink: std::sync::Arc<dyn InvalidationSink>) {
+    fn watch_changes(&self, pool: &PgPool, sink: std::sync::Arc<dyn InvalidationSink>) {
         let heartbeats = Arc::new(Heartbeats::new());
         // The listener's connection stays its own (`listen_pool`); the
         // heartbeat is an ordinary statement, so it may go through the
         // query pool (and a transaction pooler).
-        let heartbeat_pool = self.pool.clone();
+        let heartbeat_pool = pool.clone();
         let sender = Arc::clone(&heartbeats);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
@@ -543,28 +575,11 @@ impl PgStore {
             }
         });
     }
-}
 
-/// Records a batch of uses in one statement. The rows are locked first, in
-/// `token_id` order: replicas flush the uses they saw in arrival order, and
-/// two batches locking the same rows in different orders deadlock
-/// (PostgreSQL then aborts one after `deadlock_timeout`, and a revocation of
-/// those tokens waits meanwhile). A row is only updated once the
-/// materialised, ordered `locked` has locked it.
-const RECORD_USES: &str = "WITH u AS (\
-        SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[]) AS u(token_id, at, address)), \
-    locked AS MATERIALIZED (\
-        SELECT t.token_id FROM tokens t JOIN u ON u.token_id = t.token_id \
-        WHERE t.last_used_time IS NULL OR t.last_used_time <= u.at - $4 \
-        ORDER BY t.token_id FOR UPDATE OF t) \
-    UPDATE tokens t SET last_used_time = u.at, last_used_address = u.address \
-    FROM u WHERE t.token_id = u.token_id AND t.token_id IN (SELECT token_id FROM locked) \
-    AND (t.last_used_time IS NULL OR t.last_used_time <= u.at - $4)";
-
-impl PgStore {
     async fn write_uses(
         &self,
-        uses: &[super::TokenUse],
+        pool: &PgPool,
+        uses: &[TokenUse],
         interval_micros: i64,
     ) -> Result<(), StorageError> {
         let ids: Vec<&str> = uses.iter().map(|u| u.id.as_str()).collect();
@@ -575,10 +590,46 @@ impl PgStore {
             .bind(times)
             .bind(addresses)
             .bind(interval_micros)
-            .execute(&self.pool)
+            .execute(pool)
             .await
             .map(drop)
             .map_err(Self::classify)
+    }
+
+    /// Takes the retention lock on `conn` if no other session holds it.
+    async fn lock_retention(conn: &mut sqlx::PgConnection) -> Result<bool, StorageError> {
+        sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(RETENTION_LOCK)
+            .fetch_one(conn)
+            .await
+            .map_err(Self::classify)
+    }
+
+    /// Releases the retention lock held on `conn`.
+    async fn unlock_retention(conn: &mut sqlx::PgConnection) -> Result<(), StorageError> {
+        let released: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
+            .bind(RETENTION_LOCK)
+            .fetch_one(conn)
+            .await
+            .map_err(Self::classify)?;
+        if released {
+            Ok(())
+        } else {
+            Err(StorageError::Other(
+                "the retention lock was not held".into(),
+            ))
+        }
+    }
+
+    /// The database server's `clock_timestamp()`.
+    async fn clock(&self, pool: &PgPool) -> Result<Timestamp, StorageError> {
+        let database: i64 = sqlx::query_scalar(
+            "SELECT CAST(extract(epoch FROM clock_timestamp()) * 1000000 AS BIGINT)",
+        )
+        .fetch_one(pool)
+        .await
+        .map_err(Self::classify)?;
+        Ok(Timestamp::from_micros(database))
     }
 }
 
@@ -604,55 +655,13 @@ fn parse_payload(payload: &str) -> Option<Invalidation> {
     }
 }
 
-/// The advisory lock key under which one replica at a time purges (any
-/// fixed number; migrations use sqlx's own key).
-const RETENTION_LOCK: i64 = 0x6964_5f72_6574_6e31; // "id_retn1"
-
 impl PgStore {
-    /// Takes the retention lock on `conn` if no other session holds it.
-    async fn lock_retention(conn: &mut sqlx::PgConnection) -> Result<bool, StorageError> {
-        sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(RETENTION_LOCK)
-            .fetch_one(conn)
-            .await
-            .map_err(Self::classify)
-    }
-
-    /// Releases the retention lock held on `conn`.
-    async fn unlock_retention(conn: &mut sqlx::PgConnection) -> Result<(), StorageError> {
-        let released: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
-            .bind(RETENTION_LOCK)
-            .fetch_one(conn)
-            .await
-            .map_err(Self::classify)?;
-        if released {
-            Ok(())
-        } else {
-            Err(StorageError::Other(
-                "the retention lock was not held".into(),
-            ))
-        }
-    }
-}
-
-impl PgStore {
-    /// The database server's `clock_timestamp()`.
-    async fn clock(&self) -> Result<Timestamp, StorageError> {
-        let database: i64 = sqlx::query_scalar(
-            "SELECT CAST(extract(epoch FROM clock_timestamp()) * 1000000 AS BIGINT)",
-        )
-        .fetch_one(&self.pool)
-        .await
-        .map_err(Self::classify)?;
-        Ok(Timestamp::from_micros(database))
-    }
-
     /// Measures this process's wall clock against the database server's:
     /// one round trip on a connection already acquired (so that waiting for
     /// the pool does not widen it), the database's `clock_timestamp()`
     /// taken as read at the round trip's midpoint.
     pub async fn clock_offset(&self) -> Result<ClockOffset, StorageError> {
-        let mut conn = self.pool.acquire().await.map_err(Self::classify)?;
+        let mut conn = self.pool.acquire().await.map_err(classify)?;
         let sent = Timestamp::now();
         let started = std::time::Instant::now();
         let database: i64 = sqlx::query_scalar(
@@ -660,7 +669,7 @@ impl PgStore {
         )
         .fetch_one(&mut *conn)
         .await
-        .map_err(Self::classify)?;
+        .map_err(classify)?;
         let round_trip = micros(started.elapsed());
         let midpoint = sent
             .as_micros()
@@ -671,5 +680,3 @@ impl PgStore {
         })
     }
 }
-
-sql::impl_store!(PgStore, sqlx::Postgres);

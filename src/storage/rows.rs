@@ -15,11 +15,14 @@ use crate::domain::{
 
 /// Typed column access with errors already translated; implemented for both
 /// backends' row types.
-pub(super) trait SqlRow: Row {
+pub trait SqlRow: Row {
     fn text(&self, column: &str) -> Result<String, StorageError>;
     fn opt_text(&self, column: &str) -> Result<Option<String>, StorageError>;
     fn int(&self, column: &str) -> Result<i64, StorageError>;
     fn opt_int(&self, column: &str) -> Result<Option<i64>, StorageError>;
+    /// The integer in the `index`th column, for a column with no name of
+    /// its own (`count(*)`).
+    fn int_at(&self, index: usize) -> Result<i64, StorageError>;
 }
 
 macro_rules! impl_sql_row {
@@ -36,6 +39,9 @@ macro_rules! impl_sql_row {
             }
             fn opt_int(&self, column: &str) -> Result<Option<i64>, StorageError> {
                 self.try_get(column).map_err(corrupt)
+            }
+            fn int_at(&self, index: usize) -> Result<i64, StorageError> {
+                self.try_get(index).map_err(corrupt)
             }
         }
     };

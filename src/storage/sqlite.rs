@@ -11,32 +11,17 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use super::{Conflict, PoolOptions, StorageError, TokenFilter, WithAccount, rows, sql};
+use super::{
+    Conflict, PoolOptions, StorageError, TokenUse,
+    backend::{Backend, Query},
+    sql::{self, SqlStore},
+};
 use crate::domain::{
-    account::{Account, AccountId},
-    audit::{AuditEvent, AuditFilter},
     cache::{Invalidation, InvalidationSink},
     credential::Digest,
-    password::PasswordHash,
-    retention::{PurgeCutoffs, Purged},
-    throttle::{ThrottleClaim, ThrottleCounter},
     time::Timestamp,
-    token::{NewToken, Session, Token, TokenId},
+    token::TokenId,
 };
-
-/// Revokes the tokens of a leak report (and their descendants).
-const LEAK_TOKENS: &str = sql::SQLITE_LEAK_TOKENS;
-/// Signs out the sessions of a leak report.
-const LEAK_SESSIONS: &str = sql::SQLITE_LEAK_SESSIONS;
-/// The confirming pass of a leak report.
-const LEAK_DESCENDANTS: &str = sql::SQLITE_LEAK_DESCENDANTS;
-/// The live token of a new child's parent family.
-const PARENT_LIVE: &str = sql::SQLITE_PARENT_LIVE;
-
-/// Inserts a session if its account's credentials are still current.
-const INSERT_SESSION: &str = sql::SQLITE_INSERT_SESSION;
-/// Locks an account about to be deleted.
-const LOCK_ACCOUNT_FOR_DELETE: &str = sql::SQLITE_LOCK_ACCOUNT_FOR_DELETE;
 
 /// Whether the migrations table exists (it does once anything was migrated).
 const SCHEMA_TABLE_EXISTS: &str =
@@ -91,19 +76,13 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
 ];
 
 /// A [`super::Store`] on SQLite.
+pub type SqliteStore = SqlStore<SqliteBackend>;
+
+/// What the SQLite store keeps beside its query pool.
 #[derive(Debug, Clone)]
-pub struct SqliteStore {
-    pool: SqlitePool,
+pub struct SqliteBackend {
     /// The database file (`:memory:` for an in-memory database).
     file: std::path::PathBuf,
-}
-
-impl SqliteStore {
-    /// This machine's clock: the database is a file here.
-    #[allow(clippy::unused_async)]
-    async fn clock(&self) -> Result<Timestamp, StorageError> {
-        Ok(Timestamp::now())
-    }
 }
 
 impl SqliteStore {
@@ -129,7 +108,10 @@ impl SqliteStore {
             // reported as unavailable, and the pool replaces it.
             .test_before_acquire(false)
             .connect_lazy_with(connect);
-        Ok(Self { pool, file })
+        Ok(Self {
+            pool,
+            backend: SqliteBackend { file },
+        })
     }
 
     /// The connection options `url` gives, or why it cannot be used: the
@@ -143,12 +125,32 @@ impl SqliteStore {
     /// migrations applied), creating nothing: a file that does not exist
     /// has none, and is not created to find out.
     pub async fn has_schema(&self) -> Result<bool, StorageError> {
-        let in_memory = self.file.as_os_str().is_empty() || self.file.as_os_str() == ":memory:";
-        if !in_memory && !self.file.exists() {
+        let file = &self.backend.file;
+        let in_memory = file.as_os_str().is_empty() || file.as_os_str() == ":memory:";
+        if !in_memory && !file.exists() {
             return Ok(false);
         }
         self.schema_applied().await
     }
+}
+
+impl Backend for SqliteBackend {
+    type Db = sqlx::Sqlite;
+    type Connection = sqlx::SqliteConnection;
+    type Row = sqlx::sqlite::SqliteRow;
+    type Arguments<'q> = sqlx::sqlite::SqliteArguments<'q>;
+
+    /// One process owns a SQLite file, so nothing changes behind a cache's
+    /// back.
+    const SHARED: bool = false;
+    const MIGRATIONS: &'static [(i64, &'static str, &'static str)] = MIGRATIONS;
+    const SCHEMA_TABLE_EXISTS: &'static str = SCHEMA_TABLE_EXISTS;
+    const INSERT_SESSION: &'static str = sql::SQLITE_INSERT_SESSION;
+    const LOCK_ACCOUNT_FOR_DELETE: &'static str = sql::SQLITE_LOCK_ACCOUNT_FOR_DELETE;
+    const PARENT_LIVE: &'static str = sql::SQLITE_PARENT_LIVE;
+    const LEAK_TOKENS: &'static str = sql::SQLITE_LEAK_TOKENS;
+    const LEAK_SESSIONS: &'static str = sql::SQLITE_LEAK_SESSIONS;
+    const LEAK_DESCENDANTS: &'static str = sql::SQLITE_LEAK_DESCENDANTS;
 
     /// Translates a sqlx error. SQLite does not report constraint names, so
     /// unique violations are recognised by the columns its message names.
@@ -204,12 +206,6 @@ impl SqliteStore {
             _ => StorageError::Other(Box::new(err)),
         }
     }
-}
-
-impl SqliteStore {
-    /// One process owns a SQLite file, so nothing changes behind a cache's
-    /// back.
-    const SHARED: bool = false;
 
     /// Nothing to announce: no other replica can be listening.
     async fn announce(
@@ -229,7 +225,10 @@ impl SqliteStore {
 
     /// Digests as `LEAK_TOKENS` and `LEAK_SESSIONS` bind them: SQLite binds
     /// no arrays, so a JSON array of lowercase hex strings.
-    fn digest_list(digests: &[Digest]) -> String {
+    fn bind_digests<'q>(
+        query: Query<'q, sqlx::Sqlite>,
+        digests: &[Digest],
+    ) -> Query<'q, sqlx::Sqlite> {
         use std::fmt::Write as _;
         let mut json = String::with_capacity(2 + digests.len() * 67);
         json.push('[');
@@ -244,20 +243,21 @@ impl SqliteStore {
             json.push('"');
         }
         json.push(']');
-        json
+        query.bind(json)
     }
 
     /// Nothing to watch.
-    fn watch_changes(&self, _sink: std::sync::Arc<dyn InvalidationSink>) {}
+    fn watch_changes(&self, _pool: &SqlitePool, _sink: std::sync::Arc<dyn InvalidationSink>) {}
 
     /// Records a batch of uses in one transaction (one statement each: SQLite
     /// has no arrays to bind).
     async fn write_uses(
         &self,
-        uses: &[super::TokenUse],
+        pool: &SqlitePool,
+        uses: &[TokenUse],
         interval_micros: i64,
     ) -> Result<(), StorageError> {
-        let mut tx = self.pool.begin().await.map_err(Self::classify)?;
+        let mut tx = pool.begin().await.map_err(Self::classify)?;
         for token_use in uses {
             sqlx::query(sql::RECORD_USE)
                 .bind(token_use.id.as_str())
@@ -269,6 +269,21 @@ impl SqliteStore {
                 .map_err(Self::classify)?;
         }
         tx.commit().await.map_err(Self::classify)
+    }
+
+    /// One process owns the file: its single retention task needs no lock.
+    async fn lock_retention(_conn: &mut sqlx::SqliteConnection) -> Result<bool, StorageError> {
+        Ok(true)
+    }
+
+    /// Nothing to release.
+    async fn unlock_retention(_conn: &mut sqlx::SqliteConnection) -> Result<(), StorageError> {
+        Ok(())
+    }
+
+    /// This machine's clock: the database is a file here.
+    async fn clock(&self, _pool: &SqlitePool) -> Result<Timestamp, StorageError> {
+        Ok(Timestamp::now())
     }
 }
 
@@ -284,11 +299,12 @@ impl SqliteStore {
     /// process dies; the file stays. (Not the database itself: its
     /// migrations run in transactions of their own.)
     pub async fn migrate_exclusively(&self) -> Result<(), StorageError> {
-        let in_memory = self.file.as_os_str().is_empty() || self.file.as_os_str() == ":memory:";
+        let file = &self.backend.file;
+        let in_memory = file.as_os_str().is_empty() || file.as_os_str() == ":memory:";
         if in_memory {
             return self.migrate().await;
         }
-        let mut path = self.file.clone().into_os_string();
+        let mut path = file.clone().into_os_string();
         path.push(".migrate-lock");
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -296,29 +312,17 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(60));
         let mut lock = sqlx::ConnectOptions::connect(&options)
             .await
-            .map_err(Self::classify)?;
+            .map_err(SqliteBackend::classify)?;
         sqlx::query("BEGIN EXCLUSIVE")
             .execute(&mut lock)
             .await
-            .map_err(Self::classify)?;
+            .map_err(SqliteBackend::classify)?;
         let migrated = self.migrate().await;
         // Closing the connection ends the transaction and frees the lock.
         let _ = sqlx::Connection::close(lock).await;
         migrated
     }
-
-    /// One process owns the file: its single retention task needs no lock.
-    async fn lock_retention(_conn: &mut sqlx::SqliteConnection) -> Result<bool, StorageError> {
-        Ok(true)
-    }
-
-    /// Nothing to release.
-    async fn unlock_retention(_conn: &mut sqlx::SqliteConnection) -> Result<(), StorageError> {
-        Ok(())
-    }
 }
-
-sql::impl_store!(SqliteStore, sqlx::Sqlite);
 
 #[cfg(test)]
 mod tests {
@@ -365,7 +369,7 @@ mod tests {
             .await
             .expect_err("the database is full");
         assert!(
-            matches!(SqliteStore::classify(err), StorageError::Unavailable(_)),
+            matches!(SqliteBackend::classify(err), StorageError::Unavailable(_)),
             "a full database is not reported as unavailable"
         );
     }

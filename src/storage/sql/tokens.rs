@@ -1,0 +1,401 @@
+//! Personal access tokens: creation, the hot path's lookup by digest,
+//! listing, rotation, renewal and uses. Revocation is in `revocation`.
+
+use super::{
+    AccountId, AuditEvent, Digest, Invalidation, NewToken, SqlStore, StorageError, Timestamp,
+    Token, TokenFilter, TokenId, TokenUse, WithAccount, accounts, audit, commit_change, execute,
+    fetch_all, fetch_optional,
+};
+use crate::storage::{
+    backend::{Backend, Bind as _},
+    rows::{self, SqlRow as _},
+};
+
+pub(super) const RELEASE_DEAD_NAME: &str = "UPDATE tokens SET live_name = NULL \
+    WHERE account_id = $1 AND live_name = $2 \
+    AND ((expire_time IS NOT NULL AND expire_time <= $3) OR uses_remaining = 0)";
+pub(super) const INSERT_TOKEN: &str = "INSERT INTO tokens \
+    (token_id, account_id, name, live_name, digest, scopes, create_time, expire_time, revoke_time, \
+     family_id, replaced_by, max_uses, uses_remaining, last_used_time, last_used_address, \
+     parent_family_id, retire_time) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+pub(super) const TOKEN_BY_ID: &str = concat!(
+    "SELECT ",
+    token_cols!(),
+    " FROM tokens t WHERE t.token_id = $1"
+);
+pub(super) const TOKEN_BY_DIGEST: &str = concat!(
+    "SELECT ",
+    token_cols!(),
+    ", ",
+    account_cols!(),
+    " FROM tokens t JOIN accounts a ON a.account_id = t.account_id WHERE t.digest = $1"
+);
+/// The filters of a token listing (`TokenFilter`), given the numbers of its
+/// parameters: `,state,state,` or '' for all; now; expire-before or NULL;
+/// last-used-before or NULL.
+macro_rules! token_filters {
+    ($states:literal, $now:literal, $expire:literal, $used:literal) => {
+        concat!(
+            " AND (",
+            $states,
+            " = '' OR ",
+            $states,
+            " LIKE ('%,' || ",
+            token_state!($now),
+            " || ',%'))",
+            " AND (",
+            $expire,
+            " IS NULL OR (t.expire_time IS NOT NULL AND t.expire_time < ",
+            $expire,
+            "))",
+            " AND (",
+            $used,
+            " IS NULL OR COALESCE(t.last_used_time, t.create_time) < ",
+            $used,
+            ")"
+        )
+    };
+}
+/// `$1`: the account; `$2`: after this id ('' from the start); `$3`:
+/// limit; `$4` to `$7`: the filters (`token_filters!`).
+pub(in crate::storage) const LIST_TOKENS: &str = concat!(
+    "SELECT ",
+    token_cols!(),
+    " FROM tokens t WHERE t.account_id = $1 AND t.token_id > $2",
+    token_filters!("$4", "$5", "$6", "$7"),
+    " ORDER BY t.token_id LIMIT $3"
+);
+/// Every account's tokens, in the same order as `LIST_TOKENS`: a range
+/// scan of the primary key from `$1` (after this id, '' from the start);
+/// `$2`: limit; `$3` to `$6`: the filters (`token_filters!`). A separate
+/// statement rather than `($1 = '' OR account_id = $1)`, so that neither
+/// listing's plan is a compromise for the other's.
+pub(in crate::storage) const LIST_ALL_TOKENS: &str = concat!(
+    "SELECT ",
+    token_cols!(),
+    " FROM tokens t WHERE t.token_id > $1",
+    token_filters!("$3", "$4", "$5", "$6"),
+    " ORDER BY t.token_id LIMIT $2"
+);
+
+/// The live (neither revoked nor expired at `$2`, nor used up) tokens of
+/// account `$1` that are their family's current token: a rotation's
+/// predecessor in its grace period is the same token under an older
+/// secret, not one more.
+pub(super) const COUNT_LIVE_TOKENS: &str = "SELECT count(*) FROM tokens \
+    WHERE account_id = $1 AND replaced_by IS NULL \
+    AND (revoke_time IS NULL OR revoke_time > $2) \
+    AND (expire_time IS NULL OR expire_time > $2) \
+    AND (uses_remaining IS NULL OR uses_remaining > 0)";
+
+/// `$2`: successor; `$3`: when the old token's grace period ends; `$4`:
+/// now. A revoked token is never rotated, whatever time its revocation
+/// names (on PostgreSQL the condition is re-checked on the row a concurrent
+/// revocation committed, after waiting for its lock); the rotation sets the
+/// grace deadline, never `revoke_time`.
+pub(super) const MARK_ROTATED: &str = "UPDATE tokens SET replaced_by = $2, live_name = NULL, \
+    retire_time = $3 \
+    WHERE token_id = $1 AND replaced_by IS NULL AND revoke_time IS NULL \
+    AND (expire_time IS NULL OR expire_time > $4)";
+/// A rotation moves the uses left, not copies them: the successor (`$1`)
+/// takes what its predecessor (`$2`) has left, read after `MARK_ROTATED` has
+/// locked the predecessor's row (so no use of it can land in between)...
+pub(super) const MOVE_USES_TO_SUCCESSOR: &str = "UPDATE tokens SET uses_remaining = \
+    (SELECT o.uses_remaining FROM tokens o WHERE o.token_id = $2) \
+    WHERE token_id = $1 AND uses_remaining IS NOT NULL";
+/// ...and the predecessor keeps none, so that during a rotation's grace
+/// period the old secret cannot spend the uses the successor holds.
+pub(super) const SPEND_PREDECESSOR_USES: &str = "UPDATE tokens SET uses_remaining = 0 \
+    WHERE token_id = $1 AND uses_remaining IS NOT NULL";
+/// `$2`: the new expiry (NULL: never); `$3`: now.
+pub(super) const RENEW_TOKEN: &str = "UPDATE tokens SET expire_time = $2 \
+    WHERE token_id = $1 AND replaced_by IS NULL AND revoke_time IS NULL \
+    AND (expire_time IS NULL OR expire_time > $3)";
+/// Spends a use of a token that is live at `$2`: neither revoked (a
+/// revocation may have landed since the token was read) nor expired.
+pub(super) const CONSUME_USE: &str = "UPDATE tokens SET uses_remaining = uses_remaining - 1 \
+    WHERE token_id = $1 AND uses_remaining > 0 AND revoke_time IS NULL \
+    AND (retire_time IS NULL OR retire_time > $2) \
+    AND (expire_time IS NULL OR expire_time > $2) RETURNING uses_remaining";
+/// `$4`: the minimum interval between two recorded uses, in microseconds.
+pub(in crate::storage) const RECORD_USE: &str = "UPDATE tokens SET last_used_time = $2, last_used_address = $3 \
+    WHERE token_id = $1 AND (last_used_time IS NULL OR last_used_time <= $2 - $4)";
+
+/// The live token of the family `$1` a new child names, read before the
+/// child is inserted (`$lock`: the backend's row lock, so that a concurrent
+/// cascade either sees the child or is seen by this read).
+macro_rules! parent_live {
+    ($lock:expr) => {
+        concat!(
+            "SELECT revoke_time FROM tokens WHERE family_id = $1 AND replaced_by IS NULL",
+            $lock
+        )
+    };
+}
+
+pub(in crate::storage) const PG_PARENT_LIVE: &str = parent_live!(" FOR SHARE");
+
+/// SQLite has no row locks: its writers take turns, and a transaction whose
+/// read went stale by the time it writes fails instead of committing.
+pub(in crate::storage) const SQLITE_PARENT_LIVE: &str = parent_live!("");
+
+pub(super) async fn create_token<B: Backend>(
+    store: &SqlStore<B>,
+    new: &NewToken,
+    now: Timestamp,
+    max_live: u32,
+    event: &AuditEvent,
+) -> Result<(), StorageError> {
+    let token = &new.token;
+    let mut tx = store.begin().await?;
+    // The account row first: a deletion holds it off (or waits
+    // for this creation), and creations for the account take
+    // turns, so that their count below is exact.
+    let found = execute::<B>(
+        &mut tx,
+        sqlx::query(accounts::LOCK_ACCOUNT).arg(token.account_id.as_str()),
+    )
+    .await?;
+    if found == 0 {
+        return Err(StorageError::AccountGone);
+    }
+    let count = sqlx::query(COUNT_LIVE_TOKENS)
+        .arg(token.account_id.as_str())
+        .arg(now.as_micros());
+    let live = match fetch_optional::<B>(&mut tx, count).await? {
+        Some(row) => row.int_at(0)?,
+        None => 0,
+    };
+    if live >= i64::from(max_live) {
+        return Err(StorageError::TooManyTokens(max_live));
+    }
+    execute::<B>(
+        &mut tx,
+        sqlx::query(RELEASE_DEAD_NAME)
+            .arg(token.account_id.as_str())
+            .arg(token.name.as_str())
+            .arg(now.as_micros()),
+    )
+    .await?;
+    if let Some(parent) = &token.parent_family_id {
+        // A child is never born to a revoked family: the
+        // cascade that revoked it could not have seen the child.
+        let found =
+            fetch_all::<B>(&mut tx, sqlx::query(B::PARENT_LIVE).arg(parent.as_str())).await?;
+        let mut live = false;
+        for row in &found {
+            // Revoked whatever time the revocation names.
+            live |= row.opt_int("revoke_time")?.is_none();
+        }
+        if !live {
+            return Err(StorageError::ParentRevoked);
+        }
+    }
+    insert_token::<B>(&mut tx, new).await?;
+    audit::insert_event::<B>(&mut tx, event).await?;
+    tx.commit().await.map_err(B::classify)
+}
+
+pub(super) async fn token_by_id<B: Backend>(
+    store: &SqlStore<B>,
+    id: &TokenId,
+) -> Result<Option<Token>, StorageError> {
+    let row = store
+        .fetch_optional(sqlx::query(TOKEN_BY_ID).arg(id.as_str()))
+        .await?;
+    row.as_ref().map(rows::token).transpose()
+}
+
+/// The hot path's one query: the token a presented secret's digest names,
+/// with its account.
+pub(super) async fn token_by_digest<B: Backend>(
+    store: &SqlStore<B>,
+    digest: &Digest,
+) -> Result<Option<WithAccount<Token>>, StorageError> {
+    let row = store
+        .fetch_optional(sqlx::query(TOKEN_BY_DIGEST).arg(&digest.as_bytes()[..]))
+        .await?;
+    row.as_ref()
+        .map(|r| Ok((rows::token(r)?, rows::account(r)?)))
+        .transpose()
+}
+
+pub(super) async fn list_tokens<B: Backend>(
+    store: &SqlStore<B>,
+    account: &AccountId,
+    filter: &TokenFilter,
+    after: Option<&str>,
+    limit: u32,
+) -> Result<Vec<Token>, StorageError> {
+    let found = store
+        .fetch_all(
+            sqlx::query(LIST_TOKENS)
+                .arg(account.as_str())
+                .arg(after.unwrap_or(""))
+                .arg(i64::from(limit))
+                .arg(rows::states_pattern(&filter.states))
+                .arg(filter.now.as_micros())
+                .arg(filter.expire_before.map(Timestamp::as_micros))
+                .arg(filter.last_used_before.map(Timestamp::as_micros)),
+        )
+        .await?;
+    found.iter().map(rows::token).collect()
+}
+
+pub(super) async fn list_all_tokens<B: Backend>(
+    store: &SqlStore<B>,
+    filter: &TokenFilter,
+    after: Option<&str>,
+    limit: u32,
+) -> Result<Vec<Token>, StorageError> {
+    let found = store
+        .fetch_all(
+            sqlx::query(LIST_ALL_TOKENS)
+                .arg(after.unwrap_or(""))
+                .arg(i64::from(limit))
+                .arg(rows::states_pattern(&filter.states))
+                .arg(filter.now.as_micros())
+                .arg(filter.expire_before.map(Timestamp::as_micros))
+                .arg(filter.last_used_before.map(Timestamp::as_micros)),
+        )
+        .await?;
+    found.iter().map(rows::token).collect()
+}
+
+pub(super) async fn rotate_token<B: Backend>(
+    store: &SqlStore<B>,
+    old: &TokenId,
+    new: &NewToken,
+    retire_old_at: Timestamp,
+    now: Timestamp,
+    event: &AuditEvent,
+) -> Result<Option<Token>, StorageError> {
+    let mut tx = store.begin().await?;
+    // The account row first, as creation and deletion take it:
+    // locked after the token row (the successor's foreign key
+    // waits for it), a deletion holding it and waiting for the
+    // token rows would deadlock with this rotation.
+    let found = execute::<B>(
+        &mut tx,
+        sqlx::query(accounts::LOCK_ACCOUNT).arg(new.token.account_id.as_str()),
+    )
+    .await?;
+    if found == 0 {
+        return Err(StorageError::AccountGone);
+    }
+    let marked = execute::<B>(
+        &mut tx,
+        sqlx::query(MARK_ROTATED)
+            .arg(old.as_str())
+            .arg(new.token.id.as_str())
+            .arg(retire_old_at.as_micros())
+            .arg(now.as_micros()),
+    )
+    .await?;
+    if marked == 0 {
+        return Ok(None);
+    }
+    insert_token::<B>(&mut tx, new).await?;
+    execute::<B>(
+        &mut tx,
+        sqlx::query(MOVE_USES_TO_SUCCESSOR)
+            .arg(new.token.id.as_str())
+            .arg(old.as_str()),
+    )
+    .await?;
+    execute::<B>(
+        &mut tx,
+        sqlx::query(SPEND_PREDECESSOR_USES).arg(old.as_str()),
+    )
+    .await?;
+    let what = Invalidation::Credential(old.clone());
+    let reread = sqlx::query(TOKEN_BY_ID).arg(old.as_str());
+    let row = commit_change::<B>(tx, Some((event, &what)), Some(reread)).await?;
+    row.as_ref().map(rows::token).transpose()
+}
+
+pub(super) async fn renew_token<B: Backend>(
+    store: &SqlStore<B>,
+    id: &TokenId,
+    expire_time: Option<Timestamp>,
+    now: Timestamp,
+    event: &AuditEvent,
+) -> Result<Option<Token>, StorageError> {
+    let mut tx = store.begin().await?;
+    let renewed = execute::<B>(
+        &mut tx,
+        sqlx::query(RENEW_TOKEN)
+            .arg(id.as_str())
+            .arg(expire_time.map(Timestamp::as_micros))
+            .arg(now.as_micros()),
+    )
+    .await?;
+    if renewed == 0 {
+        return Ok(None);
+    }
+    let what = Invalidation::Credential(id.clone());
+    let reread = sqlx::query(TOKEN_BY_ID).arg(id.as_str());
+    let row = commit_change::<B>(tx, Some((event, &what)), Some(reread)).await?;
+    row.as_ref().map(rows::token).transpose()
+}
+
+pub(super) async fn consume_use<B: Backend>(
+    store: &SqlStore<B>,
+    id: &TokenId,
+    now: Timestamp,
+) -> Result<Option<i64>, StorageError> {
+    let row = store
+        .fetch_optional(
+            sqlx::query(CONSUME_USE)
+                .arg(id.as_str())
+                .arg(now.as_micros()),
+        )
+        .await?;
+    row.map(|row| row.int("uses_remaining")).transpose()
+}
+
+pub(super) async fn record_uses<B: Backend>(
+    store: &SqlStore<B>,
+    uses: &[TokenUse],
+    interval: std::time::Duration,
+) -> Result<(), StorageError> {
+    if uses.is_empty() {
+        return Ok(());
+    }
+    store
+        .backend
+        .write_uses(
+            &store.pool,
+            uses,
+            i64::try_from(interval.as_micros()).unwrap_or(i64::MAX),
+        )
+        .await
+}
+
+/// Inserts a token row within the caller's transaction.
+async fn insert_token<B: Backend>(
+    conn: &mut B::Connection,
+    new: &NewToken,
+) -> Result<(), StorageError> {
+    let token = &new.token;
+    let insert = sqlx::query(INSERT_TOKEN)
+        .arg(token.id.as_str())
+        .arg(token.account_id.as_str())
+        .arg(token.name.as_str())
+        .arg(token.revoke_time.is_none().then(|| token.name.as_str()))
+        .arg(&new.digest.as_bytes()[..])
+        .arg(token.scopes.to_stored())
+        .arg(token.create_time.as_micros())
+        .arg(token.expire_time.map(Timestamp::as_micros))
+        .arg(token.revoke_time.map(Timestamp::as_micros))
+        .arg(token.family_id.as_str())
+        .arg(token.replaced_by.as_ref().map(TokenId::as_str))
+        .arg(token.max_uses)
+        .arg(token.uses_remaining)
+        .arg(token.last_used_time.map(Timestamp::as_micros))
+        .arg(token.last_used_address.as_str())
+        .arg(token.parent_family_id.as_ref().map(TokenId::as_str))
+        .arg(token.retire_time.map(Timestamp::as_micros));
+    execute::<B>(conn, insert).await.map(drop)
+}
