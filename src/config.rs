@@ -3,6 +3,7 @@
 //! flags: see `main.rs` and [`file`]) or directly by tests. Each setting is validated where it is parsed, and a bad one
 //! fails start-up with a message that names it.
 
+pub mod cli;
 pub mod file;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
