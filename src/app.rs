@@ -24,7 +24,11 @@ use crate::{
         tokens::TokensApi,
     },
     config::Config,
-    domain::{DomainError, Identity, password::PasswordHasher},
+    domain::{
+        DomainError, Identity,
+        password::PasswordHasher,
+        time::{Clock, SystemClock},
+    },
     observability,
     storage::{self, Database, StorageError, Store},
 };
@@ -122,6 +126,14 @@ impl App {
     /// a wrong schema) is not fatal: the app is built NOT_SERVING, and once
     /// serving keeps trying to reach (and migrate) it, with back-off.
     pub async fn build(config: Config) -> Result<Self, AppError> {
+        Self::build_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// [`Self::build`], the domain reading the time from `clock`: for tests
+    /// that let time pass by moving a
+    /// [`ManualClock`](crate::domain::time::ManualClock). (No setting
+    /// reaches this: production always runs on the system clock.)
+    pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         // Before anything touches the network.
         let tls = check(&config, &crate::config::setting_name)?;
         // First, so that every metric handle made from here on is real.
@@ -149,7 +161,8 @@ impl App {
             Err(err) => return Err(database_error(err)),
         }
         let hasher = PasswordHasher::new(config.hash_concurrency)?;
-        let identity = Identity::new(Arc::clone(&store), hasher, config.identity.clone());
+        let identity =
+            Identity::with_clock(Arc::clone(&store), hasher, config.identity.clone(), clock);
         identity.watch_changes();
         identity.record_uses_in_background();
         let listener = TcpListener::bind(config.listen_addr)

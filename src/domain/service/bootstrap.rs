@@ -3,7 +3,6 @@ use crate::domain::{
     account::{AccountKind, Email, Role, Username},
     audit::Origin,
     scope::Scopes,
-    time::Timestamp,
     token::{TokenId, TokenName},
 };
 
@@ -66,7 +65,7 @@ impl Identity {
             never_expires: true,
             max_uses: None,
         };
-        self.issue_token(&account, request, None, Timestamp::now(), &origin, None)
+        self.issue_token(&account, request, None, self.now(), &origin, None)
             .await
     }
 }

@@ -56,11 +56,8 @@ impl Identity {
         if let Verifier::Caller(caller) = verifier
             && caller.account.kind == AccountKind::Robot
         {
-            self.verifier_credentials.note(
-                &caller.credential_id,
-                caller.expire_time,
-                Timestamp::now(),
-            );
+            self.verifier_credentials
+                .note(&caller.credential_id, caller.expire_time, self.now());
         }
         let mut violations = Violations::new();
         let required = violations.check(Scopes::parse("required_scopes", required_scopes));
@@ -100,7 +97,7 @@ impl Identity {
         let Ok(ParsedCredential { kind, digest }) = credential::parse(raw) else {
             return Ok(Verdict::Inactive(InactiveReason::Malformed));
         };
-        let now = Timestamp::now();
+        let now = self.now();
         if let Some(cached) = self.cache.get(&digest) {
             return Ok(judge_cached(cached, now));
         }
@@ -174,7 +171,7 @@ impl Identity {
             return Ok(Verdict::Active(principal));
         }
         if principal.uses_remaining.is_some() {
-            let now = Timestamp::now();
+            let now = self.now();
             match self
                 .store
                 .consume_use(&principal.credential_id, now)
@@ -196,7 +193,7 @@ impl Identity {
                 }
             }
         }
-        let now = Timestamp::now();
+        let now = self.now();
         if self
             .uses
             .due(&principal.credential_id, principal.last_used_time, now)

@@ -3,8 +3,14 @@
 //! from (an [`Origin`], for the audit log) and validated inputs, checks the
 //! policy, and talks to the store.
 //!
-//! - this module: the shared types, and credential checking (authentication
-//!   and `VerifyToken`), the hot path;
+//! - this module: the [`Identity`] facade, its construction and the helpers
+//!   several use cases share; every use case reads the time through
+//!   [`Identity::now`], the clock it was built with;
+//! - [`settings`]: the tunable rules ([`IdentitySettings`]);
+//! - [`hot_path`]: credential checking (authentication and `VerifyToken`);
+//! - [`last_use`]: the buffer of tokens' last uses and its background flush;
+//! - [`metrics`]: the `VerifyToken` verdict counters;
+//! - [`bootstrap`]: `identity bootstrap-operator`;
 //! - [`accounts`]: accounts, passwords and sessions;
 //! - [`tokens`]: personal access tokens;
 //! - [`audit`]: reading the audit log;
@@ -20,7 +26,7 @@ use super::{
     policy::{self, Action, Principal},
     rate::KeyedBuckets,
     throttle::SignInRates,
-    time::Timestamp,
+    time::{Clock, SystemClock, Timestamp},
     token::Token,
 };
 use crate::domain::store::Store;
@@ -69,6 +75,8 @@ pub struct Identity {
     /// attempt the throttle refuses while some are waits for them (see
     /// `throttle::InFlight`).
     in_flight: Arc<super::throttle::InFlight>,
+    /// Where every use case reads the current time.
+    clock: Arc<dyn Clock>,
 }
 
 /// How long the change channel may stay silent (it carries a heartbeat)
@@ -87,6 +95,18 @@ impl Identity {
     /// off until [`Self::watch_changes`] has subscribed to the store's change
     /// notifications.
     pub fn new(store: Arc<dyn Store>, hasher: PasswordHasher, settings: IdentitySettings) -> Self {
+        Self::with_clock(store, hasher, settings, Arc::new(SystemClock))
+    }
+
+    /// [`Self::new`], reading the time from `clock` (tests pass a
+    /// [`ManualClock`](super::time::ManualClock) to let time pass without
+    /// waiting).
+    pub fn with_clock(
+        store: Arc<dyn Store>,
+        hasher: PasswordHasher,
+        settings: IdentitySettings,
+        clock: Arc<dyn Clock>,
+    ) -> Self {
         let cache = Arc::new(VerificationCache::new(
             settings.cache_entries,
             settings.cache_ttl,
@@ -105,7 +125,13 @@ impl Identity {
             password_checks: Arc::new(KeyedBuckets::new(2 * SignInRates::TRACKED)),
             token_creations: Arc::new(KeyedBuckets::new(TOKEN_CREATORS_TRACKED)),
             in_flight: Arc::new(super::throttle::InFlight::default()),
+            clock,
         }
+    }
+
+    /// The current time, as the use cases see it.
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
     }
 
     /// Subscribes the verification cache to the store's change
@@ -123,7 +149,7 @@ impl Identity {
     /// called `VerifyToken` recently (for the metrics listener, at each
     /// scrape).
     pub fn sample_verifier_credentials(&self) {
-        self.verifier_credentials.publish(Timestamp::now());
+        self.verifier_credentials.publish(self.now());
     }
 
     /// The verification cache, for inspection.
