@@ -9,33 +9,32 @@ use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tonic::service::Routes;
 use tonic_health::{ServingStatus, server::HealthReporter};
-use tower::ServiceBuilder;
 
 use crate::{
     api::{
         FILE_DESCRIPTOR_SET,
         accounts::AccountsApi,
         audit::AuditApi,
-        codec::{MAX_RESPONSE_BYTES, MessageLimitLayer},
-        deadline::DeadlineLayer,
-        forwarded::ClientAddressLayer,
-        guard::DefaultDenyLayer,
-        observe::ObserveLayer,
+        codec::MAX_RESPONSE_BYTES,
         pb::{
             accounts_service_server::AccountsServiceServer,
             audit_service_server::AuditServiceServer, tokens_service_server::TokensServiceServer,
         },
-        ready::{Readiness, ReadyLayer},
-        shed::ShedLayer,
+        ready::Readiness,
         tokens::TokensApi,
     },
     config::Config,
-    domain::{DomainError, Identity, password::PasswordHasher},
+    domain::{
+        DomainError, Identity,
+        password::PasswordHasher,
+        time::{Clock, SystemClock},
+    },
     observability,
     storage::{self, Database, StorageError, Store},
 };
 
 pub mod listen;
+mod stack;
 pub mod tls;
 
 /// Why the service could not start or stopped with an error.
@@ -127,6 +126,14 @@ impl App {
     /// a wrong schema) is not fatal: the app is built NOT_SERVING, and once
     /// serving keeps trying to reach (and migrate) it, with back-off.
     pub async fn build(config: Config) -> Result<Self, AppError> {
+        Self::build_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// [`Self::build`], the domain reading the time from `clock`: for tests
+    /// that let time pass by moving a
+    /// [`ManualClock`](crate::domain::time::ManualClock). (No setting
+    /// reaches this: production always runs on the system clock.)
+    pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Self, AppError> {
         // Before anything touches the network.
         let tls = check(&config, &crate::config::setting_name)?;
         // First, so that every metric handle made from here on is real.
@@ -154,7 +161,8 @@ impl App {
             Err(err) => return Err(database_error(err)),
         }
         let hasher = PasswordHasher::new(config.hash_concurrency)?;
-        let identity = Identity::new(Arc::clone(&store), hasher, config.identity.clone());
+        let identity =
+            Identity::with_clock(Arc::clone(&store), hasher, config.identity.clone(), clock);
         identity.watch_changes();
         identity.record_uses_in_background();
         let listener = TcpListener::bind(config.listen_addr)
@@ -308,12 +316,11 @@ impl App {
         let _health = self.health.map(|(listener, _)| {
             let limits = limits("health");
             let incoming = listen::accept_plaintext(listener, listen::Gate::new(&limits));
-            let service = ServiceBuilder::new()
-                .layer(DeadlineLayer::new(self.config.request_timeout))
-                // Only health is served here: anything else is
-                // UNIMPLEMENTED, one call at a time.
-                .layer(ShedLayer::new(1, max_health))
-                .service(Routes::new(health_service.clone()).prepare());
+            let service = stack::health_stack(
+                Routes::new(health_service.clone()),
+                self.config.request_timeout,
+                max_health,
+            );
             AbortOnDrop(tokio::spawn(listen::serve(
                 incoming,
                 service,
@@ -377,25 +384,8 @@ impl App {
                 .max_decoding_message_size(max_request)
                 .max_encoding_message_size(MAX_RESPONSE_BYTES),
             );
-        // Outermost first: every call is observed (its deadline's
-        // DEADLINE_EXCEEDED included), then bounded in time, given its
-        // client address, shed under load, checked against the rules,
-        // refused at once while the database is unreachable, and framed.
-        let service = ServiceBuilder::new()
-            .layer(ObserveLayer::new())
-            .layer(DeadlineLayer::new(self.config.request_timeout))
-            .layer(ClientAddressLayer::new(self.config.trusted_proxies.clone()))
-            .layer(ShedLayer::new(
-                self.config.max_concurrent_requests as usize,
-                max_health,
-            ))
-            .layer(DefaultDenyLayer)
-            .layer(ReadyLayer::new(
-                self.readiness.clone(),
-                self.config.health_interval,
-            ))
-            .layer(MessageLimitLayer::new(max_request))
-            .service(routes.routes().prepare());
+        // Outermost first: see `stack` for each layer and its place.
+        let service = stack::grpc_stack(routes.routes(), &self.config, self.readiness.clone());
         // The server accepts connections itself, in plaintext or over TLS
         // (so that the certificate can be reloaded: see `tls`), and serves
         // them with hyper under the listener's limits (see `listen`).

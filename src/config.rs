@@ -1,8 +1,9 @@
 //! The service's configuration: one typed value, built by the command line
 //! (defaults, an optional TOML file, `IDENTITY_*` environment variables and
-//! flags: see `main.rs` and [`file`]) or directly by tests. Each setting is validated where it is parsed, and a bad one
+//! flags: see [`cli`] and [`file`]) or directly by tests. Each setting is validated where it is parsed, and a bad one
 //! fails start-up with a message that names it.
 
+pub mod cli;
 pub mod file;
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};

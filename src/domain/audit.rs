@@ -159,11 +159,16 @@ pub struct AuditEvent {
 
 impl AuditEvent {
     /// A successful event of `kind` by `actor` (anonymous when `None`) from
-    /// `origin`, with no subject yet.
-    pub fn new(kind: EventType, origin: &Origin, actor: Option<&Principal>) -> Self {
+    /// `origin` at `time`, with no subject yet.
+    pub fn new(
+        kind: EventType,
+        origin: &Origin,
+        actor: Option<&Principal>,
+        time: Timestamp,
+    ) -> Self {
         Self {
             id: uuid::Uuid::now_v7().to_string(),
-            time: Timestamp::now(),
+            time,
             kind,
             outcome: Outcome::Success,
             actor_account: actor.map(|p| p.account.id.clone()),

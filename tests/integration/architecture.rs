@@ -249,3 +249,27 @@ fn the_import_reader_sees_every_form() {
         "comments are not code: {crates:?}"
     );
 }
+
+/// The domain reads the current time only through its `Clock` port
+/// (`domain/time.rs`), so that every expiry, window and audit time is
+/// judged by the clock the service was built with (the one tests move).
+#[test]
+fn the_domain_reads_the_time_only_through_its_clock() {
+    let domain = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/domain");
+    let mut offenders = Vec::new();
+    for path in sources(&domain) {
+        if path.ends_with("time.rs") {
+            continue;
+        }
+        let code = without_comments(&std::fs::read_to_string(&path).expect("read a source"));
+        for read in ["Timestamp::now", "SystemTime::now"] {
+            if code.contains(read) {
+                offenders.push(format!("{}: {read}", path.display()));
+            }
+        }
+    }
+    assert!(
+        offenders.is_empty(),
+        "the domain reads the time past its clock: {offenders:#?}"
+    );
+}

@@ -433,8 +433,8 @@ async fn a_rotation_grace_period_keeps_the_old_secret_working_briefly() {
         rotated.previous.expect("previous").revoke_time.is_some(),
         "its revocation is scheduled"
     );
-    // Wait for the grace period itself to end, not for readiness.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    // Let the grace period end: the server's clock moves past it.
+    app.clock().advance(Duration::from_millis(2100));
     assert_eq!(
         app.verify(&old_secret, &[]).await.reason,
         pb::InactiveReason::Revoked as i32
@@ -445,6 +445,54 @@ async fn a_rotation_grace_period_keeps_the_old_secret_working_briefly() {
 /// A rotation moves a limited-use token's uses to its successor: during the
 /// grace period the old secret keeps working for unlimited tokens, but it
 /// cannot spend the uses the successor now holds (uses would double).
+/// Expiry is judged by the clock the server was built with, on a cached
+/// verdict as on a fresh one, for tokens and sessions alike.
+async fn expiry_follows_the_servers_clock(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (alice, session) = app.person("alice").await;
+    let secret = create(
+        &app,
+        &session,
+        pb::CreateTokenRequest {
+            account_id: alice.account_id.clone(),
+            name: "an-hour".into(),
+            expire_time: Some(in_the_future(Duration::from_secs(3600))),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("create")
+    .secret;
+    // Twice: the second answer comes from the cache.
+    assert!(app.verify(&secret, &[]).await.active);
+    assert!(app.verify(&secret, &[]).await.active);
+    assert!(app.verify(&session, &[]).await.active);
+    app.clock().advance(Duration::from_secs(2 * 3600));
+    assert_eq!(
+        app.verify(&secret, &[]).await.reason,
+        pb::InactiveReason::Expired as i32
+    );
+    assert!(
+        app.verify(&session, &[]).await.active,
+        "a session lasts twelve hours"
+    );
+    app.clock().advance(Duration::from_secs(11 * 3600));
+    assert_eq!(
+        app.verify(&session, &[]).await.reason,
+        pb::InactiveReason::Expired as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_follows_the_servers_clock_on_sqlite() {
+    expiry_follows_the_servers_clock(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_follows_the_servers_clock_on_postgres() {
+    expiry_follows_the_servers_clock(Backend::Postgres).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_grace_period_does_not_double_the_uses_left() {
     for backend in [Backend::Sqlite, Backend::Postgres] {

@@ -115,7 +115,12 @@ fn robot(username: &str, create_micros: i64) -> Account {
 /// An audit event to write alongside a change (its content is checked by
 /// the audit tests).
 fn ev() -> AuditEvent {
-    AuditEvent::new(EventType::AccountCreated, &Origin::new("127.0.0.1:1"), None)
+    AuditEvent::new(
+        EventType::AccountCreated,
+        &Origin::new("127.0.0.1:1"),
+        None,
+        Timestamp::now(),
+    )
 }
 
 /// A fresh digest of the given kind.
@@ -1192,7 +1197,7 @@ mod conformance {
             let live_digest = digest(CredentialKind::Session);
             store.create_session(&live, &live_digest, 0, &ev()).await.expect("create session");
 
-            let template = AuditEvent::new(EventType::TokenLeaked, &Origin::new("127.0.0.1:1"), None);
+            let template = AuditEvent::new(EventType::TokenLeaked, &Origin::new("127.0.0.1:1"), None, Timestamp::now());
             let tokens = [
                 parent.digest,
                 other.digest,

@@ -84,11 +84,11 @@ impl Identity {
             kind: new.kind,
             role: new.role,
             password_hash,
-            create_time: Timestamp::now(),
+            create_time: self.now(),
             disable_time: None,
             credentials_generation: 0,
         };
-        let event = AuditEvent::new(EventType::AccountCreated, origin, actor)
+        let event = AuditEvent::new(EventType::AccountCreated, origin, actor, self.now())
             .account(&account.id, account.username.as_str());
         self.store.create_account(&account, &event).await?;
         // Failures counted against the name before it had an account (or
@@ -162,7 +162,7 @@ impl Identity {
             .hasher
             .verify_ticketed(password, hash, &claimed.ticket)
             .await?;
-        let event = AuditEvent::new(EventType::SignIn, origin, None);
+        let event = AuditEvent::new(EventType::SignIn, origin, None, self.now());
         let account = match account {
             Some(account)
                 if matches && account.kind == AccountKind::Person && !account.is_disabled() =>
@@ -194,7 +194,7 @@ impl Identity {
             .sign_in_succeeded(&account_claim.subject, &address_claim.subject)
             .await?;
         let secret = Secret::generate(CredentialKind::Session);
-        let now = Timestamp::now();
+        let now = self.now();
         let session = Session {
             id: TokenId::generate(),
             account_id: account.id.clone(),
@@ -224,7 +224,7 @@ impl Identity {
         {
             metrics::counter!("identity_sign_in_failures_total", "cause" => "credentials_changed")
                 .increment(1);
-            let event = AuditEvent::new(EventType::SignIn, origin, None)
+            let event = AuditEvent::new(EventType::SignIn, origin, None, self.now())
                 .account(&account.id, account.username.as_str());
             self.store.record_event(&event.failed()).await?;
             return Err(DomainError::SignInFailed);
@@ -239,17 +239,14 @@ impl Identity {
     /// `SignOut`: ends the caller's own session.
     pub async fn sign_out(&self, caller: &Principal, origin: &Origin) -> Result<(), DomainError> {
         policy::authorize(caller, Action::SignOut)?;
-        let event = AuditEvent::new(EventType::SignedOut, origin, Some(caller))
+        let event = AuditEvent::new(EventType::SignedOut, origin, Some(caller), self.now())
             .account(&caller.account.id, caller.account.username.as_str())
             .credential(&caller.credential_id);
         let store = std::sync::Arc::clone(&self.store);
+        let clock = std::sync::Arc::clone(&self.clock);
         let session = caller.credential_id.clone();
         self.commit_then_evict(
-            async move {
-                store
-                    .revoke_session(&session, Timestamp::now(), &event)
-                    .await
-            },
+            async move { store.revoke_session(&session, clock.now(), &event).await },
             {
                 let session = caller.credential_id.clone();
                 move |cache, _: &_| cache.evict(&Invalidation::Credential(session))
@@ -275,7 +272,7 @@ impl Identity {
             .account_by_id(&caller.account.id)
             .await?
             .ok_or(DomainError::AccountNotFound)?;
-        let event = AuditEvent::new(EventType::PasswordChanged, origin, Some(caller))
+        let event = AuditEvent::new(EventType::PasswordChanged, origin, Some(caller), self.now())
             .account(&account.id, account.username.as_str());
         // Checking the current password is a password guess like a sign-in:
         // a stolen session must not be a way around the throttle.
@@ -300,12 +297,13 @@ impl Identity {
             .await?;
         let hash = self.hasher.hash(new).await?;
         let store = Arc::clone(&self.store);
+        let clock = Arc::clone(&self.clock);
         let (id, keep) = (account.id.clone(), caller.credential_id.clone());
         let evicted = account.id.clone();
         self.commit_then_evict(
             async move {
                 store
-                    .set_password(&id, &hash, &keep, Timestamp::now(), &event)
+                    .set_password(&id, &hash, &keep, clock.now(), &event)
                     .await
             },
             move |cache, _| cache.evict(&Invalidation::Account(evicted)),
@@ -327,17 +325,19 @@ impl Identity {
             .account_by_id(id)
             .await?
             .ok_or(DomainError::AccountNotFound)?;
-        let event = AuditEvent::new(EventType::SignedOutEverywhere, origin, Some(caller))
-            .account(&account.id, account.username.as_str());
+        let event = AuditEvent::new(
+            EventType::SignedOutEverywhere,
+            origin,
+            Some(caller),
+            self.now(),
+        )
+        .account(&account.id, account.username.as_str());
         let store = std::sync::Arc::clone(&self.store);
+        let clock = std::sync::Arc::clone(&self.clock);
         let account = id.clone();
         let evicted = id.clone();
         self.commit_then_evict(
-            async move {
-                store
-                    .revoke_sessions(&account, Timestamp::now(), &event)
-                    .await
-            },
+            async move { store.revoke_sessions(&account, clock.now(), &event).await },
             move |cache, _: &_| cache.evict(&Invalidation::Account(evicted)),
         )
         .await
@@ -369,9 +369,9 @@ impl Identity {
         } else {
             EventType::AccountEnabled
         };
-        let event = AuditEvent::new(kind, origin, Some(caller))
+        let event = AuditEvent::new(kind, origin, Some(caller), self.now())
             .account(&account.id, account.username.as_str());
-        let at = disable.then(Timestamp::now);
+        let at = disable.then(|| self.now());
         let store = Arc::clone(&self.store);
         let (target, evicted) = (id.clone(), id.clone());
         let account = self
@@ -439,7 +439,7 @@ impl Identity {
         let mut attempt = InFlight::enter(&self.in_flight, username_key);
         let (now, counters) = loop {
             let resolved_before = self.in_flight.resolved(username_key);
-            let now = Timestamp::now();
+            let now = self.now();
             let claims = throttle.claims(username_key, &origin.address, now);
             let Some(counters) = self.store.claim_sign_in(&claims, now).await? else {
                 attempt.resume();
@@ -452,7 +452,8 @@ impl Identity {
                 });
             };
             if counters.iter().any(|c| c.first_refusal) {
-                let mut event = AuditEvent::new(EventType::SignInThrottled, origin, actor).failed();
+                let mut event =
+                    AuditEvent::new(EventType::SignInThrottled, origin, actor, self.now()).failed();
                 if let Some(account) = self.store.account_by_username(username_key).await? {
                     event = event.account(&account.id, account.username.as_str());
                 }
@@ -497,7 +498,7 @@ impl Identity {
             .account_by_id(id)
             .await?
             .ok_or(DomainError::AccountNotFound)?;
-        let event = AuditEvent::new(EventType::AccountDeleted, origin, Some(caller))
+        let event = AuditEvent::new(EventType::AccountDeleted, origin, Some(caller), self.now())
             .account(&account.id, account.username.as_str());
         let store = Arc::clone(&self.store);
         let (target, evicted) = (id.clone(), id.clone());

@@ -99,7 +99,7 @@ impl Identity {
                 metrics::counter!("identity_token_creations_rate_limited_total").increment(1);
                 DomainError::TokenCreationRateLimited(wait)
             })?;
-        let now = Timestamp::now();
+        let now = self.now();
         let expire_time = self.lifetime(
             caller,
             &account,
@@ -218,7 +218,7 @@ impl Identity {
             last_used_address: String::new(),
             replaced_by: None,
         };
-        let event = AuditEvent::new(EventType::TokenCreated, origin, actor)
+        let event = AuditEvent::new(EventType::TokenCreated, origin, actor, self.now())
             .account(&account.id, account.username.as_str())
             .credential(&token.id);
         let new = NewToken {
@@ -292,7 +292,7 @@ impl Identity {
             .ok_or(DomainError::TokenNotFound)?;
         let token = visible(caller, token, |account| Action::RevokeToken(account))?;
         let username = self.username_of(caller, &token.account_id).await?;
-        let event = AuditEvent::new(EventType::TokenRevoked, origin, Some(caller))
+        let event = AuditEvent::new(EventType::TokenRevoked, origin, Some(caller), self.now())
             .account(&token.account_id, &username)
             .credential(&token.id);
         // What the caller revokes is the token as it read it: if that was
@@ -302,12 +302,13 @@ impl Identity {
         // already rotated out is revoked alone.
         let seen_live = token.replaced_by.is_none();
         let store = Arc::clone(&self.store);
+        let clock = Arc::clone(&self.clock);
         let target = id.clone();
         let revoked = self
             .commit_then_evict(
                 async move {
                     store
-                        .revoke_token(&target, seen_live, Timestamp::now(), &event)
+                        .revoke_token(&target, seen_live, clock.now(), &event)
                         .await
                 },
                 {
@@ -342,7 +343,7 @@ impl Identity {
             .await?
             .ok_or(DomainError::TokenNotFound)?;
         let old = visible(&caller, old, |account| Action::RotateToken(account))?;
-        let now = Timestamp::now();
+        let now = self.now();
         require_live(&old, now)?;
         let account = self
             .store
@@ -384,7 +385,7 @@ impl Identity {
             replaced_by: None,
             parent_family_id: old.parent_family_id.clone(),
         };
-        let event = AuditEvent::new(EventType::TokenRotated, origin, Some(&caller))
+        let event = AuditEvent::new(EventType::TokenRotated, origin, Some(&caller), self.now())
             .account(&old.account_id, account.username.as_str())
             .credential(&successor.id);
         let new = NewToken {
@@ -454,7 +455,7 @@ impl Identity {
                 "a token cannot renew itself: renew it with a session of its account, or as an operator",
             ));
         }
-        let now = Timestamp::now();
+        let now = self.now();
         require_live(&token, now)?;
         let account = self
             .store
@@ -480,7 +481,7 @@ impl Identity {
                 successor_of: None,
             }),
         )?;
-        let event = AuditEvent::new(EventType::TokenRenewed, origin, Some(caller))
+        let event = AuditEvent::new(EventType::TokenRenewed, origin, Some(caller), self.now())
             .account(&account.id, account.username.as_str())
             .credential(&token.id);
         let store = Arc::clone(&self.store);
@@ -521,18 +522,19 @@ impl Identity {
         // refused: the event's outcome is a failure. The family's
         // revocation, its consequence, took effect; its descendants'
         // `token.revoked` events say so.
-        let event = AuditEvent::new(EventType::TokenReuseDetected, origin, None)
+        let event = AuditEvent::new(EventType::TokenReuseDetected, origin, None, self.now())
             .account(&account.id, account.username.as_str())
             .credential(&token.id)
             .failed();
         let store = Arc::clone(&self.store);
+        let clock = Arc::clone(&self.clock);
         let family = token.family_id.clone();
         // Exactly what was revoked: the family and its descendants, which
         // may belong to other accounts (an operator's token creates tokens
         // for anyone).
         let revoked = self
             .commit_then_evict(
-                async move { store.revoke_family(&family, Timestamp::now(), &event).await },
+                async move { store.revoke_family(&family, clock.now(), &event).await },
                 |cache, revoked: &Vec<TokenId>| cache.evict_credentials(revoked),
             )
             .await?;
@@ -560,15 +562,16 @@ impl Identity {
                 CredentialKind::Session => sessions.push(parsed.digest),
             }
         }
-        let template = AuditEvent::new(EventType::TokenLeaked, origin, None);
+        let template = AuditEvent::new(EventType::TokenLeaked, origin, None, self.now());
         let store = Arc::clone(&self.store);
+        let clock = Arc::clone(&self.clock);
         // Exactly what was revoked (with cascaded descendants), here; the
         // store announced each id to every other replica.
         let revoked = self
             .commit_then_evict(
                 async move {
                     store
-                        .revoke_leaked(&tokens, &sessions, Timestamp::now(), &template)
+                        .revoke_leaked(&tokens, &sessions, clock.now(), &template)
                         .await
                 },
                 |cache, revoked: &Vec<TokenId>| cache.evict_credentials(revoked),

@@ -7,12 +7,16 @@
 pub mod binary;
 pub mod postgres;
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use identity::{
     app::App,
     config::Config,
-    domain::{account::Username, throttle::SignInRates},
+    domain::{
+        account::Username,
+        throttle::SignInRates,
+        time::{Clock, ManualClock},
+    },
     storage::{self, PoolOptions, Store},
 };
 use tonic::{
@@ -96,6 +100,8 @@ pub struct TestApp {
     pub db: TestDatabase,
     /// The server's use cases, to look inside (its cache).
     pub identity: identity::domain::Identity,
+    /// The clock the server reads the time from (see [`Self::clock`]).
+    clock: Arc<ManualClock>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<Result<(), identity::app::AppError>>>,
 }
@@ -138,7 +144,21 @@ impl TestApp {
             url: self.db.url.clone(),
             _dir: None,
         };
-        Self::spawn_on(db, Some(self.operator_token.clone()), adjust, plaintext).await
+        Self::spawn_on_clock(
+            db,
+            Some(self.operator_token.clone()),
+            adjust,
+            plaintext,
+            Arc::clone(&self.clock),
+        )
+        .await
+    }
+
+    /// The clock the server reads the time from, shared with its replicas:
+    /// advance it to let time pass (an expiry, a throttle window, a grace
+    /// period) instead of sleeping. It starts at the system time.
+    pub fn clock(&self) -> &ManualClock {
+        &self.clock
     }
 
     /// Starts a server on `db`, after `adjust` has changed the test
@@ -148,6 +168,24 @@ impl TestApp {
         operator_token: Option<String>,
         adjust: impl FnOnce(&mut Config),
         endpoint: impl FnOnce(SocketAddr) -> Endpoint,
+    ) -> Self {
+        Self::spawn_on_clock(
+            db,
+            operator_token,
+            adjust,
+            endpoint,
+            Arc::new(ManualClock::new()),
+        )
+        .await
+    }
+
+    /// [`Self::spawn_on`], the server reading the time from `clock`.
+    async fn spawn_on_clock(
+        db: TestDatabase,
+        operator_token: Option<String>,
+        adjust: impl FnOnce(&mut Config),
+        endpoint: impl FnOnce(SocketAddr) -> Endpoint,
+        clock: Arc<ManualClock>,
     ) -> Self {
         let mut config = Config::with_database(db.url.clone());
         config.listen_addr = SocketAddr::from(([127, 0, 0, 1], 0));
@@ -165,7 +203,9 @@ impl TestApp {
         // out of the way unless a test sets it (tokens.rs does).
         config.identity.token_creations_per_minute = 1_000_000;
         adjust(&mut config);
-        let app = App::build(config).await.expect("build the app");
+        let app = App::build_with_clock(config, Arc::clone(&clock) as Arc<dyn Clock>)
+            .await
+            .expect("build the app");
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
         let health_addr = app.health_addr();
@@ -197,6 +237,7 @@ impl TestApp {
             verifier_token: tokio::sync::OnceCell::new(),
             db,
             identity,
+            clock,
             shutdown: Some(tx),
             server: Some(server),
         }
