@@ -486,6 +486,13 @@ pub struct Cluster {
 impl Cluster {
     /// Initialises a new cluster and starts it on a free port.
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Like [`Cluster::start`], with `extra` (`postgresql.conf` lines)
+    /// appended after the defaults, so that its settings win: the benchmark
+    /// driver (benches/driver) runs its cluster with this code too.
+    pub fn start_with(extra: &str) -> Self {
         let layout = init_cluster();
         let port = free_port();
         let settings = format!(
@@ -497,6 +504,7 @@ impl Cluster {
         let conf = layout.data_dir.join("postgresql.conf");
         let mut text = fs::read_to_string(&conf).expect("cannot read postgresql.conf");
         text.push_str(&settings);
+        text.push_str(extra);
         fs::write(&conf, text).expect("cannot write postgresql.conf");
         spawn_watchdog(&layout, &[]);
         let cluster = Self { layout, port };
@@ -507,6 +515,26 @@ impl Cluster {
     /// The URL of its maintenance database (`postgres`).
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Its port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The PostgreSQL installation's `bin` directory (psql, pgbench...).
+    pub fn bin_dir(&self) -> &Path {
+        &self.layout.bin_dir
+    }
+
+    /// Its data directory (`postmaster.pid` names the server's pid).
+    pub fn data_dir(&self) -> &Path {
+        &self.layout.data_dir
+    }
+
+    /// Its server log.
+    pub fn log_path(&self) -> &Path {
+        &self.layout.log_path
     }
 
     /// A URL for a brand-new, empty database on it.
