@@ -49,7 +49,7 @@ const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A command that runs the binary against `database_url`, with piped
 /// stdout and stderr, none of this process's `IDENTITY_*` settings, and
-/// metrics on a port of the kernel's choosing.
+/// metrics and the web page on ports of the kernel's choosing.
 pub(crate) fn identity_command(database_url: &str) -> Command {
     let mut command = Command::new(BINARY);
     for (name, _) in std::env::vars_os() {
@@ -61,6 +61,7 @@ pub(crate) fn identity_command(database_url: &str) -> Command {
         .env("DATABASE_URL", database_url)
         // Servers run side by side: none may take the default metrics port.
         .env("IDENTITY_METRICS_ADDR", "127.0.0.1:0")
+        .env("IDENTITY_WEB_ADDR", "127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

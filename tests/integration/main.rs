@@ -42,3 +42,4 @@ mod tokens;
 mod verify;
 mod verify_answers;
 mod walkthrough;
+mod web;
