@@ -11,7 +11,7 @@
 //!   `Path=/`, expiring with the session; over TLS also `Secure` and named
 //!   with the `__Host-` prefix.
 //! - Every POST must come from this page's own origin (`Origin`, or
-//!   `Sec-Fetch-Site` when a client sends no `Origin`) and carry a CSRF
+//!   `Sec-Fetch-Site` when a client sends no `Origin` or `null`) and carry a CSRF
 //!   token: for a signed-in person a hash of the session secret (it cannot
 //!   be computed without the cookie, and works on every replica); for the
 //!   sign-in form a random value also set as a cookie (double submit).
@@ -211,23 +211,30 @@ impl Site {
     }
 
     /// Whether a POST comes from this page: its `Origin` is this server's
-    /// (scheme and the `Host` the client addressed), or, from a client that
-    /// sends none, `Sec-Fetch-Site` (if sent) says same-origin.
+    /// (scheme and the `Host` the client addressed); or, when the client
+    /// sends none or `null` (Chromium does under `Referrer-Policy:
+    /// no-referrer`), `Sec-Fetch-Site`, which scripts cannot set, says
+    /// same-origin. `null` without it is refused; no `Origin` and no
+    /// `Sec-Fetch-Site` (a client that is not a browser) passes, the CSRF
+    /// token still required.
     fn same_origin(&self, parts: &Parts) -> bool {
         let host = parts
             .headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .or_else(|| parts.uri.authority().map(|a| a.as_str()));
-        match parts.headers.get(header::ORIGIN) {
+        let fetch_site = parts
+            .headers
+            .get("sec-fetch-site")
+            .map(HeaderValue::as_bytes);
+        let from_here = matches!(fetch_site, Some(b"same-origin" | b"none"));
+        match parts.headers.get(header::ORIGIN).map(HeaderValue::as_bytes) {
+            Some(b"null") => from_here,
             Some(origin) => host.is_some_and(|host| {
                 let scheme = if self.secure { "https" } else { "http" };
-                origin.as_bytes() == format!("{scheme}://{host}").as_bytes()
+                origin == format!("{scheme}://{host}").as_bytes()
             }),
-            None => parts
-                .headers
-                .get("sec-fetch-site")
-                .is_none_or(|site| matches!(site.as_bytes(), b"same-origin" | b"none")),
+            None => fetch_site.is_none() || from_here,
         }
     }
 

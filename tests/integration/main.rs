@@ -12,6 +12,7 @@ mod accounts;
 mod architecture;
 mod authz;
 mod binary;
+mod browser;
 mod cache_flood;
 mod change_feed;
 mod clients;

@@ -455,6 +455,10 @@ async fn state_changing_requests_need_the_csrf_token_and_this_origin(backend: Ba
             .status,
         403
     );
+    // Or with `Origin: null`, as Chromium sends under no-referrer.
+    headers.push(("Origin", "null".to_owned()));
+    let reply = request(addr, "POST", "/tokens", &headers, &body).await;
+    assert_eq!(reply.status, 403, "null origin, cross-site");
     assert!(tokens_of(&app, &alice).await.is_empty(), "nothing created");
     // Revocation, sign-out and the account's forms are refused alike.
     let (_, secret) = app.token(&browser.session(), &alice, "kept", &[]).await;
