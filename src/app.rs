@@ -36,6 +36,7 @@ use crate::{
 pub mod listen;
 mod stack;
 pub mod tls;
+pub mod web;
 
 /// Why the service could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +60,14 @@ pub enum AppError {
     /// The metrics address could not be bound.
     #[error("cannot serve metrics on {addr} (IDENTITY_METRICS_ADDR): {source}")]
     MetricsBind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The web page's address could not be bound.
+    #[error("cannot serve the web page on {addr} (IDENTITY_WEB_ADDR): {source}")]
+    WebBind {
         /// The address asked for.
         addr: SocketAddr,
         /// Why.
@@ -117,6 +126,9 @@ pub struct App {
     metrics: Option<(TcpListener, SocketAddr)>,
     /// The bound plaintext health listener and its address, if configured.
     health: Option<(TcpListener, SocketAddr)>,
+    /// The bound web page listener, its address and its TLS (loaded again,
+    /// with its own reloading), unless the page is off.
+    web: Option<(TcpListener, SocketAddr, Option<tls::Tls>)>,
 }
 
 impl App {
@@ -187,6 +199,18 @@ impl App {
             }
             None => None,
         };
+        let web = match config.web_addr {
+            Some(addr) => {
+                let bound = TcpListener::bind(addr)
+                    .await
+                    .and_then(|listener| Ok((listener.local_addr()?, listener)));
+                match bound {
+                    Ok((local, listener)) => Some((listener, local, tls::Tls::load(&config)?)),
+                    Err(source) => return Err(AppError::WebBind { addr, source }),
+                }
+            }
+            None => None,
+        };
         Ok(Self {
             listener,
             local_addr,
@@ -199,7 +223,13 @@ impl App {
             tls,
             metrics,
             health,
+            web,
         })
+    }
+
+    /// The address the web page is served on, unless it is off.
+    pub fn web_addr(&self) -> Option<SocketAddr> {
+        self.web.as_ref().map(|&(_, addr, _)| addr)
     }
 
     /// The address the plaintext health listener is bound to, if any.
@@ -285,10 +315,12 @@ impl App {
             self.config.pool.acquire_timeout,
         ));
         let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+        let (web_stop_tx, mut web_stop) = tokio::sync::watch::channel(false);
         let signal = {
             let health = health.clone();
             async move {
                 shutdown.await;
+                let _ = web_stop_tx.send(true);
                 tracing::info!("shutdown requested: draining in-flight calls");
                 watcher.abort();
                 set_all(&health, ServingStatus::NotServing).await;
@@ -357,6 +389,33 @@ impl App {
                 "TLS is off (IDENTITY_TLS_CERT and IDENTITY_TLS_KEY are unset): serving plaintext gRPC"
             ),
         }
+        let web_server: Pin<Box<dyn Future<Output = ()> + Send>> = match self.web {
+            None => Box::pin(std::future::ready(())),
+            Some((listener, addr, web_tls)) => {
+                let limits = limits("web");
+                let gate = listen::Gate::new(&limits);
+                let site = crate::web::Site::new(
+                    self.identity.clone(),
+                    self.config.trusted_proxies.clone(),
+                    web_tls.is_some(),
+                );
+                let stop = async move {
+                    let _ = web_stop.wait_for(|stop| *stop).await;
+                };
+                tracing::info!(%addr, tls = web_tls.is_some(), "serving the web page");
+                match web_tls {
+                    None => Box::pin(web::serve(
+                        listen::accept_plaintext(listener, gate),
+                        site,
+                        false,
+                        stop,
+                    )),
+                    Some(tls) => {
+                        Box::pin(web::serve(tls.incoming(listener, gate), site, true, stop))
+                    }
+                }
+            }
+        };
         let mut routes = Routes::builder();
         routes.add_service(health_service);
         if let Some(v1) = reflection_v1 {
@@ -413,6 +472,9 @@ impl App {
             } else {
                 std::future::pending::<()>().await;
             }
+        };
+        let server = async move {
+            tokio::join!(server, web_server);
         };
         tokio::select! {
             () = server => {}

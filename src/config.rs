@@ -75,6 +75,10 @@ pub struct Config {
     /// Where to serve `grpc.health.v1.Health` alone, in plaintext, besides
     /// the main port: for probes that cannot speak TLS. `None`: nowhere.
     pub health_listen_addr: Option<SocketAddr>,
+    /// Where to serve the Access Tokens web page (`src/web`), over TLS when
+    /// gRPC is; `None` turns it off. The binary's default is
+    /// [`Self::DEFAULT_WEB_ADDR`]; a `Config` built in code has it off.
+    pub web_addr: Option<SocketAddr>,
     /// What is purged when, and how often (see `domain::retention`).
     pub retention: RetentionSettings,
     /// What one listener lets its clients hold: connections, idle time,
@@ -252,6 +256,8 @@ impl Config {
     /// Where a fresh `cargo run` serves metrics: loopback only, since the
     /// endpoint has no authentication.
     pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+    /// Where a fresh `cargo run` serves the Access Tokens page: loopback.
+    pub const DEFAULT_WEB_ADDR: &str = "127.0.0.1:8080";
 
     /// The defaults, with `database_url` in place of the default database.
     pub fn with_database(database_url: impl Into<String>) -> Self {
@@ -281,6 +287,7 @@ impl Config {
             metrics_addr: parse_metrics_addr(Self::DEFAULT_METRICS_ADDR).unwrap_or(None),
             log_format: LogFormat::Text,
             health_listen_addr: None,
+            web_addr: None,
             retention: RetentionSettings::default(),
             connections: ConnectionLimits::default(),
         }
@@ -332,13 +339,14 @@ impl Config {
         Ok(())
     }
 
-    /// Checks that no two listeners (gRPC, metrics, plaintext health) would
+    /// Checks that no two listeners (gRPC, metrics, plaintext health, web) would
     /// take the same port: a message naming both settings by `name(id)`.
     pub fn check_listeners_naming(&self, name: &dyn Fn(&str) -> String) -> Result<(), String> {
         let listeners = [
             ("listen_addr", Some(self.listen_addr)),
             ("metrics_addr", self.metrics_addr),
             ("health_listen_addr", self.health_listen_addr),
+            ("web_addr", self.web_addr),
         ];
         for (i, (first, a)) in listeners.iter().enumerate() {
             for (second, b) in &listeners[i + 1..] {

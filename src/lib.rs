@@ -24,3 +24,4 @@ pub mod config;
 pub mod domain;
 pub mod observability;
 pub mod storage;
+pub mod web;

@@ -203,6 +203,7 @@ fn describe(err: &app::AppError, config: &Config, origin: &Origin<'_>) -> String
             Some(("health_listen_addr", "IDENTITY_HEALTH_LISTEN_ADDR"))
         }
         app::AppError::MetricsBind { .. } => Some(("metrics_addr", "IDENTITY_METRICS_ADDR")),
+        app::AppError::WebBind { .. } => Some(("web_addr", "IDENTITY_WEB_ADDR")),
         app::AppError::Database { .. } | app::AppError::NoSchema { .. } => {
             Some(("database_url", "DATABASE_URL"))
         }

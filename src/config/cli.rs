@@ -307,6 +307,10 @@ pub struct ServeSettings {
     /// port only.
     #[arg(long, env = "IDENTITY_HEALTH_LISTEN_ADDR", value_parser = ListenAddress::parse)]
     health_listen_addr: Option<ListenAddress>,
+    /// Address to serve the Access Tokens web page on (over TLS when gRPC
+    /// is), or off; the host an IP address or a name.
+    #[arg(long, env = "IDENTITY_WEB_ADDR", default_value = Config::DEFAULT_WEB_ADDR, value_parser = parse_metrics_addr)]
+    web_addr: MetricsAddr,
     /// How long sessions, tokens and sign-in counters are kept after they
     /// stopped working (e.g. 30d), or off to keep them for ever.
     #[arg(long, env = "IDENTITY_RETENTION", default_value = "30d",
@@ -345,7 +349,7 @@ pub struct ServeSettings {
 /// A retention: how long, or `None` for ever (`off`).
 type Retention = Option<Duration>;
 
-/// `--metrics-addr`: an address, or none when metrics are off.
+/// `--metrics-addr` and `--web-addr`: an address, or none when off.
 #[derive(Debug, Clone)]
 struct MetricsAddr(Option<ListenAddress>);
 
@@ -480,6 +484,10 @@ impl ServeSettings {
         };
         config.health_listen_addr = match &self.health_listen_addr {
             Some(addr) => Some(resolve("health_listen_addr", addr)?),
+            None => None,
+        };
+        config.web_addr = match &self.web_addr.0 {
+            Some(addr) => Some(resolve("web_addr", addr)?),
             None => None,
         };
         config.connections = ConnectionLimits {

@@ -46,6 +46,22 @@ const RULES: &[Rule] = &[
         modules: &["app", "config", "storage"],
         crates: &[&["sqlx", "clap"]],
     },
+    // The web page is another client of the domain, like the gRPC layer:
+    // never the database, and not the gRPC machinery either.
+    Rule {
+        layer: "web",
+        modules: &["app", "config", "storage"],
+        crates: &[
+            &["sqlx", "clap"],
+            &[
+                "tonic",
+                "tonic_health",
+                "tonic_reflection",
+                "tonic_types",
+                "prost",
+            ],
+        ],
+    },
     Rule {
         layer: "storage",
         modules: &["api", "app", "config", "observability"],

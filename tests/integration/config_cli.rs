@@ -140,6 +140,20 @@ async fn config_check_refuses_what_serve_refuses_with_the_same_message() {
             ],
         ),
         (
+            "the web page on the gRPC address",
+            vec![
+                ("IDENTITY_LISTEN_ADDR", "127.0.0.1:50095"),
+                ("IDENTITY_WEB_ADDR", "127.0.0.1:50095"),
+            ],
+        ),
+        (
+            "the web page on the metrics address",
+            vec![
+                ("IDENTITY_METRICS_ADDR", "127.0.0.1:50096"),
+                ("IDENTITY_WEB_ADDR", "0.0.0.0:50096"),
+            ],
+        ),
+        (
             "health on a port gRPC takes on every interface",
             vec![
                 ("IDENTITY_LISTEN_ADDR", "0.0.0.0:50095"),

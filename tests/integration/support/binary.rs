@@ -49,6 +49,7 @@ pub(crate) fn identity_command(database_url: &str) -> Command {
         .env("DATABASE_URL", database_url)
         // Servers run side by side: none may take the default metrics port.
         .env("IDENTITY_METRICS_ADDR", "127.0.0.1:0")
+        .env("IDENTITY_WEB_ADDR", "127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());

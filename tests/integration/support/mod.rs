@@ -89,6 +89,8 @@ pub struct TestApp {
     pub metrics_addr: Option<SocketAddr>,
     /// Where it serves plaintext health checks, if configured to.
     pub health_addr: Option<SocketAddr>,
+    /// Where it serves the web page, if configured to.
+    pub web_addr: Option<SocketAddr>,
     /// A channel to it.
     pub channel: Channel,
     /// A full-access token of an operator robot, `ops`.
@@ -209,6 +211,7 @@ impl TestApp {
         let addr = app.local_addr();
         let metrics_addr = app.metrics_addr();
         let health_addr = app.health_addr();
+        let web_addr = app.web_addr();
         let identity = app.identity().clone();
         let operator_token = match operator_token {
             Some(token) => token,
@@ -232,6 +235,7 @@ impl TestApp {
             addr,
             metrics_addr,
             health_addr,
+            web_addr,
             channel,
             operator_token,
             verifier_token: tokio::sync::OnceCell::new(),
