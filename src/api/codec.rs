@@ -51,7 +51,8 @@ use super::status;
 /// The largest response message the server sends. It is the receive limit
 /// gRPC clients have by default (4 MiB), and it holds the largest response
 /// the API can produce: a page of 1000 tokens, each with a 100-character
-/// name and 32 scopes of 64 characters (about 2.8 MB; a test below checks
+/// name, 32 scopes of 64 characters and 16 resources of 16 characters (the
+/// most their 256-character total allows; about 3.1 MB; a test below checks
 /// it).
 pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
 
@@ -469,6 +470,7 @@ mod tests {
             account_id: id.clone(),
             name: "\u{10ffff}".repeat(100),
             scopes: (0..32).map(|i| format!("{i:0>64}")).collect(),
+            resources: (0..16).map(|i| format!("{i:0>16}")).collect(),
             create_time: ts,
             expire_time: ts,
             revoke_time: ts,

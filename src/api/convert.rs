@@ -12,6 +12,7 @@ use crate::domain::{
     error::Violations,
     page::{PageRequest, tokens_listing},
     policy::Principal,
+    resource::Resources,
     scope::Scopes,
     service::{InactiveReason, TokenRequest, audit_listing},
     time::Timestamp,
@@ -46,6 +47,7 @@ pub(super) fn create_token_request(
     let account_id = violations.check(AccountId::parse("account_id", &req.account_id));
     let name = violations.check(TokenName::parse("name", &req.name));
     let scopes = violations.check(Scopes::parse("scopes", &req.scopes));
+    let resources = violations.check(Resources::parse("resources", &req.resources));
     let both = req.expire_time.is_some() && req.ttl.is_some();
     let expire_time = violations.check(parse_timestamp("expire_time", req.expire_time));
     let ttl = violations.check(parse_ttl("ttl", req.ttl, now));
@@ -61,6 +63,7 @@ pub(super) fn create_token_request(
             account_id: account_id?,
             name: name?,
             scopes: scopes?,
+            resources: resources?,
             expire_time: expire_time?,
             expire_field: if req.ttl.is_some() {
                 "ttl"
@@ -232,6 +235,7 @@ pub(super) fn token(t: Token, now: Timestamp) -> pb::Token {
         account_id: t.account_id.as_str().to_owned(),
         name: t.name.as_str().to_owned(),
         scopes: t.scopes.names().map(str::to_owned).collect(),
+        resources: t.resources.names().map(str::to_owned).collect(),
         create_time: Some(timestamp(t.create_time)),
         expire_time: t.expire_time.map(timestamp),
         // The earlier of an explicit revocation and the end of a rotation's
@@ -381,6 +385,7 @@ pub(super) fn principal(p: &Principal) -> pb::Principal {
         scopes: p.scopes.names().map(str::to_owned).collect(),
         expire_time: p.expire_time.map(timestamp),
         uses_remaining: p.uses_remaining,
+        resources: p.resources.names().map(str::to_owned).collect(),
     }
 }
 
@@ -393,5 +398,6 @@ pub(super) fn inactive_reason(reason: InactiveReason) -> pb::InactiveReason {
         InactiveReason::AccountDisabled => pb::InactiveReason::AccountDisabled,
         InactiveReason::InsufficientScope => pb::InactiveReason::InsufficientScope,
         InactiveReason::Exhausted => pb::InactiveReason::Exhausted,
+        InactiveReason::ResourceNotAllowed => pb::InactiveReason::ResourceNotAllowed,
     }
 }

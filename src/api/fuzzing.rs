@@ -22,6 +22,7 @@ use crate::domain::{
     error::Violations,
     page::{ACCOUNTS_LISTING, PageRequest},
     password::{Password, PasswordPolicy},
+    resource::Resources,
     scope::Scopes,
     service::{AccountLookup, MAX_LEAKED_SECRETS, NewAccount, TokenRequest},
     store::TokenFilter,
@@ -134,12 +135,13 @@ pub fn list_tokens(
 }
 
 /// `VerifyToken`: what `Identity::verify` checks before any lookup (the
-/// required scopes and the client address), and the verdict on the token's
+/// required scopes and resources and the client address), and the verdict on the token's
 /// format (a malformed token is an inactive verdict, not an error).
 pub fn verify_token(
     req: &pb::VerifyTokenRequest,
 ) -> Result<(Scopes, String, Result<ParsedCredential, Malformed>), DomainError> {
     let required = Scopes::parse("required_scopes", &req.required_scopes)?;
+    Resources::parse_required("required_resources", &req.required_resources)?;
     let client_address = parse_client_address("client_address", &req.client_address)?;
     Ok((required, client_address, credential::parse(&req.token)))
 }

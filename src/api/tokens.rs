@@ -141,6 +141,7 @@ impl TokensService for TokensApi {
                 caller.as_verifier(),
                 &req.token,
                 &req.required_scopes,
+                &req.required_resources,
                 &req.client_address,
             )
             .await
@@ -151,18 +152,28 @@ impl TokensService for TokensApi {
                 reason: pb::InactiveReason::Unspecified as i32,
                 principal: Some(convert::principal(&principal)),
                 missing_scopes: Vec::new(),
+                missing_resources: Vec::new(),
             },
             Verification::Inactive(reason) => pb::VerifyTokenResponse {
                 active: false,
                 reason: convert::inactive_reason(reason) as i32,
                 principal: None,
                 missing_scopes: Vec::new(),
+                missing_resources: Vec::new(),
             },
             Verification::MissingScopes(missing_scopes) => pb::VerifyTokenResponse {
                 active: false,
                 reason: pb::InactiveReason::InsufficientScope as i32,
                 principal: None,
                 missing_scopes,
+                missing_resources: Vec::new(),
+            },
+            Verification::MissingResources(missing_resources) => pb::VerifyTokenResponse {
+                active: false,
+                reason: pb::InactiveReason::ResourceNotAllowed as i32,
+                principal: None,
+                missing_scopes: Vec::new(),
+                missing_resources,
             },
         }))
     }

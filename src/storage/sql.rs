@@ -17,7 +17,7 @@ macro_rules! token_cols {
         "t.token_id, t.account_id AS token_account_id, t.name, t.scopes, \
          t.create_time, t.expire_time, t.revoke_time, t.retire_time, t.family_id, t.replaced_by, \
          t.max_uses, t.uses_remaining, t.last_used_time, t.last_used_address, \
-         t.parent_family_id"
+         t.parent_family_id, t.resources"
     };
 }
 
@@ -181,8 +181,8 @@ pub(super) const RELEASE_DEAD_NAME: &str = "UPDATE tokens SET live_name = NULL \
 pub(super) const INSERT_TOKEN: &str = "INSERT INTO tokens \
     (token_id, account_id, name, live_name, digest, scopes, create_time, expire_time, revoke_time, \
      family_id, replaced_by, max_uses, uses_remaining, last_used_time, last_used_address, \
-     parent_family_id, retire_time) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+     parent_family_id, retire_time, resources) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
 pub(super) const TOKEN_BY_ID: &str = concat!(
     "SELECT ",
     token_cols!(),
@@ -1638,6 +1638,7 @@ macro_rules! impl_store {
                     .bind(token.last_used_address.as_str())
                     .bind(token.parent_family_id.as_ref().map(TokenId::as_str))
                     .bind(token.retire_time.map(Timestamp::as_micros))
+                    .bind(token.resources.to_stored())
                     .execute(&mut *conn)
                     .await
                     .map(drop)

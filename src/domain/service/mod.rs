@@ -22,6 +22,7 @@ use super::{
     password::{PasswordHasher, PasswordPolicy},
     policy::{self, Action, Principal, Verifier},
     rate::KeyedBuckets,
+    resource::Resources,
     scope::Scopes,
     throttle::{SignInRates, ThrottleSettings},
     time::Timestamp,
@@ -318,14 +319,16 @@ impl Identity {
     }
 
     /// `VerifyToken`: the verdict on `credential` for a verifier allowed to
-    /// ask, requiring the `required_scopes` (checked once the verifier is
-    /// allowed). An active verdict is a use of the credential, from
-    /// `client_address`.
-    pub async fn verify<S: AsRef<str>>(
+    /// ask, requiring the `required_scopes` and then the
+    /// `required_resources` (checked once the verifier is allowed, on every
+    /// verification, cached or not). An active verdict is a use of the
+    /// credential, from `client_address`.
+    pub async fn verify<S: AsRef<str>, R: AsRef<str>>(
         &self,
         verifier: Verifier<'_>,
         credential: &str,
         required_scopes: &[S],
+        required_resources: &[R],
         client_address: &str,
     ) -> Result<Verification, DomainError> {
         policy::authorize_verifier(verifier)?;
@@ -343,11 +346,16 @@ impl Identity {
         }
         let mut violations = Violations::new();
         let required = violations.check(Scopes::parse("required_scopes", required_scopes));
+        let resources = violations.check(Resources::parse_required(
+            "required_resources",
+            required_resources,
+        ));
         let client_address = violations.check(super::audit::parse_client_address(
             "client_address",
             client_address,
         ));
-        let (required, client_address) = violations.complete(required.zip(client_address))?;
+        let ((required, resources), client_address) =
+            violations.complete(required.zip(resources).zip(client_address))?;
         let verification = match self.inspect(credential).await? {
             // An empty requirement asks for nothing; each named scope must be
             // allowed (full access allows every scope). What is missing is
@@ -358,6 +366,17 @@ impl Identity {
                     required
                         .names()
                         .filter(|s| !principal.scopes.allows(s))
+                        .map(str::to_owned)
+                        .collect(),
+                )
+            }
+            // Then each required resource must be allowed, by the same rule
+            // (and as cheaply on the active path).
+            Verdict::Active(principal) if !principal.resources.allows_all(&resources) => {
+                Verification::MissingResources(
+                    resources
+                        .names()
+                        .filter(|r| !principal.resources.allows(r))
                         .map(str::to_owned)
                         .collect(),
                 )
@@ -540,6 +559,7 @@ impl Identity {
             )?,
             account_id: account.id.clone(),
             scopes: Scopes::full(),
+            resources: Resources::all(),
             expire_time: None,
             expire_field: "expire_time",
             never_expires: true,
@@ -578,6 +598,7 @@ fn token_principal(token: Token, account: Account) -> Principal {
         credential: CredentialKind::PersonalAccessToken,
         credential_id: token.id,
         scopes: token.scopes,
+        resources: token.resources,
         expire_time,
         uses_remaining: token.uses_remaining,
         last_used_time: token.last_used_time,
@@ -590,6 +611,7 @@ fn session_principal(session: Session, account: Account) -> Principal {
         credential: CredentialKind::Session,
         credential_id: session.id,
         scopes: Scopes::full(),
+        resources: Resources::all(),
         expire_time: Some(session.expire_time),
         uses_remaining: None,
         last_used_time: None,
