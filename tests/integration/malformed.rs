@@ -1285,6 +1285,7 @@ on_both_backends! {
             let verify = pb::VerifyTokenRequest {
                 token: format!("idpat_{nasty}"),
                 required_scopes: vec![nasty.clone()],
+                required_resources: vec![],
                 client_address: format!("127.0.0.1{nasty}"),
             };
             let result = unchanged(&app, &label, app.tokens().verify_token(bearer(verify, &verifier))).await;
