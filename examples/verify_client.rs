@@ -141,6 +141,10 @@ impl Verifier {
         let mut request = Request::new(VerifyTokenRequest {
             token: presented.to_owned(),
             required_scopes: scopes.to_vec(),
+            // The resource the call is for, such as `projects/3f9c2a`, if your
+            // service limits tokens to resources (then also map
+            // INACTIVE_REASON_RESOURCE_NOT_ALLOWED to 403 below).
+            required_resources: Vec::new(),
             // Fill in your own client's address (the first entry of your
             // X-Forwarded-For, if your proxy sets it), for the token's
             // last_used_address.

@@ -101,11 +101,11 @@ fn describe() {
         "Always 1; its labels name the running build: version and commit"
     );
     describe_counter!(
-        crate::api::observe::REQUESTS,
+        crate::api::layers::observe::REQUESTS,
         "gRPC calls finished, by service, method and status code"
     );
     describe_histogram!(
-        crate::api::observe::LATENCY,
+        crate::api::layers::observe::LATENCY,
         Unit::Seconds,
         "gRPC call latency until the status is sent, by service, method and status code"
     );

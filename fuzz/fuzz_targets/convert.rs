@@ -379,6 +379,8 @@ fn create_token(bytes: &[u8]) {
             canonical_account_id(&token.account_id, &req.account_id);
             assert_eq!(token.name.as_str(), req.name);
             scopes_normalised(&token.scopes, &req.scopes);
+            assert!(token.resources.names().all(|r| req.resources.iter().any(|s| s == r)));
+            assert!(req.resources.iter().all(|s| token.resources.names().any(|r| r == s)));
             match ttl_end {
                 None => check_timestamp(req.expire_time.as_ref(), token.expire_time),
                 Some(end) => {
@@ -395,8 +397,8 @@ fn create_token(bytes: &[u8]) {
         Err(err) => {
             let fields = rejected_fields(
                 err,
-                &["account_id", "name", "scopes", "expire_time", "ttl"],
-                &[("scopes", req.scopes.len())],
+                &["account_id", "name", "scopes", "resources", "expire_time", "ttl"],
+                &[("scopes", req.scopes.len()), ("resources", req.resources.len())],
                 &[],
             );
             timestamp_reported(&fields, "expire_time", req.expire_time.as_ref());
@@ -466,18 +468,22 @@ fn verify_token(bytes: &[u8]) {
         },
     );
     match twice(|| parse::verify_token(&req)) {
-        Ok((parsed, required, client)) => {
-            scopes_normalised(&required, &req.required_scopes);
-            assert_eq!(client.address, req.client_address);
-            assert_eq!(parsed, credential::parse(&req.token));
-            if let Ok(parsed) = parsed {
+        Ok(query) => {
+            scopes_normalised(&query.scopes, &req.required_scopes);
+            assert!(!query.resources.names().any(|r| r.ends_with('*')));
+            assert_eq!(query.client.address, req.client_address);
+            assert_eq!(query.credential, credential::parse(&req.token));
+            if let Ok(parsed) = query.credential {
                 assert!(req.token.starts_with(parsed.kind.prefix()));
             }
         }
         Err(err) => rejected(
             err,
-            &["required_scopes", "client_address"],
-            &[("required_scopes", req.required_scopes.len())],
+            &["required_scopes", "required_resources", "client_address"],
+            &[
+                ("required_scopes", req.required_scopes.len()),
+                ("required_resources", req.required_resources.len()),
+            ],
             &[],
         ),
     }

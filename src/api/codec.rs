@@ -7,7 +7,7 @@
 //!   prefix of each gRPC message as it arrives and refuses an oversize one
 //!   at once with RESOURCE_EXHAUSTED (reason `ERROR_REASON_MESSAGE_TOO_LARGE`),
 //!   as the gRPC specification asks, before its body is buffered. (tonic's
-//!   own check, configured to the same limit in `app.rs` as a second line,
+//!   own check, configured to the same limit in `app/stack.rs` as a second line,
 //!   would answer OUT_OF_RANGE.)
 //! - **The body is not a sequence of gRPC messages**: a compression flag
 //!   other than 0 or 1, a body that ends inside a message, a unary call with
@@ -41,13 +41,11 @@ use tonic_prost::ProstEncoder;
 
 use super::status;
 
-// The path `app.rs` names the layer by, from before it had a file of its own.
-pub use super::layers::message_limit::MessageLimitLayer;
-
 /// The largest response message the server sends. It is the receive limit
 /// gRPC clients have by default (4 MiB), and it holds the largest response
 /// the API can produce: a page of 1000 tokens, each with a 100-character
-/// name and 32 scopes of 64 characters (about 2.8 MB; a test below checks
+/// name, 32 scopes of 64 characters and 16 resources of 16 characters (the
+/// most their 256-character total allows; about 3.1 MB; a test below checks
 /// it).
 pub const MAX_RESPONSE_BYTES: usize = 4 << 20;
 
@@ -171,6 +169,7 @@ mod tests {
             account_id: id.clone(),
             name: "\u{10ffff}".repeat(100),
             scopes: (0..32).map(|i| format!("{i:0>64}")).collect(),
+            resources: (0..16).map(|i| format!("{i:0>16}")).collect(),
             create_time: ts,
             expire_time: ts,
             revoke_time: ts,

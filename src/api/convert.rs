@@ -56,6 +56,7 @@ pub(super) fn token(t: Token, now: Timestamp) -> pb::Token {
         account_id: t.account_id.as_str().to_owned(),
         name: t.name.as_str().to_owned(),
         scopes: t.scopes.names().map(str::to_owned).collect(),
+        resources: t.resources.names().map(str::to_owned).collect(),
         create_time: Some(timestamp(t.create_time)),
         expire_time: t.expire_time.map(timestamp),
         // The earlier of an explicit revocation and the end of a rotation's
@@ -143,6 +144,7 @@ pub(super) fn principal(p: &Principal) -> pb::Principal {
         scopes: p.scopes.names().map(str::to_owned).collect(),
         expire_time: p.expire_time.map(timestamp),
         uses_remaining: p.uses_remaining,
+        resources: p.resources.names().map(str::to_owned).collect(),
     }
 }
 
@@ -155,5 +157,6 @@ pub(super) fn inactive_reason(reason: InactiveReason) -> pb::InactiveReason {
         InactiveReason::AccountDisabled => pb::InactiveReason::AccountDisabled,
         InactiveReason::InsufficientScope => pb::InactiveReason::InsufficientScope,
         InactiveReason::Exhausted => pb::InactiveReason::Exhausted,
+        InactiveReason::ResourceNotAllowed => pb::InactiveReason::ResourceNotAllowed,
     }
 }

@@ -21,12 +21,6 @@ mod redact;
 pub mod services;
 pub mod status;
 
-// The paths the binary (`app.rs`, `config.rs`, `main.rs`) and the tests
-// name these modules by, from before they moved into `services/` and
-// `layers/`.
-pub use layers::{deadline, forwarded, guard, observe, ready, shed};
-pub use services::{accounts, audit, tokens};
-
 /// The generated protobuf types, clients and servers of `identity.v1`.
 pub mod pb {
     #![allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -21,6 +21,7 @@ use crate::domain::{
     error::Violations,
     page::{ACCOUNTS_LISTING, PageRequest, tokens_listing},
     password::{Password, PasswordPolicy},
+    resource::Resources,
     scope::Scopes,
     service::{AccountLookup, NewAccount, TokenRequest, audit_listing},
     store::TokenFilter,
@@ -178,6 +179,7 @@ pub fn create_token(
     let account_id = violations.check(AccountId::parse("account_id", &req.account_id));
     let name = violations.check(TokenName::parse("name", &req.name));
     let scopes = violations.check(Scopes::parse("scopes", &req.scopes));
+    let resources = violations.check(Resources::parse("resources", &req.resources));
     let both = req.expire_time.is_some() && req.ttl.is_some();
     let expire_time = violations.check(parse_timestamp("expire_time", req.expire_time));
     let ttl = violations.check(parse_ttl("ttl", req.ttl, now));
@@ -193,6 +195,7 @@ pub fn create_token(
             account_id: account_id?,
             name: name?,
             scopes: scopes?,
+            resources: resources?,
             expire_time: expire_time?,
             expire_field: if req.ttl.is_some() {
                 "ttl"
@@ -252,14 +255,36 @@ pub fn revoke_token(req: &pb::RevokeTokenRequest) -> Result<TokenId, DomainError
 /// `VerifyToken`: the verdict on the token's format (a malformed token is an
 /// inactive answer, not an error), the required scopes and the client
 /// address the use is recorded from (both checked, and reported together).
-pub fn verify_token(
-    req: &pb::VerifyTokenRequest,
-) -> Result<(Result<ParsedCredential, Malformed>, Scopes, Origin), DomainError> {
+pub fn verify_token(req: &pb::VerifyTokenRequest) -> Result<VerifyQuery, DomainError> {
     let mut violations = Violations::new();
-    let required = violations.check(Scopes::parse("required_scopes", &req.required_scopes));
+    let scopes = violations.check(Scopes::parse("required_scopes", &req.required_scopes));
+    let resources = violations.check(Resources::parse_required(
+        "required_resources",
+        &req.required_resources,
+    ));
     let client = violations.check(parse_client_address("client_address", &req.client_address));
-    let (required, client) = violations.complete(required.zip(client))?;
-    Ok((credential::parse(&req.token), required, Origin::new(client)))
+    let ((scopes, resources), client) = violations.complete(scopes.zip(resources).zip(client))?;
+    Ok(VerifyQuery {
+        credential: credential::parse(&req.token),
+        scopes,
+        resources,
+        client: Origin::new(client),
+    })
+}
+
+/// A `VerifyToken` request, parsed: the credential (a malformed one is an
+/// inactive answer, not an error), what it must allow, and who presented
+/// it.
+#[derive(Debug)]
+pub struct VerifyQuery {
+    /// The presented credential, parsed without I/O.
+    pub credential: Result<ParsedCredential, Malformed>,
+    /// The scopes it must carry.
+    pub scopes: Scopes,
+    /// The resources it must allow (names, never patterns).
+    pub resources: Resources,
+    /// The client that presented it to the calling service.
+    pub client: Origin,
 }
 
 /// `RotateToken`: the token.
@@ -435,6 +460,7 @@ mod tests {
         let req = pb::VerifyTokenRequest {
             token: "x".to_owned(),
             required_scopes: vec!["Not A Scope".to_owned()],
+            required_resources: vec![],
             client_address: "10.0.0.1, 10.0.0.2".to_owned(),
         };
         let err = verify_token(&req).expect_err("both are bad");
@@ -447,19 +473,23 @@ mod tests {
         let req = pb::VerifyTokenRequest {
             token: secret.expose().to_owned(),
             required_scopes: vec!["project:read".to_owned()],
+            required_resources: vec![],
             client_address: "[2001:db8::1]:443".to_owned(),
         };
-        let (credential, required, client) = verify_token(&req).expect("valid");
-        assert_eq!(credential.expect("well-formed").digest, secret.digest());
-        assert_eq!(required.names().collect::<Vec<_>>(), ["project:read"]);
-        assert_eq!(client.address, "[2001:db8::1]:443");
+        let query = verify_token(&req).expect("valid");
+        assert_eq!(
+            query.credential.expect("well-formed").digest,
+            secret.digest()
+        );
+        assert_eq!(query.scopes.names().collect::<Vec<_>>(), ["project:read"]);
+        assert_eq!(query.client.address, "[2001:db8::1]:443");
         let malformed = pb::VerifyTokenRequest {
             token: "garbage".to_owned(),
             ..pb::VerifyTokenRequest::default()
         };
-        let (credential, _, client) = verify_token(&malformed).expect("an answer, not an error");
-        assert_eq!(credential, Err(Malformed));
-        assert_eq!(client, Origin::default());
+        let query = verify_token(&malformed).expect("an answer, not an error");
+        assert_eq!(query.credential, Err(Malformed));
+        assert_eq!(query.client, Origin::default());
     }
 
     #[test]

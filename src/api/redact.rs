@@ -54,6 +54,7 @@ impl fmt::Debug for pb::VerifyTokenRequest {
         f.debug_struct("VerifyTokenRequest")
             .field("token", &REDACTED)
             .field("required_scopes", &self.required_scopes)
+            .field("required_resources", &self.required_resources)
             .finish()
     }
 }

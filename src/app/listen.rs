@@ -47,7 +47,7 @@ use tokio::{
 };
 use tonic::{body::Body, transport::server::Connected};
 
-use crate::api::shed::HoldingBody;
+use crate::api::layers::shed::HoldingBody;
 use tower::{Service, ServiceExt as _};
 
 /// Streams one connection may make the server reset (by sending frames

@@ -6,11 +6,11 @@ use std::{convert::Infallible, time::Duration};
 use tonic::{body::Body, service::Routes};
 use tower::{Service, ServiceBuilder};
 
-use crate::api::{
-    codec::MessageLimitLayer,
+use crate::api::layers::{
     deadline::DeadlineLayer,
     forwarded::ClientAddressLayer,
     guard::DefaultDenyLayer,
+    message_limit::MessageLimitLayer,
     observe::ObserveLayer,
     ready::{Readiness, ReadyLayer},
     shed::ShedLayer,

@@ -11,7 +11,7 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     api::{
         auth::{VerifierPolicy, VerifyAuth, VerifyClients},
-        forwarded::TrustedProxies,
+        layers::forwarded::TrustedProxies,
     },
     config::{self, Config, ConnectionLimits, ListenAddress, LogFormat, TlsFiles},
     domain::{

@@ -742,6 +742,7 @@ mod tests {
     use crate::domain::{
         account::{Account, AccountKind, Email, Role, Username},
         credential::{CredentialKind, Secret},
+        resource::Resources,
         scope::Scopes,
     };
 
@@ -761,6 +762,7 @@ mod tests {
             credential: CredentialKind::PersonalAccessToken,
             credential_id: credential.clone(),
             scopes: Scopes::full(),
+            resources: Resources::all(),
             expire_time: None,
             uses_remaining: None,
             last_used_time: None,

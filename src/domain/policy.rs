@@ -19,6 +19,7 @@ use super::{
     DomainError,
     account::{Account, AccountId, Role},
     credential::CredentialKind,
+    resource::Resources,
     scope::{self, Scopes},
     time::Timestamp,
     token::TokenId,
@@ -35,6 +36,9 @@ pub struct Principal {
     pub credential_id: TokenId,
     /// What the credential is limited to (full for sessions).
     pub scopes: Scopes,
+    /// The resources the credential may be used on (every resource of the
+    /// account for sessions).
+    pub resources: Resources,
     /// When the credential expires, if ever.
     pub expire_time: Option<Timestamp>,
     /// Uses left for a limited-use token (after this use, once admitted).
@@ -195,8 +199,7 @@ pub enum Grant<'a> {
 
 /// The powers of a token being created or changed.
 ///
-/// A new power of tokens (such as resources a token is limited to) is a new
-/// field here and a new comparison in [`check_grant`]: the exhaustive
+/// A new power of tokens is a new field here and a new comparison in [`check_grant`]: the exhaustive
 /// destructuring there makes forgetting the comparison a compile error.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenGrant<'a> {
@@ -206,6 +209,8 @@ pub struct TokenGrant<'a> {
     pub role: Role,
     /// What it is limited to; empty for full access.
     pub scopes: &'a Scopes,
+    /// The resources it may be used on; empty for every resource.
+    pub resources: &'a Resources,
     /// When it stops working; `None` for never.
     pub expire_time: Option<Timestamp>,
     /// The uses it will have left; `None` for unlimited.
@@ -220,12 +225,15 @@ pub struct TokenGrant<'a> {
 /// powers of `grant`. Nothing may hold a power its creator lacks:
 ///
 /// - **role**: the operator role (a new operator account, or one enabled
-///   again) needs an operator's session or full-access token, which already
-///   holds every power an operator account has; a token of an operator's
+///   again) needs an operator's session or full-access token (limited to
+///   no resources), which already holds every power an operator account has; a token of an operator's
 ///   account needs an operator. A user account's power reaches only its own,
 ///   new or suspended, account, so `accounts:write` of an operator suffices.
 /// - **account**: a token acts only for an account the caller may act on.
 /// - **scopes**: a subset of the caller's (full access only from full access).
+/// - **resources**: a subset of the caller's, patterns included
+///   ([`Resources::is_subset_of`]; every resource only from every resource,
+///   which a session always has).
 /// - **lifetime**: a personal access token grants no later expiry than its
 ///   own (never-expiring only from never-expiring). A session speaks for
 ///   its account's password: what it creates is not bound to its life.
@@ -241,9 +249,16 @@ pub fn check_grant(caller: &Principal, grant: &Grant<'_>) -> Result<(), DomainEr
             // or run out of uses holds no such lifetime to give.
             let bounded = pat && (caller.expire_time.is_some() || caller.uses_remaining.is_some());
             return match role {
-                Role::Operator if !(caller.is_operator() && caller.scopes.is_full()) || bounded => {
+                // An operator reaches every resource of every account: a
+                // token limited to some resources holds no such reach.
+                Role::Operator
+                    if !(caller.is_operator()
+                        && caller.scopes.is_full()
+                        && caller.resources.is_all())
+                        || bounded =>
+                {
                     Err(DomainError::Escalation(
-                        "only an operator's session, or an operator's full-access token without expiry or use limit, may give the operator role",
+                        "only an operator's session, or an operator's full-access token without expiry, use limit or resources, may give the operator role",
                     ))
                 }
                 Role::User if pat && caller.uses_remaining.is_some() => Err(
@@ -258,6 +273,7 @@ pub fn check_grant(caller: &Principal, grant: &Grant<'_>) -> Result<(), DomainEr
         account,
         role,
         scopes,
+        resources,
         expire_time,
         uses,
         successor_of,
@@ -275,6 +291,11 @@ pub fn check_grant(caller: &Principal, grant: &Grant<'_>) -> Result<(), DomainEr
     if !scopes.is_subset_of(&caller.scopes) {
         return Err(DomainError::Escalation(
             "the new token's scopes must be a subset of the calling token's scopes",
+        ));
+    }
+    if !resources.is_subset_of(&caller.resources) {
+        return Err(DomainError::Escalation(
+            "the new token's resources must be a subset of the calling token's resources",
         ));
     }
     if caller.credential == CredentialKind::Session {
@@ -367,6 +388,28 @@ mod tests {
     ];
     const FULL_MASK: u8 = 0b11_1111;
 
+    /// Resource sets of the grid, with what each reaches as a mask over
+    /// probe names, written out by hand for the oracle: bit 0 `projects/a`,
+    /// 1 `projects/a/x`, 2 `projects/a/y` (any other name below
+    /// `projects/a/`), 3 `projects/a/x/y`, 4 `orgs/b`, 5 any other name.
+    /// The empty set is every resource.
+    const RESOURCE_SETS: [(&[&str], u8); 6] = [
+        (&[], 0b11_1111),
+        (&["projects/a"], 0b00_0001),
+        (&["projects/a/x"], 0b00_0010),
+        (&["projects/a/*"], 0b00_1110),
+        (&["projects/a/x/*"], 0b00_1000),
+        (&["orgs/b", "projects/a"], 0b01_0001),
+    ];
+    /// The caller's resource sets (indices into [`RESOURCE_SETS`]): every
+    /// resource, a pattern, and two names.
+    const CALLER_RESOURCE_SETS: [usize; 3] = [0, 3, 5];
+
+    fn resources(index: usize) -> (Resources, u8) {
+        let (names, reach) = RESOURCE_SETS[index];
+        (Resources::parse("r", names).expect("valid"), reach)
+    }
+
     /// The scopes of `mask` (0 meaning full access), and what they reach
     /// as a mask, for the oracle.
     fn scopes(mask: u8) -> (Scopes, u8) {
@@ -406,6 +449,7 @@ mod tests {
             credential,
             credential_id: TokenId::generate(),
             scopes,
+            resources: Resources::all(),
             expire_time,
             uses_remaining,
             last_used_time: None,
@@ -421,11 +465,13 @@ mod tests {
         caller_role: Role,
         kind: CredentialKind,
         caller_reach: u8,
+        caller_resource_reach: u8,
         caller_expiry: Option<i64>,
         caller_uses: Option<i64>,
         own_account: bool,
         target_role: Role,
         reach: u8,
+        resource_reach: u8,
         expiry: Option<i64>,
         uses: Option<i64>,
         replaces_caller: bool,
@@ -436,6 +482,7 @@ mod tests {
         let role_ok = target_role == Role::User || operator;
         let pat = kind == CredentialKind::PersonalAccessToken;
         let scopes_ok = reach & !caller_reach == 0;
+        let resources_ok = resource_reach & !caller_resource_reach == 0;
         let rotation_ok = !pat || !replaces_other;
         let expiry_ok = !pat
             || match caller_expiry {
@@ -447,7 +494,7 @@ mod tests {
                 None => true,
                 Some(left) => replaces_caller && uses.is_some_and(|u| u <= left),
             };
-        account_ok && role_ok && scopes_ok && expiry_ok && uses_ok && rotation_ok
+        account_ok && role_ok && scopes_ok && resources_ok && expiry_ok && uses_ok && rotation_ok
     }
 
     #[test]
@@ -461,25 +508,42 @@ mod tests {
         let mut checked = 0_u64;
         for caller_role in roles {
             for kind in kinds {
-                // A session always has full access.
-                let caller_masks: Vec<u8> = match kind {
-                    CredentialKind::Session => vec![0],
-                    CredentialKind::PersonalAccessToken => (0..32).collect(),
+                // A session always has full access, to every resource.
+                let (caller_masks, caller_resource_sets): (Vec<u8>, &[usize]) = match kind {
+                    CredentialKind::Session => (vec![0], &[0]),
+                    CredentialKind::PersonalAccessToken => {
+                        ((0..32).collect(), &CALLER_RESOURCE_SETS)
+                    }
                 };
-                for caller_mask in caller_masks {
+                // The resource dimension is crossed in full with a few scope
+                // sets (none, all five, the caller's own), and otherwise
+                // sampled, to keep the grid's running time in bounds.
+                let crossed = |mask: u8| [0, 0b1_1111].contains(&mask);
+                for (caller_mask, &caller_set) in caller_masks.iter().flat_map(|&m| {
+                    let sets = if crossed(m) {
+                        caller_resource_sets
+                    } else {
+                        &[0][..]
+                    };
+                    sets.iter().map(move |r| (m, r))
+                }) {
                     for caller_expiry in caller_expiries {
                         for caller_left in caller_uses {
                             if kind == CredentialKind::Session && caller_left.is_some() {
                                 continue;
                             }
                             let (caller_scopes, caller_reach) = scopes(caller_mask);
-                            let caller = principal(
-                                caller_role,
-                                kind,
-                                caller_scopes,
-                                caller_expiry.map(Timestamp::from_micros),
-                                caller_left,
-                            );
+                            let (caller_resources, caller_resource_reach) = resources(caller_set);
+                            let caller = Principal {
+                                resources: caller_resources,
+                                ..principal(
+                                    caller_role,
+                                    kind,
+                                    caller_scopes,
+                                    caller_expiry.map(Timestamp::from_micros),
+                                    caller_left,
+                                )
+                            };
                             // Accounts of each role.
                             for role in roles {
                                 let allowed =
@@ -492,6 +556,7 @@ mod tests {
                                     Role::Operator => {
                                         caller_role == Role::Operator
                                             && caller_mask == 0
+                                            && caller_set == 0
                                             && !bounded
                                     }
                                 };
@@ -500,8 +565,8 @@ mod tests {
                             }
                             // Tokens: of the caller's own account or another
                             // of each role, every scope set, expiry, use
-                            // count, new or replacing the caller (rotation of
-                            // itself) or another token.
+                            // count, resource set, new or replacing the caller
+                            // (rotation of itself) or another token.
                             let other_user = AccountId::generate();
                             let targets = [
                                 (true, caller_role, &caller.account.id),
@@ -510,8 +575,16 @@ mod tests {
                             ];
                             let other_token = TokenId::generate();
                             for (own, target_role, target) in targets {
-                                for mask in 0..32 {
+                                for (mask, set) in (0..32).flat_map(|m| {
+                                    let sets: Vec<usize> = if crossed(m) || m == caller_mask {
+                                        (0..RESOURCE_SETS.len()).collect()
+                                    } else {
+                                        vec![0, usize::from(m) % RESOURCE_SETS.len()]
+                                    };
+                                    sets.into_iter().map(move |r| (m, r))
+                                }) {
                                     let (requested, reach) = scopes(mask);
+                                    let (wanted_resources, resource_reach) = resources(set);
                                     for expiry in expiries {
                                         for wanted_uses in uses {
                                             for successor_of in [
@@ -523,6 +596,7 @@ mod tests {
                                                     account: target,
                                                     role: target_role,
                                                     scopes: &requested,
+                                                    resources: &wanted_resources,
                                                     expire_time: expiry.map(Timestamp::from_micros),
                                                     uses: wanted_uses,
                                                     successor_of,
@@ -532,11 +606,13 @@ mod tests {
                                                     caller_role,
                                                     kind,
                                                     caller_reach,
+                                                    caller_resource_reach,
                                                     caller_expiry,
                                                     caller_left,
                                                     own,
                                                     target_role,
                                                     reach,
+                                                    resource_reach,
                                                     expiry,
                                                     wanted_uses,
                                                     successor_of == Some(&caller.credential_id),

@@ -164,7 +164,13 @@ pub struct Resources(Vec<Resource>);
 
 impl Resources {
     /// The most resources one token may carry.
-    pub const MAX_COUNT: usize = 32;
+    pub const MAX_COUNT: usize = 16;
+    /// The most characters one set's entries may hold together (one entry
+    /// of [`Resource::MAX_LEN`], or several shorter ones): a page of a
+    /// thousand tokens, each with as many resources as it may carry, must
+    /// still fit one response with room to spare
+    /// (`api::codec::MAX_RESPONSE_BYTES`).
+    pub const MAX_TOTAL_LEN: usize = 256;
 
     /// Every resource of the account.
     pub fn all() -> Self {
@@ -192,6 +198,15 @@ impl Resources {
             return Err(DomainError::invalid(
                 field,
                 format!("at most {} resources are allowed", Self::MAX_COUNT),
+            ));
+        }
+        if raw.iter().map(|r| r.as_ref().len()).sum::<usize>() > Self::MAX_TOTAL_LEN {
+            return Err(DomainError::invalid(
+                field,
+                format!(
+                    "the resources may hold at most {} characters in all",
+                    Self::MAX_TOTAL_LEN
+                ),
             ));
         }
         let mut violations = Violations::new();
@@ -370,6 +385,11 @@ mod tests {
     fn too_many_and_bad_entries_are_reported() {
         let many: Vec<String> = (0..33).map(|i| format!("p/{i}")).collect();
         assert!(Resources::parse("resources", &many).is_err());
+        let seg = "a".repeat(60);
+        let long: Vec<String> = (0..3).map(|i| format!("{i}/{seg}/{seg}")).collect();
+        assert!(Resources::parse("resources", &long[..2]).is_ok());
+        let err = Resources::parse("resources", &long).expect_err("too long in all");
+        assert!(err.to_string().contains("in all"), "{err}");
         let err = Resources::parse("resources", &["ok", "NOT OK", "fine", "*"]).expect_err("bad");
         let DomainError::InvalidArgument(v) = err else {
             panic!("wrong error")

@@ -22,7 +22,7 @@
 //! in the database, so every replica enforces the same limits.
 //!
 //! This module holds the arithmetic and the keys; the store applies the same
-//! arithmetic in SQL (see `storage/sql.rs`), and tests check both agree.
+//! arithmetic in SQL (see `storage/sql/throttle.rs`), and tests check both agree.
 
 use std::{
     net::{IpAddr, SocketAddr},

@@ -5,6 +5,7 @@ use super::{
     DomainError,
     account::{AccountId, is_invisible, parse_uuid},
     credential::Digest,
+    resource::Resources,
     scope::Scopes,
     time::Timestamp,
 };
@@ -106,6 +107,9 @@ pub struct Token {
     pub name: TokenName,
     /// What it is limited to; empty for full access.
     pub scopes: Scopes,
+    /// The resources it may be used on; empty for every resource of its
+    /// account.
+    pub resources: Resources,
     /// When it was created.
     pub create_time: Timestamp,
     /// When it stops working, if ever.
@@ -238,6 +242,7 @@ mod tests {
             account_id: AccountId::from_stored("a".into()),
             name: TokenName::from_stored("n".into()),
             scopes: Scopes::full(),
+            resources: Resources::all(),
             create_time: t(0),
             expire_time: None,
             revoke_time: revoke.map(t),

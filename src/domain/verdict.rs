@@ -23,11 +23,13 @@ pub enum InactiveReason {
     InsufficientScope,
     /// A limited-use token with no uses left.
     Exhausted,
+    /// Not allowed on a required resource.
+    ResourceNotAllowed,
 }
 
 impl InactiveReason {
     /// Every reason, in [`Self::index`] order.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::Malformed,
         Self::Unknown,
         Self::Expired,
@@ -35,6 +37,7 @@ impl InactiveReason {
         Self::AccountDisabled,
         Self::InsufficientScope,
         Self::Exhausted,
+        Self::ResourceNotAllowed,
     ];
 
     /// The reason's position in [`Self::ALL`] (a new reason must be added
@@ -48,6 +51,7 @@ impl InactiveReason {
             Self::AccountDisabled => 4,
             Self::InsufficientScope => 5,
             Self::Exhausted => 6,
+            Self::ResourceNotAllowed => 7,
         }
     }
 
@@ -61,6 +65,7 @@ impl InactiveReason {
             Self::AccountDisabled => "account_disabled",
             Self::InsufficientScope => "insufficient_scope",
             Self::Exhausted => "exhausted",
+            Self::ResourceNotAllowed => "resource_not_allowed",
         }
     }
 
@@ -74,6 +79,7 @@ impl InactiveReason {
             Self::AccountDisabled => "the credential's account is disabled",
             Self::InsufficientScope => "the credential lacks a required scope",
             Self::Exhausted => "the credential has no uses left",
+            Self::ResourceNotAllowed => "the credential is not allowed on a required resource",
         }
     }
 }
@@ -93,14 +99,20 @@ pub enum Verdict {
 pub enum Verification {
     /// Valid and carrying every required scope: who it speaks for.
     Active(Arc<Principal>),
-    /// Not valid, and why (never [`InactiveReason::InsufficientScope`]: see
-    /// [`Self::MissingScopes`]).
+    /// Not valid, and why (never [`InactiveReason::InsufficientScope`] or
+    /// [`InactiveReason::ResourceNotAllowed`]: see [`Self::MissingScopes`]
+    /// and [`Self::MissingResources`]).
     Inactive(InactiveReason),
     /// Valid, but without these of the required scopes (sorted, without
     /// duplicates; never empty): the reason
     /// [`InactiveReason::InsufficientScope`]. Only names the request gave,
     /// never the credential's own scopes.
     MissingScopes(Vec<String>),
+    /// Valid and carrying every required scope, but not allowed on these of
+    /// the required resources (sorted, without duplicates; never empty):
+    /// the reason [`InactiveReason::ResourceNotAllowed`]. Only names the
+    /// request gave, never the credential's own resources.
+    MissingResources(Vec<String>),
 }
 
 impl Verification {
@@ -110,6 +122,7 @@ impl Verification {
             Self::Active(_) => None,
             Self::Inactive(reason) => Some(*reason),
             Self::MissingScopes(_) => Some(InactiveReason::InsufficientScope),
+            Self::MissingResources(_) => Some(InactiveReason::ResourceNotAllowed),
         }
     }
 }

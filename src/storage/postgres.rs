@@ -78,6 +78,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "sign-in count start",
         include_str!("../../migrations/postgres/0010_sign_in_count_since.sql"),
     ),
+    (
+        11,
+        "token resources",
+        include_str!("../../migrations/postgres/0011_token_resources.sql"),
+    ),
 ];
 
 /// A [`super::Store`] on PostgreSQL.

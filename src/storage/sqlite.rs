@@ -73,6 +73,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "sign-in count start",
         include_str!("../../migrations/sqlite/0009_sign_in_count_since.sql"),
     ),
+    (
+        10,
+        "token resources",
+        include_str!("../../migrations/sqlite/0010_token_resources.sql"),
+    ),
 ];
 
 /// A [`super::Store`] on SQLite.

@@ -38,7 +38,7 @@ use hyper::body::Bytes;
 use sha2::{Digest as _, Sha256};
 
 use crate::{
-    api::forwarded::TrustedProxies,
+    api::layers::forwarded::TrustedProxies,
     domain::{
         DomainError, Identity,
         account::Username,
@@ -47,10 +47,10 @@ use crate::{
         page::{PageRequest, tokens_listing},
         password::Password,
         policy::Principal,
+        resource::Resources,
         scope::Scopes,
         service::{TokenRequest, audit_listing},
         store::TokenFilter,
-        time::Timestamp,
         token::{TokenId, TokenName, TokenState},
     },
 };
@@ -418,7 +418,7 @@ impl Site {
             .await
         {
             Ok(signed_in) => {
-                let now = Timestamp::now();
+                let now = self.identity.now();
                 let seconds = (signed_in.session.expire_time.as_micros() - now.as_micros()).max(0)
                     / 1_000_000;
                 let mut page = redirect("/tokens");
@@ -473,7 +473,7 @@ impl Site {
     }
 
     async fn list(&self, call: &Call, session: &Session, notice: Option<&str>) -> Page {
-        let now = Timestamp::now();
+        let now = self.identity.now();
         let account = &session.principal.account.id;
         let state = call.query.get("state");
         let states = match state {
@@ -527,7 +527,7 @@ impl Site {
 
     async fn create(&self, call: &Call, session: &Session) -> Page {
         let form = &call.form;
-        let now = Timestamp::now();
+        let now = self.identity.now();
         let mut errors = Errors::default();
         let name = TokenName::parse("name", form.get("name"));
         let mut scopes: Vec<&str> = form.all("scope").collect();
@@ -537,6 +537,12 @@ impl Site {
                 .filter(|s| !s.is_empty()),
         );
         let scopes = Scopes::parse("scopes", &scopes);
+        let resources: Vec<&str> = form
+            .get("resources")
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|r| !r.is_empty())
+            .collect();
+        let resources = Resources::parse("resources", &resources);
         let expire_time = match form.get("expires") {
             days @ ("7" | "30" | "60" | "90") => {
                 let days: u64 = days.parse().unwrap_or(30);
@@ -567,14 +573,18 @@ impl Site {
                 }
             },
         };
-        for err in [name.as_ref().err(), scopes.as_ref().err()]
-            .into_iter()
-            .flatten()
+        for err in [
+            name.as_ref().err(),
+            scopes.as_ref().err(),
+            resources.as_ref().err(),
+        ]
+        .into_iter()
+        .flatten()
         {
             errors.add(err);
         }
-        let (Ok(name), Ok(scopes), Some(expire_time), true) =
-            (name, scopes, expire_time, errors.is_empty())
+        let (Ok(name), Ok(scopes), Ok(resources), Some(expire_time), true) =
+            (name, scopes, resources, expire_time, errors.is_empty())
         else {
             return self.new_token(session, form, &errors);
         };
@@ -582,6 +592,7 @@ impl Site {
             account_id: session.principal.account.id.clone(),
             name,
             scopes,
+            resources,
             expire_time: Some(expire_time),
             expire_field: "expire_date",
             never_expires: false,

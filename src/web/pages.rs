@@ -169,6 +169,14 @@ fn scopes_text(token: &Token) -> String {
     }
 }
 
+fn resources_text(token: &Token) -> String {
+    if token.resources.is_all() {
+        "all".to_owned()
+    } else {
+        escape(&token.resources.names().collect::<Vec<_>>().join(", "))
+    }
+}
+
 fn expires_text(token: &Token, state: TokenState, now: Timestamp) -> String {
     let Some(at) = token.expire_time else {
         return "never".to_owned();
@@ -194,6 +202,7 @@ type Column = (&'static str, fn(&Token, TokenState, Timestamp) -> String);
 const COLUMNS: &[Column] = &[
     ("Name", |t, _, _| escape(t.name.as_str())),
     ("Scopes", |t, _, _| scopes_text(t)),
+    ("Resources", |t, _, _| resources_text(t)),
     ("Created", |t, _, _| time(t.create_time)),
     ("Expires", expires_text),
     ("Last used", |t, _, _| match t.last_used_time {
@@ -347,6 +356,10 @@ pub fn new_token(viewer: &Viewer<'_>, values: &Form, errors: &Errors) -> String 
 {other}
 <p class="hint">Other scopes, separated by spaces or commas (such as <code>projects:read</code>).</p>
 </fieldset>
+<fieldset><legend>Resources</legend>
+{resources}
+<p class="hint">Leave empty for every resource of your account. Otherwise the resources the token may be used on, by their stable ids, separated by spaces or commas: <code>projects/3f9c2a</code> for one project, <code>projects/3f9c2a/*</code> for everything in it.</p>
+</fieldset>
 <fieldset><legend>Expiration</legend>
 {expires_error}
 {presets}
@@ -359,7 +372,14 @@ pub fn new_token(viewer: &Viewer<'_>, values: &Form, errors: &Errors) -> String 
 </fieldset>
 <p><button type="submit" class="primary">Create token</button> <a href="/tokens">Cancel</a></p>
 </form>"#,
-        summary = errors.summary(&["name", "scopes", "expires", "expire_date", "max_uses"]),
+        summary = errors.summary(&[
+            "name",
+            "scopes",
+            "resources",
+            "expires",
+            "expire_date",
+            "max_uses"
+        ]),
         csrf = csrf_field(viewer.csrf),
         name = input(
             errors,
@@ -376,6 +396,14 @@ pub fn new_token(viewer: &Viewer<'_>, values: &Form, errors: &Errors) -> String 
             "Other scopes",
             "text",
             values.get("other_scopes"),
+            ""
+        ),
+        resources = input(
+            errors,
+            "resources",
+            "Resources",
+            "text",
+            values.get("resources"),
             ""
         ),
         expires_error = field_error("expires", errors.get("expires").as_deref()),

@@ -14,7 +14,7 @@ use std::{
 
 use identity::api::{
     ERROR_DOMAIN, FILE_DESCRIPTOR_SET,
-    guard::{Access, RULES},
+    layers::guard::{Access, RULES},
 };
 use prost::Message as _;
 use tonic::{Code, Request, Status, metadata::MetadataValue};

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use identity::{
-    api::forwarded::TrustedProxies, config::Config, domain::throttle::ThrottleSettings,
+    api::layers::forwarded::TrustedProxies, config::Config, domain::throttle::ThrottleSettings,
 };
 use tonic::{Code, Request, metadata::MetadataValue};
 

@@ -4,9 +4,10 @@
 //! Every kind of caller of the authorization matrix (`authz.rs`, whose
 //! callers this reuses), and a few whose powers the matrix does not vary (a
 //! limited-use token, a short-lived one, an operator's session and an
-//! operator's limited-use token), tries everything a caller can create or
-//! change: accounts of each role (created, and enabled again), tokens with
-//! every combination of the built-in scopes (none included), with and
+//! operator's limited-use token, a token limited to resources), tries
+//! everything a caller can create or change: accounts of each role
+//! (created, and enabled again), tokens with every combination of the
+//! built-in scopes (none included), a few resource sets, with and
 //! without an expiry beyond the caller's, with and without a use limit
 //! beyond the caller's, for its own account, another person's and an
 //! operator's; rotations and renewals of tokens more and less powerful than
@@ -37,6 +38,8 @@ struct Power {
     token_id: String,
     /// `None` for full access.
     scopes: Option<BTreeSet<String>>,
+    /// `None` for every resource.
+    resources: Option<BTreeSet<String>>,
     /// `None` for never.
     expire: Option<SystemTime>,
     uses: Option<i64>,
@@ -55,6 +58,20 @@ impl Power {
         }
     }
 
+    /// Whether `resources` (empty: every resource) are within this
+    /// credential's, patterns included.
+    fn covers_resources(&self, resources: &[String]) -> bool {
+        match &self.resources {
+            None => true,
+            Some(have) => {
+                !resources.is_empty()
+                    && resources
+                        .iter()
+                        .all(|r| have.iter().any(|h| resource_covers(h, r)))
+            }
+        }
+    }
+
     /// Whether a credential created with this one may expire at `expire`
     /// (`None`: never). A session speaks for its account: no bound.
     fn outlived_by(&self, expire: Option<SystemTime>) -> bool {
@@ -64,6 +81,19 @@ impl Power {
                 .is_some_and(|limit| expire.is_none_or(|e| e > limit))
     }
 }
+
+/// Whether the resource entry `have` allows everything `entry` does,
+/// restated: the same name, or a pattern `p/*` and an entry strictly below
+/// `p/` (a name, or a narrower pattern).
+fn resource_covers(have: &str, entry: &str) -> bool {
+    have == entry
+        || have
+            .strip_suffix('*')
+            .is_some_and(|prefix| entry.len() > prefix.len() && entry.starts_with(prefix))
+}
+
+/// The resources of [`Who::ResourceToken`].
+const CALLER_RESOURCES: [&str; 2] = ["orgs/b", "projects/a/*"];
 
 /// Who calls.
 #[derive(Debug, Clone, Copy)]
@@ -79,6 +109,9 @@ enum Who {
     OperatorSession,
     /// The operator's full-access token, limited to a million uses.
     OperatorLimitedToken,
+    /// Alice's token with `tokens:write` and `tokens:read`, limited to
+    /// [`CALLER_RESOURCES`].
+    ResourceToken,
 }
 
 /// The extra callers' credentials.
@@ -87,6 +120,7 @@ struct Extras {
     short_lived: String,
     operator_session: String,
     operator_limited: String,
+    resource_limited: String,
 }
 
 /// What a case asks for a token's expiry.
@@ -114,6 +148,7 @@ enum Act {
         account_id: String,
         operator_account: bool,
         scopes: Vec<String>,
+        resources: Vec<String>,
         expiry: Expiry,
         max_uses: Option<i64>,
     },
@@ -193,7 +228,9 @@ fn expected(case: &Case) -> Outcome {
             } else if !p.operator {
                 NOT_ALLOWED
             } else if *operator
-                && (p.scopes.is_some() || (!p.session && (p.expire.is_some() || p.uses.is_some())))
+                && (p.scopes.is_some()
+                    || p.resources.is_some()
+                    || (!p.session && (p.expire.is_some() || p.uses.is_some())))
             {
                 // An account outlives any expiring or limited-use token.
                 ESCALATION
@@ -206,6 +243,7 @@ fn expected(case: &Case) -> Outcome {
         Act::CreateToken {
             account_id,
             scopes,
+            resources,
             expiry,
             ..
         } => {
@@ -215,7 +253,7 @@ fn expected(case: &Case) -> Outcome {
             if !(p.operator || &p.account_id == account_id) {
                 return NOT_ALLOWED;
             }
-            token_grant(p, scopes, *expiry, false, false)
+            token_grant(p, scopes, resources, *expiry, false, false)
         }
         Act::Rotate { victim, .. } => {
             if !p.allows("tokens:write") {
@@ -229,7 +267,14 @@ fn expected(case: &Case) -> Outcome {
                 None => Expiry::Never,
             };
             let itself = p.token_id == victim.token_id;
-            token_grant(p, &victim.scopes, expiry, itself, !itself)
+            token_grant(
+                p,
+                &victim.scopes,
+                &victim.resources,
+                expiry,
+                itself,
+                !itself,
+            )
         }
         Act::Renew { victim, expiry, .. } => {
             if !p.allows("tokens:write") {
@@ -241,7 +286,7 @@ fn expected(case: &Case) -> Outcome {
             if p.token_id == victim.token_id {
                 return NOT_ALLOWED;
             }
-            token_grant(p, &victim.scopes, *expiry, false, false)
+            token_grant(p, &victim.scopes, &victim.resources, *expiry, false, false)
         }
     }
 }
@@ -252,6 +297,7 @@ fn expected(case: &Case) -> Outcome {
 fn token_grant(
     p: &Power,
     scopes: &[String],
+    resources: &[String],
     expiry: Expiry,
     itself: bool,
     rotates_other: bool,
@@ -264,7 +310,7 @@ fn token_grant(
         Expiry::Never if !itself => return LIFETIME,
         Expiry::Never => None,
     };
-    if !p.covers(scopes) || p.outlived_by(expire) {
+    if !p.covers(scopes) || !p.covers_resources(resources) || p.outlived_by(expire) {
         return ESCALATION;
     }
     if !p.session && p.uses.is_some() && !itself {
@@ -311,6 +357,7 @@ async fn try_case(app: &TestApp, n: usize, case: &Case) -> Option<String> {
             account_id,
             operator_account,
             scopes,
+            resources,
             expiry,
             max_uses,
         } => {
@@ -325,6 +372,7 @@ async fn try_case(app: &TestApp, n: usize, case: &Case) -> Option<String> {
                         account_id: account_id.clone(),
                         name: format!("grant-{n}"),
                         scopes: scopes.clone(),
+                        resources: resources.clone(),
                         expire_time,
                         max_uses: *max_uses,
                         never_expires,
@@ -362,6 +410,7 @@ async fn try_case(app: &TestApp, n: usize, case: &Case) -> Option<String> {
                 // lifetime, no fresh uses.
                 let same = successor.account_id == victim.account_id
                     && successor.scopes == victim.scopes
+                    && successor.resources == victim.resources
                     && successor.expire_time == victim.expire_time
                     && successor.max_uses == victim.max_uses
                     // The uses left move to the successor: never more than
@@ -404,6 +453,7 @@ async fn try_case(app: &TestApp, n: usize, case: &Case) -> Option<String> {
                 let token = r.into_inner().token.expect("token");
                 let same = token.token_id == victim.token_id
                     && token.scopes == victim.scopes
+                    && token.resources == victim.resources
                     && token.uses_remaining == victim.uses_remaining;
                 token_beyond(case, &token, *operator_account).or_else(|| {
                     (!same).then(|| format!("renewal changed more than the expiry: {token:?}"))
@@ -451,8 +501,8 @@ fn account_beyond(case: &Case, account: pb::Account) -> Option<String> {
     if !p.operator {
         return Some(format!("a user gave an account power: {account:?}"));
     }
-    (operator && p.scopes.is_some())
-        .then(|| format!("a scoped token gave the operator role: {account:?}"))
+    (operator && (p.scopes.is_some() || p.resources.is_some()))
+        .then(|| format!("a scoped or resource-limited token gave the operator role: {account:?}"))
 }
 
 /// What makes `token` more powerful than the caller, if anything.
@@ -469,6 +519,9 @@ fn token_beyond(case: &Case, token: &pb::Token, operator_account: bool) -> Optio
     }
     if !p.covers(&token.scopes) {
         beyond.push("scopes");
+    }
+    if !p.covers_resources(&token.resources) {
+        beyond.push("resources");
     }
     if p.outlived_by(time(token.expire_time.as_ref())) {
         beyond.push("expiry");
@@ -498,6 +551,7 @@ async fn credential(
         Who::ShortLivedToken => Some(format!("Bearer {}", extras.short_lived)),
         Who::OperatorSession => Some(format!("Bearer {}", extras.operator_session)),
         Who::OperatorLimitedToken => Some(format!("Bearer {}", extras.operator_limited)),
+        Who::ResourceToken => Some(format!("Bearer {}", extras.resource_limited)),
     };
     let secret = auth.as_deref().and_then(|a| a.strip_prefix("Bearer "));
     let power = match secret {
@@ -509,6 +563,7 @@ async fn credential(
                 session: p.credential_kind == pb::CredentialKind::Session as i32,
                 token_id: p.token_id,
                 scopes: (!p.scopes.is_empty()).then(|| p.scopes.into_iter().collect()),
+                resources: (!p.resources.is_empty()).then(|| p.resources.into_iter().collect()),
                 expire: time(p.expire_time.as_ref()),
                 uses: p.uses_remaining,
             })
@@ -535,6 +590,7 @@ async fn victim(
                 account_id,
                 name,
                 scopes,
+                resources: vec![],
                 expire_time: Some(timestamp(expire)),
                 max_uses,
                 never_expires: false,
@@ -565,6 +621,7 @@ async fn alice_token(
                 account_id: world.alice.account.account_id.clone(),
                 name: name.into(),
                 scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                resources: vec![],
                 expire_time: expire.map(timestamp),
                 max_uses,
                 never_expires: false,
@@ -632,11 +689,28 @@ async fn extras(app: &TestApp, world: &World, alice_session: &str) -> Extras {
         .expect("create a limited operator token")
         .into_inner()
         .secret;
+    let resource_limited = app
+        .tokens()
+        .create_token(bearer(
+            pb::CreateTokenRequest {
+                account_id: world.alice.account.account_id.clone(),
+                name: "grant-resources".into(),
+                scopes: vec!["tokens:write".into(), "tokens:read".into()],
+                resources: CALLER_RESOURCES.map(str::to_owned).to_vec(),
+                ..Default::default()
+            },
+            alice_session,
+        ))
+        .await
+        .expect("create a resource-limited token")
+        .into_inner()
+        .secret;
     Extras {
         limited,
         short_lived,
         operator_session,
         operator_limited,
+        resource_limited,
     }
 }
 
@@ -737,8 +811,36 @@ async fn cases_for(
                         account_id: account_id.clone(),
                         operator_account: *operator_account,
                         scopes: scopes.clone(),
+                        resources: Vec::new(),
                         expiry,
                         max_uses,
+                    },
+                ));
+            }
+        }
+    }
+    // Resources: a few sets, on the caller's own account, against every
+    // caller's (every resource, or CALLER_RESOURCES).
+    if power.is_some() {
+        let (account_id, operator_account) = &token_targets[0];
+        for scopes in [&[][..], &["tokens:read"]] {
+            for resources in [
+                &["projects/a/x"][..],
+                &["projects/a/*"],
+                &["projects/a/x/*", "orgs/b"],
+                &["projects/a"],
+                &["projects/b", "orgs/b"],
+            ] {
+                cases.push(case(
+                    &auth,
+                    &power,
+                    Act::CreateToken {
+                        account_id: account_id.clone(),
+                        operator_account: *operator_account,
+                        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                        resources: resources.iter().map(|r| (*r).to_owned()).collect(),
+                        expiry: Expiry::Default,
+                        max_uses: None,
                     },
                 ));
             }
@@ -857,6 +959,7 @@ async fn nothing_created_with_a_credential_holds_more_than_the_credential(app: T
         Who::ShortLivedToken,
         Who::OperatorSession,
         Who::OperatorLimitedToken,
+        Who::ResourceToken,
     ]);
     let mut cases = Vec::new();
     for (w, &who) in whos.iter().enumerate() {
@@ -904,6 +1007,7 @@ async fn nothing_created_with_a_credential_holds_more_than_the_credential(app: T
             session: false,
             token_id: p.token_id,
             scopes: (!p.scopes.is_empty()).then(|| p.scopes.into_iter().collect()),
+            resources: None,
             expire: time(p.expire_time.as_ref()),
             uses: p.uses_remaining,
         };
@@ -1070,6 +1174,7 @@ async fn a_limited_use_token_mints_nothing_and_rotation_keeps_its_uses_and_expir
         account_id: alice.account_id.clone(),
         name: name.into(),
         scopes: vec!["tokens:write".into()],
+        resources: vec![],
         expire_time: Some(timestamp(ten_minutes)),
         max_uses: Some(max_uses),
         never_expires: false,

@@ -31,6 +31,7 @@ mod outage;
 mod passwords;
 mod redaction;
 mod replicas;
+mod resources;
 mod retention;
 mod reuse;
 mod revocation;

@@ -1505,6 +1505,7 @@ async fn sql_metacharacters_are_plain_text_in_every_field(app: TestApp) {
         let verify = pb::VerifyTokenRequest {
             token: format!("idpat_{nasty}"),
             required_scopes: vec![nasty.clone()],
+            required_resources: vec![],
             client_address: format!("127.0.0.1{nasty}"),
         };
         let request = bearer(verify, &verifier);

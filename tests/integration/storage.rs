@@ -19,6 +19,7 @@ use identity::{
         audit::{AuditEvent, AuditFilter, EventType, Origin},
         credential::{CredentialKind, Digest, Secret},
         password::PasswordHash,
+        resource::Resources,
         scope::Scopes,
         time::Timestamp,
         token::{NewToken, Session, Token, TokenId, TokenName, TokenState},
@@ -144,6 +145,7 @@ fn token(
             account_id: account.clone(),
             name: TokenName::parse("name", name).expect("valid token name"),
             scopes: Scopes::parse("scopes", scopes).expect("valid scopes"),
+            resources: Resources::all(),
             create_time: t(create_micros),
             expire_time: expire_micros.map(t),
             revoke_time: None,
@@ -194,6 +196,7 @@ fn assert_token_eq(got: &Token, want: &Token) {
     assert_eq!(got.account_id, want.account_id, "token account id");
     assert_eq!(got.name, want.name, "token name");
     assert_eq!(got.scopes, want.scopes, "scopes");
+    assert_eq!(got.resources, want.resources, "resources");
     assert_eq!(got.create_time, want.create_time, "token create_time");
     assert_eq!(got.expire_time, want.expire_time, "token expire_time");
     assert_eq!(got.revoke_time, want.revoke_time, "token revoke_time");
@@ -674,6 +677,52 @@ mod conformance {
                     .expect("read")
                     .is_none()
             );
+        }
+
+        async fn token_resources_read_back_by_id_digest_and_listing(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            // Out of order and duplicated: the set is sorted and
+            // deduplicated, and must come back as such.
+            let mut limited = token(&alice.id, "limited", &["tokens:read"], 2, None);
+            limited.token.resources = Resources::parse(
+                "resources",
+                &["projects/a/*", "orgs/b", "projects/a/*", "orgs/B.x~_-/9"],
+            )
+            .expect("valid resources");
+            let unlimited = token(&alice.id, "unlimited", &[], 3, None);
+            for new in [&limited, &unlimited] {
+                store.create_token(new, t(0), u32::MAX, &ev()).await.expect("create token");
+            }
+            assert_eq!(
+                limited.token.resources.names().collect::<Vec<_>>(),
+                ["orgs/B.x~_-/9", "orgs/b", "projects/a/*"]
+            );
+            for new in [&limited, &unlimited] {
+                let by_id = store.token_by_id(&new.token.id).await.expect("read").expect("found");
+                assert_token_eq(&by_id, &new.token);
+                let (by_digest, _) = store
+                    .token_by_digest(&new.digest)
+                    .await
+                    .expect("read by digest")
+                    .expect("found by digest");
+                assert_token_eq(&by_digest, &new.token);
+                assert_eq!(by_digest.resources, new.token.resources);
+            }
+            let back = store.token_by_id(&unlimited.token.id).await.expect("read").expect("found");
+            assert!(back.resources.is_all());
+            let listed = store
+                .list_tokens(&alice.id, &TokenFilter::all(Timestamp::from_micros(0)), None, 10)
+                .await
+                .expect("list");
+            assert_eq!(listed.len(), 2);
+            for got in &listed {
+                let want = [&limited, &unlimited]
+                    .into_iter()
+                    .find(|n| n.token.id == got.id)
+                    .expect("listed");
+                assert_eq!(got.resources, want.token.resources);
+            }
         }
 
         async fn tokens_list_per_account_in_id_order_and_page(store) {

@@ -1,6 +1,6 @@
 //! The tower layers the server stacks in front of the services: each one
 //! wraps every call and knows nothing of any one RPC's messages. The order
-//! they run in, and why each is there, is `app.rs`'s to say.
+//! they run in, and why each is there, is `app/stack.rs`'s to say.
 
 pub mod deadline;
 pub mod forwarded;

@@ -10,7 +10,7 @@ use crate::api::{
     pb::{self, tokens_service_server::TokensService},
     ratelimit::RateLimiter,
 };
-use crate::domain::{DomainError, Identity, service::Verification, time::Timestamp};
+use crate::domain::{DomainError, Identity, service::Verification};
 
 /// The tokens service over the domain's use cases.
 #[derive(Clone)]
@@ -48,7 +48,7 @@ impl TokensService for TokensApi {
         request: Request<pb::CreateTokenRequest>,
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let (caller, origin) = auth::caller(&self.identity, &request).await?;
-        let request = parse::create_token(request.into_inner(), Timestamp::now())?;
+        let request = parse::create_token(request.into_inner(), self.identity.now())?;
         let issued = self
             .identity
             .create_token(&caller, &origin, request)
@@ -56,7 +56,7 @@ impl TokensService for TokensApi {
         tracing::info!(token_id = issued.token.id.as_str(), "token created");
         Ok(Response::new(pb::CreateTokenResponse {
             secret: issued.secret.expose().to_owned(),
-            token: Some(convert::token(issued.token, Timestamp::now())),
+            token: Some(convert::token(issued.token, self.identity.now())),
         }))
     }
 
@@ -69,7 +69,7 @@ impl TokensService for TokensApi {
         let id = parse::get_token(request.get_ref())?;
         let token = self.identity.get_token(&caller, &id).await?;
         Ok(Response::new(pb::GetTokenResponse {
-            token: Some(convert::token(token, Timestamp::now())),
+            token: Some(convert::token(token, self.identity.now())),
         }))
     }
 
@@ -79,7 +79,7 @@ impl TokensService for TokensApi {
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         let (caller, _) = auth::caller(&self.identity, &request).await?;
-        let now = Timestamp::now();
+        let now = self.identity.now();
         let (account, filter, page) = parse::list_tokens(request.get_ref(), now)?;
         let (tokens, next_page_token) = self
             .identity
@@ -101,7 +101,7 @@ impl TokensService for TokensApi {
         let token = self.identity.revoke_token(&caller, &origin, &id).await?;
         tracing::info!(token_id = token.id.as_str(), "token revoked");
         Ok(Response::new(pb::RevokeTokenResponse {
-            token: Some(convert::token(token, Timestamp::now())),
+            token: Some(convert::token(token, self.identity.now())),
         }))
     }
 
@@ -121,10 +121,16 @@ impl TokensService for TokensApi {
         // Refuse before parsing: a caller that may not verify learns nothing
         // of its request.
         self.identity.admit_verifier(caller.as_verifier())?;
-        let (credential, required, client) = parse::verify_token(request.get_ref())?;
+        let query = parse::verify_token(request.get_ref())?;
         let verification = self
             .identity
-            .verify(caller.as_verifier(), credential, &required, &client)
+            .verify(
+                caller.as_verifier(),
+                query.credential,
+                &query.scopes,
+                &query.resources,
+                &query.client,
+            )
             .await?;
         Ok(Response::new(match verification {
             Verification::Active(principal) => pb::VerifyTokenResponse {
@@ -132,18 +138,28 @@ impl TokensService for TokensApi {
                 reason: pb::InactiveReason::Unspecified as i32,
                 principal: Some(convert::principal(&principal)),
                 missing_scopes: Vec::new(),
+                missing_resources: Vec::new(),
             },
             Verification::Inactive(reason) => pb::VerifyTokenResponse {
                 active: false,
                 reason: convert::inactive_reason(reason) as i32,
                 principal: None,
                 missing_scopes: Vec::new(),
+                missing_resources: Vec::new(),
             },
             Verification::MissingScopes(missing_scopes) => pb::VerifyTokenResponse {
                 active: false,
                 reason: pb::InactiveReason::InsufficientScope as i32,
                 principal: None,
                 missing_scopes,
+                missing_resources: Vec::new(),
+            },
+            Verification::MissingResources(missing_resources) => pb::VerifyTokenResponse {
+                active: false,
+                reason: pb::InactiveReason::ResourceNotAllowed as i32,
+                principal: None,
+                missing_scopes: Vec::new(),
+                missing_resources,
             },
         }))
     }
@@ -165,7 +181,7 @@ impl TokensService for TokensApi {
             previous = rotated.previous.id.as_str(),
             "token rotated"
         );
-        let now = Timestamp::now();
+        let now = self.identity.now();
         Ok(Response::new(pb::RotateTokenResponse {
             secret: rotated.issued.secret.expose().to_owned(),
             token: Some(convert::token(rotated.issued.token, now)),
@@ -186,7 +202,7 @@ impl TokensService for TokensApi {
             .await?;
         tracing::info!(token_id = token.id.as_str(), "token renewed");
         Ok(Response::new(pb::RenewTokenResponse {
-            token: Some(convert::token(token, Timestamp::now())),
+            token: Some(convert::token(token, self.identity.now())),
         }))
     }
 

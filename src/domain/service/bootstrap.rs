@@ -2,6 +2,7 @@ use crate::domain::{
     DomainError,
     account::{AccountKind, Email, Role, Username},
     audit::Origin,
+    resource::Resources,
     scope::Scopes,
     token::{TokenId, TokenName},
 };
@@ -60,6 +61,7 @@ impl Identity {
             )?,
             account_id: account.id.clone(),
             scopes: Scopes::full(),
+            resources: Resources::all(),
             expire_time: None,
             expire_field: "expire_time",
             never_expires: true,

@@ -9,6 +9,7 @@ use crate::domain::{
     cache::Cached,
     credential::{self, CredentialKind, Malformed, ParsedCredential},
     policy::{self, Principal, Verifier},
+    resource::Resources,
     scope::Scopes,
     time::Timestamp,
     token::{Session, Token, TokenState},
@@ -59,13 +60,15 @@ impl Identity {
 
     /// `VerifyToken`: the verdict on `credential` (as parsed; a malformed
     /// one is an inactive verdict) for a verifier allowed to ask, requiring
-    /// the `required` scopes. An active verdict is a use of the credential,
-    /// from `client`.
+    /// the `required` scopes and then the `resources` (checked on every
+    /// verification, cached or not). An active verdict is a use of the
+    /// credential, from `client`.
     pub async fn verify(
         &self,
         verifier: Verifier<'_>,
         credential: Result<ParsedCredential, Malformed>,
         required: &Scopes,
+        resources: &Resources,
         client: &Origin,
     ) -> Result<Verification, DomainError> {
         policy::authorize_verifier(verifier)?;
@@ -79,6 +82,17 @@ impl Identity {
                     required
                         .names()
                         .filter(|s| !principal.scopes.allows(s))
+                        .map(str::to_owned)
+                        .collect(),
+                )
+            }
+            // Then each required resource must be allowed, by the same rule
+            // (and as cheaply on the active path).
+            Verdict::Active(principal) if !principal.resources.allows_all(resources) => {
+                Verification::MissingResources(
+                    resources
+                        .names()
+                        .filter(|r| !principal.resources.allows(r))
                         .map(str::to_owned)
                         .collect(),
                 )
@@ -242,6 +256,7 @@ fn token_principal(token: Token, account: Account) -> Principal {
         credential: CredentialKind::PersonalAccessToken,
         credential_id: token.id,
         scopes: token.scopes,
+        resources: token.resources,
         expire_time,
         uses_remaining: token.uses_remaining,
         last_used_time: token.last_used_time,
@@ -254,6 +269,7 @@ fn session_principal(session: Session, account: Account) -> Principal {
         credential: CredentialKind::Session,
         credential_id: session.id,
         scopes: Scopes::full(),
+        resources: Resources::all(),
         expire_time: Some(session.expire_time),
         uses_remaining: None,
         last_used_time: None,

@@ -17,8 +17,8 @@ pub(super) const RELEASE_DEAD_NAME: &str = "UPDATE tokens SET live_name = NULL \
 pub(super) const INSERT_TOKEN: &str = "INSERT INTO tokens \
     (token_id, account_id, name, live_name, digest, scopes, create_time, expire_time, revoke_time, \
      family_id, replaced_by, max_uses, uses_remaining, last_used_time, last_used_address, \
-     parent_family_id, retire_time) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)";
+     parent_family_id, retire_time, resources) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18)";
 pub(super) const TOKEN_BY_ID: &str = concat!(
     "SELECT ",
     token_cols!(),
@@ -396,6 +396,7 @@ async fn insert_token<B: Backend>(
         .arg(token.last_used_time.map(Timestamp::as_micros))
         .arg(token.last_used_address.as_str())
         .arg(token.parent_family_id.as_ref().map(TokenId::as_str))
-        .arg(token.retire_time.map(Timestamp::as_micros));
+        .arg(token.retire_time.map(Timestamp::as_micros))
+        .arg(token.resources.to_stored());
     execute::<B>(conn, insert).await.map(drop)
 }

@@ -22,7 +22,7 @@ macro_rules! token_cols {
         "t.token_id, t.account_id AS token_account_id, t.name, t.scopes, \
          t.create_time, t.expire_time, t.revoke_time, t.retire_time, t.family_id, t.replaced_by, \
          t.max_uses, t.uses_remaining, t.last_used_time, t.last_used_address, \
-         t.parent_family_id"
+         t.parent_family_id, t.resources"
     };
 }
 

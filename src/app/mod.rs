@@ -13,15 +13,13 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     api::{
         FILE_DESCRIPTOR_SET,
-        accounts::AccountsApi,
-        audit::AuditApi,
         codec::MAX_RESPONSE_BYTES,
+        layers::ready::Readiness,
         pb::{
             accounts_service_server::AccountsServiceServer,
             audit_service_server::AuditServiceServer, tokens_service_server::TokensServiceServer,
         },
-        ready::Readiness,
-        tokens::TokensApi,
+        services::{accounts::AccountsApi, audit::AuditApi, tokens::TokensApi},
     },
     config::Config,
     domain::{

@@ -11,7 +11,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use crate::{
     api::{
         auth::{VerifierPolicy, VerifyAuth},
-        forwarded::TrustedProxies,
+        layers::forwarded::TrustedProxies,
     },
     domain::{IdentitySettings, retention::RetentionSettings},
     storage::PoolOptions,
