@@ -118,6 +118,7 @@ pub fn run(args: &[String]) -> Result<()> {
         .env("IDENTITY_LISTEN_ADDR", "127.0.0.1:0")
         .env("IDENTITY_LOG", "info")
         .env("IDENTITY_METRICS_ADDR", "off")
+        .env("IDENTITY_WEB_ADDR", "off")
         .stdin(Stdio::null())
         .stdout(file.try_clone()?)
         .stderr(file);

@@ -98,6 +98,9 @@ impl Replicas {
                 "IDENTITY_TOKEN_CREATIONS_PER_MINUTE",
                 env_or("IDENTITY_TOKEN_CREATIONS_PER_MINUTE", "1000000"),
             )
+            // Replicas run side by side: none may take the page's default
+            // port (and the page is not what is measured).
+            .env("IDENTITY_WEB_ADDR", env_or("IDENTITY_WEB_ADDR", "off"))
             .env("IDENTITY_DRAIN_TIMEOUT", "2s")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)

@@ -78,11 +78,12 @@ try {
   const other = await page.locator("#secret").inputValue();
   expect(other.length > 20, "the other token's secret");
 
-  // A scoped one-time token.
+  // A scoped one-time token, limited to one project.
   await page.goto(`${web}/tokens/new`);
   await page.getByLabel("Name", { exact: true }).fill("deploy script");
   await page.getByLabel("tokens:read").check();
   await page.getByLabel("Other scopes").fill("projects:read");
+  await page.getByLabel("Resources", { exact: true }).fill("projects/3f9c2a");
   await page.getByLabel("7 days").check();
   await page.getByLabel("Uses allowed").fill("1");
   await shot(page, "create-form");

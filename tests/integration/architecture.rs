@@ -38,12 +38,12 @@ const WIRE_CRATES: &[&str] = &[
 const RULES: &[Rule] = &[
     Rule {
         layer: "domain",
-        modules: &["api", "app", "config", "observability", "storage"],
+        modules: &["api", "app", "config", "observability", "storage", "web"],
         crates: &[WIRE_CRATES, &["sqlx", "clap"]],
     },
     Rule {
         layer: "api",
-        modules: &["app", "config", "storage"],
+        modules: &["app", "config", "storage", "web"],
         crates: &[&["sqlx", "clap"]],
     },
     // The web page is another client of the domain, like the gRPC layer:
@@ -64,7 +64,7 @@ const RULES: &[Rule] = &[
     },
     Rule {
         layer: "storage",
-        modules: &["api", "app", "config", "observability"],
+        modules: &["api", "app", "config", "observability", "web"],
         crates: &[WIRE_CRATES],
     },
 ];

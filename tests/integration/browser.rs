@@ -78,12 +78,25 @@ async fn the_page_works_in_a_real_browser() {
         seen.push(what.to_owned());
         let answer = match what {
             "SECRET" => {
-                let first = app.verify(value, &["projects:read"]).await;
-                let second = app.verify(value, &["projects:read"]).await;
-                if first.active && !second.active {
+                // Not for another project (which spends no use), then its
+                // one use on its own project, then exhausted.
+                let scope = ["projects:read"];
+                let elsewhere = app.verify_for(value, &scope, &["projects/77e1d0"]).await;
+                let first = app.verify_for(value, &scope, &["projects/3f9c2a"]).await;
+                let second = app.verify_for(value, &scope, &["projects/3f9c2a"]).await;
+                let not_allowed = pb::InactiveReason::ResourceNotAllowed as i32;
+                let exhausted = pb::InactiveReason::Exhausted as i32;
+                if !elsewhere.active
+                    && elsewhere.reason == not_allowed
+                    && elsewhere.missing_resources == ["projects/77e1d0"]
+                    && first.active
+                    && first.principal.as_ref().is_some_and(|p| p.resources == ["projects/3f9c2a"])
+                    && !second.active
+                    && second.reason == exhausted
+                {
                     "ok".to_owned()
                 } else {
-                    format!("verified {first:?} then {second:?}")
+                    format!("verified {elsewhere:?}, then {first:?}, then {second:?}")
                 }
             }
             "REVOKED" => {

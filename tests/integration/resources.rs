@@ -10,34 +10,11 @@ use tonic_types::StatusExt as _;
 use crate::both_backends;
 use crate::support::{Backend, TestApp, assert_status, bearer, pb};
 
-/// Verifies `token` with the app's verifier, requiring `scopes` and
-/// `resources`.
-async fn verify(
-    app: &TestApp,
-    token: &str,
-    scopes: &[&str],
-    resources: &[&str],
-) -> pb::VerifyTokenResponse {
-    app.tokens()
-        .verify_token(bearer(
-            pb::VerifyTokenRequest {
-                token: token.into(),
-                required_scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
-                required_resources: resources.iter().map(|s| (*s).to_owned()).collect(),
-                ..Default::default()
-            },
-            &app.verifier_token().await,
-        ))
-        .await
-        .expect("verify")
-        .into_inner()
-}
-
 /// Asserts that `token` is active for `resources`, twice (a cache miss,
 /// then a hit), and that the principal carries `own`.
 async fn assert_allowed(app: &TestApp, token: &str, resources: &[&str], own: &[&str]) {
     for attempt in ["miss", "hit"] {
-        let verdict = verify(app, token, &[], resources).await;
+        let verdict = app.verify_for(token, &[], resources).await;
         assert!(verdict.active, "{resources:?} ({attempt}): {verdict:?}");
         assert!(verdict.missing_resources.is_empty());
         let principal = verdict.principal.expect("principal");
@@ -49,7 +26,7 @@ async fn assert_allowed(app: &TestApp, token: &str, resources: &[&str], own: &[&
 /// hit), naming `missing`.
 async fn assert_refused(app: &TestApp, token: &str, resources: &[&str], missing: &[&str]) {
     for attempt in ["miss", "hit"] {
-        let verdict = verify(app, token, &[], resources).await;
+        let verdict = app.verify_for(token, &[], resources).await;
         assert!(!verdict.active, "{resources:?} ({attempt}): {verdict:?}");
         assert_eq!(
             verdict.reason,
@@ -167,7 +144,9 @@ async fn a_token_is_active_only_for_the_resources_it_allows(app: TestApp) {
     .await;
 
     // The scopes are checked first.
-    let verdict = verify(&app, &below_secret, &["project:write"], &["projects/b"]).await;
+    let verdict = app
+        .verify_for(&below_secret, &["project:write"], &["projects/b"])
+        .await;
     assert_eq!(verdict.reason, pb::InactiveReason::InsufficientScope as i32);
     assert_eq!(verdict.missing_scopes, ["project:write"]);
     assert!(verdict.missing_resources.is_empty());

@@ -381,11 +381,22 @@ impl TestApp {
 
     /// Verifies `token` with [`Self::verifier_token`], requiring `scopes`.
     pub async fn verify(&self, token: &str, scopes: &[&str]) -> pb::VerifyTokenResponse {
+        self.verify_for(token, scopes, &[]).await
+    }
+
+    /// Verifies `token` as [`Self::verify`] does, requiring `resources` too.
+    pub async fn verify_for(
+        &self,
+        token: &str,
+        scopes: &[&str],
+        resources: &[&str],
+    ) -> pb::VerifyTokenResponse {
         self.tokens()
             .verify_token(bearer(
                 pb::VerifyTokenRequest {
                     token: token.into(),
                     required_scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                    required_resources: resources.iter().map(|s| (*s).to_owned()).collect(),
                     ..Default::default()
                 },
                 &self.verifier_token().await,
