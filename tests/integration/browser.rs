@@ -90,7 +90,10 @@ async fn the_page_works_in_a_real_browser() {
                     && elsewhere.reason == not_allowed
                     && elsewhere.missing_resources == ["projects/77e1d0"]
                     && first.active
-                    && first.principal.as_ref().is_some_and(|p| p.resources == ["projects/3f9c2a"])
+                    && first
+                        .principal
+                        .as_ref()
+                        .is_some_and(|p| p.resources == ["projects/3f9c2a"])
                     && !second.active
                     && second.reason == exhausted
                 {
