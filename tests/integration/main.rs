@@ -45,3 +45,4 @@ mod verify;
 mod verify_answers;
 mod walkthrough;
 mod web;
+mod web_tls;

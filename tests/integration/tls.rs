@@ -27,19 +27,19 @@ use pb::{
 };
 
 /// A certificate authority for the tests.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
+pub(crate) struct Ca {
+    pub(crate) issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 /// A certificate and its key, as PEM, and the certificate as DER.
-struct Issued {
+pub(crate) struct Issued {
     cert_pem: String,
     key_pem: String,
     der: Vec<u8>,
 }
 
 impl Ca {
-    fn new(name: &str) -> Self {
+    pub(crate) fn new(name: &str) -> Self {
         let mut params = CertificateParams::default();
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -55,7 +55,7 @@ impl Ca {
     }
 
     /// A server certificate for `names` (DNS names or IP addresses).
-    fn server(&self, serial: u64, names: &[&str]) -> Issued {
+    pub(crate) fn server(&self, serial: u64, names: &[&str]) -> Issued {
         let mut params =
             CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>())
                 .expect("server names");
@@ -93,12 +93,12 @@ impl Ca {
 }
 
 /// Where the server's TLS files live, and writing them.
-struct Files {
+pub(crate) struct Files {
     dir: tempfile::TempDir,
 }
 
 impl Files {
-    fn new(server: &Issued, client_ca: Option<&Ca>) -> Self {
+    pub(crate) fn new(server: &Issued, client_ca: Option<&Ca>) -> Self {
         let files = Self {
             dir: tempfile::tempdir().expect("temporary directory"),
         };
@@ -110,7 +110,7 @@ impl Files {
     }
 
     /// The setting naming these files.
-    fn tls(&self) -> TlsFiles {
+    pub(crate) fn tls(&self) -> TlsFiles {
         let client_ca = self.dir.path().join("clients.pem");
         TlsFiles {
             cert: self.dir.path().join("cert.pem"),
@@ -234,7 +234,7 @@ async fn wait_until_served(addr: SocketAddr, ca: &Ca, name: &str, expected: &Iss
 
 /// Starts a server on `backend` serving TLS from `files`, with `adjust`
 /// applied, whose own channel trusts `ca` and presents `client`.
-async fn spawn_tls(
+pub(crate) async fn spawn_tls(
     backend: Backend,
     files: &Files,
     ca: &Ca,
@@ -254,7 +254,7 @@ async fn spawn_tls(
     .await
 }
 
-const SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1"];
+pub(crate) const SERVER_NAMES: &[&str] = &["localhost", "127.0.0.1"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calls_work_over_tls_and_a_plaintext_client_cannot_connect() {

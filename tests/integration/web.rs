@@ -80,7 +80,7 @@ impl Reply {
 }
 
 /// Percent-encodes a form value.
-fn encode(raw: &str) -> String {
+pub(crate) fn encode(raw: &str) -> String {
     raw.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
@@ -269,7 +269,7 @@ async fn tokens_of(app: &TestApp, account_id: &str) -> Vec<pb::Token> {
 }
 
 #[track_caller]
-fn assert_secure_headers(what: &str, reply: &Reply) {
+pub(crate) fn assert_secure_headers(what: &str, reply: &Reply) {
     for (name, value) in [
         (
             "content-security-policy",
