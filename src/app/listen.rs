@@ -314,7 +314,7 @@ async fn connection<IO, S>(
 }
 
 /// Completes once no call has been in flight for `timeout`.
-async fn idle(in_flight: &mut watch::Receiver<usize>, timeout: Duration) {
+pub(super) async fn idle(in_flight: &mut watch::Receiver<usize>, timeout: Duration) {
     loop {
         if *in_flight.borrow_and_update() == 0 {
             match tokio::time::timeout(timeout, in_flight.changed()).await {
@@ -368,10 +368,10 @@ where
 }
 
 /// One call in flight on a connection, until dropped.
-struct InFlight(Arc<watch::Sender<usize>>);
+pub(super) struct InFlight(Arc<watch::Sender<usize>>);
 
 impl InFlight {
-    fn begin(busy: Arc<watch::Sender<usize>>) -> Self {
+    pub(super) fn begin(busy: Arc<watch::Sender<usize>>) -> Self {
         busy.send_modify(|n| *n += 1);
         Self(busy)
     }
@@ -385,7 +385,7 @@ impl Drop for InFlight {
 
 /// How long a connection closed for idleness may take to finish closing
 /// (the client answering the GOAWAY's ping) before it is dropped.
-const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
+pub(super) const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(10);
 
 /// The HTTP/2 client preface: the first bytes a client must send.
 const PREFACE_LEN: usize = 24;
@@ -393,7 +393,7 @@ const PREFACE_LEN: usize = 24;
 /// A stream that fails its reads once `timeout` has passed before the
 /// client's first [`PREFACE_LEN`] bytes (its HTTP/2 preface) arrived, so a
 /// connection that never starts HTTP/2 is closed.
-struct Preface<IO> {
+pub(super) struct Preface<IO> {
     io: IO,
     /// Preface bytes still to come.
     remaining: usize,
@@ -402,7 +402,7 @@ struct Preface<IO> {
 }
 
 impl<IO> Preface<IO> {
-    fn new(io: IO, timeout: Duration) -> Self {
+    pub(super) fn new(io: IO, timeout: Duration) -> Self {
         Self {
             io,
             remaining: PREFACE_LEN,

@@ -406,11 +406,18 @@ impl App {
                         listen::accept_plaintext(listener, gate),
                         site,
                         false,
+                        limits,
+                        self.config.request_timeout,
                         stop,
                     )),
-                    Some(tls) => {
-                        Box::pin(web::serve(tls.incoming(listener, gate), site, true, stop))
-                    }
+                    Some(tls) => Box::pin(web::serve(
+                        tls.incoming(listener, gate),
+                        site,
+                        true,
+                        limits,
+                        self.config.request_timeout,
+                        stop,
+                    )),
                 }
             }
         };

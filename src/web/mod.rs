@@ -130,6 +130,15 @@ impl Site {
         page
     }
 
+    /// The answer to a request that was not complete within the request
+    /// timeout (a body sent too slowly, say): `408`, with the security
+    /// headers.
+    pub fn timed_out(&self) -> Page {
+        let mut page = message(StatusCode::REQUEST_TIMEOUT, "The request took too long.");
+        self.secure_headers(page.headers_mut());
+        page
+    }
+
     fn secure_headers(&self, headers: &mut HeaderMap) {
         let fixed = [
             (
@@ -372,7 +381,7 @@ impl Site {
         retry_after: Option<Duration>,
     ) -> Page {
         let token = cookie(&call.headers, self.sign_in_cookie())
-            .filter(|t| t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+            .filter(|t| issued_form(t))
             .unwrap_or_else(random_hex);
         let mut page = html_page(status, pages::sign_in(&token, username, errors));
         page.headers_mut().append(
@@ -388,7 +397,10 @@ impl Site {
     }
 
     async fn sign_in(&self, call: &Call) -> Page {
-        let expected = cookie(&call.headers, self.sign_in_cookie());
+        // Only a token of the form this page issues (never an empty or a
+        // short one a client picked), and the same in the form as in the
+        // cookie.
+        let expected = cookie(&call.headers, self.sign_in_cookie()).filter(|t| issued_form(t));
         if !expected.is_some_and(|t| same(call.form.get("csrf"), &t)) {
             return csrf_refused();
         }
@@ -788,6 +800,12 @@ fn session_csrf(secret: &str) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `token` has the form of a token [`random_hex`] makes: 64
+/// hexadecimal digits.
+fn issued_form(token: &str) -> bool {
+    token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 fn random_hex() -> String {

@@ -406,6 +406,26 @@ async fn state_changing_requests_need_the_csrf_token_and_this_origin(backend: Ba
         )
         .await;
     assert_eq!(refused.status, 403, "another value");
+    // A pair the client picked itself, equal in form and cookie but not of
+    // the form the page issues: empty, or short.
+    for picked in ["", "abc"] {
+        let refused = request(
+            addr,
+            "POST",
+            "/sign-in",
+            &[
+                ("Origin", format!("http://{addr}")),
+                (
+                    "Content-Type",
+                    "application/x-www-form-urlencoded".to_owned(),
+                ),
+                ("Cookie", format!("identity-sign-in={picked}")),
+            ],
+            &format!("csrf={picked}&username=alice&password={}", encode(PASSWORD)),
+        )
+        .await;
+        assert_eq!(refused.status, 403, "a client-picked token {picked:?}");
+    }
     assert!(!browser.cookies.contains_key("identity-session"));
     let (_, session) = ((), browser.sign_in("alice", PASSWORD).await);
     assert_eq!(session.status, 303);
@@ -765,3 +785,37 @@ async fn the_account_page_changes_the_password_and_signs_out_everywhere(backend:
     app.stop().await;
 }
 on_both!(the_account_page_changes_the_password_and_signs_out_everywhere);
+
+/// A request whose body does not arrive within the request timeout is
+/// answered 408 and its connection closed: a client trickling a body holds
+/// a place of the listener's connection cap no longer than a request may
+/// take (without the deadline it held it for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_sent_too_slowly_is_answered_408_and_the_connection_closed() {
+    let app = spawn(Backend::Sqlite, |config| {
+        config.request_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let addr = app.web_addr.expect("web page on");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the web page");
+    stream
+        .write_all(
+            format!(
+                "POST /sign-in HTTP/1.1\r\nHost: {addr}\r\nOrigin: http://{addr}\r\n\
+                 Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 16000\r\n\r\nc"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("send the head and one byte");
+    let mut raw = Vec::new();
+    // Bounded so that a regression fails rather than hangs.
+    let read = tokio::time::timeout(Duration::from_secs(60), stream.read_to_end(&mut raw)).await;
+    assert!(read.is_ok(), "the connection is still open");
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("content-security-policy"), "{text}");
+    app.stop().await;
+}

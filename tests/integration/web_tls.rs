@@ -5,7 +5,7 @@
 //! plaintext client no page. The certificates are tls.rs's, the answers
 //! web.rs's [`Reply`].
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use prost::bytes::Bytes;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -56,9 +56,8 @@ impl TlsBrowser {
         }
     }
 
-    /// Sends one request on a new TLS connection, which must have
-    /// negotiated `h2`, and reads the whole answer.
-    async fn request(&self, method: &str, path: &str, form: Option<&str>) -> Reply {
+    /// A new TLS connection, which must have negotiated `h2`.
+    async fn connect(&self) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         let tcp = tokio::net::TcpStream::connect(self.addr)
             .await
             .expect("connect to the web page");
@@ -73,6 +72,13 @@ impl TlsBrowser {
             Some(&b"h2"[..]),
             "the web listener negotiates HTTP/2"
         );
+        tls
+    }
+
+    /// Sends one request on a new TLS connection, which must have
+    /// negotiated `h2`, and reads the whole answer.
+    async fn request(&self, method: &str, path: &str, form: Option<&str>) -> Reply {
+        let tls = self.connect().await;
         let (client, connection) = h2::client::handshake(tls).await.expect("HTTP/2");
         tokio::spawn(async move {
             let _ = connection.await;
@@ -310,5 +316,47 @@ async fn a_plaintext_request_to_the_tls_web_port_gets_no_page() {
     // The listener still serves TLS clients.
     let mut browser = TlsBrowser::new(addr, &ca);
     assert_eq!(browser.get("/sign-in").await.status, 200);
+    app.stop().await;
+}
+
+/// Over TLS, as on the gRPC port, a connection that completes its handshake
+/// and then sends no HTTP/2 preface is closed after the preface timeout,
+/// and one whose requests are done after the idle timeout: neither keeps a
+/// place of the listener's connection cap (both used to stay open for
+/// ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_and_idle_tls_connections_are_closed() {
+    let ca = Ca::new("server CA");
+    let files = Files::new(&ca.server(1, SERVER_NAMES), None);
+    let app = spawn_tls(Backend::Sqlite, &files, &ca, None, |config| {
+        config.web_addr = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        config.connections.preface_timeout = Duration::from_secs(1);
+        config.connections.idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let addr = app.web_addr.expect("web page on");
+    let browser = TlsBrowser::new(addr, &ca);
+    // Bounded so that a regression fails rather than hangs.
+    let bound = Duration::from_secs(60);
+
+    let mut silent = browser.connect().await;
+    let mut raw = Vec::new();
+    let closed = tokio::time::timeout(bound, silent.read_to_end(&mut raw)).await;
+    assert!(closed.is_ok(), "a connection without a preface stays open");
+
+    let tls = browser.connect().await;
+    let (client, connection) = h2::client::handshake(tls).await.expect("HTTP/2");
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::builder()
+        .uri(format!("https://{addr}/sign-in"))
+        .body(())
+        .expect("a request");
+    let (response, _) = client.send_request(request, true).expect("send");
+    let response = response.await.expect("a response");
+    assert_eq!(response.status(), 200);
+    drop(response);
+    let ended = tokio::time::timeout(bound, connection).await;
+    assert!(ended.is_ok(), "an idle connection stays open");
     app.stop().await;
 }
