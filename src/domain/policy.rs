@@ -8,7 +8,7 @@
 //! except `VerifyToken`, which needs `tokens:verify` granted by name (RFC
 //! 7662: introspection is for protected resources, not for people).
 //! `VerifyToken` may also be asked by a service the transport authenticated
-//! ([`Verifier::TrustedService`]), which the wire layer vouches for.
+//! ([`super::verifier::Verifier::TrustedService`]), which the wire layer vouches for.
 //!
 //! What a caller may *give* is one more rule, [`check_grant`]: nothing
 //! created or changed with a credential may hold a power the credential
@@ -157,27 +157,6 @@ pub fn authorize(caller: &Principal, action: Action<'_>) -> Result<(), DomainErr
         // would say about it, no more (no email), and no scope is needed to
         // know one's own scopes.
         Action::GetCaller => Ok(()),
-    }
-}
-
-/// Who asks `VerifyToken`.
-#[derive(Debug, Clone, Copy)]
-pub enum Verifier<'a> {
-    /// A caller authenticated by its credential, which must carry the
-    /// `tokens:verify` scope.
-    Caller(&'a Principal),
-    /// A service the transport has authenticated (a TLS client certificate
-    /// the configuration names as a verifier): it presented no credential,
-    /// so no scope applies. Only the wire layer, which checked the
-    /// certificate, may vouch for one.
-    TrustedService,
-}
-
-/// Decides whether `verifier` may ask `VerifyToken`.
-pub fn authorize_verifier(verifier: Verifier<'_>) -> Result<(), DomainError> {
-    match verifier {
-        Verifier::Caller(caller) => authorize(caller, Action::VerifyToken),
-        Verifier::TrustedService => Ok(()),
     }
 }
 
@@ -376,6 +355,7 @@ fn require_owner(caller: &Principal, target: &AccountId) -> Result<(), DomainErr
 mod tests {
     use super::*;
     use crate::domain::account::{AccountKind, Email, Username};
+    use crate::domain::verifier::{Verifier, authorize_verifier};
 
     /// The built-in scopes, each a bit of a mask; bit 5 stands for every
     /// other scope, which only full access holds.

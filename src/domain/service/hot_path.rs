@@ -8,11 +8,12 @@ use crate::domain::{
     audit::Origin,
     cache::Cached,
     credential::{self, CredentialKind, Malformed, ParsedCredential},
-    policy::{self, Principal, Verifier},
+    policy::Principal,
     resource::Resources,
     scope::Scopes,
     time::Timestamp,
     token::{Session, Token, TokenState},
+    verifier::{self, Verifier},
 };
 
 use super::{Identity, without_hash};
@@ -39,13 +40,13 @@ impl Identity {
     }
 
     /// Whether `verifier` may ask `VerifyToken` (the rule is
-    /// [`policy::authorize_verifier`]); an allowed robot's credential is
+    /// [`verifier::authorize_verifier`]); an allowed robot's credential is
     /// noted for the verifier-expiry gauge. The handler asks before it
     /// parses the request, so a caller that may not verify learns nothing
     /// of what its request would have been refused for; [`Self::verify`]
     /// asks again.
     pub fn admit_verifier(&self, verifier: Verifier<'_>) -> Result<(), DomainError> {
-        policy::authorize_verifier(verifier)?;
+        verifier::authorize_verifier(verifier)?;
         // Robots only: a verifier is a service, and robots are made by
         // operators, so no ordinary user can move the gauge or raise the
         // warning with a `tokens:verify` token of their own.
@@ -71,7 +72,7 @@ impl Identity {
         resources: &Resources,
         client: &Origin,
     ) -> Result<Verification, DomainError> {
-        policy::authorize_verifier(verifier)?;
+        verifier::authorize_verifier(verifier)?;
         let verification = match self.inspect(credential).await? {
             // An empty requirement asks for nothing; each named scope must be
             // allowed (full access allows every scope). What is missing is
