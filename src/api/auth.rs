@@ -2,7 +2,8 @@
 //! (its address, and over mutual TLS the names of its verified client
 //! certificate), the client address ([`client_address`]: the peer, or behind
 //! a trusted proxy the client it forwards for, see [`super::layers::forwarded`]),
-//! and who may call `VerifyToken`.
+//! and the inputs of who may call `VerifyToken` (the verifier rule itself is
+//! the domain's, [`crate::domain::verifier`]).
 //!
 //! Callers send `authorization: Bearer <token>`. The scheme is matched
 //! case-insensitively (RFC 7235); anything else in the header is treated as
@@ -18,8 +19,13 @@ use std::{net::SocketAddr, sync::Arc};
 use tonic::metadata::MetadataMap;
 
 use super::layers::forwarded::ClientAddress;
-pub use crate::domain::verifier::{ClientNames, VerifierPolicy, VerifyAuth, VerifyClients};
-use crate::domain::{DomainError, Identity, audit::Origin, policy::Principal, verifier::Verifier};
+pub use crate::domain::verifier::ClientNames;
+use crate::domain::{
+    Identity,
+    audit::Origin,
+    policy::Principal,
+    verifier::{Verifier, VerifierRule},
+};
 
 /// What the `authorization` metadata holds.
 #[derive(Debug, PartialEq, Eq)]
@@ -144,52 +150,31 @@ pub async fn caller<T>(
     Ok((principal, origin))
 }
 
-/// A `VerifyToken` caller that [`verifier`] admitted.
-#[derive(Debug)]
-pub enum VerifyCaller {
-    /// Authenticated by its credential, whose scope the domain checks.
-    Credential(std::sync::Arc<Principal>),
-    /// An allowed client certificate, without a credential.
-    Service,
-}
-
-impl VerifyCaller {
-    /// The verifier to hand to the domain.
-    pub fn as_verifier(&self) -> Verifier<'_> {
-        match self {
-            VerifyCaller::Credential(principal) => Verifier::Caller(principal),
-            VerifyCaller::Service => Verifier::TrustedService,
-        }
-    }
-}
-
-/// Admits the caller of `VerifyToken` under `policy` (the rule
-/// `guard::RULES` names `Access::Verifier`). The client certificate is
-/// checked first, without I/O: a caller outside the allowed set is refused
-/// with PERMISSION_DENIED whatever credential it holds. Then, when the
-/// policy asks for the scope, the bearer credential is authenticated (the
-/// domain checks its scope).
+/// Admits the caller of `VerifyToken` under `rule` (the rule `guard::RULES`
+/// names `Access::Verifier`). The decision is the domain's,
+/// [`VerifierRule::admit`]; this only gathers its inputs: the names of the
+/// client certificate the connection verified and, when the rule needs a
+/// credential, the authenticated caller. The credential is authenticated
+/// only when the certificate passes, so a caller outside the allowed set is
+/// refused with PERMISSION_DENIED whatever credential it holds, and spends
+/// nothing.
 pub async fn verifier<T>(
     identity: &Identity,
-    policy: &VerifierPolicy,
+    rule: &VerifierRule,
     request: &tonic::Request<T>,
-) -> Result<VerifyCaller, tonic::Status> {
-    if policy.auth.needs_client() {
-        match client_names(request) {
-            Some(names) if policy.clients.admits(names) => {
-                tracing::Span::current().record("client", tracing::field::display(names));
-            }
-            _ => {
-                return Err(tonic::Status::from(DomainError::NotAllowed(
-                    "VerifyToken needs a client certificate the server allows",
-                )));
-            }
-        }
+) -> Result<Verifier, tonic::Status> {
+    let certificate = client_names(request);
+    let passes = rule.certificate_passes(certificate);
+    if passes
+        && rule.mode.needs_client()
+        && let Some(names) = certificate
+    {
+        tracing::Span::current().record("client", tracing::field::display(names));
     }
-    if policy.auth.needs_scope() {
-        let (principal, _) = caller(identity, request).await?;
-        Ok(VerifyCaller::Credential(principal))
+    let credential = if passes && rule.needs_credential() {
+        Some(caller(identity, request).await?.0)
     } else {
-        Ok(VerifyCaller::Service)
-    }
+        None
+    };
+    Ok(rule.admit(certificate, credential)?)
 }

@@ -7,8 +7,9 @@
 //! can never sign in or out. A session carries its account's full access,
 //! except `VerifyToken`, which needs `tokens:verify` granted by name (RFC
 //! 7662: introspection is for protected resources, not for people).
-//! `VerifyToken` may also be asked by a service the transport authenticated
-//! ([`super::verifier::Verifier::TrustedService`]), which the wire layer vouches for.
+//! Who may call `VerifyToken` at all (a credential, a client certificate, or
+//! both) is the verifier rule, [`super::verifier::VerifierRule::admit`],
+//! which asks this scope rule when it needs a credential.
 //!
 //! What a caller may *give* is one more rule, [`check_grant`]: nothing
 //! created or changed with a credential may hold a power the credential
@@ -355,7 +356,6 @@ fn require_owner(caller: &Principal, target: &AccountId) -> Result<(), DomainErr
 mod tests {
     use super::*;
     use crate::domain::account::{AccountKind, Email, Username};
-    use crate::domain::verifier::{Verifier, authorize_verifier};
 
     /// The built-in scopes, each a bit of a mask; bit 5 stands for every
     /// other scope, which only full access holds.
@@ -640,7 +640,7 @@ mod tests {
             );
             for caller in [&session, &full] {
                 assert!(matches!(
-                    authorize_verifier(Verifier::Caller(caller)),
+                    authorize(caller, Action::VerifyToken),
                     Err(DomainError::ScopeMissing(scope::TOKENS_VERIFY))
                 ));
             }
@@ -653,10 +653,9 @@ mod tests {
                     None,
                     None,
                 );
-                let allowed = authorize_verifier(Verifier::Caller(&token)).is_ok();
+                let allowed = authorize(&token, Action::VerifyToken).is_ok();
                 assert_eq!(allowed, mask & (1 << 4) != 0, "{token:?}");
             }
         }
-        assert!(authorize_verifier(Verifier::TrustedService).is_ok());
     }
 }
