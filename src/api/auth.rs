@@ -2,7 +2,8 @@
 //! (its address, and over mutual TLS the names of its verified client
 //! certificate), the client address ([`client_address`]: the peer, or behind
 //! a trusted proxy the client it forwards for, see [`super::layers::forwarded`]),
-//! and who may call `VerifyToken`.
+//! and the inputs of who may call `VerifyToken` (the verifier rule itself is
+//! the domain's, [`crate::domain::verifier`]).
 //!
 //! Callers send `authorization: Bearer <token>`. The scheme is matched
 //! case-insensitively (RFC 7235); anything else in the header is treated as
@@ -13,15 +14,17 @@
 //! TLS acceptor builds from the certificate chain the handshake verified;
 //! nothing a client merely sends (metadata, request fields) can set them.
 
-use std::{collections::BTreeSet, fmt, net::SocketAddr, str::FromStr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use tonic::metadata::MetadataMap;
 
 use super::layers::forwarded::ClientAddress;
+pub use crate::domain::verifier::ClientNames;
 use crate::domain::{
-    DomainError, Identity,
+    Identity,
     audit::Origin,
-    policy::{Principal, Verifier},
+    policy::Principal,
+    verifier::{Verifier, VerifierRule},
 };
 
 /// What the `authorization` metadata holds.
@@ -79,45 +82,6 @@ pub struct TlsPeer {
     /// The names of the client certificate the handshake verified; empty
     /// when the server does not ask for one.
     pub client: Arc<ClientNames>,
-}
-
-/// The names a verified client certificate carries in its subject
-/// alternative names: DNS names (lowercased) and URIs (such as SPIFFE IDs).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ClientNames {
-    dns: Vec<String>,
-    uris: Vec<String>,
-}
-
-impl ClientNames {
-    /// The names of a certificate whose DNS and URI names are `dns` and
-    /// `uris`.
-    pub fn new<'a>(
-        dns: impl IntoIterator<Item = &'a str>,
-        uris: impl IntoIterator<Item = &'a str>,
-    ) -> Self {
-        Self {
-            dns: dns.into_iter().map(str::to_ascii_lowercase).collect(),
-            uris: uris.into_iter().map(str::to_owned).collect(),
-        }
-    }
-
-    /// Whether the certificate had no DNS or URI name (or there was none).
-    pub fn is_empty(&self) -> bool {
-        self.dns.is_empty() && self.uris.is_empty()
-    }
-}
-
-impl fmt::Display for ClientNames {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let names: Vec<&str> = self
-            .dns
-            .iter()
-            .chain(&self.uris)
-            .map(String::as_str)
-            .collect();
-        f.write_str(&names.join(","))
-    }
 }
 
 /// The peer's address, over TLS or plaintext; `None` when unknown.
@@ -186,195 +150,31 @@ pub async fn caller<T>(
     Ok((principal, origin))
 }
 
-/// How `VerifyToken` callers are admitted (`IDENTITY_VERIFY_AUTH`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum VerifyAuth {
-    /// A bearer token granted the `tokens:verify` scope by name (the
-    /// default; full access does not include it).
-    #[default]
-    Scope,
-    /// A client certificate named in `IDENTITY_VERIFY_CLIENTS`, instead of a
-    /// credential: the `authorization` header is not read.
-    Client,
-    /// Both: an allowed client certificate and a bearer credential with the
-    /// `tokens:verify` scope.
-    ClientAndScope,
-}
-
-impl VerifyAuth {
-    /// Whether the caller's client certificate must be an allowed one.
-    pub fn needs_client(self) -> bool {
-        matches!(self, VerifyAuth::Client | VerifyAuth::ClientAndScope)
-    }
-
-    /// Whether the caller must present a credential with the scope.
-    pub fn needs_scope(self) -> bool {
-        matches!(self, VerifyAuth::Scope | VerifyAuth::ClientAndScope)
-    }
-}
-
-impl FromStr for VerifyAuth {
-    type Err = String;
-
-    fn from_str(raw: &str) -> Result<Self, Self::Err> {
-        match raw {
-            "scope" => Ok(VerifyAuth::Scope),
-            "client" => Ok(VerifyAuth::Client),
-            "client-and-scope" => Ok(VerifyAuth::ClientAndScope),
-            _ => Err(format!(
-                "expected scope, client or client-and-scope, got {raw:?}"
-            )),
-        }
-    }
-}
-
-impl fmt::Display for VerifyAuth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            VerifyAuth::Scope => "scope",
-            VerifyAuth::Client => "client",
-            VerifyAuth::ClientAndScope => "client-and-scope",
-        })
-    }
-}
-
-/// The client certificate names allowed to call `VerifyToken`
-/// (`IDENTITY_VERIFY_CLIENTS`): DNS names, matched exactly but without
-/// regard to case, and URIs (an entry with a `:`), matched exactly. A
-/// certificate is allowed when any of its names is listed.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct VerifyClients {
-    dns: BTreeSet<String>,
-    uris: BTreeSet<String>,
-}
-
-impl VerifyClients {
-    /// Parses a comma-separated list; blank entries are skipped.
-    pub fn parse(raw: &str) -> Result<Self, String> {
-        let mut clients = Self::default();
-        for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            if !entry.chars().all(|c| c.is_ascii_graphic()) {
-                return Err(format!(
-                    "client name {entry:?} must be printable ASCII without spaces"
-                ));
-            }
-            if entry.contains(':') {
-                clients.uris.insert(entry.to_owned());
-            } else {
-                clients.dns.insert(entry.to_ascii_lowercase());
-            }
-        }
-        Ok(clients)
-    }
-
-    /// Whether no name is allowed.
-    pub fn is_empty(&self) -> bool {
-        self.dns.is_empty() && self.uris.is_empty()
-    }
-
-    /// Whether a certificate with `names` is allowed.
-    pub fn admits(&self, names: &ClientNames) -> bool {
-        names.dns.iter().any(|name| self.dns.contains(name))
-            || names.uris.iter().any(|uri| self.uris.contains(uri))
-    }
-}
-
-/// Who may call `VerifyToken`: `IDENTITY_VERIFY_AUTH` and
-/// `IDENTITY_VERIFY_CLIENTS`.
-#[derive(Debug, Clone, Default)]
-pub struct VerifierPolicy {
-    /// How callers are admitted.
-    pub auth: VerifyAuth,
-    /// The client certificates allowed when `auth` asks for one.
-    pub clients: VerifyClients,
-}
-
-/// A `VerifyToken` caller that [`verifier`] admitted.
-#[derive(Debug)]
-pub enum VerifyCaller {
-    /// Authenticated by its credential, whose scope the domain checks.
-    Credential(std::sync::Arc<Principal>),
-    /// An allowed client certificate, without a credential.
-    Service,
-}
-
-impl VerifyCaller {
-    /// The verifier to hand to the domain.
-    pub fn as_verifier(&self) -> Verifier<'_> {
-        match self {
-            VerifyCaller::Credential(principal) => Verifier::Caller(principal),
-            VerifyCaller::Service => Verifier::TrustedService,
-        }
-    }
-}
-
-/// Admits the caller of `VerifyToken` under `policy` (the rule
-/// `guard::RULES` names `Access::Verifier`). The client certificate is
-/// checked first, without I/O: a caller outside the allowed set is refused
-/// with PERMISSION_DENIED whatever credential it holds. Then, when the
-/// policy asks for the scope, the bearer credential is authenticated (the
-/// domain checks its scope).
+/// Admits the caller of `VerifyToken` under `rule` (the rule `guard::RULES`
+/// names `Access::Verifier`). The decision is the domain's,
+/// [`VerifierRule::admit`]; this only gathers its inputs: the names of the
+/// client certificate the connection verified and, when the rule needs a
+/// credential, the authenticated caller. The credential is authenticated
+/// only when the certificate passes, so a caller outside the allowed set is
+/// refused with PERMISSION_DENIED whatever credential it holds, and spends
+/// nothing.
 pub async fn verifier<T>(
     identity: &Identity,
-    policy: &VerifierPolicy,
+    rule: &VerifierRule,
     request: &tonic::Request<T>,
-) -> Result<VerifyCaller, tonic::Status> {
-    if policy.auth.needs_client() {
-        match client_names(request) {
-            Some(names) if policy.clients.admits(names) => {
-                tracing::Span::current().record("client", tracing::field::display(names));
-            }
-            _ => {
-                return Err(tonic::Status::from(DomainError::NotAllowed(
-                    "VerifyToken needs a client certificate the server allows",
-                )));
-            }
-        }
+) -> Result<Verifier, tonic::Status> {
+    let certificate = client_names(request);
+    let passes = rule.certificate_passes(certificate);
+    if passes
+        && rule.mode.needs_client()
+        && let Some(names) = certificate
+    {
+        tracing::Span::current().record("client", tracing::field::display(names));
     }
-    if policy.auth.needs_scope() {
-        let (principal, _) = caller(identity, request).await?;
-        Ok(VerifyCaller::Credential(principal))
+    let credential = if passes && rule.needs_credential() {
+        Some(caller(identity, request).await?.0)
     } else {
-        Ok(VerifyCaller::Service)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn verify_auth_modes_parse_and_print() {
-        for mode in [
-            VerifyAuth::Scope,
-            VerifyAuth::Client,
-            VerifyAuth::ClientAndScope,
-        ] {
-            assert_eq!(mode.to_string().parse::<VerifyAuth>(), Ok(mode));
-        }
-        assert!("Client".parse::<VerifyAuth>().is_err());
-        assert!("".parse::<VerifyAuth>().is_err());
-    }
-
-    #[test]
-    fn verify_clients_match_dns_names_without_case_and_uris_exactly() {
-        let clients = VerifyClients::parse(" Gateway.Internal, spiffe://example.org/sa/gw ,,")
-            .expect("names");
-        let admits = |dns: &[&str], uris: &[&str]| {
-            clients.admits(&ClientNames::new(dns.iter().copied(), uris.iter().copied()))
-        };
-        assert!(admits(&["gateway.internal"], &[]));
-        assert!(admits(&["other.internal", "GATEWAY.internal"], &[]));
-        assert!(admits(&[], &["spiffe://example.org/sa/gw"]));
-        assert!(!admits(&[], &["SPIFFE://example.org/sa/gw"]));
-        assert!(!admits(
-            &["gateway.internal.evil"],
-            &["spiffe://example.org/sa/gw/x"]
-        ));
-        // A URI name never matches a DNS entry, nor the reverse.
-        assert!(!admits(&[], &["gateway.internal"]));
-        assert!(!admits(&[], &[]));
-        assert!(VerifyClients::parse("").expect("empty").is_empty());
-        assert!(VerifyClients::parse("two words").is_err());
-    }
+        None
+    };
+    Ok(rule.admit(certificate, credential)?)
 }

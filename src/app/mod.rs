@@ -380,7 +380,7 @@ impl App {
         match &self.tls {
             Some(tls) => tracing::info!(
                 mutual = tls.is_mutual(),
-                verify_auth = %self.config.verifiers.auth,
+                verify_auth = %self.config.verifiers.mode,
                 "serving over TLS"
             ),
             None => tracing::warn!(

@@ -9,16 +9,14 @@ use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::{
-    api::{
-        auth::{VerifierPolicy, VerifyAuth, VerifyClients},
-        layers::forwarded::TrustedProxies,
-    },
+    api::layers::forwarded::TrustedProxies,
     config::{self, Config, ConnectionLimits, ListenAddress, LogFormat, TlsFiles},
     domain::{
         IdentitySettings,
         password::PasswordPolicy,
         retention::RetentionSettings,
         throttle::{SignInRates, ThrottleSettings},
+        verifier::{VerifierClients, VerifierMode, VerifierRule},
     },
     storage::PoolOptions,
 };
@@ -290,12 +288,12 @@ pub struct ServeSettings {
     /// Who may call VerifyToken: scope (a credential with tokens:verify),
     /// client (a client certificate named in --verify-clients, no
     /// credential) or client-and-scope (both).
-    #[arg(long, env = "IDENTITY_VERIFY_AUTH", default_value = "scope", value_parser = clap::value_parser!(VerifyAuth))]
-    verify_auth: VerifyAuth,
+    #[arg(long, env = "IDENTITY_VERIFY_AUTH", default_value = "scope", value_parser = clap::value_parser!(VerifierMode))]
+    verify_auth: VerifierMode,
     /// Client certificate names (DNS or URI SANs, comma-separated) allowed
     /// to call VerifyToken when --verify-auth is client or client-and-scope.
     #[arg(long, env = "IDENTITY_VERIFY_CLIENTS", default_value = "", value_parser = parse_verify_clients)]
-    verify_clients: VerifyClients,
+    verify_clients: VerifierClients,
     /// Address to serve Prometheus metrics on (HTTP, /metrics), or off;
     /// the host an IP address or a name.
     #[arg(long, env = "IDENTITY_METRICS_ADDR", default_value = Config::DEFAULT_METRICS_ADDR,
@@ -362,19 +360,19 @@ fn parse_metrics_addr(raw: &str) -> Result<MetricsAddr, String> {
     }
 }
 
-/// `--verify-clients`: [`VerifyClients::parse`], its refusal naming the bad
+/// `--verify-clients`: [`VerifierClients::parse`], its refusal naming the bad
 /// entry by its position (1 for the first, counting every comma) rather
 /// than repeating it.
-fn parse_verify_clients(raw: &str) -> Result<VerifyClients, String> {
+fn parse_verify_clients(raw: &str) -> Result<VerifierClients, String> {
     for (i, entry) in raw.split(',').enumerate() {
-        if VerifyClients::parse(entry).is_err() {
+        if VerifierClients::parse(entry).is_err() {
             return Err(format!(
                 "entry {} must be a client name of printable ASCII without spaces",
                 i + 1
             ));
         }
     }
-    VerifyClients::parse(raw).map_err(|_| "the list cannot be used".to_owned())
+    VerifierClients::parse(raw).map_err(|_| "the list cannot be used".to_owned())
 }
 
 /// How a message names a setting: by where its value came from (see
@@ -472,8 +470,8 @@ impl ServeSettings {
             });
         config.tls_reload_interval = self.tls_reload_interval;
         config.tls_handshake_timeout = self.tls_handshake_timeout;
-        config.verifiers = VerifierPolicy {
-            auth: self.verify_auth,
+        config.verifiers = VerifierRule {
+            mode: self.verify_auth,
             clients: self.verify_clients.clone(),
         };
         // `validate` has checked the list; nothing is trusted otherwise.

@@ -9,11 +9,12 @@ pub mod file;
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    api::{
-        auth::{VerifierPolicy, VerifyAuth},
-        layers::forwarded::TrustedProxies,
+    api::layers::forwarded::TrustedProxies,
+    domain::{
+        IdentitySettings,
+        retention::RetentionSettings,
+        verifier::{VerifierMode, VerifierRule},
     },
-    domain::{IdentitySettings, retention::RetentionSettings},
     storage::PoolOptions,
 };
 
@@ -59,8 +60,8 @@ pub struct Config {
     pub tls_reload_interval: Duration,
     /// Longest a client may take to complete its TLS handshake.
     pub tls_handshake_timeout: Duration,
-    /// Who may call `VerifyToken`.
-    pub verifiers: VerifierPolicy,
+    /// Who may call `VerifyToken` (the verifier rule).
+    pub verifiers: VerifierRule,
     /// The proxies whose `x-forwarded-for` names the client address
     /// (`IDENTITY_TRUSTED_PROXIES`); empty: the TCP peer is the client.
     pub trusted_proxies: TrustedProxies,
@@ -281,7 +282,7 @@ impl Config {
             tls: None,
             tls_reload_interval: Duration::from_secs(10),
             tls_handshake_timeout: Duration::from_secs(10),
-            verifiers: VerifierPolicy::default(),
+            verifiers: VerifierRule::default(),
             trusted_proxies: TrustedProxies::default(),
             max_message_bytes: Self::DEFAULT_MAX_MESSAGE_BYTES,
             metrics_addr: parse_metrics_addr(Self::DEFAULT_METRICS_ADDR).unwrap_or(None),
@@ -311,7 +312,7 @@ impl Config {
                 name("tls_handshake_timeout")
             ));
         }
-        let auth = self.verifiers.auth;
+        let auth = self.verifiers.mode;
         let mutual = self.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         if auth.needs_client() && !mutual {
             return Err(format!(
@@ -329,7 +330,7 @@ impl Config {
                 name("verify_clients"),
             ));
         }
-        if auth == VerifyAuth::Scope && !self.verifiers.clients.is_empty() {
+        if auth == VerifierMode::Scope && !self.verifiers.clients.is_empty() {
             return Err(format!(
                 "{} is used only when {} is client or client-and-scope",
                 name("verify_clients"),

@@ -25,6 +25,7 @@ pub mod throttle;
 pub mod time;
 pub mod token;
 pub mod verdict;
+pub mod verifier;
 
 pub use error::{DomainError, FieldViolation};
 pub use service::{Identity, IdentitySettings};

@@ -7,8 +7,9 @@
 //! can never sign in or out. A session carries its account's full access,
 //! except `VerifyToken`, which needs `tokens:verify` granted by name (RFC
 //! 7662: introspection is for protected resources, not for people).
-//! `VerifyToken` may also be asked by a service the transport authenticated
-//! ([`Verifier::TrustedService`]), which the wire layer vouches for.
+//! Who may call `VerifyToken` at all (a credential, a client certificate, or
+//! both) is the verifier rule, [`super::verifier::VerifierRule::admit`],
+//! which asks this scope rule when it needs a credential.
 //!
 //! What a caller may *give* is one more rule, [`check_grant`]: nothing
 //! created or changed with a credential may hold a power the credential
@@ -157,27 +158,6 @@ pub fn authorize(caller: &Principal, action: Action<'_>) -> Result<(), DomainErr
         // would say about it, no more (no email), and no scope is needed to
         // know one's own scopes.
         Action::GetCaller => Ok(()),
-    }
-}
-
-/// Who asks `VerifyToken`.
-#[derive(Debug, Clone, Copy)]
-pub enum Verifier<'a> {
-    /// A caller authenticated by its credential, which must carry the
-    /// `tokens:verify` scope.
-    Caller(&'a Principal),
-    /// A service the transport has authenticated (a TLS client certificate
-    /// the configuration names as a verifier): it presented no credential,
-    /// so no scope applies. Only the wire layer, which checked the
-    /// certificate, may vouch for one.
-    TrustedService,
-}
-
-/// Decides whether `verifier` may ask `VerifyToken`.
-pub fn authorize_verifier(verifier: Verifier<'_>) -> Result<(), DomainError> {
-    match verifier {
-        Verifier::Caller(caller) => authorize(caller, Action::VerifyToken),
-        Verifier::TrustedService => Ok(()),
     }
 }
 
@@ -660,7 +640,7 @@ mod tests {
             );
             for caller in [&session, &full] {
                 assert!(matches!(
-                    authorize_verifier(Verifier::Caller(caller)),
+                    authorize(caller, Action::VerifyToken),
                     Err(DomainError::ScopeMissing(scope::TOKENS_VERIFY))
                 ));
             }
@@ -673,10 +653,9 @@ mod tests {
                     None,
                     None,
                 );
-                let allowed = authorize_verifier(Verifier::Caller(&token)).is_ok();
+                let allowed = authorize(&token, Action::VerifyToken).is_ok();
                 assert_eq!(allowed, mask & (1 << 4) != 0, "{token:?}");
             }
         }
-        assert!(authorize_verifier(Verifier::TrustedService).is_ok());
     }
 }

@@ -7,9 +7,9 @@
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use identity::{
-    api::auth::{VerifierPolicy, VerifyAuth, VerifyClients},
     app::App,
     config::{Config, TlsFiles},
+    domain::verifier::{VerifierClients, VerifierMode, VerifierRule},
 };
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -518,9 +518,9 @@ async fn inconsistent_or_unloadable_tls_settings_stop_start_up() {
 
     let without_client_ca = build(&|c| {
         c.tls = Some(files.tls());
-        c.verifiers = VerifierPolicy {
-            auth: VerifyAuth::Client,
-            clients: VerifyClients::parse("gateway.internal").expect("names"),
+        c.verifiers = VerifierRule {
+            mode: VerifierMode::Client,
+            clients: VerifierClients::parse("gateway.internal").expect("names"),
         };
     })
     .await;
@@ -530,7 +530,7 @@ async fn inconsistent_or_unloadable_tls_settings_stop_start_up() {
     );
 
     let unused_clients = build(&|c| {
-        c.verifiers.clients = VerifyClients::parse("gateway.internal").expect("names");
+        c.verifiers.clients = VerifierClients::parse("gateway.internal").expect("names");
     })
     .await;
     assert!(
@@ -566,7 +566,7 @@ struct Verifiers {
 const GATEWAY_URI: &str = "spiffe://example.org/ns/prod/sa/gateway";
 
 impl Verifiers {
-    async fn start(backend: Backend, auth: VerifyAuth) -> Self {
+    async fn start(backend: Backend, auth: VerifierMode) -> Self {
         let server_ca = Ca::new("server CA");
         let clients_ca = Ca::new("clients CA");
         let files = Files::new(&server_ca.server(1, SERVER_NAMES), Some(&clients_ca));
@@ -577,13 +577,13 @@ impl Verifiers {
             &["spiffe://example.org/ns/prod/sa/batch"],
         );
         let app = spawn_tls(backend, &files, &server_ca, Some(&gateway), |config| {
-            config.verifiers = VerifierPolicy {
-                auth,
+            config.verifiers = VerifierRule {
+                mode: auth,
                 clients: if auth.needs_client() {
-                    VerifyClients::parse(&format!("gateway.internal, {GATEWAY_URI}"))
+                    VerifierClients::parse(&format!("gateway.internal, {GATEWAY_URI}"))
                         .expect("names")
                 } else {
-                    VerifyClients::default()
+                    VerifierClients::default()
                 },
             };
         })
@@ -705,7 +705,7 @@ macro_rules! on_both_stores {
 }
 
 async fn scope_mode(backend: Backend) {
-    let v = Verifiers::start(backend, VerifyAuth::Scope).await;
+    let v = Verifiers::start(backend, VerifierMode::Scope).await;
     // Any client certificate the CA signed will do; the credential decides.
     v.assert_active(v.verify(&v.outsider, Some(&v.with_scope)).await);
     v.assert_active(v.verify(&v.app.channel, Some(&v.with_scope)).await);
@@ -727,7 +727,7 @@ on_both_stores!(
 );
 
 async fn client_mode(backend: Backend) {
-    let v = Verifiers::start(backend, VerifyAuth::Client).await;
+    let v = Verifiers::start(backend, VerifierMode::Client).await;
     // An allowed certificate needs no credential: by DNS name (matched
     // without regard to case) or by URI.
     v.assert_active(v.verify(&v.app.channel, None).await);
@@ -744,7 +744,7 @@ on_both_stores!(
 );
 
 async fn client_and_scope_mode(backend: Backend) {
-    let v = Verifiers::start(backend, VerifyAuth::ClientAndScope).await;
+    let v = Verifiers::start(backend, VerifierMode::ClientAndScope).await;
     v.assert_active(v.verify(&v.app.channel, Some(&v.with_scope)).await);
     v.assert_active(v.verify(&v.mesh, Some(&v.with_scope)).await);
     assert_status(

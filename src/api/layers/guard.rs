@@ -23,9 +23,10 @@ pub enum Access {
     Anonymous,
     /// Needs an authenticated caller.
     Authenticated,
-    /// `VerifyToken`'s rule: admitted by `auth::verifier` under
-    /// `IDENTITY_VERIFY_AUTH`, with a token granted `tokens:verify` by name
-    /// (the default), an allowed TLS client certificate, or both.
+    /// A verifier: admitted by the one verifier rule,
+    /// `domain::verifier::VerifierRule::admit` (`IDENTITY_VERIFY_AUTH`: a
+    /// token granted `tokens:verify` by name, the default, an allowed TLS
+    /// client certificate, or both), whose inputs `auth::verifier` gathers.
     Verifier,
 }
 

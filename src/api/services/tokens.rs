@@ -10,14 +10,14 @@ use crate::api::{
     pb::{self, tokens_service_server::TokensService},
     ratelimit::RateLimiter,
 };
-use crate::domain::{DomainError, Identity, service::Verification};
+use crate::domain::{DomainError, Identity, service::Verification, verifier::VerifierRule};
 
 /// The tokens service over the domain's use cases.
 #[derive(Clone)]
 pub struct TokensApi {
     identity: Identity,
     leak_reports: Arc<RateLimiter>,
-    verifiers: Arc<auth::VerifierPolicy>,
+    verifiers: Arc<VerifierRule>,
 }
 
 impl TokensApi {
@@ -31,11 +31,11 @@ impl TokensApi {
         }
     }
 
-    /// Admits `VerifyToken` callers under `policy` instead of the default
+    /// Admits verifiers under `rule` instead of the default
     /// (a credential with the `tokens:verify` scope).
     #[must_use]
-    pub fn with_verifiers(mut self, policy: auth::VerifierPolicy) -> Self {
-        self.verifiers = Arc::new(policy);
+    pub fn with_verifiers(mut self, rule: VerifierRule) -> Self {
+        self.verifiers = Arc::new(rule);
         self
     }
 }
@@ -117,15 +117,15 @@ impl TokensService for TokensApi {
         &self,
         request: Request<pb::VerifyTokenRequest>,
     ) -> Result<Response<pb::VerifyTokenResponse>, Status> {
-        let caller = auth::verifier(&self.identity, &self.verifiers, &request).await?;
         // Refuse before parsing: a caller that may not verify learns nothing
         // of its request.
-        self.identity.admit_verifier(caller.as_verifier())?;
+        let verifier = auth::verifier(&self.identity, &self.verifiers, &request).await?;
+        self.identity.note_verifier(&verifier);
         let query = parse::verify_token(request.get_ref())?;
         let verification = self
             .identity
             .verify(
-                caller.as_verifier(),
+                &verifier,
                 query.credential,
                 &query.scopes,
                 &query.resources,

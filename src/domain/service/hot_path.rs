@@ -8,11 +8,12 @@ use crate::domain::{
     audit::Origin,
     cache::Cached,
     credential::{self, CredentialKind, Malformed, ParsedCredential},
-    policy::{self, Principal, Verifier},
+    policy::Principal,
     resource::Resources,
     scope::Scopes,
     time::Timestamp,
     token::{Session, Token, TokenState},
+    verifier::Verifier,
 };
 
 use super::{Identity, without_hash};
@@ -38,40 +39,37 @@ impl Identity {
         }
     }
 
-    /// Whether `verifier` may ask `VerifyToken` (the rule is
-    /// [`policy::authorize_verifier`]); an allowed robot's credential is
-    /// noted for the verifier-expiry gauge. The handler asks before it
-    /// parses the request, so a caller that may not verify learns nothing
-    /// of what its request would have been refused for; [`Self::verify`]
-    /// asks again.
-    pub fn admit_verifier(&self, verifier: Verifier<'_>) -> Result<(), DomainError> {
-        policy::authorize_verifier(verifier)?;
+    /// Notes an admitted verifier (see [`crate::domain::verifier::VerifierRule::admit`],
+    /// the one rule of who may ask `VerifyToken`): a robot's credential is
+    /// remembered for the verifier-expiry gauge. The handler calls it before
+    /// it parses the request, as soon as the caller is admitted.
+    pub fn note_verifier(&self, verifier: &Verifier) {
         // Robots only: a verifier is a service, and robots are made by
         // operators, so no ordinary user can move the gauge or raise the
         // warning with a `tokens:verify` token of their own.
-        if let Verifier::Caller(caller) = verifier
+        if let Some(caller) = verifier.principal()
             && caller.account.kind == AccountKind::Robot
         {
             self.verifier_credentials
                 .note(&caller.credential_id, caller.expire_time, self.now());
         }
-        Ok(())
     }
 
     /// `VerifyToken`: the verdict on `credential` (as parsed; a malformed
-    /// one is an inactive verdict) for a verifier allowed to ask, requiring
+    /// one is an inactive verdict) for an admitted verifier (only
+    /// [`crate::domain::verifier::VerifierRule::admit`] makes one, so holding it is the
+    /// permission to ask), requiring
     /// the `required` scopes and then the `resources` (checked on every
     /// verification, cached or not). An active verdict is a use of the
     /// credential, from `client`.
     pub async fn verify(
         &self,
-        verifier: Verifier<'_>,
+        _admitted: &Verifier,
         credential: Result<ParsedCredential, Malformed>,
         required: &Scopes,
         resources: &Resources,
         client: &Origin,
     ) -> Result<Verification, DomainError> {
-        policy::authorize_verifier(verifier)?;
         let verification = match self.inspect(credential).await? {
             // An empty requirement asks for nothing; each named scope must be
             // allowed (full access allows every scope). What is missing is
