@@ -8,7 +8,7 @@ use std::{future::Future, net::SocketAddr, pin::Pin, sync::Arc, time::Duration};
 
 use tokio::net::TcpListener;
 use tonic::service::Routes;
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_health::ServingStatus;
 
 use crate::{
     api::{
@@ -23,86 +23,29 @@ use crate::{
     },
     config::Config,
     domain::{
-        DomainError, Identity,
+        Identity,
         password::PasswordHasher,
         time::{Clock, SystemClock},
     },
     observability,
-    storage::{self, Database, StorageError, Store},
+    storage::{Database, StorageError, Store},
 };
 
+mod check;
+mod database;
+mod error;
+mod health;
 pub mod listen;
 mod stack;
 pub mod tls;
 pub mod web;
 
-/// Why the service could not start or stopped with an error.
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    /// The listen address could not be bound.
-    #[error("cannot serve gRPC on {addr} (IDENTITY_LISTEN_ADDR): {source}")]
-    Bind {
-        /// The address asked for.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The plaintext health address could not be bound.
-    #[error("cannot serve health checks on {addr} (IDENTITY_HEALTH_LISTEN_ADDR): {source}")]
-    HealthBind {
-        /// The address asked for.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The metrics address could not be bound.
-    #[error("cannot serve metrics on {addr} (IDENTITY_METRICS_ADDR): {source}")]
-    MetricsBind {
-        /// The address asked for.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The web page's address could not be bound.
-    #[error("cannot serve the web page on {addr} (IDENTITY_WEB_ADDR): {source}")]
-    WebBind {
-        /// The address asked for.
-        addr: SocketAddr,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The database could not be opened or migrated.
-    #[error("database {url} (DATABASE_URL): {source}")]
-    Database {
-        /// The URL, password redacted.
-        url: String,
-        /// Why.
-        source: StorageError,
-    },
-    /// The domain could not be set up.
-    #[error("setting up: {0}")]
-    Domain(#[from] DomainError),
-    /// Reflection could not load the descriptor set.
-    #[error("server reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// The server failed while serving.
-    #[error("serving: {0}")]
-    Serve(#[from] tonic::transport::Error),
-    /// Settings that contradict each other, or one that cannot be used.
-    #[error("{0}")]
-    Config(String),
-    /// A one-shot command found a database nobody has migrated.
-    #[error(
-        "database {url} (DATABASE_URL) has no schema yet: run `identity migrate` or start the server first"
-    )]
-    NoSchema {
-        /// The URL, password redacted.
-        url: String,
-    },
-    /// The TLS files could not be loaded.
-    #[error("TLS: {0}")]
-    Tls(#[from] tls::TlsError),
-}
+pub use check::check;
+use database::{bind_metrics, connect_database, database_error};
+pub use database::{migrate, open_identity};
+pub use error::AppError;
+pub use health::LIVENESS_SERVICE;
+use health::{Watched, clock_skewed, error_chain, set_all, watch_store};
 
 /// A built service, bound to its address, not yet serving.
 pub struct App {
@@ -507,320 +450,4 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-}
-
-/// Every rule `serve` applies to its configuration before it touches the
-/// network, naming each setting by `name(id)` (see
-/// [`crate::config::setting_name`]): the TLS and `VerifyToken` settings
-/// against each other, the TLS files read and parsed, and the database URL
-/// understood. [`App::build`] runs it first, and `identity config check`
-/// runs it too, so that the check cannot pass what serving refuses. Binds,
-/// resolves and connects nothing. Returns the TLS loaded (`None` when off).
-pub fn check(config: &Config, name: &dyn Fn(&str) -> String) -> Result<Option<tls::Tls>, AppError> {
-    config.check_tls_naming(name).map_err(AppError::Config)?;
-    config
-        .check_listeners_naming(name)
-        .map_err(AppError::Config)?;
-    let tls = tls::Tls::load(config).map_err(|err| tls_error(&err, name))?;
-    crate::config::parse_database_url(&config.database_url)
-        .map_err(|why| AppError::Config(format!("{}: {why}", name("database_url"))))?;
-    Ok(tls)
-}
-
-/// A TLS loading error as a message naming the file's setting by
-/// `name(id)` (the variable, the flag or the file's key that gave it).
-fn tls_error(err: &tls::TlsError, name: &dyn Fn(&str) -> String) -> AppError {
-    let id = |setting: &str| match setting {
-        "IDENTITY_TLS_KEY" => "tls_key",
-        "IDENTITY_TLS_CLIENT_CA" => "tls_client_ca",
-        _ => "tls_cert",
-    };
-    AppError::Config(match err {
-        tls::TlsError::Read {
-            setting,
-            path,
-            source,
-        } => format!("TLS: {} ({}): {source}", name(id(setting)), path.display()),
-        tls::TlsError::Invalid {
-            setting,
-            path,
-            problem,
-        } => format!("TLS: {} ({}): {problem}", name(id(setting)), path.display()),
-        tls::TlsError::Certificate(source) => format!(
-            "TLS: {} and {}: {source}",
-            name("tls_cert"),
-            name("tls_key")
-        ),
-    })
-}
-
-/// Opens the configured store, migrating it if configured to.
-async fn open_store(config: &Config) -> Result<Arc<dyn Store>, AppError> {
-    storage::open(&config.database_url, &config.pool, config.migrate)
-        .await
-        .map_err(|source| AppError::Database {
-            url: config.redacted_database_url(),
-            source,
-        })
-}
-
-/// Installs the metrics recorder and binds the metrics listener, unless
-/// metrics are off.
-async fn bind_metrics(config: &Config) -> Result<Option<(TcpListener, SocketAddr)>, AppError> {
-    let Some(addr) = config.metrics_addr else {
-        return Ok(None);
-    };
-    observability::recorder();
-    let bound = observability::bind_metrics(addr)
-        .await
-        .and_then(|listener| Ok((listener.local_addr()?, listener)));
-    match bound {
-        Ok((local, listener)) => Ok(Some((listener, local))),
-        Err(source) => Err(AppError::MetricsBind { addr, source }),
-    }
-}
-
-/// Opens the store (migrating it if configured to) and the domain, without
-/// binding a listener: for one-shot commands such as `bootstrap-operator`.
-/// Refuses a database that holds no schema yet ([`AppError::NoSchema`]),
-/// creating nothing (not even a SQLite file): a command run from the wrong
-/// directory, or with a mistyped URL, must not quietly start a database
-/// of its own that the running server knows nothing about.
-pub async fn open_identity(config: &Config) -> Result<Identity, AppError> {
-    let database_error = |source| database_error(config, source);
-    let database = connect_database(config).await?;
-    if !database.has_schema().await.map_err(database_error)? {
-        return Err(AppError::NoSchema {
-            url: config.redacted_database_url(),
-        });
-    }
-    database
-        .prepare(config.migrate)
-        .await
-        .map_err(database_error)?;
-    let hasher = PasswordHasher::new(1)?;
-    Ok(Identity::new(
-        database.store(),
-        hasher,
-        config.identity.clone(),
-    ))
-}
-
-/// Opens the store and runs migrations without serving: `identity migrate`.
-pub async fn migrate(config: &Config) -> Result<(), AppError> {
-    let mut config = config.clone();
-    config.migrate = true;
-    open_store(&config).await.map(drop)
-}
-
-/// The health service name whose status says only whether the process is
-/// up and not shutting down, whatever the database's state: what a liveness
-/// probe should ask, so that an orchestrator does not restart every replica
-/// during a database outage (readiness asks for `""`, which follows the
-/// database).
-pub const LIVENESS_SERVICE: &str = "liveness";
-
-/// What the health watcher keeps in step with the database.
-struct Watched {
-    /// The database, to migrate or check it once it answers.
-    database: Database,
-    /// Whether to migrate it (`IDENTITY_MIGRATE`) or only check its schema.
-    migrate: bool,
-    /// Whether `build` has already migrated or checked it.
-    prepared: bool,
-    /// The store, to probe.
-    store: Arc<dyn Store>,
-    /// Set to whether the database answers and the clock is within bound.
-    readiness: Readiness,
-    /// For redacting the database's secrets from logged errors.
-    config: Config,
-}
-
-/// Probes the store every `interval` and keeps the health service (and the
-/// [`Readiness`] that makes calls fail fast) in step: SERVING while it
-/// answers, NOT_SERVING while it does not. A probe that takes longer than
-/// `patience` (the time a query may wait for a connection) counts as
-/// unanswered, so a database that accepts connections but never replies, or
-/// a pool whose connections are all stuck, cannot hold the status at
-/// SERVING. Each probe also measures this replica's clock against the
-/// database's (PostgreSQL): beyond `IDENTITY_MAX_CLOCK_SKEW` the status is
-/// NOT_SERVING too, until the clock is back (see [`clock_skewed`]).
-///
-/// If the database could not be reached at start-up, it is first migrated
-/// (or its schema checked) here, retried with back-off (from 100 ms,
-/// doubling up to `interval`) until that succeeds; the status stays
-/// NOT_SERVING until then. A schema this build cannot serve is logged as an
-/// error and retried too, so that a replica started before `identity
-/// migrate` ran becomes ready once it has.
-async fn watch_store(
-    mut watched: Watched,
-    health: HealthReporter,
-    interval: Duration,
-    patience: Duration,
-) {
-    let mut last = if watched.readiness.is_ready() {
-        ServingStatus::Serving
-    } else {
-        ServingStatus::NotServing
-    };
-    // `build` has logged a clock out of bound already.
-    let mut skewed = watched.prepared && !watched.readiness.is_ready();
-    let bound = watched.config.max_clock_skew;
-    let mut retry = interval.min(Duration::from_millis(100));
-    let mut last_problem = String::new();
-    loop {
-        if watched.prepared {
-            tokio::time::sleep(interval).await;
-        } else {
-            tokio::time::sleep(retry).await;
-            retry = (retry * 2).min(interval);
-            match watched.database.prepare(watched.migrate).await {
-                Ok(()) => {
-                    watched.prepared = true;
-                    tracing::info!(
-                        migrate = watched.migrate,
-                        "the database answers: schema ready"
-                    );
-                }
-                Err(err) => {
-                    let problem = watched.config.redact_database_secrets(&error_chain(&err));
-                    if problem != last_problem {
-                        if matches!(err, StorageError::Unavailable(_)) {
-                            tracing::warn!(error = %problem, "the database still cannot be reached");
-                        } else {
-                            tracing::error!(
-                                error = %problem,
-                                "the database cannot be served yet; trying again"
-                            );
-                        }
-                        last_problem = problem;
-                    }
-                    continue;
-                }
-            }
-        }
-        let answer = tokio::time::timeout(patience, async {
-            watched.store.ping().await?;
-            watched.database.clock_offset().await
-        })
-        .await
-        .unwrap_or_else(|_| {
-            Err(StorageError::Unavailable(
-                format!("no answer to a ping within {patience:?}").into(),
-            ))
-        });
-        let status = match answer {
-            Ok(offset) => {
-                skewed = clock_skewed(offset, bound, skewed);
-                if skewed {
-                    ServingStatus::NotServing
-                } else {
-                    ServingStatus::Serving
-                }
-            }
-            Err(err) => {
-                if last != ServingStatus::NotServing {
-                    tracing::warn!(
-                        error = %watched.config.redact_database_secrets(&error_chain(&err)),
-                        "database unreachable: reporting NOT_SERVING"
-                    );
-                }
-                ServingStatus::NotServing
-            }
-        };
-        if last != status {
-            // Calls are admitted before probes hear SERVING, and refused
-            // before they hear NOT_SERVING.
-            watched.readiness.set(status == ServingStatus::Serving);
-            set_all(&health, status).await;
-            if status == ServingStatus::Serving {
-                tracing::info!("database reachable: reporting SERVING");
-            }
-            last = status;
-        }
-    }
-}
-
-/// Whether a clock `offset` from the database's (`None`: there is only one
-/// clock, SQLite's machine's) is certainly beyond `bound`: exports the
-/// offset as `identity_clock_offset_seconds`, and logs an error naming the
-/// setting when the clock goes out of bound (`was` says whether it already
-/// was) and a notice when it comes back. Revocations hold whatever the
-/// clocks say, but expiry, rotation grace periods and session lifetimes
-/// are judged on this replica's clock, so a replica whose clock is off by
-/// more than the bound must not judge them.
-fn clock_skewed(offset: Option<storage::ClockOffset>, bound: Duration, was: bool) -> bool {
-    let Some(offset) = offset else {
-        return false;
-    };
-    metrics::gauge!("identity_clock_offset_seconds").set(offset.seconds());
-    let skewed = offset.exceeds(bound);
-    if skewed && !was {
-        tracing::error!(
-            offset_seconds = offset.seconds(),
-            uncertainty_micros = offset.uncertainty_micros,
-            max_clock_skew = ?bound,
-            "this replica's clock is off the database's by more than IDENTITY_MAX_CLOCK_SKEW: \
-             reporting NOT_SERVING until it is back within the bound (keep the hosts on NTP)"
-        );
-    } else if !skewed && was {
-        tracing::info!(
-            offset_seconds = offset.seconds(),
-            "this replica's clock is back within IDENTITY_MAX_CLOCK_SKEW of the database's"
-        );
-    }
-    skewed
-}
-
-/// An error and its sources, joined, for one log field.
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = err.to_string();
-    let mut cause = err.source();
-    while let Some(inner) = cause {
-        let text = inner.to_string();
-        if !message.ends_with(&text) {
-            message.push_str(": ");
-            message.push_str(&text);
-        }
-        cause = inner.source();
-    }
-    message
-}
-
-/// Sets the overall status and each service's.
-async fn set_all(health: &HealthReporter, status: ServingStatus) {
-    health.set_service_status("", status).await;
-    health
-        .set_service_status(
-            <AccountsServiceServer<AccountsApi> as tonic::server::NamedService>::NAME,
-            status,
-        )
-        .await;
-    health
-        .set_service_status(
-            <TokensServiceServer<TokensApi> as tonic::server::NamedService>::NAME,
-            status,
-        )
-        .await;
-    health
-        .set_service_status(
-            <AuditServiceServer<AuditApi> as tonic::server::NamedService>::NAME,
-            status,
-        )
-        .await;
-}
-
-/// A database failure, naming the database (redacted).
-fn database_error(config: &Config, source: StorageError) -> AppError {
-    AppError::Database {
-        url: config.redacted_database_url(),
-        source,
-    }
-}
-
-/// The configured database's pool, set up without connecting.
-async fn connect_database(config: &Config) -> Result<Database, AppError> {
-    Database::connect(&config.database_url, &config.pool)
-        .await
-        .map_err(|source| database_error(config, source))
 }
