@@ -119,7 +119,8 @@ fn as_root() -> bool {
     })
 }
 
-/// What `identity --help` says about the cache.
+/// What `identity serve --help` says about the cache (the top-level help
+/// lists the commands only, since each command has its own settings).
 struct CacheInfo {
     flag: bool,
     capacity: u64,
@@ -127,7 +128,7 @@ struct CacheInfo {
 }
 
 fn cache_info(identity: &Path) -> Result<CacheInfo> {
-    let out = Command::new(identity).arg("--help").output()?;
+    let out = Command::new(identity).args(["serve", "--help"]).output()?;
     let help = String::from_utf8_lossy(&out.stdout).into_owned();
     let flag = help.contains("--cache-entries");
     let mut capacity = 0;

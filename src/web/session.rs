@@ -125,9 +125,15 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Whether `token` has the form of a token [`random_hex`] makes: 64
-/// hexadecimal digits.
+/// lowercase hexadecimal digits. (Only the form: a double-submit pair a
+/// client made up itself in that form still matches; what keeps another
+/// site from posting one is the Origin check, and over TLS the `__Host-`
+/// prefix, which no other origin can set.)
 pub(super) fn issued_form(token: &str) -> bool {
-    token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit())
+    token.len() == 64
+        && token
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 pub(super) fn random_hex() -> String {

@@ -407,8 +407,8 @@ async fn state_changing_requests_need_the_csrf_token_and_this_origin(backend: Ba
         .await;
     assert_eq!(refused.status, 403, "another value");
     // A pair the client picked itself, equal in form and cookie but not of
-    // the form the page issues: empty, or short.
-    for picked in ["", "abc"] {
+    // the form the page issues: empty, short, or upper-case hex.
+    for picked in ["", "abc", &"AB".repeat(32)] {
         let refused = request(
             addr,
             "POST",
