@@ -154,7 +154,11 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(mine.allows(name), expected, "{name:?} by {mine:?}");
         assert!(all.allows(name));
     }
-    if names.len() <= Resources::MAX_COUNT {
+    // Within both of the set's limits (count and characters in all), the
+    // probes parse as a requirement.
+    if names.len() <= Resources::MAX_COUNT
+        && names.iter().map(String::len).sum::<usize>() <= Resources::MAX_TOTAL_LEN
+    {
         let required = Resources::parse_required("required_resources", &names).expect("names");
         assert_eq!(
             mine.allows_all(&required),
