@@ -35,7 +35,8 @@ pub const COMMIT: &str = env!("IDENTITY_BUILD_COMMIT");
 
 /// Histogram buckets, in seconds: a cached `VerifyToken` answers in tens of
 /// microseconds, a sign-in (argon2id) in tens to hundreds of milliseconds,
-/// and a call stuck behind a full pool in seconds.
+/// and a call stuck behind a full pool in seconds. The recorder's
+/// histograms and the observe layer's call latencies use them.
 pub const BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 5.0, 10.0,
@@ -99,15 +100,6 @@ fn describe() {
     describe_gauge!(
         "identity_build_info",
         "Always 1; its labels name the running build: version and commit"
-    );
-    describe_counter!(
-        crate::api::layers::observe::REQUESTS,
-        "gRPC calls finished, by service, method and status code"
-    );
-    describe_histogram!(
-        crate::api::layers::observe::LATENCY,
-        Unit::Seconds,
-        "gRPC call latency until the status is sent, by service, method and status code"
     );
     describe_counter!(
         "identity_verify_token_verdicts_total",
@@ -278,7 +270,12 @@ fn respond<B>(
     let status = match (request.method(), request.uri().path()) {
         (&http::Method::GET, "/metrics") => {
             sample();
-            let mut response = http::Response::new(Full::new(Bytes::from(handle.render())));
+            let mut text = handle.render();
+            // The calls' counter and latency histogram are the observe
+            // layer's own (sharded, so that recording does not contend):
+            // rendered beside the recorder's.
+            crate::api::layers::observe::render(&mut text);
+            let mut response = http::Response::new(Full::new(Bytes::from(text)));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -88,6 +88,58 @@ fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
+/// Checks the latency histogram of one RPC and code against the number of
+/// calls it finished: every bucket present, counts cumulative, the `+Inf`
+/// bucket, `_count` and the call counter all `calls`, and a positive
+/// `_sum`. Problems are pushed onto `problems`.
+fn check_histogram(text: &str, labels: &[(&str, &str)], calls: f64, problems: &mut Vec<String>) {
+    const LATENCY: &str = "identity_grpc_request_duration_seconds";
+    let mut previous = 0.0;
+    for le in identity::observability::BUCKETS
+        .iter()
+        .map(f64::to_string)
+        .chain(["+Inf".to_owned()])
+    {
+        let bucket = format!("{LATENCY}_bucket");
+        let with_le: Vec<(&str, &str)> = labels
+            .iter()
+            .copied()
+            .chain([("le", le.as_str())])
+            .collect();
+        let lines = text
+            .lines()
+            .filter(|line| line.starts_with(&format!("{bucket}{{")))
+            .filter(|line| {
+                with_le
+                    .iter()
+                    .all(|(k, v)| line.contains(&format!("{k}=\"{v}\"")))
+            })
+            .count();
+        if lines != 1 {
+            problems.push(format!("{lines} {bucket} lines for {with_le:?}"));
+        }
+        let count = value(text, &bucket, &with_le);
+        if count < previous {
+            problems.push(format!("{bucket} {with_le:?}: {count} after {previous}"));
+        }
+        previous = count;
+    }
+    for (name, seen) in [
+        ("+Inf bucket", previous),
+        ("_count", value(text, &format!("{LATENCY}_count"), labels)),
+        (REQUESTS, value(text, REQUESTS, labels)),
+    ] {
+        if seen != calls {
+            problems.push(format!(
+                "{LATENCY} {labels:?} {name}: {seen}, expected {calls}"
+            ));
+        }
+    }
+    if value(text, &format!("{LATENCY}_sum"), labels) <= 0.0 {
+        problems.push(format!("{LATENCY}_sum {labels:?} is not positive"));
+    }
+}
+
 /// How much the series grew from `before` to `after`.
 fn delta(before: &str, after: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     value(after, name, labels) - value(before, name, labels)
@@ -584,6 +636,27 @@ async fn a_json_logging_server_reports_each_call_exactly_on(backend: Backend) {
     let total = value(&text, REQUESTS, &[]);
     if total != 17.0 {
         problems.push(format!("{total} calls in all, expected 17"));
+    }
+    for (service, method, code, calls) in [
+        (TOKENS, "VerifyToken", "OK", 6.0),
+        (ACCOUNTS, "GetAccount", "OK", 2.0),
+        (ACCOUNTS, "SignIn", "UNAUTHENTICATED", 2.0),
+    ] {
+        let labels = [("service", service), ("method", method), ("code", code)];
+        check_histogram(&text, &labels, calls, &mut problems);
+    }
+    let all = value(&text, "identity_grpc_request_duration_seconds_count", &[]);
+    if all != 17.0 {
+        problems.push(format!("{all} latency samples in all, expected 17"));
+    }
+    for line in [
+        "# TYPE identity_grpc_requests_total counter",
+        "# TYPE identity_grpc_request_duration_seconds histogram",
+        "# HELP identity_grpc_request_duration_seconds",
+    ] {
+        if !text.lines().any(|l| l.starts_with(line)) {
+            problems.push(format!("no {line:?}"));
+        }
     }
     for (name, labels, count) in [
         (

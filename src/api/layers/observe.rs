@@ -16,11 +16,17 @@
 //! `unknown`) and the code from the seventeen gRPC codes, so no label value
 //! ever comes from a client, and none is a secret, a username or an id.
 //!
-//! The hot path stays cheap: metric handles are registered once per RPC and
-//! code and then only incremented; `VerifyToken`, health checks and
-//! reflection get DEBUG spans and events (every other call INFO), so at the
-//! default `info` filter they cost no formatting and no log line. (An event
-//! logged inside such a call then lacks the call's fields.)
+//! The hot path stays cheap. A call's count and latency are two relaxed
+//! atomic additions into a [`Latency`] histogram of its RPC and code:
+//! registered once per label set (process-wide), fixed buckets, and sharded
+//! by thread, each shard on cache lines of its own, so that cores do not
+//! contend for them and nothing is buffered per sample. `/metrics` renders
+//! them with [`render`] beside the exporter's output (the call counter is
+//! the histogram's count, so the two always agree). `VerifyToken`, health
+//! checks and reflection get DEBUG spans and events (every other call
+//! INFO), so at the default `info` filter their span is a level check and
+//! costs no id, no formatting and no log line. (An event logged inside such
+//! a call then lacks the call's fields.)
 //!
 //! A valid `traceparent` (W3C Trace Context, version `00`) continues its
 //! trace: the span carries its trace id, and the response carries a
@@ -31,14 +37,17 @@
 use std::{
     cell::Cell,
     fmt,
+    fmt::Write as _,
     future::Future,
     pin::Pin,
-    sync::{Arc, OnceLock},
+    sync::{
+        OnceLock,
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+    },
     task::{Context, Poll, ready},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use metrics::{Counter, Histogram};
 use tower::{Layer, Service};
 use tracing::Span;
 
@@ -47,6 +56,9 @@ pub const REQUESTS: &str = "identity_grpc_requests_total";
 /// The histogram of call latencies in seconds, by `service`, `method` and
 /// `code`.
 pub const LATENCY: &str = "identity_grpc_request_duration_seconds";
+const REQUESTS_HELP: &str = "gRPC calls finished, by service, method and status code";
+const LATENCY_HELP: &str =
+    "gRPC call latency until the status is sent, by service, method and status code";
 
 /// The gRPC status codes by number, as they are named in labels and logs.
 pub const CODES: [&str; 17] = [
@@ -127,9 +139,9 @@ fn error_reason(headers: &http::HeaderMap, code: usize) -> Option<String> {
 
 /// A tower layer that observes every call (see the module documentation).
 /// Put it outermost, so that refusals by the other layers are observed too.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct ObserveLayer {
-    shared: Arc<Shared>,
+    shared: &'static Shared,
 }
 
 impl Default for ObserveLayer {
@@ -139,38 +151,11 @@ impl Default for ObserveLayer {
 }
 
 impl ObserveLayer {
-    /// A layer recording into the global `metrics` recorder (install it
-    /// first: handles are registered lazily, on each series' first use).
+    /// A layer recording into the process's call metrics, which every
+    /// layer shares (see [`render`]).
     pub fn new() -> Self {
-        let paths = super::guard::RULES
-            .iter()
-            .map(|&(path, _)| path)
-            .chain(OTHER_METHODS.iter().copied());
-        let mut rpcs: Vec<Rpc> = paths
-            .map(|path| {
-                let name = &path[1..];
-                let (service, method) = name.rsplit_once('/').unwrap_or((name, name));
-                Rpc {
-                    path,
-                    name,
-                    service,
-                    method,
-                    quiet: QUIET_METHODS.contains(&path),
-                }
-            })
-            .collect();
-        // Anything else (a scanner, a misconfigured client): one series, and
-        // quiet, so a flood of junk does not flood the log.
-        rpcs.push(Rpc {
-            path: "",
-            name: "unknown",
-            service: "unknown",
-            method: "unknown",
-            quiet: true,
-        });
-        let series = rpcs.iter().map(|_| Default::default()).collect();
         Self {
-            shared: Arc::new(Shared { rpcs, series }),
+            shared: Shared::global(),
         }
     }
 }
@@ -181,7 +166,7 @@ impl<S> Layer<S> for ObserveLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Observe {
             inner,
-            shared: Arc::clone(&self.shared),
+            shared: self.shared,
         }
     }
 }
@@ -190,7 +175,7 @@ impl<S> Layer<S> for ObserveLayer {
 #[derive(Debug, Clone)]
 pub struct Observe<S> {
     inner: S,
-    shared: Arc<Shared>,
+    shared: &'static Shared,
 }
 
 impl<S, B> Service<http::Request<B>> for Observe<S>
@@ -210,13 +195,12 @@ where
         let rpc = self.shared.find(request.uri().path());
         let info = &self.shared.rpcs[rpc];
         let parent = traceparent(request.headers());
-        let span_id = nonzero_random();
         let span = if info.quiet {
             tracing::debug_span!(
                 "grpc",
                 rpc = info.name,
                 trace_id = tracing::field::Empty,
-                span_id = %Hex64(span_id),
+                span_id = tracing::field::Empty,
                 account_id = tracing::field::Empty,
                 token_id = tracing::field::Empty,
                 client_address = tracing::field::Empty,
@@ -226,12 +210,15 @@ where
                 "grpc",
                 rpc = info.name,
                 trace_id = tracing::field::Empty,
-                span_id = %Hex64(span_id),
+                span_id = tracing::field::Empty,
                 account_id = tracing::field::Empty,
                 token_id = tracing::field::Empty,
                 client_address = tracing::field::Empty,
             )
         };
+        // This call's span id: for the span, and for the `traceresponse`
+        // of a traced call; neither, no id.
+        let span_id = (!span.is_disabled() || parent.is_some()).then(nonzero_random);
         // A disabled span (a quiet call at the default filter) records
         // nothing: skip the work, and the extension's allocation.
         if !span.is_disabled() {
@@ -240,6 +227,9 @@ where
                 |p| p.trace_id,
             );
             span.record("trace_id", tracing::field::display(Hex128(trace_id)));
+            if let Some(id) = span_id {
+                span.record("span_id", tracing::field::display(Hex64(id)));
+            }
             request.extensions_mut().insert(CallSpan(span.clone()));
         }
         let inner = {
@@ -249,17 +239,16 @@ where
         ObserveFuture {
             inner,
             call: Some(Call {
-                shared: Arc::clone(&self.shared),
+                shared: self.shared,
                 rpc,
                 start,
                 span,
                 code: CANCELLED,
                 reason: None,
             }),
-            response_trace: parent.map(|p| TraceParent {
-                parent_id: span_id,
-                ..p
-            }),
+            response_trace: parent
+                .zip(span_id)
+                .map(|(p, parent_id)| TraceParent { parent_id, ..p }),
         }
     }
 }
@@ -369,13 +358,16 @@ impl http_body::Body for ObservedBody {
     }
 }
 
-/// The RPC table and each RPC's metric handles.
+/// The RPC table and each RPC's histograms: one per process.
 #[derive(Debug)]
 struct Shared {
     /// The known RPCs; the last is `unknown`.
     rpcs: Vec<Rpc>,
-    /// Per RPC, per code: the handles, registered on first use.
-    series: Vec<[OnceLock<Series>; CODES.len()]>,
+    /// Per RPC, per code: the latency histogram, created on first use.
+    series: Vec<[OnceLock<Latency>; CODES.len()]>,
+    /// The buckets' upper bounds in nanoseconds, from
+    /// [`crate::observability::BUCKETS`].
+    bounds: Vec<u64>,
 }
 
 #[derive(Debug)]
@@ -390,13 +382,54 @@ struct Rpc {
     quiet: bool,
 }
 
-#[derive(Debug)]
-struct Series {
-    requests: Counter,
-    latency: Histogram,
-}
-
 impl Shared {
+    /// The process's table: the series are the process's, like the
+    /// `metrics` recorder, whichever server's layer records into them.
+    fn global() -> &'static Self {
+        static SHARED: OnceLock<Shared> = OnceLock::new();
+        SHARED.get_or_init(Self::new)
+    }
+
+    fn new() -> Self {
+        let paths = super::guard::RULES
+            .iter()
+            .map(|&(path, _)| path)
+            .chain(OTHER_METHODS.iter().copied());
+        let mut rpcs: Vec<Rpc> = paths
+            .map(|path| {
+                let name = &path[1..];
+                let (service, method) = name.rsplit_once('/').unwrap_or((name, name));
+                Rpc {
+                    path,
+                    name,
+                    service,
+                    method,
+                    quiet: QUIET_METHODS.contains(&path),
+                }
+            })
+            .collect();
+        // Anything else (a scanner, a misconfigured client): one series, and
+        // quiet, so a flood of junk does not flood the log.
+        rpcs.push(Rpc {
+            path: "",
+            name: "unknown",
+            service: "unknown",
+            method: "unknown",
+            quiet: true,
+        });
+        let series = rpcs.iter().map(|_| Default::default()).collect();
+        let bounds = crate::observability::BUCKETS
+            .iter()
+            .map(|&seconds| Duration::from_secs_f64(seconds).as_nanos())
+            .map(|nanos| u64::try_from(nanos).unwrap_or(u64::MAX))
+            .collect();
+        Self {
+            rpcs,
+            series,
+            bounds,
+        }
+    }
+
     /// The index of the RPC at `path` (the last, `unknown`, if none).
     fn find(&self, path: &str) -> usize {
         self.rpcs
@@ -405,26 +438,149 @@ impl Shared {
             .unwrap_or(self.rpcs.len() - 1)
     }
 
-    fn series(&self, rpc: usize, code: usize) -> &Series {
-        self.series[rpc][code].get_or_init(|| {
-            let info = &self.rpcs[rpc];
-            let labels = [
-                ("service", info.service),
-                ("method", info.method),
-                ("code", CODES[code]),
-            ];
-            Series {
-                requests: metrics::counter!(REQUESTS, &labels),
-                latency: metrics::histogram!(LATENCY, &labels),
+    fn series(&self, rpc: usize, code: usize) -> &Latency {
+        self.series[rpc][code].get_or_init(Latency::new)
+    }
+
+    /// Appends both metrics in the Prometheus text format: each series
+    /// used so far, its counts read once so that the counter, the
+    /// histogram's count and its `+Inf` bucket agree.
+    fn render(&self, out: &mut String) {
+        let mut requests = String::new();
+        let mut latency = String::new();
+        for (info, series) in self.rpcs.iter().zip(&self.series) {
+            for (code, series) in CODES.iter().zip(series) {
+                let Some(series) = series.get() else {
+                    continue;
+                };
+                let (buckets, sum) = series.read();
+                let labels = format!(
+                    "service=\"{}\",method=\"{}\",code=\"{code}\"",
+                    info.service, info.method
+                );
+                let mut count = 0;
+                for (i, n) in buckets.iter().enumerate() {
+                    count += n;
+                    let le = match crate::observability::BUCKETS.get(i) {
+                        Some(bound) => bound.to_string(),
+                        None => "+Inf".to_owned(),
+                    };
+                    let _ = writeln!(latency, "{LATENCY}_bucket{{{labels},le=\"{le}\"}} {count}");
+                }
+                let seconds = sum as f64 / 1e9;
+                let _ = writeln!(latency, "{LATENCY}_sum{{{labels}}} {seconds}");
+                let _ = writeln!(latency, "{LATENCY}_count{{{labels}}} {count}");
+                let _ = writeln!(requests, "{REQUESTS}{{{labels}}} {count}");
             }
-        })
+        }
+        if requests.is_empty() {
+            return;
+        }
+        let _ = writeln!(out, "# HELP {REQUESTS} {REQUESTS_HELP}");
+        let _ = writeln!(out, "# TYPE {REQUESTS} counter");
+        out.push_str(&requests);
+        out.push('\n');
+        let _ = writeln!(out, "# HELP {LATENCY} {LATENCY_HELP}");
+        let _ = writeln!(out, "# TYPE {LATENCY} histogram");
+        out.push_str(&latency);
+        out.push('\n');
+    }
+}
+
+/// Appends `identity_grpc_requests_total` and
+/// `identity_grpc_request_duration_seconds` for every call observed in this
+/// process so far, in the Prometheus text format (nothing before the first
+/// call).
+pub fn render(out: &mut String) {
+    Shared::global().render(out);
+}
+
+/// Buckets of a [`Latency`]: the finite bounds
+/// ([`crate::observability::BUCKETS`]) and `+Inf`.
+const BUCKETS: usize = crate::observability::BUCKETS.len() + 1;
+
+/// A latency histogram with fixed buckets, sharded by thread: recording is
+/// two relaxed atomic additions on cache lines that only threads sharing
+/// the shard touch (one thread per shard while there are no more threads
+/// than shards); reading sums the shards. Counts are exact; a read that
+/// races with a recording may see the sample in its bucket before its sum.
+#[derive(Debug)]
+struct Latency {
+    shards: Box<[Shard]>,
+}
+
+/// One thread group's counts. Aligned to two cache lines (what adjacent
+/// line prefetching pulls in together) so that shards share none.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard {
+    /// Samples per bucket (not cumulative).
+    counts: [AtomicU64; BUCKETS],
+    /// The samples' sum, in nanoseconds.
+    sum: AtomicU64,
+}
+
+/// Shards per histogram: a power of two, at least twice the cores (tokio's
+/// workers are one per core, and other threads record rarely), at most 64.
+fn shard_count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        (cores * 2).next_power_of_two().min(64)
+    })
+}
+
+/// This thread's shard number (taken in turn by the threads as they first
+/// record), before the modulo.
+fn shard_number() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    NUMBER.with(|n| *n)
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Latency {
+    /// An empty histogram.
+    fn new() -> Self {
+        Self {
+            shards: (0..shard_count()).map(|_| Shard::default()).collect(),
+        }
+    }
+
+    /// Records one sample of `nanos` into `bucket`: the first whose bound
+    /// it does not exceed (past the last, `+Inf`).
+    fn record(&self, bucket: usize, nanos: u64) {
+        let shard = &self.shards[shard_number() % self.shards.len()];
+        shard.counts[bucket.min(BUCKETS - 1)].fetch_add(1, Ordering::Relaxed);
+        shard.sum.fetch_add(nanos, Ordering::Relaxed);
+    }
+
+    /// The samples per bucket (not cumulative; the last is `+Inf`) and
+    /// their sum in nanoseconds, over every shard.
+    fn read(&self) -> ([u64; BUCKETS], u64) {
+        let mut counts = [0u64; BUCKETS];
+        let mut sum = 0u64;
+        for shard in &self.shards {
+            for (total, n) in counts.iter_mut().zip(&shard.counts) {
+                *total += n.load(Ordering::Relaxed);
+            }
+            sum = sum.wrapping_add(shard.sum.load(Ordering::Relaxed));
+        }
+        (counts, sum)
     }
 }
 
 /// A call in progress. Dropped without [`Call::finish`] (the client went
 /// away first), it finishes as `CANCELLED`.
 struct Call {
-    shared: Arc<Shared>,
+    shared: &'static Shared,
     rpc: usize,
     start: Instant,
     span: Span,
@@ -451,9 +607,11 @@ impl Call {
 impl Drop for Call {
     fn drop(&mut self) {
         let elapsed = self.start.elapsed();
-        let series = self.shared.series(self.rpc, self.code);
-        series.requests.increment(1);
-        series.latency.record(elapsed.as_secs_f64());
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let bucket = self.shared.bounds.partition_point(|&bound| bound < nanos);
+        self.shared
+            .series(self.rpc, self.code)
+            .record(bucket, nanos);
         let code = CODES[self.code];
         let latency_ms = elapsed.as_secs_f64() * 1e3;
         let reason = self.reason.as_deref();
@@ -638,6 +796,58 @@ mod tests {
         for bad in [&b"17"[..], b"-1", b"", b"x", b"999999999999999999999"] {
             assert_eq!(CODES[code_index(bad)], "UNKNOWN");
         }
+    }
+
+    #[test]
+    fn concurrent_samples_from_several_threads_sum_exactly() {
+        let latency = Latency::new();
+        let (threads, per_thread) = (8u64, 10_000u64);
+        std::thread::scope(|scope| {
+            for t in 0..threads {
+                let latency = &latency;
+                scope.spawn(move || {
+                    for i in 0..per_thread {
+                        latency.record(usize::try_from((t + i) % 20).unwrap(), t + 1);
+                    }
+                });
+            }
+        });
+        let (counts, sum) = latency.read();
+        assert_eq!(counts.iter().sum::<u64>(), threads * per_thread);
+        // Buckets past the last go to +Inf.
+        assert_eq!(counts[BUCKETS - 1], threads * per_thread * 3 / 20);
+        assert_eq!(sum, (1..=threads).sum::<u64>() * per_thread);
+    }
+
+    #[test]
+    fn the_exposition_is_cumulative_and_counts_agree() {
+        let shared = Shared::new();
+        let verify = shared.find("/identity.v1.TokensService/VerifyToken");
+        // 40 us, 100 us (on the bound: its bucket), 3 ms, 20 s.
+        for nanos in [40_000, 100_000, 3_000_000, 20_000_000_000] {
+            let bucket = shared.bounds.partition_point(|&bound| bound < nanos);
+            shared.series(verify, OK).record(bucket, nanos);
+        }
+        let mut text = String::new();
+        shared.render(&mut text);
+        let labels = "service=\"identity.v1.TokensService\",method=\"VerifyToken\",code=\"OK\"";
+        for line in [
+            format!("{REQUESTS}{{{labels}}} 4"),
+            format!("{LATENCY}_bucket{{{labels},le=\"0.00005\"}} 1"),
+            format!("{LATENCY}_bucket{{{labels},le=\"0.0001\"}} 2"),
+            format!("{LATENCY}_bucket{{{labels},le=\"0.0025\"}} 2"),
+            format!("{LATENCY}_bucket{{{labels},le=\"0.005\"}} 3"),
+            format!("{LATENCY}_bucket{{{labels},le=\"10\"}} 3"),
+            format!("{LATENCY}_bucket{{{labels},le=\"+Inf\"}} 4"),
+            format!("{LATENCY}_sum{{{labels}}} 20.00314"),
+            format!("{LATENCY}_count{{{labels}}} 4"),
+            format!("# TYPE {REQUESTS} counter"),
+            format!("# TYPE {LATENCY} histogram"),
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // Only the series used appear.
+        assert_eq!(text.matches("_count{").count(), 1, "{text}");
     }
 
     #[test]
