@@ -25,6 +25,11 @@
 //!   and polls `VerifyToken` on the others until they answer `active: false`;
 //!   reports the delay from the moment `RevokeToken` returned.
 //!
+//! - `hash-rate`: no server: argon2id password checks, back to back on
+//!   `--threads` threads, with the service's own parameters
+//!   (`PasswordHasher::argon2id`): the ceiling of sign-ins per second on
+//!   as many hashing threads.
+//!
 //! - `soak`: a long mixed run (verifications, revocations, creations,
 //!   sign-ins) against several replicas, checking every answer and watching
 //!   the replicas' resident memory; see `soak/mod.rs`.
@@ -79,6 +84,7 @@ const SUBCOMMANDS: &[&str] = &[
     "load",
     "propagation",
     "soak",
+    "hash-rate",
     "help",
     "-h",
     "--help",
@@ -109,6 +115,26 @@ enum Command {
     /// A long mixed run against several replicas: errors, verdicts,
     /// revocation correctness and memory over time.
     Soak(soak::SoakArgs),
+    /// Raw argon2id password checks per second, with the service's
+    /// parameters, on a number of threads.
+    HashRate(HashRateArgs),
+}
+
+#[derive(Debug, Args)]
+struct HashRateArgs {
+    /// Threads checking passwords (as the server's `--hash-concurrency`).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Measured duration (after the warm-up).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Unmeasured time before the measurement starts.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// The password checked (the bench person's, as `load --rpc sign-in`
+    /// sends it).
+    #[arg(long, default_value = "tulip orbit canyon 47")]
+    password: String,
 }
 
 #[derive(Debug, Args)]
@@ -328,6 +354,7 @@ fn main() -> ExitCode {
             Command::Load(args) => load(args).await,
             Command::Propagation(args) => propagation(args).await,
             Command::Soak(args) => soak::soak(args).await,
+            Command::HashRate(args) => hash_rate(&args),
         }
     });
     match result {
@@ -1133,5 +1160,62 @@ async fn propagation(args: PropagationArgs) -> Result<(), BoxError> {
     if timeouts + failures + stale_on_revoker > 0 {
         return Err("some revocations did not propagate (see above)".into());
     }
+    Ok(())
+}
+
+/// `hash-rate`: what a sign-in's password check costs with nothing else
+/// around it: `--threads` threads verifying the password against its hash
+/// back to back (one argon2id hash each, exactly the service's check of a
+/// correct password), counted over the measured window.
+fn hash_rate(args: &HashRateArgs) -> Result<(), BoxError> {
+    use argon2::password_hash::{
+        PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString,
+        rand_core::OsRng as SaltRng,
+    };
+    let argon2 = identity::domain::password::PasswordHasher::argon2id()?;
+    let salt = SaltString::generate(&mut SaltRng);
+    let phc = argon2
+        .hash_password(args.password.as_bytes(), &salt)?
+        .to_string();
+    let threads = args.threads.max(1);
+    let start = Instant::now();
+    let measure_from = start + args.warmup;
+    let until = measure_from + args.duration;
+    let counted = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                let (argon2, phc) = (&argon2, phc.as_str());
+                scope.spawn(move || {
+                    let parsed = PasswordHash::new(phc).expect("a hash made just now parses");
+                    let mut counted = 0u64;
+                    loop {
+                        let began = Instant::now();
+                        if began >= until {
+                            return counted;
+                        }
+                        let ok = argon2
+                            .verify_password(args.password.as_bytes(), &parsed)
+                            .is_ok();
+                        assert!(ok, "the password does not match its own hash");
+                        // Counted by when they end, as `load` counts calls.
+                        let ended = Instant::now();
+                        if ended > measure_from && ended <= until {
+                            counted += 1;
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a hashing thread"))
+            .sum::<u64>()
+    });
+    let seconds = args.duration.as_secs_f64();
+    let rps = counted as f64 / seconds;
+    eprintln!(
+        "hash-rate: {counted} argon2id checks in {seconds:.2}s on {threads} threads = {rps:.1}/s"
+    );
+    println!("RESULT hashes={counted} seconds={seconds:.3} rps={rps:.1} threads={threads}");
     Ok(())
 }

@@ -32,6 +32,7 @@ mod report;
 mod sampling;
 mod scenarios;
 mod selftest;
+mod signin;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();

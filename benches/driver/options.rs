@@ -28,8 +28,9 @@ Options (each has an environment variable; options win):
   -m, --streams LIST        h2load streams per connection for the hot
                             path, comma-separated                BENCH_STREAMS (1,8)
   -s, --scenarios LIST      comma-separated subset of: hot, cold, scale,
-                            isolation, propagation, memory, soak; or all
-                            (every one but soak)                 BENCH_SCENARIOS (all)
+                            isolation, propagation, memory, soak,
+                            signin; or all (every one but soak
+                            and signin)                          BENCH_SCENARIOS (all)
       --cold-tokens N       distinct tokens for the cold run, each used at
                             most once                            BENCH_COLD_TOKENS (100000)
       --scale-sizes A,B     tokens stored in the small and large scale
@@ -119,6 +120,7 @@ const KNOWN: &[&str] = &[
     "propagation",
     "memory",
     "soak",
+    "signin",
 ];
 
 /// The settings of one run.

@@ -37,6 +37,8 @@ pub struct Report {
     pub memory_rows: Vec<String>,
     pub propagation_line: Option<String>,
     pub soak_section: Option<String>,
+    /// The `signin` scenario's section (see `signin.rs`).
+    pub signin_section: Option<String>,
     /// Whether the final report has been written (no partial one then).
     pub reported: bool,
 }
@@ -316,6 +318,12 @@ impl Report {
             for row in &self.memory_rows {
                 line(row);
             }
+        }
+        if let Some(signin) = &self.signin_section {
+            line("");
+            line("## Sign-in throughput");
+            line("");
+            line(signin);
         }
         if let Some(soak) = &self.soak_section {
             line("");

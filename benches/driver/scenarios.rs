@@ -645,6 +645,9 @@ impl Bench {
             )?;
         }
 
+        if o.want("signin") {
+            self.signin()?;
+        }
         if o.want("propagation") {
             self.propagation(&person)?;
         }

@@ -303,14 +303,7 @@ impl PasswordHasher {
     /// A hasher of `threads` threads (at least one) and at most
     /// `max_waiting` jobs waiting (at least one).
     pub fn with_queue(threads: usize, max_waiting: usize) -> Result<Self, DomainError> {
-        let params = ParamsBuilder::new()
-            .m_cost(Self::MEMORY_KIB)
-            .t_cost(Self::ITERATIONS)
-            .p_cost(1)
-            .data(AssociatedData::new(NORMALIZED_MARKER).map_err(internal)?)
-            .build()
-            .map_err(internal)?;
-        let argon2 = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+        let argon2 = Self::argon2id()?;
         let mut random = [0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
         let dummy = hash_with(&argon2, &random).map_err(internal)?;
@@ -334,6 +327,21 @@ impl PasswordHasher {
                 verifications: std::sync::atomic::AtomicU64::new(0),
             }),
         })
+    }
+
+    /// The argon2id instance every hasher hashes and verifies with: its
+    /// parameters and the normalisation marker. Public for the benchmark's
+    /// baseline (raw hashes per second on as many threads), which must
+    /// measure exactly the work a sign-in's check does.
+    pub fn argon2id() -> Result<Argon2<'static>, DomainError> {
+        let params = ParamsBuilder::new()
+            .m_cost(Self::MEMORY_KIB)
+            .t_cost(Self::ITERATIONS)
+            .p_cost(1)
+            .data(AssociatedData::new(NORMALIZED_MARKER).map_err(internal)?)
+            .build()
+            .map_err(internal)?;
+        Ok(Argon2::new(Algorithm::Argon2id, Version::V0x13, params))
     }
 
     /// Hashes a new password.

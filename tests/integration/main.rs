@@ -29,6 +29,7 @@ mod malformed;
 mod observability;
 mod outage;
 mod passwords;
+mod prewarm;
 mod redaction;
 mod replicas;
 mod resources;

@@ -241,7 +241,9 @@ fn judge_cached(cached: Cached, now: Timestamp) -> Verdict {
     }
 }
 
-fn token_principal(token: Token, account: Account) -> Principal {
+/// The principal of an active token: the one a cache miss builds, and the
+/// one a new token's verdict is pre-warmed with (`tokens.rs`).
+pub(super) fn token_principal(token: Token, account: Account) -> Principal {
     // The end of a rotation's grace period ends the token as surely as its
     // expiry: report whichever comes first. (A revoked token has no
     // principal.)

@@ -3,13 +3,13 @@
 
 use std::{sync::Arc, time::Duration};
 
-use super::{Identity, visible};
+use super::{Identity, hot_path::token_principal, visible};
 use crate::domain::{
     DomainError, FieldViolation,
     account::{Account, AccountId, AccountKind},
     audit::{AuditEvent, EventType, Origin},
-    cache::Invalidation,
-    credential::{self, CredentialKind, LeakedCredentials, Secret},
+    cache::{Cached, Invalidation},
+    credential::{self, CredentialKind, Digest, LeakedCredentials, Secret},
     page::{PageRequest, tokens_listing},
     policy::{self, Action, Grant, Principal, TokenGrant},
     resource::Resources,
@@ -81,6 +81,9 @@ impl Identity {
                 format!("must be between 1 and {MAX_USES}"),
             ));
         }
+        // Before the account is read: its fields go into the pre-warmed
+        // verdict (see `Self::prewarm`).
+        let epoch = self.cache.epoch();
         let account = self
             .store
             .account_by_id(&request.account_id)
@@ -123,8 +126,40 @@ impl Identity {
                 successor_of: None,
             }),
         )?;
-        self.issue_token(&account, request, expire_time, now, origin, Some(caller))
-            .await
+        let issued = self
+            .issue_token(&account, request, expire_time, now, origin, Some(caller))
+            .await?;
+        self.prewarm(&issued.secret.digest(), &issued.token, account, epoch);
+        Ok(issued)
+    }
+
+    /// Puts the verdict a cache miss would build for `token`, just committed
+    /// for `account`, into this replica's cache, so that the token's first
+    /// verification here is a hit. Exactly the rules of the miss path: only
+    /// an active token of an enabled account, never a limited-use one (each
+    /// use must reach the store), its principal built by the same function,
+    /// and only if no eviction that could concern it happened since `epoch`,
+    /// read before `account` (and everything else the verdict is made of)
+    /// was read from the store. A revocation, disable or sign-out racing the
+    /// creation therefore either refuses the put or, landing after it,
+    /// evicts what it put.
+    fn prewarm(&self, digest: &Digest, token: &Token, account: Account, epoch: u64) {
+        if token.uses_remaining.is_some()
+            || token.state(self.now()) != TokenState::Active
+            || account.is_disabled()
+        {
+            return;
+        }
+        let retire_time = token.retire_time;
+        let principal = Arc::new(token_principal(token.clone(), account));
+        self.cache.put(
+            digest,
+            Cached::Active {
+                principal,
+                retire_time,
+            },
+            epoch,
+        );
     }
 
     /// The expiry a new (or renewed) token gets, under the server's lifetime
@@ -342,6 +377,9 @@ impl Identity {
         self.detect_reuse(presented, origin).await?;
         let caller = self.authenticate(presented, origin).await?;
         policy::authorize(&caller, Action::RotateToken(&caller.account.id))?;
+        // Before the reads the successor's verdict is made of: see
+        // `Self::prewarm`.
+        let epoch = self.cache.epoch();
         let old = self
             .store
             .token_by_id(id)
@@ -428,6 +466,7 @@ impl Identity {
                 _ => DomainError::TokenAlreadyRotated,
             });
         };
+        self.prewarm(&new.digest, &new.token, account, epoch);
         Ok(Rotated {
             issued: IssuedToken {
                 secret,
