@@ -986,6 +986,17 @@ impl Bench {
                 "--pids",
                 &format!("{},{}", self.r.pid("S0"), self.r.pid("S1")),
             ])
+            // Whose CPU time the soak's efficiency counts: both replicas
+            // and the cluster (the postmaster and its backends).
+            .args([
+                "--cpu-pids",
+                &format!(
+                    "{},{},{}",
+                    self.r.pid("S0"),
+                    self.r.pid("S1"),
+                    self.db.postmaster_pid()
+                ),
+            ])
             .args(["--account-id", person, "--tokens-file"])
             .arg(tokens)
             .args([

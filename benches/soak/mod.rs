@@ -43,10 +43,11 @@
 //! credential it sees used for the first time, and the soak creates
 //! credentials all along: the verification cache (up to `--cache-entries`;
 //! 1 KiB per entry allowed, twice the 506 B measured) and the last-use
-//! recorder (the time each token's last use was written, pruned only when
-//! it holds 100,000 tokens; 128 B per token allowed, about 100 B seen).
-//! Their growth is *explained* by the created tokens first seen active on
-//! that replica during the window. With at least nine samples, a replica
+//! recorder (the time each token's last use was written, pruned by age:
+//! it holds the tokens used in the last two minutes, at most 100,000; 128 B
+//! per token allowed, about 100 B seen). Their growth is *explained* by the
+//! created tokens first seen active on that replica during the window
+//! (for the recorder, those of two minutes at the window's rate). With at least nine samples, a replica
 //! **leaks** when the floor of the window's last third exceeds the floor of
 //! its first third by more than the explained growth plus the larger of
 //! `--max-rss-growth` percent and `--min-rss-growth-mib`, AND is still
@@ -102,6 +103,16 @@ pub(crate) struct SoakArgs {
     /// their resident memory (`VmRSS` in /proc/<pid>/status).
     #[arg(long, value_delimiter = ',')]
     pids: Vec<u32>,
+    /// The processes whose CPU time is the system under test's, each with
+    /// its children (the replicas and the PostgreSQL postmaster, whose
+    /// children are the backends); default: `--pids`.
+    #[arg(long, value_delimiter = ',')]
+    cpu_pids: Vec<u32>,
+    /// Efficiency (calls per CPU-second of the system under test) of the
+    /// window's last third may be this many percent below its first third's
+    /// before the run is judged not flat.
+    #[arg(long, default_value_t = 5.0)]
+    max_efficiency_drop: f64,
     /// An operator's token (creates and revokes tokens).
     #[arg(long, env = "BENCH_OPERATOR_TOKEN", hide_env_values = true)]
     operator_token: String,
@@ -701,6 +712,57 @@ struct Sample {
     errors: u64,
     /// `Shared::fresh` at that moment.
     fresh: Vec<u64>,
+    /// CPU time used so far by the system under test (`--cpu-pids` and
+    /// their children), in clock ticks.
+    cpu_ticks: u64,
+}
+
+/// `/proc/<pid>/stat`'s clock ticks per second (`USER_HZ`, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// Fields of `/proc/<pid>/stat` after the command name: (ppid, the CPU
+/// ticks of the process itself (utime + stime), those of its children it
+/// has waited for (cutime + cstime)).
+fn proc_stat(pid: u32) -> Option<(u32, u64, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // rest[0] is field 3 (state): ppid is field 4, utime..cstime 14..17.
+    let num = |field: usize| fields.get(field - 3)?.parse::<u64>().ok();
+    let ppid = u32::try_from(num(4)?).ok()?;
+    Some((ppid, num(14)? + num(15)?, num(16)? + num(17)?))
+}
+
+/// The CPU ticks used by `roots` and their children: each root's own and
+/// its reaped children's (the backends of closed connections), and each
+/// live child's own (the backends serving now).
+fn cpu_ticks(roots: &[u32]) -> u64 {
+    let mut total = 0;
+    for &root in roots {
+        if let Some((_, own, reaped)) = proc_stat(root) {
+            total += own + reaped;
+        }
+    }
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return total;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some((ppid, own, _)) = proc_stat(pid)
+            && roots.contains(&ppid)
+            && !roots.contains(&pid)
+        {
+            total += own;
+        }
+    }
+    total
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
@@ -715,6 +777,7 @@ fn rss_kib(pid: u32) -> Option<u64> {
 async fn sampler(
     shared: Arc<Shared>,
     pids: Vec<u32>,
+    cpu_pids: Vec<u32>,
     start: Instant,
     end: Instant,
     every: Duration,
@@ -735,6 +798,7 @@ async fn sampler(
                 .iter()
                 .map(|f| f.load(Ordering::Relaxed))
                 .collect(),
+            cpu_ticks: cpu_ticks(&cpu_pids),
         });
         if due >= end {
             return samples;
@@ -752,10 +816,13 @@ fn floor(values: &[u64]) -> f64 {
 /// default cache full (BENCHMARKS.md).
 const CACHE_KIB_PER_ENTRY: f64 = 1.0;
 
-/// The service's last-use recorder: how many tokens it remembers before it
-/// prunes, and what one may take (a `HashMap<TokenId, Timestamp>`: a 36-byte
-/// id on the heap, 32 bytes of bucket: about 100 B, as the soak runs show).
+/// The service's last-use recorder: how many tokens it remembers at most,
+/// for how long (it prunes entries older than the minute between two
+/// recorded uses once a minute, so an entry lives at most two), and what
+/// one may take (a `HashMap<TokenId, Timestamp>`: a 36-byte id on the heap,
+/// 32 bytes of bucket: about 100 B, as the soak runs show).
 const RECORDER_CAPACITY: u64 = 100_000;
+const RECORDER_SPAN_SECS: f64 = 120.0;
 const RECORDER_KIB_PER_ENTRY: f64 = 0.125;
 
 /// The memory judgement of one replica.
@@ -788,8 +855,18 @@ fn judge_memory(
         (Some(a), Some(b)) => b.fresh[replica] - a.fresh[replica],
         _ => 0,
     };
+    let window_secs = match (in_window.first(), in_window.last()) {
+        (Some(a), Some(b)) => b.at.saturating_sub(a.at).as_secs_f64(),
+        _ => 0.0,
+    };
+    // The recorder holds the tokens of its span, at the window's rate.
+    let recorder_entries = if window_secs > 0.0 {
+        (fresh as f64 * (RECORDER_SPAN_SECS / window_secs).min(1.0)).min(RECORDER_CAPACITY as f64)
+    } else {
+        0.0
+    };
     let explained_kib = fresh.min(cache_entries) as f64 * CACHE_KIB_PER_ENTRY
-        + fresh.min(RECORDER_CAPACITY) as f64 * RECORDER_KIB_PER_ENTRY;
+        + recorder_entries * RECORDER_KIB_PER_ENTRY;
     let mut verdict = MemoryVerdict {
         samples: window.len(),
         first_mib: 0.0,
@@ -847,6 +924,57 @@ fn judge_memory(
         )
     };
     verdict
+}
+
+/// Throughput and efficiency of a stretch of the run, between two samples.
+struct Stretch {
+    calls_per_s: f64,
+    /// CPU-seconds per second used by the system under test.
+    cpu_per_s: f64,
+    /// Calls per CPU-second of the system under test.
+    calls_per_cpu_s: f64,
+}
+
+fn stretch(from: &Sample, to: &Sample) -> Option<Stretch> {
+    let secs = to.at.checked_sub(from.at)?.as_secs_f64();
+    let cpu = to.cpu_ticks.checked_sub(from.cpu_ticks)? as f64 / TICKS_PER_SECOND;
+    let calls = to.calls.checked_sub(from.calls)? as f64;
+    (secs > 0.0 && cpu > 0.0).then(|| Stretch {
+        calls_per_s: calls / secs,
+        cpu_per_s: cpu / secs,
+        calls_per_cpu_s: calls / cpu,
+    })
+}
+
+/// Whether throughput stayed flat: the first and last thirds of the samples
+/// after the warm-up, compared in calls per CPU-second of the system under
+/// test (which other processes' load disturbs far less than calls per
+/// second: a replica that gets less CPU serves fewer calls, but not fewer
+/// per CPU-second).
+struct Flatness {
+    first: Stretch,
+    last: Stretch,
+    /// Last third's efficiency over the first's, minus one, in percent.
+    change_pct: f64,
+    flat: bool,
+}
+
+fn judge_flatness(samples: &[Sample], settle: Duration, max_drop_pct: f64) -> Option<Flatness> {
+    let window: Vec<&Sample> = samples.iter().filter(|s| s.at >= settle).collect();
+    // At least three intervals per third.
+    let third = window.len().checked_sub(1)? / 3;
+    if third < 3 {
+        return None;
+    }
+    let first = stretch(window[0], window[third])?;
+    let last = stretch(window[window.len() - 1 - third], window[window.len() - 1])?;
+    let change_pct = (last.calls_per_cpu_s / first.calls_per_cpu_s - 1.0) * 100.0;
+    Some(Flatness {
+        flat: change_pct >= -max_drop_pct,
+        first,
+        last,
+        change_pct,
+    })
 }
 
 /// The summary of one operation.
@@ -956,6 +1084,11 @@ pub(crate) async fn soak(args: SoakArgs) -> Result<(), BoxError> {
     let sampler = tokio::spawn(sampler(
         Arc::clone(&shared),
         args.pids.clone(),
+        if args.cpu_pids.is_empty() {
+            args.pids.clone()
+        } else {
+            args.cpu_pids.clone()
+        },
         start,
         deadline,
         every,
@@ -1029,6 +1162,8 @@ pub(crate) async fn soak(args: SoakArgs) -> Result<(), BoxError> {
             )
         })
         .collect();
+
+    let flatness = judge_flatness(&samples, settle, args.max_efficiency_drop);
 
     let checks = &shared.checks;
     let errors = shared.errors.load(Ordering::Relaxed);
@@ -1127,12 +1262,15 @@ pub(crate) async fn soak(args: SoakArgs) -> Result<(), BoxError> {
         stale_max_us as f64 / 1000.0
     )?;
     writeln!(md)?;
-    write!(md, "| Time (s) | Calls/s | Errors |")?;
+    write!(
+        md,
+        "| Time (s) | Calls/s | Errors | CPU of the system under test (s/s) | Calls/CPU-s |"
+    )?;
     for r in 0..n {
         write!(md, " RSS {r} (MiB) |")?;
     }
     writeln!(md)?;
-    write!(md, "|---:|---:|---:|")?;
+    write!(md, "|---:|---:|---:|---:|---:|")?;
     for _ in 0..n {
         write!(md, "---:|")?;
     }
@@ -1147,6 +1285,10 @@ pub(crate) async fn soak(args: SoakArgs) -> Result<(), BoxError> {
             _ => (0.0, s.errors),
         };
         write!(md, "| {} | {rate:.0} | {errs} |", s.at.as_secs())?;
+        match previous.and_then(|p| stretch(p, s)) {
+            Some(st) => write!(md, " {:.2} | {:.0} |", st.cpu_per_s, st.calls_per_cpu_s)?,
+            None => write!(md, " | |")?,
+        }
         for r in 0..n {
             match s.rss_kib[r] {
                 Some(kib) => write!(md, " {:.1} |", kib as f64 / 1024.0)?,
@@ -1161,7 +1303,7 @@ pub(crate) async fn soak(args: SoakArgs) -> Result<(), BoxError> {
         md,
         "Memory, judged on the samples after {}s: a leak is the floor (lowest sample) of the last third above the floor of the first third by more than \
          what the tokens first answered active during the window explain (each up to {} KiB in the cache, while it has fewer than {} entries, and {} KiB in the \
-         last-use recorder, while it has fewer than {RECORDER_CAPACITY}) plus the larger of {} % and {} MiB, with the floor of the last sixth above that of \
+         last-use recorder, for those of its {RECORDER_SPAN_SECS} s span, at most {RECORDER_CAPACITY}) plus the larger of {} % and {} MiB, with the floor of the last sixth above that of \
          the sixth before:",
         settle.as_secs(),
         CACHE_KIB_PER_ENTRY,
@@ -1182,6 +1324,40 @@ pub(crate) async fn soak(args: SoakArgs) -> Result<(), BoxError> {
             "| {r} ({}) | {} | {:.1} | {:.1} | {} |",
             args.targets[r], m.samples, m.first_mib, m.last_mib, m.why
         )?;
+    }
+    writeln!(md)?;
+    match &flatness {
+        Some(f) => {
+            writeln!(
+                md,
+                "Flat over time, after {}s (first third against last third of the samples): throughput {:.0} → {:.0} calls/s ({:+.1} %); \
+                 the system under test (the replicas and PostgreSQL, children included) used {:.2} → {:.2} CPU-s/s; \
+                 efficiency {:.0} → {:.0} calls per CPU-second ({:+.1} %); memory floors {}. \
+                 Rule: flat when the last third's calls per CPU-second are at most {} % below the first third's. Verdict: **{}**.",
+                settle.as_secs(),
+                f.first.calls_per_s,
+                f.last.calls_per_s,
+                (f.last.calls_per_s / f.first.calls_per_s - 1.0) * 100.0,
+                f.first.cpu_per_s,
+                f.last.cpu_per_s,
+                f.first.calls_per_cpu_s,
+                f.last.calls_per_cpu_s,
+                f.change_pct,
+                memory
+                    .iter()
+                    .enumerate()
+                    .map(|(r, m)| format!("{r}: {:.1} → {:.1} MiB", m.first_mib, m.last_mib))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                args.max_efficiency_drop,
+                if f.flat { "FLAT" } else { "NOT FLAT" }
+            )?;
+        }
+        None => writeln!(
+            md,
+            "Flat over time: not judged (fewer than ten samples after {}s, or no CPU time read); run longer.",
+            settle.as_secs()
+        )?,
     }
     let notes = locked(&shared.notes).clone();
     if !notes.is_empty() {
@@ -1205,7 +1381,7 @@ pub(crate) async fn soak(args: SoakArgs) -> Result<(), BoxError> {
     println!(
         "RESULT status={} calls={} rps={:.1} p50_us={} p99_us={} max_us={} errors={errors} wrong={wrong} \
          violations={violations} stale={stale} stale_max_us={stale_max_us} revoked_checks={revoked_checks} \
-         leaks={} unjudged={unjudged} rss_end_kib={}",
+         leaks={} unjudged={unjudged} rss_end_kib={} flat={} efficiency_change_pct={}",
         if failures.is_empty() { "pass" } else { "fail" },
         total.calls,
         total.rps,
@@ -1213,7 +1389,13 @@ pub(crate) async fn soak(args: SoakArgs) -> Result<(), BoxError> {
         total.p99,
         total.max,
         memory.iter().filter(|m| m.leak).count(),
-        rss_end.join(",")
+        rss_end.join(","),
+        flatness
+            .as_ref()
+            .map_or("unjudged", |f| if f.flat { "yes" } else { "no" }),
+        flatness
+            .as_ref()
+            .map_or("na".into(), |f| format!("{:.1}", f.change_pct)),
     );
     if failures.is_empty() {
         Ok(())

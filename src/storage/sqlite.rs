@@ -78,6 +78,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "token resources",
         include_str!("../../migrations/sqlite/0010_token_resources.sql"),
     ),
+    (
+        12,
+        "live token count index",
+        include_str!("../../migrations/sqlite/0012_tokens_live_count_idx.sql"),
+    ),
 ];
 
 /// A [`super::Store`] on SQLite.

@@ -36,6 +36,7 @@ mod resources;
 mod retention;
 mod reuse;
 mod revocation;
+mod soak_bounds;
 mod sqlite;
 mod storage;
 mod throttle;

@@ -35,14 +35,31 @@ impl Identity {
 /// token costs one write a minute, not one per verification; and buffers the
 /// uses to write, so that verification never waits for a write and a burst
 /// of first uses costs one statement a second.
+///
+/// An entry older than `LAST_USE_INTERVAL` says nothing any more (the next
+/// use is due anyway), so the map is pruned by age once per interval: it
+/// holds the tokens written during the last one or two intervals, however
+/// many tokens were used before (a soak that creates and uses 400,000
+/// tokens does not grow it). `CAPACITY` bounds it against a burst of more
+/// distinct tokens than that within one interval: past it, uses are still
+/// written (the store's condition keeps them to one per interval) but not
+/// remembered.
 #[derive(Debug, Default)]
 pub(super) struct UseRecorder {
-    written: std::sync::Mutex<HashMap<TokenId, Timestamp>>,
+    written: std::sync::Mutex<Written>,
     pending: std::sync::Mutex<Vec<TokenUse>>,
 }
 
+/// When each token's last use was written, and when the map is next pruned.
+#[derive(Debug, Default)]
+struct Written {
+    at: HashMap<TokenId, Timestamp>,
+    /// Microseconds; 0 (never pruned): at the first use.
+    next_prune: i64,
+}
+
 impl UseRecorder {
-    /// Entries kept before old ones are dropped.
+    /// Entries kept at most.
     const CAPACITY: usize = 100_000;
 
     /// Whether a use at `now` should be written, given the last one the
@@ -57,14 +74,27 @@ impl UseRecorder {
             .written
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if written.get(id).copied().is_some_and(fresh) {
+        if written.at.get(id).copied().is_some_and(fresh) {
             return false;
         }
-        if written.len() >= Self::CAPACITY {
-            written.retain(|_, t| fresh(*t));
+        if now.as_micros() >= written.next_prune {
+            written.at.retain(|_, t| fresh(*t));
+            written.next_prune = now.as_micros().saturating_add(interval);
         }
-        written.insert(id.clone(), now);
+        if written.at.len() < Self::CAPACITY || written.at.contains_key(id) {
+            written.at.insert(id.clone(), now);
+        }
         true
+    }
+
+    /// How many tokens' last writes are remembered.
+    #[cfg(test)]
+    fn remembered(&self) -> usize {
+        self.written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .at
+            .len()
     }
 
     /// Queues a use for the next flush. Bounded: past the capacity, uses are
@@ -86,5 +116,54 @@ impl UseRecorder {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::time::{Clock as _, ManualClock};
+
+    #[test]
+    fn a_use_within_the_interval_is_not_due_again() {
+        let clock = ManualClock::new();
+        let recorder = UseRecorder::default();
+        let id = TokenId::generate();
+        assert!(recorder.due(&id, None, clock.now()));
+        clock.advance(LAST_USE_INTERVAL / 2);
+        assert!(!recorder.due(&id, None, clock.now()));
+        clock.advance(LAST_USE_INTERVAL);
+        assert!(recorder.due(&id, None, clock.now()));
+    }
+
+    #[test]
+    fn the_map_holds_only_the_tokens_used_in_the_last_intervals() {
+        let clock = ManualClock::new();
+        let recorder = UseRecorder::default();
+        // Ten intervals, a thousand new tokens in each (a soak creating
+        // tokens all along): far fewer than the capacity in all.
+        for _ in 0..10 {
+            for _ in 0..1_000 {
+                assert!(recorder.due(&TokenId::generate(), None, clock.now()));
+            }
+            clock.advance(LAST_USE_INTERVAL + Duration::from_millis(1));
+        }
+        let last = TokenId::generate();
+        assert!(recorder.due(&last, None, clock.now()));
+        // Pruned by age: only the last interval's tokens (and the one just
+        // used) are left, not the 10,001 seen.
+        assert!(recorder.remembered() <= 1_001, "{}", recorder.remembered());
+        // What was pruned was due anyway; what is kept still counts.
+        assert!(!recorder.due(&last, None, clock.now()));
+    }
+
+    #[test]
+    fn the_map_never_exceeds_its_capacity() {
+        let clock = ManualClock::new();
+        let recorder = UseRecorder::default();
+        for _ in 0..UseRecorder::CAPACITY + 10 {
+            assert!(recorder.due(&TokenId::generate(), None, clock.now()));
+        }
+        assert_eq!(recorder.remembered(), UseRecorder::CAPACITY);
     }
 }

@@ -86,6 +86,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "token resources",
         include_str!("../../../migrations/postgres/0011_token_resources.sql"),
     ),
+    (
+        13,
+        "live token count index",
+        include_str!("../../../migrations/postgres/0013_tokens_live_count_idx.sql"),
+    ),
 ];
 
 /// A [`super::Store`] on PostgreSQL.

@@ -82,12 +82,19 @@ pub(in crate::storage) const LIST_ALL_TOKENS: &str = concat!(
 /// The live (neither revoked nor expired at `$2`, nor used up) tokens of
 /// account `$1` that are their family's current token: a rotation's
 /// predecessor in its grace period is the same token under an older
-/// secret, not one more.
-pub(super) const COUNT_LIVE_TOKENS: &str = "SELECT count(*) FROM tokens \
-    WHERE account_id = $1 AND replaced_by IS NULL \
-    AND (revoke_time IS NULL OR revoke_time > $2) \
-    AND (expire_time IS NULL OR expire_time > $2) \
-    AND (uses_remaining IS NULL OR uses_remaining > 0)";
+/// secret, not one more. Two ranges of `tokens_account_live_idx` (the
+/// unrevoked tokens, and those whose revocation is still to come), so that
+/// the count never reads the account's revoked or rotated tokens: it costs
+/// the same with 400,000 of them as with none.
+pub(super) const COUNT_LIVE_TOKENS: &str = "SELECT \
+    (SELECT count(*) FROM tokens \
+     WHERE account_id = $1 AND replaced_by IS NULL AND revoke_time IS NULL \
+     AND (expire_time IS NULL OR expire_time > $2) \
+     AND (uses_remaining IS NULL OR uses_remaining > 0)) \
+    + (SELECT count(*) FROM tokens \
+     WHERE account_id = $1 AND replaced_by IS NULL AND revoke_time > $2 \
+     AND (expire_time IS NULL OR expire_time > $2) \
+     AND (uses_remaining IS NULL OR uses_remaining > 0))";
 
 /// `$2`: successor; `$3`: when the old token's grace period ends; `$4`:
 /// now. A revoked token is never rotated, whatever time its revocation
