@@ -372,14 +372,16 @@ impl Bench {
         };
         let o = &self.o;
         let timeout = Duration::from_secs(o.duration + o.warmup + 600);
-        let base = [
+        let mut base = vec![
             "--duration".to_owned(),
             format!("{}s", o.duration),
             "--warmup".into(),
             format!("{}s", o.warmup),
-            "--concurrency".into(),
-            o.connections.to_string(),
         ];
+        // A run may name its own concurrency (the cold path at one client).
+        if !args.iter().any(|a| a == "--concurrency") {
+            base.extend(["--concurrency".into(), o.connections.to_string()]);
+        }
         for attempt in 0..=tries {
             self.mark();
             let mut command = self.loadgen("load");

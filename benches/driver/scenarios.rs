@@ -57,6 +57,22 @@ fn head(from: &Path, n: u64, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes the lines of `from` after the first `n` to `to`.
+fn tail_after(from: &Path, n: u64, to: &Path) -> Result<()> {
+    let text = fs::read_to_string(from)?;
+    let mut out = String::new();
+    for line in text.lines().skip(n as usize) {
+        out.push_str(line);
+        out.push('\n');
+    }
+    fs::write(to, out)?;
+    Ok(())
+}
+
+/// Tokens beyond `--cold-tokens` for the cold path at one client: more
+/// than one client uses in a run of the default length.
+const COLD_ONE_CLIENT_TOKENS: u64 = 20_000;
+
 fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -521,7 +537,7 @@ impl Bench {
         // ================= Phase 2: the cold pool =================
         let mut pool = 0;
         if o.want("cold") {
-            pool = o.cold_tokens;
+            pool = o.cold_tokens + COLD_ONE_CLIENT_TOKENS;
         }
         if o.want("memory") && cache.capacity > pool {
             pool = cache.capacity;
@@ -533,6 +549,9 @@ impl Bench {
             self.add_tokens(&person, "cold", pool, &tf("cold.txt"), false)?;
             self.db.psql(&["-c", "VACUUM ANALYZE tokens"])?;
             head(&tf("cold.txt"), o.cold_tokens, &tf("cold-run.txt"))?;
+            if o.want("cold") {
+                tail_after(&tf("cold.txt"), o.cold_tokens, &tf("cold-one-client.txt"))?;
+            }
         }
         let mut cold_kv = Kv::new();
         if o.want("cold") {
@@ -552,6 +571,25 @@ impl Bench {
                     "--tokens-file",
                     &path_s(tf("cold-run.txt")),
                     "--once",
+                ]),
+            )?;
+            // The latency of a miss at low load: one client, one call at a
+            // time, each of its own tokens once (so a batch is one lookup).
+            self.loadgen_run(
+                "cold-1",
+                "cold",
+                "VerifyToken, each token once, 1 client",
+                "",
+                &strings(&[
+                    "--target",
+                    &url_a,
+                    "--tokens-file",
+                    &path_s(tf("cold-one-client.txt")),
+                    "--once",
+                    "--concurrency",
+                    "1",
+                    "--connections",
+                    "1",
                 ]),
             )?;
             log(format!(

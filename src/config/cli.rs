@@ -86,6 +86,11 @@ pub struct DatabaseSettings {
     /// How long a query waits for a free connection (e.g. 5s).
     #[arg(long, env = "IDENTITY_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = config::parse_duration)]
     db_acquire_timeout: Duration,
+    /// Database connections per replica held by the token and session
+    /// lookups (cache misses), beside the pool; 0: lookups use the pool.
+    #[arg(long, env = "IDENTITY_DB_LOOKUP_CONNECTIONS", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(0..=64))]
+    db_lookup_connections: u32,
 }
 
 /// How a command logs (to stderr).
@@ -389,6 +394,7 @@ impl DatabaseSettings {
         config.pool = PoolOptions {
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
+            lookup_connections: self.db_lookup_connections,
         };
         Ok(config)
     }

@@ -74,11 +74,20 @@ pub trait Backend: std::fmt::Debug + Clone + Send + Sync + 'static {
     const LEAK_SESSIONS: &'static str;
     /// The confirming pass of a leak report (as [`Self::LEAK_TOKENS`]).
     const LEAK_DESCENDANTS: &'static str;
+    /// The tokens, with their accounts, whose digests are in `$1` (bound by
+    /// [`Self::bind_digests`]): a batch of lookups (`sql::lookup`).
+    const TOKENS_BY_DIGESTS: &'static str;
+    /// The sessions of a batch of lookups (as [`Self::TOKENS_BY_DIGESTS`]).
+    const SESSIONS_BY_DIGESTS: &'static str;
 
     /// Translates a sqlx error into the store's own: a unique violation into
     /// its [`super::Conflict`], a lost or busy database into
     /// [`StorageError::Unavailable`], the rest into [`StorageError::Other`].
     fn classify(err: sqlx::Error) -> StorageError;
+
+    /// Whether a connection opened `age` ago was opened before the
+    /// database last dropped its connections, and so is presumed dead.
+    fn predates_loss(&self, age: std::time::Duration) -> bool;
 
     /// Binds a list of digests as the `LEAK_*` statements match it.
     fn bind_digests<'q>(query: Query<'q, Self::Db>, digests: &[Digest]) -> Query<'q, Self::Db>;

@@ -183,6 +183,10 @@ pub struct PoolOptions {
     /// How long a query may wait for a free connection before the call fails
     /// as unavailable.
     pub acquire_timeout: std::time::Duration,
+    /// Connections held by the lookups by digest (the cold path), beside
+    /// the pool's `max_connections`: each a worker that batches the misses
+    /// waiting at the same moment. 0: misses run on the pool.
+    pub lookup_connections: u32,
 }
 
 impl Default for PoolOptions {
@@ -190,6 +194,7 @@ impl Default for PoolOptions {
         Self {
             max_connections: 16,
             acquire_timeout: std::time::Duration::from_secs(5),
+            lookup_connections: 2,
         }
     }
 }

@@ -24,6 +24,7 @@ pub trait SqlRow: Row {
     /// The integer in the `index`th column, for a column with no name of
     /// its own (`count(*)`).
     fn int_at(&self, index: usize) -> Result<i64, StorageError>;
+    fn bytes(&self, column: &str) -> Result<Vec<u8>, StorageError>;
 }
 
 macro_rules! impl_sql_row {
@@ -43,6 +44,9 @@ macro_rules! impl_sql_row {
             }
             fn int_at(&self, index: usize) -> Result<i64, StorageError> {
                 self.try_get(index).map_err(corrupt)
+            }
+            fn bytes(&self, column: &str) -> Result<Vec<u8>, StorageError> {
+                self.try_get(column).map_err(corrupt)
             }
         }
     };

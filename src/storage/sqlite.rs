@@ -118,10 +118,11 @@ impl SqliteStore {
             // reported as unavailable, and the pool replaces it.
             .test_before_acquire(false)
             .connect_lazy_with(connect);
-        Ok(Self {
+        Ok(Self::new(
             pool,
-            backend: SqliteBackend { file },
-        })
+            SqliteBackend { file },
+            options.lookup_connections,
+        ))
     }
 
     /// The connection options `url` gives, or why it cannot be used: the
@@ -161,6 +162,13 @@ impl Backend for SqliteBackend {
     const LEAK_TOKENS: &'static str = sql::SQLITE_LEAK_TOKENS;
     const LEAK_SESSIONS: &'static str = sql::SQLITE_LEAK_SESSIONS;
     const LEAK_DESCENDANTS: &'static str = sql::SQLITE_LEAK_DESCENDANTS;
+    const TOKENS_BY_DIGESTS: &'static str = sql::SQLITE_TOKENS_BY_DIGESTS;
+    const SESSIONS_BY_DIGESTS: &'static str = sql::SQLITE_SESSIONS_BY_DIGESTS;
+
+    /// A local file's connections are not lost with a server.
+    fn predates_loss(&self, _age: Duration) -> bool {
+        false
+    }
 
     /// Translates a sqlx error. SQLite does not report constraint names, so
     /// unique violations are recognised by the columns its message names.

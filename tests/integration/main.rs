@@ -25,6 +25,7 @@ mod hashing;
 mod hierarchy;
 mod lifecycle;
 mod listeners;
+mod lookup_batch;
 mod malformed;
 mod observability;
 mod outage;

@@ -177,13 +177,14 @@ impl PgStore {
             .max_lifetime(None)
             .idle_timeout(None)
             .connect_lazy_with(connect);
-        Ok(Self {
+        Ok(Self::new(
             pool,
-            backend: PgBackend {
+            PgBackend {
                 listen_pool,
                 losses,
             },
-        })
+            options.lookup_connections,
+        ))
     }
 
     /// The connection options `url` gives, or why it cannot be used (a
@@ -352,9 +353,16 @@ impl Backend for PgBackend {
     const LEAK_TOKENS: &'static str = sql::PG_LEAK_TOKENS;
     const LEAK_SESSIONS: &'static str = sql::PG_LEAK_SESSIONS;
     const LEAK_DESCENDANTS: &'static str = sql::PG_LEAK_DESCENDANTS;
+    const TOKENS_BY_DIGESTS: &'static str = sql::PG_TOKENS_BY_DIGESTS;
+    const SESSIONS_BY_DIGESTS: &'static str = sql::PG_SESSIONS_BY_DIGESTS;
 
     fn classify(err: sqlx::Error) -> StorageError {
         classify(err)
+    }
+
+    /// The check the pool's `before_acquire` makes.
+    fn predates_loss(&self, age: Duration) -> bool {
+        self.losses.predates_last_loss(age)
     }
 
     /// Announces a change to every replica, delivered when (and only if)

@@ -91,6 +91,7 @@ macro_rules! descendants_of {
 
 mod accounts;
 mod audit;
+mod lookup;
 mod retention;
 mod revocation;
 mod schema;
@@ -104,6 +105,10 @@ use sqlx::{Pool, Transaction, pool::PoolConnection};
 pub(super) use self::{
     accounts::{PG_LOCK_ACCOUNT_FOR_DELETE, SQLITE_LOCK_ACCOUNT_FOR_DELETE},
     audit::LIST_EVENTS,
+    lookup::{
+        PG_SESSIONS_BY_DIGESTS, PG_TOKENS_BY_DIGESTS, SQLITE_SESSIONS_BY_DIGESTS,
+        SQLITE_TOKENS_BY_DIGESTS,
+    },
     revocation::{
         PG_LEAK_DESCENDANTS, PG_LEAK_SESSIONS, PG_LEAK_TOKENS, SQLITE_LEAK_DESCENDANTS,
         SQLITE_LEAK_SESSIONS, SQLITE_LEAK_TOKENS,
@@ -135,6 +140,9 @@ pub struct SqlStore<B: Backend> {
     pub(super) pool: Pool<B::Db>,
     /// What the backend keeps beside the pool.
     pub(super) backend: B,
+    /// The hot path's lookups by digest, batched on connections of their
+    /// own (`lookup`).
+    lookups: std::sync::Arc<lookup::Lookups<B>>,
 }
 
 // Not derived: a derive would ask for `B::Db: Clone`, which the pool does
@@ -144,11 +152,23 @@ impl<B: Backend> Clone for SqlStore<B> {
         Self {
             pool: self.pool.clone(),
             backend: self.backend.clone(),
+            lookups: std::sync::Arc::clone(&self.lookups),
         }
     }
 }
 
 impl<B: Backend> SqlStore<B> {
+    /// A store on `pool`, whose lookups by digest run on
+    /// `lookup_connections` connections of their own (0: on the pool).
+    pub(super) fn new(pool: Pool<B::Db>, backend: B, lookup_connections: u32) -> Self {
+        let lookups = lookup::Lookups::new(pool.clone(), backend.clone(), lookup_connections);
+        Self {
+            pool,
+            backend,
+            lookups: std::sync::Arc::new(lookups),
+        }
+    }
+
     /// Begins a transaction.
     async fn begin(&self) -> Result<Transaction<'static, B::Db>, StorageError> {
         self.pool.begin().await.map_err(B::classify)

@@ -2,7 +2,7 @@
 
 use super::{
     AccountId, AuditEvent, Digest, Invalidation, Session, SqlStore, StorageError, Timestamp,
-    TokenId, WithAccount, accounts, audit, commit_change, execute,
+    TokenId, WithAccount, accounts, audit, commit_change, execute, lookup,
 };
 use crate::storage::{
     backend::{Backend, Bind as _},
@@ -102,10 +102,20 @@ pub(super) async fn create_session<B: Backend>(
     Ok(true)
 }
 
+/// The session a presented token's digest names, with its account:
+/// batched as `tokens::token_by_digest` is.
 pub(super) async fn session_by_digest<B: Backend>(
     store: &SqlStore<B>,
     digest: &Digest,
 ) -> Result<Option<WithAccount<Session>>, StorageError> {
+    match store.lookups.lookup(lookup::Kind::Session, *digest).await {
+        Some(Ok(lookup::Found::Session(found))) => return Ok(found),
+        Some(Ok(lookup::Found::Token(_))) => {
+            return Err(StorageError::Other("a session lookup found a token".into()));
+        }
+        Some(Err(err)) => return Err(err),
+        None => {}
+    }
     let row = store
         .fetch_optional(sqlx::query(SESSION_BY_DIGEST).arg(&digest.as_bytes()[..]))
         .await?;

@@ -4,7 +4,7 @@
 use super::{
     AccountId, AuditEvent, Digest, Invalidation, NewToken, SqlStore, StorageError, Timestamp,
     Token, TokenFilter, TokenId, TokenUse, WithAccount, accounts, audit, commit_change, execute,
-    fetch_all, fetch_optional,
+    fetch_all, fetch_optional, lookup,
 };
 use crate::storage::{
     backend::{Backend, Bind as _},
@@ -215,11 +215,20 @@ pub(super) async fn token_by_id<B: Backend>(
 }
 
 /// The hot path's one query: the token a presented secret's digest names,
-/// with its account.
+/// with its account. Batched with the other lookups waiting at the same
+/// moment (`lookup`), or on the pool where there are no lookup connections.
 pub(super) async fn token_by_digest<B: Backend>(
     store: &SqlStore<B>,
     digest: &Digest,
 ) -> Result<Option<WithAccount<Token>>, StorageError> {
+    match store.lookups.lookup(lookup::Kind::Token, *digest).await {
+        Some(Ok(lookup::Found::Token(found))) => return Ok(found),
+        Some(Ok(lookup::Found::Session(_))) => {
+            return Err(StorageError::Other("a token lookup found a session".into()));
+        }
+        Some(Err(err)) => return Err(err),
+        None => {}
+    }
     let row = store
         .fetch_optional(sqlx::query(TOKEN_BY_DIGEST).arg(&digest.as_bytes()[..]))
         .await?;
