@@ -79,9 +79,9 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../migrations/sqlite/0010_token_resources.sql"),
     ),
     (
-        12,
+        11,
         "live token count index",
-        include_str!("../../migrations/sqlite/0012_tokens_live_count_idx.sql"),
+        include_str!("../../migrations/sqlite/0011_tokens_live_count_idx.sql"),
     ),
 ];
 

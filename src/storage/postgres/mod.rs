@@ -87,9 +87,9 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../../../migrations/postgres/0011_token_resources.sql"),
     ),
     (
-        13,
+        12,
         "live token count index",
-        include_str!("../../../migrations/postgres/0013_tokens_live_count_idx.sql"),
+        include_str!("../../../migrations/postgres/0012_tokens_live_count_idx.sql"),
     ),
 ];
 
