@@ -29,6 +29,7 @@ mod malformed;
 mod observability;
 mod outage;
 mod passwords;
+mod pooler;
 mod redaction;
 mod replicas;
 mod resources;
