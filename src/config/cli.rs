@@ -18,7 +18,7 @@ use crate::{
         throttle::{SignInRates, ThrottleSettings},
         verifier::{VerifierClients, VerifierMode, VerifierRule},
     },
-    storage::PoolOptions,
+    storage::{PoolOptions, SecretUrl},
 };
 
 /// A gRPC identity service: personal accounts, sessions and personal access
@@ -91,6 +91,17 @@ pub struct DatabaseSettings {
     #[arg(long, env = "IDENTITY_DB_LOOKUP_CONNECTIONS", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(0..=64))]
     db_lookup_connections: u32,
+    /// PostgreSQL: keep statements prepared per connection (on), or send
+    /// each unnamed, in a transaction of its own (off: for a pooler in
+    /// transaction mode, such as PgBouncer).
+    #[arg(long, env = "IDENTITY_DATABASE_STATEMENT_CACHE", default_value = "on",
+          value_parser = config::parse_on_off)]
+    database_statement_cache: bool,
+    /// PostgreSQL: the connection for LISTEN, migrations and the retention
+    /// lock (direct, or a session-mode pool); DATABASE_URL when unset.
+    // Checked in `config`, as DATABASE_URL is.
+    #[arg(long, env = "IDENTITY_DATABASE_LISTEN_URL", hide_env_values = true)]
+    database_listen_url: Option<String>,
 }
 
 /// How a command logs (to stderr).
@@ -391,10 +402,22 @@ impl DatabaseSettings {
             .map_err(|why| format!("{}: {why}", origin("database_url")))?;
         let mut config = Config::with_database(self.database_url.clone());
         config.migrate = self.migrate;
+        if let Some(listen_url) = &self.database_listen_url {
+            config::parse_listen_url(listen_url, &self.database_url)
+                .map_err(|why| format!("{}: {why}", origin("database_listen_url")))?;
+        }
+        config::check_pooler_settings(
+            &self.database_url,
+            self.database_statement_cache,
+            self.database_listen_url.is_some(),
+        )
+        .map_err(|why| format!("{}: {why}", origin("database_statement_cache")))?;
         config.pool = PoolOptions {
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
             lookup_connections: self.db_lookup_connections,
+            statement_cache: self.database_statement_cache,
+            listen_url: self.database_listen_url.clone().map(SecretUrl::new),
         };
         Ok(config)
     }

@@ -21,8 +21,8 @@ use crate::{
 };
 
 pub use parse::{
-    ListenAddress, parse_database_url, parse_duration, parse_log_format, parse_metrics_addr,
-    parse_retention,
+    ListenAddress, check_pooler_settings, parse_database_url, parse_duration, parse_listen_url,
+    parse_log_format, parse_metrics_addr, parse_on_off, parse_retention,
 };
 pub(crate) use redact::redact_url;
 pub use redact::redact_url_secrets;
@@ -290,7 +290,11 @@ impl Config {
     /// `text` (an error message about the database, say) with every secret
     /// of the database URL replaced by `***`.
     pub fn redact_database_secrets(&self, text: &str) -> String {
-        redact_url_secrets(text, &self.database_url)
+        let text = redact_url_secrets(text, &self.database_url);
+        match &self.pool.listen_url {
+            Some(listen_url) => redact_url_secrets(&text, listen_url.expose()),
+            None => text,
+        }
     }
 }
 

@@ -130,6 +130,50 @@ pub fn parse_database_url(raw: &str) -> Result<String, String> {
     Ok(raw.to_owned())
 }
 
+/// `on` or `off`.
+pub fn parse_on_off(raw: &str) -> Result<bool, String> {
+    match raw {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err("expected on or off".to_owned()),
+    }
+}
+
+/// Checks `IDENTITY_DATABASE_LISTEN_URL`: a PostgreSQL URL, understood as
+/// the database URL is, and only beside a PostgreSQL database URL. The
+/// message never holds either URL's secrets.
+pub fn parse_listen_url(raw: &str, database_url: &str) -> Result<(), String> {
+    if !(raw.starts_with("postgres://") || raw.starts_with("postgresql://")) {
+        return Err("expected a URL starting with postgres:// or postgresql://".to_owned());
+    }
+    if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
+        return Err("applies to a PostgreSQL DATABASE_URL only".to_owned());
+    }
+    parse_database_url(raw).map(drop)
+}
+
+/// Refuses the statement cache off without a listen URL: it is off for a
+/// pooler in transaction mode, through which `LISTEN` would not hear the
+/// other replicas' revocations (and the advisory locks would not hold),
+/// so the change channel must have a connection of its own.
+pub fn check_pooler_settings(
+    database_url: &str,
+    statement_cache: bool,
+    listen_url: bool,
+) -> Result<(), String> {
+    let postgres =
+        database_url.starts_with("postgres://") || database_url.starts_with("postgresql://");
+    if !statement_cache && !postgres {
+        return Err("applies to a PostgreSQL DATABASE_URL only".to_owned());
+    }
+    if !statement_cache && !listen_url {
+        return Err("off is for a pooler in transaction mode, which LISTEN cannot pass: \
+                    set IDENTITY_DATABASE_LISTEN_URL to a direct connection (or a session-mode pool)"
+            .to_owned());
+    }
+    Ok(())
+}
+
 /// The query parameters of a PostgreSQL URL that name files the driver
 /// reads when it connects.
 const FILE_URL_PARAMETERS: &[&str] = &["sslrootcert", "sslcert", "sslkey"];

@@ -133,6 +133,29 @@ pub trait Backend: std::fmt::Debug + Clone + Send + Sync + 'static {
         &self,
         pool: &Pool<Self::Db>,
     ) -> impl Future<Output = Result<Timestamp, StorageError>> + Send;
+
+    /// `query` as this backend sends it: as written, or (PostgreSQL with
+    /// its statement cache off, for a transaction-mode pooler) unnamed, so
+    /// that no prepared statement outlives it on a server connection.
+    fn statement(query: Query<'_, Self::Db>) -> Query<'_, Self::Db> {
+        query
+    }
+
+    /// Whether a statement run outside a transaction must be given one of
+    /// its own: PostgreSQL with its statement cache off, where the parse and
+    /// the execution of an unnamed statement are two exchanges, which a
+    /// transaction-mode pooler could send to two server connections.
+    fn alone_in_transaction() -> bool {
+        false
+    }
+
+    /// A pool of sessions of their own (the listen URL's), for what holds
+    /// a session-level lock across statements (migrations, the retention
+    /// lock), when the query pool may be a transaction-mode pooler; `None`:
+    /// the query pool.
+    fn session_pool(&self) -> Option<&Pool<Self::Db>> {
+        None
+    }
 }
 
 /// A connection that runs statements: `&mut` itself, as an executor.

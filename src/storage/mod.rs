@@ -187,6 +187,16 @@ pub struct PoolOptions {
     /// the pool's `max_connections`: each a worker that batches the misses
     /// waiting at the same moment. 0: misses run on the pool.
     pub lookup_connections: u32,
+    /// PostgreSQL: whether statements are prepared once per connection and
+    /// kept (`IDENTITY_DATABASE_STATEMENT_CACHE`, on by default). Off, for a
+    /// pooler in transaction mode (README, "Connection poolers"): every
+    /// statement is sent unnamed and, outside a transaction, in one of its
+    /// own, so that it never meets a server connection that did not parse it.
+    pub statement_cache: bool,
+    /// PostgreSQL: the connection the change channel listens on, and that
+    /// migrations and the retention lock use (`IDENTITY_DATABASE_LISTEN_URL`):
+    /// direct, or through a session-mode pool. `None`: the database URL.
+    pub listen_url: Option<SecretUrl>,
 }
 
 impl Default for PoolOptions {
@@ -195,7 +205,34 @@ impl Default for PoolOptions {
             max_connections: 16,
             acquire_timeout: std::time::Duration::from_secs(5),
             lookup_connections: 2,
+            statement_cache: true,
+            listen_url: None,
         }
+    }
+}
+
+/// A database URL that may hold a password: its `Debug` shows it redacted.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    /// Wraps `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    /// The URL as written, secrets included: for connecting, never for
+    /// showing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SecretUrl")
+            .field(&crate::config::redact_url(&self.0))
+            .finish()
     }
 }
 

@@ -30,6 +30,7 @@ mod malformed;
 mod observability;
 mod outage;
 mod passwords;
+mod pooler;
 mod prewarm;
 mod redaction;
 mod replicas;

@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use sqlx::postgres::PgPool;
 
-use super::{ClockOffset, PgBackend, PgStore, StorageError, classify, micros};
+use super::{
+    ClockOffset, PgBackend, PgStore, StorageError, classify, database_clock, execute_alone, micros,
+};
 use crate::domain::{
     account::AccountId,
     cache::{Invalidation, InvalidationSink},
@@ -118,11 +120,13 @@ impl PgBackend {
             loop {
                 tick.tick().await;
                 sequence += 1;
-                let sent = sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(CHANNEL)
-                    .bind(sender.send(sequence))
-                    .execute(&heartbeat_pool)
-                    .await;
+                let sent = execute_alone(
+                    &heartbeat_pool,
+                    sqlx::query("SELECT pg_notify($1, $2)")
+                        .bind(CHANNEL)
+                        .bind(sender.send(sequence)),
+                )
+                .await;
                 if let Err(err) = sent {
                     tracing::debug!(error = %err, "cannot send the change channel's heartbeat");
                 }
@@ -233,12 +237,7 @@ impl PgStore {
         let mut conn = self.pool.acquire().await.map_err(classify)?;
         let sent = Timestamp::now();
         let started = std::time::Instant::now();
-        let database: i64 = sqlx::query_scalar(
-            "SELECT CAST(extract(epoch FROM clock_timestamp()) * 1000000 AS BIGINT)",
-        )
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(classify)?;
+        let database = database_clock(&mut *conn).await.map_err(classify)?;
         let round_trip = micros(started.elapsed());
         let midpoint = sent
             .as_micros()

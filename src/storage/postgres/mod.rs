@@ -2,12 +2,18 @@
 //!
 //! Many stateless replicas share one database. Migrations take an advisory
 //! lock, so replicas that start together apply them once.
+//!
+//! The database URL may name a pooler in transaction mode (PgBouncer), with
+//! the statement cache off (`PoolOptions::statement_cache`): statements are
+//! then sent unnamed, each outside a transaction in one of its own, and
+//! whatever needs a session of its own (`LISTEN`, the migrations' and the
+//! retention's advisory locks) uses the listen URL instead.
 
 use std::{
     str::FromStr as _,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -102,8 +108,12 @@ pub struct PgBackend {
     /// One connection of its own for `LISTEN`, outside `pool`: a listener
     /// holds its connection for good, and taken from `pool` it would leave
     /// one connection fewer for queries than configured (none at all with
-    /// `IDENTITY_DB_MAX_CONNECTIONS=1`).
+    /// `IDENTITY_DB_MAX_CONNECTIONS=1`). On the listen URL.
     listen_pool: PgPool,
+    /// One more connection on the listen URL, when there is one, for the
+    /// migrations and the retention purge, which hold advisory locks of
+    /// their session across statements and transactions.
+    session_pool: Option<PgPool>,
     /// When the database was last seen to drop connections.
     losses: Arc<ConnectionLosses>,
 }
@@ -145,6 +155,44 @@ impl ConnectionLosses {
     }
 }
 
+/// Whether statements are sent unnamed, each outside a transaction in one of
+/// its own: set once any store of this process is opened with its statement
+/// cache off, and never cleared. Process-wide, because the generic store's
+/// statements are sent from functions that see a connection, not the store;
+/// one store without the cache makes every other store of the process slower
+/// (each statement parsed anew), never wrong.
+static STATEMENT_CACHE_OFF: AtomicBool = AtomicBool::new(false);
+
+fn statement_cache_off() -> bool {
+    STATEMENT_CACHE_OFF.load(Ordering::Relaxed)
+}
+
+/// Runs `query` on `pool` on its own, in a transaction of its own when the
+/// statement cache is off (see [`STATEMENT_CACHE_OFF`]).
+async fn execute_alone(
+    pool: &PgPool,
+    query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+) -> Result<(), sqlx::Error> {
+    if statement_cache_off() {
+        let mut tx = pool.begin().await?;
+        query.persistent(false).execute(&mut *tx).await?;
+        tx.commit().await
+    } else {
+        query.execute(pool).await.map(drop)
+    }
+}
+
+/// The database server's `clock_timestamp()` in microseconds.
+const CLOCK_NOW: &str = "SELECT CAST(extract(epoch FROM clock_timestamp()) * 1000000 AS BIGINT)";
+
+/// Reads [`CLOCK_NOW`] on `conn` in one simple-protocol exchange (it has no
+/// parameters): one round trip, with or without the statement cache, which
+/// a transaction-mode pooler passes whole.
+async fn database_clock<'c>(conn: impl sqlx::PgExecutor<'c>) -> Result<i64, sqlx::Error> {
+    use sqlx::Row as _;
+    conn.fetch_one(CLOCK_NOW).await?.try_get(0)
+}
+
 fn micros(duration: Duration) -> u64 {
     u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
 }
@@ -154,7 +202,15 @@ impl PgStore {
     /// query opens one, and a lost one is replaced the same way); a
     /// malformed URL fails here.
     pub async fn connect(url: &str, options: &PoolOptions) -> Result<Self, StorageError> {
-        let connect = Self::connect_options(url)?;
+        let mut connect = Self::connect_options(url)?;
+        let listen = match &options.listen_url {
+            Some(listen_url) => Some(Self::connect_options(listen_url.expose())?),
+            None => None,
+        };
+        if !options.statement_cache {
+            connect = connect.statement_cache_capacity(0);
+            STATEMENT_CACHE_OFF.store(true, Ordering::Relaxed);
+        }
         let losses = Arc::new(ConnectionLosses::new());
         let fresh = Arc::clone(&losses);
         let pool = PgPoolOptions::new()
@@ -171,16 +227,23 @@ impl PgStore {
                 Box::pin(async move { Ok(usable) })
             })
             .connect_lazy_with(connect.clone());
+        let session_pool = listen.as_ref().map(|listen| {
+            PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(options.acquire_timeout)
+                .connect_lazy_with(listen.clone())
+        });
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(options.acquire_timeout)
             .max_lifetime(None)
             .idle_timeout(None)
-            .connect_lazy_with(connect);
+            .connect_lazy_with(listen.unwrap_or(connect));
         Ok(Self::new(
             pool,
             PgBackend {
                 listen_pool,
+                session_pool,
                 losses,
             },
             options.lookup_connections,
@@ -224,6 +287,17 @@ fn classify(err: sqlx::Error) -> StorageError {
             // do lock it; this is the backstop).
             if code == "23503" {
                 return StorageError::AccountGone;
+            }
+            // A prepared statement missing, or already there, on the
+            // server connection: what a pooler in transaction mode does to
+            // a statement cache (README, "Connection poolers").
+            if code == "26000" || code == "42P05" {
+                tracing::warn!(
+                    sqlstate = code.as_ref(),
+                    "a prepared statement is missing or already exists on the database \
+                     connection: if DATABASE_URL is a pooler in transaction mode, set \
+                     IDENTITY_DATABASE_STATEMENT_CACHE=off and IDENTITY_DATABASE_LISTEN_URL"
+                );
             }
             // Class 08: connection exceptions; 53: insufficient resources;
             // 57P0x: the server is shutting down or restarting; 40001 and
@@ -378,6 +452,7 @@ impl Backend for PgBackend {
         sqlx::query("SELECT pg_notify($1, $2)")
             .bind(CHANNEL)
             .bind(payload)
+            .persistent(!statement_cache_off())
             .execute(conn)
             .await
             .map(drop)
@@ -397,6 +472,7 @@ impl Backend for PgBackend {
         sqlx::query("SELECT pg_notify($1, 'credential:' || id) FROM unnest($2::text[]) AS u(id)")
             .bind(CHANNEL)
             .bind(ids)
+            .persistent(!statement_cache_off())
             .execute(conn)
             .await
             .map(drop)
@@ -431,21 +507,19 @@ impl Backend for PgBackend {
         let ids: Vec<&str> = uses.iter().map(|u| u.id.as_str()).collect();
         let times: Vec<i64> = uses.iter().map(|u| u.at.as_micros()).collect();
         let addresses: Vec<&str> = uses.iter().map(|u| u.address.as_str()).collect();
-        sqlx::query(RECORD_USES)
+        let query = sqlx::query(RECORD_USES)
             .bind(ids)
             .bind(times)
             .bind(addresses)
-            .bind(interval_micros)
-            .execute(pool)
-            .await
-            .map(drop)
-            .map_err(Self::classify)
+            .bind(interval_micros);
+        execute_alone(pool, query).await.map_err(Self::classify)
     }
 
     /// Takes the retention lock on `conn` if no other session holds it.
     async fn lock_retention(conn: &mut sqlx::PgConnection) -> Result<bool, StorageError> {
         sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(RETENTION_LOCK)
+            .persistent(!statement_cache_off())
             .fetch_one(conn)
             .await
             .map_err(Self::classify)
@@ -455,6 +529,7 @@ impl Backend for PgBackend {
     async fn unlock_retention(conn: &mut sqlx::PgConnection) -> Result<(), StorageError> {
         let released: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
             .bind(RETENTION_LOCK)
+            .persistent(!statement_cache_off())
             .fetch_one(conn)
             .await
             .map_err(Self::classify)?;
@@ -469,12 +544,25 @@ impl Backend for PgBackend {
 
     /// The database server's `clock_timestamp()`.
     async fn clock(&self, pool: &PgPool) -> Result<Timestamp, StorageError> {
-        let database: i64 = sqlx::query_scalar(
-            "SELECT CAST(extract(epoch FROM clock_timestamp()) * 1000000 AS BIGINT)",
-        )
-        .fetch_one(pool)
-        .await
-        .map_err(Self::classify)?;
+        let database = database_clock(pool).await.map_err(Self::classify)?;
         Ok(Timestamp::from_micros(database))
+    }
+
+    fn statement(
+        query: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        if statement_cache_off() {
+            query.persistent(false)
+        } else {
+            query
+        }
+    }
+
+    fn alone_in_transaction() -> bool {
+        statement_cache_off()
+    }
+
+    fn session_pool(&self) -> Option<&PgPool> {
+        self.session_pool.as_ref()
     }
 }

@@ -67,6 +67,11 @@ pub(super) async fn record_event<B: Backend>(
     store: &SqlStore<B>,
     event: &AuditEvent,
 ) -> Result<(), StorageError> {
+    if B::alone_in_transaction() {
+        let mut tx = store.begin().await?;
+        insert_event::<B>(&mut tx, event).await?;
+        return tx.commit().await.map_err(B::classify);
+    }
     let mut conn = store.conn().await?;
     insert_event::<B>(&mut conn, event).await
 }

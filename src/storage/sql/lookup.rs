@@ -35,8 +35,9 @@
 //!   limited-use token (`consume_use`) and every write still run on the
 //!   pool.
 //!
-//! If no worker can take a lookup (`connections` is 0, or the workers'
-//! runtime has ended) it runs on the pool, as before.
+//! If no worker can take a lookup (`connections` is 0, the store runs
+//! behind a transaction-mode pooler with its statement cache off, or the
+//! workers' runtime has ended) it runs on the pool, as before.
 
 use std::{
     collections::HashMap,
@@ -146,6 +147,15 @@ impl<B: Backend> std::fmt::Debug for Lookups<B> {
 impl<B: Backend> Lookups<B> {
     /// A batcher with `connections` workers on connections like `pool`'s.
     pub(super) fn new(pool: Pool<B::Db>, backend: B, connections: u32) -> Self {
+        // Behind a transaction-mode pooler (PostgreSQL's statement cache
+        // off) each statement needs a transaction of its own, which the
+        // pool's path gives it: held connections would gain nothing there
+        // (the pooler hands out server connections per transaction).
+        let connections = if B::alone_in_transaction() {
+            0
+        } else {
+            connections
+        };
         Self {
             connections: usize::try_from(connections).unwrap_or(usize::MAX),
             queue: OnceLock::new(),

@@ -185,23 +185,49 @@ impl<B: Backend> SqlStore<B> {
         &self,
         query: Query<'_, B::Db>,
     ) -> Result<Option<B::Row>, StorageError> {
+        if B::alone_in_transaction() {
+            let mut tx = self.begin().await?;
+            let row = fetch_optional::<B>(&mut tx, query).await?;
+            tx.commit().await.map_err(B::classify)?;
+            return Ok(row);
+        }
         let mut conn = self.conn().await?;
-        query.fetch_optional(conn.exec()).await.map_err(B::classify)
+        fetch_optional::<B>(&mut conn, query).await
     }
 
     /// Runs `query` on the pool and returns the rows it finds.
     async fn fetch_all(&self, query: Query<'_, B::Db>) -> Result<Vec<B::Row>, StorageError> {
+        if B::alone_in_transaction() {
+            let mut tx = self.begin().await?;
+            let rows = fetch_all::<B>(&mut tx, query).await?;
+            tx.commit().await.map_err(B::classify)?;
+            return Ok(rows);
+        }
         let mut conn = self.conn().await?;
-        query.fetch_all(conn.exec()).await.map_err(B::classify)
+        fetch_all::<B>(&mut conn, query).await
     }
 
     /// Runs `query` on the pool and returns how many rows it changed.
     async fn execute(&self, query: Query<'_, B::Db>) -> Result<u64, StorageError> {
+        if B::alone_in_transaction() {
+            let mut tx = self.begin().await?;
+            let changed = execute::<B>(&mut tx, query).await?;
+            tx.commit().await.map_err(B::classify)?;
+            return Ok(changed);
+        }
         let mut conn = self.conn().await?;
-        query
-            .execute(conn.exec())
+        execute::<B>(&mut conn, query).await
+    }
+
+    /// A connection that is a session of its own, for what holds a
+    /// session-level lock across statements (see
+    /// [`Backend::session_pool`]).
+    async fn session_conn(&self) -> Result<PoolConnection<B::Db>, StorageError> {
+        self.backend
+            .session_pool()
+            .unwrap_or(&self.pool)
+            .acquire()
             .await
-            .map(|done| B::Db::rows_affected(&done))
             .map_err(B::classify)
     }
 }
@@ -212,7 +238,7 @@ async fn execute<B: Backend>(
     conn: &mut B::Connection,
     query: Query<'_, B::Db>,
 ) -> Result<u64, StorageError> {
-    query
+    B::statement(query)
         .execute(conn.exec())
         .await
         .map(|done| B::Db::rows_affected(&done))
@@ -225,7 +251,10 @@ async fn fetch_optional<B: Backend>(
     conn: &mut B::Connection,
     query: Query<'_, B::Db>,
 ) -> Result<Option<B::Row>, StorageError> {
-    query.fetch_optional(conn.exec()).await.map_err(B::classify)
+    B::statement(query)
+        .fetch_optional(conn.exec())
+        .await
+        .map_err(B::classify)
 }
 
 /// Runs `query` within the caller's transaction and returns the rows it
@@ -234,7 +263,10 @@ async fn fetch_all<B: Backend>(
     conn: &mut B::Connection,
     query: Query<'_, B::Db>,
 ) -> Result<Vec<B::Row>, StorageError> {
-    query.fetch_all(conn.exec()).await.map_err(B::classify)
+    B::statement(query)
+        .fetch_all(conn.exec())
+        .await
+        .map_err(B::classify)
 }
 
 /// The end of every audited change, after the caller's statements changed

@@ -64,7 +64,9 @@ pub(super) async fn purge<B: Backend>(
     store: &SqlStore<B>,
     cutoffs: &PurgeCutoffs,
 ) -> Result<Option<Purged>, StorageError> {
-    let mut conn = store.conn().await?;
+    // The lock is a session's: on a session of its own, never through a
+    // transaction-mode pooler (which could run the unlock elsewhere).
+    let mut conn = store.session_conn().await?;
     if !B::lock_retention(&mut conn).await? {
         return Ok(None);
     }

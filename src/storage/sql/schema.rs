@@ -12,8 +12,10 @@ impl<B: Backend> SqlStore<B> {
     /// Applies the embedded migrations that the database lacks.
     pub async fn migrate(&self) -> Result<(), StorageError> {
         self.check_schema(true).await?;
+        // sqlx holds an advisory lock across the migrations: on a session of
+        // its own (see `Backend::session_pool`).
         crate::storage::migrator(B::MIGRATIONS)
-            .run(&self.pool)
+            .run(self.backend.session_pool().unwrap_or(&self.pool))
             .await
             .map_err(|e| match e {
                 sqlx::migrate::MigrateError::Execute(inner) => B::classify(inner),

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod pgbouncer;
 pub mod postgres;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
