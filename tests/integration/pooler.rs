@@ -305,6 +305,10 @@ async fn call_after_the_server_connection_changes(
         ("IDENTITY_DATABASE_STATEMENT_CACHE", statement_cache),
         ("IDENTITY_DATABASE_LISTEN_URL", direct.as_str()),
         ("IDENTITY_DB_MAX_CONNECTIONS", "1"),
+        // One client connection in all: the lookups' held connections
+        // would meet the pool's prepared statements on the pooler's server
+        // connections before the sequence below arranges it.
+        ("IDENTITY_DB_LOOKUP_CONNECTIONS", "0"),
     ];
     let server = Server::start(&pooled, &env).await;
     let channel = server.channel().await;

@@ -27,9 +27,9 @@ pub(super) const REVOKE_TOKEN: &str = concat!(
      WHERE p.token_id = $1 AND (p.replaced_by IS NULL OR $3 = 1)), ",
     descendants_of!("SELECT n.family_id FROM named n"),
     " UPDATE tokens SET revoke_time = $2, live_name = NULL \
-     WHERE (token_id = $1 OR family_id IN (SELECT family_id FROM descendants) \
-     OR family_id IN (SELECT n.family_id FROM named n)) \
-     AND revoke_time IS NULL RETURNING ",
+     WHERE token_id IN (SELECT CAST($1 AS TEXT) UNION ALL ",
+    members_of!("SELECT n.family_id FROM named n UNION SELECT family_id FROM descendants"),
+    ") AND revoke_time IS NULL RETURNING ",
     revoked_cols!("token_id = $1")
 );
 
@@ -38,8 +38,9 @@ pub(super) const REVOKE_FAMILY: &str = concat!(
     "WITH RECURSIVE ",
     descendants_of!("SELECT CAST($1 AS TEXT)"),
     " UPDATE tokens SET revoke_time = $2, live_name = NULL \
-     WHERE (family_id = $1 OR family_id IN (SELECT family_id FROM descendants)) \
-     AND revoke_time IS NULL RETURNING ",
+     WHERE token_id IN (",
+    members_of!("SELECT CAST($1 AS TEXT) AS family_id UNION SELECT family_id FROM descendants"),
+    ") AND revoke_time IS NULL RETURNING ",
     revoked_cols!("family_id = $1")
 );
 
@@ -59,10 +60,9 @@ macro_rules! leak_tokens {
              AND (expire_time IS NULL OR expire_time > $2)), ",
             descendants_of!("SELECT l.family_id FROM leaked l"),
             " UPDATE tokens SET revoke_time = $2, live_name = NULL \
-             WHERE (token_id IN (SELECT token_id FROM leaked) \
-             OR family_id IN (SELECT family_id FROM leaked) \
-             OR family_id IN (SELECT family_id FROM descendants)) \
-             AND revoke_time IS NULL RETURNING ",
+             WHERE token_id IN (SELECT token_id FROM leaked UNION ALL ",
+            members_of!("SELECT l.family_id FROM leaked l UNION SELECT family_id FROM descendants"),
+            ") AND revoke_time IS NULL RETURNING ",
             // Not `token_id IN leaked`: on SQLite the RETURNING clause
             // may see the rows as updated, no longer live.
             revoked_cols!($match)
@@ -83,9 +83,11 @@ macro_rules! leak_descendants {
             " AND l.revoke_time = $2), ",
             descendants_of!("SELECT r.family_id FROM reported r"),
             " UPDATE tokens SET revoke_time = $2, live_name = NULL \
-             WHERE (family_id IN (SELECT family_id FROM reported) \
-             OR family_id IN (SELECT family_id FROM descendants)) \
-             AND revoke_time IS NULL RETURNING ",
+             WHERE token_id IN (",
+            members_of!(
+                "SELECT r.family_id FROM reported r UNION SELECT family_id FROM descendants"
+            ),
+            ") AND revoke_time IS NULL RETURNING ",
             revoked_cols!("1 = 0")
         )
     };
