@@ -87,8 +87,9 @@ pub struct DatabaseSettings {
     #[arg(long, env = "IDENTITY_DB_ACQUIRE_TIMEOUT", default_value = "5s", value_parser = config::parse_duration)]
     db_acquire_timeout: Duration,
     /// Database connections per replica held by the token and session
-    /// lookups (cache misses), beside the pool; 0: lookups use the pool.
-    #[arg(long, env = "IDENTITY_DB_LOOKUP_CONNECTIONS", default_value_t = 2,
+    /// lookups (cache misses), beside the pool, batching concurrent misses;
+    /// 0 (the default): each lookup uses the pool.
+    #[arg(long, env = "IDENTITY_DB_LOOKUP_CONNECTIONS", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=64))]
     db_lookup_connections: u32,
     /// PostgreSQL: keep statements prepared per connection (on), or send

@@ -204,7 +204,7 @@ impl Default for PoolOptions {
         Self {
             max_connections: 16,
             acquire_timeout: std::time::Duration::from_secs(5),
-            lookup_connections: 2,
+            lookup_connections: 0,
             statement_cache: true,
             listen_url: None,
         }

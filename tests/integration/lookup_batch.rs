@@ -3,7 +3,8 @@
 //! connections of their own. Every verdict must be the one a lookup of its
 //! own would give, whatever else is in its batch; a miss must not need a
 //! pooled connection; and a read that raced with a revocation is still
-//! never cached.
+//! never cached. (The batching is opt-in, `IDENTITY_DB_LOOKUP_CONNECTIONS`:
+//! each replica here turns it on.)
 
 use std::time::Duration;
 
@@ -70,8 +71,11 @@ async fn verify_all_at_once(app: &TestApp, cases: &[(String, Expect)], rounds: u
 /// A replica on `app`'s database with no cache: every verification is a
 /// miss.
 async fn uncached_replica(app: &TestApp) -> TestApp {
-    app.replica_with(|config| config.identity.cache_entries = 0)
-        .await
+    app.replica_with(|config| {
+        config.identity.cache_entries = 0;
+        config.pool.lookup_connections = 2;
+    })
+    .await
 }
 
 async fn many_distinct_misses_at_once_each_get_their_own_verdict(app: TestApp) {
@@ -249,6 +253,7 @@ impl AccountLock {
 async fn a_miss_is_answered_while_every_pooled_connection_is_busy(backend: Backend) {
     let app = TestApp::spawn_with(backend, |config| {
         config.pool.max_connections = 1;
+        config.pool.lookup_connections = 2;
         config.pool.acquire_timeout = Duration::from_secs(2);
         config.identity.cache_entries = 0;
     })
@@ -353,7 +358,10 @@ async fn wait_for_lock_waiters(watch: &mut sqlx::PgConnection, n: i64) {
 async fn a_revocation_racing_a_batched_read_is_not_cached() {
     let app = TestApp::spawn(Backend::Postgres).await;
     let replica = app
-        .replica_with(|config| config.identity.cache_ttl = Duration::from_secs(3600))
+        .replica_with(|config| {
+            config.identity.cache_ttl = Duration::from_secs(3600);
+            config.pool.lookup_connections = 2;
+        })
         .await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !replica.identity.cache().is_enabled() {
@@ -436,5 +444,90 @@ async fn a_revocation_racing_a_batched_read_is_not_cached() {
         assert_eq!(verdict.reason, pb::InactiveReason::Revoked as i32);
     }
     replica.stop().await;
+    app.stop().await;
+}
+
+/// Resumes a stopped process when dropped, whatever the test's outcome.
+struct Stopped(String);
+
+impl Stopped {
+    fn stop(pid: i32) -> Self {
+        let pid = pid.to_string();
+        let status = std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -STOP {pid}");
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0])
+            .status();
+    }
+}
+
+/// A lookup connection that stalls (its server process frozen, as a
+/// half-open TCP connection would look) fails its batch once the acquire
+/// timeout has passed and is replaced: the next miss is answered on a fresh
+/// connection while the old one is still frozen, instead of every miss
+/// waiting behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_lookup_connection_is_dropped_and_replaced() {
+    let app = TestApp::spawn_with(Backend::Postgres, |config| {
+        config.pool.lookup_connections = 1;
+        config.pool.acquire_timeout = Duration::from_secs(1);
+        config.identity.cache_entries = 0;
+    })
+    .await;
+    let robot = app.robot("stalled").await;
+    let (_, secret) = app
+        .token(&app.operator_token, &robot.account_id, "t", &[])
+        .await;
+    assert!(app.verify(&secret, &[]).await.active);
+
+    // The one lookup connection's server process, in this test's database.
+    let mut watch = sqlx::PgConnection::connect(&app.db.url)
+        .await
+        .expect("connect the watcher");
+    let pids: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+         AND query LIKE 'SELECT t.digest AS lookup_digest%'",
+    )
+    .fetch_all(&mut watch)
+    .await
+    .expect("find the lookup connection");
+    assert_eq!(pids.len(), 1, "one lookup connection: {pids:?}");
+    let frozen = Stopped::stop(pids[0]);
+
+    let verifier = app.verifier_token().await;
+    let call = |secret: String| {
+        let mut client = app.tokens();
+        let verifier = verifier.clone();
+        async move {
+            client
+                .verify_token(bearer(
+                    pb::VerifyTokenRequest {
+                        token: secret,
+                        ..Default::default()
+                    },
+                    &verifier,
+                ))
+                .await
+        }
+    };
+    let stalled = call(secret.clone())
+        .await
+        .expect_err("answered from a frozen connection");
+    assert_eq!(stalled.code(), tonic::Code::Unavailable, "{stalled:?}");
+    let verdict = call(secret.clone())
+        .await
+        .expect("a miss after the stall is answered on a fresh connection")
+        .into_inner();
+    assert!(verdict.active, "{verdict:?}");
+    drop(frozen);
     app.stop().await;
 }

@@ -89,3 +89,72 @@ async fn a_database_password_in_the_url_query_is_never_shown() {
 
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+/// The change channel's own URL (`IDENTITY_DATABASE_LISTEN_URL`, for a
+/// transaction-mode pooler) is a database URL like `DATABASE_URL`: its
+/// passwords, in the userinfo and in the query, never reach `config check`,
+/// the start-up log, or the error of a listen database that cannot be
+/// reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_url_password_is_never_shown() {
+    let password = format!("lpw{}", random_hex());
+    let key_password = format!("lkpw{}", random_hex());
+    let leaks = |what: &str, text: &str| -> Vec<String> {
+        [&password, &key_password]
+            .into_iter()
+            .filter(|secret| text.contains(secret.as_str()))
+            .map(|secret| format!("{what} shows {secret}:\n{text}"))
+            .collect()
+    };
+    let mut failures = Vec::new();
+
+    let listen = with_query_secrets(
+        &format!("postgres://identity:{password}@db.internal/identity"),
+        &password,
+        &key_password,
+    );
+    let mut command = identity_command("postgres://identity@db.internal/identity");
+    command
+        .args(["config", "check"])
+        .env("IDENTITY_DATABASE_LISTEN_URL", &listen);
+    let checked = run(command).await;
+    assert!(checked.status.success(), "{}", checked.stderr);
+    assert!(
+        checked.stdout.contains("IDENTITY_DATABASE_LISTEN_URL"),
+        "config check does not show the listen URL at all:\n{}",
+        checked.stdout
+    );
+    failures.extend(leaks("config check (stdout)", &checked.stdout));
+    failures.extend(leaks("config check (stderr)", &checked.stderr));
+
+    // A real database, listened to through a URL that carries passwords
+    // (the cluster trusts the connection: they are carried, not needed).
+    let db = crate::support::postgres::fresh_database_url().await;
+    let listen = with_query_secrets(&db, &password, &key_password);
+    let server = Server::start(&db, &[("IDENTITY_DATABASE_LISTEN_URL", listen.as_str())]).await;
+    let finished = server.terminate().await;
+    assert!(finished.status.success(), "{}", finished.stderr);
+    failures.extend(leaks("the server's log", &finished.stderr));
+
+    // A listen database that cannot be reached, for the migrations'
+    // session (which runs on the listen URL).
+    let unreachable = with_query_secrets(
+        &format!("postgres://identity:{password}@127.0.0.1:1/identity"),
+        &password,
+        &key_password,
+    );
+    let mut command = identity_command(&db);
+    command
+        .arg("migrate")
+        .env("IDENTITY_DATABASE_LISTEN_URL", &unreachable)
+        .env("IDENTITY_DB_ACQUIRE_TIMEOUT", "1s");
+    let failed = run(command).await;
+    assert!(
+        !failed.status.success(),
+        "migrate through an unreachable listen URL succeeded"
+    );
+    failures.extend(leaks("a connection error", &failed.stderr));
+    failures.extend(leaks("a connection error (stdout)", &failed.stdout));
+
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

@@ -212,6 +212,17 @@ impl<B: Backend> Lookups<B> {
     }
 }
 
+/// `statement`'s outcome, or a timeout (classified as the pool's own, so a
+/// caller sees it as unavailable) once `limit` has passed.
+async fn within<B: Backend>(
+    limit: std::time::Duration,
+    statement: impl std::future::Future<Output = Result<Vec<B::Row>, StorageError>>,
+) -> Result<Vec<B::Row>, StorageError> {
+    tokio::time::timeout(limit, statement)
+        .await
+        .unwrap_or_else(|_| Err(B::classify(sqlx::Error::PoolTimedOut)))
+}
+
 /// One worker and its connection.
 struct Worker<B: Backend> {
     queue: Arc<Mutex<mpsc::UnboundedReceiver<Request>>>,
@@ -254,6 +265,11 @@ impl<B: Backend> Worker<B> {
             return;
         }
         let (tokens, sessions) = group(batch);
+        // A statement gets as long as a pooled query waits for a
+        // connection: a connection that stalls (a half-open TCP connection,
+        // a frozen server) is dropped then, instead of holding every later
+        // miss behind it until the kernel gives up.
+        let limit = self.pool.options().get_acquire_timeout();
         let conn = match self.connection().await {
             Ok(conn) => conn,
             Err(err) => {
@@ -263,7 +279,8 @@ impl<B: Backend> Worker<B> {
         };
         // Tokens first, answered as soon as their statement is done; then
         // sessions, on the same connection.
-        let sessions = match run::<B>(conn, B::TOKENS_BY_DIGESTS, &tokens).await {
+        let sessions = match within::<B>(limit, run::<B>(conn, B::TOKENS_BY_DIGESTS, &tokens)).await
+        {
             Ok(found) => {
                 reply(
                     tokens,
@@ -281,7 +298,7 @@ impl<B: Backend> Worker<B> {
                 return;
             }
         };
-        match run::<B>(conn, B::SESSIONS_BY_DIGESTS, &sessions).await {
+        match within::<B>(limit, run::<B>(conn, B::SESSIONS_BY_DIGESTS, &sessions)).await {
             Ok(found) => reply(
                 sessions,
                 found,
