@@ -143,7 +143,7 @@ impl From<StorageError> for DomainError {
             }
             StorageError::AccountGone => Self::AccountNotFound,
             StorageError::TooManyTokens(max) => Self::TokenLimitReached(max),
-            StorageError::ParentRevoked => {
+            StorageError::ParentRevoked | StorageError::CreatorEnded => {
                 Self::CredentialInvalid(super::service::InactiveReason::Revoked.describe())
             }
             other => Self::Internal(Box::new(other)),

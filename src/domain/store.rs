@@ -48,6 +48,11 @@ pub enum StorageError {
     /// a race with its revocation): the creating credential is dead.
     #[error("the creating token's family was revoked")]
     ParentRevoked,
+    /// The credential creating a token ([`crate::domain::token::Creator`])
+    /// was signed out, revoked, expired or its account's credentials
+    /// changed, in a race with the creation.
+    #[error("the creating credential was ended")]
+    CreatorEnded,
     /// The account a new row belongs to does not exist (any more): deleted
     /// before the creation, or in a race with it (a foreign-key violation).
     #[error("the account no longer exists")]
@@ -252,7 +257,9 @@ pub trait Store: Send + Sync + 'static {
     /// is unique only among live tokens. [`Conflict::TokenName`] if a live
     /// token has it; [`StorageError::ParentRevoked`] if the token names a
     /// parent family whose live token is revoked at `now` (read under a
-    /// row lock, so that a concurrent cascading revocation cannot miss it).
+    /// row lock, so that a concurrent cascading revocation cannot miss it);
+    /// [`StorageError::CreatorEnded`] if the token's creator is no longer
+    /// live (read under a row lock likewise).
     /// [`StorageError::AccountGone`] if the account does not exist (it is
     /// locked first, so a concurrent deletion either waits for the new
     /// token or is waited for); [`StorageError::TooManyTokens`] if it
@@ -319,6 +326,7 @@ pub trait Store: Send + Sync + 'static {
     /// `revoke_time`), and inserts `new`. Returns `old` as stored afterwards,
     /// or `None` (and changes nothing) if `old` does not exist, was already
     /// replaced, is revoked (at whatever time), or has expired at `now`.
+    /// [`StorageError::CreatorEnded`] as [`Self::create_token`].
     async fn rotate_token(
         &self,
         old: &TokenId,

@@ -164,6 +164,46 @@ pub struct NewToken {
     pub token: Token,
     /// SHA-256 of the secret.
     pub digest: Digest,
+    /// The credential creating it, if a caller's: re-checked in the
+    /// creating transaction (see [`Creator`]).
+    pub creator: Option<Creator>,
+}
+
+/// The credential a token is created or rotated with. The store checks,
+/// in the transaction that inserts the token and under a lock that the
+/// calls ending the credential wait for, that it is still live: a sign-out,
+/// revocation, password change or disable acknowledged before the
+/// creation commits refuses it ([`crate::domain::store::StorageError::CreatorEnded`]),
+/// so no new secret outlives the credential that asked for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Creator {
+    /// A sign-in session, and its account's credentials generation when
+    /// the session was authenticated.
+    Session {
+        /// The session.
+        id: TokenId,
+        /// The generation it was authenticated at.
+        credentials_generation: i64,
+    },
+    /// A personal access token.
+    Token {
+        /// The token.
+        id: TokenId,
+    },
+}
+
+impl Creator {
+    /// The credential `caller` authenticated with.
+    pub fn of(caller: &crate::domain::policy::Principal) -> Self {
+        let id = caller.credential_id.clone();
+        match caller.credential {
+            crate::domain::credential::CredentialKind::Session => Self::Session {
+                id,
+                credentials_generation: caller.account.credentials_generation,
+            },
+            crate::domain::credential::CredentialKind::PersonalAccessToken => Self::Token { id },
+        }
+    }
 }
 
 /// A sign-in session's metadata.

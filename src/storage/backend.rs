@@ -67,6 +67,11 @@ pub trait Backend: std::fmt::Debug + Clone + Send + Sync + 'static {
     /// The live token of a new child's parent family (`sql::tokens`),
     /// locked where there are row locks.
     const PARENT_LIVE: &'static str;
+    /// The session creating a token, live and current (`sql::tokens`),
+    /// locked where there are row locks.
+    const CREATOR_SESSION_LIVE: &'static str;
+    /// The token creating a token, live (`sql::tokens`), locked likewise.
+    const CREATOR_TOKEN_LIVE: &'static str;
     /// Revokes the tokens of a leak report and their descendants: `$1` the
     /// digests as [`Self::bind_digests`] binds them, `$2` now.
     const LEAK_TOKENS: &'static str;

@@ -417,3 +417,89 @@ async fn deleting_an_account_while_its_tokens_are_being_created_succeeds(app: Te
     }
 }
 crate::both_backends!(deleting_an_account_while_its_tokens_are_being_created_succeeds);
+
+/// Starts `create` (a call that creates a token with `credential`) while
+/// a transaction of the test's own holds `account_id`'s row, which the
+/// creation locks first; once it queues there, `end` ends the credential
+/// (it takes no account lock, so it commits); then the hold ends. The
+/// creation must then fail as the ended credential would: a new secret
+/// never outlives the credential that asked for it.
+async fn creation_racing<T: std::fmt::Debug + Send + 'static>(
+    app: &TestApp,
+    account_id: &str,
+    create: impl std::future::Future<Output = Result<T, tonic::Status>> + Send + 'static,
+    end: impl std::future::Future<Output = Result<(), tonic::Status>>,
+    what: &str,
+) {
+    let mut held = Held::take(
+        &app.db.url,
+        "SELECT account_id FROM accounts WHERE account_id = $1 FOR UPDATE",
+        Some(account_id),
+    )
+    .await;
+    let creating = tokio::spawn(create);
+    held.wait_for_waiters(1, "the creation").await;
+    end.await.expect(what);
+    held.release().await;
+    let created = creating.await.expect("join");
+    assert_status(
+        created,
+        Code::Unauthenticated,
+        "ERROR_REASON_CREDENTIAL_INVALID",
+    );
+}
+
+/// A token creation queued behind its account's row when its session is
+/// signed out fails: the sign-out was acknowledged first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_creation_loses_to_a_concurrent_sign_out_of_its_session() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let (alice, session) = app.person("alice").await;
+    let create = {
+        let client = app.tokens();
+        let request = bearer(
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "late".into(),
+                ..Default::default()
+            },
+            &session,
+        );
+        async move { client.clone().create_token(request).await }
+    };
+    let mut accounts = app.accounts();
+    let sign_out = async move {
+        accounts
+            .sign_out(bearer(pb::SignOutRequest {}, &session))
+            .await
+            .map(drop)
+    };
+    creation_racing(&app, &alice.account_id, create, sign_out, "SignOut").await;
+}
+
+/// A rotation queued behind its account's row when the session asking
+/// for it is signed out fails: no fresh secret for an ended session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotation_loses_to_a_concurrent_sign_out_of_its_session() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let (alice, session) = app.person("alice").await;
+    let (ci, _) = app.token(&session, &alice.account_id, "ci", &[]).await;
+    let rotate = {
+        let client = app.tokens();
+        let request = bearer(
+            pb::RotateTokenRequest {
+                token_id: ci.token_id.clone(),
+            },
+            &session,
+        );
+        async move { client.clone().rotate_token(request).await }
+    };
+    let mut accounts = app.accounts();
+    let sign_out = async move {
+        accounts
+            .sign_out(bearer(pb::SignOutRequest {}, &session))
+            .await
+            .map(drop)
+    };
+    creation_racing(&app, &alice.account_id, rotate, sign_out, "SignOut").await;
+}

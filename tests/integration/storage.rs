@@ -22,7 +22,7 @@ use identity::{
         resource::Resources,
         scope::Scopes,
         time::Timestamp,
-        token::{NewToken, Session, Token, TokenId, TokenName, TokenState},
+        token::{Creator, NewToken, Session, Token, TokenId, TokenName, TokenState},
     },
     storage::{Conflict, StorageError, Store, TokenFilter, TokenUse},
 };
@@ -158,6 +158,7 @@ fn token(
             parent_family_id: None,
         },
         digest: digest(CredentialKind::PersonalAccessToken),
+        creator: None,
     }
 }
 
@@ -235,6 +236,7 @@ fn variant(err: &StorageError) -> &'static str {
         StorageError::Corrupt(_) => "Corrupt",
         StorageError::Schema(_) => "Schema",
         StorageError::ParentRevoked => "ParentRevoked",
+        StorageError::CreatorEnded => "CreatorEnded",
         StorageError::AccountGone => "AccountGone",
         StorageError::TooManyTokens(_) => "TooManyTokens",
         StorageError::Other(_) => "Other",
@@ -1207,6 +1209,39 @@ mod conformance {
             store.revoke_token(&parent.token.id, false, t(20), &ev()).await.expect("revoke").expect("found");
             let refused = store.create_token(&child_of(&parent, &alice.id, "after"), t(30), u32::MAX, &ev()).await;
             assert!(matches!(refused, Err(StorageError::ParentRevoked)), "{refused:?}");
+        }
+
+        async fn a_token_is_created_only_while_its_creator_is_live(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let signed_in = session(&alice.id, 1, 1_000);
+            store.create_session(&signed_in, &digest(CredentialKind::Session), 0, &ev()).await.expect("create session");
+            let by_session = |name: &str, generation: i64| {
+                let mut new = token(&alice.id, name, &[], 10, None);
+                new.creator = Some(Creator::Session { id: signed_in.id.clone(), credentials_generation: generation });
+                new
+            };
+            let creator = token(&alice.id, "creator", &[], 10, None);
+            store.create_token(&creator, t(10), u32::MAX, &ev()).await.expect("create the creating token");
+            let by_token = |name: &str| {
+                let mut new = child_of(&creator, &alice.id, name);
+                new.creator = Some(Creator::Token { id: creator.token.id.clone() });
+                new
+            };
+            store.create_token(&by_session("live", 0), t(20), u32::MAX, &ev()).await.expect("a live session creates");
+            store.create_token(&by_token("child"), t(20), u32::MAX, &ev()).await.expect("a live token creates");
+            let refused = store.create_token(&by_session("stale", 1), t(20), u32::MAX, &ev()).await;
+            assert!(matches!(refused, Err(StorageError::CreatorEnded)), "another generation: {refused:?}");
+            let refused = store.create_token(&by_session("late", 0), t(1_000), u32::MAX, &ev()).await;
+            assert!(matches!(refused, Err(StorageError::CreatorEnded)), "an expired session: {refused:?}");
+            store.revoke_session(&signed_in.id, t(30), &ev()).await.expect("sign out");
+            let refused = store.create_token(&by_session("signed-out", 0), t(40), u32::MAX, &ev()).await;
+            assert!(matches!(refused, Err(StorageError::CreatorEnded)), "a signed-out session: {refused:?}");
+            store.revoke_token(&creator.token.id, false, t(50), &ev()).await.expect("revoke").expect("found");
+            let mut orphan = token(&alice.id, "orphan", &[], 10, None);
+            orphan.creator = Some(Creator::Token { id: creator.token.id.clone() });
+            let refused = store.create_token(&orphan, t(60), u32::MAX, &ev()).await;
+            assert!(matches!(refused, Err(StorageError::CreatorEnded)), "a revoked token: {refused:?}");
         }
 
         async fn revoking_a_family_revokes_its_descendants(store) {

@@ -16,7 +16,7 @@ use crate::domain::{
     scope::Scopes,
     store::TokenFilter,
     time::Timestamp,
-    token::{NewToken, Token, TokenId, TokenName, TokenState},
+    token::{Creator, NewToken, Token, TokenId, TokenName, TokenState},
 };
 
 /// A validated request to issue a token.
@@ -264,6 +264,7 @@ impl Identity {
         let new = NewToken {
             token,
             digest: secret.digest(),
+            creator: actor.map(Creator::of),
         };
         self.store
             .create_token(&new, now, self.settings.max_tokens_per_account, &event)
@@ -436,6 +437,7 @@ impl Identity {
         let new = NewToken {
             token: successor,
             digest: secret.digest(),
+            creator: Some(Creator::of(&caller)),
         };
         let retire_old_at = now.saturating_add(self.settings.rotation_grace);
         let store = Arc::clone(&self.store);

@@ -424,6 +424,8 @@ impl Backend for PgBackend {
     const INSERT_SESSION: &'static str = sql::PG_INSERT_SESSION;
     const LOCK_ACCOUNT_FOR_DELETE: &'static str = sql::PG_LOCK_ACCOUNT_FOR_DELETE;
     const PARENT_LIVE: &'static str = sql::PG_PARENT_LIVE;
+    const CREATOR_SESSION_LIVE: &'static str = sql::PG_CREATOR_SESSION_LIVE;
+    const CREATOR_TOKEN_LIVE: &'static str = sql::PG_CREATOR_TOKEN_LIVE;
     const LEAK_TOKENS: &'static str = sql::PG_LEAK_TOKENS;
     const LEAK_SESSIONS: &'static str = sql::PG_LEAK_SESSIONS;
     const LEAK_DESCENDANTS: &'static str = sql::PG_LEAK_DESCENDANTS;

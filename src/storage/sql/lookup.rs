@@ -462,6 +462,7 @@ fn copy_error(err: &StorageError) -> StorageError {
         StorageError::Schema(why) => StorageError::Schema(why.clone()),
         StorageError::Conflict(what) => StorageError::Conflict(*what),
         StorageError::ParentRevoked => StorageError::ParentRevoked,
+        StorageError::CreatorEnded => StorageError::CreatorEnded,
         StorageError::AccountGone => StorageError::AccountGone,
         StorageError::TooManyTokens(most) => StorageError::TooManyTokens(*most),
     }

@@ -131,7 +131,11 @@ pub(super) use self::{
         SQLITE_LEAK_SESSIONS, SQLITE_LEAK_TOKENS,
     },
     sessions::{PG_INSERT_SESSION, SQLITE_INSERT_SESSION},
-    tokens::{LIST_ALL_TOKENS, LIST_TOKENS, PG_PARENT_LIVE, RECORD_USE, SQLITE_PARENT_LIVE},
+    tokens::{
+        LIST_ALL_TOKENS, LIST_TOKENS, PG_CREATOR_SESSION_LIVE, PG_CREATOR_TOKEN_LIVE,
+        PG_PARENT_LIVE, RECORD_USE, SQLITE_CREATOR_SESSION_LIVE, SQLITE_CREATOR_TOKEN_LIVE,
+        SQLITE_PARENT_LIVE,
+    },
 };
 use super::{
     PoolUsage, StorageError, Store, TokenFilter, TokenUse, WithAccount,
@@ -146,7 +150,7 @@ use crate::domain::{
     retention::{PurgeCutoffs, Purged},
     throttle::{ThrottleClaim, ThrottleCounter},
     time::Timestamp,
-    token::{NewToken, Session, Token, TokenId},
+    token::{Creator, NewToken, Session, Token, TokenId},
 };
 
 /// A [`Store`] on the database of backend `B`: its query pool and the

@@ -2,9 +2,9 @@
 //! listing, rotation, renewal and uses. Revocation is in `revocation`.
 
 use super::{
-    AccountId, AuditEvent, Digest, Invalidation, NewToken, SqlStore, StorageError, Timestamp,
-    Token, TokenFilter, TokenId, TokenUse, WithAccount, accounts, audit, commit_change, execute,
-    fetch_all, fetch_optional, lookup,
+    AccountId, AuditEvent, Creator, Digest, Invalidation, NewToken, SqlStore, StorageError,
+    Timestamp, Token, TokenFilter, TokenId, TokenUse, WithAccount, accounts, audit, commit_change,
+    execute, fetch_all, fetch_optional, lookup,
 };
 use crate::storage::{
     backend::{Backend, Bind as _},
@@ -141,11 +141,46 @@ macro_rules! parent_live {
     };
 }
 
+/// The session creating a token (`$1`), if it is still live at `$3` and
+/// its account's credentials are still those it was authenticated with
+/// (`$2`: the generation), and the account is enabled; `$lock` as above,
+/// so that a sign-out, password change or disable either waits for the
+/// creation or is seen by this read.
+macro_rules! creator_session_live {
+    ($lock:expr) => {
+        concat!(
+            "SELECT s.session_id FROM sessions s JOIN accounts a ON a.account_id = s.account_id \
+             WHERE s.session_id = $1 AND s.revoke_time IS NULL AND s.expire_time > $3 \
+             AND a.credentials_generation = $2 AND a.disable_time IS NULL",
+            $lock
+        )
+    };
+}
+
+/// The token creating a token (`$1`), if it is still live at `$2` (a
+/// predecessor in its rotation's grace period is; a used-up one spent its
+/// last use on this call) and its account is enabled; `$lock` as above.
+macro_rules! creator_token_live {
+    ($lock:expr) => {
+        concat!(
+            "SELECT t.token_id FROM tokens t JOIN accounts a ON a.account_id = t.account_id \
+             WHERE t.token_id = $1 AND t.revoke_time IS NULL \
+             AND (t.retire_time IS NULL OR t.retire_time > $2) \
+             AND (t.expire_time IS NULL OR t.expire_time > $2) AND a.disable_time IS NULL",
+            $lock
+        )
+    };
+}
+
 pub(in crate::storage) const PG_PARENT_LIVE: &str = parent_live!(" FOR SHARE");
+pub(in crate::storage) const PG_CREATOR_SESSION_LIVE: &str = creator_session_live!(" FOR SHARE");
+pub(in crate::storage) const PG_CREATOR_TOKEN_LIVE: &str = creator_token_live!(" FOR SHARE");
 
 /// SQLite has no row locks: its writers take turns, and a transaction whose
 /// read went stale by the time it writes fails instead of committing.
 pub(in crate::storage) const SQLITE_PARENT_LIVE: &str = parent_live!("");
+pub(in crate::storage) const SQLITE_CREATOR_SESSION_LIVE: &str = creator_session_live!("");
+pub(in crate::storage) const SQLITE_CREATOR_TOKEN_LIVE: &str = creator_token_live!("");
 
 pub(super) async fn create_token<B: Backend>(
     store: &SqlStore<B>,
@@ -199,9 +234,37 @@ pub(super) async fn create_token<B: Backend>(
             return Err(StorageError::ParentRevoked);
         }
     }
+    require_creator_live::<B>(&mut tx, new, now).await?;
     insert_token::<B>(&mut tx, new).await?;
     audit::insert_event::<B>(&mut tx, event).await?;
     tx.commit().await.map_err(B::classify)
+}
+
+/// [`StorageError::CreatorEnded`] unless the credential creating `new` is
+/// still live, read under a row lock where there are row locks (after the
+/// account's, the order every creation takes them in).
+async fn require_creator_live<B: Backend>(
+    conn: &mut B::Connection,
+    new: &NewToken,
+    now: Timestamp,
+) -> Result<(), StorageError> {
+    let check = match &new.creator {
+        None => return Ok(()),
+        Some(Creator::Session {
+            id,
+            credentials_generation,
+        }) => sqlx::query(B::CREATOR_SESSION_LIVE)
+            .arg(id.as_str())
+            .arg(*credentials_generation)
+            .arg(now.as_micros()),
+        Some(Creator::Token { id }) => sqlx::query(B::CREATOR_TOKEN_LIVE)
+            .arg(id.as_str())
+            .arg(now.as_micros()),
+    };
+    match fetch_optional::<B>(conn, check).await? {
+        Some(_) => Ok(()),
+        None => Err(StorageError::CreatorEnded),
+    }
 }
 
 pub(super) async fn token_by_id<B: Backend>(
@@ -300,6 +363,9 @@ pub(super) async fn rotate_token<B: Backend>(
     if found == 0 {
         return Err(StorageError::AccountGone);
     }
+    // Before the old token is marked: a token rotating itself is then
+    // still as it was authenticated (and the mark re-checks it anyway).
+    require_creator_live::<B>(&mut tx, new, now).await?;
     let marked = execute::<B>(
         &mut tx,
         sqlx::query(MARK_ROTATED)
