@@ -416,7 +416,13 @@ impl Bench {
         if !notes.is_empty() {
             calls.push_str(&format!("; {notes}"));
         }
-        let generator = format!("loadgen -c {}", self.o.connections);
+        // The concurrency the run used: its own if it named one.
+        let concurrency = args
+            .iter()
+            .position(|a| a == "--concurrency")
+            .and_then(|i| args.get(i + 1))
+            .map_or_else(|| self.o.connections.to_string(), Clone::clone);
+        let generator = format!("loadgen -c {concurrency}");
         report::with(|r| {
             r.record(
                 key,
