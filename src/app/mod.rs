@@ -339,6 +339,7 @@ impl App {
                     self.identity.clone(),
                     self.config.trusted_proxies.clone(),
                     web_tls.is_some(),
+                    self.config.web_origin.clone(),
                 );
                 let stop = async move {
                     let _ = web_stop.wait_for(|stop| *stop).await;

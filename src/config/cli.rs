@@ -326,6 +326,13 @@ pub struct ServeSettings {
     /// is), or off; the host an IP address or a name.
     #[arg(long, env = "IDENTITY_WEB_ADDR", default_value = Config::DEFAULT_WEB_ADDR, value_parser = parse_metrics_addr)]
     web_addr: MetricsAddr,
+    /// The origin browsers reach the web page at, e.g.
+    /// https://id.example.com behind a TLS-terminating proxy: the page
+    /// answers to that host alone, accepts forms from that origin alone, and
+    /// over https:// marks its cookies Secure. Unset: its own address (over
+    /// plaintext, to IP addresses and localhost only).
+    #[arg(long, env = "IDENTITY_WEB_ORIGIN", value_parser = crate::web::PublicOrigin::parse)]
+    web_origin: Option<crate::web::PublicOrigin>,
     /// How long sessions, tokens and sign-in counters are kept after they
     /// stopped working (e.g. 30d), or off to keep them for ever.
     #[arg(long, env = "IDENTITY_RETENTION", default_value = "30d",
@@ -518,6 +525,7 @@ impl ServeSettings {
             Some(addr) => Some(resolve("web_addr", addr)?),
             None => None,
         };
+        config.web_origin = self.web_origin.clone();
         config.connections = ConnectionLimits {
             max_connections: self.max_connections as usize,
             idle_timeout: self.idle_timeout,

@@ -89,6 +89,9 @@ pub struct Config {
     /// gRPC is; `None` turns it off. The binary's default is
     /// [`Self::DEFAULT_WEB_ADDR`]; a `Config` built in code has it off.
     pub web_addr: Option<SocketAddr>,
+    /// The origin browsers reach the web page at (`IDENTITY_WEB_ORIGIN`),
+    /// e.g. behind a TLS-terminating proxy; `None`: its own address.
+    pub web_origin: Option<crate::web::PublicOrigin>,
     /// What is purged when, and how often (see `domain::retention`).
     pub retention: RetentionSettings,
     /// What one listener lets its clients hold: connections, idle time,
@@ -206,6 +209,7 @@ impl Config {
             log_format: LogFormat::Text,
             health_listen_addr: None,
             web_addr: None,
+            web_origin: None,
             retention: RetentionSettings::default(),
             connections: ConnectionLimits::default(),
         }
@@ -227,6 +231,16 @@ impl Config {
             return Err(format!(
                 "{} must be positive",
                 name("tls_handshake_timeout")
+            ));
+        }
+        if self.tls.is_some()
+            && let Some(origin) = self.web_origin.as_ref().filter(|o| !o.is_https())
+        {
+            return Err(format!(
+                "{} = {origin} is plaintext, but the web page is served over TLS (with {}): \
+                 use https://",
+                name("web_origin"),
+                name("tls_cert"),
             ));
         }
         let auth = self.verifiers.mode;

@@ -10,6 +10,9 @@
 //! - The session token lives in a cookie, `HttpOnly`, `SameSite=Strict`,
 //!   `Path=/`, expiring with the session; over TLS also `Secure` and named
 //!   with the `__Host-` prefix.
+//! - It answers only to the names it is served under (against DNS
+//!   rebinding), and can be served as an `https://` origin behind a
+//!   TLS-terminating proxy: see `origin`.
 //! - Every POST must come from this page's own origin (`Origin`, or
 //!   `Sec-Fetch-Site` when a client sends no `Origin` or `null`) and carry a CSRF
 //!   token: for a signed-in person a hash of the session secret (it cannot
@@ -29,6 +32,7 @@
 mod account;
 pub mod form;
 pub mod html;
+mod origin;
 mod pages;
 mod response;
 mod session;
@@ -50,19 +54,37 @@ use pages::Errors;
 use response::{asset, csrf_refused, message, problem, redirect, sentence};
 use session::same;
 
+pub use origin::PublicOrigin;
+
+/// The host a request was addressed to: `Host`, or the URI's authority
+/// (HTTP/2).
+fn host(parts: &http::request::Parts) -> Option<&str> {
+    parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+}
+
 /// The largest request body read; larger ones are refused with 413.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
 
 /// A response of the page.
 pub type Page = Response<Full<Bytes>>;
 
-/// The page's state: the domain, who may forward client addresses, and
-/// whether it is served over TLS (which names and marks its cookies).
+/// The page's state: the domain, who may forward client addresses,
+/// whether it is served over TLS, and the origin browsers reach it at.
 #[derive(Clone)]
 pub struct Site {
     identity: Identity,
     trusted: Arc<TrustedProxies>,
+    /// Served over TLS here.
+    tls: bool,
+    /// Reached over TLS by browsers (here, or at a proxy in front): names
+    /// and marks the cookies, and sends HSTS.
     secure: bool,
+    /// The origin browsers reach the page at, if configured (`origin`).
+    origin: Option<Arc<PublicOrigin>>,
 }
 
 /// One request, read.
@@ -77,12 +99,20 @@ struct Call {
 
 impl Site {
     /// The page over `identity`, resolving client addresses as the gRPC
-    /// layer does (`trusted`), served over TLS when `secure`.
-    pub fn new(identity: Identity, trusted: TrustedProxies, secure: bool) -> Self {
+    /// layer does (`trusted`), served over TLS when `tls`, and reached by
+    /// browsers at `origin` when one is given (see `origin`).
+    pub fn new(
+        identity: Identity,
+        trusted: TrustedProxies,
+        tls: bool,
+        origin: Option<PublicOrigin>,
+    ) -> Self {
         Self {
             identity,
             trusted: Arc::new(trusted),
-            secure,
+            tls,
+            secure: tls || origin.as_ref().is_some_and(PublicOrigin::is_https),
+            origin: origin.map(Arc::new),
         }
     }
 
@@ -108,6 +138,12 @@ impl Site {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let (parts, body) = request.into_parts();
+        if !origin::serves(self.origin.as_deref(), self.tls, host(&parts)) {
+            return Err(message(
+                StatusCode::MISDIRECTED_REQUEST,
+                "This page is not served under that name.",
+            ));
+        }
         let forwarded = parts
             .headers
             .get_all("x-forwarded-for")

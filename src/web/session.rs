@@ -27,19 +27,16 @@ impl Session {
 }
 
 impl Site {
-    /// Whether a POST comes from this page: its `Origin` is this server's
-    /// (scheme and the `Host` the client addressed); or, when the client
+    /// Whether a POST comes from this page: its `Origin` is the configured
+    /// origin, or without one this server's (scheme and the `Host` the
+    /// client addressed); or, when the client
     /// sends none or `null` (Chromium does under `Referrer-Policy:
     /// no-referrer`), `Sec-Fetch-Site`, which scripts cannot set, says
     /// same-origin. `null` without it is refused; no `Origin` and no
     /// `Sec-Fetch-Site` (a client that is not a browser) passes, the CSRF
     /// token still required.
     pub(super) fn same_origin(&self, parts: &Parts) -> bool {
-        let host = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+        let host = super::host(parts);
         let fetch_site = parts
             .headers
             .get("sec-fetch-site")
@@ -47,10 +44,13 @@ impl Site {
         let from_here = matches!(fetch_site, Some(b"same-origin" | b"none"));
         match parts.headers.get(header::ORIGIN).map(HeaderValue::as_bytes) {
             Some(b"null") => from_here,
-            Some(origin) => host.is_some_and(|host| {
-                let scheme = if self.secure { "https" } else { "http" };
-                origin == format!("{scheme}://{host}").as_bytes()
-            }),
+            Some(origin) => match &self.origin {
+                Some(public) => origin == public.serialized().as_bytes(),
+                None => host.is_some_and(|host| {
+                    let scheme = if self.secure { "https" } else { "http" };
+                    origin == format!("{scheme}://{host}").as_bytes()
+                }),
+            },
             None => fetch_site.is_none() || from_here,
         }
     }

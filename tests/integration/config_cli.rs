@@ -108,6 +108,18 @@ async fn config_check_refuses_what_serve_refuses_with_the_same_message() {
             [&missing[..2], &[("IDENTITY_TLS_HANDSHAKE_TIMEOUT", "0s")]].concat(),
         ),
         (
+            "a plaintext web origin for a page served over TLS",
+            [
+                &missing[..2],
+                &[("IDENTITY_WEB_ORIGIN", "http://id.example.test")],
+            ]
+            .concat(),
+        ),
+        (
+            "a web origin with a path",
+            vec![("IDENTITY_WEB_ORIGIN", "https://id.example.test/tokens")],
+        ),
+        (
             "a port that is not a number",
             vec![("DATABASE_URL", &notaport)],
         ),

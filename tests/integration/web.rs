@@ -103,7 +103,10 @@ pub async fn request(
     let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .expect("connect to the web page");
-    let mut text = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut text = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\n");
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("host")) {
+        text.push_str(&format!("Host: {addr}\r\n"));
+    }
     for (name, value) in headers {
         text.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -139,6 +142,8 @@ pub struct Browser {
     pub addr: SocketAddr,
     pub cookies: BTreeMap<String, String>,
     pub origin: String,
+    /// The `Host` it sends: the address unless set (a proxy's name).
+    pub host: Option<String>,
 }
 
 impl Browser {
@@ -147,12 +152,14 @@ impl Browser {
             addr,
             cookies: BTreeMap::new(),
             origin: format!("http://{addr}"),
+            host: None,
         }
     }
 
     fn cookie_header(&self) -> Vec<(&'static str, String)> {
+        let host = self.host.iter().map(|h| ("Host", h.clone()));
         if self.cookies.is_empty() {
-            return vec![];
+            return host.collect();
         }
         let joined = self
             .cookies
@@ -160,7 +167,7 @@ impl Browser {
             .map(|(n, v)| format!("{n}={v}"))
             .collect::<Vec<_>>()
             .join("; ");
-        vec![("Cookie", joined)]
+        host.chain([("Cookie", joined)]).collect()
     }
 
     fn keep(&mut self, reply: &Reply) {
@@ -817,5 +824,135 @@ async fn a_body_sent_too_slowly_is_answered_408_and_the_connection_closed() {
     let text = String::from_utf8_lossy(&raw);
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
     assert!(text.contains("content-security-policy"), "{text}");
+    app.stop().await;
+}
+
+/// A page addressed by a name that is not an address (what DNS rebinding
+/// sends: the attacker's name, pointed at this server) is refused before
+/// anything is read or changed, forms included; its addresses and
+/// `localhost` are served.
+async fn a_page_addressed_by_a_name_it_is_not_served_under_is_refused(backend: Backend) {
+    let app = spawn(backend, |_| {}).await;
+    let addr = app.web_addr.expect("web page on");
+    let alice = create_person(&app, "alice").await;
+    let port = addr.port();
+    for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}")] {
+        let mut browser = Browser::new(addr);
+        browser.host = Some(host.clone());
+        browser.origin = format!("http://{host}");
+        assert_eq!(browser.get("/sign-in").await.status, 200, "{host}");
+        assert_eq!(
+            browser.sign_in("alice", PASSWORD).await.status,
+            303,
+            "{host}"
+        );
+    }
+    let sessions_before = app.audit(&alice, &[pb::AuditEventType::SignIn]).await.len();
+    // The sign-in form's token and cookie, as a rebinding page would first
+    // fetch them under its own name.
+    let mut honest = Browser::new(addr);
+    let csrf = honest
+        .get("/sign-in")
+        .await
+        .input("csrf")
+        .expect("the form's token");
+    for host in [
+        format!("rebind.example:{port}"),
+        format!("127.0.0.1.rebind.example:{port}"),
+        format!("localhost.rebind.example:{port}"),
+    ] {
+        let mut attacker = Browser::new(addr);
+        attacker.cookies = honest.cookies.clone();
+        attacker.host = Some(host.clone());
+        attacker.origin = format!("http://{host}");
+        let reply = attacker.get("/sign-in").await;
+        assert_eq!(reply.status, 421, "{host}: {reply:?}");
+        assert!(
+            reply.input("csrf").is_none(),
+            "{host}: the form is not shown"
+        );
+        assert_secure_headers(&host, &reply);
+        let reply = attacker
+            .post(
+                "/sign-in",
+                &[
+                    ("csrf", &csrf),
+                    ("username", "alice"),
+                    ("password", PASSWORD),
+                ],
+            )
+            .await;
+        assert_eq!(reply.status, 421, "{host}: {reply:?}");
+        assert!(reply.set_cookies().is_empty(), "{host}: no session");
+    }
+    assert_eq!(
+        app.audit(&alice, &[pb::AuditEventType::SignIn]).await.len(),
+        sessions_before,
+        "no sign-in attempt under another name"
+    );
+    app.stop().await;
+}
+on_both!(a_page_addressed_by_a_name_it_is_not_served_under_is_refused);
+
+/// Behind a TLS-terminating proxy (`web_origin` https://…, the page in
+/// plaintext behind it): the page answers to the proxy's name alone, names
+/// and marks its cookies for TLS, sends HSTS, and accepts forms from that
+/// origin alone; signing in and creating a token work through it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_tls_terminating_proxy_the_page_serves_as_its_public_origin() {
+    let app = spawn(Backend::Sqlite, |config| {
+        config.web_origin =
+            Some(identity::web::PublicOrigin::parse("https://ID.example.test/").expect("origin"));
+    })
+    .await;
+    let addr = app.web_addr.expect("web page on");
+    let alice = create_person(&app, "alice").await;
+    let behind_proxy = |origin: &str| {
+        let mut browser = Browser::new(addr);
+        browser.host = Some("id.example.test".into());
+        browser.origin = origin.into();
+        browser
+    };
+
+    let mut direct = Browser::new(addr);
+    assert_eq!(direct.get("/sign-in").await.status, 421, "its own address");
+
+    // Another scheme or port is another origin: the form is refused.
+    for wrong in ["http://id.example.test", "https://id.example.test:8443"] {
+        let mut browser = behind_proxy(wrong);
+        let reply = browser.sign_in("alice", PASSWORD).await;
+        assert_eq!(reply.status, 403, "{wrong}");
+    }
+
+    let mut browser = behind_proxy("https://id.example.test");
+    let form = browser.get("/sign-in").await;
+    assert_eq!(form.status, 200);
+    assert_eq!(
+        form.header("strict-transport-security"),
+        Some("max-age=31536000")
+    );
+    let cookie = form.set_cookies().join("\n");
+    assert!(
+        cookie.starts_with("__Host-identity-sign-in=") && cookie.contains("; Secure"),
+        "{cookie}"
+    );
+    let signed_in = browser.sign_in("alice", PASSWORD).await;
+    assert_eq!(signed_in.status, 303, "{signed_in:?}");
+    let session = signed_in.set_cookies().join("\n");
+    assert!(
+        session.contains("__Host-identity-session=") && session.contains("; Secure"),
+        "{session}"
+    );
+    let csrf = browser.csrf().await;
+    let created = browser
+        .post(
+            "/tokens",
+            &[("csrf", &csrf), ("name", "ci"), ("expires", "7")],
+        )
+        .await;
+    assert_eq!(created.status, 200, "{created:?}");
+    let secret = created.input("secret").expect("the new secret");
+    assert!(app.verify(&secret, &[]).await.active);
+    assert_eq!(tokens_of(&app, &alice).await.len(), 1);
     app.stop().await;
 }
