@@ -75,7 +75,19 @@ pub(super) async fn watch_store(
     let mut last_problem = String::new();
     loop {
         if watched.prepared {
-            tokio::time::sleep(interval).await;
+            // Or sooner: at once when the database drops this replica's
+            // connections (a failover), and more often while it is away,
+            // so that health (and the readiness gate) follow it within
+            // moments rather than a whole interval.
+            let pause = if last == ServingStatus::NotServing {
+                interval.min(RECHECK_WHILE_DOWN)
+            } else {
+                interval
+            };
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = connection_lost(&watched.database) => {}
+            }
         } else {
             tokio::time::sleep(retry).await;
             retry = (retry * 2).min(interval);
@@ -143,6 +155,20 @@ pub(super) async fn watch_store(
             }
             last = status;
         }
+    }
+}
+
+/// How often a replica reporting NOT_SERVING probes the database: a
+/// failover or a restart is over within a few seconds, and each interval
+/// waited beyond it is time every call is refused.
+const RECHECK_WHILE_DOWN: Duration = Duration::from_millis(50);
+
+/// Returns when `database` reports a lost connection (PostgreSQL's change
+/// channel); never on SQLite, a file that drops no connections.
+async fn connection_lost(database: &Database) {
+    match database {
+        Database::Postgres(store) => store.connection_lost().await,
+        Database::Sqlite(_) => std::future::pending().await,
     }
 }
 

@@ -753,6 +753,13 @@ async fn quiet_restart_fails_no_call(cluster: &Arc<Cluster>) {
     }
     on_cluster(cluster, |c| c.stop(StopMode::Fast)).await;
     on_cluster(cluster, Cluster::resume).await;
+    // The lost change channel makes the replica probe at once however slow
+    // its interval, and the probe saw the database away: until a probe
+    // sees it back (every 50 ms while NOT_SERVING) calls are refused by
+    // design. What is tested here is the pool: past that gate, no call may
+    // fail on one of the idle connections that died meanwhile (the probe
+    // itself replaces at most one of the eight).
+    await_health(&app.channel, ServingStatus::Serving).await;
     let mut failures = Vec::new();
     for n in 8..24 {
         if let Err(status) = create(n).await {

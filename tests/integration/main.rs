@@ -17,6 +17,7 @@ mod cache_flood;
 mod change_feed;
 mod clients;
 mod config_cli;
+mod failover;
 mod faults;
 mod fleet;
 mod forwarded;

@@ -124,12 +124,16 @@ pub struct PgBackend {
 /// are presumed dead and replaced when next acquired, so that once the
 /// database is back no call fails on a connection that died while it was
 /// away. The check is a clock comparison, not a ping: the hot path pays
-/// nothing for it.
+/// nothing for it. Each loss also wakes the health watcher
+/// ([`PgStore::connection_lost`]), so that health follows a failover at
+/// once rather than at its next probe.
 #[derive(Debug)]
 struct ConnectionLosses {
     origin: std::time::Instant,
     /// Microseconds from `origin` to the last loss, plus one; 0 for never.
     last: AtomicU64,
+    /// Woken (one waiter, or the next one) by each loss.
+    lost: tokio::sync::Notify,
 }
 
 impl ConnectionLosses {
@@ -137,6 +141,7 @@ impl ConnectionLosses {
         Self {
             origin: std::time::Instant::now(),
             last: AtomicU64::new(0),
+            lost: tokio::sync::Notify::new(),
         }
     }
 
@@ -144,6 +149,7 @@ impl ConnectionLosses {
     fn record(&self) {
         let now = micros(self.origin.elapsed()).saturating_add(1);
         self.last.store(now, Ordering::Release);
+        self.lost.notify_one();
     }
 
     /// Whether a connection opened `age` ago was opened before (or at) the
@@ -154,6 +160,23 @@ impl ConnectionLosses {
         last != 0 && opened < last
     }
 }
+
+/// When a query last failed in a way that means its server is gone or is
+/// no longer the primary (see [`classify`]): the server shutting down
+/// (57P01–57P03), a connection exception (class 08, or a connection that
+/// broke under a query), or a write refused in a read-only transaction
+/// (25006), which is what a demoted primary, now a standby, answers. Idle
+/// connections opened before then are replaced when next acquired, as
+/// after a loss of the change channel, so that they reconnect to wherever
+/// the database URL now leads (a proxy that follows the primary) instead
+/// of each failing on the old server. Process-wide because errors are
+/// classified without the store (`Backend::classify` has no receiver): a
+/// second store of the process then replaces its idle connections
+/// needlessly, never wrongly. (Only the change channel's own losses wake
+/// the health watcher: a standby behind the URL answers its probes, and
+/// each refused write would otherwise set off one more probe.)
+static ERROR_LOSSES: std::sync::LazyLock<ConnectionLosses> =
+    std::sync::LazyLock::new(ConnectionLosses::new);
 
 /// Whether statements are sent unnamed, each outside a transaction in one of
 /// its own: set once any store of this process is opened with its statement
@@ -223,7 +246,8 @@ impl PgStore {
             // replaced before they can fail a query.
             .test_before_acquire(false)
             .before_acquire(move |_, meta| {
-                let usable = !fresh.predates_last_loss(meta.age);
+                let usable = !fresh.predates_last_loss(meta.age)
+                    && !ERROR_LOSSES.predates_last_loss(meta.age);
                 Box::pin(async move { Ok(usable) })
             })
             .connect_lazy_with(connect.clone());
@@ -248,6 +272,13 @@ impl PgStore {
             },
             options.lookup_connections,
         ))
+    }
+
+    /// Returns once this store's change channel has lost its connection (at
+    /// once if it did since the last call returned): the database dropped
+    /// its connections, so the health watcher should probe it now.
+    pub async fn connection_lost(&self) {
+        self.backend.losses.lost.notified().await;
     }
 
     /// The connection options `url` gives, or why it cannot be used (a
@@ -299,22 +330,31 @@ fn classify(err: sqlx::Error) -> StorageError {
                      IDENTITY_DATABASE_STATEMENT_CACHE=off and IDENTITY_DATABASE_LISTEN_URL"
                 );
             }
-            // Class 08: connection exceptions; 53: insufficient resources;
-            // 57P0x: the server is shutting down or restarting; 40001 and
-            // 40P01: serialization failure and deadlock, both retryable.
-            if code.starts_with("08")
-                || code.starts_with("53")
-                || code.starts_with("57P0")
-                || code == "40001"
-                || code == "40P01"
-            {
+            // Class 08: connection exceptions; 57P0x: the server is
+            // shutting down or restarting; 25006: a write in a read-only
+            // transaction, the answer of a primary demoted to a standby
+            // (during a failover, until the proxy in front follows the new
+            // primary). Each means the connections to that server are of
+            // no more use: a loss ([`ERROR_LOSSES`]).
+            let lost = code.starts_with("08") || code.starts_with("57P0") || code == "25006";
+            if lost {
+                ERROR_LOSSES.record();
+            }
+            // And unavailable, as are 53: insufficient resources; 40001
+            // and 40P01: serialization failure and deadlock, both
+            // retryable.
+            if lost || code.starts_with("53") || code == "40001" || code == "40P01" {
                 StorageError::Unavailable(Box::new(err))
             } else {
                 StorageError::Other(Box::new(err))
             }
         }
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
+        sqlx::Error::Io(_) => {
+            // The connection broke (reset, closed): as class 08.
+            ERROR_LOSSES.record();
+            StorageError::Unavailable(Box::new(err))
+        }
+        sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
@@ -438,7 +478,7 @@ impl Backend for PgBackend {
 
     /// The check the pool's `before_acquire` makes.
     fn predates_loss(&self, age: Duration) -> bool {
-        self.losses.predates_last_loss(age)
+        self.losses.predates_last_loss(age) || ERROR_LOSSES.predates_last_loss(age)
     }
 
     /// Announces a change to every replica, delivered when (and only if)

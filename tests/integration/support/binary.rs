@@ -150,6 +150,11 @@ impl Process {
         }
     }
 
+    /// What the child has written to stderr so far.
+    pub(crate) fn stderr(&self) -> String {
+        self.stderr.snapshot()
+    }
+
     /// The child's process id.
     pub(crate) fn id(&self) -> u32 {
         self.child.id()

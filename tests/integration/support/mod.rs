@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod ha;
 pub mod pgbouncer;
 pub mod postgres;
 
