@@ -2,7 +2,11 @@
 //!
 //! The code that measures things uses the `metrics` facade (as it uses
 //! `tracing`) and never sees the exporter; this module installs the one
-//! Prometheus recorder and serves it over HTTP, apart from gRPC.
+//! Prometheus recorder and serves it over HTTP, apart from gRPC. The hot
+//! path's series are the exception: the call counter and latency histogram
+//! (the observe layer's) and the verdict and cache-lookup counters (the
+//! domain's, [`crate::domain::counters`]) are sharded atomics of their own,
+//! rendered after the recorder's output under the same names and labels.
 //!
 //! A `metrics` recorder is global to the process and can be installed only
 //! once, while tests run many servers in one process. So [`recorder`]
@@ -100,15 +104,6 @@ fn describe() {
     describe_gauge!(
         "identity_build_info",
         "Always 1; its labels name the running build: version and commit"
-    );
-    describe_counter!(
-        "identity_verify_token_verdicts_total",
-        "VerifyToken answers, by verdict: active, or the reason a credential is inactive"
-    );
-    describe_counter!(
-        "identity_verification_cache_lookups_total",
-        "Credential lookups in the verification cache (VerifyToken and every authentication), \
-         by result: hit, miss, or bypassed (cache off, or its change channel down)"
     );
     describe_gauge!(
         crate::domain::service::VERIFIER_EXPIRY_GAUGE,
@@ -275,6 +270,8 @@ fn respond<B>(
             // layer's own (sharded, so that recording does not contend):
             // rendered beside the recorder's.
             crate::api::layers::observe::render(&mut text);
+            // So are the verdict and cache counters, the domain's own.
+            render_counters(&mut text, &crate::domain::counters::families());
             let mut response = http::Response::new(Full::new(Bytes::from(text)));
             response.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -288,6 +285,22 @@ fn respond<B>(
     let mut response = http::Response::new(Full::new(Bytes::new()));
     *response.status_mut() = status;
     response
+}
+
+/// Appends `families` in the Prometheus text format: each with its help,
+/// its type and every series, counted or not (as the recorder shows a
+/// counter from its registration on).
+fn render_counters(out: &mut String, families: &[crate::domain::counters::Family]) {
+    use std::fmt::Write as _;
+    for family in families {
+        let name = family.name;
+        let _ = writeln!(out, "# HELP {name} {}", family.help);
+        let _ = writeln!(out, "# TYPE {name} counter");
+        for (value, count) in &family.series {
+            let _ = writeln!(out, "{name}{{{}=\"{value}\"}} {count}", family.label);
+        }
+        out.push('\n');
+    }
 }
 
 /// Sets up the global log subscriber: `filter` (EnvFilter syntax) to

@@ -12,7 +12,7 @@
 //! Modules: `options` (run.sh's options and environment), `procs`
 //! (children, log, cleanup, signals), `cluster` (PostgreSQL), `replicas`,
 //! `generators` (h2load, pgbench, loadgen), `sampling` (/proc), `report`,
-//! `scenarios` (run.sh's phases), `fleet_page`.
+//! `scenarios` (run.sh's phases), `pooler` (`--pooler`), `fleet_page`.
 
 use std::{collections::HashMap, panic, process::ExitCode, thread, time::Duration};
 
@@ -20,6 +20,10 @@ mod cluster;
 mod fleet_page;
 mod generators;
 mod options;
+#[allow(dead_code, reason = "the driver uses only the start and the URL")]
+#[path = "../../tests/integration/support/pgbouncer.rs"]
+mod pgbouncer;
+mod pooler;
 #[allow(
     dead_code,
     reason = "the driver uses only the Cluster of the tests' module"

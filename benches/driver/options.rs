@@ -43,6 +43,11 @@ Options (each has an environment variable; options win):
                             generator output); the cluster is still
                             stopped                              BENCH_KEEP=1
       --no-build            use the binaries already built       BENCH_NO_BUILD=1
+      --pooler              after the hot and cold scenarios, the same
+                            calls through a real PgBouncer in
+                            transaction mode (statement cache off)
+                            against direct connections, side by side
+                            (apt package pgbouncer)              BENCH_POOLER=1
       --max-other-cpu PCT   a run during which processes the harness did
                             not start (a build...) used this share of the
                             CPU or more is repeated               BENCH_MAX_OTHER_CPU (10)
@@ -141,6 +146,8 @@ pub struct Options {
     pub out: Option<PathBuf>,
     pub keep: bool,
     pub no_build: bool,
+    /// `--pooler`: the hot and cold paths through PgBouncer as well.
+    pub pooler: bool,
     pub server_log: String,
     pub max_other_cpu: u64,
     pub retries: u64,
@@ -198,6 +205,7 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, S
         ("out", "BENCH_OUT", ""),
         ("keep", "BENCH_KEEP", "0"),
         ("no-build", "BENCH_NO_BUILD", "0"),
+        ("pooler", "BENCH_POOLER", "0"),
         ("server-log", "BENCH_SERVER_LOG", "warn,identity::app=info"),
         ("max-other-cpu", "BENCH_MAX_OTHER_CPU", "10"),
         ("retries", "BENCH_RETRIES", "2"),
@@ -224,10 +232,14 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, S
                 v.insert("no-build", "1".into());
                 continue;
             }
+            "--pooler" => {
+                v.insert("pooler", "1".into());
+                continue;
+            }
             "-h" | "--help" => return Ok(Parsed::Help),
             long if long.starts_with("--")
                 && v.contains_key(&long[2..])
-                && !matches!(&long[2..], "keep" | "no-build" | "server-log") =>
+                && !matches!(&long[2..], "keep" | "no-build" | "pooler" | "server-log") =>
             {
                 &long[2..]
             }
@@ -317,6 +329,7 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, S
             .map(PathBuf::from),
         keep: v["keep"] == "1",
         no_build: v["no-build"] == "1",
+        pooler: v["pooler"] == "1",
         server_log: v["server-log"].clone(),
         max_other_cpu,
         retries,

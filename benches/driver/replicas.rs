@@ -74,6 +74,17 @@ impl Replicas {
     /// Starts replica `name` with `flags`; `false` (after stopping it) if it
     /// does not come up.
     pub fn start(&mut self, name: &str, flags: &[&str]) -> Result<bool> {
+        self.start_with_env(name, flags, &[])
+    }
+
+    /// [`Self::start`], with `env` set for this replica alone (after the
+    /// harness's own variables, so it wins over them).
+    pub fn start_with_env(
+        &mut self,
+        name: &str,
+        flags: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<bool> {
         let log_path = self.work.join(format!("replica-{name}.log"));
         let log_file = fs::File::create(&log_path)?;
         let mut command = Command::new(&self.identity);
@@ -102,6 +113,7 @@ impl Replicas {
             // port (and the page is not what is measured).
             .env("IDENTITY_WEB_ADDR", env_or("IDENTITY_WEB_ADDR", "off"))
             .env("IDENTITY_DRAIN_TIMEOUT", "2s")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);

@@ -39,6 +39,8 @@ pub struct Report {
     pub soak_section: Option<String>,
     /// The `signin` scenario's section (see `signin.rs`).
     pub signin_section: Option<String>,
+    /// The `--pooler` section (see `pooler.rs`).
+    pub pooler_section: Option<String>,
     /// Whether the final report has been written (no partial one then).
     pub reported: bool,
 }
@@ -318,6 +320,12 @@ impl Report {
             for row in &self.memory_rows {
                 line(row);
             }
+        }
+        if let Some(pooler) = &self.pooler_section {
+            line("");
+            line("## Through PgBouncer (transaction mode) against direct connections");
+            line("");
+            line(pooler);
         }
         if let Some(signin) = &self.signin_section {
             line("");

@@ -38,7 +38,7 @@ pub struct Bench {
     pub retries: u64,
 }
 
-const VERIFY: &str = "/identity.v1.TokensService/VerifyToken";
+pub const VERIFY: &str = "/identity.v1.TokensService/VerifyToken";
 const HEALTH: &str = "/grpc.health.v1.Health/Check";
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -683,6 +683,9 @@ impl Bench {
             )?;
         }
 
+        if o.pooler && (o.want("hot") || o.want("cold")) {
+            self.pooler(&verify_bin, vf, auth, &tf("scale.txt"))?;
+        }
         if o.want("signin") {
             self.signin()?;
         }

@@ -121,6 +121,11 @@ fn option_checks() {
         (o.soak_secs, o.soak_duration.as_str(), o.duration, o.keep),
         (90, "90s", 10, false)
     );
+    assert!(!o.pooler);
+    let Ok(Parsed::Run(o)) = parse(&args(&["-s", "hot,cold", "--pooler"]), &HashMap::new()) else {
+        panic!("the options parse");
+    };
+    assert!(o.pooler && o.want("cold"));
     for (bad, message) in [
         (&["-d", "0"][..], "run.sh: --duration must be at least 1"),
         (&["-d", "x"][..], "run.sh: expected a whole number, got 'x'"),

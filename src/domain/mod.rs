@@ -10,6 +10,7 @@
 pub mod account;
 pub mod audit;
 pub mod cache;
+pub mod counters;
 pub mod credential;
 pub mod error;
 pub mod page;

@@ -9,13 +9,11 @@
 //! a hash without it predates normalisation and was made from the password
 //! as sent, which is then also tried, once, as sent.
 
-use std::{fmt, sync::Arc};
+use std::{cell::RefCell, fmt, sync::Arc};
 
 use argon2::{
-    Algorithm, Argon2, AssociatedData, ParamsBuilder, Version,
-    password_hash::{
-        self, PasswordHasher as _, PasswordVerifier as _, SaltString, rand_core::OsRng,
-    },
+    Algorithm, Argon2, AssociatedData, Block, Params, ParamsBuilder, Version,
+    password_hash::{self, PasswordHasher as _, SaltString, rand_core::OsRng},
 };
 use unicode_normalization::UnicodeNormalization as _;
 
@@ -385,25 +383,70 @@ impl PasswordHasher {
             let real = hash.is_some();
             let target = hash.unwrap_or_else(|| inner.dummy.clone());
             let parsed = password_hash::PasswordHash::new(target.as_str()).map_err(internal)?;
-            let mut matches = inner
-                .argon2
-                .verify_password(password.as_bytes(), &parsed)
-                .is_ok();
+            let mut matches = Self::check(password.as_bytes(), &parsed);
             if let (false, Some(as_sent)) = (matches, &password.as_sent) {
                 if is_marked(&parsed) {
                     let dummy =
                         password_hash::PasswordHash::new(inner.dummy.as_str()).map_err(internal)?;
-                    let _ = inner.argon2.verify_password(as_sent.as_bytes(), &dummy);
+                    let _ = Self::check(as_sent.as_bytes(), &dummy);
                 } else {
-                    matches = inner
-                        .argon2
-                        .verify_password(as_sent.as_bytes(), &parsed)
-                        .is_ok();
+                    matches = Self::check(as_sent.as_bytes(), &parsed);
                 }
             }
             Ok(real && matches)
         })
         .await?
+    }
+
+    /// Whether `password` matches `hash` (argon2id or any other argon2
+    /// variant, with the hash's own parameters): what `verify_password`
+    /// computes, on this thread's memory.
+    ///
+    /// argon2 allocates its blocks (19 MiB) afresh for every hash, and
+    /// glibc serves an allocation that large from the thread's arena once a
+    /// freed one has raised its mmap threshold: a freed block stays
+    /// resident, and the small allocations around it keep the next one from
+    /// fitting in its place, until the arena's heap holds three of them
+    /// (58 MiB) and hashes move on to another arena. After a sign-in flood
+    /// one hashing thread held 130-190 MiB so. Each thread (the service's
+    /// hashing threads are few and long-lived) keeps one buffer instead,
+    /// allocated at its first hash and grown only for a hash of larger
+    /// parameters, so a hashing thread's memory is one buffer, flat.
+    /// Public for the benchmark's baseline (raw checks per second), which
+    /// must do exactly this work.
+    pub fn check(password: &[u8], hash: &password_hash::PasswordHash<'_>) -> bool {
+        thread_local! {
+            static MEMORY: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+        }
+        let (Some(salt), Some(expected)) = (&hash.salt, &hash.hash) else {
+            return false;
+        };
+        let Ok(algorithm) = Algorithm::try_from(hash.algorithm) else {
+            return false;
+        };
+        let version = match hash.version.map(Version::try_from).transpose() {
+            Ok(version) => version.unwrap_or_default(),
+            Err(_) => return false,
+        };
+        let Ok(params) = Params::try_from(hash) else {
+            return false;
+        };
+        let mut salt_bytes = [0u8; 64];
+        let Ok(salt) = salt.decode_b64(&mut salt_bytes) else {
+            return false;
+        };
+        let blocks = params.block_count();
+        let argon2 = Argon2::new(algorithm, version, params);
+        let mut out = [0u8; password_hash::Output::MAX_LENGTH];
+        let out = &mut out[..expected.len()];
+        MEMORY.with_borrow_mut(|memory| {
+            if memory.len() < blocks {
+                memory.resize(blocks, Block::default());
+            }
+            argon2
+                .hash_password_into_with_memory(password, salt, out, &mut memory[..blocks])
+                .is_ok()
+        }) && password_hash::Output::new(out).is_ok_and(|computed| computed == *expected)
     }
 
     /// How many verifications (real or dummy) have been started since the
@@ -844,6 +887,45 @@ mod tests {
             let refused = Password::new_checked("password", common.into(), &policy, "");
             assert!(refused.is_err(), "{common}");
         }
+    }
+
+    #[test]
+    fn the_reusing_check_agrees_with_argon2s_own_verifier() {
+        use argon2::password_hash::PasswordVerifier as _;
+        let ours = PasswordHasher::argon2id().expect("params");
+        // Smaller parameters, then larger ones than the buffer has, then
+        // ours again: the buffer is sliced, grown, and reused.
+        let small = Argon2::new(
+            Algorithm::Argon2id,
+            Version::V0x13,
+            argon2::Params::new(64, 1, 1, Some(16)).expect("params"),
+        );
+        let large = Argon2::new(
+            Algorithm::Argon2i,
+            Version::V0x10,
+            argon2::Params::new(PasswordHasher::MEMORY_KIB + 512, 1, 2, None).expect("params"),
+        );
+        for argon2 in [&ours, &small, &large, &ours] {
+            let phc = hash_with(argon2, b"correct horse battery").expect("hash");
+            let parsed = password_hash::PasswordHash::new(phc.as_str()).expect("parses");
+            for (password, matches) in [
+                (&b"correct horse battery"[..], true),
+                (b"correct horse batteryX", false),
+                (b"", false),
+            ] {
+                assert_eq!(PasswordHasher::check(password, &parsed), matches, "{phc:?}");
+                assert_eq!(argon2.verify_password(password, &parsed).is_ok(), matches);
+            }
+        }
+        // A hash with no output, or of another algorithm, never matches.
+        let bare = password_hash::PasswordHash::new("$argon2id$v=19$m=64,t=1,p=1$c2FsdHNhbHQ")
+            .expect("parses");
+        assert!(!PasswordHasher::check(b"", &bare));
+        let other = password_hash::PasswordHash::new(
+            "$pbkdf2-sha256$i=1000$c2FsdHNhbHQ$cRAg0lr3ZQwYaWthlBGGhRj/cuR8yYbwEVz4RkE6qd8",
+        )
+        .expect("parses");
+        assert!(!PasswordHasher::check(b"password", &other));
     }
 
     #[test]
