@@ -96,7 +96,7 @@ pub struct DatabaseSettings {
     /// each unnamed, in a transaction of its own (off: for a pooler in
     /// transaction mode, such as PgBouncer).
     #[arg(long, env = "IDENTITY_DATABASE_STATEMENT_CACHE", default_value = "on",
-          value_parser = config::parse_on_off)]
+          value_parser = config::parse_on_off, action = clap::ArgAction::Set)]
     database_statement_cache: bool,
     /// PostgreSQL: the connection for LISTEN, migrations and the retention
     /// lock (direct, or a session-mode pool); DATABASE_URL when unset.

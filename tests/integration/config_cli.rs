@@ -836,3 +836,37 @@ mod commands_name_their_database_and_bootstrap_needs_a_schema {
         commands_name_their_database_and_bootstrap_needs_a_schema_on(Backend::Postgres).await;
     }
 }
+
+/// A setting given as `--flag value` is read like its variable, on/off
+/// ones included (`--database-statement-cache off` was once refused, the
+/// flag taking no value).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_off_settings_take_their_value_as_a_flag() {
+    let url = "postgres://app@127.0.0.1:1/identity";
+    for (value, listen, accepted) in [
+        ("off", Some(url), true),
+        ("on", None, true),
+        ("off", None, false),
+    ] {
+        let mut command = identity_command(url);
+        command.args(["config", "check", "--database-statement-cache", value]);
+        if let Some(listen) = listen {
+            command.args(["--database-listen-url", listen]);
+        }
+        let finished = run(command).await;
+        assert_eq!(
+            finished.status.success(),
+            accepted,
+            "--database-statement-cache {value} (listen URL {listen:?}): {}",
+            finished.stderr
+        );
+        if !accepted {
+            assert!(
+                finished.stderr.contains("IDENTITY_DATABASE_LISTEN_URL")
+                    || finished.stderr.contains("--database-listen-url"),
+                "names what is missing: {}",
+                finished.stderr
+            );
+        }
+    }
+}
