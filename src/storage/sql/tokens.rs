@@ -237,6 +237,24 @@ pub(super) async fn token_by_digest<B: Backend>(
         .transpose()
 }
 
+/// [`token_by_digest`] for a verdict: from the read replica if it is
+/// fresh, knows the token and the token has no use count; otherwise from
+/// the primary.
+pub(super) async fn token_for_verdict<B: Backend>(
+    store: &SqlStore<B>,
+    digest: &Digest,
+) -> Result<Option<WithAccount<Token>>, StorageError> {
+    if let Some(found) = store
+        .backend
+        .replica_lookup(TOKEN_BY_DIGEST, digest, Some("max_uses"))
+        .await
+        && let Some(row) = found.first()
+    {
+        return Ok(Some((rows::token(row)?, rows::account(row)?)));
+    }
+    token_by_digest(store, digest).await
+}
+
 pub(super) async fn list_tokens<B: Backend>(
     store: &SqlStore<B>,
     account: &AccountId,
