@@ -434,3 +434,19 @@ async fn insert_token<B: Backend>(
         .arg(token.resources.to_stored());
     execute::<B>(conn, insert).await.map(drop)
 }
+
+#[cfg(test)]
+mod tests {
+    /// The read replica's lookup (`postgres/replica.rs`) writes the digest
+    /// in place of the one parameter at the end of these statements.
+    #[test]
+    fn the_lookups_by_digest_end_in_their_one_parameter() {
+        for statement in [
+            super::TOKEN_BY_DIGEST,
+            super::super::sessions::SESSION_BY_DIGEST,
+        ] {
+            assert!(statement.ends_with("= $1"), "{statement}");
+            assert_eq!(statement.matches('$').count(), 1, "{statement}");
+        }
+    }
+}
