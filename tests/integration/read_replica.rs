@@ -505,3 +505,80 @@ async fn a_read_url_beside_sqlite_is_refused() {
         finished.stderr
     );
 }
+
+/// The standby's lookups carry the digest in their text: a trace-logging
+/// server that reads from the standby writes no digest (nor secret) to
+/// its log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_digest_read_on_the_standby_reaches_the_logs() {
+    use crate::support::binary::{Secrets, Server, bootstrap_operator, printed_token};
+    use crate::support::pb::{
+        accounts_service_client::AccountsServiceClient, tokens_service_client::TokensServiceClient,
+    };
+    let mut pair = Pair::start().await;
+    let trace = [("IDENTITY_LOG", "trace")];
+    let operator = printed_token(&bootstrap_operator(&pair.url, "ops", &trace).await);
+    let server = Server::start(
+        &pair.url,
+        &[
+            ("IDENTITY_LOG", "trace"),
+            ("IDENTITY_CACHE_ENTRIES", "0"),
+            ("IDENTITY_DATABASE_READ_URL", pair.read_url.as_str()),
+        ],
+    )
+    .await;
+    let channel = server.channel().await;
+    let ops = AccountsServiceClient::new(channel.clone())
+        .get_account(bearer(
+            pb::GetAccountRequest {
+                lookup: Some(pb::get_account_request::Lookup::Username("ops".into())),
+            },
+            &operator,
+        ))
+        .await
+        .expect("get ops")
+        .into_inner()
+        .account
+        .expect("account");
+    let mut tokens = TokensServiceClient::new(channel);
+    let verifier = tokens
+        .create_token(bearer(
+            pb::CreateTokenRequest {
+                account_id: ops.account_id.clone(),
+                name: "verifier".into(),
+                scopes: vec!["tokens:verify".into()],
+                ..Default::default()
+            },
+            &operator,
+        ))
+        .await
+        .expect("create a verifier")
+        .into_inner()
+        .secret;
+    pair.caught_up().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while pair.standby_lookups().await == 0 {
+        let verdict = tokens
+            .verify_token(bearer(
+                pb::VerifyTokenRequest {
+                    token: operator.clone(),
+                    ..Default::default()
+                },
+                &verifier,
+            ))
+            .await
+            .expect("verify")
+            .into_inner();
+        assert!(verdict.active);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the standby never ran a lookup"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let finished = server.terminate().await;
+    let mut secrets = Secrets::default();
+    secrets.token("operator token", &operator);
+    secrets.token("verifier token", &verifier);
+    secrets.assert_absent_from(&[("the server's log", &finished.stderr)]);
+}

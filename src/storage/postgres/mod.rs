@@ -18,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use sqlx::ConnectOptions as _;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 mod feed;
@@ -259,7 +260,12 @@ impl PgStore {
                             .min(replica::REPLICA_ACQUIRE_TIMEOUT),
                     )
                     .test_before_acquire(false)
-                    .connect_lazy_with(Self::connect_options(read_url.expose())?),
+                    // Its lookups carry the digest in their text (the
+                    // simple protocol binds nothing): sqlx must not log
+                    // them, at any level or speed.
+                    .connect_lazy_with(
+                        Self::connect_options(read_url.expose())?.disable_statement_logging(),
+                    ),
                 watermark: Arc::new(Watermark::new()),
                 origin: std::time::Instant::now(),
                 down_until: AtomicU64::new(0),
