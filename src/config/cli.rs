@@ -103,6 +103,11 @@ pub struct DatabaseSettings {
     // Checked in `config`, as DATABASE_URL is.
     #[arg(long, env = "IDENTITY_DATABASE_LISTEN_URL", hide_env_values = true)]
     database_listen_url: Option<String>,
+    /// PostgreSQL: a hot standby that cache-miss verifications may read
+    /// from when it is fresh enough; every write goes to DATABASE_URL.
+    // Checked in `config`, as DATABASE_URL is.
+    #[arg(long, env = "IDENTITY_DATABASE_READ_URL", hide_env_values = true)]
+    database_read_url: Option<String>,
 }
 
 /// How a command logs (to stderr).
@@ -414,6 +419,10 @@ impl DatabaseSettings {
             config::parse_listen_url(listen_url, &self.database_url)
                 .map_err(|why| format!("{}: {why}", origin("database_listen_url")))?;
         }
+        if let Some(read_url) = &self.database_read_url {
+            config::parse_listen_url(read_url, &self.database_url)
+                .map_err(|why| format!("{}: {why}", origin("database_read_url")))?;
+        }
         config::check_pooler_settings(
             &self.database_url,
             self.database_statement_cache,
@@ -426,6 +435,7 @@ impl DatabaseSettings {
             lookup_connections: self.db_lookup_connections,
             statement_cache: self.database_statement_cache,
             listen_url: self.database_listen_url.clone().map(SecretUrl::new),
+            read_url: self.database_read_url.clone().map(SecretUrl::new),
         };
         Ok(config)
     }

@@ -31,7 +31,7 @@ use clap::{
 
 /// Settings whose values are secret or may embed one: `config check` shows
 /// them redacted.
-const SECRET_SETTINGS: &[&str] = &["database_url", "database_listen_url"];
+const SECRET_SETTINGS: &[&str] = &["database_url", "database_listen_url", "database_read_url"];
 
 /// Why the settings could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -305,8 +305,12 @@ impl Config {
     /// of the database URL replaced by `***`.
     pub fn redact_database_secrets(&self, text: &str) -> String {
         let text = redact_url_secrets(text, &self.database_url);
-        match &self.pool.listen_url {
+        let text = match &self.pool.listen_url {
             Some(listen_url) => redact_url_secrets(&text, listen_url.expose()),
+            None => text,
+        };
+        match &self.pool.read_url {
+            Some(read_url) => redact_url_secrets(&text, read_url.expose()),
             None => text,
         }
     }

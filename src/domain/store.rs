@@ -244,6 +244,19 @@ pub trait Store: Send + Sync + 'static {
         digest: &Digest,
     ) -> Result<Option<WithAccount<Session>>, StorageError>;
 
+    /// [`Self::session_by_digest`] for a verdict (the hot path's cache
+    /// miss): a store with a read replica may answer it from the replica
+    /// if the replica has replayed every change this process knows of, its
+    /// own included (README, "Read replicas"); a session the replica does
+    /// not know is read from the primary. Anything that must see the latest
+    /// state calls `session_by_digest`.
+    async fn session_for_verdict(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<WithAccount<Session>>, StorageError> {
+        self.session_by_digest(digest).await
+    }
+
     /// Marks a session signed out at `at`, unless it already is.
     async fn revoke_session(
         &self,
@@ -282,6 +295,17 @@ pub trait Store: Send + Sync + 'static {
         &self,
         digest: &Digest,
     ) -> Result<Option<WithAccount<Token>>, StorageError>;
+
+    /// [`Self::token_by_digest`] for a verdict (the hot path's cache miss),
+    /// as [`Self::session_for_verdict`]; a token with a use count is always
+    /// read from the primary. Reuse detection, which must see the latest
+    /// state, calls `token_by_digest`.
+    async fn token_for_verdict(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<WithAccount<Token>>, StorageError> {
+        self.token_by_digest(digest).await
+    }
 
     /// Lists an account's tokens that pass `filter`, in id order, starting
     /// after `after`.

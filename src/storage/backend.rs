@@ -161,6 +161,28 @@ pub trait Backend: std::fmt::Debug + Clone + Send + Sync + 'static {
     fn session_pool(&self) -> Option<&Pool<Self::Db>> {
         None
     }
+
+    /// The rows of `statement` (a lookup by one digest, ending in `= $1`)
+    /// as a read replica answers it, only if it had replayed everything
+    /// this process knows of before it read (README, "Read replicas"), and
+    /// found the credential, and (for `use_count`, a column that is NULL for
+    /// a credential without one) it has no use count. `None`: read the
+    /// primary. Without a replica (SQLite has none), always `None`.
+    fn replica_lookup(
+        &self,
+        _statement: &'static str,
+        _digest: &Digest,
+        _use_count: Option<&'static str>,
+    ) -> impl Future<Output = Option<Vec<Self::Row>>> + Send {
+        std::future::ready(None)
+    }
+
+    /// A write of this process committed on `pool`: called before the call
+    /// that made it returns, so that a read replica is never trusted here
+    /// with an answer from before it.
+    fn wrote(&self, _pool: &Pool<Self::Db>) -> impl Future<Output = ()> + Send {
+        std::future::ready(())
+    }
 }
 
 /// A connection that runs statements: `&mut` itself, as an executor.

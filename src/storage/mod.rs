@@ -197,6 +197,11 @@ pub struct PoolOptions {
     /// migrations and the retention lock use (`IDENTITY_DATABASE_LISTEN_URL`):
     /// direct, or through a session-mode pool. `None`: the database URL.
     pub listen_url: Option<SecretUrl>,
+    /// PostgreSQL: a hot standby that cache-miss verifications may be read
+    /// from (`IDENTITY_DATABASE_READ_URL`), when it has replayed everything
+    /// this process knows of (README, "Read replicas"). `None`: every read
+    /// goes to the database URL.
+    pub read_url: Option<SecretUrl>,
 }
 
 impl Default for PoolOptions {
@@ -207,6 +212,7 @@ impl Default for PoolOptions {
             lookup_connections: 0,
             statement_cache: true,
             listen_url: None,
+            read_url: None,
         }
     }
 }

@@ -33,6 +33,7 @@ mod outage;
 mod passwords;
 mod pooler;
 mod prewarm;
+mod read_replica;
 mod redaction;
 mod replicas;
 mod resources;

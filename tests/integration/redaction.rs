@@ -158,3 +158,61 @@ async fn a_listen_url_password_is_never_shown() {
 
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
+
+/// The read replica's URL (`IDENTITY_DATABASE_READ_URL`) is a database URL
+/// like `DATABASE_URL`: its passwords never reach `config check`, the
+/// start-up log, or the log of a server whose standby cannot be reached
+/// (its reads then go to the primary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_url_password_is_never_shown() {
+    let password = format!("rpw{}", random_hex());
+    let key_password = format!("rkpw{}", random_hex());
+    let leaks = |what: &str, text: &str| -> Vec<String> {
+        [&password, &key_password]
+            .into_iter()
+            .filter(|secret| text.contains(secret.as_str()))
+            .map(|secret| format!("{what} shows {secret}:\n{text}"))
+            .collect()
+    };
+    let mut failures = Vec::new();
+
+    let read = with_query_secrets(
+        &format!("postgres://identity:{password}@standby.internal/identity"),
+        &password,
+        &key_password,
+    );
+    let mut command = identity_command("postgres://identity@db.internal/identity");
+    command
+        .args(["config", "check"])
+        .env("IDENTITY_DATABASE_READ_URL", &read);
+    let checked = run(command).await;
+    assert!(checked.status.success(), "{}", checked.stderr);
+    assert!(
+        checked.stdout.contains("IDENTITY_DATABASE_READ_URL"),
+        "config check does not show the read URL at all:\n{}",
+        checked.stdout
+    );
+    failures.extend(leaks("config check (stdout)", &checked.stdout));
+    failures.extend(leaks("config check (stderr)", &checked.stderr));
+
+    // A server whose standby cannot be reached, verbose.
+    let db = crate::support::postgres::fresh_database_url().await;
+    let unreachable = with_query_secrets(
+        &format!("postgres://identity:{password}@127.0.0.1:1/identity"),
+        &password,
+        &key_password,
+    );
+    let server = Server::start(
+        &db,
+        &[
+            ("IDENTITY_DATABASE_READ_URL", unreachable.as_str()),
+            ("IDENTITY_LOG", "debug"),
+        ],
+    )
+    .await;
+    let finished = server.terminate().await;
+    assert!(finished.status.success(), "{}", finished.stderr);
+    failures.extend(leaks("the server's log", &finished.stderr));
+
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

@@ -121,21 +121,20 @@ impl Identity {
         }
         let epoch = self.cache.epoch();
         let found = match kind {
-            CredentialKind::PersonalAccessToken => {
-                self.store
-                    .token_by_digest(&digest)
-                    .await?
-                    .map(|(token, account)| {
-                        (
-                            token.state(now),
-                            token.retire_time,
-                            token_principal(token, account),
-                        )
-                    })
-            }
+            CredentialKind::PersonalAccessToken => self
+                .store
+                .token_for_verdict(&digest)
+                .await?
+                .map(|(token, account)| {
+                    (
+                        token.state(now),
+                        token.retire_time,
+                        token_principal(token, account),
+                    )
+                }),
             CredentialKind::Session => {
                 self.store
-                    .session_by_digest(&digest)
+                    .session_for_verdict(&digest)
                     .await?
                     .map(|(session, account)| {
                         (

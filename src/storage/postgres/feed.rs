@@ -9,7 +9,9 @@ use sqlx::postgres::PgPool;
 
 use super::{
     ClockOffset, PgBackend, PgStore, StorageError, classify, database_clock, execute_alone, micros,
+    replica,
 };
+use crate::domain::service::CHANNEL_MAX_SILENCE;
 use crate::domain::{
     account::AccountId,
     cache::{Invalidation, InvalidationSink},
@@ -112,6 +114,11 @@ impl PgBackend {
         // heartbeat is an ordinary statement, so it may go through the
         // query pool (and a transaction pooler).
         let heartbeat_pool = pool.clone();
+        // With a read replica, the watermark (`replica.rs`) and the pool the
+        // primary's WAL position is read on.
+        let watermark = self
+            .watermark()
+            .map(|watermark| (Arc::clone(watermark), pool.clone()));
         let sender = Arc::clone(&heartbeats);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
@@ -141,6 +148,12 @@ impl PgBackend {
                 match listen(&pool).await {
                     Ok(mut listener) => {
                         backoff = std::time::Duration::from_millis(100);
+                        // Before the channel is reported up: whatever was
+                        // committed while it was down is covered, so a
+                        // lagging standby cannot answer from before it.
+                        if let Some((watermark, primary)) = &watermark {
+                            replica::anchor_to_primary(watermark, primary).await;
+                        }
                         sink.channel_up(true);
                         let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(NOTIFICATION_BATCH);
                         // Receives; stops (dropping `tx`) once the connection
@@ -180,16 +193,35 @@ impl PgBackend {
                                     None
                                 };
                             }
+                            // The watermark moves before the cache hears of
+                            // the batch: a read that starts after an eviction
+                            // must hold the standby to the change evicted.
+                            // The position is read once per batch, after its
+                            // notifications were received: NOTIFY is
+                            // delivered only after its transaction commits,
+                            // so the primary's position read now is past
+                            // every commit of the batch (a payload cannot
+                            // carry its own commit's position: it is written
+                            // inside the transaction, before the commit).
+                            if let Some((watermark, primary)) = &watermark {
+                                replica::anchor_to_primary(watermark, primary).await;
+                            }
                             sink.invalidate_all(&changes);
                             changes.clear();
                             // Only after what preceded the heartbeat is applied.
                             if let Some(sent) = current {
                                 lag.set(sent.elapsed().as_secs_f64());
                                 sink.current_as_of(sent);
+                                if let Some((watermark, _)) = &watermark {
+                                    watermark.current_as_of(sent, CHANNEL_MAX_SILENCE);
+                                }
                             }
                         }
                         receiver.abort();
                         losses.record();
+                        if let Some((watermark, _)) = &watermark {
+                            watermark.lose();
+                        }
                         sink.channel_up(false);
                     }
                     Err(err) => {

@@ -18,11 +18,16 @@ use std::{
     time::Duration,
 };
 
+use sqlx::ConnectOptions as _;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 mod feed;
 
 use feed::CHANNEL;
+
+mod replica;
+
+pub use replica::{Ticket, Watermark};
 
 use super::{
     ClockOffset, Conflict, PoolOptions, StorageError, TokenUse,
@@ -116,6 +121,9 @@ pub struct PgBackend {
     session_pool: Option<PgPool>,
     /// When the database was last seen to drop connections.
     losses: Arc<ConnectionLosses>,
+    /// The hot standby cache-miss verifications may be read from, and the
+    /// watermark it is held to (`replica.rs`), when there is one.
+    replica: Option<Arc<replica::Replica>>,
 }
 
 /// When the change channel's connection was last lost, which (whatever
@@ -263,12 +271,38 @@ impl PgStore {
             .max_lifetime(None)
             .idle_timeout(None)
             .connect_lazy_with(listen.unwrap_or(connect));
+        // The standby: as many connections as the primary's pool, opened
+        // lazily; a standby that is down fails its reads, which go to the
+        // primary instead.
+        let replica = match &options.read_url {
+            Some(read_url) => Some(Arc::new(replica::Replica {
+                pool: PgPoolOptions::new()
+                    .max_connections(options.max_connections)
+                    .acquire_timeout(
+                        options
+                            .acquire_timeout
+                            .min(replica::REPLICA_ACQUIRE_TIMEOUT),
+                    )
+                    .test_before_acquire(false)
+                    // Its lookups carry the digest in their text (the
+                    // simple protocol binds nothing): sqlx must not log
+                    // them, at any level or speed.
+                    .connect_lazy_with(
+                        Self::connect_options(read_url.expose())?.disable_statement_logging(),
+                    ),
+                watermark: Arc::new(Watermark::new()),
+                origin: std::time::Instant::now(),
+                down_until: AtomicU64::new(0),
+            })),
+            None => None,
+        };
         Ok(Self::new(
             pool,
             PgBackend {
                 listen_pool,
                 session_pool,
                 losses,
+                replica,
             },
             options.lookup_connections,
         ))
@@ -606,5 +640,28 @@ impl Backend for PgBackend {
 
     fn session_pool(&self) -> Option<&PgPool> {
         self.session_pool.as_ref()
+    }
+
+    async fn replica_lookup(
+        &self,
+        statement: &'static str,
+        digest: &Digest,
+        use_count: Option<&'static str>,
+    ) -> Option<Vec<sqlx::postgres::PgRow>> {
+        use super::rows::SqlRow as _;
+        let rows = self.replica_rows(statement, digest).await?;
+        let outcome = match rows.first() {
+            None => replica::Outcome::Absent,
+            Some(row) if use_count.is_some_and(|c| !matches!(row.opt_int(c), Ok(None))) => {
+                replica::Outcome::Limited
+            }
+            Some(_) => replica::Outcome::Served,
+        };
+        outcome.count();
+        matches!(outcome, replica::Outcome::Served).then_some(rows)
+    }
+
+    async fn wrote(&self, pool: &PgPool) {
+        PgBackend::wrote(self, pool).await;
     }
 }

@@ -124,6 +124,23 @@ pub(super) async fn session_by_digest<B: Backend>(
         .transpose()
 }
 
+/// [`session_by_digest`] for a verdict: from the read replica if it is
+/// fresh and knows the session; otherwise from the primary.
+pub(super) async fn session_for_verdict<B: Backend>(
+    store: &SqlStore<B>,
+    digest: &Digest,
+) -> Result<Option<WithAccount<Session>>, StorageError> {
+    if let Some(found) = store
+        .backend
+        .replica_lookup(SESSION_BY_DIGEST, digest, None)
+        .await
+        && let Some(row) = found.first()
+    {
+        return Ok(Some((rows::session(row)?, rows::account(row)?)));
+    }
+    session_by_digest(store, digest).await
+}
+
 pub(super) async fn revoke_session<B: Backend>(
     store: &SqlStore<B>,
     id: &TokenId,

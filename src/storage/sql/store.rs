@@ -76,7 +76,8 @@ impl<B: Backend> Store for SqlStore<B> {
         at: Option<Timestamp>,
         event: &AuditEvent,
     ) -> Result<Option<Account>, StorageError> {
-        accounts::set_account_disabled(self, id, at, event).await
+        self.wrote(accounts::set_account_disabled(self, id, at, event))
+            .await
     }
 
     async fn delete_account(
@@ -84,7 +85,7 @@ impl<B: Backend> Store for SqlStore<B> {
         id: &AccountId,
         event: &AuditEvent,
     ) -> Result<Option<Vec<TokenId>>, StorageError> {
-        accounts::delete_account(self, id, event).await
+        self.wrote(accounts::delete_account(self, id, event)).await
     }
 
     async fn set_password(
@@ -95,7 +96,8 @@ impl<B: Backend> Store for SqlStore<B> {
         at: Timestamp,
         event: &AuditEvent,
     ) -> Result<u64, StorageError> {
-        accounts::set_password(self, id, hash, keep, at, event).await
+        self.wrote(accounts::set_password(self, id, hash, keep, at, event))
+            .await
     }
 
     async fn revoke_sessions(
@@ -104,7 +106,8 @@ impl<B: Backend> Store for SqlStore<B> {
         at: Timestamp,
         event: &AuditEvent,
     ) -> Result<u64, StorageError> {
-        sessions::revoke_sessions(self, account, at, event).await
+        self.wrote(sessions::revoke_sessions(self, account, at, event))
+            .await
     }
 
     async fn create_session(
@@ -124,13 +127,21 @@ impl<B: Backend> Store for SqlStore<B> {
         sessions::session_by_digest(self, digest).await
     }
 
+    async fn session_for_verdict(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<WithAccount<Session>>, StorageError> {
+        sessions::session_for_verdict(self, digest).await
+    }
+
     async fn revoke_session(
         &self,
         id: &TokenId,
         at: Timestamp,
         event: &AuditEvent,
     ) -> Result<(), StorageError> {
-        sessions::revoke_session(self, id, at, event).await
+        self.wrote(sessions::revoke_session(self, id, at, event))
+            .await
     }
 
     async fn create_token(
@@ -152,6 +163,13 @@ impl<B: Backend> Store for SqlStore<B> {
         digest: &Digest,
     ) -> Result<Option<WithAccount<Token>>, StorageError> {
         tokens::token_by_digest(self, digest).await
+    }
+
+    async fn token_for_verdict(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<WithAccount<Token>>, StorageError> {
+        tokens::token_for_verdict(self, digest).await
     }
 
     async fn list_tokens(
@@ -180,7 +198,8 @@ impl<B: Backend> Store for SqlStore<B> {
         at: Timestamp,
         event: &AuditEvent,
     ) -> Result<Option<(Token, Vec<TokenId>)>, StorageError> {
-        revocation::revoke_token(self, id, seen_live, at, event).await
+        self.wrote(revocation::revoke_token(self, id, seen_live, at, event))
+            .await
     }
 
     async fn rotate_token(
@@ -191,7 +210,15 @@ impl<B: Backend> Store for SqlStore<B> {
         now: Timestamp,
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError> {
-        tokens::rotate_token(self, old, new, retire_old_at, now, event).await
+        self.wrote(tokens::rotate_token(
+            self,
+            old,
+            new,
+            retire_old_at,
+            now,
+            event,
+        ))
+        .await
     }
 
     async fn renew_token(
@@ -201,7 +228,8 @@ impl<B: Backend> Store for SqlStore<B> {
         now: Timestamp,
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError> {
-        tokens::renew_token(self, id, expire_time, now, event).await
+        self.wrote(tokens::renew_token(self, id, expire_time, now, event))
+            .await
     }
 
     async fn revoke_family(
@@ -210,7 +238,8 @@ impl<B: Backend> Store for SqlStore<B> {
         at: Timestamp,
         event: &AuditEvent,
     ) -> Result<Vec<TokenId>, StorageError> {
-        revocation::revoke_family(self, family, at, event).await
+        self.wrote(revocation::revoke_family(self, family, at, event))
+            .await
     }
 
     async fn consume_use(&self, id: &TokenId, now: Timestamp) -> Result<Option<i64>, StorageError> {
@@ -232,7 +261,10 @@ impl<B: Backend> Store for SqlStore<B> {
         at: Timestamp,
         template: &AuditEvent,
     ) -> Result<Vec<TokenId>, StorageError> {
-        revocation::revoke_leaked(self, tokens, sessions, at, template).await
+        self.wrote(revocation::revoke_leaked(
+            self, tokens, sessions, at, template,
+        ))
+        .await
     }
 
     async fn claim_sign_in(
@@ -282,5 +314,25 @@ impl<B: Backend> Store for SqlStore<B> {
 
     async fn purge(&self, cutoffs: &PurgeCutoffs) -> Result<Option<Purged>, StorageError> {
         retention::purge(self, cutoffs).await
+    }
+}
+
+impl<B: Backend> SqlStore<B> {
+    /// `outcome`, once the backend has heard that a change of this
+    /// process's may have committed (and before the call returns): with a
+    /// read replica, the watermark moves past it (`Backend::wrote`), so that
+    /// the replica cannot answer from before it here. Called whatever the
+    /// outcome: a commit whose acknowledgement was lost is a change too.
+    /// Only the changes a verdict can depend on (revocations, rotations,
+    /// renewals, account changes) come through here; creations need not
+    /// (a credential the replica does not know is read from the primary),
+    /// nor spent uses (a token with a use count is never read from it).
+    async fn wrote<T>(
+        &self,
+        outcome: impl std::future::Future<Output = Result<T, StorageError>>,
+    ) -> Result<T, StorageError> {
+        let outcome = outcome.await;
+        self.backend.wrote(&self.pool).await;
+        outcome
     }
 }

@@ -300,6 +300,24 @@ pub(super) async fn token_by_digest<B: Backend>(
         .transpose()
 }
 
+/// [`token_by_digest`] for a verdict: from the read replica if it is
+/// fresh, knows the token and the token has no use count; otherwise from
+/// the primary.
+pub(super) async fn token_for_verdict<B: Backend>(
+    store: &SqlStore<B>,
+    digest: &Digest,
+) -> Result<Option<WithAccount<Token>>, StorageError> {
+    if let Some(found) = store
+        .backend
+        .replica_lookup(TOKEN_BY_DIGEST, digest, Some("max_uses"))
+        .await
+        && let Some(row) = found.first()
+    {
+        return Ok(Some((rows::token(row)?, rows::account(row)?)));
+    }
+    token_by_digest(store, digest).await
+}
+
 pub(super) async fn list_tokens<B: Backend>(
     store: &SqlStore<B>,
     account: &AccountId,
@@ -481,4 +499,20 @@ async fn insert_token<B: Backend>(
         .arg(token.retire_time.map(Timestamp::as_micros))
         .arg(token.resources.to_stored());
     execute::<B>(conn, insert).await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    /// The read replica's lookup (`postgres/replica.rs`) writes the digest
+    /// in place of the one parameter at the end of these statements.
+    #[test]
+    fn the_lookups_by_digest_end_in_their_one_parameter() {
+        for statement in [
+            super::TOKEN_BY_DIGEST,
+            super::super::sessions::SESSION_BY_DIGEST,
+        ] {
+            assert!(statement.ends_with("= $1"), "{statement}");
+            assert_eq!(statement.matches('$').count(), 1, "{statement}");
+        }
+    }
 }

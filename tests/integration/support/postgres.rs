@@ -621,3 +621,192 @@ impl Drop for Cluster {
         let _ = fs::remove_dir_all(&self.layout.root);
     }
 }
+
+/// A streaming hot standby of a [`Cluster`]: `pg_basebackup -R` of it into
+/// a data directory of its own, started on another port, for the read
+/// replica tests (`read_replica.rs`). Stopped and removed when dropped,
+/// and by the same watchdog as the cluster's if this process dies.
+pub struct Standby {
+    layout: Layout,
+    port: u16,
+}
+
+impl Cluster {
+    /// Takes a base backup of this cluster and starts it as a streaming
+    /// standby; returns once it accepts connections and is in recovery.
+    pub fn standby(&self) -> Standby {
+        let bin_dir = postgres_bin_dir();
+        let as_root = running_as_root();
+        let root = tempfile::Builder::new()
+            .prefix("identity-pg-standby-")
+            .tempdir()
+            .expect("cannot create a temporary directory for the standby")
+            .keep();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755))
+            .expect("cannot make the standby directory world-traversable");
+        let data_dir = root.join("data");
+        let socket_dir = root.join("socket");
+        fs::create_dir(&socket_dir).expect("cannot create the standby socket directory");
+        if as_root {
+            let _ = Command::new("chown")
+                .args(["-R", "postgres:"])
+                .arg(&root)
+                .status();
+        }
+        let backup = run_as_cluster_owner(
+            as_root,
+            &bin_dir.join("pg_basebackup"),
+            &[
+                "-D".into(),
+                data_dir.clone().into(),
+                "-R".into(),
+                "-X".into(),
+                "stream".into(),
+                "-c".into(),
+                "fast".into(),
+                "-h".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                self.port.to_string().into(),
+                "-U".into(),
+                "postgres".into(),
+            ],
+        );
+        let output = Command::new(&backup[0])
+            .args(&backup[1..])
+            .current_dir(&root)
+            .stdin(Stdio::null())
+            .output()
+            .expect("cannot run pg_basebackup");
+        assert!(
+            output.status.success(),
+            "pg_basebackup failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let port = free_port();
+        let conf = data_dir.join("postgresql.conf");
+        let mut text =
+            fs::read_to_string(&conf).expect("cannot read the standby's postgresql.conf");
+        text.push_str(&format!(
+            "\n# identity standby\nport = {port}\nunix_socket_directories = '{}'\n",
+            socket_dir.display()
+        ));
+        fs::write(&conf, text).expect("cannot write the standby's postgresql.conf");
+        let layout = Layout {
+            bin_dir,
+            as_root,
+            log_path: root.join("postgres.log"),
+            root,
+            data_dir,
+            socket_dir,
+        };
+        spawn_watchdog(&layout, &[]);
+        let standby = Standby { layout, port };
+        standby.start();
+        standby
+    }
+}
+
+impl Standby {
+    /// Its port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `url` (a database of the primary) as read on this standby.
+    pub fn url_of(&self, url: &str) -> String {
+        let (_, rest) = url
+            .rsplit_once(':')
+            .expect("a postgres://user@127.0.0.1:port/db URL");
+        let (_, database) = rest.split_once('/').expect("a database in the URL");
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// Stops it (fast) and waits until it has exited.
+    pub fn stop(&self) {
+        self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", "30"]);
+    }
+
+    /// Starts it and waits until it accepts connections in recovery.
+    fn start(&self) {
+        let log = self
+            .layout
+            .log_path
+            .to_str()
+            .expect("UTF-8 path")
+            .to_owned();
+        self.pg_ctl(&["start", "-w", "-t", "30", "-l", &log]);
+        wait_until_ready(
+            &self.layout.bin_dir,
+            self.port,
+            &self.layout.root,
+            &self.layout.log_path,
+        );
+        let psql = self.layout.bin_dir.join("psql");
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let output = Command::new(&psql)
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-U", "postgres", "-d", "postgres", "-At", "-c"])
+                .arg("SELECT pg_is_in_recovery()")
+                .stdin(Stdio::null())
+                .output()
+                .expect("cannot run psql");
+            if String::from_utf8_lossy(&output.stdout).trim() == "t" {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the standby never reported itself in recovery; log {}:\n{}",
+                self.layout.log_path.display(),
+                log_tail(&self.layout.log_path)
+            );
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    fn pg_ctl(&self, args: &[&str]) {
+        let mut argv: Vec<OsString> = vec!["-D".into(), self.layout.data_dir.clone().into()];
+        argv.extend(args.iter().map(OsString::from));
+        let command = run_as_cluster_owner(
+            self.layout.as_root,
+            &self.layout.bin_dir.join("pg_ctl"),
+            &argv,
+        );
+        let status = Command::new(&command[0])
+            .args(&command[1..])
+            .current_dir(&self.layout.root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .status()
+            .expect("cannot run pg_ctl");
+        assert!(
+            status.success(),
+            "pg_ctl {args:?} on the standby failed ({status}); log {}:\n{}",
+            self.layout.log_path.display(),
+            log_tail(&self.layout.log_path)
+        );
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        let mut argv: Vec<OsString> = vec!["-D".into(), self.layout.data_dir.clone().into()];
+        argv.extend(["stop", "-m", "immediate", "-w"].map(OsString::from));
+        let command = run_as_cluster_owner(
+            self.layout.as_root,
+            &self.layout.bin_dir.join("pg_ctl"),
+            &argv,
+        );
+        let _ = Command::new(&command[0])
+            .args(&command[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = fs::remove_dir_all(&self.layout.root);
+    }
+}

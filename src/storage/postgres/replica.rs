@@ -1,0 +1,395 @@
+//! Reads from a hot standby (`IDENTITY_DATABASE_READ_URL`), and the
+//! watermark that decides whether the standby may answer.
+//!
+//! A standby may lag, and a stale answer must never undo a revocation. The
+//! [`Watermark`] is the newest primary WAL position this process knows of:
+//! every change it has been told of, and every write of its own, committed
+//! at or before it. A verdict read from the standby is used only if the
+//! standby had replayed at least the watermark *before* the read's snapshot
+//! was taken; otherwise the read goes to the primary. This module never
+//! writes, and never answers anything that must see the latest state (a
+//! use count, reuse detection, a sign-in): those never reach it.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use sqlx::postgres::{PgPool, PgRow};
+
+use super::{PgBackend, micros};
+use crate::domain::credential::Digest;
+
+/// The primary's WAL insert position, as a number of bytes. The insert
+/// position, not `pg_current_wal_lsn()` (the write position): with
+/// `synchronous_commit = off` a commit can return (and its NOTIFY be
+/// delivered) before its commit record is written, and only the insert
+/// position is certain to be past it.
+pub(super) const PRIMARY_POSITION: &str =
+    "SELECT CAST(pg_current_wal_insert_lsn() - '0/0'::pg_lsn AS BIGINT)";
+
+/// How a replica read is counted (`identity_read_replica_reads_total`).
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome {
+    /// Answered by the standby.
+    Served,
+    /// The standby had not replayed the watermark, or the watermark is not
+    /// known (the change channel is down or not current): read the primary.
+    Stale,
+    /// The standby does not know the credential (it may have just been
+    /// created): read the primary.
+    Absent,
+    /// A limited-use token: its use count is the primary's alone.
+    Limited,
+    /// The standby failed or could not be reached: read the primary.
+    Failed,
+}
+
+impl Outcome {
+    /// Counts one read with this outcome.
+    pub fn count(self) {
+        let outcome = match self {
+            Self::Served => "served",
+            Self::Stale => "stale",
+            Self::Absent => "absent",
+            Self::Limited => "limited",
+            Self::Failed => "failed",
+        };
+        metrics::counter!("identity_read_replica_reads_total", "outcome" => outcome).increment(1);
+    }
+}
+
+/// The newest primary WAL position this process knows of, and whether it
+/// is known at all.
+///
+/// It only moves forward ([`Self::advance`]). It is *known* only between
+/// an [`Self::anchor`] (a position read from the primary after whatever
+/// made it unknown) and the next [`Self::lose`] (the change channel went
+/// down, or a write of this process could not learn its position), and
+/// trusted only while the change channel is proven current
+/// ([`Self::current_as_of`]), as the verification cache is: while it is not,
+/// announcements may be missing from it, and the standby is not used.
+///
+/// A change feed (`feed.rs` today; a polled one later) calls `advance` with
+/// positions that cover the commits it delivers, `anchor` when it
+/// (re)connects, `lose` when it loses its source, and `current_as_of` when
+/// it has proven itself current.
+#[derive(Debug)]
+pub struct Watermark {
+    /// The position, in bytes of WAL.
+    position: AtomicU64,
+    /// How many times it was lost.
+    losses: AtomicU64,
+    /// The `losses` count the newest anchor was read after: known while it
+    /// equals `losses`.
+    anchored: AtomicU64,
+    /// The monotonic origin of `current_until`.
+    origin: Instant,
+    /// Microseconds from `origin` until which the channel is trusted.
+    current_until: AtomicU64,
+}
+
+/// Taken before a position is read from the primary, and handed back with
+/// it to [`Watermark::anchor`]: the anchor holds only if the watermark was
+/// not lost in between.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket(u64);
+
+impl Watermark {
+    /// A watermark not yet known: the standby is not used until the change
+    /// channel first connects and anchors it.
+    pub fn new() -> Self {
+        Self {
+            position: AtomicU64::new(0),
+            losses: AtomicU64::new(1),
+            anchored: AtomicU64::new(0),
+            origin: Instant::now(),
+            current_until: AtomicU64::new(0),
+        }
+    }
+
+    /// Moves the watermark forward to `position` (never back).
+    pub fn advance(&self, position: u64) {
+        self.position.fetch_max(position, Ordering::SeqCst);
+    }
+
+    /// Takes a ticket: before reading a position from the primary.
+    pub fn ticket(&self) -> Ticket {
+        Ticket(self.losses.load(Ordering::SeqCst))
+    }
+
+    /// Advances to `position`, read from the primary after `ticket` was
+    /// taken, and makes the watermark known, unless it was lost since.
+    pub fn anchor(&self, ticket: Ticket, position: u64) {
+        self.advance(position);
+        self.anchored.fetch_max(ticket.0, Ordering::SeqCst);
+    }
+
+    /// Makes the watermark unknown until the next anchor: something this
+    /// process may have missed (a lost channel, a write whose position could
+    /// not be read) could be newer than it.
+    pub fn lose(&self) {
+        self.losses.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The channel has delivered everything committed before `sent`: it is
+    /// trusted until `max_silence` after.
+    pub fn current_as_of(&self, sent: Instant, max_silence: std::time::Duration) {
+        let until =
+            micros(sent.saturating_duration_since(self.origin)).saturating_add(micros(max_silence));
+        self.current_until.fetch_max(until, Ordering::SeqCst);
+    }
+
+    /// The position a standby must have replayed for a read starting now
+    /// to be used, or `None` while the watermark is not known or not
+    /// current (then the standby is not used at all). Read before the read
+    /// starts: whatever happens while it runs is the cache's epoch's
+    /// business.
+    pub fn required(&self) -> Option<u64> {
+        let position = self.position.load(Ordering::SeqCst);
+        let known = self.anchored.load(Ordering::SeqCst) == self.losses.load(Ordering::SeqCst);
+        let current = micros(self.origin.elapsed()) < self.current_until.load(Ordering::SeqCst);
+        (known && current).then_some(position)
+    }
+}
+
+impl Default for Watermark {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Reads the primary's [`PRIMARY_POSITION`] on `pool`.
+pub(super) async fn primary_position(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    use sqlx::Row as _;
+    let row = sqlx::Executor::fetch_one(pool, PRIMARY_POSITION).await?;
+    let position: i64 = row.try_get(0)?;
+    Ok(u64::try_from(position).unwrap_or(0))
+}
+
+/// Anchors `watermark` to the primary's current position, or loses it if
+/// that cannot be read.
+pub(super) async fn anchor_to_primary(watermark: &Watermark, pool: &PgPool) {
+    let ticket = watermark.ticket();
+    match primary_position(pool).await {
+        Ok(position) => watermark.anchor(ticket, position),
+        Err(err) => {
+            watermark.lose();
+            tracing::debug!(error = %err, "cannot read the primary's WAL position");
+        }
+    }
+}
+
+/// How long a standby that failed is left alone: its reads go straight to
+/// the primary meanwhile, and the first read after tries it again.
+pub(super) const REPLICA_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a read waits for a connection to the standby (at most; the
+/// pool's acquire timeout if shorter): a standby that is down refuses
+/// connections, which the pool would otherwise retry for the whole acquire
+/// timeout, holding the call all that time.
+pub(super) const REPLICA_ACQUIRE_TIMEOUT: std::time::Duration =
+    std::time::Duration::from_millis(250);
+
+/// The standby and the watermark its answers are held to.
+#[derive(Debug)]
+pub(super) struct Replica {
+    /// Connections to the standby.
+    pub(super) pool: PgPool,
+    /// Shared with the change feed, which advances it.
+    pub(super) watermark: std::sync::Arc<Watermark>,
+    /// The monotonic origin of `down_until`.
+    pub(super) origin: Instant,
+    /// Microseconds from `origin` until which the standby, having failed,
+    /// is not tried; 0 while it works.
+    pub(super) down_until: AtomicU64,
+}
+
+impl Replica {
+    /// Whether this read may try the standby: yes while it works; after a
+    /// failure, only once [`REPLICA_RETRY`] has passed, and then only for
+    /// the one read that claims the retry.
+    fn may_try(&self) -> bool {
+        let until = self.down_until.load(Ordering::Acquire);
+        if until == 0 {
+            return true;
+        }
+        let now = micros(self.origin.elapsed());
+        now >= until
+            && self
+                .down_until
+                .compare_exchange(
+                    until,
+                    now.saturating_add(micros(REPLICA_RETRY)),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+    }
+
+    /// The standby failed a read: left alone for [`REPLICA_RETRY`].
+    fn failed(&self) {
+        let until = micros(self.origin.elapsed()).saturating_add(micros(REPLICA_RETRY));
+        self.down_until.store(until.max(1), Ordering::Release);
+    }
+
+    /// The standby answered a read.
+    fn worked(&self) {
+        if self.down_until.load(Ordering::Acquire) != 0 {
+            self.down_until.store(0, Ordering::Release);
+        }
+    }
+}
+
+impl PgBackend {
+    /// The watermark, when there is a read replica: for a change feed.
+    pub(super) fn watermark(&self) -> Option<&std::sync::Arc<Watermark>> {
+        self.replica.as_ref().map(|replica| &replica.watermark)
+    }
+
+    /// The rows of `statement` (a lookup by one digest, ending in `= $1`)
+    /// as the standby has them, if it is fresh enough: `None` when there is
+    /// no standby, it had not replayed the watermark, or it failed (the
+    /// caller then reads the primary).
+    ///
+    /// One round trip, one simple-protocol message: `BEGIN` (READ
+    /// COMMITTED, whatever the standby's default), the standby's replay
+    /// position, the lookup, `COMMIT`. In READ COMMITTED each statement
+    /// takes its own snapshot when it starts, so the lookup's snapshot is
+    /// taken after the position was read, and (replay only moving forward
+    /// on one server, and the transaction staying on one server even
+    /// through a pooler) holds every commit up to it. Read in the lookup's
+    /// own statement instead, the position would be read *after* its
+    /// snapshot and could overstate it. The digest is written into the text
+    /// as hexadecimal (the simple protocol binds nothing): nothing else of
+    /// the request reaches it.
+    pub(super) async fn replica_rows(
+        &self,
+        statement: &'static str,
+        digest: &Digest,
+    ) -> Option<Vec<PgRow>> {
+        use sqlx::Row as _;
+        let replica = self.replica.as_ref()?;
+        let Some(required) = replica.watermark.required() else {
+            Outcome::Stale.count();
+            return None;
+        };
+        let Some(prefix) = statement.strip_suffix("$1") else {
+            Outcome::Failed.count();
+            return None;
+        };
+        let mut hex = String::with_capacity(64);
+        for byte in digest.as_bytes() {
+            use std::fmt::Write as _;
+            let _ = write!(hex, "{byte:02x}");
+        }
+        let sql = format!(
+            "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; \
+             SELECT CAST(pg_last_wal_replay_lsn() - '0/0'::pg_lsn AS BIGINT) AS replayed; \
+             {prefix}decode('{hex}', 'hex'); COMMIT"
+        );
+        if !replica.may_try() {
+            Outcome::Failed.count();
+            return None;
+        }
+        let mut conn = match replica.pool.acquire().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                replica.failed();
+                Outcome::Failed.count();
+                tracing::debug!(error = %err, "cannot reach the read replica");
+                return None;
+            }
+        };
+        // No arguments: sent as one simple-protocol message.
+        let mut rows = match sqlx::Executor::fetch_all(&mut *conn, sql.as_str()).await {
+            Ok(rows) => rows,
+            Err(err) => {
+                // The message may have stopped inside its transaction.
+                conn.close_on_drop();
+                replica.failed();
+                Outcome::Failed.count();
+                tracing::debug!(error = %err, "the read replica failed a lookup");
+                return None;
+            }
+        };
+        replica.worked();
+        if rows.is_empty() {
+            Outcome::Failed.count();
+            return None;
+        }
+        let position = rows.remove(0);
+        // NULL where the server is not (or no longer) in recovery: then it
+        // is not the standby this process was given, and not trusted.
+        let replayed = position
+            .try_get::<Option<i64>, _>("replayed")
+            .ok()
+            .flatten()
+            .and_then(|p| u64::try_from(p).ok());
+        match replayed {
+            Some(replayed) if replayed >= required => Some(rows),
+            _ => {
+                Outcome::Stale.count();
+                None
+            }
+        }
+    }
+
+    /// After a write of this process committed (and before the call that
+    /// made it returns): advances the watermark to the primary's position,
+    /// which covers the commit, so that the standby cannot answer from
+    /// before it here; or, if it cannot be read, loses the watermark (the
+    /// standby is then not used until the change feed anchors it again).
+    pub(super) async fn wrote(&self, pool: &PgPool) {
+        let Some(replica) = &self.replica else {
+            return;
+        };
+        match primary_position(pool).await {
+            Ok(position) => replica.watermark.advance(position),
+            Err(err) => {
+                replica.watermark.lose();
+                tracing::debug!(error = %err, "cannot read the primary's WAL position after a write");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watermark_is_known_only_between_an_anchor_and_a_loss() {
+        let mark = Watermark::new();
+        mark.current_as_of(Instant::now(), std::time::Duration::from_secs(60));
+        assert_eq!(mark.required(), None, "known before any anchor");
+        let ticket = mark.ticket();
+        mark.anchor(ticket, 100);
+        assert_eq!(mark.required(), Some(100));
+        mark.advance(50);
+        assert_eq!(mark.required(), Some(100), "moved back");
+        mark.advance(150);
+        assert_eq!(mark.required(), Some(150));
+        // A position read before a loss does not make it known again.
+        let stale = mark.ticket();
+        mark.lose();
+        mark.anchor(stale, 200);
+        assert_eq!(mark.required(), None);
+        let fresh = mark.ticket();
+        mark.anchor(fresh, 210);
+        assert_eq!(mark.required(), Some(210));
+    }
+
+    #[test]
+    fn a_watermark_is_not_trusted_past_the_channels_silence() {
+        let mark = Watermark::new();
+        let ticket = mark.ticket();
+        mark.anchor(ticket, 1);
+        assert_eq!(
+            mark.required(),
+            None,
+            "trusted before the channel was current"
+        );
+        mark.current_as_of(Instant::now(), std::time::Duration::ZERO);
+        assert_eq!(mark.required(), None, "trusted past its silence");
+        mark.current_as_of(Instant::now(), std::time::Duration::from_secs(60));
+        assert_eq!(mark.required(), Some(1));
+    }
+}
