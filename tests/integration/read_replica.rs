@@ -135,7 +135,7 @@ impl Pair {
 
     /// Lookups by digest the standby has run.
     async fn standby_lookups(&mut self) -> i64 {
-        lookups(&mut self.replica, "%digest = decode(%").await
+        lookups(&mut self.replica, "%.digest = $1").await
     }
 
     /// Lookups by digest the primary has run.

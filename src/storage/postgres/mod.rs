@@ -284,9 +284,9 @@ impl PgStore {
                             .min(replica::REPLICA_ACQUIRE_TIMEOUT),
                     )
                     .test_before_acquire(false)
-                    // Its lookups carry the digest in their text (the
-                    // simple protocol binds nothing): sqlx must not log
-                    // them, at any level or speed.
+                    // Its lookups bind the digest, but sqlx's statement
+                    // log has nothing to add for them: off, at any level
+                    // or speed.
                     .connect_lazy_with(
                         Self::connect_options(read_url.expose())?.disable_statement_logging(),
                     ),

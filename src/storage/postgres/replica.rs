@@ -178,6 +178,10 @@ pub(super) async fn anchor_to_primary(watermark: &Watermark, pool: &PgPool) {
     }
 }
 
+/// The standby's replay position, in bytes from 0/0 (NULL when the server
+/// is not in recovery).
+const REPLAYED: &str = "SELECT CAST(pg_last_wal_replay_lsn() - '0/0'::pg_lsn AS BIGINT)";
+
 /// How long a standby that failed is left alone: its reads go straight to
 /// the primary meanwhile, and the first read after tries it again.
 pub(super) const REPLICA_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -244,47 +248,31 @@ impl PgBackend {
         self.replica.as_ref().map(|replica| &replica.watermark)
     }
 
-    /// The rows of `statement` (a lookup by one digest, ending in `= $1`)
-    /// as the standby has them, if it is fresh enough: `None` when there is
-    /// no standby, it had not replayed the watermark, or it failed (the
-    /// caller then reads the primary).
+    /// The rows of `statement` (a lookup by one digest, its one parameter
+    /// `$1`) as the standby has them, if it is fresh enough: `None` when
+    /// there is no standby, it had not replayed the watermark, or it failed
+    /// (the caller then reads the primary).
     ///
-    /// One round trip, one simple-protocol message: `BEGIN` (READ
-    /// COMMITTED, whatever the standby's default), the standby's replay
-    /// position, the lookup, `COMMIT`. In READ COMMITTED each statement
-    /// takes its own snapshot when it starts, so the lookup's snapshot is
-    /// taken after the position was read, and (replay only moving forward
-    /// on one server, and the transaction staying on one server even
-    /// through a pooler) holds every commit up to it. Read in the lookup's
-    /// own statement instead, the position would be read *after* its
-    /// snapshot and could overstate it. The digest is written into the text
-    /// as hexadecimal (the simple protocol binds nothing): nothing else of
-    /// the request reaches it.
+    /// Two statements on one connection, outside any transaction: the
+    /// standby's replay position, then the lookup. Each takes its own
+    /// snapshot when it starts, so the lookup's is taken after the position
+    /// was read and (replay only moving forward on one server, and a
+    /// connection staying on one server) holds every commit up to it. Read
+    /// in the lookup's own statement instead, the position would be read
+    /// *after* its snapshot and could overstate it. The digest is bound,
+    /// never written into the statement's text: a standby logs the text of
+    /// a statement that fails (a recovery conflict cancels one now and
+    /// then), and shows it in `pg_stat_activity`, but never its parameters.
     pub(super) async fn replica_rows(
         &self,
         statement: &'static str,
         digest: &Digest,
     ) -> Option<Vec<PgRow>> {
-        use sqlx::Row as _;
         let replica = self.replica.as_ref()?;
         let Some(required) = replica.watermark.required() else {
             Outcome::Stale.count();
             return None;
         };
-        let Some(prefix) = statement.strip_suffix("$1") else {
-            Outcome::Failed.count();
-            return None;
-        };
-        let mut hex = String::with_capacity(64);
-        for byte in digest.as_bytes() {
-            use std::fmt::Write as _;
-            let _ = write!(hex, "{byte:02x}");
-        }
-        let sql = format!(
-            "BEGIN ISOLATION LEVEL READ COMMITTED READ ONLY; \
-             SELECT CAST(pg_last_wal_replay_lsn() - '0/0'::pg_lsn AS BIGINT) AS replayed; \
-             {prefix}decode('{hex}', 'hex'); COMMIT"
-        );
         if !replica.may_try() {
             Outcome::Failed.count();
             return None;
@@ -298,35 +286,46 @@ impl PgBackend {
                 return None;
             }
         };
-        // No arguments: sent as one simple-protocol message.
-        let mut rows = match sqlx::Executor::fetch_all(&mut *conn, sql.as_str()).await {
-            Ok(rows) => rows,
+        let persistent = !super::statement_cache_off();
+        let position = sqlx::query_scalar::<_, Option<i64>>(REPLAYED)
+            .persistent(persistent)
+            .fetch_one(&mut *conn)
+            .await;
+        let replayed = match position {
+            Ok(replayed) => replayed,
             Err(err) => {
-                // The message may have stopped inside its transaction.
+                conn.close_on_drop();
+                replica.failed();
+                Outcome::Failed.count();
+                tracing::debug!(error = %err, "the read replica failed to say its position");
+                return None;
+            }
+        };
+        // NULL where the server is not (or no longer) in recovery: then it
+        // is not the standby this process was given, and not trusted.
+        match replayed.and_then(|p| u64::try_from(p).ok()) {
+            Some(replayed) if replayed >= required => {}
+            _ => {
+                replica.worked();
+                Outcome::Stale.count();
+                return None;
+            }
+        }
+        let rows = sqlx::query(statement)
+            .bind(&digest.as_bytes()[..])
+            .persistent(persistent)
+            .fetch_all(&mut *conn)
+            .await;
+        match rows {
+            Ok(rows) => {
+                replica.worked();
+                Some(rows)
+            }
+            Err(err) => {
                 conn.close_on_drop();
                 replica.failed();
                 Outcome::Failed.count();
                 tracing::debug!(error = %err, "the read replica failed a lookup");
-                return None;
-            }
-        };
-        replica.worked();
-        if rows.is_empty() {
-            Outcome::Failed.count();
-            return None;
-        }
-        let position = rows.remove(0);
-        // NULL where the server is not (or no longer) in recovery: then it
-        // is not the standby this process was given, and not trusted.
-        let replayed = position
-            .try_get::<Option<i64>, _>("replayed")
-            .ok()
-            .flatten()
-            .and_then(|p| u64::try_from(p).ok());
-        match replayed {
-            Some(replayed) if replayed >= required => Some(rows),
-            _ => {
-                Outcome::Stale.count();
                 None
             }
         }

@@ -503,15 +503,14 @@ async fn insert_token<B: Backend>(
 
 #[cfg(test)]
 mod tests {
-    /// The read replica's lookup (`postgres/replica.rs`) writes the digest
-    /// in place of the one parameter at the end of these statements.
+    /// The read replica's lookup (`postgres/replica.rs`) binds the digest
+    /// as these statements' one parameter, and nothing else.
     #[test]
-    fn the_lookups_by_digest_end_in_their_one_parameter() {
+    fn the_lookups_by_digest_take_one_parameter() {
         for statement in [
             super::TOKEN_BY_DIGEST,
             super::super::sessions::SESSION_BY_DIGEST,
         ] {
-            assert!(statement.ends_with("= $1"), "{statement}");
             assert_eq!(statement.matches('$').count(), 1, "{statement}");
         }
     }
