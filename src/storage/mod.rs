@@ -197,6 +197,25 @@ pub struct PoolOptions {
     /// migrations and the retention lock use (`IDENTITY_DATABASE_LISTEN_URL`):
     /// direct, or through a session-mode pool. `None`: the database URL.
     pub listen_url: Option<SecretUrl>,
+    /// PostgreSQL: how each replica hears the others' changes
+    /// (`IDENTITY_CHANGE_FEED`): `LISTEN`/`NOTIFY`, or a table it polls.
+    pub change_feed: ChangeFeed,
+}
+
+/// How replicas sharing a database hear each other's changes (README,
+/// "Change feeds").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeFeed {
+    /// `NOTIFY` in the changing transaction, `LISTEN` on a connection of
+    /// each replica's own (the default).
+    Notify,
+    /// A row in the table of changes, written in the changing transaction;
+    /// each replica reads the new ones every `interval`
+    /// (`postgres/poll.rs`): for engines without `LISTEN`/`NOTIFY`.
+    Poll {
+        /// How often each replica reads the table.
+        interval: std::time::Duration,
+    },
 }
 
 impl Default for PoolOptions {
@@ -207,6 +226,7 @@ impl Default for PoolOptions {
             lookup_connections: 0,
             statement_cache: true,
             listen_url: None,
+            change_feed: ChangeFeed::Notify,
         }
     }
 }

@@ -227,6 +227,7 @@ impl Backend for SqliteBackend {
 
     /// Nothing to announce: no other replica can be listening.
     async fn announce(
+        &self,
         _conn: &mut sqlx::SqliteConnection,
         _what: &Invalidation,
     ) -> Result<(), StorageError> {
@@ -235,6 +236,7 @@ impl Backend for SqliteBackend {
 
     /// Nothing to announce: no other replica can be listening.
     async fn announce_credentials(
+        &self,
         _conn: &mut sqlx::SqliteConnection,
         _ids: &[TokenId],
     ) -> Result<(), StorageError> {

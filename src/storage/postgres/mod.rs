@@ -21,11 +21,12 @@ use std::{
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 mod feed;
+mod poll;
 
 use feed::CHANNEL;
 
 use super::{
-    ClockOffset, Conflict, PoolOptions, StorageError, TokenUse,
+    ChangeFeed, ClockOffset, Conflict, PoolOptions, StorageError, TokenUse,
     backend::{Backend, Query},
     sql::{self, SqlStore},
 };
@@ -97,6 +98,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "live token count index",
         include_str!("../../../migrations/postgres/0012_tokens_live_count_idx.sql"),
     ),
+    (
+        13,
+        "change feed table",
+        include_str!("../../../migrations/postgres/0013_change_feed.sql"),
+    ),
 ];
 
 /// A [`super::Store`] on PostgreSQL.
@@ -116,6 +122,9 @@ pub struct PgBackend {
     session_pool: Option<PgPool>,
     /// When the database was last seen to drop connections.
     losses: Arc<ConnectionLosses>,
+    /// How changes are announced and heard: `NOTIFY`/`LISTEN` (`feed.rs`)
+    /// or the table of changes, polled (`poll.rs`).
+    change_feed: ChangeFeed,
 }
 
 /// When the change channel's connection was last lost, which (whatever
@@ -245,6 +254,7 @@ impl PgStore {
                 listen_pool,
                 session_pool,
                 losses,
+                change_feed: options.change_feed,
             },
             options.lookup_connections,
         ))
@@ -429,6 +439,8 @@ impl Backend for PgBackend {
     const LEAK_DESCENDANTS: &'static str = sql::PG_LEAK_DESCENDANTS;
     const TOKENS_BY_DIGESTS: &'static str = sql::PG_TOKENS_BY_DIGESTS;
     const SESSIONS_BY_DIGESTS: &'static str = sql::PG_SESSIONS_BY_DIGESTS;
+    const PURGE_CHANGES: Option<(&'static str, Duration)> =
+        Some((poll::PURGE_CHANGES, poll::CHANGES_KEPT));
 
     fn classify(err: sqlx::Error) -> StorageError {
         classify(err)
@@ -442,9 +454,13 @@ impl Backend for PgBackend {
     /// Announces a change to every replica, delivered when (and only if)
     /// the caller's transaction commits.
     async fn announce(
+        &self,
         conn: &mut sqlx::PgConnection,
         what: &Invalidation,
     ) -> Result<(), StorageError> {
+        if let ChangeFeed::Poll { .. } = self.change_feed {
+            return poll::record(conn, what).await;
+        }
         let payload = match what {
             Invalidation::Credential(id) => format!("credential:{}", id.as_str()),
             Invalidation::Account(id) => format!("account:{}", id.as_str()),
@@ -462,6 +478,7 @@ impl Backend for PgBackend {
     /// Announces that each of `ids` was revoked, in one statement, with
     /// the caller's transaction (as [`Self::announce`]).
     async fn announce_credentials(
+        &self,
         conn: &mut sqlx::PgConnection,
         ids: &[TokenId],
     ) -> Result<(), StorageError> {
@@ -469,6 +486,9 @@ impl Backend for PgBackend {
             return Ok(());
         }
         let ids: Vec<&str> = ids.iter().map(TokenId::as_str).collect();
+        if let ChangeFeed::Poll { .. } = self.change_feed {
+            return poll::record_credentials(conn, &ids).await;
+        }
         sqlx::query("SELECT pg_notify($1, 'credential:' || id) FROM unnest($2::text[]) AS u(id)")
             .bind(CHANNEL)
             .bind(ids)
@@ -495,7 +515,10 @@ impl Backend for PgBackend {
     /// Listens for announcements and hands them to `sink`: the change
     /// feed (`postgres/feed.rs`).
     fn watch_changes(&self, pool: &PgPool, sink: std::sync::Arc<dyn InvalidationSink>) {
-        self.run_change_feed(pool, sink);
+        match self.change_feed {
+            ChangeFeed::Notify => self.run_change_feed(pool, sink),
+            ChangeFeed::Poll { interval } => self.run_poll_feed(sink, interval),
+        }
     }
 
     async fn write_uses(
