@@ -108,6 +108,17 @@ pub struct DatabaseSettings {
     // Checked in `config`, as DATABASE_URL is.
     #[arg(long, env = "IDENTITY_DATABASE_READ_URL", hide_env_values = true)]
     database_read_url: Option<String>,
+    /// PostgreSQL: how replicas hear each other's changes: notify
+    /// (LISTEN/NOTIFY) or poll (a table of changes each replica reads every
+    /// poll interval, for engines without LISTEN/NOTIFY).
+    #[arg(long, env = "IDENTITY_CHANGE_FEED", default_value = "notify",
+          value_parser = config::parse_change_feed)]
+    change_feed: config::ChangeFeedKind,
+    /// How often a replica reads the table of changes with the polled feed
+    /// (1ms to 250ms: the cache is trusted only up to 1s after a poll).
+    #[arg(long, env = "IDENTITY_CHANGE_FEED_POLL_INTERVAL", default_value = "25ms",
+          value_parser = config::parse_poll_interval)]
+    change_feed_poll_interval: Duration,
 }
 
 /// How a command logs (to stderr).
@@ -429,6 +440,12 @@ impl DatabaseSettings {
             self.database_listen_url.is_some(),
         )
         .map_err(|why| format!("{}: {why}", origin("database_statement_cache")))?;
+        let change_feed = config::change_feed(
+            &self.database_url,
+            self.change_feed,
+            self.change_feed_poll_interval,
+        )
+        .map_err(|why| format!("{}: {why}", origin("change_feed")))?;
         config.pool = PoolOptions {
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,
@@ -436,6 +453,7 @@ impl DatabaseSettings {
             statement_cache: self.database_statement_cache,
             listen_url: self.database_listen_url.clone().map(SecretUrl::new),
             read_url: self.database_read_url.clone().map(SecretUrl::new),
+            change_feed,
         };
         Ok(config)
     }

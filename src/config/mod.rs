@@ -21,8 +21,9 @@ use crate::{
 };
 
 pub use parse::{
-    ListenAddress, check_pooler_settings, parse_database_url, parse_duration, parse_listen_url,
-    parse_log_format, parse_metrics_addr, parse_on_off, parse_retention,
+    ChangeFeedKind, ListenAddress, change_feed, check_pooler_settings, parse_change_feed,
+    parse_database_url, parse_duration, parse_listen_url, parse_log_format, parse_metrics_addr,
+    parse_on_off, parse_poll_interval, parse_retention,
 };
 pub(crate) use redact::redact_url;
 pub use redact::redact_url_secrets;

@@ -8,6 +8,7 @@ use super::{
     LogFormat,
     redact::{percent_decode, redact_url_secrets},
 };
+use crate::storage::ChangeFeed;
 
 /// Parses `text` or `json`.
 pub fn parse_log_format(raw: &str) -> Result<LogFormat, String> {
@@ -172,6 +173,66 @@ pub fn check_pooler_settings(
             .to_owned());
     }
     Ok(())
+}
+
+/// `IDENTITY_CHANGE_FEED`, before it is checked against the database URL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeFeedKind {
+    /// `notify`.
+    Notify,
+    /// `poll`.
+    Poll,
+}
+
+/// `notify` or `poll`.
+pub fn parse_change_feed(raw: &str) -> Result<ChangeFeedKind, String> {
+    match raw {
+        "notify" => Ok(ChangeFeedKind::Notify),
+        "poll" => Ok(ChangeFeedKind::Poll),
+        _ => Err("expected notify or poll".to_owned()),
+    }
+}
+
+/// The longest poll interval accepted: the cache is trusted only up to
+/// `CHANNEL_MAX_SILENCE` (1 s) after the start of the last successful poll,
+/// so a longer interval would leave it bypassed much of the time, and four
+/// polls fit in the bound at this one.
+const MAX_POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// `IDENTITY_CHANGE_FEED_POLL_INTERVAL`: a duration from 1ms to 250ms.
+pub fn parse_poll_interval(raw: &str) -> Result<Duration, String> {
+    let interval = parse_duration(raw)?;
+    if interval.is_zero() {
+        return Err("expected a positive duration, such as 25ms".to_owned());
+    }
+    if interval > MAX_POLL_INTERVAL {
+        return Err(
+            "at most 250ms: the verification cache is trusted only up to 1s after a poll"
+                .to_owned(),
+        );
+    }
+    Ok(interval)
+}
+
+/// The change feed the settings ask for. `poll` is refused on SQLite: the
+/// database is this process's own file, and no other replica writes to it.
+pub fn change_feed(
+    database_url: &str,
+    kind: ChangeFeedKind,
+    interval: Duration,
+) -> Result<ChangeFeed, String> {
+    match kind {
+        ChangeFeedKind::Notify => Ok(ChangeFeed::Notify),
+        ChangeFeedKind::Poll
+            if database_url.starts_with("postgres://")
+                || database_url.starts_with("postgresql://") =>
+        {
+            Ok(ChangeFeed::Poll { interval })
+        }
+        ChangeFeedKind::Poll => Err("poll applies to a PostgreSQL DATABASE_URL only: \
+                                     on SQLite no other replica shares the database"
+            .to_owned()),
+    }
 }
 
 /// The query parameters of a PostgreSQL URL that name files the driver

@@ -115,16 +115,19 @@ pub struct Purged {
     pub sign_in_throttle: u64,
     /// Audit events.
     pub audit_events: u64,
+    /// Rows of the polled change feed's table (PostgreSQL).
+    pub changes: u64,
 }
 
 impl Purged {
     /// Each count with its metric label.
-    pub fn by_kind(&self) -> [(&'static str, u64); 4] {
+    pub fn by_kind(&self) -> [(&'static str, u64); 5] {
         [
             ("sessions", self.sessions),
             ("tokens", self.tokens),
             ("sign_in_throttle", self.sign_in_throttle),
             ("audit_events", self.audit_events),
+            ("changes", self.changes),
         ]
     }
 }

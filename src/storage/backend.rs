@@ -84,6 +84,11 @@ pub trait Backend: std::fmt::Debug + Clone + Send + Sync + 'static {
     const TOKENS_BY_DIGESTS: &'static str;
     /// The sessions of a batch of lookups (as [`Self::TOKENS_BY_DIGESTS`]).
     const SESSIONS_BY_DIGESTS: &'static str;
+    /// Where changes are also rows (PostgreSQL's table of changes, for the
+    /// polled feed): the retention statement that deletes at most `$2` of
+    /// those that went before a row written at or before `$1`, and how long
+    /// they are kept. `None`: no such rows.
+    const PURGE_CHANGES: Option<(&'static str, std::time::Duration)> = None;
 
     /// Translates a sqlx error into the store's own: a unique violation into
     /// its [`super::Conflict`], a lost or busy database into
@@ -100,12 +105,14 @@ pub trait Backend: std::fmt::Debug + Clone + Send + Sync + 'static {
     /// Announces a change to every other replica, within the caller's
     /// transaction: delivered when (and only if) it commits.
     fn announce(
+        &self,
         conn: &mut Self::Connection,
         what: &Invalidation,
     ) -> impl Future<Output = Result<(), StorageError>> + Send;
 
     /// Announces that each of `ids` was revoked, as [`Self::announce`].
     fn announce_credentials(
+        &self,
         conn: &mut Self::Connection,
         ids: &[TokenId],
     ) -> impl Future<Output = Result<(), StorageError>> + Send;

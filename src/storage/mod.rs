@@ -202,6 +202,25 @@ pub struct PoolOptions {
     /// this process knows of (README, "Read replicas"). `None`: every read
     /// goes to the database URL.
     pub read_url: Option<SecretUrl>,
+    /// PostgreSQL: how each replica hears the others' changes
+    /// (`IDENTITY_CHANGE_FEED`): `LISTEN`/`NOTIFY`, or a table it polls.
+    pub change_feed: ChangeFeed,
+}
+
+/// How replicas sharing a database hear each other's changes (README,
+/// "Change feeds").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeFeed {
+    /// `NOTIFY` in the changing transaction, `LISTEN` on a connection of
+    /// each replica's own (the default).
+    Notify,
+    /// A row in the table of changes, written in the changing transaction;
+    /// each replica reads the new ones every `interval`
+    /// (`postgres/poll.rs`): for engines without `LISTEN`/`NOTIFY`.
+    Poll {
+        /// How often each replica reads the table.
+        interval: std::time::Duration,
+    },
 }
 
 impl Default for PoolOptions {
@@ -213,6 +232,7 @@ impl Default for PoolOptions {
             statement_cache: true,
             listen_url: None,
             read_url: None,
+            change_feed: ChangeFeed::Notify,
         }
     }
 }

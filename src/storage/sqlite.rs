@@ -229,6 +229,7 @@ impl Backend for SqliteBackend {
 
     /// Nothing to announce: no other replica can be listening.
     async fn announce(
+        &self,
         _conn: &mut sqlx::SqliteConnection,
         _what: &Invalidation,
     ) -> Result<(), StorageError> {
@@ -237,6 +238,7 @@ impl Backend for SqliteBackend {
 
     /// Nothing to announce: no other replica can be listening.
     async fn announce_credentials(
+        &self,
         _conn: &mut sqlx::SqliteConnection,
         _ids: &[TokenId],
     ) -> Result<(), StorageError> {

@@ -10,9 +10,9 @@
 
 use std::time::{Duration, Instant};
 
-use identity::domain::service::CHANNEL_MAX_SILENCE;
+use identity::{domain::service::CHANNEL_MAX_SILENCE, storage::ChangeFeed};
 
-use crate::support::{Backend, TestApp, bearer, pb};
+use crate::support::{TestApp, bearer, pb};
 
 /// The flooder's own tokens: each is cached on replica B, then reported
 /// leaked, a thousand per report (one notification each, in one commit).
@@ -62,9 +62,8 @@ async fn cached_on(replica: &TestApp, secret: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_notifications_does_not_stretch_cross_replica_staleness() {
-    let a = TestApp::spawn_with(Backend::Postgres, |config| {
+async fn a_flood_of_notifications_does_not_stretch_cross_replica_staleness(feed: ChangeFeed) {
+    let a = TestApp::spawn_on_feed(feed, |config| {
         config.identity.cache_ttl = Duration::from_secs(3600);
         // Above the per-account cap (which bounds a real flood to 1,000
         // tokens per account): the pipeline is measured beyond it.
@@ -216,3 +215,4 @@ async fn a_flood_of_notifications_does_not_stretch_cross_replica_staleness() {
          over the documented bound of {CHANNEL_MAX_SILENCE:?} (all: {staleness:?})"
     );
 }
+crate::both_feeds!(a_flood_of_notifications_does_not_stretch_cross_replica_staleness);

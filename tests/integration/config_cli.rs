@@ -126,6 +126,18 @@ async fn config_check_refuses_what_serve_refuses_with_the_same_message() {
         ("an unknown sslmode", vec![("DATABASE_URL", &bogus_sslmode)]),
         ("an unsupported database", vec![("DATABASE_URL", &mysql)]),
         (
+            "the polled change feed on SQLite",
+            vec![("IDENTITY_CHANGE_FEED", "poll")],
+        ),
+        (
+            "a zero change feed poll interval",
+            vec![("IDENTITY_CHANGE_FEED_POLL_INTERVAL", "0ms")],
+        ),
+        (
+            "a change feed poll interval past the staleness bound",
+            vec![("IDENTITY_CHANGE_FEED_POLL_INTERVAL", "1s")],
+        ),
+        (
             "a database root certificate that does not exist",
             vec![("DATABASE_URL", &db_files[0].1)],
         ),

@@ -31,6 +31,7 @@ mod malformed;
 mod observability;
 mod outage;
 mod passwords;
+mod poll_feed;
 mod pooler;
 mod prewarm;
 mod read_replica;

@@ -65,6 +65,7 @@ impl Identity {
                             tokens = purged.tokens,
                             sign_in_throttle = purged.sign_in_throttle,
                             audit_events = purged.audit_events,
+                            changes = purged.changes,
                             "retention: purged what was past retention"
                         );
                     }

@@ -22,6 +22,7 @@ use sqlx::ConnectOptions as _;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 mod feed;
+mod poll;
 
 use feed::CHANNEL;
 
@@ -30,7 +31,7 @@ mod replica;
 pub use replica::{Ticket, Watermark};
 
 use super::{
-    ClockOffset, Conflict, PoolOptions, StorageError, TokenUse,
+    ChangeFeed, ClockOffset, Conflict, PoolOptions, StorageError, TokenUse,
     backend::{Backend, Query},
     sql::{self, SqlStore},
 };
@@ -102,6 +103,11 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
         "live token count index",
         include_str!("../../../migrations/postgres/0012_tokens_live_count_idx.sql"),
     ),
+    (
+        13,
+        "change feed table",
+        include_str!("../../../migrations/postgres/0013_change_feed.sql"),
+    ),
 ];
 
 /// A [`super::Store`] on PostgreSQL.
@@ -124,6 +130,9 @@ pub struct PgBackend {
     /// The hot standby cache-miss verifications may be read from, and the
     /// watermark it is held to (`replica.rs`), when there is one.
     replica: Option<Arc<replica::Replica>>,
+    /// How changes are announced and heard: `NOTIFY`/`LISTEN` (`feed.rs`)
+    /// or the table of changes, polled (`poll.rs`).
+    change_feed: ChangeFeed,
 }
 
 /// When the change channel's connection was last lost, which (whatever
@@ -303,6 +312,7 @@ impl PgStore {
                 session_pool,
                 losses,
                 replica,
+                change_feed: options.change_feed,
             },
             options.lookup_connections,
         ))
@@ -505,6 +515,8 @@ impl Backend for PgBackend {
     const LEAK_DESCENDANTS: &'static str = sql::PG_LEAK_DESCENDANTS;
     const TOKENS_BY_DIGESTS: &'static str = sql::PG_TOKENS_BY_DIGESTS;
     const SESSIONS_BY_DIGESTS: &'static str = sql::PG_SESSIONS_BY_DIGESTS;
+    const PURGE_CHANGES: Option<(&'static str, Duration)> =
+        Some((poll::PURGE_CHANGES, poll::CHANGES_KEPT));
 
     fn classify(err: sqlx::Error) -> StorageError {
         classify(err)
@@ -518,9 +530,13 @@ impl Backend for PgBackend {
     /// Announces a change to every replica, delivered when (and only if)
     /// the caller's transaction commits.
     async fn announce(
+        &self,
         conn: &mut sqlx::PgConnection,
         what: &Invalidation,
     ) -> Result<(), StorageError> {
+        if let ChangeFeed::Poll { .. } = self.change_feed {
+            return poll::record(conn, what).await;
+        }
         let payload = match what {
             Invalidation::Credential(id) => format!("credential:{}", id.as_str()),
             Invalidation::Account(id) => format!("account:{}", id.as_str()),
@@ -538,6 +554,7 @@ impl Backend for PgBackend {
     /// Announces that each of `ids` was revoked, in one statement, with
     /// the caller's transaction (as [`Self::announce`]).
     async fn announce_credentials(
+        &self,
         conn: &mut sqlx::PgConnection,
         ids: &[TokenId],
     ) -> Result<(), StorageError> {
@@ -545,6 +562,9 @@ impl Backend for PgBackend {
             return Ok(());
         }
         let ids: Vec<&str> = ids.iter().map(TokenId::as_str).collect();
+        if let ChangeFeed::Poll { .. } = self.change_feed {
+            return poll::record_credentials(conn, &ids).await;
+        }
         sqlx::query("SELECT pg_notify($1, 'credential:' || id) FROM unnest($2::text[]) AS u(id)")
             .bind(CHANNEL)
             .bind(ids)
@@ -571,7 +591,10 @@ impl Backend for PgBackend {
     /// Listens for announcements and hands them to `sink`: the change
     /// feed (`postgres/feed.rs`).
     fn watch_changes(&self, pool: &PgPool, sink: std::sync::Arc<dyn InvalidationSink>) {
-        self.run_change_feed(pool, sink);
+        match self.change_feed {
+            ChangeFeed::Notify => self.run_change_feed(pool, sink),
+            ChangeFeed::Poll { interval } => self.run_poll_feed(sink, interval),
+        }
     }
 
     async fn write_uses(

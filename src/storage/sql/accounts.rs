@@ -154,7 +154,13 @@ pub(super) async fn set_account_disabled<B: Backend>(
     let changed = execute::<B>(&mut tx, change).await? > 0;
     let what = Invalidation::Account(id.clone());
     let reread = sqlx::query(ACCOUNT_BY_ID).arg(id.as_str());
-    let row = commit_change::<B>(tx, changed.then_some((event, &what)), Some(reread)).await?;
+    let row = commit_change(
+        &store.backend,
+        tx,
+        changed.then_some((event, &what)),
+        Some(reread),
+    )
+    .await?;
     row.as_ref().map(rows::account).transpose()
 }
 
@@ -178,13 +184,14 @@ pub(super) async fn delete_account<B: Backend>(
     let query = sqlx::query(REVOKE_ACCOUNT_DESCENDANTS)
         .arg(id.as_str())
         .arg(at);
-    let mut revoked = revocation::revoke_rows::<B>(&mut tx, query, event, |_| None).await?;
+    let mut revoked =
+        revocation::revoke_rows(&store.backend, &mut tx, query, event, |_| None).await?;
     let again = || {
         sqlx::query(REVOKE_ACCOUNT_DESCENDANTS)
             .arg(id.as_str())
             .arg(at)
     };
-    revocation::revoke_until_done::<B>(&mut tx, again, event, &mut revoked).await?;
+    revocation::revoke_until_done(&store.backend, &mut tx, again, event, &mut revoked).await?;
     for query in [DELETE_ACCOUNT_SESSIONS, DELETE_ACCOUNT_TOKENS] {
         execute::<B>(&mut tx, sqlx::query(query).arg(id.as_str())).await?;
     }
@@ -193,7 +200,7 @@ pub(super) async fn delete_account<B: Backend>(
         return Ok(None);
     }
     let what = Invalidation::Account(id.clone());
-    commit_change::<B>(tx, Some((event, &what)), None).await?;
+    commit_change(&store.backend, tx, Some((event, &what)), None).await?;
     Ok(Some(revoked))
 }
 
@@ -222,6 +229,6 @@ pub(super) async fn set_password<B: Backend>(
     )
     .await?;
     let what = Invalidation::Account(id.clone());
-    commit_change::<B>(tx, Some((event, &what)), None).await?;
+    commit_change(&store.backend, tx, Some((event, &what)), None).await?;
     Ok(ended)
 }

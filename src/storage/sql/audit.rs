@@ -55,12 +55,13 @@ pub(super) async fn insert_event<B: Backend>(
 /// Appends `event` and announces `what` to every replica, within
 /// the caller's transaction: both take effect when it commits.
 pub(super) async fn record<B: Backend>(
+    backend: &B,
     conn: &mut B::Connection,
     event: &AuditEvent,
     what: &Invalidation,
 ) -> Result<(), StorageError> {
     insert_event::<B>(conn, event).await?;
-    B::announce(conn, what).await
+    backend.announce(conn, what).await
 }
 
 pub(super) async fn record_event<B: Backend>(

@@ -298,12 +298,13 @@ async fn fetch_all<B: Backend>(
 /// The event, the announcement and the change take effect together or not
 /// at all.
 async fn commit_change<B: Backend>(
+    backend: &B,
     mut tx: Transaction<'static, B::Db>,
     changed: Option<(&AuditEvent, &Invalidation)>,
     reread: Option<Query<'_, B::Db>>,
 ) -> Result<Option<B::Row>, StorageError> {
     if let Some((event, what)) = changed {
-        audit::record::<B>(&mut tx, event, what).await?;
+        audit::record(backend, &mut tx, event, what).await?;
     }
     let row = match reread {
         Some(query) => fetch_optional::<B>(&mut tx, query).await?,

@@ -121,6 +121,20 @@ async fn purge_on<B: Backend>(
             break;
         }
     }
+    // The polled feed's rows (PostgreSQL), whatever the other retentions:
+    // only as long as a replica could still need them (`postgres/poll.rs`).
+    if let Some((query, kept)) = B::PURGE_CHANGES {
+        let kept = i64::try_from(kept.as_micros()).unwrap_or(i64::MAX);
+        let cutoff = cutoffs.now.as_micros().saturating_sub(kept);
+        loop {
+            let deleted =
+                execute::<B>(&mut *conn, sqlx::query(query).arg(cutoff).arg(batch)).await?;
+            purged.changes += deleted;
+            if deleted < cutoffs.batch.into() {
+                break;
+            }
+        }
+    }
     if let Some(cutoff) = cutoffs.audit {
         loop {
             let deleted = execute::<B>(

@@ -147,14 +147,17 @@ pub(super) async fn revoke_token<B: Backend>(
             .arg(at.as_micros())
             .arg(i64::from(seen_live))
     };
-    let mut revoked = revoke_rows::<B>(&mut tx, revoke(), event, |_| Some(event.clone())).await?;
+    let mut revoked = revoke_rows(&store.backend, &mut tx, revoke(), event, |_| {
+        Some(event.clone())
+    })
+    .await?;
     // On PostgreSQL, a successor inserted by a rotation that this
     // pass waited for (on the live row's lock) is invisible to
     // its snapshot: the next pass sees it.
-    revoke_until_done::<B>(&mut tx, revoke, event, &mut revoked).await?;
+    revoke_until_done(&store.backend, &mut tx, revoke, event, &mut revoked).await?;
     // Every revoked credential is audited and announced above.
     let reread = sqlx::query(super::tokens::TOKEN_BY_ID).arg(id.as_str());
-    let row = commit_change::<B>(tx, None, Some(reread)).await?;
+    let row = commit_change(&store.backend, tx, None, Some(reread)).await?;
     let token = row.as_ref().map(rows::token).transpose()?;
     Ok(token.map(|token| (token, revoked)))
 }
@@ -174,8 +177,8 @@ pub(super) async fn revoke_family<B: Backend>(
             .arg(family.as_str())
             .arg(at.as_micros())
     };
-    let mut revoked = revoke_rows::<B>(&mut tx, revoke(), event, |_| None).await?;
-    revoke_until_done::<B>(&mut tx, revoke, event, &mut revoked).await?;
+    let mut revoked = revoke_rows(&store.backend, &mut tx, revoke(), event, |_| None).await?;
+    revoke_until_done(&store.backend, &mut tx, revoke, event, &mut revoked).await?;
     tx.commit().await.map_err(B::classify)?;
     Ok(revoked)
 }
@@ -202,12 +205,12 @@ pub(super) async fn revoke_leaked<B: Backend>(
             continue;
         }
         let query = B::bind_digests(sqlx::query(query), digests).arg(at.as_micros());
-        revoked.extend(revoke_rows::<B>(&mut tx, query, template, reported).await?);
+        revoked.extend(revoke_rows(&store.backend, &mut tx, query, template, reported).await?);
     }
     if !tokens.is_empty() {
         let again =
             || B::bind_digests(sqlx::query(B::LEAK_DESCENDANTS), tokens).arg(at.as_micros());
-        revoke_until_done::<B>(&mut tx, again, template, &mut revoked).await?;
+        revoke_until_done(&store.backend, &mut tx, again, template, &mut revoked).await?;
     }
     tx.commit().await.map_err(B::classify)?;
     Ok(revoked)
@@ -219,6 +222,7 @@ pub(super) async fn revoke_leaked<B: Backend>(
 /// event by the same actor for each descendant revoked with it; announces
 /// every revoked credential to every replica; and returns their ids.
 pub(super) async fn revoke_rows<B: Backend>(
+    backend: &B,
     conn: &mut B::Connection,
     query: Query<'_, B::Db>,
     cause: &AuditEvent,
@@ -250,7 +254,7 @@ pub(super) async fn revoke_rows<B: Backend>(
         }
         ids.push(revoked.id);
     }
-    B::announce_credentials(&mut *conn, &ids).await?;
+    backend.announce_credentials(&mut *conn, &ids).await?;
     Ok(ids)
 }
 
@@ -262,13 +266,14 @@ pub(super) async fn revoke_rows<B: Backend>(
 /// the first pass waited for: the next pass, with a fresh
 /// snapshot, sees the child. Usually one empty pass.
 pub(super) async fn revoke_until_done<'q, B: Backend>(
+    backend: &B,
     conn: &mut B::Connection,
     again: impl Fn() -> Query<'q, B::Db>,
     cause: &AuditEvent,
     revoked: &mut Vec<TokenId>,
 ) -> Result<(), StorageError> {
     loop {
-        let more = revoke_rows::<B>(&mut *conn, again(), cause, |_| None).await?;
+        let more = revoke_rows(backend, &mut *conn, again(), cause, |_| None).await?;
         if more.is_empty() {
             return Ok(());
         }

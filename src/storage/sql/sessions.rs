@@ -74,7 +74,7 @@ pub(super) async fn revoke_sessions<B: Backend>(
     )
     .await?;
     let what = Invalidation::Account(account.clone());
-    commit_change::<B>(tx, Some((event, &what)), None).await?;
+    commit_change(&store.backend, tx, Some((event, &what)), None).await?;
     Ok(ended)
 }
 
@@ -153,6 +153,6 @@ pub(super) async fn revoke_session<B: Backend>(
         .arg(at.as_micros());
     let changed = execute::<B>(&mut tx, change).await? > 0;
     let what = Invalidation::Credential(id.clone());
-    commit_change::<B>(tx, changed.then_some((event, &what)), None).await?;
+    commit_change(&store.backend, tx, changed.then_some((event, &what)), None).await?;
     Ok(())
 }

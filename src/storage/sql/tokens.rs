@@ -411,7 +411,7 @@ pub(super) async fn rotate_token<B: Backend>(
     .await?;
     let what = Invalidation::Credential(old.clone());
     let reread = sqlx::query(TOKEN_BY_ID).arg(old.as_str());
-    let row = commit_change::<B>(tx, Some((event, &what)), Some(reread)).await?;
+    let row = commit_change(&store.backend, tx, Some((event, &what)), Some(reread)).await?;
     row.as_ref().map(rows::token).transpose()
 }
 
@@ -436,7 +436,7 @@ pub(super) async fn renew_token<B: Backend>(
     }
     let what = Invalidation::Credential(id.clone());
     let reread = sqlx::query(TOKEN_BY_ID).arg(id.as_str());
-    let row = commit_change::<B>(tx, Some((event, &what)), Some(reread)).await?;
+    let row = commit_change(&store.backend, tx, Some((event, &what)), Some(reread)).await?;
     row.as_ref().map(rows::token).transpose()
 }
 

@@ -19,7 +19,7 @@ use identity::{
         throttle::SignInRates,
         time::{Clock, ManualClock},
     },
-    storage::{self, PoolOptions, Store},
+    storage::{self, ChangeFeed, PoolOptions, Store},
 };
 use tonic::{
     Code, Request, Status,
@@ -106,6 +106,8 @@ pub struct TestApp {
     pub identity: identity::domain::Identity,
     /// The clock the server reads the time from (see [`Self::clock`]).
     clock: Arc<ManualClock>,
+    /// The change feed it runs, which its replicas run too.
+    pub change_feed: ChangeFeed,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<Result<(), identity::app::AppError>>>,
 }
@@ -135,6 +137,29 @@ impl TestApp {
         Self::spawn_on(db, None, adjust, endpoint).await
     }
 
+    /// Starts a server on a fresh PostgreSQL database with `feed` as its
+    /// change feed (its replicas run it too), after `adjust` has changed
+    /// the test configuration.
+    pub async fn spawn_on_feed(feed: ChangeFeed, adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::spawn_with(Backend::Postgres, |config| {
+            config.pool.change_feed = feed;
+            adjust(config);
+        })
+        .await
+    }
+
+    /// The `pg_stat_activity` condition that finds this server's change
+    /// feed connections (and its replicas'): the listener's, or the
+    /// poller's.
+    pub fn feed_connections(&self) -> &'static str {
+        match self.change_feed {
+            ChangeFeed::Notify => "query LIKE 'LISTEN %'",
+            ChangeFeed::Poll { .. } => {
+                "query LIKE '%pg_current_snapshot()%' AND pid <> pg_backend_pid()"
+            }
+        }
+    }
+
     /// Starts another replica of this server on the same database, sharing
     /// its operator.
     pub async fn replica(&self) -> Self {
@@ -148,10 +173,14 @@ impl TestApp {
             url: self.db.url.clone(),
             _dir: None,
         };
+        let feed = self.change_feed;
         Self::spawn_on_clock(
             db,
             Some(self.operator_token.clone()),
-            adjust,
+            |config| {
+                config.pool.change_feed = feed;
+                adjust(config);
+            },
             plaintext,
             Arc::clone(&self.clock),
         )
@@ -207,6 +236,7 @@ impl TestApp {
         // out of the way unless a test sets it (tokens.rs does).
         config.identity.token_creations_per_minute = 1_000_000;
         adjust(&mut config);
+        let change_feed = config.pool.change_feed;
         let app = App::build_with_clock(config, Arc::clone(&clock) as Arc<dyn Clock>)
             .await
             .expect("build the app");
@@ -244,6 +274,7 @@ impl TestApp {
             db,
             identity,
             clock,
+            change_feed,
             shutdown: Some(tx),
             server: Some(server),
         }
@@ -488,6 +519,32 @@ pub fn assert_status<T: std::fmt::Debug>(
         "unexpected reason: {status:?}"
     );
     status
+}
+
+/// The polled change feed as the tests run it: at the default interval.
+pub const POLL_FEED: ChangeFeed = ChangeFeed::Poll {
+    interval: Duration::from_millis(25),
+};
+
+/// Runs the test `async fn $name(feed: ChangeFeed)` of the calling module,
+/// which starts its servers on PostgreSQL with that change feed
+/// ([`TestApp::spawn_on_feed`]), once per feed, as `$name::notify` and
+/// `$name::poll`: `both_feeds!(name);` after the function.
+#[macro_export]
+macro_rules! both_feeds {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn notify() {
+                super::$name(identity::storage::ChangeFeed::Notify).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn poll() {
+                super::$name($crate::support::POLL_FEED).await;
+            }
+        }
+    };
 }
 
 /// Runs the test `async fn $name(app: TestApp)` of the calling module once
