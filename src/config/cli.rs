@@ -446,6 +446,18 @@ impl DatabaseSettings {
             self.change_feed_poll_interval,
         )
         .map_err(|why| format!("{}: {why}", origin("change_feed")))?;
+        // The polled feed carries no WAL positions yet, which a standby's
+        // answers are held to (README, "Read replicas").
+        if self.database_read_url.is_some()
+            && matches!(change_feed, crate::storage::ChangeFeed::Poll { .. })
+        {
+            return Err(format!(
+                "{} needs {} = notify: the polled change feed does not yet carry the primary's \
+                 WAL positions a standby's answers are held to",
+                origin("database_read_url"),
+                origin("change_feed"),
+            ));
+        }
         config.pool = PoolOptions {
             max_connections: self.db_max_connections,
             acquire_timeout: self.db_acquire_timeout,

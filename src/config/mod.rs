@@ -238,10 +238,11 @@ impl Config {
             && let Some(origin) = self.web_origin.as_ref().filter(|o| !o.is_https())
         {
             return Err(format!(
-                "{} = {origin} is plaintext, but the web page is served over TLS (with {}): \
-                 use https://",
+                "{} = {origin} is plaintext, but the web page is served over TLS (with {} and \
+                 {}): use https://",
                 name("web_origin"),
                 name("tls_cert"),
+                name("tls_key"),
             ));
         }
         let auth = self.verifiers.mode;

@@ -65,6 +65,17 @@ impl Held {
         Self(conn, watch, pid)
     }
 
+    /// How many of the server's connections wait for a lock now.
+    async fn waiting(&mut self) -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&mut self.1)
+        .await
+        .expect("read pg_stat_activity")
+    }
+
     /// Waits until at least `n` of the server's connections wait for a lock.
     /// (Not by statement text: a statement may wait while it is being
     /// prepared, before `pg_stat_activity` shows its text.)
@@ -502,4 +513,135 @@ async fn a_rotation_loses_to_a_concurrent_sign_out_of_its_session() {
             .map(drop)
     };
     creation_racing(&app, &alice.account_id, rotate, sign_out, "SignOut").await;
+}
+
+/// A sign-out that arrives after a token creation has checked its session
+/// (the creation paused there by a test's own uncommitted token holding
+/// the new token's name) waits for the creation to finish: it cannot be
+/// acknowledged while a creation it would have refused is in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sign_out_waits_for_a_creation_that_already_checked_its_session() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let (alice, session) = app.person("alice").await;
+    let mut held = Held::take(
+        &app.db.url,
+        "INSERT INTO tokens (token_id, account_id, name, live_name, digest, create_time, family_id) \
+         VALUES ('held', $1, 'racing', 'racing', '\\x00'::bytea, 0, 'held')",
+        Some(&alice.account_id),
+    )
+    .await;
+    let creating = {
+        let client = app.tokens();
+        let request = bearer(
+            pb::CreateTokenRequest {
+                account_id: alice.account_id.clone(),
+                name: "racing".into(),
+                ..Default::default()
+            },
+            &session,
+        );
+        tokio::spawn(async move { client.clone().create_token(request).await })
+    };
+    held.wait_for_waiters(1, "the creation, past its check")
+        .await;
+    let signing_out = {
+        let client = app.accounts();
+        let request = bearer(pb::SignOutRequest {}, &session);
+        tokio::spawn(async move { client.clone().sign_out(request).await })
+    };
+    held.wait_for_waiters(2, "the sign-out, behind the creation")
+        .await;
+    assert!(!signing_out.is_finished(), "acknowledged mid-creation");
+    held.release().await;
+    let created = creating
+        .await
+        .expect("join")
+        .expect("the creation finishes");
+    signing_out
+        .await
+        .expect("join")
+        .expect("the sign-out finishes");
+    assert!(
+        app.verify(&created.into_inner().secret, &[]).await.active,
+        "a token created before the sign-out stays, as every token does"
+    );
+}
+
+/// An operator creating a token for another account while the operator's
+/// own account is signed out everywhere: both calls finish, in some order.
+/// (The creation once locked the creator's account row after the new
+/// token's, the reverse of SignOutEverywhere's order: a deadlock, one of
+/// them answered UNAVAILABLE.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creating_for_another_account_does_not_deadlock_with_signing_the_creator_out_everywhere() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let robot = app.robot("ci").await;
+    let operator = app
+        .accounts()
+        .create_account(bearer(
+            pb::CreateAccountRequest {
+                username: "night-ops".into(),
+                password: PASSWORD.into(),
+                kind: pb::AccountKind::Person as i32,
+                role: pb::AccountRole::Operator as i32,
+                ..Default::default()
+            },
+            &app.operator_token,
+        ))
+        .await
+        .expect("create an operator person")
+        .into_inner()
+        .account
+        .expect("account");
+    let first = sign_in(&app, "night-ops", PASSWORD).await.expect("sign in");
+    let second = sign_in(&app, "night-ops", PASSWORD)
+        .await
+        .expect("sign in again");
+    let mut held = Held::take(
+        &app.db.url,
+        "SELECT account_id FROM accounts WHERE account_id = $1 FOR UPDATE",
+        Some(&operator.account_id),
+    )
+    .await;
+    let everywhere = {
+        let client = app.accounts();
+        let request = bearer(
+            pb::SignOutEverywhereRequest {
+                account_id: operator.account_id.clone(),
+            },
+            &second,
+        );
+        tokio::spawn(async move { client.clone().sign_out_everywhere(request).await })
+    };
+    held.wait_for_waiters(1, "SignOutEverywhere").await;
+    let creating = {
+        let client = app.tokens();
+        let request = bearer(
+            pb::CreateTokenRequest {
+                account_id: robot.account_id.clone(),
+                name: "deploy".into(),
+                ..Default::default()
+            },
+            &first,
+        );
+        tokio::spawn(async move { client.clone().create_token(request).await })
+    };
+    // The creation either finishes under the hold or queues behind it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !creating.is_finished() && tokio::time::Instant::now() < deadline {
+        if held.waiting().await >= 2 {
+            break;
+        }
+
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    held.release().await;
+    everywhere
+        .await
+        .expect("join")
+        .expect("SignOutEverywhere finishes");
+    let created = creating.await.expect("join");
+    if let Err(status) = &created {
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
 }

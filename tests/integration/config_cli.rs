@@ -108,12 +108,23 @@ async fn config_check_refuses_what_serve_refuses_with_the_same_message() {
             [&missing[..2], &[("IDENTITY_TLS_HANDSHAKE_TIMEOUT", "0s")]].concat(),
         ),
         (
-            "a plaintext web origin for a page served over TLS",
+            "a plaintext web origin on a page served over TLS",
             [
                 &missing[..2],
                 &[("IDENTITY_WEB_ORIGIN", "http://id.example.test")],
             ]
             .concat(),
+        ),
+        (
+            "a read URL with the polled change feed",
+            vec![
+                ("DATABASE_URL", "postgres://app@127.0.0.1/identity"),
+                (
+                    "IDENTITY_DATABASE_READ_URL",
+                    "postgres://app@127.0.0.2/identity",
+                ),
+                ("IDENTITY_CHANGE_FEED", "poll"),
+            ],
         ),
         (
             "a web origin with a path",

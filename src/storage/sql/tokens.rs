@@ -143,9 +143,11 @@ macro_rules! parent_live {
 
 /// The session creating a token (`$1`), if it is still live at `$3` and
 /// its account's credentials are still those it was authenticated with
-/// (`$2`: the generation), and the account is enabled; `$lock` as above,
-/// so that a sign-out, password change or disable either waits for the
-/// creation or is seen by this read.
+/// (`$2`: the generation), and the account is enabled; `$lock` locks the
+/// session's row, so that a sign-out either waits for the creation or is
+/// seen by this read (a change to the account, such as a new password or a
+/// disable, is seen if it committed first; if it commits later, the
+/// creation came first).
 macro_rules! creator_session_live {
     ($lock:expr) => {
         concat!(
@@ -173,8 +175,15 @@ macro_rules! creator_token_live {
 }
 
 pub(in crate::storage) const PG_PARENT_LIVE: &str = parent_live!(" FOR SHARE");
-pub(in crate::storage) const PG_CREATOR_SESSION_LIVE: &str = creator_session_live!(" FOR SHARE");
-pub(in crate::storage) const PG_CREATOR_TOKEN_LIVE: &str = creator_token_live!(" FOR SHARE");
+/// Only the credential's row is locked, never its account's: the calls
+/// that end credentials through the account (SignOutEverywhere,
+/// ChangePassword, DeleteAccount) lock the account row first and the
+/// credentials' rows second, so locking both here, after the new token's
+/// account, deadlocked with them when a credential creates for another
+/// account. The account's fields are read as committed.
+pub(in crate::storage) const PG_CREATOR_SESSION_LIVE: &str =
+    creator_session_live!(" FOR SHARE OF s");
+pub(in crate::storage) const PG_CREATOR_TOKEN_LIVE: &str = creator_token_live!(" FOR SHARE OF t");
 
 /// SQLite has no row locks: its writers take turns, and a transaction whose
 /// read went stale by the time it writes fails instead of committing.
@@ -220,6 +229,9 @@ pub(super) async fn create_token<B: Backend>(
             .arg(now.as_micros()),
     )
     .await?;
+    // The creator's row before its family's live one: the order a
+    // revocation of a rotated-out creator (a leak report) updates them in.
+    require_creator_live::<B>(&mut tx, new, now).await?;
     if let Some(parent) = &token.parent_family_id {
         // A child is never born to a revoked family: the
         // cascade that revoked it could not have seen the child.
@@ -234,7 +246,6 @@ pub(super) async fn create_token<B: Backend>(
             return Err(StorageError::ParentRevoked);
         }
     }
-    require_creator_live::<B>(&mut tx, new, now).await?;
     insert_token::<B>(&mut tx, new).await?;
     audit::insert_event::<B>(&mut tx, event).await?;
     tx.commit().await.map_err(B::classify)
