@@ -48,6 +48,10 @@ Options (each has an environment variable; options win):
                             transaction mode (statement cache off)
                             against direct connections, side by side
                             (apt package pgbouncer)              BENCH_POOLER=1
+      --read-replica        after the hot and cold scenarios, the same
+                            calls with reads on a streaming standby
+                            (IDENTITY_DATABASE_READ_URL) against
+                            reads on the primary, side by side   BENCH_READ_REPLICA=1
       --max-other-cpu PCT   a run during which processes the harness did
                             not start (a build...) used this share of the
                             CPU or more is repeated               BENCH_MAX_OTHER_CPU (10)
@@ -148,6 +152,8 @@ pub struct Options {
     pub no_build: bool,
     /// `--pooler`: the hot and cold paths through PgBouncer as well.
     pub pooler: bool,
+    /// `--read-replica`: the hot and cold paths with reads on a standby.
+    pub read_replica: bool,
     pub server_log: String,
     pub max_other_cpu: u64,
     pub retries: u64,
@@ -206,6 +212,7 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, S
         ("keep", "BENCH_KEEP", "0"),
         ("no-build", "BENCH_NO_BUILD", "0"),
         ("pooler", "BENCH_POOLER", "0"),
+        ("read-replica", "BENCH_READ_REPLICA", "0"),
         ("server-log", "BENCH_SERVER_LOG", "warn,identity::app=info"),
         ("max-other-cpu", "BENCH_MAX_OTHER_CPU", "10"),
         ("retries", "BENCH_RETRIES", "2"),
@@ -236,10 +243,17 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, S
                 v.insert("pooler", "1".into());
                 continue;
             }
+            "--read-replica" => {
+                v.insert("read-replica", "1".into());
+                continue;
+            }
             "-h" | "--help" => return Ok(Parsed::Help),
             long if long.starts_with("--")
                 && v.contains_key(&long[2..])
-                && !matches!(&long[2..], "keep" | "no-build" | "pooler" | "server-log") =>
+                && !matches!(
+                    &long[2..],
+                    "keep" | "no-build" | "pooler" | "read-replica" | "server-log"
+                ) =>
             {
                 &long[2..]
             }
@@ -330,6 +344,7 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, S
         keep: v["keep"] == "1",
         no_build: v["no-build"] == "1",
         pooler: v["pooler"] == "1",
+        read_replica: v["read-replica"] == "1",
         server_log: v["server-log"].clone(),
         max_other_cpu,
         retries,

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use crate::postgres::Cluster;
+use crate::postgres::{Cluster, Standby};
 
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -31,6 +31,8 @@ pub fn fail<T>(message: impl Into<String>) -> Result<T> {
 pub struct State {
     pids: Vec<u32>,
     cluster: Option<Cluster>,
+    /// A streaming standby of `cluster` (`--read-replica`), stopped first.
+    standby: Option<Standby>,
     work: Option<PathBuf>,
     keep: bool,
     /// Writes the partial report after a failure (exit status given).
@@ -128,6 +130,17 @@ pub fn log(message: impl AsRef<str>) {
 /// Hands the cluster to the cleanup (which stops and deletes it).
 pub fn own_cluster(cluster: Cluster) {
     with_state(|s| s.cluster = Some(cluster));
+}
+
+/// Starts a streaming standby of the cluster, owned by the cleanup: its
+/// port, or `None` without a cluster.
+pub fn start_standby() -> Option<u16> {
+    with_state(|s| {
+        let standby = s.cluster.as_ref()?.standby();
+        let port = standby.port();
+        s.standby = Some(standby);
+        Some(port)
+    })
 }
 
 /// The work directory, removed by the cleanup unless `keep`.
@@ -265,6 +278,7 @@ pub fn finish(rc: i32) -> ! {
     if let (Some(work), Some(log), true) = (&state.work, &cluster_log, state.keep) {
         let _ = fs::copy(log, work.join("postgres.log"));
     }
+    drop(state.standby);
     drop(state.cluster);
     if let Some(work) = &state.work {
         if state.keep {

@@ -41,6 +41,7 @@ pub struct Report {
     pub signin_section: Option<String>,
     /// The `--pooler` section (see `pooler.rs`).
     pub pooler_section: Option<String>,
+    pub read_replica_section: Option<String>,
     /// Whether the final report has been written (no partial one then).
     pub reported: bool,
 }
@@ -326,6 +327,12 @@ impl Report {
             line("## Through PgBouncer (transaction mode) against direct connections");
             line("");
             line(pooler);
+        }
+        if let Some(replica) = &self.read_replica_section {
+            line("");
+            line("## Reads on a streaming standby against reads on the primary");
+            line("");
+            line(replica);
         }
         if let Some(signin) = &self.signin_section {
             line("");

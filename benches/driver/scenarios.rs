@@ -686,6 +686,9 @@ impl Bench {
         if o.pooler && (o.want("hot") || o.want("cold")) {
             self.pooler(&verify_bin, vf, auth, &tf("scale.txt"))?;
         }
+        if o.read_replica && (o.want("hot") || o.want("cold")) {
+            self.read_replica(&verify_bin, vf, auth, &tf("scale.txt"))?;
+        }
         if o.want("signin") {
             self.signin()?;
         }
