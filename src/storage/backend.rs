@@ -67,6 +67,8 @@ pub trait Backend: std::fmt::Debug + Clone + Send + Sync + 'static {
     /// The live token of a new child's parent family (`sql::tokens`),
     /// locked where there are row locks.
     const PARENT_LIVE: &'static str;
+    /// The health probe: 1 (a `BIGINT`) when the database takes writes.
+    const PING: &'static str;
     /// The session creating a token, live and current (`sql::tokens`),
     /// locked where there are row locks.
     const CREATOR_SESSION_LIVE: &'static str;

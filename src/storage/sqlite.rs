@@ -159,6 +159,7 @@ impl Backend for SqliteBackend {
     const INSERT_SESSION: &'static str = sql::SQLITE_INSERT_SESSION;
     const LOCK_ACCOUNT_FOR_DELETE: &'static str = sql::SQLITE_LOCK_ACCOUNT_FOR_DELETE;
     const PARENT_LIVE: &'static str = sql::SQLITE_PARENT_LIVE;
+    const PING: &'static str = "SELECT 1";
     const CREATOR_SESSION_LIVE: &'static str = sql::SQLITE_CREATOR_SESSION_LIVE;
     const CREATOR_TOKEN_LIVE: &'static str = sql::SQLITE_CREATOR_TOKEN_LIVE;
     const LEAK_TOKENS: &'static str = sql::SQLITE_LEAK_TOKENS;

@@ -2,8 +2,7 @@
 //! primary of its own with a streaming standby (`support::postgres`), and
 //! servers with `DATABASE_URL` on the primary and the read URL on the
 //! standby. Which server answered a lookup is read from
-//! `pg_stat_statements` on each (the standby's lookups are the only ones
-//! that `decode` a digest). A lagging standby is made with
+//! `pg_stat_statements` on each (the lookups by digest each server ran). A lagging standby is made with
 //! `pg_wal_replay_pause()`: a revoked credential must never be answered
 //! active because of it.
 
@@ -581,4 +580,44 @@ async fn no_digest_read_on_the_standby_reaches_the_logs() {
     secrets.token("operator token", &operator);
     secrets.token("verifier token", &verifier);
     secrets.assert_absent_from(&[("the server's log", &finished.stderr)]);
+}
+
+/// A server whose DATABASE_URL reaches a standby (a mistake, or a demoted
+/// primary behind a proxy that has not moved yet) says NOT_SERVING: every
+/// write would fail there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_as_the_database_url_is_not_serving() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let mut pair = Pair::start().await;
+    // Migrated on the primary, replayed on the standby.
+    let app = pair.server().await;
+    pair.caught_up().await;
+    let mut command = crate::support::binary::identity_command(&pair.read_url);
+    command
+        .env("IDENTITY_LISTEN_ADDR", "127.0.0.1:0")
+        .env("IDENTITY_MIGRATE", "false")
+        .env("IDENTITY_WEB_ADDR", "off")
+        .arg("serve");
+    let server = crate::support::binary::Server::start_command(command).await;
+    let mut health = HealthClient::new(server.channel().await);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = health
+            .check(HealthCheckRequest::default())
+            .await
+            .map(|r| r.into_inner().status);
+        if matches!(status, Ok(s) if s == ServingStatus::NotServing as i32) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a server on a standby still says {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(health);
+    server.terminate().await;
+    app.stop().await;
 }

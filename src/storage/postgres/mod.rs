@@ -508,6 +508,11 @@ impl Backend for PgBackend {
     const INSERT_SESSION: &'static str = sql::PG_INSERT_SESSION;
     const LOCK_ACCOUNT_FOR_DELETE: &'static str = sql::PG_LOCK_ACCOUNT_FOR_DELETE;
     const PARENT_LIVE: &'static str = sql::PG_PARENT_LIVE;
+    /// A standby (`DATABASE_URL` pointed at one, or at a demoted primary
+    /// through a proxy that has not moved yet) answers 0: every write would
+    /// fail, so health says NOT_SERVING.
+    const PING: &'static str =
+        "SELECT CAST(CASE WHEN pg_is_in_recovery() THEN 0 ELSE 1 END AS BIGINT)";
     const CREATOR_SESSION_LIVE: &'static str = sql::PG_CREATOR_SESSION_LIVE;
     const CREATOR_TOKEN_LIVE: &'static str = sql::PG_CREATOR_TOKEN_LIVE;
     const LEAK_TOKENS: &'static str = sql::PG_LEAK_TOKENS;

@@ -27,7 +27,14 @@ use crate::{
 #[async_trait::async_trait]
 impl<B: Backend> Store for SqlStore<B> {
     async fn ping(&self) -> Result<(), StorageError> {
-        self.execute(sqlx::query("SELECT 1")).await.map(drop)
+        use crate::storage::rows::SqlRow as _;
+        let row = self.fetch_optional(sqlx::query(B::PING)).await?;
+        match row.as_ref().map(|r| r.int_at(0)).transpose()? {
+            Some(1) => Ok(()),
+            _ => Err(StorageError::Unavailable(
+                "the database is read-only (a standby): DATABASE_URL must reach the primary".into(),
+            )),
+        }
     }
 
     fn shared(&self) -> bool {
