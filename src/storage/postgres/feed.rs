@@ -202,8 +202,15 @@ impl PgBackend {
                             // so the primary's position read now is past
                             // every commit of the batch (a payload cannot
                             // carry its own commit's position: it is written
-                            // inside the transaction, before the commit).
-                            if let Some((watermark, primary)) = &watermark {
+                            // inside the transaction, before the commit). A
+                            // batch of heartbeats alone announces no change
+                            // to cover: moving the watermark to the primary's
+                            // latest position then would only send reads to
+                            // the primary while the standby replays unrelated
+                            // writes (such as the last-use recorder's).
+                            if let Some((watermark, primary)) = &watermark
+                                && !changes.is_empty()
+                            {
                                 replica::anchor_to_primary(watermark, primary).await;
                             }
                             sink.invalidate_all(&changes);
