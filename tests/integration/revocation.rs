@@ -362,9 +362,11 @@ async fn reuse_detection_racing_the_attackers_rotation_leaves_no_successor() {
                     .await
             }
         };
+        // The attacker's rotation queues on C1's row where it re-checks
+        // its caller (C1 itself) before marking it rotated.
         let (owner, attacker) = if attacker_first {
             let attacker = tokio::spawn(attacker);
-            until_pg_waiting(&url, "%SET replaced_by%", 1).await;
+            until_pg_waiting(&url, "%FOR SHARE OF t%", 1).await;
             let owner = tokio::spawn(owner);
             until_pg_waiting(&url, "%descendants%", 1).await;
             lock.release().await;
@@ -373,7 +375,7 @@ async fn reuse_detection_racing_the_attackers_rotation_leaves_no_successor() {
             let owner = tokio::spawn(owner);
             until_pg_waiting(&url, "%descendants%", 1).await;
             let attacker = tokio::spawn(attacker);
-            until_pg_waiting(&url, "%SET replaced_by%", 1).await;
+            until_pg_waiting(&url, "%FOR SHARE OF t%", 1).await;
             lock.release().await;
             (owner.await.expect("join"), attacker.await.expect("join"))
         };
