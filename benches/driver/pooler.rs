@@ -35,7 +35,7 @@ use crate::{
     generators::{Kv, f},
     pgbouncer::PgBouncer,
     procs::{self, Result, fail, log},
-    report::{self, fmt_int, us_ms},
+    report::{self, fmt_int, median, us_ms},
     scenarios::Bench,
 };
 
@@ -49,16 +49,6 @@ struct Setup {
     what: &'static str,
     flags: Vec<String>,
     env: Vec<(&'static str, &'static str)>,
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
 }
 
 /// Figures of one set-up, one value per round.

@@ -17,7 +17,7 @@ use crate::{
     generators::{self, err_path, f, s},
     procs::{Result, fail, log},
     replicas::tail,
-    report::{self, fmt_int, us_ms},
+    report::{self, fmt_int, median, us_ms},
     sampling::{fmt_mib, rss_kb},
     scenarios::Bench,
 };
@@ -27,16 +27,6 @@ const ROUNDS: usize = 3;
 
 /// The resident memory the issue allows a replica after a sign-in flood.
 const MEMORY_TARGET_MIB: f64 = 128.0;
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
-}
 
 fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")

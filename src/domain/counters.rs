@@ -155,10 +155,10 @@ impl<const N: usize> Sharded<N> {
     }
 }
 
-/// Shards per counter set: a power of two, at least twice the cores
-/// (tokio's workers are one per core, and other threads count rarely), at
-/// most 64.
-fn shard_count() -> usize {
+/// Shards per counter set (and per histogram, `api::layers::observe`): a
+/// power of two, at least twice the cores (tokio's workers are one per core,
+/// and other threads count rarely), at most 64.
+pub fn shard_count() -> usize {
     static COUNT: OnceLock<usize> = OnceLock::new();
     *COUNT.get_or_init(|| {
         let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
@@ -168,7 +168,7 @@ fn shard_count() -> usize {
 
 /// This thread's shard number (taken in turn by the threads as they first
 /// count), before the mask.
-fn shard_number() -> usize {
+pub fn shard_number() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);

@@ -42,7 +42,7 @@ use std::{
     pin::Pin,
     sync::{
         OnceLock,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, Ordering},
     },
     task::{Context, Poll, ready},
     time::{Duration, Instant},
@@ -50,6 +50,9 @@ use std::{
 
 use tower::{Layer, Service};
 use tracing::Span;
+
+// Histograms are sharded as the domain's counters are.
+use crate::domain::counters::{shard_count, shard_number};
 
 /// The metric counting finished calls, by `service`, `method` and `code`.
 pub const REQUESTS: &str = "identity_grpc_requests_total";
@@ -518,26 +521,6 @@ struct Shard {
     counts: [AtomicU64; BUCKETS],
     /// The samples' sum, in nanoseconds.
     sum: AtomicU64,
-}
-
-/// Shards per histogram: a power of two, at least twice the cores (tokio's
-/// workers are one per core, and other threads record rarely), at most 64.
-fn shard_count() -> usize {
-    static COUNT: OnceLock<usize> = OnceLock::new();
-    *COUNT.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-        (cores * 2).next_power_of_two().min(64)
-    })
-}
-
-/// This thread's shard number (taken in turn by the threads as they first
-/// record), before the modulo.
-fn shard_number() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static NUMBER: usize = NEXT.fetch_add(1, Ordering::Relaxed);
-    }
-    NUMBER.with(|n| *n)
 }
 
 impl Default for Latency {
