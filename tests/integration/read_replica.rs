@@ -614,3 +614,59 @@ async fn a_standby_as_the_database_url_is_not_serving() {
     server.terminate().await;
     app.stop().await;
 }
+
+/// A standby that stops streaming from the primary (its WAL receiver off,
+/// as one left on the old timeline after a failover is) is not used, even
+/// with everything replayed: after a failover its positions, from another
+/// timeline, prove nothing about the new primary's changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_that_does_not_stream_the_primarys_timeline_is_not_used() {
+    let mut pair = Pair::start().await;
+    let app = pair.server().await;
+    let robot = app.robot("ci").await;
+    let (_, secret) = app
+        .token(&app.operator_token, &robot.account_id, "ci", &[])
+        .await;
+    pair.until_standby_serves(&app, &secret).await;
+    for statement in [
+        "ALTER SYSTEM SET primary_conninfo = ''",
+        "SELECT pg_reload_conf()",
+    ] {
+        sqlx::query(statement)
+            .execute(&mut pair.replica)
+            .await
+            .expect(statement);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let streaming: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+        )
+        .fetch_one(&mut pair.replica)
+        .await
+        .expect("read pg_stat_wal_receiver");
+        if streaming == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the standby kept streaming"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..5 {
+        let (standby, primary) = (pair.standby_lookups().await, pair.primary_lookups().await);
+        app.identity.cache().clear();
+        assert!(app.verify(&secret, &[]).await.active);
+        assert_eq!(
+            pair.standby_lookups().await,
+            standby,
+            "a standby not streaming served a verification"
+        );
+        assert!(
+            pair.primary_lookups().await > primary,
+            "the primary answered"
+        );
+    }
+    app.stop().await;
+}

@@ -23,8 +23,12 @@ use crate::domain::credential::Digest;
 /// `synchronous_commit = off` a commit can return (and its NOTIFY be
 /// delivered) before its commit record is written, and only the insert
 /// position is certain to be past it.
-pub(super) const PRIMARY_POSITION: &str =
-    "SELECT CAST(pg_current_wal_insert_lsn() - '0/0'::pg_lsn AS BIGINT)";
+/// The primary's position and its timeline (the first eight hexadecimal
+/// digits of the WAL file it is inserting into): positions compare only
+/// within one timeline.
+pub(super) const PRIMARY_POSITION: &str = "SELECT CAST(pg_current_wal_insert_lsn() - '0/0'::pg_lsn AS BIGINT), \
+     CAST(CAST(CAST('x' || substr(pg_walfile_name(pg_current_wal_insert_lsn()), 1, 8) AS bit(32)) \
+     AS integer) AS BIGINT)";
 
 /// How a replica read is counted (`identity_read_replica_reads_total`).
 #[derive(Debug, Clone, Copy)]
@@ -85,6 +89,11 @@ pub struct Watermark {
     origin: Instant,
     /// Microseconds from `origin` until which the channel is trusted.
     current_until: AtomicU64,
+    /// The newest primary timeline seen (0: none yet). A standby is used
+    /// only while it streams this timeline: after a failover, one left on
+    /// the old timeline may hold positions past the new primary's, with
+    /// none of its changes.
+    timeline: AtomicU64,
 }
 
 /// Taken before a position is read from the primary, and handed back with
@@ -103,7 +112,18 @@ impl Watermark {
             anchored: AtomicU64::new(0),
             origin: Instant::now(),
             current_until: AtomicU64::new(0),
+            timeline: AtomicU64::new(0),
         }
+    }
+
+    /// The primary was seen on `timeline` (timelines only move forward).
+    pub fn on_timeline(&self, timeline: u64) {
+        self.timeline.fetch_max(timeline, Ordering::SeqCst);
+    }
+
+    /// The newest primary timeline seen, 0 before any.
+    pub fn timeline(&self) -> u64 {
+        self.timeline.load(Ordering::SeqCst)
     }
 
     /// Moves the watermark forward to `position` (never back).
@@ -157,11 +177,17 @@ impl Default for Watermark {
     }
 }
 
-/// Reads the primary's [`PRIMARY_POSITION`] on `pool`.
-pub(super) async fn primary_position(pool: &PgPool) -> Result<u64, sqlx::Error> {
+/// Reads the primary's [`PRIMARY_POSITION`] on `pool`, noting its
+/// timeline in `watermark`: the position.
+pub(super) async fn primary_position(
+    watermark: &Watermark,
+    pool: &PgPool,
+) -> Result<u64, sqlx::Error> {
     use sqlx::Row as _;
     let row = sqlx::Executor::fetch_one(pool, PRIMARY_POSITION).await?;
     let position: i64 = row.try_get(0)?;
+    let timeline: i64 = row.try_get(1)?;
+    watermark.on_timeline(u64::try_from(timeline).unwrap_or(0));
     Ok(u64::try_from(position).unwrap_or(0))
 }
 
@@ -169,7 +195,7 @@ pub(super) async fn primary_position(pool: &PgPool) -> Result<u64, sqlx::Error> 
 /// that cannot be read.
 pub(super) async fn anchor_to_primary(watermark: &Watermark, pool: &PgPool) {
     let ticket = watermark.ticket();
-    match primary_position(pool).await {
+    match primary_position(watermark, pool).await {
         Ok(position) => watermark.anchor(ticket, position),
         Err(err) => {
             watermark.lose();
@@ -179,8 +205,10 @@ pub(super) async fn anchor_to_primary(watermark: &Watermark, pool: &PgPool) {
 }
 
 /// The standby's replay position, in bytes from 0/0 (NULL when the server
-/// is not in recovery).
-const REPLAYED: &str = "SELECT CAST(pg_last_wal_replay_lsn() - '0/0'::pg_lsn AS BIGINT)";
+/// is not in recovery), and the timeline its WAL receiver streams (NULL
+/// when it is not streaming, or the role may not see it: `pg_monitor`).
+const REPLAYED: &str = "SELECT CAST(pg_last_wal_replay_lsn() - '0/0'::pg_lsn AS BIGINT), \
+     (SELECT CAST(received_tli AS BIGINT) FROM pg_stat_wal_receiver WHERE status = 'streaming')";
 
 /// How long a standby that failed is left alone: its reads go straight to
 /// the primary meanwhile, and the first read after tries it again.
@@ -286,8 +314,9 @@ impl PgBackend {
                 return None;
             }
         };
+        let timeline = replica.watermark.timeline();
         let persistent = !super::statement_cache_off();
-        let position = sqlx::query_scalar::<_, Option<i64>>(REPLAYED)
+        let position = sqlx::query_as::<_, (Option<i64>, Option<i64>)>(REPLAYED)
             .persistent(persistent)
             .fetch_one(&mut *conn)
             .await;
@@ -302,9 +331,14 @@ impl PgBackend {
             }
         };
         // NULL where the server is not (or no longer) in recovery: then it
-        // is not the standby this process was given, and not trusted.
+        // is not the standby this process was given, and not trusted. Nor
+        // is one that does not stream the primary's timeline: after a
+        // failover it may have replayed the old timeline past the new
+        // primary's position, which then proves nothing.
+        let (replayed, streams) = replayed;
+        let on_timeline = streams.and_then(|t| u64::try_from(t).ok()) == Some(timeline);
         match replayed.and_then(|p| u64::try_from(p).ok()) {
-            Some(replayed) if replayed >= required => {}
+            Some(replayed) if on_timeline && replayed >= required => {}
             _ => {
                 replica.worked();
                 Outcome::Stale.count();
@@ -340,7 +374,7 @@ impl PgBackend {
         let Some(replica) = &self.replica else {
             return;
         };
-        match primary_position(pool).await {
+        match primary_position(&replica.watermark, pool).await {
             Ok(position) => replica.watermark.advance(position),
             Err(err) => {
                 replica.watermark.lose();
