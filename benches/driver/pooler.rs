@@ -177,8 +177,10 @@ impl Bench {
                 env: vec![],
             },
         ];
+        let before = self.standby_statements(port);
         let (figures, rows) =
             self.side_by_side("read-replica", &setups, verify, vf, auth, tokens)?;
+        let served = self.standby_statements(port).saturating_sub(before);
         let o = &self.o;
         let section = format!(
             "- command: `bash benches/run.sh -s {} --read-replica -d {} -w {} -c {}`; a \
@@ -186,7 +188,9 @@ impl Bench {
              the set-ups alternated; hot = h2load `-c {c} -m 1` of one cached token, miss = \
              loadgen with `--cache-entries 0` cycling the small table's tokens at {c} clients \
              and at 1. How each standby read ended is counted in \
-             `identity_read_replica_reads_total{{outcome}}` (the replicas' /metrics).\n\n{rows}",
+             `identity_read_replica_reads_total{{outcome}}` (the replicas' /metrics); the \
+             standby ran {served} transactions meanwhile (two per standby read: the position, \
+             then the lookup).\n\n{rows}",
             o.scenarios,
             o.duration,
             o.warmup,
@@ -199,6 +203,25 @@ impl Bench {
         ));
         report::with(|r| r.read_replica_section = Some(section));
         Ok(())
+    }
+
+    /// The transactions the standby on `port` has run (0 if unknown).
+    fn standby_statements(&self, port: u16) -> u64 {
+        self.db
+            .tool("psql")
+            .env("PGPORT", port.to_string())
+            .args([
+                "-X",
+                "-At",
+                "-d",
+                "identity",
+                "-c",
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+            ])
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8_lossy(&out.stdout).trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Starts two replicas per set-up (cache on, and `--cache-entries 0`)
