@@ -21,7 +21,7 @@ use crate::domain::{
     retention::{PurgeCutoffs, Purged},
     throttle::{ThrottleClaim, ThrottleCounter},
     time::Timestamp,
-    token::{NewToken, Session, Token, TokenId, TokenState},
+    token::{Creator, NewToken, Session, Token, TokenId, TokenState},
 };
 
 /// A boxed error source, for the log.
@@ -360,14 +360,19 @@ pub trait Store: Send + Sync + 'static {
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError>;
 
-    /// Gives a live token (not revoked, not rotated, not expired at `now`) the
-    /// new expiry `expire_time` (`None`: never), and returns it as stored
-    /// afterwards; `None` (and changes nothing) if there is no such live
-    /// token.
+    /// Gives a live token (not revoked, not rotated, not expired at `now`) of
+    /// `account` the new expiry `expire_time` (`None`: never), and returns
+    /// it as stored afterwards; `None` (and changes nothing) if there is no
+    /// such live token. Like a creation, it locks the account's row first
+    /// and fails with [`StorageError::CreatorEnded`] if `creator` (the
+    /// credential asking) is no longer live: a renewal never lands after
+    /// the end of the credential that asked for it was acknowledged.
     async fn renew_token(
         &self,
         id: &TokenId,
+        account: &AccountId,
         expire_time: Option<Timestamp>,
+        creator: Option<&Creator>,
         now: Timestamp,
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError>;

@@ -64,11 +64,17 @@ pub trait Backend: std::fmt::Debug + Clone + Send + Sync + 'static {
     const INSERT_SESSION: &'static str;
     /// Locks an account about to be deleted (`sql::accounts`).
     const LOCK_ACCOUNT_FOR_DELETE: &'static str;
+    /// Then locks its credentials' rows, where there are row locks.
+    const LOCK_CREDENTIALS_FOR_DELETE: &'static [&'static str] = &[];
     /// The live token of a new child's parent family (`sql::tokens`),
     /// locked where there are row locks.
     const PARENT_LIVE: &'static str;
     /// The health probe: 1 (a `BIGINT`) when the database takes writes.
     const PING: &'static str;
+    /// Run first in a transaction that walks token families recursively
+    /// (the revocations' cascades), if anything needs to be: see
+    /// [`crate::storage::sql::SqlStore::begin_cascade`].
+    const CASCADE_SETTINGS: Option<&'static str> = None;
     /// The session creating a token, live and current (`sql::tokens`),
     /// locked where there are row locks.
     const CREATOR_SESSION_LIVE: &'static str;

@@ -515,6 +515,126 @@ async fn a_rotation_loses_to_a_concurrent_sign_out_of_its_session() {
     creation_racing(&app, &alice.account_id, rotate, sign_out, "SignOut").await;
 }
 
+/// A renewal queued behind its account's row when the session asking for
+/// it is signed out fails: an ended session extends no token's life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_loses_to_a_concurrent_sign_out_of_its_session() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let (alice, session) = app.person("alice").await;
+    let (ci, _) = app.token(&session, &alice.account_id, "ci", &[]).await;
+    let renew = {
+        let client = app.tokens();
+        let request = bearer(
+            // The server's default lifetime from now: later than the
+            // token's own, so a renewal that landed would show.
+            pb::RenewTokenRequest {
+                token_id: ci.token_id.clone(),
+                ..Default::default()
+            },
+            &session,
+        );
+        async move { client.clone().renew_token(request).await }
+    };
+    let mut accounts = app.accounts();
+    let sign_out = async move {
+        accounts
+            .sign_out(bearer(pb::SignOutRequest {}, &session))
+            .await
+            .map(drop)
+    };
+    creation_racing(&app, &alice.account_id, renew, sign_out, "SignOut").await;
+    let listed = app
+        .tokens()
+        .get_token(bearer(
+            pb::GetTokenRequest {
+                token_id: ci.token_id.clone(),
+            },
+            &app.operator_token,
+        ))
+        .await
+        .expect("the token is still there")
+        .into_inner()
+        .token
+        .expect("a token");
+    assert_eq!(
+        listed.expire_time, ci.expire_time,
+        "the refused renewal changed nothing"
+    );
+}
+
+/// An operator's token renewing a token it created for another account
+/// while the operator's account is deleted (the deletion's cascade revokes
+/// that token): both calls finish, the renewal refused as its caller is
+/// gone. (The deletion once locked its own credentials after the cascade,
+/// the reverse of the renewal's order: a deadlock, found by an attacker,
+/// one of the two answered UNAVAILABLE.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_by_a_deleted_accounts_token_does_not_deadlock_with_the_deletion() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let night_ops = app
+        .accounts()
+        .create_account(bearer(
+            pb::CreateAccountRequest {
+                username: "night-ops".into(),
+                kind: pb::AccountKind::Robot as i32,
+                role: pb::AccountRole::Operator as i32,
+                ..Default::default()
+            },
+            &app.operator_token,
+        ))
+        .await
+        .expect("create an operator robot")
+        .into_inner()
+        .account
+        .expect("account");
+    let (_, operator) = app
+        .token(&app.operator_token, &night_ops.account_id, "ops", &[])
+        .await;
+    let robot = app.robot("ci").await;
+    // The robot's token descends from the operator token's family.
+    let (target, _) = app.token(&operator, &robot.account_id, "deploy", &[]).await;
+    let mut held = Held::take(
+        &app.db.url,
+        "SELECT token_id FROM tokens WHERE token_id = $1 FOR UPDATE",
+        Some(&target.token_id),
+    )
+    .await;
+    let deleting = {
+        let client = app.accounts();
+        let request = bearer(
+            pb::DeleteAccountRequest {
+                account_id: night_ops.account_id.clone(),
+            },
+            &app.operator_token,
+        );
+        tokio::spawn(async move { client.clone().delete_account(request).await })
+    };
+    let deletion = held.wait_for_blocked_by_me("the deletion's cascade").await;
+    let renewing = {
+        let client = app.tokens();
+        let request = bearer(
+            pb::RenewTokenRequest {
+                token_id: target.token_id.clone(),
+                ..Default::default()
+            },
+            &operator,
+        );
+        tokio::spawn(async move { client.clone().renew_token(request).await })
+    };
+    // The renewal queues behind the deletion, on its caller's row.
+    held.wait_for_blocked_by(deletion, "the renewal").await;
+    held.release().await;
+    deleting
+        .await
+        .expect("join")
+        .expect("the deletion finishes");
+    assert_status(
+        renewing.await.expect("join"),
+        Code::Unauthenticated,
+        "ERROR_REASON_CREDENTIAL_INVALID",
+    );
+}
+
 /// A sign-out that arrives after a token creation has checked its session
 /// (the creation paused there by a test's own uncommitted token holding
 /// the new token's name) waits for the creation to finish: it cannot be

@@ -1244,6 +1244,39 @@ mod conformance {
             assert!(matches!(refused, Err(StorageError::CreatorEnded)), "a revoked token: {refused:?}");
         }
 
+        async fn a_token_is_renewed_only_while_the_credential_asking_is_live(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let bob = person("bob", 2);
+            store.create_account(&bob, &ev()).await.expect("create account");
+            let renewed = token(&alice.id, "renewed", &[], 10, Some(100));
+            store.create_token(&renewed, t(10), u32::MAX, &ev()).await.expect("create token");
+            let signed_in = session(&alice.id, 1, 1_000);
+            store.create_session(&signed_in, &digest(CredentialKind::Session), 0, &ev()).await.expect("create session");
+            let creator = token(&alice.id, "creator", &[], 10, None);
+            store.create_token(&creator, t(10), u32::MAX, &ev()).await.expect("create the renewing token");
+            let id = &renewed.token.id;
+            let by_session = |generation: i64| Creator::Session { id: signed_in.id.clone(), credentials_generation: generation };
+            let by_token = Creator::Token { id: creator.token.id.clone() };
+            let got = store.renew_token(id, &alice.id, Some(t(200)), Some(&by_session(0)), t(20), &ev()).await;
+            assert_eq!(got.expect("a live session renews").expect("renewed").expire_time, Some(t(200)));
+            let got = store.renew_token(id, &alice.id, Some(t(300)), Some(&by_token), t(20), &ev()).await;
+            assert_eq!(got.expect("a live token renews").expect("renewed").expire_time, Some(t(300)));
+            // Named under another account, the token is not found, and not renewed.
+            let got = store.renew_token(id, &bob.id, Some(t(900)), None, t(20), &ev()).await;
+            assert!(matches!(got, Ok(None)), "another account's: {got:?}");
+            let refused = store.renew_token(id, &alice.id, Some(t(900)), Some(&by_session(1)), t(20), &ev()).await;
+            assert!(matches!(refused, Err(StorageError::CreatorEnded)), "another generation: {refused:?}");
+            store.revoke_session(&signed_in.id, t(30), &ev()).await.expect("sign out");
+            let refused = store.renew_token(id, &alice.id, Some(t(900)), Some(&by_session(0)), t(40), &ev()).await;
+            assert!(matches!(refused, Err(StorageError::CreatorEnded)), "a signed-out session: {refused:?}");
+            store.revoke_token(&creator.token.id, false, t(50), &ev()).await.expect("revoke").expect("found");
+            let refused = store.renew_token(id, &alice.id, Some(t(900)), Some(&by_token), t(60), &ev()).await;
+            assert!(matches!(refused, Err(StorageError::CreatorEnded)), "a revoked token: {refused:?}");
+            let kept = store.token_by_id(id).await.expect("read").expect("found");
+            assert_eq!(kept.expire_time, Some(t(300)), "no refused renewal changed it");
+        }
+
         async fn revoking_a_family_revokes_its_descendants(store) {
             let alice = person("alice", 1);
             store.create_account(&alice, &ev()).await.expect("create account");

@@ -535,8 +535,13 @@ impl Identity {
             .credential(&token.id);
         let store = Arc::clone(&self.store);
         let (target, evicted) = (id.clone(), id.clone());
+        let (owner, creator) = (token.account_id.clone(), Creator::of(caller));
         self.commit_then_evict(
-            async move { store.renew_token(&target, expire_time, now, &event).await },
+            async move {
+                store
+                    .renew_token(&target, &owner, expire_time, Some(&creator), now, &event)
+                    .await
+            },
             move |cache, renewed: &Option<Token>| {
                 if renewed.is_some() {
                     cache.evict(&Invalidation::Credential(evicted));

@@ -507,12 +507,28 @@ impl Backend for PgBackend {
     const SCHEMA_TABLE_EXISTS: &'static str = SCHEMA_TABLE_EXISTS;
     const INSERT_SESSION: &'static str = sql::PG_INSERT_SESSION;
     const LOCK_ACCOUNT_FOR_DELETE: &'static str = sql::PG_LOCK_ACCOUNT_FOR_DELETE;
+    const LOCK_CREDENTIALS_FOR_DELETE: &'static [&'static str] =
+        sql::PG_LOCK_CREDENTIALS_FOR_DELETE;
     const PARENT_LIVE: &'static str = sql::PG_PARENT_LIVE;
     /// A standby (`DATABASE_URL` pointed at one, or at a demoted primary
     /// through a proxy that has not moved yet) answers 0: every write would
     /// fail, so health says NOT_SERVING.
     const PING: &'static str =
         "SELECT CAST(CASE WHEN pg_is_in_recovery() THEN 0 ELSE 1 END AS BIGINT)";
+    /// Index scans, nested loops and no JIT for the cascades. The planner
+    /// cannot estimate a recursive walk of the families (it guessed 43
+    /// million rows for one token with no descendant), so it chose
+    /// sequential scans, sorts and merge joins of the whole table, and a
+    /// cost far above `jit_above_cost`: each revocation was compiled with
+    /// LLVM and then read every token, 0.3 s at 10,000 tokens on a busy
+    /// machine, and the soak's 120 revocations a second took both cores
+    /// (BENCHMARKS.md, "The soak's collapse"). With these, a revocation
+    /// reads the indexes of the tokens it revokes and nothing else. `SET
+    /// LOCAL`: they end with the transaction, behind a pooler too.
+    const CASCADE_SETTINGS: Option<&'static str> = Some(
+        "SELECT set_config('jit', 'off', true), set_config('enable_seqscan', 'off', true), \
+         set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)",
+    );
     const CREATOR_SESSION_LIVE: &'static str = sql::PG_CREATOR_SESSION_LIVE;
     const CREATOR_TOKEN_LIVE: &'static str = sql::PG_CREATOR_TOKEN_LIVE;
     const LEAK_TOKENS: &'static str = sql::PG_LEAK_TOKENS;

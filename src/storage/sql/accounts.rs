@@ -2,7 +2,7 @@
 
 use super::{
     Account, AccountId, AuditEvent, Invalidation, PasswordHash, SqlStore, StorageError, TokenId,
-    audit, commit_change, execute, revocation,
+    audit, commit_change, execute, fetch_all, revocation,
 };
 use crate::storage::{
     backend::{Backend, Bind as _},
@@ -54,6 +54,17 @@ pub(super) const LOCK_ACCOUNT: &str = "UPDATE accounts \
 pub(in crate::storage) const PG_LOCK_ACCOUNT_FOR_DELETE: &str =
     "SELECT account_id FROM accounts WHERE account_id = $1 FOR UPDATE";
 pub(in crate::storage) const SQLITE_LOCK_ACCOUNT_FOR_DELETE: &str = LOCK_ACCOUNT;
+/// ...and then its own credentials' rows, before the cascade into other
+/// accounts' tokens: the order a renewal or a creation by one of these
+/// credentials takes its locks in (the caller's row, then the target
+/// token's). Locked after the cascade, they deadlocked with a renewal of a
+/// descendant in another account (found by an attacker: the renewal held
+/// its caller's row and waited for the token the cascade had revoked).
+/// PostgreSQL only; SQLite's writers take turns.
+pub(in crate::storage) const PG_LOCK_CREDENTIALS_FOR_DELETE: &[&str] = &[
+    "SELECT token_id FROM tokens WHERE account_id = $1 FOR UPDATE",
+    "SELECT session_id FROM sessions WHERE account_id = $1 FOR UPDATE",
+];
 pub(super) const DELETE_ACCOUNT_SESSIONS: &str = "DELETE FROM sessions WHERE account_id = $1";
 pub(super) const DELETE_ACCOUNT_TOKENS: &str = "DELETE FROM tokens WHERE account_id = $1";
 pub(super) const DELETE_ACCOUNT: &str = "DELETE FROM accounts WHERE account_id = $1";
@@ -169,7 +180,7 @@ pub(super) async fn delete_account<B: Backend>(
     id: &AccountId,
     event: &AuditEvent,
 ) -> Result<Option<Vec<TokenId>>, StorageError> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_cascade().await?;
     // First the account row, so that nothing is created for it
     // between the statements below (see the query).
     let found = execute::<B>(
@@ -179,6 +190,9 @@ pub(super) async fn delete_account<B: Backend>(
     .await?;
     if found == 0 {
         return Ok(None);
+    }
+    for lock in B::LOCK_CREDENTIALS_FOR_DELETE {
+        fetch_all::<B>(&mut tx, sqlx::query(lock).arg(id.as_str())).await?;
     }
     let at = event.time.as_micros();
     let query = sqlx::query(REVOKE_ACCOUNT_DESCENDANTS)

@@ -120,7 +120,9 @@ mod tokens;
 use sqlx::{Pool, Transaction, pool::PoolConnection};
 
 pub(super) use self::{
-    accounts::{PG_LOCK_ACCOUNT_FOR_DELETE, SQLITE_LOCK_ACCOUNT_FOR_DELETE},
+    accounts::{
+        PG_LOCK_ACCOUNT_FOR_DELETE, PG_LOCK_CREDENTIALS_FOR_DELETE, SQLITE_LOCK_ACCOUNT_FOR_DELETE,
+    },
     audit::LIST_EVENTS,
     lookup::{
         PG_SESSIONS_BY_DIGESTS, PG_TOKENS_BY_DIGESTS, SQLITE_SESSIONS_BY_DIGESTS,
@@ -193,6 +195,16 @@ impl<B: Backend> SqlStore<B> {
     /// Begins a transaction.
     async fn begin(&self) -> Result<Transaction<'static, B::Db>, StorageError> {
         self.pool.begin().await.map_err(B::classify)
+    }
+
+    /// A transaction for statements that walk token families recursively
+    /// (revocations and their cascades), with [`Backend::CASCADE_SETTINGS`].
+    async fn begin_cascade(&self) -> Result<Transaction<'static, B::Db>, StorageError> {
+        let mut tx = self.begin().await?;
+        if let Some(settings) = B::CASCADE_SETTINGS {
+            fetch_all::<B>(&mut tx, sqlx::query(settings)).await?;
+        }
+        Ok(tx)
     }
 
     /// A connection from the pool, for one statement or a few outside a

@@ -140,7 +140,7 @@ pub(super) async fn revoke_token<B: Backend>(
     at: Timestamp,
     event: &AuditEvent,
 ) -> Result<Option<(Token, Vec<TokenId>)>, StorageError> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_cascade().await?;
     let revoke = || {
         sqlx::query(REVOKE_TOKEN)
             .arg(id.as_str())
@@ -168,7 +168,7 @@ pub(super) async fn revoke_family<B: Backend>(
     at: Timestamp,
     event: &AuditEvent,
 ) -> Result<Vec<TokenId>, StorageError> {
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_cascade().await?;
     // One event for the family, written even if it was already
     // revoked; one per descendant.
     audit::insert_event::<B>(&mut tx, event).await?;
@@ -198,7 +198,7 @@ pub(super) async fn revoke_leaked<B: Backend>(
                 .credential(&hit.id),
         )
     };
-    let mut tx = store.begin().await?;
+    let mut tx = store.begin_cascade().await?;
     let mut revoked = Vec::new();
     for (digests, query) in [(tokens, B::LEAK_TOKENS), (sessions, B::LEAK_SESSIONS)] {
         if digests.is_empty() {

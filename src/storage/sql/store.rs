@@ -17,7 +17,7 @@ use crate::{
         retention::{PurgeCutoffs, Purged},
         throttle::{ThrottleClaim, ThrottleCounter},
         time::Timestamp,
-        token::{NewToken, Session, Token, TokenId},
+        token::{Creator, NewToken, Session, Token, TokenId},
     },
     storage::backend::Backend,
 };
@@ -231,12 +231,22 @@ impl<B: Backend> Store for SqlStore<B> {
     async fn renew_token(
         &self,
         id: &TokenId,
+        account: &AccountId,
         expire_time: Option<Timestamp>,
+        creator: Option<&Creator>,
         now: Timestamp,
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError> {
-        self.wrote(tokens::renew_token(self, id, expire_time, now, event))
-            .await
+        self.wrote(tokens::renew_token(
+            self,
+            id,
+            account,
+            expire_time,
+            creator,
+            now,
+            event,
+        ))
+        .await
     }
 
     async fn revoke_family(

@@ -115,10 +115,10 @@ pub(super) const MOVE_USES_TO_SUCCESSOR: &str = "UPDATE tokens SET uses_remainin
 /// period the old secret cannot spend the uses the successor holds.
 pub(super) const SPEND_PREDECESSOR_USES: &str = "UPDATE tokens SET uses_remaining = 0 \
     WHERE token_id = $1 AND uses_remaining IS NOT NULL";
-/// `$2`: the new expiry (NULL: never); `$3`: now.
-pub(super) const RENEW_TOKEN: &str = "UPDATE tokens SET expire_time = $2 \
-    WHERE token_id = $1 AND replaced_by IS NULL AND revoke_time IS NULL \
-    AND (expire_time IS NULL OR expire_time > $3)";
+/// `$2`: the token's account; `$3`: the new expiry (NULL: never); `$4`: now.
+pub(super) const RENEW_TOKEN: &str = "UPDATE tokens SET expire_time = $3 \
+    WHERE token_id = $1 AND account_id = $2 AND replaced_by IS NULL AND revoke_time IS NULL \
+    AND (expire_time IS NULL OR expire_time > $4)";
 /// Spends a use of a token that is live at `$2`: neither revoked (a
 /// revocation may have landed since the token was read) nor expired.
 pub(super) const CONSUME_USE: &str = "UPDATE tokens SET uses_remaining = uses_remaining - 1 \
@@ -259,7 +259,17 @@ async fn require_creator_live<B: Backend>(
     new: &NewToken,
     now: Timestamp,
 ) -> Result<(), StorageError> {
-    let check = match &new.creator {
+    require_live_creator::<B>(conn, new.creator.as_ref(), now).await
+}
+
+/// [`StorageError::CreatorEnded`] unless `creator` (if any) is still live,
+/// read as [`require_creator_live`] reads it.
+async fn require_live_creator<B: Backend>(
+    conn: &mut B::Connection,
+    creator: Option<&Creator>,
+    now: Timestamp,
+) -> Result<(), StorageError> {
+    let check = match creator {
         None => return Ok(()),
         Some(Creator::Session {
             id,
@@ -429,15 +439,30 @@ pub(super) async fn rotate_token<B: Backend>(
 pub(super) async fn renew_token<B: Backend>(
     store: &SqlStore<B>,
     id: &TokenId,
+    account: &AccountId,
     expire_time: Option<Timestamp>,
+    creator: Option<&Creator>,
     now: Timestamp,
     event: &AuditEvent,
 ) -> Result<Option<Token>, StorageError> {
     let mut tx = store.begin().await?;
+    // The order a creation takes its locks in (account, creator, token),
+    // and the one the calls ending credentials through the account take
+    // theirs in (account first).
+    let found = execute::<B>(
+        &mut tx,
+        sqlx::query(accounts::LOCK_ACCOUNT).arg(account.as_str()),
+    )
+    .await?;
+    if found == 0 {
+        return Ok(None);
+    }
+    require_live_creator::<B>(&mut tx, creator, now).await?;
     let renewed = execute::<B>(
         &mut tx,
         sqlx::query(RENEW_TOKEN)
             .arg(id.as_str())
+            .arg(account.as_str())
             .arg(expire_time.map(Timestamp::as_micros))
             .arg(now.as_micros()),
     )
