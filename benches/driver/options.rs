@@ -52,6 +52,10 @@ Options (each has an environment variable; options win):
                             calls with reads on a streaming standby
                             (IDENTITY_DATABASE_READ_URL) against
                             reads on the primary, side by side   BENCH_READ_REPLICA=1
+      --memory-accounts-each  memory: every token of the cache fill
+                            belongs to an account of its own (the
+                            cache then shares no account between
+                            its entries)                         BENCH_MEMORY_ACCOUNTS_EACH=1
       --max-other-cpu PCT   a run during which processes the harness did
                             not start (a build...) used this share of the
                             CPU or more is repeated               BENCH_MAX_OTHER_CPU (10)
@@ -152,6 +156,9 @@ pub struct Options {
     pub no_build: bool,
     /// `--pooler`: the hot and cold paths through PgBouncer as well.
     pub pooler: bool,
+    /// `--memory-accounts-each`: the memory scenario's cache fill has one
+    /// account per token (by default all tokens are the bench person's).
+    pub memory_accounts_each: bool,
     /// `--read-replica`: the hot and cold paths with reads on a standby.
     pub read_replica: bool,
     pub server_log: String,
@@ -212,6 +219,7 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, S
         ("keep", "BENCH_KEEP", "0"),
         ("no-build", "BENCH_NO_BUILD", "0"),
         ("pooler", "BENCH_POOLER", "0"),
+        ("memory-accounts-each", "BENCH_MEMORY_ACCOUNTS_EACH", "0"),
         ("read-replica", "BENCH_READ_REPLICA", "0"),
         ("server-log", "BENCH_SERVER_LOG", "warn,identity::app=info"),
         ("max-other-cpu", "BENCH_MAX_OTHER_CPU", "10"),
@@ -247,12 +255,21 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, S
                 v.insert("read-replica", "1".into());
                 continue;
             }
+            "--memory-accounts-each" => {
+                v.insert("memory-accounts-each", "1".into());
+                continue;
+            }
             "-h" | "--help" => return Ok(Parsed::Help),
             long if long.starts_with("--")
                 && v.contains_key(&long[2..])
                 && !matches!(
                     &long[2..],
-                    "keep" | "no-build" | "pooler" | "read-replica" | "server-log"
+                    "keep"
+                        | "no-build"
+                        | "pooler"
+                        | "read-replica"
+                        | "memory-accounts-each"
+                        | "server-log"
                 ) =>
             {
                 &long[2..]
@@ -344,6 +361,7 @@ pub fn parse(args: &[String], env: &HashMap<String, String>) -> Result<Parsed, S
         keep: v["keep"] == "1",
         no_build: v["no-build"] == "1",
         pooler: v["pooler"] == "1",
+        memory_accounts_each: v["memory-accounts-each"] == "1",
         read_replica: v["read-replica"] == "1",
         server_log: v["server-log"].clone(),
         max_other_cpu,

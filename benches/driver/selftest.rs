@@ -126,6 +126,14 @@ fn option_checks() {
         panic!("the options parse");
     };
     assert!(o.pooler && o.want("cold"));
+    assert!(!o.memory_accounts_each);
+    let Ok(Parsed::Run(o)) = parse(
+        &args(&["-s", "memory", "--memory-accounts-each"]),
+        &HashMap::new(),
+    ) else {
+        panic!("--memory-accounts-each parses");
+    };
+    assert!(o.memory_accounts_each && o.want("memory"));
     for (bad, message) in [
         (&["-d", "0"][..], "run.sh: --duration must be at least 1"),
         (&["-d", "x"][..], "run.sh: expected a whole number, got 'x'"),

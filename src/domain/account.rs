@@ -246,7 +246,7 @@ impl Role {
 }
 
 /// An account as stored.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Account {
     /// Its identifier.
     pub id: AccountId,

@@ -78,7 +78,7 @@ use std::{
 };
 
 use super::{
-    account::AccountId,
+    account::{Account, AccountId},
     counters::{Lookup, Sharded, count_lookup},
     credential::Digest,
     policy::Principal,
@@ -189,32 +189,138 @@ pub const BUCKETS: usize = 4096;
 
 /// Where the cached entries of each credential and account are, so that an
 /// eviction touches only them. Holds exactly the entries the shards hold.
+///
+/// Ids are kept as keyed 64-bit hashes ([`Index::id`]), not as copies of
+/// their strings, and a credential's one digest inline: at a full default
+/// cache this is 16 MB less than a string and a vector per entry. Two ids
+/// that share a hash (with a per-process key, about one pair in 2^64) share
+/// a record, so evicting one also evicts the other's entries: a cache miss,
+/// never a stale verdict.
 #[derive(Default)]
 struct Index {
+    /// Hashes the ids (keyed per process).
+    hasher: RandomState,
     /// A credential's positive entries (one digest, in practice).
-    by_credential: HashMap<TokenId, Vec<Key>>,
-    /// An account's positive entries.
-    by_account: HashMap<AccountId, KeySet>,
+    by_credential: HashMap<u64, Keys, BuildHasherDefault<DigestHasher>>,
+    /// An account's positive entries, and the account they share.
+    by_account: HashMap<u64, AccountEntries, BuildHasherDefault<DigestHasher>>,
     /// The `ACCOUNT_DISABLED` verdicts: they carry no ids, and any account
     /// change evicts them (an enable may turn one positive again).
     disabled: KeySet,
 }
 
+/// The digests of one credential's or account's positive entries: one
+/// inline (a credential has one secret; most accounts have one credential
+/// cached), more in a set.
+enum Keys {
+    One(Key),
+    Many(KeySet),
+}
+
+impl Keys {
+    fn insert(&mut self, key: &Key) {
+        match self {
+            Keys::One(one) if one == key => {}
+            Keys::One(one) => *self = Keys::Many(KeySet::from_iter([*one, *key])),
+            Keys::Many(keys) => {
+                keys.insert(*key);
+            }
+        }
+    }
+
+    /// Removes `key`; whether none is left.
+    fn remove(&mut self, key: &Key) -> bool {
+        match self {
+            Keys::One(one) => one == key,
+            Keys::Many(keys) => {
+                keys.remove(key);
+                if keys.len() == 1 {
+                    let last = keys.iter().copied().next();
+                    if let Some(last) = last {
+                        *self = Keys::One(last);
+                    }
+                    return false;
+                }
+                keys.is_empty()
+            }
+        }
+    }
+
+    fn for_each(&self, mut f: impl FnMut(&Key)) {
+        match self {
+            Keys::One(key) => f(key),
+            Keys::Many(keys) => keys.iter().for_each(f),
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        match self {
+            Keys::One(_) => 1,
+            Keys::Many(keys) => keys.len(),
+        }
+    }
+}
+
+/// One account's positive entries. Their principals share one copy of the
+/// account ([`Index::share_account`]): an account with many credentials
+/// cached (a robot's tokens) costs one account, not one per entry.
+struct AccountEntries {
+    account: Arc<Account>,
+    keys: Keys,
+}
+
 impl Index {
+    fn id(&self, id: &str) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    /// `cached`, with its principal's account replaced by the copy the
+    /// account's other entries share, if that copy is equal to it in every
+    /// field (so the verdict is the same value); otherwise as it is.
+    fn share_account(&self, cached: Cached) -> Cached {
+        let Cached::Active {
+            principal,
+            retire_time,
+        } = cached
+        else {
+            return cached;
+        };
+        let shared = self
+            .by_account
+            .get(&self.id(principal.account.id.as_str()))
+            .map(|entries| &entries.account)
+            .filter(|shared| !Arc::ptr_eq(shared, &principal.account))
+            .filter(|shared| ***shared == *principal.account);
+        let principal = match shared {
+            Some(shared) => Arc::new(Principal {
+                account: Arc::clone(shared),
+                ..(*principal).clone()
+            }),
+            None => principal,
+        };
+        Cached::Active {
+            principal,
+            retire_time,
+        }
+    }
+
     fn add(&mut self, key: &Key, cached: &Cached) {
         match cached {
             Cached::Active { principal, .. } => {
-                let keys = self
-                    .by_credential
-                    .entry(principal.credential_id.clone())
-                    .or_default();
-                if !keys.contains(key) {
-                    keys.push(*key);
-                }
+                let credential = self.id(principal.credential_id.as_str());
+                let account = self.id(principal.account.id.as_str());
+                self.by_credential
+                    .entry(credential)
+                    .and_modify(|keys| keys.insert(key))
+                    .or_insert(Keys::One(*key));
                 self.by_account
-                    .entry(principal.account.id.clone())
-                    .or_default()
-                    .insert(*key);
+                    .entry(account)
+                    .and_modify(|entries| entries.keys.insert(key))
+                    .or_insert_with(|| AccountEntries {
+                        account: Arc::clone(&principal.account),
+                        keys: Keys::One(*key),
+                    });
             }
             Cached::Inactive(InactiveReason::AccountDisabled) => {
                 self.disabled.insert(*key);
@@ -226,17 +332,17 @@ impl Index {
     fn remove(&mut self, key: &Key, cached: &Cached) {
         match cached {
             Cached::Active { principal, .. } => {
-                if let Some(keys) = self.by_credential.get_mut(&principal.credential_id) {
-                    keys.retain(|k| k != key);
-                    if keys.is_empty() {
-                        self.by_credential.remove(&principal.credential_id);
-                    }
+                let credential = self.id(principal.credential_id.as_str());
+                let account = self.id(principal.account.id.as_str());
+                if let Some(keys) = self.by_credential.get_mut(&credential)
+                    && keys.remove(key)
+                {
+                    self.by_credential.remove(&credential);
                 }
-                if let Some(keys) = self.by_account.get_mut(&principal.account.id) {
-                    keys.remove(key);
-                    if keys.is_empty() {
-                        self.by_account.remove(&principal.account.id);
-                    }
+                if let Some(entries) = self.by_account.get_mut(&account)
+                    && entries.keys.remove(key)
+                {
+                    self.by_account.remove(&account);
                 }
             }
             Cached::Inactive(InactiveReason::AccountDisabled) => {
@@ -246,10 +352,24 @@ impl Index {
         }
     }
 
+    /// Calls `f` with the digest of each entry of `credential`.
+    fn of_credential(&self, credential: &TokenId, f: impl FnMut(&Key)) {
+        if let Some(keys) = self.by_credential.get(&self.id(credential.as_str())) {
+            keys.for_each(f);
+        }
+    }
+
+    /// Calls `f` with the digest of each positive entry of `account`.
+    fn of_account(&self, account: &AccountId, f: impl FnMut(&Key)) {
+        if let Some(entries) = self.by_account.get(&self.id(account.as_str())) {
+            entries.keys.for_each(f);
+        }
+    }
+
     /// How many entries it indexes (positive and `ACCOUNT_DISABLED`).
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.by_credential.values().map(Vec::len).sum::<usize>() + self.disabled.len()
+        self.by_credential.values().map(Keys::len).sum::<usize>() + self.disabled.len()
     }
 }
 
@@ -550,6 +670,7 @@ impl VerificationCache {
         // One verdict per digest: the newer one replaces the other kind.
         remove_indexed(other, &mut index, key);
         remove_indexed(area, &mut index, key);
+        let cached = index.share_account(cached);
         index.add(key, &cached);
         area.insert(
             *key,
@@ -600,20 +721,10 @@ impl VerificationCache {
             let index = lock(&self.index);
             let mut add = |key: &Key| by_shard[Self::shard_of(key)].push(*key);
             for id in credentials {
-                index
-                    .by_credential
-                    .get(id)
-                    .into_iter()
-                    .flatten()
-                    .for_each(&mut add);
+                index.of_credential(id, &mut add);
             }
             for id in accounts {
-                index
-                    .by_account
-                    .get(id)
-                    .into_iter()
-                    .flatten()
-                    .for_each(&mut add);
+                index.of_account(id, &mut add);
             }
             if !accounts.is_empty() {
                 index.disabled.iter().for_each(&mut add);
@@ -731,7 +842,7 @@ mod tests {
 
     fn principal(account: &AccountId, credential: &TokenId) -> Arc<Principal> {
         Arc::new(Principal {
-            account: Account {
+            account: Arc::new(Account {
                 id: account.clone(),
                 username: Username::from_stored("u".into()),
                 email: Email::default(),
@@ -741,7 +852,7 @@ mod tests {
                 create_time: Timestamp::from_micros(0),
                 disable_time: None,
                 credentials_generation: 0,
-            },
+            }),
             credential: CredentialKind::PersonalAccessToken,
             credential_id: credential.clone(),
             scopes: Scopes::full(),
@@ -788,7 +899,11 @@ mod tests {
                 })
                 .count();
             index.len() == indexed
-                && index.by_account.values().map(HashSet::len).sum::<usize>()
+                && index
+                    .by_account
+                    .values()
+                    .map(|a| a.keys.len())
+                    .sum::<usize>()
                     == shards.iter().map(|a| a.active.len()).sum::<usize>()
         }
     }
@@ -843,6 +958,84 @@ mod tests {
         assert!(cache.get(&d2).is_none());
         assert!(cache.get(&d3).is_some());
         assert!(cache.index_consistent());
+    }
+
+    fn cached_account(cache: &VerificationCache, d: &Digest) -> Arc<Account> {
+        match cache.get(d) {
+            Some(Cached::Active { principal, .. }) => Arc::clone(&principal.account),
+            other => panic!("not active: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_entries_of_one_account_share_it_only_while_it_is_equal() {
+        let cache = VerificationCache::new(100, Duration::from_secs(60));
+        let (a, b) = (AccountId::generate(), AccountId::generate());
+        let (d1, d2, d3, d4) = (digest(), digest(), digest(), digest());
+        cache.put(&d1, active(&a, &TokenId::generate()), cache.epoch());
+        cache.put(&d2, active(&a, &TokenId::generate()), cache.epoch());
+        cache.put(&d3, active(&b, &TokenId::generate()), cache.epoch());
+        // Read of the same account by another miss: one copy for both.
+        assert!(Arc::ptr_eq(
+            &cached_account(&cache, &d1),
+            &cached_account(&cache, &d2)
+        ));
+        assert_eq!(cached_account(&cache, &d3).id, b);
+        // An account that differs in any field (here its role, as a read
+        // racing an unannounced change could see it) keeps its own copy, and
+        // every entry keeps the account it was read with.
+        let mut operator = principal(&a, &TokenId::generate());
+        Arc::make_mut(&mut Arc::make_mut(&mut operator).account).role = Role::Operator;
+        cache.put(
+            &d4,
+            Cached::Active {
+                principal: operator,
+                retire_time: None,
+            },
+            cache.epoch(),
+        );
+        assert_eq!(cached_account(&cache, &d4).role, Role::Operator);
+        assert_eq!(cached_account(&cache, &d1).role, Role::User);
+        assert!(cache.index_consistent());
+        // Evicting the account drops its three entries and both copies.
+        cache.evict(&Invalidation::Account(a));
+        for d in [&d1, &d2, &d4] {
+            assert!(cache.get(d).is_none());
+        }
+        assert!(cache.get(&d3).is_some());
+        assert_eq!(lock(&cache.index).by_account.len(), 1);
+        assert!(cache.index_consistent());
+    }
+
+    #[test]
+    fn a_credential_with_several_digests_is_evicted_with_all_of_them() {
+        let cache = VerificationCache::new(100, Duration::from_secs(60));
+        let (account, token, other) = (
+            AccountId::generate(),
+            TokenId::generate(),
+            TokenId::generate(),
+        );
+        let digests = [digest(), digest(), digest()];
+        for d in &digests {
+            cache.put(d, active(&account, &token), cache.epoch());
+        }
+        let kept = digest();
+        cache.put(&kept, active(&account, &other), cache.epoch());
+        assert!(cache.index_consistent());
+        // Expiring one on a lookup leaves the others indexed.
+        cache.put(
+            &digests[0],
+            Cached::Inactive(InactiveReason::Revoked),
+            cache.epoch(),
+        );
+        assert!(cache.index_consistent());
+        cache.evict(&Invalidation::Credential(token));
+        for d in &digests[1..] {
+            assert!(cache.get(d).is_none());
+        }
+        assert!(cache.get(&kept).is_some());
+        assert!(cache.index_consistent());
+        assert_eq!(lock(&cache.index).by_credential.len(), 1);
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! lacks. Every path that hands out power (an account's role, a token's
 //! scopes, lifetime, uses and account) describes what it hands out as a
 //! [`Grant`] and asks it.
+use std::sync::Arc;
+
 use super::{
     DomainError,
     account::{Account, AccountId, Role},
@@ -30,7 +32,9 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct Principal {
     /// The account the credential speaks for. Its password hash is cleared.
-    pub account: Account,
+    /// Shared: the verification cache keeps one copy per account for all of
+    /// its cached credentials.
+    pub account: Arc<Account>,
     /// Session or personal access token.
     pub credential: CredentialKind,
     /// The session's or token's id.
@@ -425,7 +429,7 @@ mod tests {
         uses_remaining: Option<i64>,
     ) -> Principal {
         Principal {
-            account: account(role),
+            account: Arc::new(account(role)),
             credential,
             credential_id: TokenId::generate(),
             scopes,

@@ -270,7 +270,7 @@ mod tests {
 
     fn principal(credential: CredentialKind, scopes: Scopes) -> Arc<Principal> {
         Arc::new(Principal {
-            account: Account {
+            account: Arc::new(Account {
                 id: AccountId::generate(),
                 username: Username::parse("u", "gateway").expect("valid"),
                 email: Email::default(),
@@ -280,7 +280,7 @@ mod tests {
                 create_time: Timestamp::from_micros(0),
                 disable_time: None,
                 credentials_generation: 0,
-            },
+            }),
             credential,
             credential_id: TokenId::generate(),
             scopes,

@@ -251,7 +251,7 @@ pub(super) fn token_principal(token: Token, account: Account) -> Principal {
         (expire, retire) => expire.or(retire),
     };
     Principal {
-        account: without_hash(account),
+        account: Arc::new(without_hash(account)),
         credential: CredentialKind::PersonalAccessToken,
         credential_id: token.id,
         scopes: token.scopes,
@@ -264,7 +264,7 @@ pub(super) fn token_principal(token: Token, account: Account) -> Principal {
 
 fn session_principal(session: Session, account: Account) -> Principal {
     Principal {
-        account: without_hash(account),
+        account: Arc::new(without_hash(account)),
         credential: CredentialKind::Session,
         credential_id: session.id,
         scopes: Scopes::full(),
