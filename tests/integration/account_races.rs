@@ -460,6 +460,20 @@ async fn creation_racing<T: std::fmt::Debug + Send + 'static>(
     );
 }
 
+/// `SignOut` of `session`, to race a call with.
+fn sign_out(
+    app: &TestApp,
+    session: String,
+) -> impl std::future::Future<Output = Result<(), tonic::Status>> {
+    let mut accounts = app.accounts();
+    async move {
+        accounts
+            .sign_out(bearer(pb::SignOutRequest {}, &session))
+            .await
+            .map(drop)
+    }
+}
+
 /// A token creation queued behind its account's row when its session is
 /// signed out fails: the sign-out was acknowledged first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -478,14 +492,14 @@ async fn a_token_creation_loses_to_a_concurrent_sign_out_of_its_session() {
         );
         async move { client.clone().create_token(request).await }
     };
-    let mut accounts = app.accounts();
-    let sign_out = async move {
-        accounts
-            .sign_out(bearer(pb::SignOutRequest {}, &session))
-            .await
-            .map(drop)
-    };
-    creation_racing(&app, &alice.account_id, create, sign_out, "SignOut").await;
+    creation_racing(
+        &app,
+        &alice.account_id,
+        create,
+        sign_out(&app, session),
+        "SignOut",
+    )
+    .await;
 }
 
 /// A rotation queued behind its account's row when the session asking
@@ -505,14 +519,14 @@ async fn a_rotation_loses_to_a_concurrent_sign_out_of_its_session() {
         );
         async move { client.clone().rotate_token(request).await }
     };
-    let mut accounts = app.accounts();
-    let sign_out = async move {
-        accounts
-            .sign_out(bearer(pb::SignOutRequest {}, &session))
-            .await
-            .map(drop)
-    };
-    creation_racing(&app, &alice.account_id, rotate, sign_out, "SignOut").await;
+    creation_racing(
+        &app,
+        &alice.account_id,
+        rotate,
+        sign_out(&app, session),
+        "SignOut",
+    )
+    .await;
 }
 
 /// A renewal queued behind its account's row when the session asking for
@@ -535,14 +549,14 @@ async fn a_renewal_loses_to_a_concurrent_sign_out_of_its_session() {
         );
         async move { client.clone().renew_token(request).await }
     };
-    let mut accounts = app.accounts();
-    let sign_out = async move {
-        accounts
-            .sign_out(bearer(pb::SignOutRequest {}, &session))
-            .await
-            .map(drop)
-    };
-    creation_racing(&app, &alice.account_id, renew, sign_out, "SignOut").await;
+    creation_racing(
+        &app,
+        &alice.account_id,
+        renew,
+        sign_out(&app, session),
+        "SignOut",
+    )
+    .await;
     let listed = app
         .tokens()
         .get_token(bearer(
