@@ -23,7 +23,7 @@ use std::{
 };
 
 use http_body::{Frame, SizeHint};
-use prost::bytes::Bytes;
+use prost::bytes::{Buf as _, Bytes};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
@@ -72,13 +72,18 @@ pub struct Shed<S> {
     watches: Arc<Semaphore>,
 }
 
+/// How much of a refused call's request body is read (and discarded)
+/// before the refusal is sent: see [`ShedFuture::Shed`].
+const DRAIN_LIMIT: usize = 64 * 1024;
+
 impl<S, B> Service<http::Request<B>> for Shed<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    B: http_body::Body + Unpin,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ShedFuture<S::Future>;
+    type Future = ShedFuture<S::Future, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -103,6 +108,8 @@ where
                     Duration::from_millis(50),
                 ));
                 ShedFuture::Shed {
+                    body: Some(request.into_body()),
+                    drained: 0,
                     response: Some(status.into_http()),
                 }
             }
@@ -112,19 +119,31 @@ where
 
 pin_project_lite::pin_project! {
     /// The response of [`Shed`]: the inner call holding its permit (which
-    /// then passes to the response body), or an immediate refusal.
+    /// then passes to the response body), or a refusal.
     #[project = ShedProjection]
-    pub enum ShedFuture<F> {
+    pub enum ShedFuture<F, B> {
         /// Running, with its permit.
         Admitted { #[pin] inner: F, permit: Option<OwnedSemaphorePermit> },
-        /// Refused.
-        Shed { response: Option<http::Response<tonic::body::Body>> },
+        /// Refused, once the request's body has been read to its end (up to
+        /// `DRAIN_LIMIT`). Answered before the client's request had ended,
+        /// HTTP/2 would end the stream with a reset, and the server counts
+        /// the streams it resets: after `app::listen::MAX_LOCAL_RESETS` on
+        /// one connection it closes the connection (the MadeYouReset guard),
+        /// so a client whose calls were shed a thousand times lost every
+        /// call in flight on it ("broken pipe"). The request timeout still
+        /// bounds the wait.
+        Shed {
+            body: Option<B>,
+            drained: usize,
+            response: Option<http::Response<tonic::body::Body>>,
+        },
     }
 }
 
-impl<F, E> Future for ShedFuture<F>
+impl<F, E, B> Future for ShedFuture<F, B>
 where
     F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+    B: http_body::Body + Unpin,
 {
     type Output = F::Output;
 
@@ -137,10 +156,28 @@ where
                     response.map(|body| tonic::body::Body::new(HoldingBody::new(body, permit)))
                 ))
             }
-            ShedProjection::Shed { response } => match response.take() {
-                Some(response) => Poll::Ready(Ok(response)),
-                None => panic!("ShedFuture polled after completion"),
-            },
+            ShedProjection::Shed {
+                body,
+                drained,
+                response,
+            } => {
+                while let Some(request) = body.as_mut() {
+                    if request.is_end_stream() || *drained > DRAIN_LIMIT {
+                        break;
+                    }
+                    match ready!(Pin::new(request).poll_frame(cx)) {
+                        Some(Ok(frame)) => {
+                            *drained += frame.data_ref().map_or(0, |data| data.remaining());
+                        }
+                        Some(Err(_)) | None => break,
+                    }
+                }
+                *body = None;
+                match response.take() {
+                    Some(response) => Poll::Ready(Ok(response)),
+                    None => panic!("ShedFuture polled after completion"),
+                }
+            }
         }
     }
 }
