@@ -17,6 +17,13 @@ use crate::api::layers::{
 };
 use crate::config::Config;
 
+/// A gRPC message's frame header: a refused call's request is read to its
+/// end if it is at most the largest message accepted plus this.
+const GRPC_FRAME_HEADER: usize = 5;
+/// Health requests are a service name: a refused one is read to its end up
+/// to this.
+const HEALTH_DRAIN_LIMIT: usize = 4096;
+
 /// The service the gRPC listener serves: `routes` (the API, health and
 /// reflection) under the layers below, outermost first.
 pub(crate) fn grpc_stack(
@@ -44,11 +51,13 @@ pub(crate) fn grpc_stack(
         // limiter, the audit log, a token's last use).
         .layer(ClientAddressLayer::new(config.trusted_proxies.clone()))
         // Bounds the calls in flight before any of them does real work, so
-        // an overloaded replica answers RESOURCE_EXHAUSTED at once; health
-        // has budgets of its own so probes never starve.
+        // an overloaded replica answers RESOURCE_EXHAUSTED without queueing
+        // (once the refused call's request has arrived); health has budgets
+        // of its own so probes never starve.
         .layer(ShedLayer::new(
             config.max_concurrent_requests as usize,
             config.connections.max_health_requests,
+            config.max_message_bytes.saturating_add(GRPC_FRAME_HEADER),
         ))
         // Default deny: a method with no authorization rule never reaches a
         // handler, even while the database is away.
@@ -83,6 +92,6 @@ pub(crate) fn health_stack(
         .layer(DeadlineLayer::new(request_timeout))
         // Only health is served here: anything else is UNIMPLEMENTED, one
         // call at a time, and health within its own budget.
-        .layer(ShedLayer::new(1, max_health_requests))
+        .layer(ShedLayer::new(1, max_health_requests, HEALTH_DRAIN_LIMIT))
         .service(routes.prepare())
 }

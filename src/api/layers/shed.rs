@@ -1,8 +1,10 @@
 //! Load shedding: at most a configured number of calls run at once across
-//! all connections. A call beyond that is refused at once with
-//! RESOURCE_EXHAUSTED (with a short RetryInfo) instead of waiting in an
-//! unbounded queue, so an overloaded replica stays responsive and clients
-//! can back off or try another replica.
+//! all connections. A call beyond that is refused with RESOURCE_EXHAUSTED
+//! (with a short RetryInfo) without waiting for a permit, instead of
+//! waiting in an unbounded queue, so an overloaded replica stays responsive
+//! and clients can back off or try another replica. The refusal is sent once
+//! the rest of the call's request has arrived, for at most
+//! [`DRAIN_TIMEOUT`] and `drain_limit` bytes (see [`ShedFuture::Shed`]).
 //!
 //! Health calls (`grpc.health.v1.Health`) have budgets of their own
 //! (`IDENTITY_MAX_HEALTH_REQUESTS` per listener, once for `Check` and once
@@ -36,16 +38,21 @@ pub struct ShedLayer {
     permits: Arc<Semaphore>,
     checks: Arc<Semaphore>,
     watches: Arc<Semaphore>,
+    drain_limit: usize,
 }
 
 impl ShedLayer {
     /// Allows `limit` calls, `health_limit` health checks and
     /// `health_limit` health watches at once.
-    pub fn new(limit: usize, health_limit: usize) -> Self {
+    /// A refused call's request is read to its end first if it is at most
+    /// `drain_limit` bytes (the largest message accepted, with its gRPC
+    /// frame header).
+    pub fn new(limit: usize, health_limit: usize, drain_limit: usize) -> Self {
         Self {
             permits: Arc::new(Semaphore::new(limit.max(1))),
             checks: Arc::new(Semaphore::new(health_limit.max(1))),
             watches: Arc::new(Semaphore::new(health_limit.max(1))),
+            drain_limit,
         }
     }
 }
@@ -59,6 +66,7 @@ impl<S> Layer<S> for ShedLayer {
             permits: Arc::clone(&self.permits),
             checks: Arc::clone(&self.checks),
             watches: Arc::clone(&self.watches),
+            drain_limit: self.drain_limit,
         }
     }
 }
@@ -70,11 +78,13 @@ pub struct Shed<S> {
     permits: Arc<Semaphore>,
     checks: Arc<Semaphore>,
     watches: Arc<Semaphore>,
+    drain_limit: usize,
 }
 
-/// How much of a refused call's request body is read (and discarded)
-/// before the refusal is sent: see [`ShedFuture::Shed`].
-const DRAIN_LIMIT: usize = 64 * 1024;
+/// How long a refused call's request is waited for before the refusal is
+/// sent anyway: a client's data follows its headers within a round trip,
+/// and a client that sends none holds its stream no longer than this.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_millis(250);
 
 impl<S, B> Service<http::Request<B>> for Shed<S>
 where
@@ -110,6 +120,8 @@ where
                 ShedFuture::Shed {
                     body: Some(request.into_body()),
                     drained: 0,
+                    limit: self.drain_limit,
+                    timer: None,
                     response: Some(status.into_http()),
                 }
             }
@@ -124,17 +136,19 @@ pin_project_lite::pin_project! {
     pub enum ShedFuture<F, B> {
         /// Running, with its permit.
         Admitted { #[pin] inner: F, permit: Option<OwnedSemaphorePermit> },
-        /// Refused, once the request's body has been read to its end (up to
-        /// `DRAIN_LIMIT`). Answered before the client's request had ended,
+        /// Refused, once the request's body has been read to its end (at
+        /// most `limit` bytes, for at most [`DRAIN_TIMEOUT`]). Answered
+        /// before the client's request had ended,
         /// HTTP/2 would end the stream with a reset, and the server counts
         /// the streams it resets: after `app::listen::MAX_LOCAL_RESETS` on
         /// one connection it closes the connection (the MadeYouReset guard),
         /// so a client whose calls were shed a thousand times lost every
-        /// call in flight on it ("broken pipe"). The request timeout still
-        /// bounds the wait.
+        /// call in flight on it ("broken pipe").
         Shed {
             body: Option<B>,
             drained: usize,
+            limit: usize,
+            timer: Option<Pin<Box<tokio::time::Sleep>>>,
             response: Option<http::Response<tonic::body::Body>>,
         },
     }
@@ -159,17 +173,27 @@ where
             ShedProjection::Shed {
                 body,
                 drained,
+                limit,
+                timer,
                 response,
             } => {
                 while let Some(request) = body.as_mut() {
-                    if request.is_end_stream() || *drained > DRAIN_LIMIT {
+                    if request.is_end_stream() || *drained > *limit {
                         break;
                     }
-                    match ready!(Pin::new(request).poll_frame(cx)) {
-                        Some(Ok(frame)) => {
+                    match Pin::new(request).poll_frame(cx) {
+                        Poll::Ready(Some(Ok(frame))) => {
                             *drained += frame.data_ref().map_or(0, |data| data.remaining());
                         }
-                        Some(Err(_)) | None => break,
+                        Poll::Ready(Some(Err(_)) | None) => break,
+                        Poll::Pending => {
+                            let timer = timer
+                                .get_or_insert_with(|| Box::pin(tokio::time::sleep(DRAIN_TIMEOUT)));
+                            if timer.as_mut().poll(cx).is_ready() {
+                                break;
+                            }
+                            return Poll::Pending;
+                        }
                     }
                 }
                 *body = None;
