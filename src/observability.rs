@@ -178,6 +178,11 @@ fn describe() {
         "Connections closed at accept because the listener had IDENTITY_MAX_CONNECTIONS open, \
          by listener"
     );
+    describe_counter!(
+        crate::app::listen::STALLED,
+        "Connections closed because a response waited on its client (no HTTP/2 flow-control \
+         window granted) for longer than the send period, by listener"
+    );
 }
 
 /// A running metrics listener; dropping it stops it.

@@ -13,6 +13,11 @@
 //!   reconnects when it next calls). A call in flight, a `Watch` stream
 //!   included, keeps it open; keepalive pings do not.
 //! - **Streams**: at most `max_streams` concurrent streams per connection.
+//! - **Responses the client does not take in**: a response waiting on the
+//!   client (no flow-control window granted, or the socket not read) for
+//!   `send_timeout` to twice that closes the connection; and a call's
+//!   response is produced in full before it is sent, so what the call held
+//!   inside the stack is given back first (see [`super::send`]).
 //! - **Streams the server resets** because of the client's protocol errors
 //!   ("MadeYouReset", CVE-2025-8671): after [`MAX_LOCAL_RESETS`] on one
 //!   connection it is closed with GOAWAY (ENHANCE_YOUR_CALM). tonic's own
@@ -47,7 +52,7 @@ use tokio::{
 };
 use tonic::{body::Body, transport::server::Connected};
 
-use crate::api::layers::shed::HoldingBody;
+use super::send::{MIN_SEND_TIMEOUT, Sending, Stalls};
 use tower::{Service, ServiceExt as _};
 
 /// Streams one connection may make the server reset (by sending frames
@@ -71,6 +76,10 @@ pub struct Limits {
     /// HTTP/2 keepalive: the ping interval and how long an answer may take;
     /// `None` sends no pings.
     pub keepalive: Option<(Duration, Duration)>,
+    /// How long a response may wait on the client before the connection is
+    /// closed (at least [`super::send::MIN_SEND_TIMEOUT`]; the wait that
+    /// closes it is between this and twice this).
+    pub send_timeout: Duration,
 }
 
 /// Counts the connections of one listener and refuses those beyond its
@@ -114,6 +123,9 @@ pub const OPEN: &str = "identity_connections_open";
 /// The metric of connections closed at accept because the listener was
 /// full, by listener.
 pub const REFUSED: &str = "identity_connections_refused_total";
+/// The metric counting connections closed because a response waited on
+/// its client too long, by listener.
+pub const STALLED: &str = "identity_connections_stalled_total";
 
 /// One connection's place under its listener's limit, held until the
 /// connection closes.
@@ -278,15 +290,20 @@ async fn connection<IO, S>(
 {
     let Accepted { io, admission } = accepted;
     let (busy, mut in_flight) = watch::channel(0_usize);
+    let stalls = Arc::new(Stalls::default());
     let service = PerConnection {
         inner: service,
         info: io.connect_info(),
         busy: Arc::new(busy),
+        stalls: Arc::clone(&stalls),
     };
     let io = TokioIo::new(Preface::new(io, limits.preface_timeout));
     let mut conn = pin!(builder.serve_connection(io, TowerToHyperService::new(service)));
     let mut closing = false;
     let mut idle_closed = false;
+    let period = limits.send_timeout.max(MIN_SEND_TIMEOUT);
+    let mut stall_check = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -295,6 +312,13 @@ async fn connection<IO, S>(
                 }
                 break;
             }
+            // Dropping the connection ends its streams, and so drops their
+            // responses and whatever they hold.
+            _ = stall_check.tick() => if stalls.turn() {
+                tracing::debug!(listener = limits.listener, "closing a connection whose client does not take its responses in");
+                metrics::counter!(STALLED, "listener" => limits.listener).increment(1);
+                break;
+            },
             _ = stop.changed(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
@@ -329,13 +353,15 @@ pub(super) async fn idle(in_flight: &mut watch::Receiver<usize>, timeout: Durati
 }
 
 /// The service of one connection: attaches the connect info to each
-/// request and counts the calls in flight (a call ends when its response
-/// body has been sent or dropped).
+/// request, counts the calls in flight (a call ends when its response
+/// body has been sent or dropped), and produces each response before it is
+/// sent ([`Sending`]).
 #[derive(Clone)]
 struct PerConnection<S, I> {
     inner: S,
     info: I,
     busy: Arc<watch::Sender<usize>>,
+    stalls: Arc<Stalls>,
 }
 
 impl<S, I> Service<http::Request<Incoming>> for PerConnection<S, I>
@@ -360,9 +386,11 @@ where
         request.extensions_mut().insert(self.info.clone());
         let call = InFlight::begin(Arc::clone(&self.busy));
         let inner = self.inner.clone();
+        let stalls = Arc::clone(&self.stalls);
         Box::pin(async move {
-            let response = inner.oneshot(request).await?;
-            Ok(response.map(|body| Body::new(HoldingBody::new(body, call))))
+            let (parts, body) = inner.oneshot(request).await?.into_parts();
+            let body = Sending::produce(body, stalls, call).await;
+            Ok(http::Response::from_parts(parts, Body::new(body)))
         })
     }
 }

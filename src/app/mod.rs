@@ -36,6 +36,7 @@ mod database;
 mod error;
 mod health;
 pub mod listen;
+mod send;
 mod stack;
 pub mod tls;
 pub mod web;
@@ -284,6 +285,7 @@ impl App {
             preface_timeout: self.config.connections.preface_timeout,
             idle_timeout: self.config.connections.idle_timeout,
             keepalive: Some((Duration::from_secs(30), Duration::from_secs(10))),
+            send_timeout: self.config.request_timeout,
         };
         let max_health = self.config.connections.max_health_requests;
         let _health = self.health.map(|(listener, _)| {

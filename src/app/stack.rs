@@ -51,9 +51,10 @@ pub(crate) fn grpc_stack(
         // limiter, the audit log, a token's last use).
         .layer(ClientAddressLayer::new(config.trusted_proxies.clone()))
         // Bounds the calls in flight before any of them does real work, so
-        // an overloaded replica answers RESOURCE_EXHAUSTED without queueing
-        // (once the refused call's request has arrived); health has budgets
-        // of its own so probes never starve.
+        // an overloaded replica answers RESOURCE_EXHAUSTED without queueing;
+        // a call asks once its request has arrived, so waiting on a client's
+        // bytes holds no place; health and reflection have budgets of their
+        // own so probes and the API never starve.
         .layer(ShedLayer::new(
             config.max_concurrent_requests as usize,
             config.connections.max_health_requests,

@@ -267,8 +267,9 @@ pub struct ServeSettings {
     /// How long a cached verdict is trusted at most (e.g. 30s).
     #[arg(long, env = "IDENTITY_CACHE_TTL", default_value = "30s", value_parser = config::parse_duration)]
     cache_ttl: Duration,
-    /// Calls served at once across all connections; more are refused with
-    /// RESOURCE_EXHAUSTED rather than queued.
+    /// Calls served at once across all connections, each from the arrival
+    /// of its whole request until its answer is produced; more are refused
+    /// with RESOURCE_EXHAUSTED rather than queued.
     #[arg(long, env = "IDENTITY_MAX_CONCURRENT_REQUESTS", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..))]
     max_concurrent_requests: u32,
@@ -377,8 +378,9 @@ pub struct ServeSettings {
     #[arg(long, env = "IDENTITY_PREFACE_TIMEOUT", default_value = "10s", value_parser = config::parse_duration)]
     preface_timeout: Duration,
     /// Health Check calls each listener serves at once, and open Watch
-    /// streams as a budget of their own, apart from the API's limit; more
-    /// are refused with RESOURCE_EXHAUSTED.
+    /// streams and open reflection streams each as a budget of its own,
+    /// apart from the API's limit; more are refused with
+    /// RESOURCE_EXHAUSTED.
     #[arg(long, env = "IDENTITY_MAX_HEALTH_REQUESTS", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_health_requests: u32,

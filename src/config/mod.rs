@@ -113,8 +113,8 @@ pub struct ConnectionLimits {
     /// How long a new connection (after its TLS handshake) may take to send
     /// the HTTP/2 preface.
     pub preface_timeout: Duration,
-    /// Health Check calls served at once, and open Watch streams as a
-    /// budget of their own.
+    /// Health Check calls served at once, and open Watch streams and open
+    /// reflection streams each as a budget of its own.
     pub max_health_requests: usize,
 }
 

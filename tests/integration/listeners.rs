@@ -2,7 +2,8 @@
 //! TCP: the preface timeout, idle connections, the connection limit, the
 //! stream limit of the plaintext health port, the health budget, streams
 //! the server is made to reset ("MadeYouReset"), request trailers and a
-//! second message on a unary call, and deadlines. The transport tests run
+//! second message on a unary call, deadlines, reflection streams held open,
+//! and responses the client does not take in. The transport tests run
 //! on SQLite only (the store plays no part in them); the ones that reach a
 //! handler run on both stores.
 
@@ -565,5 +566,297 @@ async fn calls_past_their_deadline_are_deadline_exceeded() {
     )
     .await;
     assert_eq!(code, Code::DeadlineExceeded);
+    app.stop().await;
+}
+
+const LIST_ACCOUNTS: &str = "/identity.v1.AccountsService/ListAccounts";
+const REFLECTION: &str = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
+
+/// An HTTP/2 connection by the `h2` crate that grants `window` bytes of
+/// flow control to each stream (0: the server can send a response's
+/// headers and nothing more), and the task that drives it, which ends when
+/// the connection does.
+async fn h2_client(
+    addr: SocketAddr,
+    window: u32,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake(tcp)
+        .await
+        .expect("HTTP/2");
+    let driver = tokio::spawn(connection);
+    (client.ready().await.expect("ready"), driver)
+}
+
+/// Opens a call on `client` to `path` with `authorization`, sends
+/// `message` unless it is `None` (which leaves the request open), and
+/// returns the response's headers with the request's sending half.
+async fn h2_open(
+    client: &mut h2::client::SendRequest<Bytes>,
+    path: &str,
+    authorization: Option<&str>,
+    message: Option<&[u8]>,
+) -> (http::response::Parts, h2::SendStream<Bytes>) {
+    *client = client.clone().ready().await.expect("ready");
+    let (response, mut send) = client
+        .send_request(h2_request(path, authorization), false)
+        .expect("send");
+    if let Some(message) = message {
+        send.send_data(Bytes::from(grpc_message(message)), true)
+            .expect("send the body");
+    }
+    let response = tokio::time::timeout(PATIENCE, response)
+        .await
+        .expect("the response's headers")
+        .expect("a response");
+    (response.into_parts().0, send)
+}
+
+/// A gRPC request's headers for `path`, with `authorization` as a bearer
+/// credential.
+fn h2_request(path: &str, authorization: Option<&str>) -> http::Request<()> {
+    let mut request = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(token) = authorization {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    request.body(()).expect("a request")
+}
+
+/// The status in a response's headers: `Some` only for a trailers-only
+/// answer (a refusal), `None` while its message is still to come.
+fn header_status(parts: &http::response::Parts) -> Option<Code> {
+    parts
+        .headers
+        .get("grpc-status")
+        .map(|status| Code::from_bytes(status.as_bytes()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_streams_held_open_never_starve_the_api() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| {
+        config.max_concurrent_requests = 4;
+        config.connections.max_health_requests = 2;
+    })
+    .await;
+    let (mut client, _driver) = h2_client(app.addr, 65_535).await;
+    // Streams anyone can open without a credential, left open: two within
+    // reflection's budget, and more beyond it, which are refused.
+    let mut open = Vec::new();
+    for i in 0..6 {
+        let (parts, send) = h2_open(&mut client, REFLECTION, None, None).await;
+        let refused = header_status(&parts);
+        if i < 2 {
+            assert_eq!(refused, None, "reflection stream {i} was refused");
+        } else {
+            assert_eq!(refused, Some(Code::ResourceExhausted), "stream {i}");
+        }
+        open.push(send);
+    }
+    // More than the API's whole budget of streams is open; the API still
+    // serves, every one of its places.
+    let message = prost::Message::encode_to_vec(&pb::ListAccountsRequest::default());
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (addr, message) = (app.addr, message.clone());
+        let authorization = format!("Bearer {}", app.operator_token);
+        calls.spawn(async move {
+            let headers = [("authorization", authorization)];
+            h2_call(addr, LIST_ACCOUNTS, &headers, &[message], &[]).await
+        });
+    }
+    while let Some(code) = calls.join_next().await {
+        assert_eq!(code.expect("a call"), Code::Ok);
+    }
+    drop(open);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_takes_no_response_in_holds_no_call_place_and_loses_its_connection() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| {
+        config.max_concurrent_requests = 4;
+        // The period in which a response must be taken in.
+        config.request_timeout = Duration::from_secs(1);
+    })
+    .await;
+    // Grants no window: each response's headers arrive, its message never.
+    let (mut client, driver) = h2_client(app.addr, 0).await;
+    let message = prost::Message::encode_to_vec(&pb::ListAccountsRequest::default());
+    let mut stuck = Vec::new();
+    for i in 0..12 {
+        let (parts, send) = h2_open(
+            &mut client,
+            LIST_ACCOUNTS,
+            Some(app.operator_token.as_str()),
+            Some(message.as_slice()),
+        )
+        .await;
+        // Three times the whole budget: each call gave its place back once
+        // its answer was produced, though the answer was never sent.
+        assert_eq!(header_status(&parts), None, "call {i} was refused");
+        assert_eq!(parts.status, http::StatusCode::OK);
+        stuck.push(send);
+    }
+    // Everyone else is served meanwhile.
+    let served = h2_call(
+        app.addr,
+        LIST_ACCOUNTS,
+        &[("authorization", format!("Bearer {}", app.operator_token))],
+        &[message],
+        &[],
+    )
+    .await;
+    assert_eq!(served, Code::Ok);
+    // Its connection is closed within two periods of its answers waiting.
+    tokio::time::timeout(PATIENCE, driver)
+        .await
+        .expect("the server closes the connection")
+        .expect("the connection's task")
+        .ok();
+    let metrics = crate::observability::scrape(app.metrics_addr.expect("metrics")).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("identity_connections_stalled_total{listener=\"grpc\"}")),
+        "the stalled connection is not counted:\n{metrics}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_with_nothing_to_send_keeps_its_connection_past_the_send_timeout() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| {
+        config.request_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let channel = plaintext(app.addr).connect().await.expect("connect");
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest::default())
+        .await
+        .expect("a Watch")
+        .into_inner();
+    let first = watch.message().await.expect("a status").expect("a status");
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    // Three periods with nothing to send: the stream stays open (a closed
+    // connection would end it with an error at once).
+    let quiet = tokio::time::timeout(Duration::from_secs(3), watch.message()).await;
+    assert!(quiet.is_err(), "the Watch stream ended: {quiet:?}");
+    // (The metrics recorder is the process's, shared with the other tests:
+    // the stream itself is the evidence.)
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_whose_message_never_comes_hold_no_place() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| {
+        with_health_port(config);
+        config.max_concurrent_requests = 4;
+        config.connections.max_health_requests = 2;
+    })
+    .await;
+    let health_addr = app.health_addr.expect("a health port");
+    // Headers and never a message: twice the API's budget and twice the
+    // Check budget on the main port, twice the Check budget on the health
+    // port. They wait on the client until their deadline.
+    let (mut open, mut clients) = (Vec::new(), Vec::new());
+    for (addr, paths) in [
+        (app.addr, [LIST_ACCOUNTS; 8].as_slice()),
+        (app.addr, [CHECK; 4].as_slice()),
+        (health_addr, [CHECK; 4].as_slice()),
+    ] {
+        let (mut client, driver) = h2_client(addr, 65_535).await;
+        for path in paths {
+            client = client.ready().await.expect("ready");
+            let request = h2_request(path, Some(app.operator_token.as_str()));
+            open.push(client.send_request(request, false).expect("send"));
+        }
+        clients.push((client, driver));
+    }
+    // Every place is still free: the API's, all at once, and the probes'.
+    let message = prost::Message::encode_to_vec(&pb::ListAccountsRequest::default());
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (addr, message) = (app.addr, message.clone());
+        let authorization = format!("Bearer {}", app.operator_token);
+        calls.spawn(async move {
+            let headers = [("authorization", authorization)];
+            h2_call(addr, LIST_ACCOUNTS, &headers, &[message], &[]).await
+        });
+    }
+    while let Some(code) = calls.join_next().await {
+        assert_eq!(code.expect("a call"), Code::Ok);
+    }
+    for addr in [app.addr, health_addr] {
+        let channel = plaintext(addr).connect().await.expect("connect");
+        let status = HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .expect("a health check")
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{addr}");
+    }
+    drop((open, clients));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_part_sent_hold_no_more_than_the_read_ahead_budget() {
+    let app = TestApp::spawn_with(Backend::Sqlite, |config| {
+        // A read-ahead budget of 256 messages of 1 KiB.
+        config.max_message_bytes = 1024;
+        // Far later than the refusals this waits for.
+        config.request_timeout = Duration::from_secs(60);
+    })
+    .await;
+    // 300 requests, each announcing a 1,000-byte message, sending 990 of
+    // its bytes and waiting: more than the budget can hold.
+    let mut part = Vec::from([0_u8, 0, 0, 0x03, 0xe8]);
+    part.extend([b'x'; 990]);
+    let part = Bytes::from(part);
+    let (mut waiting, mut clients) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (mut client, driver) = h2_client(app.addr, 65_535).await;
+        for _ in 0..100 {
+            client = client.ready().await.expect("ready");
+            let request = h2_request(LIST_ACCOUNTS, Some(app.operator_token.as_str()));
+            let (response, mut send) = client.send_request(request, false).expect("send");
+            send.send_data(part.clone(), false)
+                .expect("send part of a message");
+            waiting.push((response, send));
+        }
+        clients.push((client, driver));
+    }
+    // The requests beyond the budget are refused, long before their
+    // deadline.
+    let mut refused = 0;
+    for (response, _send) in &mut waiting {
+        if let Ok(Ok(response)) = tokio::time::timeout(Duration::from_millis(20), response).await {
+            assert_eq!(
+                header_status(&response.into_parts().0),
+                Some(Code::ResourceExhausted)
+            );
+            refused += 1;
+        }
+    }
+    assert!(
+        (30..300).contains(&refused),
+        "{refused} of 300 part-sent requests refused"
+    );
+    // A whole request is served meanwhile.
+    let message = prost::Message::encode_to_vec(&pb::ListAccountsRequest::default());
+    let headers = [("authorization", format!("Bearer {}", app.operator_token))];
+    let served = h2_call(app.addr, LIST_ACCOUNTS, &headers, &[message], &[]).await;
+    assert_eq!(served, Code::Ok);
+    drop((waiting, clients));
     app.stop().await;
 }

@@ -8,4 +8,5 @@ pub mod guard;
 pub mod message_limit;
 pub mod observe;
 pub mod ready;
+pub mod replay;
 pub mod shed;

@@ -2,19 +2,37 @@
 //! all connections. A call beyond that is refused with RESOURCE_EXHAUSTED
 //! (with a short RetryInfo) without waiting for a permit, instead of
 //! waiting in an unbounded queue, so an overloaded replica stays responsive
-//! and clients can back off or try another replica. The refusal is sent once
-//! the rest of the call's request has arrived, for at most
-//! [`DRAIN_TIMEOUT`] and `drain_limit` bytes (see [`ShedFuture::Shed`]).
+//! and clients can back off or try another replica.
+//!
+//! A call asks for its permit once its whole request has arrived (read
+//! ahead up to `drain_limit` bytes, the largest message accepted, under the
+//! call's deadline), so a client that sends headers and never a message
+//! holds no permit, only its own stream; and a refusal is never sent before
+//! the client's request has ended, which would reset the stream (see
+//! [`ShedFuture::Shed`]). The bytes of requests part read while they wait
+//! for the rest are bounded across the listener by a budget
+//! ([`READ_AHEAD_MESSAGES`] requests of the largest size); a request that
+//! would exceed it is refused the same way, so clients that send most of a
+//! large message and stop hold no more memory than that. Reflection
+//! streams, whose requests last as long as the stream, take theirs at the
+//! headers.
 //!
 //! Health calls (`grpc.health.v1.Health`) have budgets of their own
 //! (`IDENTITY_MAX_HEALTH_REQUESTS` per listener, once for `Check` and once
 //! for `Watch`), so that a flood of API calls never makes a probe fail (an
 //! orchestrator would mistake load for death), while health work stays
-//! bounded too: beyond its budget a health call is refused the same way. A
-//! call keeps its permit until its response has been sent, so a `Watch`
-//! stream holds one for as long as it is open; that is why `Watch` streams
-//! have a budget apart from `Check`, the call probes make: streams that
-//! anyone can hold open must never starve the probes.
+//! bounded too: beyond its budget a health call is refused the same way.
+//!
+//! A call keeps its permit until its response has been produced: a unary
+//! call's as soon as the listener has read its response body to the end
+//! (before it is sent, see `app::listen`), a stream's for as long as it is
+//! open. So the streams that anyone can hold open without a credential
+//! have budgets apart from the calls that do work: `Watch` apart from
+//! `Check` (the call probes make), and server reflection
+//! (`grpc.reflection.*`, one stream per `grpcurl` run) apart from the API
+//! (the same size as a health budget). Otherwise a thousand idle
+//! reflection streams from one client refused every API call of every
+//! client.
 
 use std::{
     future::Future,
@@ -27,23 +45,33 @@ use std::{
 use http_body::{Frame, SizeHint};
 use prost::bytes::{Buf as _, Bytes};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::body::Body;
 use tower::{Layer, Service};
 
+use super::replay::Replay;
 use crate::domain::DomainError;
 
 /// A tower layer that sheds calls beyond `limit` in flight, and health
-/// `Check` calls and `Watch` streams each beyond `health_limit`.
+/// `Check` calls, `Watch` streams and reflection streams each beyond
+/// `health_limit`.
 #[derive(Debug, Clone)]
 pub struct ShedLayer {
     permits: Arc<Semaphore>,
     checks: Arc<Semaphore>,
     watches: Arc<Semaphore>,
+    reflections: Arc<Semaphore>,
+    read_ahead: Arc<Semaphore>,
     drain_limit: usize,
 }
 
+/// How many requests of the largest size accepted may wait, part read, at
+/// once: the read-ahead budget in bytes is this many times `drain_limit`
+/// (32 MiB at the default 128 KiB).
+pub const READ_AHEAD_MESSAGES: usize = 256;
+
 impl ShedLayer {
-    /// Allows `limit` calls, `health_limit` health checks and
-    /// `health_limit` health watches at once.
+    /// Allows `limit` calls, `health_limit` health checks, `health_limit`
+    /// health watches and `health_limit` reflection streams at once.
     /// A refused call's request is read to its end first if it is at most
     /// `drain_limit` bytes (the largest message accepted, with its gRPC
     /// frame header).
@@ -52,6 +80,12 @@ impl ShedLayer {
             permits: Arc::new(Semaphore::new(limit.max(1))),
             checks: Arc::new(Semaphore::new(health_limit.max(1))),
             watches: Arc::new(Semaphore::new(health_limit.max(1))),
+            reflections: Arc::new(Semaphore::new(health_limit.max(1))),
+            read_ahead: Arc::new(Semaphore::new(
+                READ_AHEAD_MESSAGES
+                    .saturating_mul(drain_limit.max(1))
+                    .min(Semaphore::MAX_PERMITS),
+            )),
             drain_limit,
         }
     }
@@ -66,6 +100,8 @@ impl<S> Layer<S> for ShedLayer {
             permits: Arc::clone(&self.permits),
             checks: Arc::clone(&self.checks),
             watches: Arc::clone(&self.watches),
+            reflections: Arc::clone(&self.reflections),
+            read_ahead: Arc::clone(&self.read_ahead),
             drain_limit: self.drain_limit,
         }
     }
@@ -78,6 +114,8 @@ pub struct Shed<S> {
     permits: Arc<Semaphore>,
     checks: Arc<Semaphore>,
     watches: Arc<Semaphore>,
+    reflections: Arc<Semaphore>,
+    read_ahead: Arc<Semaphore>,
     drain_limit: usize,
 }
 
@@ -86,41 +124,84 @@ pub struct Shed<S> {
 /// and a client that sends none holds its stream no longer than this.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_millis(250);
 
-impl<S, B> Service<http::Request<B>> for Shed<S>
+impl<S> Service<http::Request<Body>> for Shed<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    B: http_body::Body + Unpin,
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ShedFuture<S::Future, B>;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let path = request.uri().path();
-        let permits = if !path.starts_with("/grpc.health.") {
+        let limit = self.drain_limit;
+        if path.starts_with("/grpc.reflection.") {
+            // A stream's request does not end while the stream is open:
+            // its place is taken at once.
+            let permit = Arc::clone(&self.reflections).try_acquire_owned().ok();
+            return Box::pin(ShedFuture::new(permit, &mut self.inner, request, limit));
+        }
+        let permits = Arc::clone(if !path.starts_with("/grpc.health.") {
             &self.permits
         } else if path.ends_with("/Watch") {
             &self.watches
         } else {
             &self.checks
-        };
-        match Arc::clone(permits).try_acquire_owned() {
-            Ok(permit) => ShedFuture::Admitted {
-                inner: self.inner.call(request),
+        });
+        // The service that was polled ready serves this call; a clone
+        // stays for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let read_ahead = Arc::clone(&self.read_ahead);
+        Box::pin(async move {
+            // No place is held while the client's bytes are awaited: a
+            // client that sends its headers and never its message would
+            // otherwise hold one until the call's deadline, and a thousand
+            // such streams, renewed, would refuse every other call.
+            // The bytes that wait are bounded by the read-ahead budget; a
+            // call that would exceed it is refused.
+            let (parts, body) = request.into_parts();
+            let (body, permit) = match Replay::read_until(body, limit, &read_ahead).await {
+                Ok(body) => (body, permits.try_acquire_owned().ok()),
+                Err(partial) => (partial, None),
+            };
+            let request = http::Request::from_parts(parts, Body::new(body));
+            ShedFuture::new(permit, &mut inner, request, limit).await
+        })
+    }
+}
+
+impl<F, B> ShedFuture<F, B> {
+    /// The call `request` on `inner` if it has its `permit`, else its
+    /// refusal, once at most `limit` bytes more of its request have come.
+    fn new<S>(
+        permit: Option<OwnedSemaphorePermit>,
+        inner: &mut S,
+        request: http::Request<B>,
+        limit: usize,
+    ) -> Self
+    where
+        S: Service<http::Request<B>, Future = F>,
+    {
+        match permit {
+            Some(permit) => ShedFuture::Admitted {
+                inner: inner.call(request),
                 permit: Some(permit),
             },
-            Err(_) => {
+            None => {
                 let status = crate::api::status::to_status(DomainError::RateLimited(
                     Duration::from_millis(50),
                 ));
                 ShedFuture::Shed {
                     body: Some(request.into_body()),
                     drained: 0,
-                    limit: self.drain_limit,
+                    limit,
                     timer: None,
                     response: Some(status.into_http()),
                 }
@@ -137,7 +218,8 @@ pin_project_lite::pin_project! {
         /// Running, with its permit.
         Admitted { #[pin] inner: F, permit: Option<OwnedSemaphorePermit> },
         /// Refused, once the request's body has been read to its end (at
-        /// most `limit` bytes, for at most [`DRAIN_TIMEOUT`]). Answered
+        /// most `limit` bytes more, for at most [`DRAIN_TIMEOUT`]; a call
+        /// read ahead has ended already unless it was oversize). Answered
         /// before the client's request had ended,
         /// HTTP/2 would end the stream with a reset, and the server counts
         /// the streams it resets: after `app::listen::MAX_LOCAL_RESETS` on
@@ -206,10 +288,9 @@ where
     }
 }
 
-/// A response body that holds something until the response is done: a
-/// call's permit here, a connection's in-flight count in `app::listen`, so
-/// that a call stays counted while its response (a `Watch` stream, say) is
-/// still being sent.
+/// A response body that holds something until the body is done (a call's
+/// permit), so that a stream (a `Watch`, reflection) stays counted for as
+/// long as it is open.
 pub struct HoldingBody<T> {
     body: tonic::body::Body,
     _held: T,
