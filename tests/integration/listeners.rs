@@ -631,6 +631,24 @@ fn h2_request(path: &str, authorization: Option<&str>) -> http::Request<()> {
     request.body(()).expect("a request")
 }
 
+/// Makes `places` ListAccounts calls at once, each on a connection of its
+/// own, and checks that every one is served: that many places are free.
+async fn every_place_serves(app: &TestApp, places: usize) {
+    let message = prost::Message::encode_to_vec(&pb::ListAccountsRequest::default());
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..places {
+        let (addr, message) = (app.addr, message.clone());
+        let authorization = format!("Bearer {}", app.operator_token);
+        calls.spawn(async move {
+            let headers = [("authorization", authorization)];
+            h2_call(addr, LIST_ACCOUNTS, &headers, &[message], &[]).await
+        });
+    }
+    while let Some(code) = calls.join_next().await {
+        assert_eq!(code.expect("a call"), Code::Ok);
+    }
+}
+
 /// The status in a response's headers: `Some` only for a trailers-only
 /// answer (a refusal), `None` while its message is still to come.
 fn header_status(parts: &http::response::Parts) -> Option<Code> {
@@ -663,19 +681,7 @@ async fn reflection_streams_held_open_never_starve_the_api() {
     }
     // More than the API's whole budget of streams is open; the API still
     // serves, every one of its places.
-    let message = prost::Message::encode_to_vec(&pb::ListAccountsRequest::default());
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..4 {
-        let (addr, message) = (app.addr, message.clone());
-        let authorization = format!("Bearer {}", app.operator_token);
-        calls.spawn(async move {
-            let headers = [("authorization", authorization)];
-            h2_call(addr, LIST_ACCOUNTS, &headers, &[message], &[]).await
-        });
-    }
-    while let Some(code) = calls.join_next().await {
-        assert_eq!(code.expect("a call"), Code::Ok);
-    }
+    every_place_serves(&app, 4).await;
     drop(open);
     app.stop().await;
 }
@@ -782,19 +788,7 @@ async fn calls_whose_message_never_comes_hold_no_place() {
         clients.push((client, driver));
     }
     // Every place is still free: the API's, all at once, and the probes'.
-    let message = prost::Message::encode_to_vec(&pb::ListAccountsRequest::default());
-    let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..4 {
-        let (addr, message) = (app.addr, message.clone());
-        let authorization = format!("Bearer {}", app.operator_token);
-        calls.spawn(async move {
-            let headers = [("authorization", authorization)];
-            h2_call(addr, LIST_ACCOUNTS, &headers, &[message], &[]).await
-        });
-    }
-    while let Some(code) = calls.join_next().await {
-        assert_eq!(code.expect("a call"), Code::Ok);
-    }
+    every_place_serves(&app, 4).await;
     for addr in [app.addr, health_addr] {
         let channel = plaintext(addr).connect().await.expect("connect");
         let status = HealthClient::new(channel)
