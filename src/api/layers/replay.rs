@@ -38,61 +38,57 @@ impl Replay {
         replay
     }
 
-    /// Reads `body` until it ends, fails, or more than `limit` bytes of
+    /// Reads the body until it ends, fails, or more than `limit` bytes of
     /// data have been read or announced (by the gRPC frame header of its
-    /// first message), waiting for them. While it waits, the bytes it holds
-    /// are counted against `budget` (a permit a byte), shared by every
-    /// body read ahead; when the budget cannot cover them it stops, with
-    /// `Err` and what it had read. A body that arrives whole, or that waits
-    /// holding nothing, takes nothing from the budget.
-    pub async fn read_until(
-        body: Body,
+    /// first message), waiting for them: ready with whether it stayed
+    /// within `budget`. While it waits, the bytes it holds are counted
+    /// against `budget` (a permit a byte, kept in `held` between polls;
+    /// the caller drops it once ready), shared by every body read ahead;
+    /// when the budget cannot cover them it stops, ready with `false`. A
+    /// body that arrives whole, or that waits holding nothing, takes
+    /// nothing from the budget.
+    pub fn poll_read_until(
+        &mut self,
+        cx: &mut Context<'_>,
         limit: usize,
         budget: &Arc<Semaphore>,
-    ) -> Result<Self, Self> {
-        let mut replay = Self::new(body);
-        let mut held: Option<OwnedSemaphorePermit> = None;
-        let mut over_budget = false;
-        std::future::poll_fn(|cx| {
-            loop {
-                match replay.read_one(cx, limit) {
-                    Poll::Ready(true) => {}
-                    Poll::Ready(false) => return Poll::Ready(()),
-                    Poll::Pending => {
-                        let holding = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
-                        let needed = replay.buffered().saturating_sub(holding);
-                        if needed > 0 {
-                            let more = u32::try_from(needed)
-                                .ok()
-                                .and_then(|n| Arc::clone(budget).try_acquire_many_owned(n).ok());
-                            match (more, held.as_mut()) {
-                                (Some(more), Some(held)) => held.merge(more),
-                                (Some(more), None) => held = Some(more),
-                                (None, _) => {
-                                    over_budget = true;
-                                    return Poll::Ready(());
-                                }
-                            }
+        held: &mut Option<OwnedSemaphorePermit>,
+    ) -> Poll<bool> {
+        loop {
+            match self.read_one(cx, limit) {
+                Poll::Ready(true) => {}
+                Poll::Ready(false) => return Poll::Ready(true),
+                Poll::Pending => {
+                    let holding = held.as_ref().map_or(0, OwnedSemaphorePermit::num_permits);
+                    let needed = self.buffered().saturating_sub(holding);
+                    if needed > 0 {
+                        let more = u32::try_from(needed)
+                            .ok()
+                            .and_then(|n| Arc::clone(budget).try_acquire_many_owned(n).ok());
+                        match (more, held.as_mut()) {
+                            (Some(more), Some(held)) => held.merge(more),
+                            (Some(more), None) => *held = Some(more),
+                            (None, _) => return Poll::Ready(false),
                         }
-                        return Poll::Pending;
                     }
+                    return Poll::Pending;
                 }
             }
-        })
-        .await;
-        drop(held);
-        if over_budget { Err(replay) } else { Ok(replay) }
+        }
     }
 
-    fn new(body: Body) -> Self {
+    /// `body`, nothing read yet.
+    pub fn new(body: Body) -> Self {
         Self {
-            ready: VecDeque::with_capacity(2),
+            // Allocates only once a frame is kept.
+            ready: VecDeque::new(),
             rest: Some(body),
         }
     }
 
     /// Whether the body has been read to its end.
-    pub fn is_whole(&self) -> bool {
+    #[cfg(test)]
+    fn is_whole(&self) -> bool {
         self.rest.is_none()
     }
 
@@ -243,6 +239,22 @@ mod tests {
             frames.push_back(Ok(Frame::trailers(http::HeaderMap::new())));
         }
         Body::new(Frames(frames))
+    }
+
+    impl Replay {
+        /// `poll_read_until` as a future: `Err` when over the budget.
+        async fn read_until(
+            body: Body,
+            limit: usize,
+            budget: &Arc<Semaphore>,
+        ) -> Result<Self, Self> {
+            let mut replay = Self::new(body);
+            let mut held = None;
+            let within =
+                std::future::poll_fn(|cx| replay.poll_read_until(cx, limit, budget, &mut held))
+                    .await;
+            if within { Ok(replay) } else { Err(replay) }
+        }
     }
 
     fn budget() -> Arc<Semaphore> {

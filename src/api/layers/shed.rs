@@ -42,7 +42,7 @@ use std::{
     time::Duration,
 };
 
-use http_body::{Frame, SizeHint};
+use http_body::{Body as _, Frame, SizeHint};
 use prost::bytes::{Buf as _, Bytes};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::body::Body;
@@ -126,13 +126,11 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_millis(250);
 
 impl<S> Service<http::Request<Body>> for Shed<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = ShedFuture<S, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -145,7 +143,7 @@ where
             // A stream's request does not end while the stream is open:
             // its place is taken at once.
             let permit = Arc::clone(&self.reflections).try_acquire_owned().ok();
-            return Box::pin(ShedFuture::new(permit, &mut self.inner, request, limit));
+            return ShedFuture::new(permit, &mut self.inner, request, limit);
         }
         let permits = Arc::clone(if !path.starts_with("/grpc.health.") {
             &self.permits
@@ -154,40 +152,34 @@ where
         } else {
             &self.checks
         });
-        // The service that was polled ready serves this call; a clone
-        // stays for the next.
+        // The service that was polled ready serves this call, once its
+        // request has come; a clone stays for the next.
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let read_ahead = Arc::clone(&self.read_ahead);
-        Box::pin(async move {
-            // No place is held while the client's bytes are awaited: a
-            // client that sends its headers and never its message would
-            // otherwise hold one until the call's deadline, and a thousand
-            // such streams, renewed, would refuse every other call.
-            // The bytes that wait are bounded by the read-ahead budget; a
-            // call that would exceed it is refused.
-            let (parts, body) = request.into_parts();
-            let (body, permit) = match Replay::read_until(body, limit, &read_ahead).await {
-                Ok(body) => (body, permits.try_acquire_owned().ok()),
-                Err(partial) => (partial, None),
-            };
-            let request = http::Request::from_parts(parts, Body::new(body));
-            ShedFuture::new(permit, &mut inner, request, limit).await
-        })
+        let service = std::mem::replace(&mut self.inner, clone);
+        let (parts, body) = request.into_parts();
+        ShedFuture::Reading {
+            service: Some(service),
+            parts: Some(parts),
+            body: Some(Replay::new(body)),
+            held: None,
+            permits,
+            budget: Arc::clone(&self.read_ahead),
+            limit,
+        }
     }
 }
 
-impl<F, B> ShedFuture<F, B> {
+impl<S, F> ShedFuture<S, F> {
     /// The call `request` on `inner` if it has its `permit`, else its
     /// refusal, once at most `limit` bytes more of its request have come.
-    fn new<S>(
+    fn new(
         permit: Option<OwnedSemaphorePermit>,
         inner: &mut S,
-        request: http::Request<B>,
+        request: http::Request<Body>,
         limit: usize,
     ) -> Self
     where
-        S: Service<http::Request<B>, Future = F>,
+        S: Service<http::Request<Body>, Future = F>,
     {
         match permit {
             Some(permit) => ShedFuture::Admitted {
@@ -211,10 +203,27 @@ impl<F, B> ShedFuture<F, B> {
 }
 
 pin_project_lite::pin_project! {
-    /// The response of [`Shed`]: the inner call holding its permit (which
-    /// then passes to the response body), or a refusal.
+    /// The response of [`Shed`]: the call's request being read, then the
+    /// inner call holding its permit (which then passes to the response
+    /// body), or a refusal.
     #[project = ShedProjection]
-    pub enum ShedFuture<F, B> {
+    pub enum ShedFuture<S, F> {
+        /// Reading the request ahead, holding no place: a client that
+        /// sends its headers and never its message would otherwise hold
+        /// one until the call's deadline, and a thousand such streams,
+        /// renewed, would refuse every other call. The bytes that wait
+        /// are bounded by the read-ahead `budget`; a call that would
+        /// exceed it is refused. Then `service` serves it if one of
+        /// `permits` is free.
+        Reading {
+            service: Option<S>,
+            parts: Option<http::request::Parts>,
+            body: Option<Replay>,
+            held: Option<OwnedSemaphorePermit>,
+            permits: Arc<Semaphore>,
+            budget: Arc<Semaphore>,
+            limit: usize,
+        },
         /// Running, with its permit.
         Admitted { #[pin] inner: F, permit: Option<OwnedSemaphorePermit> },
         /// Refused, once the request's body has been read to its end (at
@@ -227,7 +236,7 @@ pin_project_lite::pin_project! {
         /// so a client whose calls were shed a thousand times lost every
         /// call in flight on it ("broken pipe").
         Shed {
-            body: Option<B>,
+            body: Option<Body>,
             drained: usize,
             limit: usize,
             timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -236,52 +245,82 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F, E, B> Future for ShedFuture<F, B>
+impl<S, F, E> Future for ShedFuture<S, F>
 where
+    S: Service<http::Request<Body>, Future = F>,
     F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
-    B: http_body::Body + Unpin,
 {
     type Output = F::Output;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            ShedProjection::Admitted { inner, permit } => {
-                let response = ready!(inner.poll(cx))?;
-                let permit = permit.take();
-                Poll::Ready(Ok(
-                    response.map(|body| tonic::body::Body::new(HoldingBody::new(body, permit)))
-                ))
-            }
-            ShedProjection::Shed {
-                body,
-                drained,
-                limit,
-                timer,
-                response,
-            } => {
-                while let Some(request) = body.as_mut() {
-                    if request.is_end_stream() || *drained > *limit {
-                        break;
-                    }
-                    match Pin::new(request).poll_frame(cx) {
-                        Poll::Ready(Some(Ok(frame))) => {
-                            *drained += frame.data_ref().map_or(0, |data| data.remaining());
-                        }
-                        Poll::Ready(Some(Err(_)) | None) => break,
-                        Poll::Pending => {
-                            let timer = timer
-                                .get_or_insert_with(|| Box::pin(tokio::time::sleep(DRAIN_TIMEOUT)));
-                            if timer.as_mut().poll(cx).is_ready() {
-                                break;
-                            }
-                            return Poll::Pending;
-                        }
-                    }
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            match self.as_mut().project() {
+                ShedProjection::Reading {
+                    service,
+                    parts,
+                    body,
+                    held,
+                    permits,
+                    budget,
+                    limit,
+                } => {
+                    let Some(replay) = body.as_mut() else {
+                        panic!("ShedFuture polled after completion");
+                    };
+                    let within = ready!(replay.poll_read_until(cx, *limit, budget, held));
+                    *held = None;
+                    let permit = within
+                        .then(|| Arc::clone(permits).try_acquire_owned().ok())
+                        .flatten();
+                    let limit = *limit;
+                    let (Some(mut service), Some(parts), Some(replay)) =
+                        (service.take(), parts.take(), body.take())
+                    else {
+                        panic!("ShedFuture polled after completion");
+                    };
+                    let request = http::Request::from_parts(parts, Body::new(replay));
+                    let next = ShedFuture::new(permit, &mut service, request, limit);
+                    self.set(next);
                 }
-                *body = None;
-                match response.take() {
-                    Some(response) => Poll::Ready(Ok(response)),
-                    None => panic!("ShedFuture polled after completion"),
+                ShedProjection::Admitted { inner, permit } => {
+                    let response = ready!(inner.poll(cx))?;
+                    let permit = permit.take();
+                    return Poll::Ready(Ok(
+                        response.map(|body| tonic::body::Body::new(HoldingBody::new(body, permit)))
+                    ));
+                }
+                ShedProjection::Shed {
+                    body,
+                    drained,
+                    limit,
+                    timer,
+                    response,
+                } => {
+                    while let Some(request) = body.as_mut() {
+                        if request.is_end_stream() || *drained > *limit {
+                            break;
+                        }
+                        match Pin::new(request).poll_frame(cx) {
+                            Poll::Ready(Some(Ok(frame))) => {
+                                *drained += frame.data_ref().map_or(0, |data| data.remaining());
+                            }
+                            Poll::Ready(Some(Err(_)) | None) => break,
+                            Poll::Pending => {
+                                let timer = timer.get_or_insert_with(|| {
+                                    Box::pin(tokio::time::sleep(DRAIN_TIMEOUT))
+                                });
+                                if timer.as_mut().poll(cx).is_ready() {
+                                    break;
+                                }
+                                return Poll::Pending;
+                            }
+                        }
+                    }
+                    *body = None;
+                    return match response.take() {
+                        Some(response) => Poll::Ready(Ok(response)),
+                        None => panic!("ShedFuture polled after completion"),
+                    };
                 }
             }
         }
