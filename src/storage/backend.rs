@@ -62,6 +62,9 @@ pub trait Backend: std::fmt::Debug + Clone + Send + Sync + 'static {
     /// (`sql::sessions`): with a share lock on the account row where there
     /// are row locks.
     const INSERT_SESSION: &'static str;
+    /// Takes an account's write lock, changing nothing; affects one row
+    /// if the account exists (`sql::accounts`).
+    const LOCK_ACCOUNT: &'static str;
     /// Locks an account about to be deleted (`sql::accounts`).
     const LOCK_ACCOUNT_FOR_DELETE: &'static str;
     /// Then locks its credentials' rows, where there are row locks.

@@ -157,6 +157,7 @@ impl Backend for SqliteBackend {
     const MIGRATIONS: &'static [(i64, &'static str, &'static str)] = MIGRATIONS;
     const SCHEMA_TABLE_EXISTS: &'static str = SCHEMA_TABLE_EXISTS;
     const INSERT_SESSION: &'static str = sql::SQLITE_INSERT_SESSION;
+    const LOCK_ACCOUNT: &'static str = sql::SQLITE_LOCK_ACCOUNT;
     const LOCK_ACCOUNT_FOR_DELETE: &'static str = sql::SQLITE_LOCK_ACCOUNT_FOR_DELETE;
     const PARENT_LIVE: &'static str = sql::SQLITE_PARENT_LIVE;
     const PING: &'static str = "SELECT 1";

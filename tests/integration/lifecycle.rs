@@ -589,18 +589,15 @@ async fn revoking_a_rotated_token_ends_its_predecessors_grace_too() {
     }
 }
 
-async fn the_last_use_is_recorded_with_the_client_address(app: TestApp) {
-    let robot = app.robot("ci").await;
-    let (token, secret) = app
-        .token(&app.operator_token, &robot.account_id, "ci", &[])
-        .await;
-    assert!(token.last_used_time.is_none());
+/// Verifies `secret` as seen from `address`, then waits for its token's
+/// last use to be recorded: the token as it then reads.
+async fn record_a_use(app: &TestApp, token_id: &str, secret: &str, address: &str) -> pb::Token {
     let verdict = app
         .tokens()
         .verify_token(bearer(
             pb::VerifyTokenRequest {
-                token: secret.clone(),
-                client_address: "203.0.113.7:4431".into(),
+                token: secret.into(),
+                client_address: address.into(),
                 ..Default::default()
             },
             &app.verifier_token().await,
@@ -612,17 +609,26 @@ async fn the_last_use_is_recorded_with_the_client_address(app: TestApp) {
     // The write happens in the background so verification never waits
     // for it: poll until it lands.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let recorded = loop {
-        let now = get(&app, &token.token_id).await;
+    loop {
+        let now = get(app, token_id).await;
         if now.last_used_time.is_some() {
-            break now;
+            return now;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "last use never recorded"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    }
+}
+
+async fn the_last_use_is_recorded_with_the_client_address(app: TestApp) {
+    let robot = app.robot("ci").await;
+    let (token, secret) = app
+        .token(&app.operator_token, &robot.account_id, "ci", &[])
+        .await;
+    assert!(token.last_used_time.is_none());
+    let recorded = record_a_use(&app, &token.token_id, &secret, "203.0.113.7:4431").await;
     assert_eq!(recorded.last_used_address, "203.0.113.7:4431");
 
     assert_status(
@@ -641,6 +647,76 @@ async fn the_last_use_is_recorded_with_the_client_address(app: TestApp) {
     );
 }
 both_backends!(the_last_use_is_recorded_with_the_client_address);
+
+/// On PostgreSQL recording a use is a HOT update: the new row version stays
+/// on its page and no index gains an entry, because no index of `tokens`
+/// reads a column that a use writes. An index keyed on `last_used_time`
+/// made every recorded use add an entry to each of the table's indexes and
+/// leave a dead one, which every creation's live-token count then read
+/// (the soak's decline, BENCHMARKS.md). Nor does a creation write a new
+/// version of its account's row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recorded_use_and_a_creation_write_no_new_index_entry_on_postgres() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let reading = crate::retention::column(
+        &app.db.url,
+        "SELECT i.relname::text FROM pg_index x \
+         JOIN pg_class i ON i.oid = x.indexrelid \
+         JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum > 0 \
+         WHERE x.indrelid = 'tokens'::regclass \
+         AND a.attname IN ('last_used_time', 'last_used_address') \
+         AND (a.attnum = ANY (x.indkey::int2[]) \
+           OR COALESCE(pg_get_expr(x.indpred, x.indrelid), '') LIKE '%' || a.attname || '%' \
+           OR COALESCE(pg_get_expr(x.indexprs, x.indrelid), '') LIKE '%' || a.attname || '%')",
+    )
+    .await;
+    assert!(
+        reading.is_empty(),
+        "indexes reading what a use writes: {reading:?}"
+    );
+
+    let robot = app.robot("ci").await;
+    // A creation takes its account's row lock without writing the row: a
+    // version per creation made every read of a busy account walk them.
+    let version = format!(
+        "SELECT xmin::text FROM accounts WHERE account_id = '{}'",
+        robot.account_id
+    );
+    let before = crate::retention::column(&app.db.url, &version).await;
+    let (token, secret) = app
+        .token(&app.operator_token, &robot.account_id, "ci", &[])
+        .await;
+    let after = crate::retention::column(&app.db.url, &version).await;
+    assert_eq!(
+        before, after,
+        "the account row's version, before and after a creation"
+    );
+    record_a_use(&app, &token.token_id, &secret, "203.0.113.7:4431").await;
+    // Each backend reports its counts when idle (within PostgreSQL's idle
+    // stats interval): every update reported, the recorded uses among
+    // them, must have been HOT.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let counts = crate::retention::column(
+            &app.db.url,
+            "SELECT n_tup_upd || ' ' || n_tup_hot_upd FROM pg_stat_user_tables \
+             WHERE relname = 'tokens'",
+        )
+        .await;
+        let counts = counts.first().expect("the tokens table's counts").clone();
+        let (updated, hot) = counts.split_once(' ').expect("two counts");
+        if updated != "0" {
+            assert_eq!(updated, hot, "updates of tokens, and how many were HOT");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no update of tokens reported"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.stop().await;
+}
 
 async fn leaked_credentials_are_revoked_and_the_answer_reveals_nothing(app: TestApp) {
     let (alice, session) = app.person("alice").await;

@@ -356,7 +356,7 @@ async fn a_disable_queued_behind_a_held_creation_evicts_the_prewarmed_verdict() 
     let creation = create_in_background(&app, &robot.account_id);
     let creator = held
         .wait_for(
-            "SET credentials_generation = credentials_generation",
+            "FROM accounts WHERE account_id = $1 FOR NO KEY UPDATE",
             0,
             "the creation",
         )

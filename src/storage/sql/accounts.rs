@@ -42,7 +42,16 @@ pub(super) const ENABLE_ACCOUNT: &str =
 /// and other token creations for the account wait for, on SQLite the
 /// database's write lock, taken before anything is read. Statements after
 /// it see every token created before it was granted.
-pub(super) const LOCK_ACCOUNT: &str = "UPDATE accounts \
+///
+/// PostgreSQL: `FOR NO KEY UPDATE`, the lock an update that changes no key
+/// takes, without writing a new version of the row: a no-op `UPDATE` left
+/// one dead version of the account per creation, and under a stream of
+/// creations for one account every read of that row (each cache miss
+/// joins it) walked the versions autovacuum had not yet removed.
+pub(in crate::storage) const PG_LOCK_ACCOUNT: &str =
+    "SELECT account_id FROM accounts WHERE account_id = $1 FOR NO KEY UPDATE";
+/// SQLite: an update, which takes the database's write lock.
+pub(in crate::storage) const SQLITE_LOCK_ACCOUNT: &str = "UPDATE accounts \
     SET credentials_generation = credentials_generation WHERE account_id = $1";
 
 /// A deletion locks the account row first, so that whatever is being
@@ -53,7 +62,7 @@ pub(super) const LOCK_ACCOUNT: &str = "UPDATE accounts \
 /// the write lock, through `LOCK_ACCOUNT`.
 pub(in crate::storage) const PG_LOCK_ACCOUNT_FOR_DELETE: &str =
     "SELECT account_id FROM accounts WHERE account_id = $1 FOR UPDATE";
-pub(in crate::storage) const SQLITE_LOCK_ACCOUNT_FOR_DELETE: &str = LOCK_ACCOUNT;
+pub(in crate::storage) const SQLITE_LOCK_ACCOUNT_FOR_DELETE: &str = SQLITE_LOCK_ACCOUNT;
 /// ...and then its own credentials' rows, before the cascade into other
 /// accounts' tokens: the order a renewal or a creation by one of these
 /// credentials takes its locks in (the caller's row, then the target

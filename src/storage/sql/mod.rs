@@ -121,7 +121,8 @@ use sqlx::{Pool, Transaction, pool::PoolConnection};
 
 pub(super) use self::{
     accounts::{
-        PG_LOCK_ACCOUNT_FOR_DELETE, PG_LOCK_CREDENTIALS_FOR_DELETE, SQLITE_LOCK_ACCOUNT_FOR_DELETE,
+        PG_LOCK_ACCOUNT, PG_LOCK_ACCOUNT_FOR_DELETE, PG_LOCK_CREDENTIALS_FOR_DELETE,
+        SQLITE_LOCK_ACCOUNT, SQLITE_LOCK_ACCOUNT_FOR_DELETE,
     },
     audit::LIST_EVENTS,
     lookup::{

@@ -3,8 +3,8 @@
 
 use super::{
     AccountId, AuditEvent, Creator, Digest, Invalidation, NewToken, SqlStore, StorageError,
-    Timestamp, Token, TokenFilter, TokenId, TokenUse, WithAccount, accounts, audit, commit_change,
-    execute, fetch_all, fetch_optional, lookup,
+    Timestamp, Token, TokenFilter, TokenId, TokenUse, WithAccount, audit, commit_change, execute,
+    fetch_all, fetch_optional, lookup,
 };
 use crate::storage::{
     backend::{Backend, Bind as _},
@@ -205,7 +205,7 @@ pub(super) async fn create_token<B: Backend>(
     // turns, so that their count below is exact.
     let found = execute::<B>(
         &mut tx,
-        sqlx::query(accounts::LOCK_ACCOUNT).arg(token.account_id.as_str()),
+        sqlx::query(B::LOCK_ACCOUNT).arg(token.account_id.as_str()),
     )
     .await?;
     if found == 0 {
@@ -396,7 +396,7 @@ pub(super) async fn rotate_token<B: Backend>(
     // token rows would deadlock with this rotation.
     let found = execute::<B>(
         &mut tx,
-        sqlx::query(accounts::LOCK_ACCOUNT).arg(new.token.account_id.as_str()),
+        sqlx::query(B::LOCK_ACCOUNT).arg(new.token.account_id.as_str()),
     )
     .await?;
     if found == 0 {
@@ -449,11 +449,7 @@ pub(super) async fn renew_token<B: Backend>(
     // The order a creation takes its locks in (account, creator, token),
     // and the one the calls ending credentials through the account take
     // theirs in (account first).
-    let found = execute::<B>(
-        &mut tx,
-        sqlx::query(accounts::LOCK_ACCOUNT).arg(account.as_str()),
-    )
-    .await?;
+    let found = execute::<B>(&mut tx, sqlx::query(B::LOCK_ACCOUNT).arg(account.as_str())).await?;
     if found == 0 {
         return Ok(None);
     }
