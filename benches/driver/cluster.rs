@@ -32,8 +32,12 @@ pub struct Db {
 
 impl Db {
     /// Starts the cluster with `settings` and creates the database `identity`.
+    /// `BENCH_PG_SETTINGS`, when set, adds its lines (e.g.
+    /// `shared_preload_libraries = 'pg_stat_statements'`, to see which
+    /// statement a run spends its time in).
     pub fn start(settings: &str) -> Result<Self> {
-        let cluster = Cluster::start_with(settings);
+        let extra = std::env::var("BENCH_PG_SETTINGS").unwrap_or_default();
+        let cluster = Cluster::start_with(&format!("{settings}\n{extra}\n"));
         let db = Self {
             bin: cluster.bin_dir().to_owned(),
             port: cluster.port(),
