@@ -8,5 +8,11 @@
 -- with the uses recorded since the last vacuum (the soak's decline).
 -- Keyed on create_time, the index still holds only used-up tokens, and no
 -- use changes it. (SQLite has no HOT updates; its index stays as it was.)
+--
+-- The new index is built first, under another name: the build holds off
+-- writes to tokens (as 0006 and 0012 did) but not reads, so verification
+-- goes on through an upgrade. Only then is the old index dropped, whose
+-- lock holds off reads too, for the moment left before the commit.
+CREATE INDEX tokens_used_up_by_create_idx ON tokens (create_time) WHERE uses_remaining = 0;
 DROP INDEX tokens_used_up_idx;
-CREATE INDEX tokens_used_up_idx ON tokens (create_time) WHERE uses_remaining = 0;
+ALTER INDEX tokens_used_up_by_create_idx RENAME TO tokens_used_up_idx;
