@@ -366,7 +366,8 @@ pub trait Store: Send + Sync + 'static {
     /// such live token. Like a creation, it locks the account's row first
     /// and fails with [`StorageError::CreatorEnded`] if `creator` (the
     /// credential asking) is no longer live: a renewal never lands after
-    /// the end of the credential that asked for it was acknowledged.
+    /// the end of the credential that asked for it was acknowledged, and
+    /// with [`StorageError::AccountGone`] if the account no longer exists.
     async fn renew_token(
         &self,
         id: &TokenId,

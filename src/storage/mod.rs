@@ -36,6 +36,13 @@ pub const LISTING_QUERIES: &[(&str, &str)] = &[
     ("LIST_EVENTS", sql::LIST_EVENTS),
 ];
 
+/// Retention's deletion of dead tokens, as the stores run it (`$1`: the
+/// cutoff, `$2`: the batch). Exposed only for the test that checks its plan
+/// with `EXPLAIN` (that it reads the table through its partial indexes);
+/// not an interface.
+#[doc(hidden)]
+pub const PURGE_TOKENS_QUERY: &str = sql::PURGE_TOKENS;
+
 pub use crate::domain::store::{
     BoxError, Conflict, PoolUsage, StorageError, Store, TokenFilter, TokenUse, WithAccount,
 };

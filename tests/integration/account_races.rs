@@ -576,6 +576,62 @@ async fn a_renewal_loses_to_a_concurrent_sign_out_of_its_session() {
     );
 }
 
+/// A renewal queued behind its account's row, behind the account's
+/// deletion: the deletion goes first (the row's lock is granted in the
+/// order asked), and the renewal then finds no account and answers as it
+/// would have after the deletion (the token is gone with its account):
+/// NOT_FOUND, not FAILED_PRECONDITION.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_queued_behind_its_accounts_deletion_is_not_found() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let robot = app.robot("ci").await;
+    let (ci, secret) = app
+        .token(&app.operator_token, &robot.account_id, "ci", &[])
+        .await;
+    let mut held = Held::take(
+        &app.db.url,
+        "SELECT account_id FROM accounts WHERE account_id = $1 FOR UPDATE",
+        Some(&robot.account_id),
+    )
+    .await;
+    let deleting = {
+        let client = app.accounts();
+        let request = bearer(
+            pb::DeleteAccountRequest {
+                account_id: robot.account_id.clone(),
+            },
+            &app.operator_token,
+        );
+        tokio::spawn(async move { client.clone().delete_account(request).await })
+    };
+    let deletion = held.wait_for_blocked_by_me("the deletion").await;
+    let renewing = {
+        let client = app.tokens();
+        let request = bearer(
+            pb::RenewTokenRequest {
+                token_id: ci.token_id.clone(),
+                ..Default::default()
+            },
+            &app.operator_token,
+        );
+        tokio::spawn(async move { client.clone().renew_token(request).await })
+    };
+    held.wait_for_blocked_by_me_besides(deletion, "the renewal")
+        .await;
+    held.release().await;
+
+    deleting
+        .await
+        .expect("join")
+        .expect("the deletion succeeds");
+    let renewed = renewing.await.expect("join");
+    assert_status(renewed, Code::NotFound, "ERROR_REASON_TOKEN_NOT_FOUND");
+    assert!(
+        !app.verify(&secret, &[]).await.active,
+        "a token of a deleted account verifies"
+    );
+}
+
 /// An operator's token renewing a token it created for another account
 /// while the operator's account is deleted (the deletion's cascade revokes
 /// that token): both calls finish, the renewal refused as its caller is

@@ -12,7 +12,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use identity::storage::LISTING_QUERIES;
+use identity::storage::{LISTING_QUERIES, PURGE_TOKENS_QUERY};
 use sqlx::Connection as _;
 use tonic::Code;
 use tonic_types::StatusExt as _;
@@ -991,3 +991,46 @@ async fn listing_pages_are_index_range_scans_at_any_depth(app: TestApp) {
     );
 }
 both_backends!(listing_pages_are_index_range_scans_at_any_depth);
+
+/// Retention's deletion of dead tokens finds them through the partial
+/// indexes of its conditions (revoked, rotated, expired, used up: a union
+/// of index scans), never by reading the whole table, in the custom plan
+/// and the generic one. (Its used-up arm once read
+/// `COALESCE(uses_remaining, -1) = 0`, which does not imply the condition
+/// of `tokens_used_up_idx`: every batch of every purge was a sequential
+/// scan of `tokens`.) PostgreSQL only: the embedded SQLite store holds no
+/// table that size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_reads_dead_tokens_through_their_indexes_on_postgres() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let robot = app.robot("bulk").await;
+    load_rows(Backend::Postgres, &app.db.url, &robot.account_id).await;
+    let mut conn = sqlx::PgConnection::connect(&app.db.url)
+        .await
+        .expect("connect");
+    sqlx::raw_sql(&format!("PREPARE q (int8, int8) AS {PURGE_TOKENS_QUERY}"))
+        .execute(&mut conn)
+        .await
+        .expect("prepare");
+    let mut failures = Vec::new();
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        sqlx::raw_sql(&format!("SET plan_cache_mode = {mode}"))
+            .execute(&mut conn)
+            .await
+            .expect("set plan_cache_mode");
+        let plan: Vec<String> =
+            sqlx::query_scalar(&format!("EXPLAIN EXECUTE q({}, 1000)", PLAN_ROWS * 2))
+                .fetch_all(&mut conn)
+                .await
+                .expect("explain");
+        let plan = plan.join("\n");
+        if plan.contains("Seq Scan") || !plan.contains("tokens_used_up_idx") {
+            failures.push(format!("{mode}:\n{plan}"));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "plans that read the whole table:\n{}",
+        failures.join("\n\n")
+    );
+}

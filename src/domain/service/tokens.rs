@@ -548,7 +548,13 @@ impl Identity {
                 }
             },
         )
-        .await?
+        .await
+        // Its account deleted (with its tokens) since our read: as if we
+        // had read after the deletion.
+        .map_err(|err| match err {
+            DomainError::AccountNotFound => DomainError::TokenNotFound,
+            err => err,
+        })?
         // Revoked, rotated or expired between our read and our write.
         .ok_or(DomainError::TokenInactive("no longer active"))
     }

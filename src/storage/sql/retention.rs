@@ -5,7 +5,10 @@ use crate::storage::backend::{Backend, Bind as _};
 
 /// Whether token `$x` stopped working at or before `$1`: revoked, expired,
 /// or used up (when, is known only to the last recorded use, at most the
-/// recording interval early).
+/// recording interval early). True or false, never NULL (it is negated for
+/// the family's other tokens). Each arm names the condition of a partial
+/// index (`uses_remaining = 0` for `tokens_used_up_idx`), so that the
+/// search is a union of small index scans, not a scan of the table.
 macro_rules! token_dead {
     ($x:literal) => {
         concat!(
@@ -24,9 +27,11 @@ macro_rules! token_dead {
             ".expire_time IS NOT NULL AND ",
             $x,
             ".expire_time <= $1) \
-             OR (COALESCE(",
+             OR (",
             $x,
-            ".uses_remaining, -1) = 0 \
+            ".uses_remaining IS NOT NULL AND ",
+            $x,
+            ".uses_remaining = 0 \
                  AND COALESCE(",
             $x,
             ".last_used_time, ",
@@ -42,7 +47,7 @@ pub(super) const PURGE_SESSIONS: &str = "DELETE FROM sessions WHERE session_id I
     SELECT session_id FROM sessions \
     WHERE expire_time <= $1 OR (revoke_time IS NOT NULL AND revoke_time <= $1) LIMIT $2)";
 /// Tokens dead before `$1` whose whole rotation family is.
-pub(super) const PURGE_TOKENS: &str = concat!(
+pub(in crate::storage) const PURGE_TOKENS: &str = concat!(
     "DELETE FROM tokens WHERE token_id IN (SELECT t.token_id FROM tokens t WHERE ",
     token_dead!("t"),
     " AND NOT EXISTS (SELECT 1 FROM tokens f WHERE f.family_id = t.family_id AND NOT ",

@@ -451,7 +451,9 @@ pub(super) async fn renew_token<B: Backend>(
     // theirs in (account first).
     let found = execute::<B>(&mut tx, sqlx::query(B::LOCK_ACCOUNT).arg(account.as_str())).await?;
     if found == 0 {
-        return Ok(None);
+        // Deleted since the caller read it (its tokens with it): as a
+        // creation or a rotation answers.
+        return Err(StorageError::AccountGone);
     }
     require_live_creator::<B>(&mut tx, creator, now).await?;
     let renewed = execute::<B>(
