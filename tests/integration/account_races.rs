@@ -326,16 +326,7 @@ async fn a_token_creation_racing_its_accounts_deletion_fails_cleanly() {
         tokio::spawn(async move { client.clone().create_token(request).await })
     };
     held.wait_for_waiters(1, "the creation").await;
-    let deleting = {
-        let client = app.accounts();
-        let request = bearer(
-            pb::DeleteAccountRequest {
-                account_id: robot.account_id.clone(),
-            },
-            &app.operator_token,
-        );
-        tokio::spawn(async move { client.clone().delete_account(request).await })
-    };
+    let deleting = tokio::spawn(delete_account(&app, &robot.account_id, &app.operator_token));
     held.wait_for_waiters(2, "the deletion").await;
     held.release().await;
 
@@ -409,13 +400,7 @@ async fn deleting_an_account_while_its_tokens_are_being_created_succeeds(app: Te
         );
         tokio::task::yield_now().await;
     }
-    app.accounts()
-        .delete_account(bearer(
-            pb::DeleteAccountRequest {
-                account_id: robot.account_id.clone(),
-            },
-            &app.operator_token,
-        ))
+    delete_account(&app, &robot.account_id, &app.operator_token)
         .await
         .expect("the deletion succeeds while tokens are being created");
     let (secrets, refused) = looping.await.expect("the loop never failed otherwise");
@@ -472,6 +457,43 @@ fn sign_out(
             .await
             .map(drop)
     }
+}
+
+/// A call's answer.
+type Answer<T> = Result<tonic::Response<T>, tonic::Status>;
+
+/// `DeleteAccount` of `account_id` with `credential`, to race a call with.
+fn delete_account(
+    app: &TestApp,
+    account_id: &str,
+    credential: &str,
+) -> impl std::future::Future<Output = Answer<pb::DeleteAccountResponse>> + Send + 'static {
+    let mut accounts = app.accounts();
+    let request = bearer(
+        pb::DeleteAccountRequest {
+            account_id: account_id.to_owned(),
+        },
+        credential,
+    );
+    async move { accounts.delete_account(request).await }
+}
+
+/// `RenewToken` of `token_id` with `credential`, for the server's default
+/// lifetime from now, to race a call with.
+fn renew_token(
+    app: &TestApp,
+    token_id: &str,
+    credential: &str,
+) -> impl std::future::Future<Output = Answer<pb::RenewTokenResponse>> + Send + 'static {
+    let mut tokens = app.tokens();
+    let request = bearer(
+        pb::RenewTokenRequest {
+            token_id: token_id.to_owned(),
+            ..Default::default()
+        },
+        credential,
+    );
+    async move { tokens.renew_token(request).await }
 }
 
 /// A token creation queued behind its account's row when its session is
@@ -536,23 +558,12 @@ async fn a_renewal_loses_to_a_concurrent_sign_out_of_its_session() {
     let app = TestApp::spawn(Backend::Postgres).await;
     let (alice, session) = app.person("alice").await;
     let (ci, _) = app.token(&session, &alice.account_id, "ci", &[]).await;
-    let renew = {
-        let client = app.tokens();
-        let request = bearer(
-            // The server's default lifetime from now: later than the
-            // token's own, so a renewal that landed would show.
-            pb::RenewTokenRequest {
-                token_id: ci.token_id.clone(),
-                ..Default::default()
-            },
-            &session,
-        );
-        async move { client.clone().renew_token(request).await }
-    };
+    // The server's default lifetime from now is later than the token's
+    // own, so a renewal that landed would show.
     creation_racing(
         &app,
         &alice.account_id,
-        renew,
+        renew_token(&app, &ci.token_id, &session),
         sign_out(&app, session),
         "SignOut",
     )
@@ -594,28 +605,9 @@ async fn a_renewal_queued_behind_its_accounts_deletion_is_not_found() {
         Some(&robot.account_id),
     )
     .await;
-    let deleting = {
-        let client = app.accounts();
-        let request = bearer(
-            pb::DeleteAccountRequest {
-                account_id: robot.account_id.clone(),
-            },
-            &app.operator_token,
-        );
-        tokio::spawn(async move { client.clone().delete_account(request).await })
-    };
+    let deleting = tokio::spawn(delete_account(&app, &robot.account_id, &app.operator_token));
     let deletion = held.wait_for_blocked_by_me("the deletion").await;
-    let renewing = {
-        let client = app.tokens();
-        let request = bearer(
-            pb::RenewTokenRequest {
-                token_id: ci.token_id.clone(),
-                ..Default::default()
-            },
-            &app.operator_token,
-        );
-        tokio::spawn(async move { client.clone().renew_token(request).await })
-    };
+    let renewing = tokio::spawn(renew_token(&app, &ci.token_id, &app.operator_token));
     held.wait_for_blocked_by_me_besides(deletion, "the renewal")
         .await;
     held.release().await;
@@ -669,28 +661,13 @@ async fn a_renewal_by_a_deleted_accounts_token_does_not_deadlock_with_the_deleti
         Some(&target.token_id),
     )
     .await;
-    let deleting = {
-        let client = app.accounts();
-        let request = bearer(
-            pb::DeleteAccountRequest {
-                account_id: night_ops.account_id.clone(),
-            },
-            &app.operator_token,
-        );
-        tokio::spawn(async move { client.clone().delete_account(request).await })
-    };
+    let deleting = tokio::spawn(delete_account(
+        &app,
+        &night_ops.account_id,
+        &app.operator_token,
+    ));
     let deletion = held.wait_for_blocked_by_me("the deletion's cascade").await;
-    let renewing = {
-        let client = app.tokens();
-        let request = bearer(
-            pb::RenewTokenRequest {
-                token_id: target.token_id.clone(),
-                ..Default::default()
-            },
-            &operator,
-        );
-        tokio::spawn(async move { client.clone().renew_token(request).await })
-    };
+    let renewing = tokio::spawn(renew_token(&app, &target.token_id, &operator));
     // The renewal queues behind the deletion, on its caller's row.
     held.wait_for_blocked_by(deletion, "the renewal").await;
     held.release().await;

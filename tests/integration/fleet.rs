@@ -907,6 +907,25 @@ fn inline(sql: &str, args: &[String]) -> String {
     sql
 }
 
+/// The plans PostgreSQL gives the prepared statement `q` for `args`, by
+/// `plan_cache_mode`: the custom one (for these arguments) and the generic
+/// one it may switch to after five executions.
+async fn prepared_plans(conn: &mut sqlx::PgConnection, args: &str) -> Vec<(&'static str, String)> {
+    let mut plans = Vec::new();
+    for mode in ["force_custom_plan", "force_generic_plan"] {
+        sqlx::raw_sql(&format!("SET plan_cache_mode = {mode}"))
+            .execute(&mut *conn)
+            .await
+            .expect("set plan_cache_mode");
+        let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE q({args})"))
+            .fetch_all(&mut *conn)
+            .await
+            .expect("explain");
+        plans.push((mode, plan.join("\n")));
+    }
+    plans
+}
+
 async fn listing_pages_are_index_range_scans_at_any_depth(app: TestApp) {
     let robot = app.robot("bulk").await;
     let backend = if app.db.url.starts_with("sqlite:") {
@@ -930,20 +949,7 @@ async fn listing_pages_are_index_range_scans_at_any_depth(app: TestApp) {
                 .execute(&mut conn)
                 .await
                 .expect("prepare");
-                // The plans a prepared statement gets: custom ones (for
-                // its arguments) and the generic one PostgreSQL may
-                // switch to after five executions.
-                for mode in ["force_custom_plan", "force_generic_plan"] {
-                    sqlx::raw_sql(&format!("SET plan_cache_mode = {mode}"))
-                        .execute(&mut conn)
-                        .await
-                        .expect("set plan_cache_mode");
-                    let plan: Vec<String> =
-                        sqlx::query_scalar(&format!("EXPLAIN EXECUTE q({})", args.join(", ")))
-                            .fetch_all(&mut conn)
-                            .await
-                            .expect("explain");
-                    let plan = plan.join("\n");
+                for (mode, plan) in prepared_plans(&mut conn, &args.join(", ")).await {
                     let scans_index = plan.contains("Index Scan") && plan.contains(index);
                     if !scans_index || plan.contains("Seq Scan") || plan.contains("Sort") {
                         failures.push(format!("{label} ({mode}):\n{plan}"));
@@ -1013,17 +1019,7 @@ async fn retention_reads_dead_tokens_through_their_indexes_on_postgres() {
         .await
         .expect("prepare");
     let mut failures = Vec::new();
-    for mode in ["force_custom_plan", "force_generic_plan"] {
-        sqlx::raw_sql(&format!("SET plan_cache_mode = {mode}"))
-            .execute(&mut conn)
-            .await
-            .expect("set plan_cache_mode");
-        let plan: Vec<String> =
-            sqlx::query_scalar(&format!("EXPLAIN EXECUTE q({}, 1000)", PLAN_ROWS * 2))
-                .fetch_all(&mut conn)
-                .await
-                .expect("explain");
-        let plan = plan.join("\n");
+    for (mode, plan) in prepared_plans(&mut conn, &format!("{}, 1000", PLAN_ROWS * 2)).await {
         if plan.contains("Seq Scan") || !plan.contains("tokens_used_up_idx") {
             failures.push(format!("{mode}:\n{plan}"));
         }
