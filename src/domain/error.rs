@@ -83,8 +83,8 @@ pub enum DomainError {
     /// The token was already rotated.
     #[error("the token was already rotated; rotate its successor")]
     TokenAlreadyRotated,
-    /// The token cannot be rotated in its state.
-    #[error("the token cannot be rotated: it is {0}")]
+    /// The token cannot be rotated or renewed in its state.
+    #[error("the token is {0}: only an active token can be rotated or renewed")]
     TokenInactive(&'static str),
     /// An operator tried to disable or delete their own account.
     #[error("operators cannot disable or delete their own account")]

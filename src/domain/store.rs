@@ -349,7 +349,9 @@ pub trait Store: Send + Sync + 'static {
     /// name to `new`, ends its grace period at `retire_old_at` (never its
     /// `revoke_time`), and inserts `new`. Returns `old` as stored afterwards,
     /// or `None` (and changes nothing) if `old` does not exist, was already
-    /// replaced, is revoked (at whatever time), or has expired at `now`.
+    /// replaced, is revoked (at whatever time), has expired at `now`, or is
+    /// used up (judged on the row as written: a use may land after the
+    /// caller read it).
     /// [`StorageError::CreatorEnded`] as [`Self::create_token`].
     async fn rotate_token(
         &self,
@@ -360,7 +362,8 @@ pub trait Store: Send + Sync + 'static {
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError>;
 
-    /// Gives a live token (not revoked, not rotated, not expired at `now`) of
+    /// Gives a live token (not revoked, not rotated, not expired at `now`,
+    /// not used up, judged on the row as written) of
     /// `account` the new expiry `expire_time` (`None`: never), and returns
     /// it as stored afterwards; `None` (and changes nothing) if there is no
     /// such live token. Like a creation, it locks the account's row first

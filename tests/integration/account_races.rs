@@ -624,6 +624,91 @@ async fn a_renewal_queued_behind_its_accounts_deletion_is_not_found() {
     );
 }
 
+/// A renewal or a rotation queued behind its account's row while the
+/// token's last use is spent (a use takes no account lock) is refused as
+/// one sent after that use is: FAILED_PRECONDITION, and the token is left
+/// as it was. (The renewal once checked every state but the uses left: it
+/// answered OK, extended the used-up token and audited a renewal; found by
+/// an attacker. The rotation handed out a successor with no uses.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_queued_while_the_tokens_last_use_is_spent_is_refused() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    // A token may rotate only itself, and its own use as the credential
+    // would spend one: the changes are asked for with a session.
+    let (alice, session) = app.person("alice").await;
+    for rotate in [false, true] {
+        let created = app
+            .tokens()
+            .create_token(bearer(
+                pb::CreateTokenRequest {
+                    account_id: alice.account_id.clone(),
+                    name: format!("twice-{rotate}"),
+                    max_uses: Some(2),
+                    ..Default::default()
+                },
+                &session,
+            ))
+            .await
+            .expect("create a two-use token")
+            .into_inner();
+        let token = created.token.expect("token");
+        assert!(
+            app.verify(&created.secret, &[]).await.active,
+            "the first use"
+        );
+        let mut held = Held::take(
+            &app.db.url,
+            "SELECT account_id FROM accounts WHERE account_id = $1 FOR UPDATE",
+            Some(&alice.account_id),
+        )
+        .await;
+        let changing = if rotate {
+            let mut tokens = app.tokens();
+            let request = bearer(
+                pb::RotateTokenRequest {
+                    token_id: token.token_id.clone(),
+                },
+                &session,
+            );
+            tokio::spawn(async move { tokens.rotate_token(request).await.map(drop) })
+        } else {
+            let renewal = renew_token(&app, &token.token_id, &session);
+            tokio::spawn(async move { renewal.await.map(drop) })
+        };
+        held.wait_for_blocked_by_me("the change").await;
+        assert!(
+            app.verify(&created.secret, &[]).await.active,
+            "the last use, while the change waits"
+        );
+        held.release().await;
+        assert_status(
+            changing.await.expect("join"),
+            Code::FailedPrecondition,
+            "ERROR_REASON_TOKEN_INACTIVE",
+        );
+        let after = app
+            .tokens()
+            .get_token(bearer(
+                pb::GetTokenRequest {
+                    token_id: token.token_id.clone(),
+                },
+                &session,
+            ))
+            .await
+            .expect("the token is still there")
+            .into_inner()
+            .token
+            .expect("a token");
+        assert_eq!(after.expire_time, token.expire_time, "rotate: {rotate}");
+        assert_eq!(after.replaced_by_token_id, "", "rotate: {rotate}");
+        assert_eq!(after.uses_remaining, Some(0), "rotate: {rotate}");
+        assert!(
+            !app.verify(&created.secret, &[]).await.active,
+            "a used-up token verifies"
+        );
+    }
+}
+
 /// An operator's token renewing a token it created for another account
 /// while the operator's account is deleted (the deletion's cascade revokes
 /// that token): both calls finish, the renewal refused as its caller is

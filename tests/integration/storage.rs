@@ -1409,6 +1409,30 @@ mod conformance {
             assert_eq!(got.uses_remaining, Some(5), "no use was spent");
         }
 
+        async fn a_used_up_token_is_neither_renewed_nor_rotated(store) {
+            let alice = person("alice", 1);
+            store.create_account(&alice, &ev()).await.expect("create account");
+            let mut once = token(&alice.id, "once", &[], 10, Some(1_000));
+            once.token.max_uses = Some(1);
+            once.token.uses_remaining = Some(1);
+            store.create_token(&once, t(10), u32::MAX, &ev()).await.expect("create token");
+            let id = &once.token.id;
+            assert_eq!(store.consume_use(id, t(20)).await.expect("consume"), Some(0));
+            // The store decides on the row as it is when written, not as the
+            // caller read it: its last use may have been spent in between.
+            let renewed = store.renew_token(id, &alice.id, Some(t(5_000)), None, t(30), &ev()).await;
+            assert!(matches!(renewed, Ok(None)), "renewed when used up: {renewed:?}");
+            let mut successor = token(&alice.id, "once", &[], 30, Some(1_000));
+            successor.token.family_id = once.token.family_id.clone();
+            successor.token.max_uses = Some(1);
+            successor.token.uses_remaining = Some(1);
+            let rotated = store.rotate_token(id, &successor, t(500), t(30), &ev()).await;
+            assert!(matches!(rotated, Ok(None)), "rotated when used up: {rotated:?}");
+            assert!(store.token_by_id(&successor.token.id).await.expect("read").is_none(), "a successor was stored");
+            let kept = store.token_by_id(id).await.expect("read").expect("found");
+            assert_eq!((kept.expire_time, kept.replaced_by, kept.uses_remaining), (Some(t(1_000)), None, Some(0)));
+        }
+
         async fn a_revocation_holds_whatever_time_it_names(store) {
             let alice = person("alice", 1);
             store.create_account(&alice, &ev()).await.expect("create account");

@@ -555,7 +555,8 @@ impl Identity {
             DomainError::AccountNotFound => DomainError::TokenNotFound,
             err => err,
         })?
-        // Revoked, rotated or expired between our read and our write.
+        // Revoked, rotated, expired or used up between our read and our
+        // write.
         .ok_or(DomainError::TokenInactive("no longer active"))
     }
 

@@ -99,12 +99,14 @@ pub(super) const COUNT_LIVE_TOKENS: &str = "SELECT \
 /// `$2`: successor; `$3`: when the old token's grace period ends; `$4`:
 /// now. A revoked token is never rotated, whatever time its revocation
 /// names (on PostgreSQL the condition is re-checked on the row a concurrent
-/// revocation committed, after waiting for its lock); the rotation sets the
-/// grace deadline, never `revoke_time`.
+/// revocation committed, after waiting for its lock); nor is a used-up one
+/// (its last use may have been spent since it was read). The rotation sets
+/// the grace deadline, never `revoke_time`.
 pub(super) const MARK_ROTATED: &str = "UPDATE tokens SET replaced_by = $2, live_name = NULL, \
     retire_time = $3 \
     WHERE token_id = $1 AND replaced_by IS NULL AND revoke_time IS NULL \
-    AND (expire_time IS NULL OR expire_time > $4)";
+    AND (expire_time IS NULL OR expire_time > $4) \
+    AND (uses_remaining IS NULL OR uses_remaining > 0)";
 /// A rotation moves the uses left, not copies them: the successor (`$1`)
 /// takes what its predecessor (`$2`) has left, read after `MARK_ROTATED` has
 /// locked the predecessor's row (so no use of it can land in between)...
@@ -116,9 +118,13 @@ pub(super) const MOVE_USES_TO_SUCCESSOR: &str = "UPDATE tokens SET uses_remainin
 pub(super) const SPEND_PREDECESSOR_USES: &str = "UPDATE tokens SET uses_remaining = 0 \
     WHERE token_id = $1 AND uses_remaining IS NOT NULL";
 /// `$2`: the token's account; `$3`: the new expiry (NULL: never); `$4`: now.
+/// Only a live token is renewed: not rotated, revoked, expired or used up
+/// (its last use may have been spent since it was read: a use takes no
+/// account lock).
 pub(super) const RENEW_TOKEN: &str = "UPDATE tokens SET expire_time = $3 \
     WHERE token_id = $1 AND account_id = $2 AND replaced_by IS NULL AND revoke_time IS NULL \
-    AND (expire_time IS NULL OR expire_time > $4)";
+    AND (expire_time IS NULL OR expire_time > $4) \
+    AND (uses_remaining IS NULL OR uses_remaining > 0)";
 /// Spends a use of a token that is live at `$2`: neither revoked (a
 /// revocation may have landed since the token was read) nor expired.
 pub(super) const CONSUME_USE: &str = "UPDATE tokens SET uses_remaining = uses_remaining - 1 \
