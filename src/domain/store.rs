@@ -20,7 +20,7 @@ use crate::domain::{
     password::PasswordHash,
     retention::{PurgeCutoffs, Purged},
     throttle::{ThrottleClaim, ThrottleCounter},
-    time::Timestamp,
+    time::{Clock, Timestamp},
     token::{Creator, NewToken, Session, Token, TokenId, TokenState},
 };
 
@@ -350,20 +350,23 @@ pub trait Store: Send + Sync + 'static {
     /// `revoke_time`), and inserts `new`. Returns `old` as stored afterwards,
     /// or `None` (and changes nothing) if `old` does not exist, was already
     /// replaced, is revoked (at whatever time), has expired at `now`, or is
-    /// used up (judged on the row as written: a use may land after the
-    /// caller read it).
+    /// used up, judged on the row as written (a use may land after the
+    /// caller read it) and at `clock`'s time once the account's row is
+    /// locked (the token, or the credential asking, may expire while the
+    /// call waits for that lock).
     /// [`StorageError::CreatorEnded`] as [`Self::create_token`].
     async fn rotate_token(
         &self,
         old: &TokenId,
         new: &NewToken,
         retire_old_at: Timestamp,
-        now: Timestamp,
+        clock: &dyn Clock,
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError>;
 
-    /// Gives a live token (not revoked, not rotated, not expired at `now`,
-    /// not used up, judged on the row as written) of
+    /// Gives a live token (not revoked, not rotated, not expired, not used
+    /// up, judged on the row as written and at `clock`'s time once the
+    /// account's row is locked, as [`Self::rotate_token`] does) of
     /// `account` the new expiry `expire_time` (`None`: never), and returns
     /// it as stored afterwards; `None` (and changes nothing) if there is no
     /// such live token. Like a creation, it locks the account's row first
@@ -377,7 +380,7 @@ pub trait Store: Send + Sync + 'static {
         account: &AccountId,
         expire_time: Option<Timestamp>,
         creator: Option<&Creator>,
-        now: Timestamp,
+        clock: &dyn Clock,
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError>;
 

@@ -625,36 +625,43 @@ async fn a_renewal_queued_behind_its_accounts_deletion_is_not_found() {
 }
 
 /// A renewal or a rotation queued behind its account's row while the
-/// token's last use is spent (a use takes no account lock) is refused as
-/// one sent after that use is: FAILED_PRECONDITION, and the token is left
-/// as it was. (The renewal once checked every state but the uses left: it
-/// answered OK, extended the used-up token and audited a renewal; found by
-/// an attacker. The rotation handed out a successor with no uses.)
+/// token ends (its last use is spent, which takes no account lock, or it
+/// expires) is refused as one sent after that end is: FAILED_PRECONDITION,
+/// and the token is left as it was. (The renewal once checked every state
+/// but the uses left: it answered OK, extended the used-up token and
+/// audited a renewal. Both judged expiry at the time read before the wait:
+/// a token expired during it was renewed back to life, or rotated into an
+/// expired successor. Found by attackers.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_change_queued_while_the_tokens_last_use_is_spent_is_refused() {
+async fn a_change_queued_while_its_token_ends_is_refused() {
     let app = TestApp::spawn(Backend::Postgres).await;
     // A token may rotate only itself, and its own use as the credential
     // would spend one: the changes are asked for with a session.
     let (alice, session) = app.person("alice").await;
-    for rotate in [false, true] {
+    for (last_use, rotate) in [(true, false), (true, true), (false, false), (false, true)] {
+        let case = format!("ended by its last use: {last_use}, rotated: {rotate}");
         let created = app
             .tokens()
             .create_token(bearer(
                 pb::CreateTokenRequest {
                     account_id: alice.account_id.clone(),
-                    name: format!("twice-{rotate}"),
-                    max_uses: Some(2),
+                    name: format!("ending-{last_use}-{rotate}"),
+                    max_uses: last_use.then_some(2),
+                    ttl: (!last_use).then_some(prost_types::Duration {
+                        seconds: 60,
+                        nanos: 0,
+                    }),
                     ..Default::default()
                 },
                 &session,
             ))
             .await
-            .expect("create a two-use token")
+            .expect("create a token")
             .into_inner();
         let token = created.token.expect("token");
         assert!(
             app.verify(&created.secret, &[]).await.active,
-            "the first use"
+            "{case}: live"
         );
         let mut held = Held::take(
             &app.db.url,
@@ -676,9 +683,17 @@ async fn a_change_queued_while_the_tokens_last_use_is_spent_is_refused() {
             tokio::spawn(async move { renewal.await.map(drop) })
         };
         held.wait_for_blocked_by_me("the change").await;
+        if last_use {
+            assert!(
+                app.verify(&created.secret, &[]).await.active,
+                "{case}: the last use, while the change waits"
+            );
+        } else {
+            app.clock().advance(Duration::from_secs(120));
+        }
         assert!(
-            app.verify(&created.secret, &[]).await.active,
-            "the last use, while the change waits"
+            !app.verify(&created.secret, &[]).await.active,
+            "{case}: ended while the change waits"
         );
         held.release().await;
         assert_status(
@@ -692,19 +707,19 @@ async fn a_change_queued_while_the_tokens_last_use_is_spent_is_refused() {
                 pb::GetTokenRequest {
                     token_id: token.token_id.clone(),
                 },
-                &session,
+                &app.operator_token,
             ))
             .await
             .expect("the token is still there")
             .into_inner()
             .token
             .expect("a token");
-        assert_eq!(after.expire_time, token.expire_time, "rotate: {rotate}");
-        assert_eq!(after.replaced_by_token_id, "", "rotate: {rotate}");
-        assert_eq!(after.uses_remaining, Some(0), "rotate: {rotate}");
+        assert_eq!(after.expire_time, token.expire_time, "{case}");
+        assert_eq!(after.replaced_by_token_id, "", "{case}");
+        assert_eq!(after.uses_remaining, last_use.then_some(0), "{case}");
         assert!(
             !app.verify(&created.secret, &[]).await.active,
-            "a used-up token verifies"
+            "{case}: verifies after the refused change"
         );
     }
 }

@@ -21,7 +21,7 @@ use identity::{
         password::PasswordHash,
         resource::Resources,
         scope::Scopes,
-        time::Timestamp,
+        time::{Clock, Timestamp},
         token::{Creator, NewToken, Session, Token, TokenId, TokenName, TokenState},
     },
     storage::{Conflict, StorageError, Store, TokenFilter, TokenUse},
@@ -76,6 +76,17 @@ macro_rules! conformance {
 /// An instant in microseconds since the epoch.
 fn t(micros: i64) -> Timestamp {
     Timestamp::from_micros(micros)
+}
+
+/// A clock stopped at one instant, for the store calls that read the time
+/// themselves (once they hold their lock).
+#[derive(Debug)]
+struct At(Timestamp);
+
+impl Clock for At {
+    fn now(&self) -> Timestamp {
+        self.0
+    }
 }
 
 /// A plausible argon2id PHC string; the store keeps it as opaque text.
@@ -1150,7 +1161,7 @@ mod conformance {
             let mut successor = token(&alice.id, "parent", &[], 20, None);
             successor.token.family_id = parent.token.family_id.clone();
             store
-                .rotate_token(&parent.token.id, &successor, t(1_000), t(20), &ev())
+                .rotate_token(&parent.token.id, &successor, t(1_000), &At(t(20)), &ev())
                 .await
                 .expect("rotate")
                 .expect("rotated");
@@ -1258,20 +1269,20 @@ mod conformance {
             let id = &renewed.token.id;
             let by_session = |generation: i64| Creator::Session { id: signed_in.id.clone(), credentials_generation: generation };
             let by_token = Creator::Token { id: creator.token.id.clone() };
-            let got = store.renew_token(id, &alice.id, Some(t(200)), Some(&by_session(0)), t(20), &ev()).await;
+            let got = store.renew_token(id, &alice.id, Some(t(200)), Some(&by_session(0)), &At(t(20)), &ev()).await;
             assert_eq!(got.expect("a live session renews").expect("renewed").expire_time, Some(t(200)));
-            let got = store.renew_token(id, &alice.id, Some(t(300)), Some(&by_token), t(20), &ev()).await;
+            let got = store.renew_token(id, &alice.id, Some(t(300)), Some(&by_token), &At(t(20)), &ev()).await;
             assert_eq!(got.expect("a live token renews").expect("renewed").expire_time, Some(t(300)));
             // Named under another account, the token is not found, and not renewed.
-            let got = store.renew_token(id, &bob.id, Some(t(900)), None, t(20), &ev()).await;
+            let got = store.renew_token(id, &bob.id, Some(t(900)), None, &At(t(20)), &ev()).await;
             assert!(matches!(got, Ok(None)), "another account's: {got:?}");
-            let refused = store.renew_token(id, &alice.id, Some(t(900)), Some(&by_session(1)), t(20), &ev()).await;
+            let refused = store.renew_token(id, &alice.id, Some(t(900)), Some(&by_session(1)), &At(t(20)), &ev()).await;
             assert!(matches!(refused, Err(StorageError::CreatorEnded)), "another generation: {refused:?}");
             store.revoke_session(&signed_in.id, t(30), &ev()).await.expect("sign out");
-            let refused = store.renew_token(id, &alice.id, Some(t(900)), Some(&by_session(0)), t(40), &ev()).await;
+            let refused = store.renew_token(id, &alice.id, Some(t(900)), Some(&by_session(0)), &At(t(40)), &ev()).await;
             assert!(matches!(refused, Err(StorageError::CreatorEnded)), "a signed-out session: {refused:?}");
             store.revoke_token(&creator.token.id, false, t(50), &ev()).await.expect("revoke").expect("found");
-            let refused = store.renew_token(id, &alice.id, Some(t(900)), Some(&by_token), t(60), &ev()).await;
+            let refused = store.renew_token(id, &alice.id, Some(t(900)), Some(&by_token), &At(t(60)), &ev()).await;
             assert!(matches!(refused, Err(StorageError::CreatorEnded)), "a revoked token: {refused:?}");
             let kept = store.token_by_id(id).await.expect("read").expect("found");
             assert_eq!(kept.expire_time, Some(t(300)), "no refused renewal changed it");
@@ -1387,7 +1398,7 @@ mod conformance {
             successor.token.max_uses = Some(5);
             successor.token.uses_remaining = Some(5);
             store
-                .rotate_token(id, &successor, t(100), t(30), &ev())
+                .rotate_token(id, &successor, t(100), &At(t(30)), &ev())
                 .await
                 .expect("rotate")
                 .expect("rotated");
@@ -1420,13 +1431,13 @@ mod conformance {
             assert_eq!(store.consume_use(id, t(20)).await.expect("consume"), Some(0));
             // The store decides on the row as it is when written, not as the
             // caller read it: its last use may have been spent in between.
-            let renewed = store.renew_token(id, &alice.id, Some(t(5_000)), None, t(30), &ev()).await;
+            let renewed = store.renew_token(id, &alice.id, Some(t(5_000)), None, &At(t(30)), &ev()).await;
             assert!(matches!(renewed, Ok(None)), "renewed when used up: {renewed:?}");
             let mut successor = token(&alice.id, "once", &[], 30, Some(1_000));
             successor.token.family_id = once.token.family_id.clone();
             successor.token.max_uses = Some(1);
             successor.token.uses_remaining = Some(1);
-            let rotated = store.rotate_token(id, &successor, t(500), t(30), &ev()).await;
+            let rotated = store.rotate_token(id, &successor, t(500), &At(t(30)), &ev()).await;
             assert!(matches!(rotated, Ok(None)), "rotated when used up: {rotated:?}");
             assert!(store.token_by_id(&successor.token.id).await.expect("read").is_none(), "a successor was stored");
             let kept = store.token_by_id(id).await.expect("read").expect("found");
@@ -1446,7 +1457,7 @@ mod conformance {
             let mut successor = token(&alice.id, "x", &[], 30, None);
             successor.token.family_id = x.token.family_id.clone();
             let rotated = store
-                .rotate_token(&x.token.id, &successor, t(500), t(30), &ev())
+                .rotate_token(&x.token.id, &successor, t(500), &At(t(30)), &ev())
                 .await
                 .expect("rotate");
             assert!(rotated.is_none(), "a revoked token is never rotated");
@@ -1463,7 +1474,7 @@ mod conformance {
             let mut next = token(&alice.id, "y", &[], 30, None);
             next.token.family_id = y.token.family_id.clone();
             let old = store
-                .rotate_token(&y.token.id, &next, t(500), t(30), &ev())
+                .rotate_token(&y.token.id, &next, t(500), &At(t(30)), &ev())
                 .await
                 .expect("rotate")
                 .expect("rotated");

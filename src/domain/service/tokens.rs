@@ -440,13 +440,15 @@ impl Identity {
             creator: Some(Creator::of(&caller)),
         };
         let retire_old_at = now.saturating_add(self.settings.rotation_grace);
-        let store = Arc::clone(&self.store);
+        let (store, clock) = (Arc::clone(&self.store), Arc::clone(&self.clock));
         let (old_id, evicted) = (old.id.clone(), old.id.clone());
         let (previous, new) = self
             .commit_then_evict(
                 async move {
+                    // The store reads the clock again once it holds the
+                    // account's lock: the token may expire while it waits.
                     let previous = store
-                        .rotate_token(&old_id, &new, retire_old_at, now, &event)
+                        .rotate_token(&old_id, &new, retire_old_at, &*clock, &event)
                         .await?;
                     Ok((previous, new))
                 },
@@ -461,10 +463,12 @@ impl Identity {
             // Someone rotated or revoked it between our read and our write
             // (a revocation holds whatever time it names): say which.
             return Err(match self.store.token_by_id(&old.id).await? {
-                Some(token) if token.replaced_by.is_none() => match require_live(&token, now) {
-                    Err(err) => err,
-                    Ok(()) => DomainError::TokenInactive("revoked"),
-                },
+                Some(token) if token.replaced_by.is_none() => {
+                    match require_live(&token, self.now()) {
+                        Err(err) => err,
+                        Ok(()) => DomainError::TokenInactive("revoked"),
+                    }
+                }
                 _ => DomainError::TokenAlreadyRotated,
             });
         };
@@ -533,13 +537,22 @@ impl Identity {
         let event = AuditEvent::new(EventType::TokenRenewed, origin, Some(caller), self.now())
             .account(&account.id, account.username.as_str())
             .credential(&token.id);
-        let store = Arc::clone(&self.store);
+        let (store, clock) = (Arc::clone(&self.store), Arc::clone(&self.clock));
         let (target, evicted) = (id.clone(), id.clone());
         let (owner, creator) = (token.account_id.clone(), Creator::of(caller));
         self.commit_then_evict(
             async move {
+                // The store reads the clock again once it holds the
+                // account's lock: the token may expire while it waits.
                 store
-                    .renew_token(&target, &owner, expire_time, Some(&creator), now, &event)
+                    .renew_token(
+                        &target,
+                        &owner,
+                        expire_time,
+                        Some(&creator),
+                        &*clock,
+                        &event,
+                    )
                     .await
             },
             move |cache, renewed: &Option<Token>| {
@@ -556,7 +569,7 @@ impl Identity {
             err => err,
         })?
         // Revoked, rotated, expired or used up between our read and our
-        // write.
+        // write (or while the write waited for its lock).
         .ok_or(DomainError::TokenInactive("no longer active"))
     }
 

@@ -16,7 +16,7 @@ use crate::{
         password::PasswordHash,
         retention::{PurgeCutoffs, Purged},
         throttle::{ThrottleClaim, ThrottleCounter},
-        time::Timestamp,
+        time::{Clock, Timestamp},
         token::{Creator, NewToken, Session, Token, TokenId},
     },
     storage::backend::Backend,
@@ -214,7 +214,7 @@ impl<B: Backend> Store for SqlStore<B> {
         old: &TokenId,
         new: &NewToken,
         retire_old_at: Timestamp,
-        now: Timestamp,
+        clock: &dyn Clock,
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError> {
         self.wrote(tokens::rotate_token(
@@ -222,7 +222,7 @@ impl<B: Backend> Store for SqlStore<B> {
             old,
             new,
             retire_old_at,
-            now,
+            clock,
             event,
         ))
         .await
@@ -234,7 +234,7 @@ impl<B: Backend> Store for SqlStore<B> {
         account: &AccountId,
         expire_time: Option<Timestamp>,
         creator: Option<&Creator>,
-        now: Timestamp,
+        clock: &dyn Clock,
         event: &AuditEvent,
     ) -> Result<Option<Token>, StorageError> {
         self.wrote(tokens::renew_token(
@@ -243,7 +243,7 @@ impl<B: Backend> Store for SqlStore<B> {
             account,
             expire_time,
             creator,
-            now,
+            clock,
             event,
         ))
         .await

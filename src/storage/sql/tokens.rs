@@ -6,9 +6,12 @@ use super::{
     Timestamp, Token, TokenFilter, TokenId, TokenUse, WithAccount, audit, commit_change, execute,
     fetch_all, fetch_optional, lookup,
 };
-use crate::storage::{
-    backend::{Backend, Bind as _},
-    rows::{self, SqlRow as _},
+use crate::{
+    domain::time::Clock,
+    storage::{
+        backend::{Backend, Bind as _},
+        rows::{self, SqlRow as _},
+    },
 };
 
 pub(super) const RELEASE_DEAD_NAME: &str = "UPDATE tokens SET live_name = NULL \
@@ -392,7 +395,7 @@ pub(super) async fn rotate_token<B: Backend>(
     old: &TokenId,
     new: &NewToken,
     retire_old_at: Timestamp,
-    now: Timestamp,
+    clock: &dyn Clock,
     event: &AuditEvent,
 ) -> Result<Option<Token>, StorageError> {
     let mut tx = store.begin().await?;
@@ -408,6 +411,9 @@ pub(super) async fn rotate_token<B: Backend>(
     if found == 0 {
         return Err(StorageError::AccountGone);
     }
+    // Read after the wait for the lock: a token (or the credential
+    // asking) that expired meanwhile is not rotated.
+    let now = clock.now();
     // Before the old token is marked: a token rotating itself is then
     // still as it was authenticated (and the mark re-checks it anyway).
     require_creator_live::<B>(&mut tx, new, now).await?;
@@ -448,7 +454,7 @@ pub(super) async fn renew_token<B: Backend>(
     account: &AccountId,
     expire_time: Option<Timestamp>,
     creator: Option<&Creator>,
-    now: Timestamp,
+    clock: &dyn Clock,
     event: &AuditEvent,
 ) -> Result<Option<Token>, StorageError> {
     let mut tx = store.begin().await?;
@@ -461,6 +467,9 @@ pub(super) async fn renew_token<B: Backend>(
         // creation or a rotation answers.
         return Err(StorageError::AccountGone);
     }
+    // Read after the wait for the lock: a token (or the credential
+    // asking) that expired meanwhile is not renewed.
+    let now = clock.now();
     require_live_creator::<B>(&mut tx, creator, now).await?;
     let renewed = execute::<B>(
         &mut tx,
