@@ -269,7 +269,7 @@ pub trait Store: Send + Sync + 'static {
     /// and name give their name up first, in the same transaction, so a name
     /// is unique only among live tokens. [`Conflict::TokenName`] if a live
     /// token has it; [`StorageError::ParentRevoked`] if the token names a
-    /// parent family whose live token is revoked at `now` (read under a
+    /// parent family whose live token is revoked (read under a
     /// row lock, so that a concurrent cascading revocation cannot miss it);
     /// [`StorageError::CreatorEnded`] if the token's creator is no longer
     /// live (read under a row lock likewise).
@@ -278,11 +278,14 @@ pub trait Store: Send + Sync + 'static {
     /// token or is waited for); [`StorageError::TooManyTokens`] if it
     /// already has `max_live` live tokens (counted under that lock, so
     /// concurrent creations cannot exceed it; a rotation's predecessor in
-    /// its grace period does not count).
+    /// its grace period does not count). Liveness (of the creator, the
+    /// parent family, the tokens counted and the names given up) is judged
+    /// at `clock`'s time once the account's row is locked: the credential
+    /// asking may expire while the call waits for that lock.
     async fn create_token(
         &self,
         token: &NewToken,
-        now: Timestamp,
+        clock: &dyn Clock,
         max_live: u32,
         event: &AuditEvent,
     ) -> Result<(), StorageError>;

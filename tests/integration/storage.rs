@@ -390,7 +390,7 @@ mod conformance {
 
                 let mut new = token(&account.id, "t", &[], micros, Some(micros));
                 new.token.revoke_time = Some(t(micros));
-                store.create_token(&new, t(micros), u32::MAX, &ev()).await.expect("create token");
+                store.create_token(&new, &At(t(micros)), u32::MAX, &ev()).await.expect("create token");
                 let got = store.token_by_id(&new.token.id).await.expect("read").expect("found");
                 assert_token_eq(&got, &new.token);
 
@@ -428,10 +428,10 @@ mod conformance {
             assert_eq!(conflict_of(store.create_account(&twin, &ev()).await), Conflict::Id);
 
             let first = token(&alice.id, "one", &[], 10, None);
-            store.create_token(&first, t(10), u32::MAX, &ev()).await.expect("create token");
+            store.create_token(&first, &At(t(10)), u32::MAX, &ev()).await.expect("create token");
             let mut same_id = token(&alice.id, "two", &[], 11, None);
             same_id.token.id = first.token.id.clone();
-            assert_eq!(conflict_of(store.create_token(&same_id, t(11), u32::MAX, &ev()).await), Conflict::Id);
+            assert_eq!(conflict_of(store.create_token(&same_id, &At(t(11)), u32::MAX, &ev()).await), Conflict::Id);
 
             let s = session(&alice.id, 20, 30);
             store
@@ -657,7 +657,7 @@ mod conformance {
             );
             let full = token(&alice.id, "full", &[], 5, None);
             for new in [&scoped, &full] {
-                store.create_token(new, t(0), u32::MAX, &ev()).await.expect("create token");
+                store.create_token(new, &At(t(0)), u32::MAX, &ev()).await.expect("create token");
             }
             assert_eq!(
                 scoped.token.scopes.names().collect::<Vec<_>>(),
@@ -705,7 +705,7 @@ mod conformance {
             .expect("valid resources");
             let unlimited = token(&alice.id, "unlimited", &[], 3, None);
             for new in [&limited, &unlimited] {
-                store.create_token(new, t(0), u32::MAX, &ev()).await.expect("create token");
+                store.create_token(new, &At(t(0)), u32::MAX, &ev()).await.expect("create token");
             }
             assert_eq!(
                 limited.token.resources.names().collect::<Vec<_>>(),
@@ -750,11 +750,11 @@ mod conformance {
             let mut bobs = Vec::new();
             for i in 0..5 {
                 let a = token(&alice.id, &format!("a{i}"), &["tokens:read"], i, None);
-                store.create_token(&a, t(i), u32::MAX, &ev()).await.expect("create alice's token");
+                store.create_token(&a, &At(t(i)), u32::MAX, &ev()).await.expect("create alice's token");
                 alices.push(a.token);
                 if i < 3 {
                     let b = token(&bob.id, &format!("b{i}"), &[], i, Some(i + 10));
-                    store.create_token(&b, t(i), u32::MAX, &ev()).await.expect("create bob's token");
+                    store.create_token(&b, &At(t(i)), u32::MAX, &ev()).await.expect("create bob's token");
                     bobs.push(b.token);
                 }
             }
@@ -818,34 +818,34 @@ mod conformance {
                 store.create_account(account, &ev()).await.expect("create account");
             }
             let first = token(&alice.id, "deploy", &[], 10, None);
-            store.create_token(&first, t(10), u32::MAX, &ev()).await.expect("create first");
+            store.create_token(&first, &At(t(10)), u32::MAX, &ev()).await.expect("create first");
 
             let second = token(&alice.id, "deploy", &[], 11, None);
             assert_eq!(
-                conflict_of(store.create_token(&second, t(11), u32::MAX, &ev()).await),
+                conflict_of(store.create_token(&second, &At(t(11)), u32::MAX, &ev()).await),
                 Conflict::TokenName
             );
             assert!(store.token_by_id(&second.token.id).await.expect("read").is_none());
 
             // Names are compared exactly: another case is another name.
             let other_case = token(&alice.id, "Deploy", &[], 12, None);
-            store.create_token(&other_case, t(12), u32::MAX, &ev()).await.expect("another case");
+            store.create_token(&other_case, &At(t(12)), u32::MAX, &ev()).await.expect("another case");
 
             // The same name on another account is fine.
             let bobs = token(&bob.id, "deploy", &[], 13, None);
-            store.create_token(&bobs, t(13), u32::MAX, &ev()).await.expect("same name, other account");
+            store.create_token(&bobs, &At(t(13)), u32::MAX, &ev()).await.expect("same name, other account");
 
             // Once the first is revoked the name is free again, and several
             // revoked tokens may share it.
             store.revoke_token(&first.token.id, false, t(20), &ev()).await.expect("revoke").expect("found");
             let third = token(&alice.id, "deploy", &[], 21, None);
-            store.create_token(&third, t(21), u32::MAX, &ev()).await.expect("name reused after revoke");
+            store.create_token(&third, &At(t(21)), u32::MAX, &ev()).await.expect("name reused after revoke");
             store.revoke_token(&third.token.id, false, t(22), &ev()).await.expect("revoke").expect("found");
             let fourth = token(&alice.id, "deploy", &[], 23, None);
-            store.create_token(&fourth, t(23), u32::MAX, &ev()).await.expect("name reused again");
+            store.create_token(&fourth, &At(t(23)), u32::MAX, &ev()).await.expect("name reused again");
             let again = token(&alice.id, "deploy", &[], 24, None);
             assert_eq!(
-                conflict_of(store.create_token(&again, t(24), u32::MAX, &ev()).await),
+                conflict_of(store.create_token(&again, &At(t(24)), u32::MAX, &ev()).await),
                 Conflict::TokenName
             );
 
@@ -860,7 +860,7 @@ mod conformance {
             let mut born_revoked = token(&bob.id, "deploy", &[], 30, None);
             born_revoked.token.revoke_time = Some(t(30));
             store
-                .create_token(&born_revoked, t(30), u32::MAX, &ev())
+                .create_token(&born_revoked, &At(t(30)), u32::MAX, &ev())
                 .await
                 .expect("an already revoked token takes no name");
         }
@@ -869,12 +869,12 @@ mod conformance {
             let alice = person("alice", 1);
             store.create_account(&alice, &ev()).await.expect("create account");
             let old = token(&alice.id, "nightly", &["project:publish"], 1_000, Some(2_000));
-            store.create_token(&old, t(1_000), u32::MAX, &ev()).await.expect("create old");
+            store.create_token(&old, &At(t(1_000)), u32::MAX, &ev()).await.expect("create old");
 
             // One microsecond before expiry it is still live.
             let early = token(&alice.id, "nightly", &[], 1_999, None);
             assert_eq!(
-                conflict_of(store.create_token(&early, t(1_999), u32::MAX, &ev()).await),
+                conflict_of(store.create_token(&early, &At(t(1_999)), u32::MAX, &ev()).await),
                 Conflict::TokenName
             );
 
@@ -882,7 +882,7 @@ mod conformance {
             // the name is free.
             assert_eq!(old.token.state(t(2_000)), TokenState::Expired);
             let new = token(&alice.id, "nightly", &[], 2_000, None);
-            store.create_token(&new, t(2_000), u32::MAX, &ev()).await.expect("name reused after expiry");
+            store.create_token(&new, &At(t(2_000)), u32::MAX, &ev()).await.expect("name reused after expiry");
 
             // The old token keeps its name, expiry and (absent) revocation.
             let got = store.token_by_id(&old.token.id).await.expect("read").expect("found");
@@ -900,7 +900,7 @@ mod conformance {
             // The new token never expires, so it keeps the name for good.
             let later = token(&alice.id, "nightly", &[], 3_000, None);
             assert_eq!(
-                conflict_of(store.create_token(&later, Timestamp::MAX, u32::MAX, &ev()).await),
+                conflict_of(store.create_token(&later, &At(Timestamp::MAX), u32::MAX, &ev()).await),
                 Conflict::TokenName
             );
 
@@ -913,7 +913,7 @@ mod conformance {
             assert_eq!(revoked.revoke_time, Some(t(5_000)));
             assert_eq!(revoked.expire_time, Some(t(2_000)));
             assert_eq!(
-                conflict_of(store.create_token(&later, t(5_001), u32::MAX, &ev()).await),
+                conflict_of(store.create_token(&later, &At(t(5_001)), u32::MAX, &ev()).await),
                 Conflict::TokenName
             );
         }
@@ -922,7 +922,7 @@ mod conformance {
             let alice = person("alice", 1);
             store.create_account(&alice, &ev()).await.expect("create account");
             let new = token(&alice.id, "ci", &["tokens:verify"], 10, Some(1_000));
-            store.create_token(&new, t(10), u32::MAX, &ev()).await.expect("create token");
+            store.create_token(&new, &At(t(10)), u32::MAX, &ev()).await.expect("create token");
 
             let (first, revoked) = store
                 .revoke_token(&new.token.id, false, t(100), &ev())
@@ -999,7 +999,7 @@ mod conformance {
             let ghost = AccountId::generate();
             let new = token(&ghost, "orphan", &[], 1, None);
             let err = store
-                .create_token(&new, t(1), u32::MAX, &ev())
+                .create_token(&new, &At(t(1)), u32::MAX, &ev())
                 .await
                 .expect_err("a token needs its account");
             assert!(
@@ -1043,12 +1043,12 @@ mod conformance {
                 store.create_account(account, &ev()).await.expect("create account");
             }
             let first = token(&alice.id, "one", &[], 1, None);
-            store.create_token(&first, t(1), u32::MAX, &ev()).await.expect("create first");
+            store.create_token(&first, &At(t(1)), u32::MAX, &ev()).await.expect("create first");
             // Another account, another name, the same digest.
             let mut second = token(&bob.id, "two", &[], 2, None);
             second.digest = first.digest;
             assert_eq!(
-                conflict_of(store.create_token(&second, t(2), u32::MAX, &ev()).await),
+                conflict_of(store.create_token(&second, &At(t(2)), u32::MAX, &ev()).await),
                 Conflict::Digest
             );
             let (kept, owner) = store
@@ -1067,7 +1067,7 @@ mod conformance {
             // An expired predecessor, so every racer's transaction also
             // tries to release the name first.
             let old = token(&alice.id, "shared", &[], 1, Some(2));
-            store.create_token(&old, t(1), u32::MAX, &ev()).await.expect("create old");
+            store.create_token(&old, &At(t(1)), u32::MAX, &ev()).await.expect("create old");
 
             let tokens: Arc<Vec<NewToken>> = Arc::new(
                 (0..RACERS)
@@ -1080,7 +1080,7 @@ mod conformance {
             let shared = Arc::clone(&tokens);
             let results = race(&store, move |store, i| {
                 let shared = Arc::clone(&shared);
-                async move { store.create_token(&shared[i], t(10), u32::MAX, &ev()).await }
+                async move { store.create_token(&shared[i], &At(t(10)), u32::MAX, &ev()).await }
             })
             .await;
             let winner = assert_one_winner(&results, Conflict::TokenName);
@@ -1099,7 +1099,7 @@ mod conformance {
             let mut ids = Vec::new();
             for n in 0..200 {
                 let new = token(&alice.id, &format!("t{n}"), &[], 1, None);
-                store.create_token(&new, t(1), u32::MAX, &ev()).await.expect("create token");
+                store.create_token(&new, &At(t(1)), u32::MAX, &ev()).await.expect("create token");
                 ids.push(new.token.id);
             }
             let ids = Arc::new(ids);
@@ -1155,7 +1155,7 @@ mod conformance {
             let grandchild = child_of(&child, &alice.id, "grandchild");
             let unrelated = token(&alice.id, "unrelated", &[], 10, None);
             for new in [&parent, &child, &grandchild, &unrelated] {
-                store.create_token(new, t(10), u32::MAX, &ev()).await.expect("create token");
+                store.create_token(new, &At(t(10)), u32::MAX, &ev()).await.expect("create token");
             }
             // Rotating the parent keeps its children under the successor.
             let mut successor = token(&alice.id, "parent", &[], 20, None);
@@ -1215,10 +1215,10 @@ mod conformance {
             let alice = person("alice", 1);
             store.create_account(&alice, &ev()).await.expect("create account");
             let parent = token(&alice.id, "parent", &[], 10, None);
-            store.create_token(&parent, t(10), u32::MAX, &ev()).await.expect("create parent");
-            store.create_token(&child_of(&parent, &alice.id, "before"), t(15), u32::MAX, &ev()).await.expect("a live parent may have children");
+            store.create_token(&parent, &At(t(10)), u32::MAX, &ev()).await.expect("create parent");
+            store.create_token(&child_of(&parent, &alice.id, "before"), &At(t(15)), u32::MAX, &ev()).await.expect("a live parent may have children");
             store.revoke_token(&parent.token.id, false, t(20), &ev()).await.expect("revoke").expect("found");
-            let refused = store.create_token(&child_of(&parent, &alice.id, "after"), t(30), u32::MAX, &ev()).await;
+            let refused = store.create_token(&child_of(&parent, &alice.id, "after"), &At(t(30)), u32::MAX, &ev()).await;
             assert!(matches!(refused, Err(StorageError::ParentRevoked)), "{refused:?}");
         }
 
@@ -1233,25 +1233,25 @@ mod conformance {
                 new
             };
             let creator = token(&alice.id, "creator", &[], 10, None);
-            store.create_token(&creator, t(10), u32::MAX, &ev()).await.expect("create the creating token");
+            store.create_token(&creator, &At(t(10)), u32::MAX, &ev()).await.expect("create the creating token");
             let by_token = |name: &str| {
                 let mut new = child_of(&creator, &alice.id, name);
                 new.creator = Some(Creator::Token { id: creator.token.id.clone() });
                 new
             };
-            store.create_token(&by_session("live", 0), t(20), u32::MAX, &ev()).await.expect("a live session creates");
-            store.create_token(&by_token("child"), t(20), u32::MAX, &ev()).await.expect("a live token creates");
-            let refused = store.create_token(&by_session("stale", 1), t(20), u32::MAX, &ev()).await;
+            store.create_token(&by_session("live", 0), &At(t(20)), u32::MAX, &ev()).await.expect("a live session creates");
+            store.create_token(&by_token("child"), &At(t(20)), u32::MAX, &ev()).await.expect("a live token creates");
+            let refused = store.create_token(&by_session("stale", 1), &At(t(20)), u32::MAX, &ev()).await;
             assert!(matches!(refused, Err(StorageError::CreatorEnded)), "another generation: {refused:?}");
-            let refused = store.create_token(&by_session("late", 0), t(1_000), u32::MAX, &ev()).await;
+            let refused = store.create_token(&by_session("late", 0), &At(t(1_000)), u32::MAX, &ev()).await;
             assert!(matches!(refused, Err(StorageError::CreatorEnded)), "an expired session: {refused:?}");
             store.revoke_session(&signed_in.id, t(30), &ev()).await.expect("sign out");
-            let refused = store.create_token(&by_session("signed-out", 0), t(40), u32::MAX, &ev()).await;
+            let refused = store.create_token(&by_session("signed-out", 0), &At(t(40)), u32::MAX, &ev()).await;
             assert!(matches!(refused, Err(StorageError::CreatorEnded)), "a signed-out session: {refused:?}");
             store.revoke_token(&creator.token.id, false, t(50), &ev()).await.expect("revoke").expect("found");
             let mut orphan = token(&alice.id, "orphan", &[], 10, None);
             orphan.creator = Some(Creator::Token { id: creator.token.id.clone() });
-            let refused = store.create_token(&orphan, t(60), u32::MAX, &ev()).await;
+            let refused = store.create_token(&orphan, &At(t(60)), u32::MAX, &ev()).await;
             assert!(matches!(refused, Err(StorageError::CreatorEnded)), "a revoked token: {refused:?}");
         }
 
@@ -1261,11 +1261,11 @@ mod conformance {
             let bob = person("bob", 2);
             store.create_account(&bob, &ev()).await.expect("create account");
             let renewed = token(&alice.id, "renewed", &[], 10, Some(100));
-            store.create_token(&renewed, t(10), u32::MAX, &ev()).await.expect("create token");
+            store.create_token(&renewed, &At(t(10)), u32::MAX, &ev()).await.expect("create token");
             let signed_in = session(&alice.id, 1, 1_000);
             store.create_session(&signed_in, &digest(CredentialKind::Session), 0, &ev()).await.expect("create session");
             let creator = token(&alice.id, "creator", &[], 10, None);
-            store.create_token(&creator, t(10), u32::MAX, &ev()).await.expect("create the renewing token");
+            store.create_token(&creator, &At(t(10)), u32::MAX, &ev()).await.expect("create the renewing token");
             let id = &renewed.token.id;
             let by_session = |generation: i64| Creator::Session { id: signed_in.id.clone(), credentials_generation: generation };
             let by_token = Creator::Token { id: creator.token.id.clone() };
@@ -1296,7 +1296,7 @@ mod conformance {
             let grandchild = child_of(&child, &alice.id, "grandchild");
             let unrelated = token(&alice.id, "unrelated", &[], 10, None);
             for new in [&parent, &child, &grandchild, &unrelated] {
-                store.create_token(new, t(10), u32::MAX, &ev()).await.expect("create token");
+                store.create_token(new, &At(t(10)), u32::MAX, &ev()).await.expect("create token");
             }
             let mut revoked = store
                 .revoke_family(&parent.token.family_id, t(20), &ev())
@@ -1319,7 +1319,7 @@ mod conformance {
             let unrelated = token(&alice.id, "unrelated", &[], 10, None);
             let expired = token(&alice.id, "expired", &[], 10, Some(15));
             for new in [&parent, &child, &other, &unrelated, &expired] {
-                store.create_token(new, t(10), u32::MAX, &ev()).await.expect("create token");
+                store.create_token(new, &At(t(10)), u32::MAX, &ev()).await.expect("create token");
             }
             let live = session(&alice.id, 10, 1_000);
             let live_digest = digest(CredentialKind::Session);
@@ -1385,7 +1385,7 @@ mod conformance {
             let mut limited = token(&alice.id, "limited", &[], 10, Some(1_000));
             limited.token.max_uses = Some(5);
             limited.token.uses_remaining = Some(5);
-            store.create_token(&limited, t(10), u32::MAX, &ev()).await.expect("create token");
+            store.create_token(&limited, &At(t(10)), u32::MAX, &ev()).await.expect("create token");
             let id = &limited.token.id;
             assert_eq!(store.consume_use(id, t(20)).await.expect("consume"), Some(4));
             // Expired at 1000: no use at or after it.
@@ -1413,7 +1413,7 @@ mod conformance {
             let mut other = token(&alice.id, "other", &[], 10, Some(1_000));
             other.token.max_uses = Some(5);
             other.token.uses_remaining = Some(5);
-            store.create_token(&other, t(10), u32::MAX, &ev()).await.expect("create token");
+            store.create_token(&other, &At(t(10)), u32::MAX, &ev()).await.expect("create token");
             store.revoke_token(&other.token.id, false, t(50), &ev()).await.expect("revoke").expect("found");
             assert_eq!(store.consume_use(&other.token.id, t(60)).await.expect("consume"), None);
             let got = store.token_by_id(&other.token.id).await.expect("read").expect("found");
@@ -1426,7 +1426,7 @@ mod conformance {
             let mut once = token(&alice.id, "once", &[], 10, Some(1_000));
             once.token.max_uses = Some(1);
             once.token.uses_remaining = Some(1);
-            store.create_token(&once, t(10), u32::MAX, &ev()).await.expect("create token");
+            store.create_token(&once, &At(t(10)), u32::MAX, &ev()).await.expect("create token");
             let id = &once.token.id;
             assert_eq!(store.consume_use(id, t(20)).await.expect("consume"), Some(0));
             // The store decides on the row as it is when written, not as the
@@ -1448,7 +1448,7 @@ mod conformance {
             let alice = person("alice", 1);
             store.create_account(&alice, &ev()).await.expect("create account");
             let x = token(&alice.id, "x", &[], 10, None);
-            store.create_token(&x, t(10), u32::MAX, &ev()).await.expect("create token");
+            store.create_token(&x, &At(t(10)), u32::MAX, &ev()).await.expect("create token");
             // Revoked by a replica whose clock runs ahead: the time named is
             // after the rotation's (and every reader's) "now".
             store.revoke_token(&x.token.id, false, t(1_000), &ev()).await.expect("revoke").expect("found");
@@ -1470,7 +1470,7 @@ mod conformance {
 
             // A rotation records a grace deadline, not a revocation.
             let y = token(&alice.id, "y", &[], 10, None);
-            store.create_token(&y, t(10), u32::MAX, &ev()).await.expect("create token");
+            store.create_token(&y, &At(t(10)), u32::MAX, &ev()).await.expect("create token");
             let mut next = token(&alice.id, "y", &[], 30, None);
             next.token.family_id = y.token.family_id.clone();
             let old = store

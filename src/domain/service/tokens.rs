@@ -266,8 +266,15 @@ impl Identity {
             digest: secret.digest(),
             creator: actor.map(Creator::of),
         };
+        // The store reads the clock again once it holds the account's lock:
+        // the credential asking may expire while it waits.
         self.store
-            .create_token(&new, now, self.settings.max_tokens_per_account, &event)
+            .create_token(
+                &new,
+                &*self.clock,
+                self.settings.max_tokens_per_account,
+                &event,
+            )
             .await?;
         Ok(IssuedToken {
             secret,

@@ -154,11 +154,11 @@ impl<B: Backend> Store for SqlStore<B> {
     async fn create_token(
         &self,
         new: &NewToken,
-        now: Timestamp,
+        clock: &dyn Clock,
         max_live: u32,
         event: &AuditEvent,
     ) -> Result<(), StorageError> {
-        tokens::create_token(self, new, now, max_live, event).await
+        tokens::create_token(self, new, clock, max_live, event).await
     }
 
     async fn token_by_id(&self, id: &TokenId) -> Result<Option<Token>, StorageError> {

@@ -203,7 +203,7 @@ pub(in crate::storage) const SQLITE_CREATOR_TOKEN_LIVE: &str = creator_token_liv
 pub(super) async fn create_token<B: Backend>(
     store: &SqlStore<B>,
     new: &NewToken,
-    now: Timestamp,
+    clock: &dyn Clock,
     max_live: u32,
     event: &AuditEvent,
 ) -> Result<(), StorageError> {
@@ -220,6 +220,9 @@ pub(super) async fn create_token<B: Backend>(
     if found == 0 {
         return Err(StorageError::AccountGone);
     }
+    // Read after the wait for the lock: the credential asking may have
+    // expired meanwhile, and the count and the names judge liveness then.
+    let now = clock.now();
     let count = sqlx::query(COUNT_LIVE_TOKENS)
         .arg(token.account_id.as_str())
         .arg(now.as_micros());
