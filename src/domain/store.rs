@@ -352,7 +352,7 @@ pub trait Store: Send + Sync + 'static {
     /// name to `new`, ends its grace period at `retire_old_at` (never its
     /// `revoke_time`), and inserts `new`. Returns `old` as stored afterwards,
     /// or `None` (and changes nothing) if `old` does not exist, was already
-    /// replaced, is revoked (at whatever time), has expired at `now`, or is
+    /// replaced, is revoked (at whatever time), has expired, or is
     /// used up, judged on the row as written (a use may land after the
     /// caller read it) and at `clock`'s time once the account's row is
     /// locked (the token, or the credential asking, may expire while the
